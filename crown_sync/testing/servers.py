@@ -1,0 +1,99 @@
+"""Throwaway servers for tests, benchmarks and the chaos runner.
+
+Each server runs from the system's binaries in a private temporary directory, listens on a free
+loopback port, and is stopped by pid. A missing binary is an error that says what to install
+(``scripts/install-servers`` does it as root); it is never a silent skip.
+"""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from typing import List, Optional
+
+__all__ = ["ServerMissing", "free_port", "wait_for_port", "find_binary", "Server"]
+
+
+class ServerMissing(RuntimeError):
+    """A server binary needed by the tests is not installed."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 30.0, host: str = "127.0.0.1") -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s")
+            time.sleep(0.05)
+
+
+def find_binary(candidates: List[str], package: str) -> str:
+    """The first existing executable among names/paths, or ServerMissing naming the package."""
+    for candidate in candidates:
+        path = candidate if os.path.isabs(candidate) else shutil.which(candidate)
+        if path and os.access(path, os.X_OK):
+            return path
+    raise ServerMissing(
+        f"none of {candidates} found: install the Debian package {package!r} "
+        f"(as root: scripts/install-servers)"
+    )
+
+
+class Server:
+    """Base: a process in its own temp dir, stopped by pid (SIGTERM, then SIGKILL)."""
+
+    def __init__(self):
+        self.tmpdir = tempfile.mkdtemp(prefix=f"crown-sync-{type(self).__name__.lower()}-")
+        self.port = free_port()
+        self.process: Optional[subprocess.Popen] = None
+
+    @property
+    def pid(self) -> Optional[int]:
+        return self.process.pid if self.process else None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            try:
+                os.kill(self.process.pid, signal.SIGTERM)
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.kill(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+            except ProcessLookupError:
+                pass
+        self.process = None
+
+    def kill(self) -> None:
+        """SIGKILL the server (a crash), keeping its data directory."""
+        if self.process and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        self.process = None
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.cleanup()
+
+    def start(self) -> None:
+        raise NotImplementedError

@@ -1,0 +1,126 @@
+"""Oracle URLs: scheme registry, query options, password redaction.
+
+Oracle modules are imported lazily by scheme, so ``import crown_sync`` needs none of the optional
+client libraries, and a missing one gives an "install crown_sync[extra]" error.
+"""
+
+import importlib
+import os
+import re
+import urllib.parse
+from typing import Any, Callable, Dict, Mapping, Optional
+
+__all__ = ["oracle_from_url", "redact", "parse_options", "default_oracle_url", "SCHEMES"]
+
+#: scheme -> (module, class name, pip extra)
+SCHEMES: Dict[str, tuple] = {
+    "file": ("crown_sync.oracles.file", "FileOracle", None),
+    "postgresql": ("crown_sync.oracles.postgres", "PostgresOracle", "postgres"),
+    "postgres": ("crown_sync.oracles.postgres", "PostgresOracle", "postgres"),
+    "zookeeper": ("crown_sync.oracles.zookeeper", "ZooKeeperOracle", "zookeeper"),
+    "memcached": ("crown_sync.oracles.memcached", "MemcachedOracle", "memcached"),
+}
+
+ENV_VAR = "CROWN_SYNC_ORACLE"
+
+_SECRET_PARAMS = re.compile(r"(password|passwd|secret|auth|sslpassword|token)", re.I)
+
+
+def redact(url: str) -> str:
+    """``url`` with any password (userinfo or query parameter) replaced by ``***``.
+
+    Also handles libpq key/value DSNs (``host=... password=...``).
+    """
+    if not isinstance(url, str):
+        return repr(type(url))
+    if "://" not in url:
+        # libpq keyword/value form: password=secret or password='se cret'
+        return re.sub(
+            r"(\b\w*pass\w*\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", url, flags=re.I
+        )
+    parts = urllib.parse.urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, hostport = netloc.rpartition("@")
+        if ":" in userinfo:
+            user = userinfo.split(":", 1)[0]
+            netloc = f"{user}:***@{hostport}"
+    query = parts.query
+    if query:
+        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
+        query = "&".join(
+            f"{k}={'***' if _SECRET_PARAMS.search(k) else v}" for k, v in pairs
+        )
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def _to_bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {value!r}")
+
+
+_CONVERTERS: Dict[Any, Callable[[str], Any]] = {bool: _to_bool, int: int, float: float, str: str}
+
+
+def parse_options(url: str, accepted: Mapping[str, Any]) -> Dict[str, Any]:
+    """Parse the query string of ``url`` into keyword options.
+
+    ``accepted`` maps option name to its type (bool, int, float or str). An unknown option, a
+    repeated one or a value of the wrong type is a ValueError naming the accepted options.
+    """
+    query = urllib.parse.urlsplit(url).query
+    options: Dict[str, Any] = {}
+    names = ", ".join(sorted(accepted)) or "none"
+    for key, raw in urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=False):
+        if key not in accepted:
+            raise ValueError(f"unknown oracle option {key!r} in URL; accepted options: {names}")
+        if key in options:
+            raise ValueError(f"oracle option {key!r} given twice in URL")
+        kind = accepted[key]
+        try:
+            options[key] = _CONVERTERS.get(kind, kind)(raw)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"oracle option {key!r} must be {getattr(kind, '__name__', kind)}, got {raw!r}"
+            ) from None
+    return options
+
+
+def _load(scheme: str):
+    module_name, class_name, extra = SCHEMES[scheme]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        hint = f"pip install 'crown_sync[{extra}]'" if extra else "reinstall crown_sync"
+        raise ImportError(
+            f"the {scheme}:// oracle needs a library that is not installed ({exc.name}): {hint}"
+        ) from exc
+    return getattr(module, class_name)
+
+
+def oracle_from_url(url: str):
+    """Build an oracle from its URL (see the table in the docs)."""
+    if not isinstance(url, str):
+        raise TypeError(f"oracle URL must be a str, got {type(url).__name__}")
+    scheme = urllib.parse.urlsplit(url).scheme.lower() if "://" in url else ""
+    if scheme not in SCHEMES:
+        accepted = ", ".join(f"{s}://" for s in SCHEMES)
+        raise ValueError(f"unknown oracle URL scheme in {redact(url)!r}; accepted: {accepted}")
+    return _load(scheme).from_url(url)
+
+
+def default_oracle_url() -> Optional[str]:
+    """The URL in ``$CROWN_SYNC_ORACLE``, or None (meaning: the embedded file oracle)."""
+    value = os.environ.get(ENV_VAR, "").strip()
+    return value or None
+
+
+def default_oracle():
+    url = default_oracle_url()
+    if url:
+        return oracle_from_url(url)
+    return _load("file")()

@@ -10,7 +10,7 @@ import re
 import urllib.parse
 from typing import Any, Callable, Dict, Mapping, Optional
 
-__all__ = ["oracle_from_url", "redact", "parse_options", "default_oracle_url", "SCHEMES"]
+__all__ = ["oracle_from_url", "redact", "redact_text", "parse_options", "default_oracle_url", "SCHEMES"]
 
 #: scheme -> (module, class name, pip extra)
 SCHEMES: Dict[str, tuple] = {
@@ -52,6 +52,16 @@ def redact(url: str) -> str:
             f"{k}={'***' if _SECRET_PARAMS.search(k) else v}" for k, v in pairs
         )
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+_URL_USERINFO = re.compile(r"(\w[\w+.-]*://[^:/@\s]*):[^@\s]*@")
+_KEY_VALUE_SECRET = re.compile(r"(\b\w*(?:pass|secret)\w*\s*[=:]\s*)('(?:[^'\\]|\\.)*'|[^\s&,;]+)", re.I)
+
+
+def redact_text(text: str) -> str:
+    """Any free text (an error message, a DSN) with URL passwords and ``password=...`` masked."""
+    text = _URL_USERINFO.sub(r"\1:***@", str(text))
+    return _KEY_VALUE_SECRET.sub(r"\1***", text)
 
 
 def _to_bool(value: str) -> bool:

@@ -1,0 +1,323 @@
+"""The embedded default oracle: ``flock(2)`` on a file in a private directory, for one host.
+
+Files per election ``NAME`` in the directory:
+
+* ``NAME.lock``: the lock. Never renamed or deleted (that would let two processes lock two
+  different files of the same name). The leader holds ``flock(LOCK_EX)`` on it.
+* ``NAME.leader``: the leader record (identity, metadata, token, since), replaced atomically
+  (write, fsync, rename) by each new leader. It outlives the term so the next token can rise from
+  it; whether a leader exists right now is answered by the lock, not by this file.
+* ``NAME.dismiss``: a request, naming a token, that the leader of that term step down.
+
+Safety: the kernel grants ``LOCK_EX`` to one open file description at a time and frees it the
+moment the last descriptor of the holder is closed, which includes the holder's death by any
+signal. So terms need no local deadline (``Claim.deadline`` is None), a crash failover is as fast
+as a waiting follower is woken, and a paused (SIGSTOP) leader simply keeps the crown until it
+runs again: nobody else can take it meanwhile. A term's child processes inherit the lock
+descriptor (``Claim.fds``), so the lock is not free until the child is gone too.
+
+Followers wait in a thread blocked in ``flock(LOCK_EX)`` on their own descriptor: the kernel wakes
+exactly when the holder lets go, with no polling. ``close()`` does not need to interrupt that
+thread: when the lock comes, the closed descriptor's last reference goes with the syscall and the
+lock is released at once.
+
+Not guaranteed: anything across hosts (flock is local; on NFS it is unreliable, so refuse to rely
+on it there), or tokens surviving deletion of the directory. Fork: a forked process gets copies of
+the lock descriptors; we close them in the child (no effect on the parent's lock, since the parent
+still holds its own reference), except those a term's child process is meant to inherit.
+"""
+
+import fcntl
+import json
+import os
+import stat
+import threading
+import time
+import urllib.parse
+import weakref
+from typing import Any, Dict, Optional
+
+from ..oracle import Claim, Contender, Leader, OnChange, Oracle
+from ..terms import fds_kept_across_fork
+from ..urls import parse_options
+
+__all__ = ["FileOracle", "default_directory"]
+
+_OPTIONS = {"check_interval": float}
+
+
+def default_directory() -> str:
+    """``$XDG_STATE_HOME/crown_sync``, else ``~/.local/state/crown_sync`` (persistent, per user)."""
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "crown_sync")
+
+
+class FileOracle(Oracle):
+    """flock-based oracle in ``directory`` (created 0700; symlinks and foreign owners refused).
+
+    ``check_interval``: how often a leader looks for a dismissal request (a stat() call).
+    """
+
+    def __init__(self, directory: Optional[str] = None, check_interval: float = 0.25):
+        if directory is None:
+            directory = default_directory()
+        if not isinstance(directory, (str, os.PathLike)):
+            raise TypeError(f"directory must be a path, got {type(directory).__name__}")
+        directory = os.fspath(directory)
+        if not os.path.isabs(directory):
+            raise ValueError(f"directory must be an absolute path, got {directory!r}")
+        if isinstance(check_interval, bool) or not isinstance(check_interval, (int, float)) or not (
+            0 < check_interval <= 3600
+        ):
+            raise ValueError(f"check_interval must be a number of seconds in (0, 3600], got {check_interval!r}")
+        self.directory = os.path.normpath(directory)
+        self.check_interval = float(check_interval)
+        self.description = "file://" + self.directory
+        self._checked = False
+
+    @classmethod
+    def from_url(cls, url: str) -> "FileOracle":
+        parts = urllib.parse.urlsplit(url)
+        if parts.netloc not in ("", "localhost"):
+            raise ValueError(f"file oracle URL must be file:///absolute/dir, got host {parts.netloc!r}")
+        path = urllib.parse.unquote(parts.path)
+        if not path or not os.path.isabs(path):
+            raise ValueError("file oracle URL must be file:///absolute/dir")
+        return cls(path, **parse_options(url, _OPTIONS))
+
+    # -- files -------------------------------------------------------------------------------
+
+    def _path(self, name: str, suffix: str) -> str:
+        return os.path.join(self.directory, f"{name}.{suffix}")
+
+    def ensure_directory(self) -> None:
+        """Create the directory (0700) if needed and refuse one that others could tamper with."""
+        if self._checked:
+            return
+        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        info = os.lstat(self.directory)
+        if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+            raise PermissionError(f"{self.directory} is not a plain directory (symlinks are refused)")
+        if info.st_uid != os.geteuid():
+            raise PermissionError(f"{self.directory} belongs to uid {info.st_uid}, not to us")
+        if info.st_mode & 0o022:
+            raise PermissionError(f"{self.directory} is writable by others (mode {oct(info.st_mode & 0o777)})")
+        self._checked = True
+
+    def open_lock(self, name: str) -> int:
+        self.ensure_directory()
+        return os.open(
+            self._path(name, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600
+        )
+
+    def read_record(self, name: str) -> Optional[Leader]:
+        try:
+            fd = os.open(self._path(name, "leader"), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            return None
+        try:
+            with os.fdopen(fd, "r", encoding="utf-8") as handle:
+                return Leader.from_dict(json.load(handle))
+        except ValueError:
+            return None  # torn by hand; a leader's own writes are atomic
+
+    def write_record(self, name: str, leader: Leader) -> None:
+        final = self._path(name, "leader")
+        temporary = f"{final}.{os.getpid()}.{threading.get_ident()}.tmp"
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            os.write(fd, json.dumps(leader.to_dict()).encode())
+            os.fsync(fd)  # the token must not go back after a power loss
+        finally:
+            os.close(fd)
+        os.replace(temporary, final)
+        directory = os.open(self.directory, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+    # -- Oracle ----------------------------------------------------------------------------
+
+    def contender(self, name: str, identity: str, metadata: Dict[str, Any], on_change: OnChange) -> "FileContender":
+        return FileContender(self, name, identity, metadata, on_change)
+
+    def _lock_is_held(self, name: str) -> bool:
+        try:
+            fd = os.open(self._path(name, "lock"), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # also drops the shared probe lock if we got it
+        return False
+
+    def find_leader(self, name: str) -> Optional[Leader]:
+        self.ensure_directory()
+        if not self._lock_is_held(name):
+            return None
+        return self.read_record(name)
+
+    def dismiss(self, name: str) -> bool:
+        leader = self.find_leader(name)
+        if leader is None:
+            return False
+        final = self._path(name, "dismiss")
+        temporary = f"{final}.{os.getpid()}.tmp"
+        with open(temporary, "w", encoding="utf-8") as handle:
+            json.dump({"token": leader.token, "at": time.time()}, handle)
+        os.replace(temporary, final)
+        return True
+
+    def dismissal_for(self, name: str, token: Optional[int]) -> bool:
+        """True (and the request consumed) if a dismissal names the term ``token``."""
+        path = self._path(name, "dismiss")
+        try:
+            with open(path, "r", encoding="utf-8") as handle:
+                request = json.load(handle)
+        except (FileNotFoundError, ValueError):
+            return False
+        if request.get("token") != token:
+            return False
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        return True
+
+
+class FileContender(Contender):
+    """One crown's descriptor on ``NAME.lock`` and, while following, its waiter thread."""
+
+    def __init__(self, oracle: FileOracle, name: str, identity: str, metadata: Dict[str, Any], on_change: OnChange):
+        self._oracle = oracle
+        self._name = name
+        self._identity = identity
+        self._metadata = metadata
+        self._on_change = on_change
+        self._mutex = threading.Lock()
+        self._fd: Optional[int] = None
+        self._held = False  # we hold LOCK_EX (by claim or by the waiter)
+        self._wait_fd: Optional[int] = None  # the waiter thread's descriptor while it waits
+        self._closed = False
+        self._leader: Optional[Leader] = None
+        _live_contenders.add(self)
+
+    def _descriptor(self) -> int:
+        if self._closed:
+            raise RuntimeError("contender is closed")
+        if self._fd is None:
+            self._fd = self._oracle.open_lock(self._name)
+        return self._fd
+
+    def claim(self) -> Claim:
+        fd = self._descriptor()
+        with self._mutex:
+            held = self._held
+        if not held:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return Claim(won=False, leader=self._oracle.read_record(self._name))
+            with self._mutex:
+                self._held = True
+        try:
+            previous = self._oracle.read_record(self._name)
+            token = (previous.token or 0) + 1 if previous is not None else 1
+            leader = Leader(self._identity, dict(self._metadata), token, time.time())
+            self._oracle.dismissal_for(self._name, token)  # a stale request must not hit this term
+            self._oracle.write_record(self._name, leader)
+        except BaseException:
+            self.abdicate()
+            raise
+        self._leader = leader
+        return Claim(True, leader, token, None, self._oracle.check_interval, (fd,))
+
+    def refresh(self) -> Claim:
+        leader = self._leader
+        with self._mutex:
+            held = self._held and not self._closed
+        if not held or leader is None:
+            return Claim(False)
+        if self._oracle.dismissal_for(self._name, leader.token):
+            return Claim(False, leader=None)
+        return Claim(True, leader, leader.token, None, self._oracle.check_interval, (self._fd,))
+
+    def watch(self, leader: Optional[Leader]) -> bool:
+        fd = self._descriptor()
+        with self._mutex:
+            if self._held:
+                return False  # the waiter already got it: claim now
+            if self._wait_fd is not None:
+                return True
+            # The waiter blocks on a duplicate: the same open file description (so the lock it
+            # gets is ours), but a descriptor number only the waiter closes, so close() can't
+            # make it flock a recycled number.
+            self._wait_fd = os.dup(fd)
+            wait_fd = self._wait_fd
+        thread = threading.Thread(
+            target=self._wait_for_lock, args=(wait_fd,), name=f"crown-sync-file-wait:{self._name}", daemon=True
+        )
+        thread.start()
+        return True
+
+    def _wait_for_lock(self, wait_fd: int) -> None:
+        try:
+            fcntl.flock(wait_fd, fcntl.LOCK_EX)  # the kernel wakes us when the holder lets go
+        except OSError:
+            acquired = False
+        else:
+            acquired = True
+        with self._mutex:
+            self._wait_fd = None
+            os.close(wait_fd)  # if close() ran meanwhile, this was the last reference: lock freed
+            if not acquired or self._closed:
+                return
+            self._held = True
+        self._on_change()
+
+    def abdicate(self) -> None:
+        with self._mutex:
+            if not self._held or self._fd is None:
+                return
+            self._held = False
+            fd = self._fd
+        self._leader = None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        with self._mutex:
+            if self._closed:
+                return
+            self._closed = True
+            fd, self._fd = self._fd, None
+            self._held = False
+        if fd is not None:
+            os.close(fd)  # frees our lock unless a term's child process still holds a copy
+
+    def _after_fork_in_child(self) -> None:
+        keep = fds_kept_across_fork()
+        for fd in (self._fd, self._wait_fd):
+            if fd is not None and fd not in keep:
+                try:
+                    os.close(fd)  # our copy only: the parent's lock stays held by the parent
+                except OSError:
+                    pass
+        self._fd = self._wait_fd = None
+        self._closed = True
+        self._held = False
+        self._mutex = threading.Lock()
+
+
+_live_contenders: "weakref.WeakSet[FileContender]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for contender in list(_live_contenders):
+        contender._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

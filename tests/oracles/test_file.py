@@ -1,0 +1,253 @@
+"""The embedded file oracle, with real contender processes, real signals and the journal checker."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+import crown_sync
+from crown_sync.oracles import FileOracle
+from crown_sync.testing import journal
+
+NAME = "billing"
+
+
+def wait_until(predicate, timeout=20.0, interval=0.005):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s")
+
+
+@pytest.fixture
+def oracle_dir(tmp_path):
+    directory = tmp_path / "oracle"
+    directory.mkdir(mode=0o700)
+    return directory
+
+
+@pytest.fixture
+def url(oracle_dir):
+    return f"file://{oracle_dir}"
+
+
+class Fleet:
+    """Contender processes (crown_sync.testing.contender), one identity each."""
+
+    def __init__(self, url, tmp_path, child="thread"):
+        self.url = url
+        self.journal = str(tmp_path / "journal.jsonl")
+        self.child = child
+        self.processes = {}
+
+    def spawn(self, identity):
+        self.processes[identity] = subprocess.Popen(
+            [sys.executable, "-m", "crown_sync.testing.contender", "--name", NAME, "--oracle", self.url,
+             "--journal", self.journal, "--identity", identity, "--child", self.child],
+        )
+
+    def leader(self):
+        found = crown_sync.find_leader(NAME, oracle=self.url)
+        return found.identity if found is not None else None
+
+    def wait_for_leader(self, other_than=None):
+        return wait_until(lambda: (lambda who: who if who and who != other_than else None)(self.leader()))
+
+    def stop_all(self):
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.processes.values():
+            process.wait(30)
+
+
+def test_leadership_moves_through_sigkill_and_sigterm_with_no_overlap(url, tmp_path):
+    fleet = Fleet(url, tmp_path)
+    for i in range(3):
+        fleet.spawn(f"c{i}")
+    try:
+        killed = []
+        for round_number, signum in enumerate([signal.SIGKILL, signal.SIGTERM, signal.SIGKILL]):
+            leader = fleet.wait_for_leader(other_than=killed[-1] if killed else None)
+            time.sleep(0.1)  # let the leader's child journal some beats
+            fleet.processes[leader].send_signal(signum)
+            fleet.processes[leader].wait(30)
+            killed.append(leader)
+            fleet.spawn(f"c{3 + round_number}")  # keep three contenders
+        fleet.wait_for_leader(other_than=killed[-1])
+        time.sleep(0.1)
+    finally:
+        fleet.stop_all()
+    report = journal.check(fleet.journal, NAME)
+    assert report.ok, report.summary()
+    assert len(report.terms) >= 4, report.summary()
+    assert all(term.beats > 0 for term in report.terms), report.summary()
+    # SIGTERMed and finally stopped leaders stopped their child cleanly; SIGKILLed ones could not.
+    assert sum(term.stopped for term in report.terms) >= 2
+
+
+def test_process_children_with_sigkilled_leaders_never_overlap(url, tmp_path):
+    fleet = Fleet(url, tmp_path, child="process")
+    for i in range(3):
+        fleet.spawn(f"p{i}")
+    try:
+        previous = None
+        for round_number in range(3):
+            leader = fleet.wait_for_leader(other_than=previous)
+            time.sleep(0.15)
+            fleet.processes[leader].kill()
+            fleet.processes[leader].wait(30)
+            previous = leader
+            fleet.spawn(f"p{3 + round_number}")
+        fleet.wait_for_leader(other_than=previous)
+        time.sleep(0.15)
+    finally:
+        fleet.stop_all()
+    report = journal.check(fleet.journal, NAME)
+    assert report.ok, report.summary()
+    assert len(report.terms) >= 4, report.summary()
+
+
+def test_tokens_rise_and_survive_a_new_oracle_object(oracle_dir):
+    url = f"file://{oracle_dir}"
+    tokens = []
+    for _ in range(3):
+        with crown_sync.Crown(NAME, oracle=url) as crown:
+            assert crown.wait_for_leadership(10)
+            tokens.append(crown.status().token)
+    assert tokens == sorted(tokens) and len(set(tokens)) == 3
+    assert crown_sync.find_leader(NAME, oracle=url) is None  # record remains, lock is free
+
+
+def test_find_leader_status_and_dismiss(url):
+    with crown_sync.Crown(NAME, oracle=url, metadata={"url": "http://10.0.0.1:8000"}) as crown:
+        assert crown.wait_for_leadership(10)
+        found = crown_sync.find_leader(NAME, oracle=url)
+        assert found.identity == crown.identity
+        assert found.metadata == {"url": "http://10.0.0.1:8000"}
+        assert found.token == crown.status().token and found.since <= time.time()
+        first_token = found.token
+        assert crown_sync.dismiss(NAME, oracle=url)
+        wait_until(lambda: crown.status().token not in (None, first_token))  # stepped down, won again
+    assert not crown_sync.dismiss(NAME, oracle=url)
+
+
+def test_two_crowns_in_one_process_never_both_lead(url):
+    first = crown_sync.Crown(NAME, oracle=url, identity="one").start()
+    second = crown_sync.Crown(NAME, oracle=url, identity="two").start()
+    try:
+        assert first.wait_for_leadership(10) or second.wait_for_leadership(10)
+        for _ in range(200):
+            assert not (first.is_leader() and second.is_leader())
+            time.sleep(0.001)
+        leader, follower = (first, second) if first.is_leader() else (second, first)
+        leader.stop()
+        assert follower.wait_for_leadership(10)
+    finally:
+        first.stop()
+        second.stop()
+
+
+def test_directory_checks(tmp_path):
+    target = tmp_path / "real"
+    target.mkdir(mode=0o700)
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    with pytest.raises(PermissionError):
+        FileOracle(str(link)).find_leader(NAME)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(PermissionError):
+        FileOracle(str(shared)).find_leader(NAME)
+    created = tmp_path / "new" / "dir"
+    FileOracle(str(created)).find_leader(NAME)
+    assert (created.stat().st_mode & 0o777) == 0o700
+
+
+@pytest.mark.parametrize("bad", ["file://relative/dir", "file://host/abs", "file:///tmp/x?check_interval=0",
+                                 "file:///tmp/x?colour=red"])
+def test_bad_file_urls(bad):
+    with pytest.raises(ValueError) as info:
+        crown_sync.oracle_from_url(bad)
+    if "colour" in bad:
+        assert "check_interval" in str(info.value)  # names the accepted options
+
+
+def test_unusable_directory_never_raises_from_start(tmp_path):
+    blocker = tmp_path / "file-not-dir"
+    blocker.write_text("x")
+    crown = crown_sync.Crown(NAME, oracle=f"file://{blocker}/sub", monitor_delay=0.1)
+    assert crown.start() is crown
+    try:
+        wait_until(lambda: crown.status().last_error)
+        assert not crown.is_leader()
+    finally:
+        crown.stop()
+
+
+FORK_SCRIPT = textwrap.dedent(
+    """
+    import os, sys, time, signal
+    import crown_sync
+    crown = crown_sync.Crown("billing", oracle=sys.argv[1]).start()
+    assert crown.wait_for_leadership(10)
+    pid = os.fork()
+    if pid == 0:
+        # Inherited crown: not ours. stop() must not release the parent's lock.
+        ok = (not crown.is_leader()) and not crown_sync.is_leader("billing")
+        crown.stop()
+        if sys.argv[2] == "linger":
+            print("child", os.getpid(), flush=True)
+            time.sleep(60)
+        os._exit(0 if ok else 3)
+    if sys.argv[2] == "linger":
+        print("parent", os.getpid(), flush=True)
+        time.sleep(60)
+    _, code = os.waitpid(pid, 0)
+    print("child-exit", os.waitstatus_to_exitcode(code), flush=True)
+    print("parent-leads", crown.is_leader(), flush=True)
+    time.sleep(0.2)
+    print("still-leads", crown.is_leader(), flush=True)
+    crown.stop()
+    """
+)
+
+
+def test_fork_inherited_crown_is_not_leader_and_does_not_release(url, tmp_path):
+    script = tmp_path / "fork_script.py"
+    script.write_text(FORK_SCRIPT)
+    out = subprocess.run([sys.executable, str(script), url, "wait"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "child-exit 0" in out.stdout
+    assert "parent-leads True" in out.stdout and "still-leads True" in out.stdout
+
+
+def test_a_forked_process_does_not_keep_the_lock_after_the_parent_dies(url, tmp_path):
+    script = tmp_path / "fork_script.py"
+    script.write_text(FORK_SCRIPT)
+    process = subprocess.Popen([sys.executable, str(script), url, "linger"], stdout=subprocess.PIPE, text=True)
+    pids = {}
+    try:
+        while len(pids) < 2:
+            role, pid = process.stdout.readline().split()
+            pids[role] = int(pid)
+        assert crown_sync.find_leader(NAME, oracle=url) is not None
+        os.kill(pids["parent"], signal.SIGKILL)
+        process.wait(10)
+        # The lingering forked child closed its copy of the lock descriptor after fork.
+        with crown_sync.Crown(NAME, oracle=url) as successor:
+            assert successor.wait_for_leadership(10)
+    finally:
+        for pid in pids.values():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

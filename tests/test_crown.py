@@ -1,0 +1,400 @@
+"""Engine unit tests on the in-memory oracle (oracle behaviour itself is tested on real servers)."""
+
+import re
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import crown_sync
+from crown_sync import telemetry
+from crown_sync.testing.memory import MemoryOracle
+
+
+def wait_until(predicate, timeout=10.0, interval=0.005):
+    """Poll until predicate() is true; fail (not hang) after a generous timeout."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s")
+
+
+class Recorder:
+    def __init__(self):
+        self.events = []
+        self.handle = telemetry.attach(lambda event, meta: self.events.append((event, meta)))
+
+    def names(self, name=None):
+        return [e for e, m in self.events if name is None or m["name"] == name]
+
+    def close(self):
+        telemetry.detach(self.handle)
+
+
+@pytest.fixture
+def recorder():
+    rec = Recorder()
+    yield rec
+    rec.close()
+
+
+def crown(name="job", oracle=None, **options):
+    options.setdefault("monitor_delay", 0.05)
+    options.setdefault("monitor_timeout", 1.0)
+    return crown_sync.Crown(name, oracle=oracle or MemoryOracle(), **options)
+
+
+# ---------------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize(
+    "kwargs, option",
+    [
+        ({"name": ""}, "name"),
+        ({"name": "a/b"}, "name"),
+        ({"name": "x" * 129}, "name"),
+        ({"name": 5}, "name"),
+        ({"claim_delay": -1}, "claim_delay"),
+        ({"claim_delay": "soon"}, "claim_delay"),
+        ({"monitor_delay": 0}, "monitor_delay"),
+        ({"monitor_delay": True}, "monitor_delay"),
+        ({"monitor_timeout": float("nan")}, "monitor_timeout"),
+        ({"monitor_delay": 10, "monitor_timeout": 5}, "monitor_timeout"),
+        ({"monitor_leader": "yes"}, "monitor_leader"),
+        ({"identity": ""}, "identity"),
+        ({"identity": 42}, "identity"),
+        ({"metadata": {"x": object()}}, "metadata"),
+        ({"metadata": [1]}, "metadata"),
+        ({"child": 42}, "child"),
+        ({"follower_child": "run"}, "follower_child"),
+        ({"oracle": 42}, "oracle"),
+        ({"oracle": "redis://localhost"}, "scheme"),
+        ({"max_child_restarts": -1}, "max_child_restarts"),
+    ],
+)
+def test_invalid_options_fail_at_construction_naming_the_option(kwargs, option):
+    arguments = {"name": "job", "oracle": MemoryOracle()}
+    arguments.update(kwargs)
+    name = arguments.pop("name")
+    with pytest.raises((ValueError, TypeError)) as info:
+        crown_sync.Crown(name, **arguments)
+    assert option in str(info.value)
+
+
+def test_unknown_oracle_url_names_the_accepted_schemes():
+    with pytest.raises(ValueError) as info:
+        crown_sync.Crown("job", oracle="redis://u:hunter2@localhost")
+    message = str(info.value)
+    assert "postgresql://" in message and "zookeeper://" in message and "file://" in message
+    assert "hunter2" not in message
+
+
+# ---------------------------------------------------------------------------------- leading
+
+def test_single_crown_leads_runs_child_and_stops_it_before_abdicating(recorder):
+    oracle = MemoryOracle()
+    seen = {}
+
+    def child(term):
+        seen["term"] = term
+        term.stop_event.wait()
+        oracle.calls.append("child-stopped")
+
+    c = crown(oracle=oracle, child=child, metadata={"url": "http://a"}).start()
+    try:
+        assert c.wait_for_leadership(10)
+        wait_until(lambda: "term" in seen)
+        term = seen["term"]
+        assert term.name == "job" and term.token == 1 and term.identity == c.identity
+        assert term.is_leader()
+        status = c.status()
+        assert status.phase == "leading" and status.is_leader and status.token == 1
+        assert status.child_alive and status.oracle == "memory://test" and status.last_error is None
+        assert c.leader().identity == c.identity and c.leader().metadata == {"url": "http://a"}
+        assert crown_sync.is_leader("job") and crown_sync.status("job").is_leader
+        assert crown_sync.known_leaders()["job"].identity == c.identity
+    finally:
+        c.stop()
+    assert not c.is_leader() and not term.is_leader()
+    calls = oracle.calls
+    assert calls.index("child-stopped") < calls.index("abdicate") < calls.index("close")
+    assert c.status().phase == "stopped"
+    assert not crown_sync.is_leader("job")
+    with pytest.raises(KeyError):
+        crown_sync.status("job")
+    names = recorder.names()
+    assert names[0] == "crown.process.initialized" and names[-1] == "crown.process.stopped"
+    assert names.index("crown.child.stopped") < names.index("crown.leadership.abdicated")
+
+
+def test_follower_takes_over_when_leader_stops_and_token_rises():
+    oracle = MemoryOracle()
+    first = crown(oracle=oracle, identity="first").start()
+    assert first.wait_for_leadership(10)
+    second = crown(oracle=oracle, identity="second").start()
+    try:
+        wait_until(lambda: second.status().phase == "following")
+        assert second.leader().identity == "first"
+        assert not second.is_leader()
+        first.stop()
+        assert second.wait_for_leadership(10)
+        assert second.status().token == 2
+    finally:
+        first.stop()
+        second.stop()
+
+
+def test_stop_is_idempotent_and_safe_from_the_child_thread():
+    stopped = threading.Event()
+    holder = {}
+
+    def child(term):
+        holder["crown"].stop()  # must not deadlock
+        stopped.set()
+
+    c = holder["crown"] = crown(child=child)
+    c.start()
+    assert stopped.wait(10)
+    wait_until(lambda: c.status().phase == "stopped")
+    c.stop()
+    c.stop(timeout=1)
+
+
+def test_context_manager_and_lead_helper():
+    with crown() as c:
+        assert c.wait_for_leadership(10)
+    assert c.status().phase == "stopped"
+    with crown_sync.lead("other", oracle=MemoryOracle(), monitor_delay=0.05) as c2:
+        assert c2.wait_for_leadership(10)
+        assert crown_sync.is_leader("other")
+    assert not crown_sync.is_leader("other")
+
+
+# ------------------------------------------------------------------------------- deadlines
+
+def test_deadline_ends_the_term_even_when_refresh_hangs(recorder):
+    oracle = MemoryOracle(lease=0.5, refresh_in=0.1)
+    seen = {}
+
+    def child(term):
+        seen["term"] = term
+        term.stop_event.wait()
+        seen["stopped_at"] = time.monotonic()
+
+    c = crown(oracle=oracle, child=child).start()
+    try:
+        assert c.wait_for_leadership(10)
+        wait_until(lambda: "term" in seen)
+        oracle.hang.clear()  # every oracle call now blocks: refresh can't renew
+        hung_at = time.monotonic()
+        wait_until(lambda: not c.is_leader(), timeout=5)
+        term = seen["term"]
+        assert term.stop_event.is_set()
+        wait_until(lambda: "stopped_at" in seen)
+        # The child was told no later than the deadline (lease from the last refresh's start).
+        assert seen["stopped_at"] <= term.deadline + 0.25
+        assert seen["stopped_at"] - hung_at < 0.5 + 0.25
+        oracle.hang.set()
+        wait_until(lambda: c.is_leader(), timeout=10)  # recovers and claims again
+        assert c.status().token >= 2
+    finally:
+        oracle.hang.set()
+        c.stop()
+    assert "crown.leadership.lost" in recorder.names()
+
+
+def test_stop_event_reads_set_after_the_deadline_without_any_thread_running():
+    term = crown_sync.Term("job", "me", 7, time.monotonic() + 0.05)
+    assert not term.stop_event.is_set() and term.is_leader()
+    assert term.stop_event.wait(5)  # returns at the deadline, nobody set it
+    assert term.stop_event.is_set() and not term.is_leader()
+    term.extend(time.monotonic() + 10)  # moving the deadline revives nothing once passed? it does:
+    assert term.is_leader()  # extend before end is legal (a refresh that came back in time)
+    term.end()
+    term.extend(time.monotonic() + 10)
+    assert not term.is_leader() and term.stop_event.is_set()
+
+
+def test_oracle_signalled_loss_ends_the_term_at_once():
+    oracle = MemoryOracle(lease=30, refresh_in=30)
+    seen = {}
+    c = crown(oracle=oracle, child=lambda term: seen.setdefault("term", term).stop_event.wait()).start()
+    try:
+        assert c.wait_for_leadership(10)
+        wait_until(lambda: "term" in seen)
+        oracle.signal_lost("job")
+        assert not c.is_leader()  # synchronously, no I/O needed
+        assert seen["term"].stop_event.is_set()
+        wait_until(lambda: c.status().token == 2, timeout=10)  # nobody else: claims again
+    finally:
+        c.stop()
+
+
+def test_lease_revoked_behind_the_leaders_back_is_noticed_at_refresh():
+    oracle = MemoryOracle(lease=30, refresh_in=0.1)
+    c = crown(oracle=oracle).start()
+    try:
+        assert c.wait_for_leadership(10)
+        oracle.revoke("job")
+        wait_until(lambda: c.status().token == 2, timeout=10)
+    finally:
+        c.stop()
+
+
+def test_dismiss_makes_the_leader_step_down_and_contend_again():
+    oracle = MemoryOracle(lease=30, refresh_in=30)
+    c = crown(oracle=oracle).start()
+    try:
+        assert c.wait_for_leadership(10)
+        assert crown_sync.dismiss("job", oracle=oracle)
+        wait_until(lambda: c.status().token == 2, timeout=10)
+        assert crown_sync.find_leader("job", oracle=oracle).token == 2
+    finally:
+        c.stop()
+    assert crown_sync.find_leader("job", oracle=oracle) is None
+    assert not crown_sync.dismiss("job", oracle=oracle)
+
+
+# --------------------------------------------------------------------------- oracle errors
+
+def test_unreachable_oracle_never_raises_and_shows_in_last_error(recorder):
+    oracle = MemoryOracle()
+    oracle.fail_with = ConnectionError("cannot reach db://app:hunter2@db password=hunter2")
+    c = crown(oracle=oracle)
+    assert c.start() is c
+    try:
+        wait_until(lambda: c.status().last_error is not None)
+        status = c.status()
+        assert "ConnectionError" in status.last_error and "hunter2" not in status.last_error
+        assert not c.is_leader() and status.phase == "claiming"
+        assert all("hunter2" not in str(m) for _, m in recorder.events)
+        time.sleep(0.3)
+        assert c._thread.is_alive()
+        oracle.fail_with = None
+        assert c.wait_for_leadership(10)
+        assert c.status().last_error is None
+    finally:
+        c.stop()
+    assert "crown.oracle.error" in recorder.names()
+
+
+def test_a_raising_telemetry_handler_does_not_disturb_the_crown():
+    def bad(event, metadata):
+        raise RuntimeError("handler bug")
+
+    handle = telemetry.attach(bad)
+    try:
+        with crown() as c:
+            assert c.wait_for_leadership(10)
+    finally:
+        telemetry.detach(handle)
+
+
+# ------------------------------------------------------------------------------- children
+
+def test_child_exit_gives_up_the_term_by_default(recorder):
+    oracle = MemoryOracle()
+    c = crown(oracle=oracle, child=lambda term: None, monitor_delay=0.2).start()
+    try:
+        wait_until(lambda: "crown.leadership.abdicated" in recorder.names())
+        assert "crown.child.exited" in recorder.names()
+        wait_until(lambda: c.status().token == 2, timeout=10)  # contends again after monitor_delay
+    finally:
+        c.stop()
+
+
+def test_child_restarts_in_place_up_to_the_limit(recorder):
+    runs = []
+    c = crown(child=lambda term: runs.append(term.token), max_child_restarts=2, child_backoff=0.01).start()
+    try:
+        wait_until(lambda: "crown.leadership.abdicated" in recorder.names())
+        assert runs[:3] == [1, 1, 1]
+        starts = [m for e, m in recorder.events if e == "crown.child.started" and m["token"] == 1]
+        assert [m["restarts"] for m in starts] == [0, 1, 2]
+    finally:
+        c.stop()
+
+
+def test_follower_child_runs_only_while_not_leading():
+    oracle = MemoryOracle()
+    leader = crown(oracle=oracle, identity="leader").start()
+    assert leader.wait_for_leadership(10)
+    following = []
+
+    def follower_work(term):
+        following.append(term)
+        assert not term.is_leader()
+        term.stop_event.wait()
+
+    second = crown(oracle=oracle, identity="second", follower_child=follower_work).start()
+    try:
+        wait_until(lambda: following and not following[0].stop_event.is_set())
+        assert second.status().child_alive
+        leader.stop()
+        assert second.wait_for_leadership(10)
+        assert following[0].stop_event.is_set()
+    finally:
+        leader.stop()
+        second.stop()
+
+
+# ------------------------------------------------------------------------------- monitoring
+
+def test_monitor_leader_false_reclaims_every_monitor_delay_without_watching():
+    oracle = MemoryOracle()
+    first = crown(oracle=oracle, identity="first").start()
+    assert first.wait_for_leadership(10)
+    second = crown(oracle=oracle, identity="second", monitor_leader=False, monitor_delay=0.05).start()
+    try:
+        wait_until(lambda: oracle.calls.count("claim") >= 5)
+        assert "watch" not in oracle.calls
+        first.stop()
+        assert second.wait_for_leadership(10)
+    finally:
+        first.stop()
+        second.stop()
+
+
+def test_claim_delay_postpones_the_first_claim():
+    oracle = MemoryOracle()
+    c = crown(oracle=oracle, claim_delay=0.3).start()
+    try:
+        time.sleep(0.1)
+        assert "claim" not in oracle.calls
+        assert c.wait_for_leadership(10)
+    finally:
+        c.stop()
+
+
+# ------------------------------------------------------------------------------- telemetry
+
+def test_the_code_emits_exactly_the_listed_events():
+    package = Path(crown_sync.__file__).parent
+    source = "".join(p.read_text() for p in package.rglob("*.py") if p.name != "telemetry.py")
+    emitted = set(re.findall(r'_emit\(\s*"(crown\.[a-z_.]+)"', source))
+    emitted |= set(re.findall(r'"(crown\.[a-z_.]+)" if .* else "(?:crown\.[a-z_.]+)"', source))
+    emitted |= set(re.findall(r'"crown\.[a-z_.]+" if .* else "(crown\.[a-z_.]+)"', source))
+    assert emitted == set(telemetry.EVENTS)
+    with pytest.raises(ValueError):
+        telemetry.emit("crown.not.an.event", {})
+
+
+def test_event_metadata_has_the_contract_keys(recorder):
+    with crown(child=lambda term: term.stop_event.wait()) as c:
+        assert c.wait_for_leadership(10)
+    for event, metadata in recorder.events:
+        assert event in telemetry.EVENTS
+        assert {"name", "identity", "phase", "oracle", "leader"} <= set(metadata)
+
+
+def test_attach_with_prefixes_filters_events():
+    got = []
+    handle = telemetry.attach(lambda e, m: got.append(e), prefixes=["crown.leadership."])
+    try:
+        with crown() as c:
+            assert c.wait_for_leadership(10)
+    finally:
+        telemetry.detach(handle)
+    assert got and all(e.startswith("crown.leadership.") for e in got)

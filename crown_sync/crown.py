@@ -358,6 +358,8 @@ class Crown:
                         self._start_leader_child(term, restarts)
                     continue
                 reason, backoff = "child_exited", self.monitor_delay
+                with self._cond:
+                    self._child_run = None  # reported as exited, not to be reported as stopped
                 break
             refreshed = self._refresh(term)
             if refreshed is None:
@@ -477,6 +479,9 @@ class Crown:
             return
         with self._cond:
             self._child_run = run
+            if not run.alive():  # it ended before we stored it: its on_exit was not recognised
+                self._child_exited = True
+                self._cond.notify_all()
         self._emit("crown.child.started", kind="leader", pid=run.pid, restarts=restarts, token=term.token)
 
     def _start_follower_child(self) -> None:
@@ -505,10 +510,8 @@ class Crown:
                 self._follower_term.end()
         if run is None:
             return
-        was_alive = run.alive()
         run.stop()
-        if was_alive:
-            self._emit("crown.child.stopped", kind=kind, exitcode=run.exitcode, **extra)
+        self._emit("crown.child.stopped", kind=kind, exitcode=run.exitcode, **extra)
 
     def _on_child_exit(self, run) -> None:
         with self._cond:
@@ -563,7 +566,7 @@ class Crown:
         ceiling = max_wait if max_wait is not None else max(0.1, min(self.monitor_delay, 5.0))
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(Exception),
-            wait=tenacity.wait_exponential_jitter(initial=0.05, max=ceiling),
+            wait=tenacity.wait_random_exponential(multiplier=0.05, min=0.01, max=ceiling),  # full jitter
             stop=lambda state: interrupted(),
             sleep=lambda seconds: self._wait(seconds, interrupted),
             before_sleep=lambda state: self._record_error(operation, state.outcome.exception()),

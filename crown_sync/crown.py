@@ -219,7 +219,8 @@ class Crown:
         if first:
             self._emit("crown.process.terminating", reason="stop")
         current = threading.current_thread()
-        child_thread = getattr(self._child_run, "thread", None)
+        with self._cond:
+            child_thread = getattr(self._child_run, "thread", None)
         if self._thread is not None and current is not self._thread and current is not child_thread:
             self._thread.join(timeout)
         return self
@@ -467,17 +468,17 @@ class Crown:
     def _start_leader_child(self, term: Term, restarts: int) -> None:
         if self._child is None:
             return
-        try:
-            run = self._child.start(term, self._on_child_exit)
-        except Exception as exc:
-            logger.exception("crown %s: starting the child failed", self.name)
-            self._record_error("child", exc)
-            with self._cond:
+        # Under the lock, so that a child calling stop() or exiting at once finds itself stored.
+        with self._cond:
+            try:
+                run = self._child.start(term, self._on_child_exit)
+            except Exception as exc:
+                logger.exception("crown %s: starting the child failed", self.name)
+                self._record_error("child", exc)
                 self._child_run = None
                 self._child_exited = True
                 self._cond.notify_all()
-            return
-        with self._cond:
+                return
             self._child_run = run
             if not run.alive():  # it ended before we stored it: its on_exit was not recognised
                 self._child_exited = True

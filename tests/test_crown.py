@@ -332,7 +332,7 @@ def test_follower_child_runs_only_while_not_leading():
     second = crown(oracle=oracle, identity="second", follower_child=follower_work).start()
     try:
         wait_until(lambda: following and not following[0].stop_event.is_set())
-        assert second.status().child_alive
+        wait_until(lambda: second.status().child_alive)
         leader.stop()
         assert second.wait_for_leadership(10)
         assert following[0].stop_event.is_set()

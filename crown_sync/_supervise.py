@@ -1,0 +1,259 @@
+"""The supervisor process that stands between a crown and a CommandChild's command.
+
+Run by :class:`crown_sync.children.CommandChild` as ``python -I .../_supervise.py OPTIONS -- ARGV``
+(``python -m crown_sync._supervise`` works too). It imports only the standard library, so that
+it starts fast and does not depend on how the crown's process found ``crown_sync``.
+
+Why a supervisor at all: the crown's process is multi-threaded, where ``preexec_fn`` is unsafe,
+and it may be paused (SIGSTOP, swap) exactly when a command must be stopped. This process is
+single-threaded and does nothing but watch, so it can:
+
+1. arm the kernel's parent-death signal (``PR_SET_PDEATHSIG`` = SIGKILL) on itself and, through
+   ``preexec_fn``, on the command, then check that its parent is still the crown's process (the
+   crown may have died before the signal was armed);
+2. start the command in a new session (its own process group, so the whole group can be
+   signalled and a terminal's Ctrl-C reaches the crown, not the command);
+3. loop: when the command exits, exit with its code; when the deadline in the shared memory
+   (written by the crown, a ``time.monotonic()`` value, ``inf`` = none) has passed, SIGKILL the
+   command's process group at once, even if the crown itself is paused; on SIGTERM from the crown,
+   SIGTERM the group, wait ``grace`` (still watching the deadline), then SIGKILL the group.
+
+It reports to the crown on the status descriptor, one line per fact: ``pid N`` once the command
+runs, ``exit CODE REASON`` at the end (CODE is the command's return code, negative for a signal),
+``error CODE MESSAGE`` if the command could not be started (127: not found, 126: not executable).
+Its own exit status is the command's code, or 128+N if the command died of signal N.
+
+Not guaranteed: a process the command starts in another session or process group escapes the
+group signals; if the supervisor itself is SIGKILLed, the kernel kills only the command (by its
+parent-death signal), not the rest of its group; a supervisor that is itself paused cannot act
+(the deadline then relies on the fencing token).
+"""
+
+import argparse
+import ctypes
+import math
+import mmap
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+
+__all__ = ["set_parent_death_signal", "main"]
+
+_PR_SET_PDEATHSIG = 1
+
+# Resolve prctl when this module is imported (in the crown's process, before any fork): calling
+# dlopen/dlsym in a child forked from a multi-threaded parent could deadlock on the loader lock.
+try:
+    _libc = ctypes.CDLL(None, use_errno=True)
+    _prctl = _libc.prctl
+    _prctl.restype = ctypes.c_int
+    _prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+except (OSError, AttributeError):  # not Linux/glibc: no parent-death signal
+    _libc = None
+    _prctl = None
+
+
+def set_parent_death_signal(signum: int = signal.SIGKILL) -> bool:
+    """Ask the kernel to send ``signum`` to this process when its parent thread exits.
+
+    Returns False where prctl is unavailable. Note the kernel's rule: the signal fires when the
+    *thread* that forked this process exits, not only when the whole parent process dies.
+    """
+    if _prctl is None:
+        return False
+    return _prctl(_PR_SET_PDEATHSIG, int(signum), 0, 0, 0) == 0
+
+
+def _exit_status(returncode: int) -> int:
+    """The shell's convention: a command killed by signal N "exits" with 128+N."""
+    return 128 - returncode if returncode < 0 else returncode & 0xFF
+
+
+class _Supervisor:
+    def __init__(self, options):
+        self.options = options
+        self.grace = options.grace
+        self.parent = options.parent
+        self.keep_fds = tuple(int(fd) for fd in options.keep_fds.split(",") if fd)
+        self.status_fd = options.status_fd
+        self._map = mmap.mmap(options.deadline_fd, 8)
+        os.close(options.deadline_fd)
+        # An aligned 8-byte load: the crown's writes are single aligned 8-byte stores, never torn.
+        self._deadline = ctypes.c_double.from_buffer(self._map)
+        self.terminating = False
+        self.proc = None
+
+    # -- reporting ---------------------------------------------------------------------------
+    def report(self, line: str) -> None:
+        try:
+            os.write(self.status_fd, (line + "\n").encode("utf-8", "replace"))
+        except OSError:  # the crown is gone; nobody to tell
+            pass
+
+    # -- time --------------------------------------------------------------------------------
+    def deadline(self) -> float:
+        value = self._deadline.value
+        return math.inf if math.isnan(value) else value
+
+    def parent_gone(self) -> bool:
+        return os.getppid() != self.parent
+
+    # -- the command's process group ---------------------------------------------------------
+    def signal_group(self, signum: int) -> None:
+        try:
+            os.killpg(self.proc.pid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def group_alive(self) -> bool:
+        try:
+            os.killpg(self.proc.pid, 0)
+            return True
+        except (ProcessLookupError, PermissionError):
+            return False
+
+    def wait_readable(self, wakeup_fd: int, timeout: float) -> None:
+        try:
+            readable, _, _ = select.select([wakeup_fd], [], [], max(0.0, timeout))
+        except InterruptedError:  # pragma: no cover - PEP 475 retries select
+            return
+        if readable:
+            try:
+                while os.read(wakeup_fd, 512):
+                    pass
+            except (BlockingIOError, InterruptedError):
+                pass
+
+    # -- main loop ---------------------------------------------------------------------------
+    def run(self, argv) -> int:
+        wakeup_r, wakeup_w = os.pipe()
+        os.set_blocking(wakeup_r, False)
+        os.set_blocking(wakeup_w, False)
+        signal.set_wakeup_fd(wakeup_w, warn_on_full_buffer=False)
+
+        def on_term(signum, frame):
+            self.terminating = True
+
+        signal.signal(signal.SIGTERM, on_term)
+        # A handler (not SIG_IGN) so that exec resets it to the default for the command: an
+        # ignored disposition would be inherited. Ctrl-C is the crown's business, not ours.
+        signal.signal(signal.SIGINT, lambda signum, frame: None)
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)  # wakes select via the fd
+
+        if time.monotonic() >= self.deadline() or self.terminating:
+            # The term ended before the command could start: never start it.
+            reason = "deadline" if not self.terminating else "stopped"
+            self.report(f"exit {-signal.SIGKILL} {reason}-before-start")
+            return _exit_status(-signal.SIGKILL)
+
+        me = os.getpid()
+
+        def preexec():
+            # Runs in the command's process between fork and exec (safe: we are single-threaded).
+            set_parent_death_signal(signal.SIGKILL)
+            if os.getppid() != me:
+                os._exit(1)
+
+        try:
+            self.proc = subprocess.Popen(
+                argv, preexec_fn=preexec, start_new_session=True, pass_fds=self.keep_fds
+            )
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            self.report(f"error 127 command not found: {argv[0]!r} ({exc.strerror or exc})")
+            return 127
+        except PermissionError as exc:
+            self.report(f"error 126 command not executable: {argv[0]!r} ({exc.strerror or exc})")
+            return 126
+        except (OSError, subprocess.SubprocessError, ValueError) as exc:
+            self.report(f"error 126 cannot start {argv[0]!r}: {exc}")
+            return 126
+        self.report(f"pid {self.proc.pid}")
+
+        reason = "exited"
+        while True:
+            code = self.proc.poll()
+            if code is not None:
+                break
+            now = time.monotonic()
+            deadline = self.deadline()
+            if now >= deadline or self.parent_gone():
+                reason = "deadline" if now >= deadline else "orphaned"
+                self.signal_group(signal.SIGKILL)
+                code = self.proc.wait()
+                break
+            if self.terminating:
+                reason = "stopped"
+                code = self.terminate(wakeup_r)
+                break
+            # Poll the deadline at least every 50 ms: the crown may move it either way.
+            self.wait_readable(wakeup_r, min(deadline - now, 0.05))
+
+        self.sweep_group(wakeup_r)
+        self.report(f"exit {code} {reason}")
+        return _exit_status(code)
+
+    def terminate(self, wakeup_r: int) -> int:
+        """SIGTERM the group, wait up to grace (watching the deadline), then SIGKILL it."""
+        self.signal_group(signal.SIGTERM)
+        give_up = time.monotonic() + self.grace
+        while True:
+            code = self.proc.poll()
+            if code is not None:
+                return code
+            now = time.monotonic()
+            deadline = self.deadline()
+            if now >= give_up or now >= deadline or self.parent_gone():
+                self.signal_group(signal.SIGKILL)
+                return self.proc.wait()
+            self.wait_readable(wakeup_r, min(give_up - now, deadline - now, 0.05))
+
+    def sweep_group(self, wakeup_r: int) -> None:
+        """The command is gone; stop what it left behind in its process group (same order)."""
+        if self.proc is None or not self.group_alive():
+            return
+        self.signal_group(signal.SIGTERM)
+        give_up = min(time.monotonic() + self.grace, self.deadline())
+        while self.group_alive() and time.monotonic() < give_up and not self.parent_gone():
+            self.wait_readable(wakeup_r, min(give_up - time.monotonic(), 0.05))
+        self.signal_group(signal.SIGKILL)
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser(prog="python -m crown_sync._supervise")
+    parser.add_argument("--parent", type=int, required=True)
+    parser.add_argument("--deadline-fd", type=int, required=True)
+    parser.add_argument("--status-fd", type=int, required=True)
+    parser.add_argument("--grace", type=float, required=True)
+    parser.add_argument("--keep-fds", default="")
+    parser.add_argument("command", nargs=argparse.REMAINDER)
+    options = parser.parse_args(argv)
+    command = options.command
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        parser.error("no command given")
+    return options, command
+
+
+def main(argv=None) -> int:
+    # First thing: die with the crown's process, then check it did not die before we got here.
+    set_parent_death_signal(signal.SIGKILL)
+    options, command = _parse(sys.argv[1:] if argv is None else argv)
+    if os.getppid() != options.parent:
+        return 1
+    supervisor = _Supervisor(options)
+    try:
+        return supervisor.run(command)
+    except BaseException as exc:  # never leave the command behind on a bug here
+        if supervisor.proc is not None:
+            supervisor.signal_group(signal.SIGKILL)
+        if not isinstance(exc, SystemExit):
+            supervisor.report(f"error 1 supervisor failed: {exc!r}")
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

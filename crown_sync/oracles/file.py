@@ -79,7 +79,7 @@ class FileOracle(Oracle):
     def from_url(cls, url: str) -> "FileOracle":
         parts = urllib.parse.urlsplit(url)
         if parts.netloc not in ("", "localhost"):
-            raise ValueError(f"file oracle URL must be file:///absolute/dir, got host {parts.netloc!r}")
+            raise ValueError(f"file oracle URL must be file:///absolute/dir, got host {parts.hostname!r}")
         path = urllib.parse.unquote(parts.path)
         if not path or not os.path.isabs(path):
             raise ValueError("file oracle URL must be file:///absolute/dir")

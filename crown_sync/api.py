@@ -22,8 +22,14 @@ def lead(name: str, oracle=None, child=None, **options) -> Iterator[Crown]:
 
 
 def is_leader(name: str) -> bool:
-    """True iff a started crown of that name in this process leads. No I/O."""
-    return any(crown.is_leader() for crown in registry.crowns(name))
+    """True iff a started crown of that name in this process leads. No I/O.
+
+    Also True when a leadership provider (:func:`crown_sync.registry.add_provider`) says this host
+    leads: e.g. in a Gunicorn worker whose master runs the crown (:mod:`crown_sync.gunicorn`).
+    """
+    if any(crown.is_leader() for crown in registry.crowns(name)):
+        return True
+    return registry.provided_leader(name)
 
 
 def status(name: str) -> Status:

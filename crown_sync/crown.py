@@ -230,6 +230,11 @@ class Crown:
         term = self._term
         return term is not None and term.is_leader()
 
+    def term(self) -> Optional[Term]:
+        """The current term (token, exact monotonic ``deadline``, ``stop_event``), or None."""
+        term = self._term
+        return term if term is not None and term.is_leader() else None
+
     def leader(self) -> Optional[Leader]:
         """The current leader as last known to this crown (ourselves while leading)."""
         return self._leader

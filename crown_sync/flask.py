@@ -1,0 +1,396 @@
+"""Flask extension: leadership in request handlers, signals, a CLI command, a status endpoint.
+
+::
+
+    from crown_sync.flask import CrownSync, leader_only
+
+    crown = CrownSync()                       # app factories: crown.init_app(app) later
+
+    def create_app():
+        app = Flask(__name__)
+        app.config["CROWN_SYNC_NAME"] = "scheduler"
+        crown.init_app(app)
+        return app
+
+    @bp.post("/reindex")
+    @leader_only                              # followers answer 503 + Retry-After (or redirect)
+    def reindex(): ...
+
+Where the crown runs. The extension itself starts nothing at import or in ``init_app``: under
+Gunicorn with ``preload_app`` that would be the master, and threads do not survive fork (nor
+should the master run your job); under ``flask run --debug`` it would also be the reloader's
+watcher process, which never serves a request. Leadership comes from one of:
+
+* :mod:`crown_sync.gunicorn` hooks (the crown in the master, answered in every worker through
+  shared memory; or one crown per worker);
+* any :class:`crown_sync.Crown` your code starts in this process;
+* ``CROWN_SYNC_START = True``: the extension runs a crown of its own in each process that serves
+  requests, started on that process's first request (or by :meth:`CrownSync.start`), after any
+  fork; ``job`` (if given) is its leader child, run in a thread inside an app context. It is
+  stopped at interpreter exit (so the reloader's restart and a normal exit abdicate).
+
+In every case :func:`crown_sync.is_leader` is the answer, with no I/O.
+
+Configuration (``app.config``), read by ``init_app``:
+
+``CROWN_SYNC_NAME``            the election name (required)
+``CROWN_SYNC_ORACLE``          oracle URL; None: ``$CROWN_SYNC_ORACLE`` or the file oracle
+``CROWN_SYNC_START``           False; True: run this extension's own crown (see above)
+``CROWN_SYNC_METADATA``        metadata the own crown publishes, e.g. ``{"url": "http://a:8000"}``
+``CROWN_SYNC_OPTIONS``         other :class:`crown_sync.Crown` options for the own crown
+``CROWN_SYNC_FOLLOWER``        ``"503"`` (default) or ``"redirect"``: what ``leader_only`` does
+``CROWN_SYNC_RETRY_AFTER``     seconds in the 503's ``Retry-After`` header (default 5)
+``CROWN_SYNC_LEADER_URL_KEY``  the leader's metadata key holding its base URL (default ``"url"``)
+``CROWN_SYNC_LEADER_CACHE``    seconds a follower caches the leader read from the oracle (1.0)
+``CROWN_SYNC_STATUS_URL``      None (default: no endpoint) or a path such as ``"/_crown_sync"``
+
+Signals (blinker, as Flask's own): :data:`elected`, :data:`deposed`, :data:`new_leader`, sent with
+the app as sender, from the crown's thread, for crowns of ``CROWN_SYNC_NAME`` *running in this
+process* (thin sugar over :mod:`crown_sync.telemetry`). With the crown in the Gunicorn master they
+fire in the master, not in workers.
+
+Connection loss: nothing here blocks a request on the oracle except a follower's redirect and
+the status endpoint, which read the leader from the oracle at most once per
+``CROWN_SYNC_LEADER_CACHE`` per process (errors are cached too, but the one read that fails takes
+as long as the oracle's client takes to give up); an oracle error there gives the plain 503
+(redirect) or ``"leader": null`` (status). Fork: the oracle used for those reads is created per process (a
+copy inherited across fork is dropped, never closed, so the parent's connection is untouched).
+"""
+
+import atexit
+import functools
+import os
+import threading
+import time
+import weakref
+from typing import Any, Callable, Dict, Optional
+
+import click
+import flask
+from blinker import Namespace
+from flask.cli import AppGroup
+
+import crown_sync
+from . import telemetry
+from .crown import _NAME
+from .gunicorn import leader_token
+from .urls import default_oracle, oracle_from_url
+
+__all__ = ["CrownSync", "leader_only", "elected", "deposed", "new_leader", "crown_cli"]
+
+_signals = Namespace()
+#: Sent when a crown of the app's election in this process starts a term (``token=``).
+elected = _signals.signal("crown-sync-elected")
+#: Sent when that term ends, for any reason (``token=``, ``reason=``, ``lost=``).
+deposed = _signals.signal("crown-sync-deposed")
+#: Sent when the leader known to a crown in this process changes (``leader=`` identity).
+new_leader = _signals.signal("crown-sync-new-leader")
+
+DEFAULTS: Dict[str, Any] = {
+    "CROWN_SYNC_ORACLE": None,
+    "CROWN_SYNC_START": False,
+    "CROWN_SYNC_METADATA": None,
+    "CROWN_SYNC_OPTIONS": None,
+    "CROWN_SYNC_FOLLOWER": "503",
+    "CROWN_SYNC_RETRY_AFTER": 5,
+    "CROWN_SYNC_LEADER_URL_KEY": "url",
+    "CROWN_SYNC_LEADER_CACHE": 1.0,
+    "CROWN_SYNC_STATUS_URL": None,
+}
+
+
+def _config(app) -> Dict[str, Any]:
+    config = {key: app.config.get(key, default) for key, default in DEFAULTS.items()}
+    name = app.config.get("CROWN_SYNC_NAME")
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ValueError(f"CROWN_SYNC_NAME must be an election name (1-128 of [A-Za-z0-9._-]), got {name!r}")
+    config["CROWN_SYNC_NAME"] = name
+    if config["CROWN_SYNC_FOLLOWER"] not in ("503", "redirect"):
+        raise ValueError(f"CROWN_SYNC_FOLLOWER must be '503' or 'redirect', got {config['CROWN_SYNC_FOLLOWER']!r}")
+    for key in ("CROWN_SYNC_RETRY_AFTER", "CROWN_SYNC_LEADER_CACHE"):
+        value = config[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ValueError(f"{key} must be a number of seconds >= 0, got {value!r}")
+    for key in ("CROWN_SYNC_METADATA", "CROWN_SYNC_OPTIONS"):
+        if config[key] is not None and not isinstance(config[key], dict):
+            raise TypeError(f"{key} must be a dict or None, got {type(config[key]).__name__}")
+    if not isinstance(config["CROWN_SYNC_START"], bool):
+        raise TypeError("CROWN_SYNC_START must be a bool")
+    oracle = config["CROWN_SYNC_ORACLE"]
+    if oracle is not None and not isinstance(oracle, (str, crown_sync.Oracle)):
+        raise TypeError(f"CROWN_SYNC_ORACLE must be an oracle URL, an Oracle or None, got {type(oracle).__name__}")
+    url = config["CROWN_SYNC_STATUS_URL"]
+    if url is not None and (not isinstance(url, str) or not url.startswith("/")):
+        raise ValueError(f"CROWN_SYNC_STATUS_URL must be None or a path starting with '/', got {url!r}")
+    return config
+
+
+class _State:
+    """Per-app state, in ``app.extensions["crown_sync"]``."""
+
+    def __init__(self, extension: "CrownSync", app, config: Dict[str, Any]):
+        self.extension = extension
+        self.config = config
+        self.name = config["CROWN_SYNC_NAME"]
+        self._app = weakref.ref(app)
+        self._lock = threading.Lock()
+        self._crown = None  # (pid, Crown) of the own crown
+        self._oracle = None  # (pid, Oracle) for follower reads
+        self._cached = (0.0, None)  # (monotonic time, Leader)
+        self._last_leader = None
+        self._handle = telemetry.attach(self._on_event)
+
+    # -- signals --------------------------------------------------------------------------
+    def _on_event(self, event: str, metadata: dict) -> None:
+        app = self._app()
+        if app is None:
+            telemetry.detach(self._handle)  # the app is gone: so is this bridge
+            return
+        if metadata.get("name") != self.name:
+            return
+        token = metadata.get("token")
+        if event == "crown.leadership.claimed":
+            elected.send(app, name=self.name, token=token, identity=metadata.get("identity"))
+        elif event in ("crown.leadership.lost", "crown.leadership.abdicated"):
+            deposed.send(app, name=self.name, token=token, identity=metadata.get("identity"),
+                         reason=metadata.get("reason"), lost=event.endswith("lost"))
+        leader = metadata.get("leader")
+        if leader is not None and leader != self._last_leader:
+            self._last_leader = leader
+            new_leader.send(app, name=self.name, leader=leader)
+
+    # -- the own crown ----------------------------------------------------------------------
+    def crown(self):
+        current = self._crown
+        return current[1] if current is not None and current[0] == os.getpid() else None
+
+    def start(self, app):
+        with self._lock:
+            crown = self.crown()
+            if crown is not None:
+                return crown
+            job = self.extension._job
+            child = crown_sync.ThreadChild(_run_in_app_context, args=(app, job)) if job else None
+            crown = crown_sync.Crown(
+                self.name,
+                oracle=self.config["CROWN_SYNC_ORACLE"],
+                child=child,
+                metadata=self.config["CROWN_SYNC_METADATA"],
+                **(self.config["CROWN_SYNC_OPTIONS"] or {}),
+            )
+            self._crown = (os.getpid(), crown)
+            atexit.register(_stop_if_ours, os.getpid(), crown)
+        return crown.start()
+
+    def stop(self, timeout: Optional[float] = None) -> None:
+        with self._lock:
+            crown, self._crown = self.crown(), None
+        if crown is not None:
+            crown.stop(timeout)
+
+    # -- the leader, as seen from here ---------------------------------------------------------
+    def _reader(self):
+        current = self._oracle
+        if current is None or current[0] != os.getpid():
+            oracle = self.config["CROWN_SYNC_ORACLE"]
+            if isinstance(oracle, str):
+                oracle = oracle_from_url(oracle)
+            elif oracle is None:
+                oracle = default_oracle()
+            current = self._oracle = (os.getpid(), oracle)  # an inherited one is dropped, not closed
+        return current[1]
+
+    def leader(self):
+        """The current leader (Leader or None): from a crown in this process, else the oracle
+        (cached for CROWN_SYNC_LEADER_CACHE seconds). Raises if the oracle can't be read."""
+        crown = self.crown()
+        local = crown.leader() if crown is not None else crown_sync.known_leaders().get(self.name)
+        if local is not None:
+            return local
+        when, cached = self._cached
+        if time.monotonic() - when < self.config["CROWN_SYNC_LEADER_CACHE"]:
+            if isinstance(cached, Exception):
+                raise cached
+            return cached
+        try:
+            leader = self._reader().find_leader(self.name)
+        except Exception as exc:
+            # Cached too: an unreachable oracle must not make every request wait for it.
+            self._cached = (time.monotonic(), exc)
+            raise
+        self._cached = (time.monotonic(), leader)
+        return leader
+
+    def leader_url(self) -> Optional[str]:
+        try:
+            leader = self.leader()
+        except Exception:
+            return None
+        if leader is None:
+            return None
+        url = (leader.metadata or {}).get(self.config["CROWN_SYNC_LEADER_URL_KEY"])
+        return url if isinstance(url, str) and url.startswith(("http://", "https://")) else None
+
+
+def _run_in_app_context(term, app, job) -> None:
+    with app.app_context():
+        job(term)
+
+
+def _stop_if_ours(pid: int, crown) -> None:
+    if os.getpid() == pid:  # atexit handlers are inherited by forked processes
+        crown.stop(10.0)
+
+
+def _state(app=None) -> _State:
+    app = app if app is not None else flask.current_app
+    try:
+        return app.extensions["crown_sync"]
+    except KeyError:
+        raise RuntimeError("crown_sync.flask.CrownSync was not initialised on this app (init_app)") from None
+
+
+# ------------------------------------------------------------------------------ views
+
+
+def _follower_response(state: _State):
+    if state.config["CROWN_SYNC_FOLLOWER"] == "redirect":
+        url = state.leader_url()
+        if url is not None and url.rstrip("/") != flask.request.host_url.rstrip("/"):
+            target = url.rstrip("/") + flask.request.full_path.rstrip("?")
+            return flask.redirect(target, code=307)  # 307: same method and body at the leader
+    response = flask.jsonify(error="not the leader", name=state.name)
+    response.status_code = 503
+    response.headers["Retry-After"] = str(int(round(state.config["CROWN_SYNC_RETRY_AFTER"])))
+    return response
+
+
+def leader_only(view: Callable) -> Callable:
+    """Run the view only where :func:`crown_sync.is_leader` is True for the app's election;
+    elsewhere answer 503 + ``Retry-After``, or redirect (307) to the leader's URL."""
+
+    @functools.wraps(view)
+    def wrapper(*args, **kwargs):
+        state = _state()
+        if crown_sync.is_leader(state.name):
+            return view(*args, **kwargs)
+        return _follower_response(state)
+
+    return wrapper
+
+
+def _leader_dict(leader) -> Optional[Dict[str, Any]]:
+    if leader is None:
+        return None
+    # Identity, token and since only: metadata may hold whatever the leader chose to publish.
+    return {"identity": leader.identity, "token": leader.token, "since": leader.since}
+
+
+def _status_view():
+    state = _state()
+    crown = state.crown()
+    leading = crown_sync.is_leader(state.name)
+    body: Dict[str, Any] = {
+        "name": state.name,
+        "is_leader": leading,
+        "token": leader_token(state.name) if leading else None,
+        "pid": os.getpid(),
+        "phase": crown.phase if crown is not None else None,
+    }
+    try:
+        body["leader"] = _leader_dict(state.leader())
+    except Exception as exc:
+        body["leader"] = None
+        body["error"] = f"oracle unavailable ({type(exc).__name__})"  # no message: it may name hosts
+    response = flask.jsonify(body)
+    if flask.request.args.get("require") == "leader" and not leading:
+        response.status_code = 503  # for load balancers that route to the leader only
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+# ------------------------------------------------------------------------------ CLI
+
+crown_cli = AppGroup("crown", help="crown_sync: who leads this app's election.")
+
+
+@crown_cli.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def _status_command(as_json: bool) -> None:
+    """Print the current leader of CROWN_SYNC_NAME (exit 1 if there is none)."""
+    import json
+
+    state = _state()
+    oracle = state.config["CROWN_SYNC_ORACLE"]
+    leader = crown_sync.find_leader(state.name, oracle=oracle)
+    if as_json:
+        click.echo(json.dumps({"name": state.name, "leader": _leader_dict(leader)}))
+    elif leader is None:
+        click.echo(f"{state.name}: no leader")
+    else:
+        url = (leader.metadata or {}).get(state.config["CROWN_SYNC_LEADER_URL_KEY"])
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(leader.since)) if leader.since else "?"
+        click.echo(f"{state.name}: led by {leader.identity} (token {leader.token}, since {since})"
+                   + (f" at {url}" if url else ""))
+    if leader is None:
+        raise SystemExit(1)
+
+
+# ------------------------------------------------------------------------------ the extension
+
+
+class CrownSync:
+    """The Flask extension. ``CrownSync(app)``, or ``CrownSync()`` then ``init_app(app)`` per app.
+
+    ``job``: the leader child of the extension's own crown (``CROWN_SYNC_START``), called as
+    ``job(term)`` in a thread inside an app context; it must return soon after
+    ``term.stop_event`` is set. Also settable with the :meth:`leader_job` decorator.
+    """
+
+    def __init__(self, app=None, job: Optional[Callable] = None):
+        if job is not None and not callable(job):
+            raise TypeError("job must be callable")
+        self._job = job
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(self, app) -> None:
+        if "crown_sync" in app.extensions:
+            raise RuntimeError("crown_sync.flask.CrownSync is already initialised on this app")
+        config = _config(app)
+        state = _State(self, app, config)
+        app.extensions["crown_sync"] = state
+        if config["CROWN_SYNC_START"]:
+            app.before_request(functools.partial(_start_on_request, state))
+        if config["CROWN_SYNC_STATUS_URL"]:
+            app.add_url_rule(config["CROWN_SYNC_STATUS_URL"], "crown_sync_status", _status_view)
+        app.cli.add_command(crown_cli)
+
+    def leader_job(self, job: Callable) -> Callable:
+        """Decorator: set ``job`` (see the class docstring)."""
+        self._job = job
+        return job
+
+    leader_only = staticmethod(leader_only)
+
+    def start(self, app=None):
+        """Start this process's own crown for the app (idempotent per process; after a fork it
+        starts a new one). Returns the Crown."""
+        app = app if app is not None else flask.current_app._get_current_object()
+        return _state(app).start(app)
+
+    def stop(self, app=None, timeout: Optional[float] = None) -> None:
+        _state(app).stop(timeout)
+
+    def is_leader(self, app=None) -> bool:
+        return crown_sync.is_leader(_state(app).name)
+
+    def leader(self, app=None):
+        """The current leader (a :class:`crown_sync.Leader`) or None; may read the oracle."""
+        return _state(app).leader()
+
+
+def _start_on_request(state: _State) -> None:
+    if state.crown() is None:
+        state.start(flask.current_app._get_current_object())
+

@@ -1,0 +1,270 @@
+"""crown_sync.flask: the extension's conventions in-process (real Flask, real crowns on the file
+oracle), then real servers: Flask's reloader (``flask run --debug``) and Gunicorn over HTTP."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import flask
+import pytest
+
+import crown_sync
+from crown_sync.flask import CrownSync, deposed, elected, leader_only, new_leader
+from crown_sync.testing import journal
+from crown_sync.testing.servers import free_port, wait_for_port
+
+from tests.wsgi_support import ROOT, Gunicorn, get, journal_terms, unanimous, wait_until
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def make_app(tmp_path, name="flask-test", **config):
+    app = flask.Flask("flask_test_app")
+    app.config.update(CROWN_SYNC_NAME=name, CROWN_SYNC_ORACLE=f"file://{tmp_path / 'oracle'}")
+    app.config.update(config)
+    return app
+
+
+def add_views(app):
+    @app.get("/work")
+    @leader_only
+    def work():
+        return {"done": True}
+
+
+# ------------------------------------------------------------------------- conventions
+
+
+def test_factory_pattern_state_in_extensions_and_no_stored_app(tmp_path):
+    extension = CrownSync()
+    first, second = make_app(tmp_path, "one"), make_app(tmp_path, "two")
+    extension.init_app(first)
+    extension.init_app(second)
+    assert not hasattr(extension, "app")
+    assert first.extensions["crown_sync"].name == "one"
+    assert second.extensions["crown_sync"].name == "two"
+    assert first.extensions["crown_sync"] is not second.extensions["crown_sync"]
+    # Nothing started at init: no crown anywhere in this process.
+    assert "one" not in crown_sync.known_leaders()
+    assert extension.is_leader(first) is False
+    with pytest.raises(RuntimeError, match="already"):
+        extension.init_app(first)
+
+
+@pytest.mark.parametrize(
+    "config, key",
+    [
+        ({"CROWN_SYNC_NAME": None}, "CROWN_SYNC_NAME"),
+        ({"CROWN_SYNC_NAME": "bad name"}, "CROWN_SYNC_NAME"),
+        ({"CROWN_SYNC_FOLLOWER": "teapot"}, "CROWN_SYNC_FOLLOWER"),
+        ({"CROWN_SYNC_RETRY_AFTER": -1}, "CROWN_SYNC_RETRY_AFTER"),
+        ({"CROWN_SYNC_LEADER_CACHE": "1s"}, "CROWN_SYNC_LEADER_CACHE"),
+        ({"CROWN_SYNC_STATUS_URL": "status"}, "CROWN_SYNC_STATUS_URL"),
+        ({"CROWN_SYNC_START": "yes"}, "CROWN_SYNC_START"),
+        ({"CROWN_SYNC_METADATA": ["url"]}, "CROWN_SYNC_METADATA"),
+        ({"CROWN_SYNC_ORACLE": 5}, "CROWN_SYNC_ORACLE"),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path, config, key):
+    app = make_app(tmp_path)
+    app.config.update(config)
+    with pytest.raises((ValueError, TypeError), match=key):
+        CrownSync(app)
+
+
+def test_leader_only_follower_gets_503_with_retry_after_then_200_when_leading(tmp_path):
+    app = make_app(tmp_path, CROWN_SYNC_RETRY_AFTER=7)
+    CrownSync(app)
+    add_views(app)
+    client = app.test_client()
+    response = client.get("/work")
+    assert response.status_code == 503
+    assert response.headers["Retry-After"] == "7"
+    assert response.get_json()["error"] == "not the leader"
+    with crown_sync.lead("flask-test", oracle=app.config["CROWN_SYNC_ORACLE"]) as crown:
+        assert crown.wait_for_leadership(30)
+        assert client.get("/work").get_json() == {"done": True}
+    assert client.get("/work").status_code == 503
+
+
+def test_status_endpoint_is_opt_in_and_has_no_secrets(tmp_path):
+    app = make_app(tmp_path)
+    CrownSync(app)
+    assert app.test_client().get("/_crown_sync").status_code == 404
+
+    secret = "s3cr3t-pw"
+    app = make_app(tmp_path, CROWN_SYNC_STATUS_URL="/_crown_sync",
+                   CROWN_SYNC_ORACLE=f"postgresql://user:{secret}@127.0.0.1:1/db?connect_timeout=2")
+    CrownSync(app)
+    response = app.test_client().get("/_crown_sync")
+    assert response.status_code == 200
+    body = response.get_json()
+    assert body["is_leader"] is False and body["leader"] is None and "error" in body
+    assert secret not in response.get_data(as_text=True)
+    assert app.test_client().get("/_crown_sync?require=leader").status_code == 503
+
+
+def test_own_crown_starts_on_first_request_runs_job_in_app_context_and_sends_signals(tmp_path, monkeypatch):
+    path = str(tmp_path / "journal")
+    monkeypatch.setenv("CROWN_TEST_JOURNAL", path)
+    from tests.wsgi_support import flask_job
+
+    app = make_app(tmp_path, "flask-own", CROWN_SYNC_START=True, CROWN_SYNC_STATUS_URL="/status",
+                   CROWN_SYNC_OPTIONS={"monitor_delay": 0.2})
+    extension = CrownSync(app, job=flask_job)
+    add_views(app)
+    received = []
+    for signal_ in (elected, deposed, new_leader):
+        signal_.connect(lambda sender, _s=signal_, **kw: received.append((_s.name, sender, kw)), sender=app,
+                        weak=False)
+    try:
+        assert not os.path.exists(path)  # nothing runs before the first request
+        client = app.test_client()
+        client.get("/status")
+        wait_until(lambda: crown_sync.is_leader("flask-own"), message="own crown leads")
+        assert client.get("/work").status_code == 200
+        status = client.get("/status").get_json()
+        assert status["is_leader"] and status["phase"] == "leading" and status["token"] >= 1
+        wait_until(lambda: journal_terms(path, "flask-own") and journal_terms(path, "flask-own")[0].beats,
+                   message="job beats")
+        extension.stop(app)
+        assert not crown_sync.is_leader("flask-own")
+    finally:
+        for signal_ in (elected, deposed, new_leader):
+            signal_.receivers.clear()
+    starts = [e for e in journal.read(path) if e["ev"] == "start"]
+    assert [e["app"] for e in starts] == ["flask_test_app"]
+    names = [name for name, sender, kw in received]
+    assert "crown-sync-elected" in names and "crown-sync-deposed" in names and "crown-sync-new-leader" in names
+    assert all(sender is app for _, sender, _ in received)
+    token = next(kw["token"] for name, _, kw in received if name == "crown-sync-elected")
+    assert token == starts[0]["token"]
+    assert journal.check(path).ok and journal_terms(path)[0].stopped
+
+
+def test_flask_crown_status_command(tmp_path):
+    app = make_app(tmp_path, "flask-cli")
+    CrownSync(app)
+    runner = app.test_cli_runner()
+    result = runner.invoke(args=["crown", "status"])
+    assert result.exit_code == 1 and "no leader" in result.output
+    with crown_sync.lead("flask-cli", oracle=app.config["CROWN_SYNC_ORACLE"],
+                         metadata={"url": "http://leader.example:8000"}) as crown:
+        assert crown.wait_for_leadership(30)
+        result = runner.invoke(args=["crown", "status"])
+        assert result.exit_code == 0, result.output
+        assert crown.identity in result.output and "http://leader.example:8000" in result.output
+        result = runner.invoke(args=["crown", "status", "--json"])
+        data = json.loads(result.output)
+        assert data["leader"]["identity"] == crown.identity and data["leader"]["token"] >= 1
+
+
+def test_redirect_to_the_leader_url_from_its_metadata(tmp_path):
+    """The leader is another process (``crown-sync run`` publishing its URL as metadata)."""
+    oracle = f"file://{tmp_path / 'oracle'}"
+    leader = subprocess.Popen(
+        [sys.executable, "-m", "crown_sync", "run", "flask-redirect", "--oracle", oracle,
+         "-m", "url=http://127.0.0.1:9/base", "--", sys.executable, "-c", "import time; time.sleep(120)"],
+        cwd=ROOT, start_new_session=True,
+    )
+    try:
+        wait_until(lambda: crown_sync.find_leader("flask-redirect", oracle=oracle), message="the other process leads")
+        app = make_app(tmp_path, "flask-redirect", CROWN_SYNC_FOLLOWER="redirect")
+        CrownSync(app)
+        add_views(app)
+        response = app.test_client().get("/work?x=1")
+        assert response.status_code == 307
+        assert response.headers["Location"] == "http://127.0.0.1:9/base/work?x=1"
+    finally:
+        os.killpg(leader.pid, signal.SIGTERM)
+        leader.wait(30)
+    # No leader any more: a follower falls back to 503 (after the cache expires).
+    time.sleep(1.2)
+    assert app.test_client().get("/work").status_code == 503
+
+
+# ------------------------------------------------------------------------- Flask's reloader
+
+
+def test_flask_run_debug_reloader_leads_only_in_the_serving_process(tmp_path):
+    """``flask run --debug``: the reloader's watcher process loads the app too but never leads;
+    a reload stops the old serving process's job and abdicates; the new one leads."""
+    port = free_port()
+    path = str(tmp_path / "journal")
+    touched = tmp_path / "reload-me.txt"
+    touched.write_text("0")
+    env = dict(os.environ, CROWN_TEST_NAME="flask-reloader", CROWN_TEST_JOURNAL=path,
+               CROWN_SYNC_ORACLE=f"file://{tmp_path / 'oracle'}", PYTHONPATH=ROOT)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "flask", "--app",
+         "tests.wsgi_support:create_app(with_job=True, CROWN_SYNC_START=True)",
+         "run", "--debug", "--port", str(port), "--extra-files", str(touched)],
+        cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port, timeout=60)
+        time.sleep(0.5)
+        assert journal_terms(path, "flask-reloader") == []  # no request yet: nobody contends
+        first = wait_until(lambda: get(port, "/leader"), message="first answer")[2]
+        assert first["pid"] != server.pid  # the serving child, not the watcher
+        wait_until(lambda: get(port, "/leader")[2]["is_leader"], message="serving process leads")
+        (term,) = wait_until(lambda: journal_terms(path, "flask-reloader"), message="job started")
+        assert term.pid == first["pid"]
+
+        time.sleep(1.1)  # the stat reloader compares mtimes once a second
+        touched.write_text("1")
+        def reloaded():
+            answer = get(port, "/leader")
+            return answer is not None and answer[2]["pid"] != first["pid"] and answer[2]["is_leader"]
+        wait_until(reloaded, timeout=60, message="the reloaded process leads")
+        terms = wait_until(lambda: len(journal_terms(path, "flask-reloader")) == 2 and journal_terms(path, "flask-reloader"),
+                           message="second term")
+        assert terms[0].stopped  # the old process stopped its job and abdicated on its way out
+        assert terms[1].pid != terms[0].pid and terms[1].token > terms[0].token
+        assert server.pid not in {t.pid for t in terms}
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(10)
+    assert journal.check(path).ok
+
+
+# ------------------------------------------------------------------------- Gunicorn over HTTP
+
+
+MASTER_CONF = """
+import crown_sync.gunicorn
+on_starting, when_ready, on_exit = crown_sync.gunicorn.crown_in_master(
+    "flask-gunicorn", child="tests.wsgi_support:master_job", monitor_delay=0.2,
+    metadata={"url": "http://127.0.0.1:@PORT@"})
+"""
+
+
+@pytest.mark.parametrize("follower", ["503", "redirect"])
+def test_leader_only_and_status_over_http_with_gunicorn(tmp_path, follower):
+    env = {"CROWN_TEST_NAME": "flask-gunicorn", "CROWN_TEST_JOURNAL": str(tmp_path / "journal"),
+           "CROWN_SYNC_ORACLE": f"file://{tmp_path / 'oracle'}", "CROWN_TEST_FOLLOWER": follower}
+    leader = Gunicorn(MASTER_CONF, env)
+    other = Gunicorn(MASTER_CONF, env)
+    try:
+        leader.start()
+        wait_until(lambda: unanimous(leader) is True, message="first host leads")
+        other.start()
+        wait_until(lambda: unanimous(other) is False, message="second host follows")
+        for _ in range(8):
+            assert get(leader.port, "/only-leader")[0] == 200
+            assert get(leader.port, "/_crown_sync?require=leader")[0] == 200
+            status, headers, body = get(other.port, "/only-leader")
+            if follower == "503":
+                assert status == 503 and headers["Retry-After"] == "5"
+            else:
+                assert status == 307
+                assert headers["Location"] == f"http://127.0.0.1:{leader.port}/only-leader"
+            status, _, body = get(other.port, "/_crown_sync?require=leader")
+            assert status == 503 and body["is_leader"] is False
+            assert body["leader"]["token"] >= 1
+    finally:
+        leader.cleanup()
+        other.cleanup()

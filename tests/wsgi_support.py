@@ -1,0 +1,245 @@
+"""Shared by the Gunicorn, Flask and example tests: a Flask app, its jobs, and real processes.
+
+The app (``tests.wsgi_support:app``) reads its election name from ``CROWN_TEST_NAME`` and its
+journal from ``CROWN_TEST_JOURNAL``; the oracle comes from ``CROWN_SYNC_ORACLE`` (the default
+oracle of every crown). Leadership is observed two ways: by HTTP requests to ``/leader`` (what
+``crown_sync.is_leader`` says in the worker that answered) and by the job's own journal.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from typing import Callable, Dict, List, Optional
+
+import flask
+
+import crown_sync
+from crown_sync.flask import CrownSync, leader_only
+from crown_sync.gunicorn import leader_token
+from crown_sync.testing import journal
+from crown_sync.testing.servers import Server, wait_for_port
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NAME = os.environ.get("CROWN_TEST_NAME", "wsgi-test")
+BEAT = 0.02
+
+
+# ----------------------------------------------------------------------------- the app
+
+def create_app(with_job: bool = False, **config) -> flask.Flask:
+    """The test app. ``with_job``: the extension's own crown (CROWN_SYNC_START) runs
+    :func:`flask_job`. Also usable as ``flask --app 'tests.wsgi_support:create_app(...)'``."""
+    app = flask.Flask(__name__)
+    app.config.update(CROWN_SYNC_NAME=NAME, CROWN_SYNC_STATUS_URL="/_crown_sync")
+    if os.environ.get("CROWN_TEST_FOLLOWER"):
+        app.config["CROWN_SYNC_FOLLOWER"] = os.environ["CROWN_TEST_FOLLOWER"]
+    app.config.update(config)
+    CrownSync(app, job=flask_job if with_job else None)
+
+    @app.get("/leader")
+    def leader():
+        return {"is_leader": crown_sync.is_leader(NAME), "pid": os.getpid(), "ppid": os.getppid(),
+                "token": leader_token(NAME)}
+
+    @app.get("/only-leader")
+    @leader_only
+    def only_leader():
+        return {"pid": os.getpid()}
+
+    return app
+
+
+app = create_app()
+APP_LOADED = True  # a job that sees this ran in a process where the app module was imported
+
+
+# ----------------------------------------------------------------------------- the jobs
+
+def flask_job(term) -> None:
+    """The Flask extension's own job: journals, noting the app of its app context."""
+    record = journal.Journal(os.environ["CROWN_TEST_JOURNAL"])
+    try:
+        record.write("start", term.name, term.identity, term.token, app=flask.current_app.name)
+        while not term.stop_event.wait(BEAT):
+            record.write("beat", term.name, term.identity, term.token)
+        record.write("stop", term.name, term.identity, term.token)
+    finally:
+        record.close()
+
+
+def master_job(term_info) -> None:
+    """ProcessChild target forked from the Gunicorn master: journal until SIGTERM."""
+    journal.journaled_process(term_info, os.environ["CROWN_TEST_JOURNAL"], BEAT)
+
+
+def worker_job(term) -> None:
+    """Thread child in the leading worker: journal (marking that the app is loaded) until the
+    term ends."""
+    path = os.environ["CROWN_TEST_JOURNAL"]
+    record = journal.Journal(path)
+    loaded = "tests.wsgi_support" in sys.modules and getattr(sys.modules["tests.wsgi_support"], "APP_LOADED", False)
+    try:
+        record.write("start", term.name, term.identity, term.token, app=loaded)
+        while not term.stop_event.wait(BEAT):
+            record.write("beat", term.name, term.identity, term.token)
+        record.write("stop", term.name, term.identity, term.token)
+    finally:
+        record.close()
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def wait_until(predicate: Callable, timeout: float = 30.0, interval: float = 0.05, message: str = "condition"):
+    """Poll until predicate() returns something true; fail (never hang) after a generous timeout."""
+    end = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise AssertionError(f"{message}: not met within {timeout}s")
+        time.sleep(interval)
+
+
+def get(port: int, path: str, timeout: float = 5.0):
+    """(status, headers, parsed JSON or text) of GET http://127.0.0.1:port/path; None if refused."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}")
+    opener = urllib.request.build_opener(_NoRedirect)
+    try:
+        with opener.open(request, timeout=timeout) as response:
+            body = response.read()
+            status, headers = response.status, dict(response.headers)
+    except urllib.error.HTTPError as error:
+        body, status, headers = error.read(), error.code, dict(error.headers)
+    except (urllib.error.URLError, ConnectionError, OSError):
+        return None
+    try:
+        return status, headers, json.loads(body)
+    except ValueError:
+        return status, headers, body.decode("utf-8", "replace")
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
+def journal_terms(path: str, name: str = None) -> List[journal.Term]:
+    if not os.path.exists(path):
+        return []
+    return journal._terms(journal.read(path), name)
+
+
+def process_gone(pid: int) -> bool:
+    """True if ``pid`` no longer runs (gone, or a zombie nobody reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+def parent_of(pid: int) -> Optional[int]:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return int(handle.read().rsplit(")", 1)[1].split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
+# ----------------------------------------------------------------------------- gunicorn
+
+class Gunicorn(Server):
+    """A real Gunicorn master (its own process group) serving ``app`` on a free loopback port.
+
+    ``config`` is the text of gunicorn.conf.py (``bind`` is added; ``@PORT@`` is replaced by the
+    port). Stopped by pid; cleanup
+    SIGKILLs the whole process group, orphaned workers included.
+    """
+
+    def __init__(self, config: str, env: Dict[str, str], app_spec: str = "tests.wsgi_support:app",
+                 workers: int = 4):
+        super().__init__()
+        self.config_path = os.path.join(self.tmpdir, "gunicorn.conf.py")
+        with open(self.config_path, "w") as handle:
+            handle.write(config.replace("@PORT@", str(self.port)))
+            handle.write(f"\nbind = '127.0.0.1:{self.port}'\nworkers = {workers}\n"
+                         "control_socket_disable = True\ngraceful_timeout = 10\n")
+        self.env = dict(os.environ)
+        self.env.update(env)
+        self.env["PYTHONPATH"] = ROOT + os.pathsep + self.env.get("PYTHONPATH", "")
+        self.app_spec = app_spec
+        self.log_path = os.path.join(self.tmpdir, "gunicorn.log")
+        self.pgid = None
+
+    def start(self) -> "Gunicorn":
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "gunicorn", "-c", self.config_path, self.app_spec],
+                cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        self.pgid = self.process.pid
+        try:
+            wait_for_port(self.port, timeout=60)
+        except TimeoutError:
+            raise AssertionError(f"gunicorn did not listen; log:\n{self.log()}")
+        return self
+
+    def log(self) -> str:
+        with open(self.log_path, "r", errors="replace") as handle:
+            return handle.read()[-6000:]
+
+    def signal(self, signum: int) -> None:
+        os.kill(self.process.pid, signum)
+
+    def answers(self, count: int = 24, path: str = "/leader") -> List[dict]:
+        """``count`` answers of /leader (connections refused are left out)."""
+        out = []
+        for _ in range(count):
+            result = get(self.port, path)
+            if result is not None and result[0] == 200:
+                out.append(result[2])
+        return out
+
+    def workers(self, journal_path: Optional[str] = None) -> List[int]:
+        """Live worker pids: children of the master (per /proc), except the job processes that
+        the journal names (with the crown in the master, the job is a child of it too)."""
+        jobs = set()
+        if journal_path and os.path.exists(journal_path):
+            jobs = {event["pid"] for event in journal.read(journal_path)}
+        pids = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit() and int(entry) not in jobs and parent_of(int(entry)) == self.process.pid \
+                    and not process_gone(int(entry)):
+                pids.append(int(entry))
+        return pids
+
+    def wait_exit(self, timeout: float = 30.0) -> int:
+        return self.process.wait(timeout)
+
+    def cleanup(self) -> None:
+        if self.pgid is not None:
+            try:
+                os.killpg(self.pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if self.process is not None:
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+        self.process = None
+        super().cleanup()
+
+
+def unanimous(host: Gunicorn, count: int = 24) -> Optional[bool]:
+    """True/False if every worker that answered agrees about is_leader; None if they disagree or
+    none answered."""
+    answers = host.answers(count)
+    values = {a["is_leader"] for a in answers}
+    return values.pop() if len(values) == 1 else None

@@ -57,7 +57,10 @@ def journaled_work(term, path: str, interval: float = 0.005) -> None:
         journal.write("start", term.name, term.identity, term.token)
         while not term.stop_event.wait(interval):
             journal.write("beat", term.name, term.identity, term.token)
-        journal.write("stop", term.name, term.identity, term.token)
+        if term.deadline is None or time.monotonic() < term.deadline:
+            # Stopped in time. Past the deadline (e.g. resumed after SIGSTOP) the work stopped
+            # acting at the deadline; a "stop" line written now would be an act outside the term.
+            journal.write("stop", term.name, term.identity, term.token)
     finally:
         journal.close()
 

@@ -1,0 +1,1315 @@
+"""PostgreSQL oracle: session advisory locks, a server-enforced lease, instant takeover.
+
+``PostgresOracle("postgresql://app@db/app")`` or the URL ``postgresql://app@db/app?lease=10``.
+
+How it works
+------------
+Every contender owns ONE dedicated autocommit connection (never a pool: advisory locks are
+re-entrant per session, so two contenders sharing a session would both "win"). The election
+``name`` maps to a 64-bit advisory lock key (:func:`advisory_key`); the leader is whoever's
+session holds ``pg_advisory_lock(key)``.
+
+* **claim** runs ``pg_try_advisory_lock(key)``. On success, in the same statement and only after
+  the lock is granted, it takes the fencing token ``pg_current_xact_id()`` and writes a
+  transactional ``pg_logical_emit_message`` so that the commit is WAL-flushed (see *tokens*).
+* **followers** wait in a thread on their own connection in a blocking ``pg_advisory_lock(key)``
+  (the same statement then takes the token), so the server wakes the first waiter the instant the
+  holder's session ends or unlocks: no polling. Each wait is bounded by ``lock_timeout =
+  wait_timeout`` because a running statement pins its snapshot's xmin, which would hold back
+  VACUUM for as long as a follower waits; after a timeout the waiter reads the current leader
+  record (so ``crown.leader()`` stays fresh) and waits again: two cheap statements per
+  ``wait_timeout`` at rest. While its waiter is queued, ``claim()`` answers "lost" with no I/O:
+  the server would have woken the waiter if the lock were free.
+* **refresh** (every ``confirm_interval``) confirms, in one statement, that the backend pid and a
+  per-session marker are unchanged and that ``pg_locks`` shows our pid holding the key.
+* **abdicate** sends ``NOTIFY <channel>, 'released:<token>'`` and then runs
+  ``pg_advisory_unlock_all()`` (the session is ours alone, so this releases exactly our lock,
+  however many times it was re-entered). Every claim sends ``'claimed:<token>'`` in its own
+  transaction. Every contender LISTENs on its election's channel, and notifications arrive in
+  commit order, so a follower can tell a release from a death (see *takeover*).
+
+Takeover
+--------
+A session can end under a leader that is still running: ``pg_terminate_backend``, a connection
+killer, a crash of another backend. The server then frees the lock before that leader's child has
+stopped. The server does send the leader a FATAL message *before* it frees the lock, and the
+leader's socket watcher turns it into ``on_change(lost=True)`` within milliseconds, but a
+follower woken by the same event could be faster. So a follower granted the lock reads the
+channel's notifications up to its own ``claimed:<token>``. Its predecessor is the last claim
+it saw before its own (or, if it saw none, whoever held the lock when it started listening); if
+that term was followed by its ``released:``, the handover was graceful (the old child already
+stopped) and it leads at once. Otherwise it waits ``takeover_delay`` (default 50 ms) first. A leader that is
+killed outright (SIGKILL, so its thread children die with it and its process children watch the
+deadline) costs the same 50 ms, which is the price of this protection (``takeover_delay=0``
+removes it). It is an assumption about how fast a told leader stops its child, not a guarantee;
+the fencing token is the guarantee. Once granted, the waiter thread tells the engine and
+confirms the new term at once, while the engine wakes up, so ``claim()`` finds it ready.
+
+The lease the server enforces (safety arithmetic)
+-------------------------------------------------
+A lock outlives its holder's usefulness in three ways, and the server is made to end each one
+no sooner than ``lease`` seconds after the start of the holder's last statement:
+
+* a paused (SIGSTOP, swap, GC) or partitioned leader whose TCP connection stays up: the session
+  sets ``idle_session_timeout = lease`` (PostgreSQL 14+, settable by any user), so the server
+  terminates it, and frees its lock, ``lease`` after it went idle;
+* a vanished client (dead host, cable pulled): ``tcp_user_timeout = lease`` and server-side TCP
+  keepalives with ``idle + interval * count >= lease``; Linux drops the connection no earlier
+  than that after the last segment it received from us;
+* a dead process on a live host: its kernel closes the socket and the lock is free at once
+  (this is the fast crash failover).
+
+After connecting, the contender reads these settings back (``SHOW`` reports the effective socket
+values; zero means "does not apply", e.g. TCP settings over a unix socket) and takes ``B`` = the
+smallest that applies. A statement that started at monotonic time ``t0`` and succeeded proves the
+session (hence the lock) was alive at ``t0``, and every mechanism above measures from a moment
+after ``t0``. So the server cannot give the lock to anyone before ``t0 + B``, and the term's
+deadline is ``t0 + B - margin`` (``margin`` absorbs clock-rate differences between the two
+hosts). The construction checks ``confirm_interval <= (lease - margin) / 2`` so that one failed
+confirmation can be retried before the deadline, and connecting checks ``B >= lease``.
+
+Lost lock without notice (``pg_terminate_backend``, a server restart, ``idle_session_timeout``,
+a pooler's connection lifetime): while leading, a watcher thread polls the connection's socket
+between our statements. Unsolicited bytes from an idle server are a goodbye (a FATAL message,
+EOF), a notice, or a NOTIFY. On EOF or an ``E`` (error) message, peeked without reading, it calls
+``on_change(lost=True)`` and the engine ends the term at once; otherwise it lets libpq read the
+bytes (a failed read is a goodbye too: TLS hides the message type) and asks for a refresh only
+for a dismissal. Should the watcher miss it, the next refresh, within ``confirm_interval``, sees
+the broken connection or the missing lock and returns ``won=False``. A broken connection always
+means lost leadership (a new session cannot inherit a lock), so refresh returns ``won=False``
+rather than raising; other errors raise and the engine retries until the deadline. The next
+claim reconnects (with a short tenacity backoff inside, and the engine's own backoff around it).
+
+Tokens
+------
+``pg_current_xact_id()`` (a 64-bit, epoch-extended transaction id) rises monotonically and
+survives restarts, but only for transaction ids the server remembers: an xid whose commit record
+was never flushed can be handed out again after a crash. A read-only transaction's commit is not
+flushed, so the claim statement also writes a tiny transactional logical message (prefix
+``crown_sync``, no table, no DDL; visible only to logical decoding consumers) which makes the
+commit a flushed, synchronous one (``synchronous_commit = on`` is set for the session). The
+token is taken after the lock is granted, so a later term's token is a later xid. Across a
+failover to a replica, tokens rise only if the replica had received that WAL (synchronous
+replication); otherwise they may not.
+
+Leader record without DDL
+-------------------------
+``find_leader`` must name the holder (identity, metadata, token, since). Instead of a table
+(DDL, privileges, rows outliving sessions, vacuum), the leader publishes its record in the text
+of its own confirm statements, as a leading SQL comment ``/* crown_sync:v1:<base64 JSON> */``.
+PostgreSQL shows a session's last statement in ``pg_stat_activity.query``, so readers join
+``pg_locks`` (who holds the key) with ``pg_stat_activity`` (what that session last said). The
+record therefore exists exactly as long as the lock does. Limits: the text is cut at
+``track_activity_query_size`` bytes (1 kB by default; the record drops ``metadata`` rather than
+be cut); other roles see it only with ``pg_read_all_stats``, and ``track_activities`` must be on.
+When the record can't be read, ``find_leader`` still reports the holder, as
+``"(unknown: backend pid N)"``.
+
+dismiss
+-------
+``dismiss(name)`` sends ``NOTIFY`` on the election's channel naming the holder's backend pid and
+token; every contender LISTENs on it, and the leader, woken by its socket watcher, refreshes and
+steps down (child stopped first, then unlock). A leader that can't hear it (paused, partitioned)
+keeps leading until its session ends; dismiss never kills a session, because that would free
+the lock while the old child may still run.
+
+Refused, with a clear error
+---------------------------
+* a server in recovery (a hot standby grants advisory locks too): checked at connect and in
+  every claim and confirm (use ``target_session_attrs=read-write`` with several hosts);
+* transaction or statement pooling (PgBouncer): the session sets a random marker with
+  ``set_config('crown_sync.session', ...)`` and every statement checks that the marker and the
+  backend pid are still ours. Session pooling is fine. A lock taken through a transaction pooler
+  before detection may stay on the pooled backend until the pooler recycles it;
+* PostgreSQL older than 14 (no ``idle_session_timeout``).
+
+NOT guaranteed: a child that keeps acting longer than ``takeover_delay`` after its leader's
+session was killed under it (``pg_terminate_backend``, a server crash); without the socket
+watcher's help (TLS hides the message type, so the leader only refreshes early) add a round
+trip. A follower that claims with ``pg_try_advisory_lock`` (not woken by the server) right after
+such a kill gets no delay at all. Pass the fencing token to the resource you protect. Failover to a replica that
+had not received the latest WAL. Key collisions with other applications' advisory locks in the
+same database (see :func:`advisory_key`).
+
+Fork: a forked child gets copies of the connections' sockets. In the child we ``dup2``
+``/dev/null`` over them, so nothing sent later (psycopg's goodbye on garbage collection) reaches
+the parent's sessions, and mark every object unusable.
+"""
+
+import base64
+import collections
+import hashlib
+import json
+import logging
+import os
+import re
+import select
+import socket
+import threading
+import time
+import urllib.parse
+import uuid
+import weakref
+from typing import Any, Dict, Optional, Tuple
+
+import psycopg
+import psycopg.errors
+import tenacity
+from psycopg import conninfo as _conninfo
+
+from ..oracle import Claim, Contender, Leader, OnChange, Oracle
+from ..urls import parse_options, redact, redact_text
+
+__all__ = [
+    "PostgresOracle",
+    "PostgresContender",
+    "advisory_key",
+    "PostgresOracleError",
+    "StandbyRefused",
+    "PoolingDetected",
+]
+
+logger = logging.getLogger("crown_sync.oracles.postgres")
+
+#: Options accepted in the URL query string (everything else goes to libpq).
+OPTIONS = {
+    "namespace": str,
+    "lease": float,
+    "confirm_interval": float,
+    "margin": float,
+    "connect_timeout": float,
+    "wait_timeout": float,
+    "takeover_delay": float,
+}
+
+_RECORD = re.compile(r"/\* crown_sync:v1:([A-Za-z0-9_-]+) \*/")
+_MARKER = "crown_sync.session"
+_MIN_VERSION = 140000
+
+
+class PostgresOracleError(RuntimeError):
+    """The server can't be used as an oracle as configured."""
+
+
+class StandbyRefused(PostgresOracleError):
+    """The server is in recovery (a standby): its advisory locks are not the primary's."""
+
+
+class PoolingDetected(PostgresOracleError):
+    """Statements of one connection reached different server sessions (transaction pooling)."""
+
+
+def advisory_key(namespace: str, name: str) -> int:
+    """The signed 64-bit advisory lock key of election ``name`` in ``namespace``.
+
+    The first 8 bytes of BLAKE2b over ``"crown_sync\\0" + namespace + "\\0" + name`` (UTF-8),
+    read as a big-endian signed integer: stable across processes, hosts and Python versions
+    (unlike ``hash()``). Two distinct elections collide with probability 2**-64; among ``n``
+    elections and other applications' 64-bit advisory locks in one database, about
+    ``n**2 / 2**65`` (one in 3.7e13 for a thousand). The two-int form ``pg_advisory_lock(int,
+    int)`` lives in a separate key space (``objsubid`` 2) and never collides with these.
+    """
+    data = b"crown_sync\0" + namespace.encode("utf-8") + b"\0" + name.encode("utf-8")
+    digest = hashlib.blake2b(data, digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def _key_parts(key: int) -> Tuple[int, int]:
+    """(classid, objid) as pg_locks shows a bigint advisory key (two unsigned 32-bit halves)."""
+    unsigned = key & 0xFFFFFFFFFFFFFFFF
+    return unsigned >> 32, unsigned & 0xFFFFFFFF
+
+
+def _channel(key: int) -> str:
+    return f"crown_sync_{key & 0xFFFFFFFFFFFFFFFF:016x}"
+
+
+def _seconds_option(option: str, value: Any, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{option} must be a number of seconds, got {type(value).__name__}")
+    value = float(value)
+    if not (low <= value <= high):  # also rejects NaN
+        raise ValueError(f"{option} must be between {low:g} and {high:g} seconds, got {value!r}")
+    return value
+
+
+# -------------------------------------------------------------------------------- SQL
+# Every statement reports pg_backend_pid() and our session marker: the pooling check.
+
+_HOLDER = (
+    "l.locktype = 'advisory' AND l.database = (SELECT oid FROM pg_database"
+    " WHERE datname = current_database()) AND l.classid::bigint = %(hi)s"
+    " AND l.objid::bigint = %(lo)s AND l.objsubid = 1 AND l.granted"
+)
+
+# The subquery with OFFSET 0 is evaluated (lock taken) before the outer target list (token).
+_TRY_SQL = (
+    "SELECT s.locked,"
+    " CASE WHEN s.locked THEN pg_current_xact_id()::text END,"
+    " CASE WHEN s.locked THEN pg_logical_emit_message(true, 'crown_sync', %(msg)s)::text"
+    " || pg_notify(%(channel)s, 'claimed:' || pg_current_xact_id()::text)::text END,"
+    " extract(epoch FROM clock_timestamp())::float8, pg_backend_pid(),"
+    " current_setting('" + _MARKER + "', true), pg_is_in_recovery(), h.pid, h.query"
+    " FROM (SELECT pg_try_advisory_lock(%(key)s) AS locked OFFSET 0) s"
+    " LEFT JOIN LATERAL (SELECT l.pid, a.query FROM pg_locks l"
+    " LEFT JOIN pg_stat_activity a ON a.pid = l.pid"
+    " WHERE NOT s.locked AND l.pid <> pg_backend_pid() AND " + _HOLDER + " LIMIT 1) h ON true"
+)
+
+# Every claim also NOTIFYs "claimed:<token>" on the election's channel (and every graceful
+# release "released:<token>", before unlocking): listeners see these in commit order.
+_WAIT_SQL = (
+    "SELECT pg_current_xact_id()::text,"
+    " pg_logical_emit_message(true, 'crown_sync', %(msg)s)::text"
+    " || pg_notify(%(channel)s, 'claimed:' || pg_current_xact_id()::text)::text,"
+    " extract(epoch FROM clock_timestamp())::float8, pg_backend_pid(),"
+    " current_setting('" + _MARKER + "', true), pg_is_in_recovery()"
+    " FROM (SELECT pg_advisory_lock(%(key)s) OFFSET 0) s"
+)
+
+_HOLDER_SQL = (
+    "SELECT l.pid, a.query, pg_backend_pid(), current_setting('" + _MARKER + "', true),"
+    " pg_is_in_recovery()"
+    " FROM (SELECT 1) one LEFT JOIN (pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid)"
+    " ON l.pid <> pg_backend_pid() AND " + _HOLDER + " LIMIT 1"
+)
+
+# Preceded by the leader record comment when leading.
+_CONFIRM_SQL = (
+    "SELECT pg_backend_pid(), current_setting('" + _MARKER + "', true),"
+    " EXISTS (SELECT 1 FROM pg_locks l WHERE l.pid = pg_backend_pid() AND " + _HOLDER + "),"
+    " pg_is_in_recovery()"
+)
+
+_SETTINGS = (
+    "idle_session_timeout", "tcp_user_timeout", "tcp_keepalives_idle", "tcp_keepalives_interval",
+    "tcp_keepalives_count", "track_activity_query_size", "track_activities",
+)
+
+
+def _encode_record(record: Dict[str, Any]) -> str:
+    data = json.dumps(record, separators=(",", ":"), sort_keys=True).encode("utf-8")
+    return "/* crown_sync:v1:" + base64.urlsafe_b64encode(data).decode("ascii").rstrip("=") + " */ "
+
+
+def _decode_record(query: Optional[str]) -> Optional[Dict[str, Any]]:
+    if not query:
+        return None
+    match = _RECORD.search(query)
+    if not match:
+        return None
+    text = match.group(1)
+    try:
+        record = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
+    except (ValueError, TypeError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+# ------------------------------------------------------------------------------ fork safety
+
+_live: "weakref.WeakSet[Any]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for obj in list(_live):
+        try:
+            obj._after_fork_in_child()
+        except Exception:  # never let a fork handler raise
+            pass
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _blind(conn: Optional[psycopg.Connection]) -> None:
+    """In a forked child: point the inherited socket at /dev/null, so any goodbye goes nowhere."""
+    if conn is None:
+        return
+    try:
+        fd = conn.pgconn.socket
+    except Exception:
+        return
+    try:
+        null = os.open(os.devnull, os.O_RDWR)
+        try:
+            os.dup2(null, fd)
+        finally:
+            os.close(null)
+    except OSError:
+        pass
+
+
+def _shutdown(conn: Optional[psycopg.Connection]) -> None:
+    """Cut the connection's socket under whoever is using it (bounded, no network wait)."""
+    if conn is None:
+        return
+    try:
+        sock = socket.socket(fileno=os.dup(conn.pgconn.socket))
+    except Exception:
+        return
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        sock.close()
+
+
+# ---------------------------------------------------------------------------------- oracle
+
+
+class PostgresOracle(Oracle):
+    """Session advisory locks on one PostgreSQL database (14 or newer).
+
+    dsn: a libpq URL (``postgresql://`` or ``postgres://``) or ``key=value`` string. Every libpq
+        parameter (``sslmode``, ``sslrootcert``, ``target_session_attrs``, several hosts, ...)
+        passes through. The connection parameters ``connect_timeout``, ``keepalives*``,
+        ``tcp_user_timeout`` and ``fallback_application_name`` are set from our options unless
+        the DSN sets them.
+    namespace: separates elections of different applications in one database (part of the key).
+    lease: seconds the server keeps a silent session (and its lock) alive; a paused or
+        partitioned leader is replaced after about this long. 1 to 3600.
+    confirm_interval: seconds between a leader's confirmations; default ``lease / 5``. Must be at
+        most ``(lease - margin) / 2``.
+    margin: seconds taken off every deadline; default ``max(0.2, lease / 10)``; below lease / 2.
+    connect_timeout: seconds to connect (libpq counts whole seconds, at least 2).
+    wait_timeout: seconds one blocking lock wait of a follower lasts before it is re-armed.
+    takeover_delay: seconds a follower woken by the server waits before leading when its
+        predecessor did not release the lock (its session ended under it: a crash, or
+        ``pg_terminate_backend`` of a live leader, which frees the lock before that leader could
+        stop its child). 0 to 60; 0 trades that protection for faster crash failover.
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        namespace: str = "crown_sync",
+        lease: float = 10.0,
+        confirm_interval: Optional[float] = None,
+        margin: Optional[float] = None,
+        connect_timeout: float = 5.0,
+        wait_timeout: float = 5.0,
+        takeover_delay: float = 0.05,
+    ):
+        if not isinstance(dsn, str):
+            raise TypeError(f"dsn must be a str, got {type(dsn).__name__}")
+        if not isinstance(namespace, str):
+            raise TypeError(f"namespace must be a str, got {type(namespace).__name__}")
+        if not namespace or len(namespace) > 128 or not namespace.isprintable():
+            raise ValueError("namespace must be 1-128 printable characters")
+        self.lease = _seconds_option("lease", lease, 1.0, 3600.0)
+        if margin is None:
+            margin = max(0.2, self.lease / 10)
+        self.margin = _seconds_option("margin", margin, 0.001, 3600.0)
+        if self.margin >= self.lease / 2:
+            raise ValueError(f"margin ({self.margin:g}) must be less than lease / 2 ({self.lease / 2:g})")
+        if confirm_interval is None:
+            confirm_interval = self.lease / 5
+        self.confirm_interval = _seconds_option("confirm_interval", confirm_interval, 0.01, 3600.0)
+        limit = (self.lease - self.margin) / 2
+        if self.confirm_interval > limit + 1e-9:
+            raise ValueError(
+                f"confirm_interval ({self.confirm_interval:g}) must be at most (lease - margin) / 2"
+                f" = {limit:g}, so that a failed confirmation can be retried before the term's"
+                f" deadline (lease {self.lease:g}, margin {self.margin:g})"
+            )
+        self.connect_timeout = _seconds_option("connect_timeout", connect_timeout, 0.1, 3600.0)
+        self.wait_timeout = _seconds_option("wait_timeout", wait_timeout, 0.05, 3600.0)
+        self.takeover_delay = _seconds_option("takeover_delay", takeover_delay, 0.0, 60.0)
+        self.namespace = namespace
+        try:
+            params = _conninfo.conninfo_to_dict(dsn)
+        except psycopg.Error as exc:
+            raise ValueError(
+                f"dsn is not a valid libpq connection string ({redact_text(str(exc)).strip()}); oracle"
+                f" options ({', '.join(sorted(OPTIONS))}) go in keyword arguments or in"
+                f" PostgresOracle.from_url()"
+            ) from None
+        self._dsn = dsn
+        self._password = params.get("password") or None
+        self._defaults = self._connection_defaults(params)
+        self.description = redact(dsn) if "://" in dsn else redact_text(dsn)
+        self._reader: Optional[psycopg.Connection] = None
+        self._reader_lock = threading.Lock()
+        self._forked = False
+        self._closed = False
+        _live.add(self)
+
+    @classmethod
+    def from_url(cls, url: str) -> "PostgresOracle":
+        """``postgresql://user:pw@host:port/db?lease=10&sslmode=require``: our options
+        (:data:`OPTIONS`) are taken out of the query string; every other parameter is libpq's."""
+        if not isinstance(url, str):
+            raise TypeError(f"url must be a str, got {type(url).__name__}")
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme.lower() not in ("postgresql", "postgres"):
+            raise ValueError(f"not a postgresql:// or postgres:// URL: {redact(url)!r}")
+        # Split the raw query without decoding libpq's part: libpq has its own URI decoding
+        # (no '+' for space), so its parameters are passed on byte for byte.
+        ours, theirs = [], []
+        for piece in parts.query.split("&") if parts.query else []:
+            key = urllib.parse.unquote(piece.partition("=")[0])
+            (ours if key in OPTIONS else theirs).append(piece)
+        options = parse_options("?" + "&".join(ours), OPTIONS)
+        dsn = url
+        if ours:
+            dsn = urllib.parse.urlunsplit(
+                (parts.scheme, parts.netloc, parts.path, "&".join(theirs), parts.fragment)
+            )
+        try:
+            _conninfo.conninfo_to_dict(dsn)
+        except psycopg.Error as exc:
+            raise ValueError(
+                f"invalid PostgreSQL URL {redact(url)!r}: {redact_text(str(exc)).strip()}; oracle options"
+                f" are {', '.join(sorted(OPTIONS))}, other query parameters must be libpq's"
+            ) from None
+        oracle = cls(dsn, **options)
+        oracle.description = redact(url)
+        return oracle
+
+    def _connection_defaults(self, params: Dict[str, Any]) -> Dict[str, Any]:
+        """libpq parameters we set unless the DSN does: the client-side half of the lease
+        (so a follower blocked on a dead server notices) and the connect timeout."""
+        keepalive_idle, keepalive_interval, keepalive_count = _keepalives(self.lease)
+        defaults = {
+            "connect_timeout": str(max(2, int(-(-self.connect_timeout // 1)))),
+            "keepalives": "1",
+            "keepalives_idle": str(keepalive_idle),
+            "keepalives_interval": str(keepalive_interval),
+            "keepalives_count": str(keepalive_count),
+            "tcp_user_timeout": str(int(self.lease * 1000)),
+            "fallback_application_name": "crown_sync",
+        }
+        return {k: v for k, v in defaults.items() if k not in params}
+
+    # -- connections ------------------------------------------------------------------------
+
+    def safe_error(self, exc: BaseException) -> str:
+        """``exc`` as text with any password masked."""
+        text = redact_text(f"{type(exc).__name__}: {exc}".strip())
+        if self._password:
+            text = text.replace(self._password, "***")
+        return text
+
+    def connect(self, application_name: Optional[str] = None) -> psycopg.Connection:
+        """A new autocommit connection (no prepared statements: records change per term)."""
+        if self._forked:
+            raise PostgresOracleError("this oracle was inherited across fork(); create a new one")
+        kwargs = dict(self._defaults)
+        if application_name and "fallback_application_name" in kwargs:
+            kwargs["fallback_application_name"] = application_name[:63]
+        try:
+            conn = psycopg.connect(self._dsn, autocommit=True, prepare_threshold=None, **kwargs)
+        except psycopg.Error as exc:
+            raise ConnectionError(f"cannot connect to {self.description}: {self.safe_error(exc)}") from None
+        return conn
+
+    def _read(self, query: str, params: Dict[str, Any]):
+        """Run a read on the shared reader connection (find_leader, dismiss); one retry on a
+        broken connection."""
+        if self._closed:
+            raise PostgresOracleError("oracle is closed")
+        with self._reader_lock:
+            for attempt in (1, 2):
+                conn = self._reader
+                if conn is None or conn.closed:
+                    conn = self._reader = self.connect("crown_sync reader")
+                    row = conn.execute("SELECT pg_is_in_recovery(), current_setting('server_version_num')::int").fetchone()
+                    if row[0]:
+                        self._reader = None
+                        conn.close()
+                        raise StandbyRefused(f"{self.description} is a standby (in recovery)")
+                try:
+                    return conn.execute(query, params).fetchall()
+                except psycopg.OperationalError as exc:
+                    if conn.broken and attempt == 1:
+                        self._reader = None
+                        continue
+                    raise PostgresOracleError(self.safe_error(exc)) from None
+        raise AssertionError("unreachable")
+
+    # -- Oracle API ------------------------------------------------------------------------
+
+    def key(self, name: str) -> int:
+        return advisory_key(self.namespace, name)
+
+    def contender(self, name: str, identity: str, metadata: Dict[str, Any], on_change: OnChange) -> "PostgresContender":
+        if self._forked:
+            raise PostgresOracleError("this oracle was inherited across fork(); create a new one")
+        return PostgresContender(self, name, identity, metadata, on_change)
+
+    def _holder(self, name: str):
+        hi, lo = _key_parts(self.key(name))
+        rows = self._read(_HOLDER_SQL, {"hi": hi, "lo": lo})
+        return rows[0] if rows else None
+
+    def leader_from_row(self, name: str, pid: Optional[int], query: Optional[str]) -> Optional[Leader]:
+        """The Leader that holds the lock, from its pid and last statement text."""
+        if pid is None:
+            return None
+        record = _decode_record(query)
+        if record and record.get("ns") == self.namespace and record.get("name") == name:
+            return Leader(
+                identity=str(record.get("identity", "")),
+                metadata=dict(record.get("metadata") or {}),
+                token=record.get("token"),
+                since=record.get("since"),
+            )
+        return Leader(identity=f"(unknown: backend pid {pid})", metadata={}, token=None, since=None)
+
+    def find_leader(self, name: str) -> Optional[Leader]:
+        row = self._holder(name)
+        return self.leader_from_row(name, row[0], row[1]) if row else None
+
+    def dismiss(self, name: str) -> bool:
+        """Ask the leader of ``name`` to step down (NOTIFY; see the module docstring)."""
+        row = self._holder(name)
+        if not row or row[0] is None:
+            return False
+        record = _decode_record(row[1]) or {}
+        payload = f"dismiss:{row[0]}:{record.get('token', '')}"
+        self._read("SELECT pg_notify(%(channel)s, %(payload)s)", {"channel": _channel(self.key(name)), "payload": payload})
+        logger.info("dismissed the leader of %s (backend pid %s)", name, row[0])
+        return True
+
+    def close(self) -> None:
+        self._closed = True
+        with self._reader_lock:
+            conn, self._reader = self._reader, None
+        if conn is not None and not self._forked:
+            try:
+                conn.close()
+            except Exception:
+                pass
+
+    def _after_fork_in_child(self) -> None:
+        self._forked = True
+        _blind(self._reader)
+        self._reader = None
+        self._reader_lock = threading.Lock()
+
+
+def _keepalives(lease: float) -> Tuple[int, int, int]:
+    """(idle, interval, count) in whole seconds with idle + interval * count >= lease."""
+    idle = max(1, int(lease // 3))
+    interval = max(1, int(lease // 6))
+    count = 1
+    while idle + interval * count < lease:
+        count += 1
+    return idle, interval, count
+
+
+# ------------------------------------------------------------------------------- contender
+
+
+class PostgresContender(Contender):
+    """One crown's dedicated session. See the module docstring."""
+
+    def __init__(self, oracle: PostgresOracle, name: str, identity: str, metadata: Dict[str, Any], on_change: OnChange):
+        self.oracle = oracle
+        self.name = name
+        self.identity = identity
+        self.metadata = dict(metadata or {})
+        self.key = oracle.key(name)
+        self._hi, self._lo = _key_parts(self.key)
+        self._channel = _channel(self.key)
+        self._on_change = on_change
+        self._conn: Optional[psycopg.Connection] = None
+        self._pid: Optional[int] = None
+        self._marker: Optional[str] = None
+        self._bound: float = oracle.lease  # server-side lease B, read back at connect
+        self._query_limit = 1024
+        self._io_lock = threading.Lock()  # held while a statement is in flight on _conn
+        self._state_lock = threading.Lock()
+        self._closed = False
+        self._forked = False
+        # leadership
+        self._token: Optional[int] = None
+        self._since: Optional[float] = None
+        self._record_sql: Optional[str] = None
+        self._leading = False
+        self._dismissed = False
+        self._statements = 0  # bumped after every statement: the socket watcher's progress mark
+        # follower's waiter thread
+        self._waiter: Optional[threading.Thread] = None
+        self._waiter_stop = False
+        self._granted: Optional[Tuple[int, float]] = None  # (token, since) the waiter obtained
+        self._waiter_error: Optional[BaseException] = None
+        self._in_wait = False
+        self._prepared: Optional[Claim] = None
+        self._events: "collections.deque" = collections.deque(maxlen=64)  # (kind, token, pid)
+        self._waiter_wakeup = threading.Event()
+        self._leader: Optional[Leader] = None
+        # leader's socket watcher thread
+        self._watcher: Optional[threading.Thread] = None
+        self._watch_generation = 0
+        self._wake_r, self._wake_w = -1, -1
+        self._retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(ConnectionError),
+            wait=tenacity.wait_exponential(multiplier=0.05, max=0.5) + tenacity.wait_random(0, 0.05),
+            stop=tenacity.stop_after_attempt(3) | tenacity.stop_after_delay(oracle.connect_timeout),
+            reraise=True,
+        )
+        _live.add(self)
+
+    # -- connection ---------------------------------------------------------------------------
+
+    def _check_usable(self) -> None:
+        if self._forked:
+            raise PostgresOracleError("this contender was inherited across fork()")
+        if self._closed:
+            raise PostgresOracleError("contender is closed")
+
+    def _ensure_connected(self) -> psycopg.Connection:
+        conn = self._conn
+        if conn is not None and not conn.closed:
+            return conn
+        self._drop_connection()
+        conn = self._retrying(self._connect)
+        with self._state_lock:
+            if self._closed:
+                conn.close()
+                raise PostgresOracleError("contender is closed")
+            self._conn = conn
+        return conn
+
+    def _connect(self) -> psycopg.Connection:
+        oracle = self.oracle
+        conn = oracle.connect(f"crown_sync {self.name}")
+        try:
+            if conn.info.server_version < _MIN_VERSION:
+                raise PostgresOracleError(
+                    f"{oracle.description}: PostgreSQL 14 or newer is needed (idle_session_timeout),"
+                    f" server is {conn.info.server_version}"
+                )
+            marker = uuid.uuid4().hex
+            idle, interval, count = _keepalives(oracle.lease)
+            lease_ms = str(int(oracle.lease * 1000))
+            row = conn.execute(
+                "SELECT pg_backend_pid(), pg_is_in_recovery(),"
+                " set_config(%(m)s, %(marker)s, false),"
+                " set_config('idle_session_timeout', %(lease)s, false),"
+                " set_config('tcp_user_timeout', %(lease)s, false),"
+                " set_config('tcp_keepalives_idle', %(idle)s, false),"
+                " set_config('tcp_keepalives_interval', %(interval)s, false),"
+                " set_config('tcp_keepalives_count', %(count)s, false),"
+                " set_config('client_connection_check_interval', '1000', false),"
+                " set_config('lock_timeout', %(wait)s, false),"
+                " set_config('statement_timeout', '0', false),"
+                " set_config('idle_in_transaction_session_timeout', '0', false),"
+                " set_config('synchronous_commit', 'on', false),"
+                " set_config('default_transaction_read_only', 'off', false)",
+                {
+                    "m": _MARKER, "marker": marker, "lease": lease_ms, "idle": str(idle),
+                    "interval": str(interval), "count": str(count),
+                    "wait": str(max(1, int(oracle.wait_timeout * 1000))),
+                },
+            ).fetchone()
+            pid, in_recovery = row[0], row[1]
+            if in_recovery:
+                raise StandbyRefused(
+                    f"{oracle.description} is a standby (in recovery): it grants advisory locks"
+                    f" that the primary doesn't know about; connect to the primary"
+                    f" (e.g. target_session_attrs=read-write)"
+                )
+            # Three statements in a row must reach the same session: a transaction pooler
+            # usually gives itself away here already (every later statement checks again).
+            self._same_session(conn, pid, marker)
+            conn.execute("LISTEN " + self._channel)
+            rows = conn.execute(
+                "SELECT pg_backend_pid(), current_setting(%(m)s, true), name, setting"
+                " FROM pg_settings WHERE name = ANY(%(names)s)",
+                {"m": _MARKER, "names": list(_SETTINGS)},
+            ).fetchall()
+            if not rows or rows[0][0] != pid or rows[0][1] != marker:
+                raise self._pooling(pid, rows[0][0] if rows else None)
+            settings = {name: setting for _, _, name, setting in rows}
+            self._bound = self._server_bound(settings, conn)
+            self._query_limit = int(settings.get("track_activity_query_size", "1024"))
+            if settings.get("track_activities") != "on":
+                logger.warning("%s: track_activities is off: find_leader can't read leader records", oracle.description)
+            conn.add_notify_handler(self._on_notify)
+        except psycopg.Error as exc:
+            conn.close()
+            raise ConnectionError(f"setting up a session on {oracle.description}: {oracle.safe_error(exc)}") from None
+        except BaseException:
+            conn.close()
+            raise
+        self._pid, self._marker = pid, marker
+        with self._state_lock:
+            self._events.clear()  # what happened while we were not listening is unknown
+        logger.debug("%s: connected, backend pid %s, server lease bound %.3fs", self.name, pid, self._bound)
+        return conn
+
+    def _pooling(self, expected: Optional[int], got: Optional[int]) -> PoolingDetected:
+        return PoolingDetected(
+            f"{self.oracle.description}: consecutive statements of one connection reached"
+            f" different server sessions (backend pid {expected} then {got}): a transaction or"
+            f" statement pooler (PgBouncer) is in the way; advisory locks need a direct connection"
+            f" or session pooling"
+        )
+
+    def _same_session(self, conn: psycopg.Connection, pid: int, marker: str) -> None:
+        got, got_marker = conn.execute(
+            "SELECT pg_backend_pid(), current_setting(%(m)s, true)", {"m": _MARKER}
+        ).fetchone()
+        if got != pid or got_marker != marker:
+            raise self._pooling(pid, got)
+
+    def _server_bound(self, settings: Dict[str, str], conn: psycopg.Connection) -> float:
+        """The smallest time, from a statement's start, after which the server may drop the
+        session on its own (the module docstring's B)."""
+        oracle = self.oracle
+        bounds = []
+        idle_ms = int(settings.get("idle_session_timeout", "0"))
+        if idle_ms > 0:
+            bounds.append(idle_ms / 1000)
+        user_ms = int(settings.get("tcp_user_timeout", "0"))
+        if user_ms > 0:
+            bounds.append(user_ms / 1000)
+        ka = [int(settings.get(n, "0")) for n in ("tcp_keepalives_idle", "tcp_keepalives_interval", "tcp_keepalives_count")]
+        if all(v > 0 for v in ka):  # zero: not a TCP connection (or no keepalive support)
+            bounds.append(ka[0] + ka[1] * ka[2])
+        bound = min(bounds) if bounds else oracle.lease
+        if idle_ms <= 0 or bound + 1e-6 < oracle.lease:
+            raise PostgresOracleError(
+                f"{oracle.description}: the server would drop a silent session after {bound:g}s,"
+                f" sooner than lease={oracle.lease:g}s (idle_session_timeout {idle_ms} ms,"
+                f" tcp_user_timeout {user_ms} ms, keepalives {ka}); a proxy may be in the way"
+            )
+        return bound
+
+    def _drop_connection(self) -> None:
+        with self._state_lock:
+            conn, self._conn = self._conn, None
+            self._pid = self._marker = None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:
+                pass
+
+    def _execute(self, query: str, params: Dict[str, Any], conn: Optional[psycopg.Connection] = None):
+        """One statement on our session, under the I/O lock; returns the first row."""
+        if conn is None:
+            conn = self._ensure_connected()
+        with self._io_lock:
+            try:
+                return conn.execute(query, params).fetchone()
+            finally:
+                self._statements += 1
+
+    def _check_session(self, pid: int, marker: Optional[str], in_recovery: bool) -> None:
+        if pid != self._pid or marker != self._marker:
+            raise self._pooling(self._pid, pid)
+        if in_recovery:
+            raise StandbyRefused(f"{self.oracle.description} is now a standby (in recovery)")
+
+    def _fail(self, exc: BaseException) -> None:
+        """After a failed claim: end the session. The statement may have failed after the lock
+        was granted (session locks survive errors), and a refusal (standby, pooler) means the
+        session is not one to keep; closing it releases whatever it holds."""
+        self._drop_connection()
+
+    def _error(self, exc: BaseException) -> Exception:
+        if isinstance(exc, (PostgresOracleError, ConnectionError)):
+            return exc
+        return PostgresOracleError(self.oracle.safe_error(exc))
+
+    # -- claim / refresh -------------------------------------------------------------------------
+
+    def _record(self) -> Dict[str, Any]:
+        return {
+            "v": 1, "ns": self.oracle.namespace, "name": self.name, "identity": self.identity,
+            "metadata": self.metadata, "token": self._token, "since": self._since,
+        }
+
+    def _make_record_sql(self) -> str:
+        record = self._record()
+        comment = _encode_record(record)
+        if len(comment.encode()) >= self._query_limit:
+            record["metadata"] = {}
+            record["metadata_dropped"] = True
+            comment = _encode_record(record)
+            logger.warning(
+                "%s: leader metadata does not fit track_activity_query_size (%d bytes); published without it",
+                self.name, self._query_limit,
+            )
+        return comment + _CONFIRM_SQL
+
+    def claim(self) -> Claim:
+        self._check_usable()
+        waiter = self._waiter
+        if waiter is not None:
+            with self._state_lock:
+                granted, error = self._granted, self._waiter_error
+            if granted is None and error is None and waiter.is_alive():
+                # Queued on the lock: the server would have woken us if it were free.
+                return Claim(won=False, leader=self._leader)
+            if granted is not None:
+                waiter.join(5.0)  # it is confirming the new term
+            prepared = self._prepared
+            self._stop_waiter()
+            if granted is not None:
+                self._token, self._since = granted
+                if prepared is not None and prepared.won:
+                    return self._lead(prepared)
+                return self._won()
+        try:
+            row = self._execute(
+                _TRY_SQL,
+                {"key": self.key, "hi": self._hi, "lo": self._lo, "msg": self.name, "channel": self._channel},
+            )
+            locked, token, _, since, pid, marker, in_recovery, holder_pid, holder_query = row
+            self._check_session(pid, marker, in_recovery)
+        except Exception as exc:
+            self._fail(exc)
+            raise self._error(exc) from None
+        if not locked:
+            self._leader = self.oracle.leader_from_row(self.name, holder_pid, holder_query)
+            return Claim(won=False, leader=self._leader)
+        self._token, self._since = int(token), since
+        return self._won()
+
+    def _won(self) -> Claim:
+        self._record_sql = self._make_record_sql()
+        self._dismissed = False
+        try:
+            claim = self._confirm()
+        except Exception:
+            self._release(quietly=True)
+            raise
+        if not claim.won:
+            self._release(quietly=True)
+            return claim
+        return self._lead(claim)
+
+    def _lead(self, claim: Claim) -> Claim:
+        self._leading = True
+        self._start_watcher()
+        logger.info("%s: %s leads with token %s", self.name, self.identity, self._token)
+        return claim
+
+    def _confirm(self) -> Claim:
+        """Run the confirm statement (which carries our leader record)."""
+        conn = self._conn
+        if conn is None or conn.closed:  # a new session could never hold the old one's lock
+            self._drop_connection()
+            return Claim(won=False, leader=None)
+        started = time.monotonic()
+        try:
+            pid, marker, held, in_recovery = self._execute(
+                self._record_sql, {"hi": self._hi, "lo": self._lo}, conn
+            )
+            self._check_session(pid, marker, in_recovery)
+        except psycopg.OperationalError as exc:
+            conn = self._conn
+            if conn is None or conn.closed:  # the session is gone, and our lock with it
+                logger.warning("%s: connection lost while leading: %s", self.name, self.oracle.safe_error(exc))
+                self._drop_connection()
+                return Claim(won=False, leader=None)
+            raise self._error(exc) from None
+        except PostgresOracleError as exc:
+            # A pooler or a standby under us: whatever the lock's state, it is not ours to trust.
+            logger.error("%s: %s", self.name, exc)
+            self._drop_connection()
+            return Claim(won=False, leader=None)
+        except psycopg.Error as exc:
+            raise self._error(exc) from None
+        if not held:
+            logger.warning("%s: our session no longer holds the advisory lock", self.name)
+            self._token = None  # nothing of ours to announce as released
+            return Claim(won=False, leader=None)
+        if self._dismissed:
+            logger.info("%s: dismissed; stepping down", self.name)
+            return Claim(won=False, leader=None)
+        leader = Leader(self.identity, dict(self.metadata), self._token, self._since)
+        self._leader = leader
+        return Claim(
+            won=True,
+            leader=leader,
+            token=self._token,
+            deadline=started + self._bound - self.oracle.margin,
+            refresh_in=self.oracle.confirm_interval,
+        )
+
+    def refresh(self) -> Claim:
+        self._check_usable()
+        if not self._leading or self._record_sql is None:
+            return Claim(won=False, leader=None)
+        claim = self._confirm()
+        if not claim.won:
+            self._leading = False
+            self._stop_watcher()
+        return claim
+
+    def _on_notify(self, notify) -> None:
+        """Every notification on our channel, in commit order (psycopg calls this while it reads
+        our connection; _handed_over reads them itself)."""
+        if notify.channel != self._channel:
+            return
+        kind, _, rest = notify.payload.partition(":")
+        if kind == "dismiss":
+            pid, _, token = rest.partition(":")
+            if self._leading and pid == str(self._pid) and (not token or token == str(self._token)):
+                self._dismissed = True
+            return
+        if kind in ("claimed", "released") and rest.isdigit():
+            with self._state_lock:
+                self._events.append((kind, int(rest), notify.pid))
+
+    def _handed_over(self, conn: psycopg.Connection, token: int, until: float) -> bool:
+        """Did the term before our claim ``token`` end with a release? Reads the channel's
+        notifications (commit order) until our own "claimed" arrives, or ``until``; False when
+        unsure."""
+        pgconn = conn.pgconn
+        while True:
+            with self._state_lock:
+                events = list(self._events)
+            for index, (kind, event_token, pid) in enumerate(events):
+                if kind == "claimed" and event_token == token and pid == self._pid:
+                    # The predecessor is the last claim we saw, or, if we saw none, the term
+                    # that held the lock when we started listening (earlier terms had ended).
+                    before = events[:index]
+                    claims = [i for i, e in enumerate(before) if e[0] == "claimed"]
+                    last = before[claims[-1]][1] if claims else None
+                    after = before[claims[-1] + 1:] if claims else before
+                    return any(e[0] == "released" and (last is None or e[1] == last) for e in after)
+            remaining = until - time.monotonic()
+            if remaining <= 0 or self._waiter_stop:
+                return False
+            try:
+                with self._io_lock:
+                    pgconn.consume_input()
+                    while True:
+                        raw = pgconn.notifies()
+                        if raw is None:
+                            break
+                        self._on_notify(psycopg.Notify(raw.relname.decode(), raw.extra.decode(), raw.be_pid))
+                select.select([pgconn.socket], [], [], min(remaining, 0.01))
+            except Exception:
+                return False
+
+    # -- abdicate / close -------------------------------------------------------------------------
+
+    def _release(self, quietly: bool = False) -> None:
+        """Unlock, announcing it first ("released:<token>"), so the follower woken by it knows
+        we let go (our child already stopped) rather than died."""
+        was_leading = self._record_sql is not None and self._token is not None
+        self._leading = False
+        self._record_sql = None
+        self._watch_generation += 1  # the socket watcher goes inert now; joined after the unlock
+        conn = self._conn
+        if conn is None or conn.closed:
+            self._drop_connection()
+            self._stop_watcher()
+            return
+        try:
+            with self._io_lock:
+                try:
+                    if was_leading:  # committed before the unlock, so it precedes the next claim
+                        conn.execute("SELECT pg_notify(%(channel)s, %(payload)s)",
+                                     {"channel": self._channel, "payload": f"released:{self._token}"})
+                    conn.execute("SELECT pg_advisory_unlock_all()")
+                finally:
+                    self._statements += 1
+        except Exception as exc:
+            # Can't say "unlock": end the session instead, which releases the lock.
+            if not quietly:
+                logger.warning("%s: unlock failed (%s); closing the session", self.name, self.oracle.safe_error(exc))
+            _shutdown(conn)
+            self._drop_connection()
+        finally:
+            self._stop_watcher()
+
+    def abdicate(self) -> None:
+        if self._forked or self._closed:
+            return
+        self._stop_waiter()
+        self._release()
+        self._token = self._since = None
+
+    def close(self) -> None:
+        with self._state_lock:
+            if self._closed:
+                return
+            self._closed = True
+        if self._forked:
+            return
+        self._leading = False
+        self._stop_watcher()
+        self._stop_waiter(timeout=2.0)
+        conn = self._conn
+        if conn is not None:
+            # Polite close if no statement is in flight, else cut the socket (bounded).
+            if not self._io_lock.acquire(timeout=1.0):
+                _shutdown(conn)
+            else:
+                self._io_lock.release()
+        self._drop_connection()
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self._wake_r = self._wake_w = -1
+
+    def _after_fork_in_child(self) -> None:
+        self._forked = True
+        _blind(self._conn)
+        self._conn = None
+        self._waiter = self._watcher = None
+        self._io_lock = threading.Lock()
+        self._state_lock = threading.Lock()
+
+    # -- follower: the waiter ---------------------------------------------------------------------
+
+    def watch(self, leader: Optional[Leader]) -> bool:
+        self._check_usable()
+        waiter = self._waiter
+        if waiter is not None and waiter.is_alive():
+            with self._state_lock:
+                return self._granted is None and self._waiter_error is None
+        if waiter is not None:
+            self._stop_waiter()
+        self._ensure_connected()
+        with self._state_lock:
+            self._waiter_stop = False
+            self._waiter_wakeup.clear()
+            self._granted = None
+            self._prepared = None
+            self._waiter_error = None
+            self._waiter = threading.Thread(
+                target=self._wait_loop, name=f"crown-sync-pg-wait:{self.name}", daemon=True
+            )
+            self._waiter.start()
+        return True
+
+    def _wait_loop(self) -> None:
+        """Blocking lock waits (each bounded by lock_timeout), until granted, stopped or broken."""
+        params = {"key": self.key, "msg": self.name, "channel": self._channel}
+        holder_params = {"hi": self._hi, "lo": self._lo}
+        while not self._waiter_stop:
+            conn = self._conn
+            try:
+                if conn is None or conn.closed:
+                    raise ConnectionError("connection closed")
+                with self._io_lock:
+                    if self._waiter_stop:
+                        return
+                    self._in_wait = True
+                    try:
+                        row = conn.execute(_WAIT_SQL, params).fetchone()
+                    finally:
+                        self._in_wait = False
+                        self._statements += 1
+                token, _, since, pid, marker, in_recovery = row
+                self._check_session(pid, marker, in_recovery)
+            except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled):
+                if self._waiter_stop:
+                    return
+                self._refresh_leader(conn, holder_params)
+                continue
+            except Exception as exc:
+                if self._waiter_stop:
+                    return
+                with self._state_lock:
+                    self._waiter_error = exc
+                logger.debug("%s: lock wait failed: %s", self.name, self.oracle.safe_error(exc))
+                self._signal()
+                return
+            self._take_over(conn, int(token), since)
+            return
+
+    def _take_over(self, conn: psycopg.Connection, token: int, since: float) -> None:
+        """The server granted us the lock (in the waiter thread). Unless the predecessor released
+        it, give a leader whose session was killed under it ``takeover_delay`` to notice (the
+        server told it before freeing the lock) and stop its child. Then tell the engine, and
+        confirm right away, while the engine wakes up, so claim() finds the term ready."""
+        granted_at = time.monotonic()
+        delay = self.oracle.takeover_delay
+        if delay > 0:
+            if not self._handed_over(conn, token, granted_at + delay):
+                logger.debug("%s: predecessor's term ended without a release: waiting %.3fs",
+                             self.name, delay)
+                if self._waiter_wakeup.wait(max(0.0, granted_at + delay - time.monotonic())):
+                    return  # stopped (close): closing the connection releases the lock
+        self._token, self._since = token, since
+        self._record_sql = self._make_record_sql()
+        self._dismissed = False
+        with self._state_lock:
+            self._granted = (token, since)
+        self._signal()
+        try:
+            prepared: Optional[Claim] = self._confirm()
+        except Exception as exc:
+            logger.debug("%s: confirming the new term failed: %s", self.name, self.oracle.safe_error(exc))
+            prepared = None
+        with self._state_lock:
+            self._prepared = prepared
+
+    def _refresh_leader(self, conn: psycopg.Connection, params: Dict[str, Any]) -> None:
+        """Between waits: read who holds the lock; tell the engine if it changed."""
+        try:
+            with self._io_lock:
+                if self._waiter_stop:
+                    return
+                try:
+                    pid, query, mypid, marker, in_recovery = conn.execute(_HOLDER_SQL, params).fetchone()
+                finally:
+                    self._statements += 1
+            self._check_session(mypid, marker, in_recovery)
+        except Exception:
+            return  # the next wait will fail the same way and report it
+        leader = self.oracle.leader_from_row(self.name, pid, query)
+        old = self._leader
+        if leader is not None and (old is None or (old.identity, old.token) != (leader.identity, leader.token)):
+            self._leader = leader
+            self._signal()
+
+    def _signal(self, lost: bool = False) -> None:
+        if self._closed or self._forked:
+            return
+        try:
+            self._on_change(lost=True) if lost else self._on_change()
+        except Exception:
+            logger.exception("%s: on_change raised", self.name)
+
+    def _stop_waiter(self, timeout: float = 5.0) -> None:
+        """Stop the waiter thread, cancelling its blocking lock wait (bounded in time).
+
+        A cancel request is sent only while the waiter is inside its wait statement: one that
+        arrived late could otherwise cancel our next statement instead.
+        """
+        waiter = self._waiter
+        if waiter is None:
+            return
+        self._waiter_stop = True
+        self._waiter_wakeup.set()
+        if waiter.is_alive() and waiter is not threading.current_thread():
+            conn = self._conn
+            give_up = time.monotonic() + timeout
+            while waiter.is_alive() and time.monotonic() < give_up:
+                if self._in_wait and conn is not None and not conn.closed:
+                    canceller = threading.Thread(target=self._cancel, args=(conn,), daemon=True)
+                    canceller.start()
+                    canceller.join(max(0.0, min(2.0, give_up - time.monotonic())))
+                waiter.join(max(0.0, min(0.2, give_up - time.monotonic())))
+            if waiter.is_alive():  # the server doesn't answer: cut the session under it
+                _shutdown(conn)
+                waiter.join(1.0)
+        with self._state_lock:
+            self._waiter = None
+            self._granted = None
+            self._prepared = None
+            self._waiter_error = None
+
+    def _cancel(self, conn: psycopg.Connection) -> None:
+        try:
+            if hasattr(conn, "cancel_safe"):  # psycopg >= 3.2
+                conn.cancel_safe(timeout=2.0)
+            else:
+                conn.cancel()
+        except Exception as exc:
+            logger.debug("%s: cancel failed: %s", self.name, self.oracle.safe_error(exc))
+
+    # -- leader: the socket watcher ---------------------------------------------------------------
+
+    def _start_watcher(self) -> None:
+        conn = self._conn
+        if conn is None:
+            return
+        if self._wake_r < 0:
+            self._wake_r, self._wake_w = os.pipe()
+            os.set_blocking(self._wake_r, False)
+        self._watch_generation += 1
+        thread = threading.Thread(
+            target=self._watch_socket, args=(conn, self._watch_generation),
+            name=f"crown-sync-pg-watch:{self.name}", daemon=True,
+        )
+        self._watcher = thread
+        thread.start()
+
+    def _stop_watcher(self) -> None:
+        self._watch_generation += 1
+        thread, self._watcher = self._watcher, None
+        if thread is not None and self._wake_w >= 0:
+            try:
+                os.write(self._wake_w, b"x")
+            except OSError:
+                pass
+            if thread is not threading.current_thread():
+                thread.join(2.0)
+        if self._wake_r >= 0:
+            try:
+                while os.read(self._wake_r, 64):
+                    pass
+            except OSError:
+                pass
+
+    def _watch_socket(self, conn: psycopg.Connection, generation: int) -> None:
+        """Wake the engine when the idle server sends something unasked: a goodbye (FATAL, EOF)
+        ends the term at once; a dismissal asks for a refresh; other notifications are read."""
+        try:
+            fd = conn.pgconn.socket
+        except Exception:
+            return
+        poller = select.poll()
+        poller.register(fd, select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP)
+        poller.register(self._wake_r, select.POLLIN)
+        signalled = -1
+        while generation == self._watch_generation:
+            events = poller.poll(1000)
+            if generation != self._watch_generation or any(f == self._wake_r for f, _ in events):
+                return
+            if not events:
+                continue
+            if signalled == self._statements:  # told the engine; wait for it to act
+                time.sleep(0.05)
+                continue
+            lost = dismissed = False
+            with self._io_lock:  # no statement in flight: readable now means unsolicited
+                if generation != self._watch_generation or conn.closed:
+                    return
+                if not select.select([fd], [], [], 0)[0]:
+                    continue
+                lost = self._peek_fatal(conn, fd)
+                if not lost:
+                    try:  # read it the way psycopg would: notifications go to _on_notify
+                        pgconn = conn.pgconn
+                        pgconn.consume_input()
+                        while True:
+                            raw = pgconn.notifies()
+                            if raw is None:
+                                break
+                            self._on_notify(psycopg.Notify(raw.relname.decode(), raw.extra.decode(), raw.be_pid))
+                    except Exception:
+                        lost = True
+                dismissed = self._dismissed
+                if lost or dismissed:
+                    signalled = self._statements
+            if lost or dismissed:
+                logger.debug("%s: unsolicited message from the server (lost=%s, dismissed=%s)",
+                             self.name, lost, dismissed)
+                self._signal(lost=lost)
+
+    @staticmethod
+    def _peek_fatal(conn: psycopg.Connection, fd: int) -> bool:
+        """True if the pending bytes are EOF or an ErrorResponse (never read, only peeked)."""
+        try:
+            if conn.pgconn.ssl_in_use:
+                return False
+            sock = socket.socket(fileno=os.dup(fd))
+        except Exception:
+            return False
+        try:
+            data = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            return data in (b"", b"E")
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True
+        finally:
+            sock.close()

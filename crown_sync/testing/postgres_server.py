@@ -1,0 +1,266 @@
+"""A throwaway PostgreSQL cluster for tests and benchmarks.
+
+``initdb`` runs in a private temporary directory; the postmaster listens on 127.0.0.1 only, on a
+free port, with its unix socket in the same directory, and is stopped by pid. When this process is
+root, the cluster is owned by and run as the ``postgres`` user (``initdb`` refuses root): the
+binaries are started with ``subprocess.Popen(user=..., group=...)`` so that the pid we hold is the
+postmaster's own (a ``runuser`` wrapper would sit between us and the postmaster).
+
+Usage::
+
+    with PostgresServer() as pg:
+        url = pg.url                      # postgresql://postgres@127.0.0.1:PORT/postgres
+        pg.sql("SELECT 1")                # run SQL as the superuser
+        pg.terminate(pid)                 # pg_terminate_backend
+        pg.restart(mode="immediate")      # what `pg_ctl restart -m immediate` does, by pid
+"""
+
+import glob
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+from .servers import Server, ServerMissing, find_binary, wait_for_port
+
+__all__ = ["PostgresServer", "postgres_bindir"]
+
+# pg_ctl's shutdown modes are signals to the postmaster.
+_MODES = {"smart": signal.SIGTERM, "fast": signal.SIGINT, "immediate": signal.SIGQUIT}
+
+
+def postgres_bindir() -> str:
+    """The directory of the newest installed PostgreSQL's binaries (Debian layout or PATH)."""
+    candidates = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin/initdb"),
+        key=lambda p: int(p.split("/")[4]) if p.split("/")[4].isdigit() else 0,
+    )
+    candidates = list(reversed(candidates)) + ["initdb"]
+    return os.path.dirname(find_binary(candidates, "postgresql"))
+
+
+class PostgresServer(Server):
+    """A private PostgreSQL cluster. ``settings`` are extra ``-c name=value`` server settings.
+
+    ``fsync=False`` makes tests faster; durability across ``restart(mode="immediate")`` does not
+    depend on it (an immediate shutdown loses what was not written, not what was not fsynced).
+    """
+
+    def __init__(self, settings: Optional[Dict[str, Any]] = None, fsync: bool = True,
+                 user: str = "postgres"):
+        super().__init__()
+        self.bindir = postgres_bindir()
+        self.datadir = os.path.join(self.tmpdir, "data")
+        self.logfile = os.path.join(self.tmpdir, "postgres.log")
+        self.settings = dict(settings or {})
+        self.fsync = fsync
+        self.superuser = user
+        self._run_as = None
+        if os.geteuid() == 0:
+            try:
+                entry = pwd.getpwnam("postgres")
+            except KeyError:
+                raise ServerMissing(
+                    "running as root and there is no 'postgres' user to run the cluster as: "
+                    "install the Debian package 'postgresql'"
+                ) from None
+            self._run_as = entry
+            os.chown(self.tmpdir, entry.pw_uid, entry.pw_gid)
+        self._initialized = False
+        self._log = None
+
+    # -- processes -------------------------------------------------------------------------
+
+    def _popen_kwargs(self) -> Dict[str, Any]:
+        kwargs: Dict[str, Any] = {"cwd": self.tmpdir, "env": self._env()}
+        if self._run_as is not None:
+            kwargs.update(user=self._run_as.pw_uid, group=self._run_as.pw_gid, extra_groups=[])
+        return kwargs
+
+    def _env(self) -> Dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        env["LC_ALL"] = "C"
+        if self._run_as is not None:
+            env.update(HOME=self.tmpdir, USER="postgres", LOGNAME="postgres")
+        return env
+
+    def _run(self, argv: List[str], timeout: float = 120.0) -> str:
+        result = subprocess.run(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout,
+            **self._popen_kwargs()
+        )
+        output = result.stdout.decode(errors="replace")
+        if result.returncode != 0:
+            raise RuntimeError(f"{argv[0]} failed ({result.returncode}): {output[-2000:]}")
+        return output
+
+    def initdb(self) -> None:
+        if self._initialized:
+            return
+        self._run([
+            os.path.join(self.bindir, "initdb"), "-D", self.datadir, "-U", self.superuser,
+            "--auth=trust", "--no-sync", "-E", "UTF8", "--locale=C",
+        ])
+        self._initialized = True
+
+    def command(self) -> List[str]:
+        settings = {
+            "listen_addresses": "127.0.0.1",
+            "port": str(self.port),
+            "unix_socket_directories": self.tmpdir,
+            "fsync": "on" if self.fsync else "off",
+            "max_connections": "200",
+            "shared_buffers": "32MB",
+            "logging_collector": "off",
+            "log_line_prefix": "%m [%p] %a ",
+            "wal_level": "replica",
+            "max_wal_senders": "4",
+        }
+        settings.update({k: str(v) for k, v in self.settings.items()})
+        argv = [os.path.join(self.bindir, "postgres"), "-D", self.datadir]
+        for key, value in settings.items():
+            argv += ["-c", f"{key}={value}"]
+        return argv
+
+    def start(self, timeout: float = 60.0) -> "PostgresServer":
+        self.initdb()
+        if self.process is not None and self.process.poll() is None:
+            return self
+        self._log = open(self.logfile, "ab")
+        self.process = subprocess.Popen(
+            self.command(), stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            **self._popen_kwargs()
+        )
+        self._wait_ready(timeout)
+        return self
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        wait_for_port(self.port, timeout)
+        import psycopg
+
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"postgres exited ({self.process.returncode}): {self.log_tail()}")
+            try:
+                with psycopg.connect(self.superuser_dsn, connect_timeout=5, autocommit=True) as conn:
+                    if self.settings.get("hot_standby") or os.path.exists(
+                        os.path.join(self.datadir, "standby.signal")
+                    ):
+                        return  # a standby answers queries once it is consistent
+                    conn.execute("SELECT 1")
+                    return
+            except psycopg.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def stop(self, timeout: float = 30.0, mode: str = "fast") -> None:
+        """Stop the postmaster by pid with one of pg_ctl's modes (smart, fast, immediate)."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            try:
+                os.kill(self.process.pid, _MODES[mode])
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.kill(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+            except ProcessLookupError:
+                pass
+        self.process = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def restart(self, mode: str = "immediate", down: float = 0.0) -> None:
+        """What ``pg_ctl restart -m MODE`` does, by pid; ``down``: seconds to stay down."""
+        if mode not in _MODES:
+            raise ValueError(f"mode must be one of {sorted(_MODES)}, got {mode!r}")
+        self.stop(mode=mode)
+        if down:
+            time.sleep(down)
+        self.start()
+
+    def pause(self) -> None:
+        """SIGSTOP the postmaster (not its backends)."""
+        os.kill(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.kill(self.process.pid, signal.SIGCONT)
+
+    def cleanup(self) -> None:
+        self.stop(mode="immediate")
+        shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+    def log_tail(self, chars: int = 4000) -> str:
+        try:
+            with open(self.logfile, "r", errors="replace") as handle:
+                return handle.read()[-chars:]
+        except OSError:
+            return ""
+
+    # -- clients ---------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://{self.superuser}@127.0.0.1:{self.port}/postgres"
+
+    def url_for(self, user: Optional[str] = None, password: Optional[str] = None,
+                database: str = "postgres", **params: Any) -> str:
+        """A URL for ``user`` (default the superuser), with libpq or oracle ``params``."""
+        import urllib.parse
+
+        userinfo = urllib.parse.quote(user or self.superuser, safe="")
+        if password is not None:
+            userinfo += ":" + urllib.parse.quote(password, safe="")
+        query = urllib.parse.urlencode(params)
+        return f"postgresql://{userinfo}@127.0.0.1:{self.port}/{database}" + (f"?{query}" if query else "")
+
+    @property
+    def superuser_dsn(self) -> str:
+        # Over the unix socket: works while TCP settings are being tested.
+        return f"host={self.tmpdir} port={self.port} user={self.superuser} dbname=postgres"
+
+    def sql(self, query: str, params: Sequence[Any] = ()) -> List[tuple]:
+        """Run one statement as the superuser; returns its rows (empty if none)."""
+        import psycopg
+
+        with psycopg.connect(self.superuser_dsn, connect_timeout=10, autocommit=True) as conn:
+            cursor = conn.execute(query, params)
+            return cursor.fetchall() if cursor.description is not None else []
+
+    def terminate(self, pid: int) -> bool:
+        """``pg_terminate_backend(pid)``: end that session (its advisory locks are freed)."""
+        return bool(self.sql("SELECT pg_terminate_backend(%s)", (pid,))[0][0])
+
+    def advisory_holders(self) -> List[tuple]:
+        """(pid, classid, objid, application_name) of every granted advisory lock."""
+        return self.sql(
+            "SELECT l.pid, l.classid::bigint, l.objid::bigint, a.application_name FROM pg_locks l"
+            " LEFT JOIN pg_stat_activity a ON a.pid = l.pid"
+            " WHERE l.locktype = 'advisory' AND l.granted ORDER BY l.pid"
+        )
+
+    def create_standby(self) -> "PostgresServer":
+        """A hot standby of this server (``pg_basebackup -R``) on another free port, not started."""
+        standby = PostgresServer(settings={"hot_standby": "on"}, fsync=self.fsync, user=self.superuser)
+        self._run_basebackup(standby)
+        standby._initialized = True
+        return standby
+
+    def _run_basebackup(self, standby: "PostgresServer") -> None:
+        argv = [
+            os.path.join(self.bindir, "pg_basebackup"), "-h", "127.0.0.1", "-p", str(self.port),
+            "-U", self.superuser, "-D", standby.datadir, "-R", "-X", "stream", "--no-sync",
+            "--checkpoint=fast",
+        ]
+        result = subprocess.run(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120,
+            **standby._popen_kwargs()
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"pg_basebackup failed: {result.stdout.decode(errors='replace')[-2000:]}")

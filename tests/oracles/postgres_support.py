@@ -1,0 +1,263 @@
+"""Shared by the PostgreSQL tests and benchmark: contender processes, journal reading, and a
+minimal transaction-pooling proxy.
+
+Whom to kill is found from the journal (the child's own record of its work), never from the
+oracle's word.
+"""
+
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from typing import Callable, Dict, List, Optional
+
+from crown_sync.testing import journal
+from crown_sync.testing.servers import free_port
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def wait_until(predicate: Callable, timeout: float = 30.0, interval: float = 0.01, message: str = "condition"):
+    """Poll until predicate() returns something true; fail (never hang) after a generous timeout."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"{message} not met within {timeout}s")
+
+
+def terms(path: str, name: str) -> List[journal.Term]:
+    if not os.path.exists(path):
+        return []
+    return journal._terms(journal.read(path), name)
+
+
+class Fleet:
+    """Contender processes (``python -m crown_sync.testing.contender``), one identity each."""
+
+    def __init__(self, url: str, directory: str, name: str, child: str = "thread", grace: float = 2.0,
+                 interval: float = 0.005):
+        self.url = url
+        self.name = name
+        self.child = child
+        self.grace = grace
+        self.interval = interval
+        self.directory = str(directory)
+        self.journal = os.path.join(self.directory, f"{name}.journal.jsonl")
+        self.events = os.path.join(self.directory, f"{name}.events.jsonl")
+        self.processes: Dict[str, subprocess.Popen] = {}
+
+    def spawn(self, identity: str) -> subprocess.Popen:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "crown_sync.testing.contender", "--name", self.name,
+             "--oracle", self.url, "--journal", self.journal, "--identity", identity,
+             "--child", self.child, "--events", self.events, "--grace", str(self.grace),
+             "--interval", str(self.interval)],
+            cwd=ROOT,
+            env=env,
+            start_new_session=True,  # its own process group: cleanup can reach its children
+        )
+        self.processes[identity] = process
+        return process
+
+    def terms(self) -> List[journal.Term]:
+        return terms(self.journal, self.name)
+
+    def running_term(self, fresh: float = 0.25) -> Optional[journal.Term]:
+        """The term whose child journaled within ``fresh`` seconds and has not stopped."""
+        now = time.monotonic()
+        running = [t for t in self.terms() if not t.stopped and now - t.end < fresh and t.beats > 0]
+        return running[-1] if running else None
+
+    def wait_for_term(self, other_than=(), min_beats: int = 5, timeout: float = 30.0,
+                      after: float = float("-inf")) -> journal.Term:
+        """A running term of an identity not in ``other_than`` that started after ``after``."""
+        def found():
+            term = self.running_term()
+            if (term is not None and term.identity not in other_than and term.beats >= min_beats
+                    and term.start > after):
+                return term
+            return None
+        return wait_until(found, timeout=timeout, message=f"a running term not of {sorted(other_than)}")
+
+    def signal(self, identity: str, signum: int) -> None:
+        self.processes[identity].send_signal(signum)
+
+    def events_of(self, identity: Optional[str] = None) -> List[dict]:
+        import json
+
+        if not os.path.exists(self.events):
+            return []
+        with open(self.events) as handle:
+            lines = [json.loads(line) for line in handle if line.strip()]
+        return [e for e in lines if identity is None or e.get("identity") == identity]
+
+    def stop_all(self, timeout: float = 30.0) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                try:
+                    os.kill(process.pid, signal.SIGCONT)  # in case a test left one stopped
+                    process.send_signal(signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        for process in self.processes.values():
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill_all()
+
+    def kill_all(self) -> None:
+        """Last resort: SIGKILL each contender's process group (its children too), by pid."""
+        for process in self.processes.values():
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+
+
+# ------------------------------------------------------------------ a transaction pooler
+
+
+def _read_exact(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError("peer closed")
+        data += chunk
+    return data
+
+
+def _read_message(sock: socket.socket):
+    kind = _read_exact(sock, 1)
+    length = struct.unpack("!I", _read_exact(sock, 4))[0]
+    return kind, _read_exact(sock, length - 4)
+
+
+def _message(kind: bytes, body: bytes) -> bytes:
+    return kind + struct.pack("!I", len(body) + 4) + body
+
+
+class TransactionPooler:
+    """What PgBouncer's ``pool_mode = transaction`` does to session state, in ~100 lines.
+
+    Clients connect to ``port`` and are answered by the proxy itself (trust authentication); each
+    transaction (everything up to a ReadyForQuery in the idle state) is forwarded to the next of
+    ``size`` server connections in turn, so consecutive autocommit statements of one client run
+    in different server sessions, exactly the hazard a real transaction pooler creates for
+    session-level advisory locks. Only what psycopg needs is implemented (no SSL, no COPY).
+    """
+
+    def __init__(self, host: str, port: int, user: str, database: str, size: int = 2):
+        self.target = (host, port)
+        self.user = user
+        self.database = database
+        self.size = size
+        self.port = free_port()
+        self._listener: Optional[socket.socket] = None
+        self._servers: List[socket.socket] = []
+        self._next = 0
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def _server_connection(self) -> socket.socket:
+        sock = socket.create_connection(self.target, timeout=10)
+        params = f"user\0{self.user}\0database\0{self.database}\0\0".encode()
+        body = struct.pack("!I", 196608) + params
+        sock.sendall(struct.pack("!I", len(body) + 4) + body)
+        while True:
+            kind, body = _read_message(sock)
+            if kind == b"E":
+                raise ConnectionError(body.decode(errors="replace"))
+            if kind == b"Z":
+                return sock
+
+    def start(self) -> "TransactionPooler":
+        self._servers = [self._server_connection() for _ in range(self.size)]
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind(("127.0.0.1", self.port))
+        self._listener.listen(16)
+        threading.Thread(target=self._accept, daemon=True).start()
+        return self
+
+    def url(self, **params) -> str:
+        import urllib.parse
+
+        query = urllib.parse.urlencode(dict(params, sslmode="disable"))
+        return f"postgresql://{self.user}@127.0.0.1:{self.port}/{self.database}?{query}"
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        try:
+            self._handshake(client)
+            server = None
+            while True:
+                kind, body = _read_message(client)
+                if kind == b"X":
+                    return
+                if server is None:
+                    with self._lock:  # a transaction starts: take the next server session
+                        server = self._servers[self._next % self.size]
+                        self._next += 1
+                server.sendall(_message(kind, body))
+                if kind not in (b"S", b"Q"):  # Parse/Bind/Describe/Execute wait for Sync
+                    continue
+                while True:
+                    reply, data = _read_message(server)
+                    client.sendall(_message(reply, data))
+                    if reply == b"Z":
+                        if data == b"I":  # idle: the transaction is over, the session goes back
+                            server = None
+                        break
+        except (OSError, ConnectionError):
+            return
+        finally:
+            client.close()
+
+    def _handshake(self, client: socket.socket) -> None:
+        while True:
+            length = struct.unpack("!I", _read_exact(client, 4))[0]
+            body = _read_exact(client, length - 4)
+            code = struct.unpack("!I", body[:4])[0]
+            if code in (80877103, 80877104):  # SSLRequest, GSSENCRequest: not here
+                client.sendall(b"N")
+                continue
+            break
+        client.sendall(_message(b"R", struct.pack("!I", 0)))  # AuthenticationOk
+        for key, value in (("server_version", "15.0"), ("client_encoding", "UTF8"),
+                           ("standard_conforming_strings", "on"), ("DateStyle", "ISO, MDY"),
+                           ("integer_datetimes", "on"), ("TimeZone", "UTC")):
+            client.sendall(_message(b"S", f"{key}\0{value}\0".encode()))
+        client.sendall(_message(b"K", struct.pack("!II", 0, 0)))
+        client.sendall(_message(b"Z", b"I"))
+
+    def close(self) -> None:
+        self._closed = True
+        if self._listener is not None:
+            self._listener.close()
+        for server in self._servers:
+            try:
+                server.close()
+            except OSError:
+                pass

@@ -1,0 +1,660 @@
+"""The PostgreSQL oracle against a real PostgreSQL started by the suite (initdb in a temp dir, as
+the ``postgres`` user when root, on a free loopback port, stopped by pid).
+
+Safety is judged by the independent journal that the leaders' children write themselves
+(crown_sync.testing.journal), never by the oracle's word. Faults are real: SIGKILL, SIGTERM,
+SIGSTOP past the lease, ``pg_terminate_backend``, an immediate server restart, the server's own
+``idle_session_timeout``, a hot standby made with ``pg_basebackup -R``, and a transaction-pooling
+proxy.
+"""
+
+import gc
+import logging
+import os
+import signal
+import threading
+import time
+
+import psycopg
+import pytest
+
+import crown_sync
+from crown_sync import telemetry
+from crown_sync.oracles.postgres import (
+    OPTIONS,
+    PoolingDetected,
+    PostgresOracle,
+    PostgresOracleError,
+    StandbyRefused,
+    advisory_key,
+)
+from crown_sync.testing import journal
+from crown_sync.testing.postgres_server import PostgresServer
+from crown_sync.testing.servers import free_port
+
+from .postgres_support import Fleet, TransactionPooler, wait_until
+
+SECRET = "s3cret-Pa55"
+# Short leases keep the suite quick: lease 2 s -> margin 0.2 s, confirmations every 0.4 s.
+FAST = "lease=2&wait_timeout=1"
+
+
+@pytest.fixture(scope="module")
+def pg():
+    server = PostgresServer(fsync=False)
+    server.start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def name(request):
+    return f"pg-{request.node.name}".replace("[", "-").replace("]", "")[:100]
+
+
+class Signals:
+    """An on_change callback that records its calls."""
+
+    def __init__(self):
+        self.calls = []
+        self.event = threading.Event()
+
+    def __call__(self, lost=False):
+        self.calls.append((time.monotonic(), lost))
+        self.event.set()
+
+    def wait(self, timeout=30.0, lost=None):
+        return wait_until(
+            lambda: [c for c in self.calls if lost is None or c[1] == lost], timeout=timeout,
+            message=f"on_change(lost={lost})",
+        )
+
+
+def oracle_for(pg, **options):
+    options.setdefault("lease", 2.0)
+    options.setdefault("wait_timeout", 1.0)
+    return PostgresOracle(pg.url_for(password=SECRET), **options)
+
+
+def holder_pid(pg, oracle, name):
+    hi, lo = (oracle.key(name) & 0xFFFFFFFFFFFFFFFF) >> 32, oracle.key(name) & 0xFFFFFFFF
+    rows = pg.sql(
+        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 1"
+        " AND classid::bigint = %s AND objid::bigint = %s", (hi, lo)
+    )
+    return rows[0][0] if rows else None
+
+
+def journal_ok(path, name, min_terms):
+    report = journal.check(path, name)
+    assert report.ok, report.summary()
+    assert len(report.terms) >= min_terms, report.summary()
+    assert all(t.beats > 0 for t in report.terms[:-1]), report.summary()  # terms really worked
+    return report
+
+
+# ----------------------------------------------------------------------- options, no server
+
+
+def test_advisory_key_is_a_stable_signed_64_bit_hash():
+    key = advisory_key("crown_sync", "billing-cron")
+    assert key == advisory_key("crown_sync", "billing-cron")
+    assert -(2 ** 63) <= key < 2 ** 63
+    # Pinned: a key that changed between versions would let old and new contenders both lead.
+    assert key == -9101135099483142873
+    assert advisory_key("other-app", "billing-cron") != key
+    assert advisory_key("crown_sync", "billing-cron2") != key
+
+
+def test_url_options_are_ours_and_the_rest_is_libpq():
+    oracle = PostgresOracle.from_url(
+        f"postgres://app:{SECRET}@db.example:6432/app?lease=20&confirm_interval=3&margin=1.5"
+        "&namespace=billing&sslmode=verify-full&target_session_attrs=read-write&wait_timeout=2"
+    )
+    assert (oracle.lease, oracle.confirm_interval, oracle.margin) == (20.0, 3.0, 1.5)
+    assert (oracle.namespace, oracle.wait_timeout) == ("billing", 2.0)
+    assert SECRET not in oracle.description and "***" in oracle.description
+    assert SECRET not in repr(oracle)
+    params = psycopg.conninfo.conninfo_to_dict(oracle._dsn)
+    assert params["sslmode"] == "verify-full" and params["target_session_attrs"] == "read-write"
+    assert "lease" not in params and params["password"] == SECRET
+    defaults = PostgresOracle.from_url("postgresql://app@db/app")
+    assert (defaults.lease, defaults.confirm_interval, defaults.margin) == (10.0, 2.0, 1.0)
+    # key=value DSNs work too
+    assert PostgresOracle(f"host=db user=app password={SECRET}").description.count(SECRET) == 0
+
+
+@pytest.mark.parametrize(
+    "url, option",
+    [
+        ("postgresql://db/app?lease=soon", "lease"),
+        ("postgresql://db/app?lease=0.5", "lease"),
+        ("postgresql://db/app?lease=10&confirm_interval=5", "confirm_interval"),
+        ("postgresql://db/app?lease=10&margin=6", "margin"),
+        ("postgresql://db/app?wait_timeout=-1", "wait_timeout"),
+        ("postgresql://db/app?connect_timeout=0", "connect_timeout"),
+        ("postgresql://db/app?lease=3&lease=4", "lease"),
+        ("postgresql://db/app?leese=3", "lease"),  # unknown: the message lists ours
+        ("postgresql://db/app?namespace=", "namespace"),
+        ("postgresql://db/app?takeover_delay=120", "takeover_delay"),
+    ],
+)
+def test_bad_url_options_name_the_option(url, option):
+    with pytest.raises(ValueError) as info:
+        crown_sync.oracle_from_url(url)
+    assert option in str(info.value)
+
+
+def test_bad_arguments_name_the_argument():
+    with pytest.raises(ValueError, match="dsn"):
+        PostgresOracle(f"host=db password={SECRET} bogus_parameter=1")
+    with pytest.raises(ValueError, match="confirm_interval"):
+        PostgresOracle("postgresql://db/app", lease=4, confirm_interval=2)
+    with pytest.raises(TypeError, match="lease"):
+        PostgresOracle("postgresql://db/app", lease="10")
+    with pytest.raises(TypeError, match="dsn"):
+        PostgresOracle(None)
+    with pytest.raises(ValueError) as info:
+        PostgresOracle(f"postgresql://app:{SECRET}@db/app?lease=3")
+    assert SECRET not in str(info.value) and "lease" in str(info.value)
+    assert set(OPTIONS) == {"namespace", "lease", "confirm_interval", "margin", "connect_timeout",
+                            "wait_timeout", "takeover_delay"}
+
+
+# ------------------------------------------------------------------- contender level, server
+
+
+def test_libpq_parameters_reach_the_server_and_passwords_stay_hidden(pg, name):
+    oracle = PostgresOracle.from_url(pg.url_for(password=SECRET, lease=3, sslmode="disable", application_name="billing-app"))
+    contender = oracle.contender(name, "me", {}, Signals())
+    try:
+        claim = contender.claim()
+        assert claim.won
+        pid = holder_pid(pg, oracle, name)
+        rows = pg.sql(
+            "SELECT a.application_name, s.ssl FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid)"
+            " WHERE a.pid = %s", (pid,)
+        )
+        assert rows == [("billing-app", False)]
+        settings = dict(pg.sql(
+            "SELECT name, setting FROM pg_settings WHERE name IN ('idle_session_timeout', 'tcp_user_timeout')"
+        ))
+        assert settings["idle_session_timeout"] == "0"  # ours is per session, not the server's
+        assert SECRET not in oracle.description
+    finally:
+        contender.close()
+        oracle.close()
+
+
+def test_leader_record_is_readable_without_ddl_and_vanishes_with_the_lock(pg, name):
+    oracle, reader = oracle_for(pg), oracle_for(pg)
+    leader = oracle.contender(name, "host-a:1", {"url": "http://a:8000", "n": [1, 2]}, Signals())
+    try:
+        assert reader.find_leader(name) is None
+        claim = leader.claim()
+        assert claim.won and claim.token > 0
+        found = reader.find_leader(name)
+        assert found.identity == "host-a:1"
+        assert found.metadata == {"url": "http://a:8000", "n": [1, 2]}
+        assert found.token == claim.token
+        assert abs(found.since - time.time()) < 600
+        assert pg.sql("SELECT count(*) FROM pg_class WHERE relname LIKE 'crown%%'") == [(0,)]
+        follower = oracle.contender(name, "host-b:2", {}, Signals())
+        lost = follower.claim()
+        assert not lost.won and lost.leader.identity == "host-a:1" and lost.leader.token == claim.token
+        follower.close()
+        leader.abdicate()
+        assert reader.find_leader(name) is None
+        # metadata too big for track_activity_query_size is dropped, never cut
+        big = oracle.contender(name, "host-c:3", {"blob": "x" * 5000}, Signals())
+        assert big.claim().won
+        found = reader.find_leader(name)
+        assert found.identity == "host-c:3" and found.metadata == {} and found.token is not None
+        big.close()
+        wait_until(lambda: reader.find_leader(name) is None, message="lock freed by close()")
+    finally:
+        leader.close()
+        oracle.close()
+        reader.close()
+
+
+def test_follower_is_woken_by_the_server_and_takes_over_with_a_higher_token(pg, name):
+    oracle = oracle_for(pg)
+    signals = Signals()
+    a = oracle.contender(name, "a", {}, Signals())
+    b = oracle.contender(name, "b", {}, signals)
+    try:
+        first = a.claim()
+        assert first.won
+        lost = b.claim()
+        assert not lost.won and lost.leader.identity == "a"
+        assert b.watch(lost.leader) is True
+        assert b.claim().won is False  # queued on the lock: answered without I/O
+        a.abdicate()
+        signals.wait()
+        second = b.claim()
+        assert second.won and second.token > first.token
+        assert oracle.find_leader(name).identity == "b"
+        assert a.claim().won is False
+    finally:
+        a.close()
+        b.close()
+        oracle.close()
+
+
+def test_terminated_session_is_noticed_at_once_and_refresh_says_lost(pg, name):
+    oracle = oracle_for(pg)
+    signals = Signals()
+    a = oracle.contender(name, "a", {}, signals)
+    b = oracle.contender(name, "b", {}, Signals())
+    try:
+        first = a.claim()
+        assert first.won
+        assert pg.terminate(holder_pid(pg, oracle, name))
+        signals.wait(lost=True)  # the socket watcher saw the FATAL message
+        assert a.refresh().won is False
+        second = b.claim()
+        assert second.won and second.token > first.token
+        b.abdicate()
+        third = a.claim()  # reconnects
+        assert third.won and third.token > second.token
+    finally:
+        a.close()
+        b.close()
+        oracle.close()
+
+
+def test_takeover_waits_only_when_the_predecessor_did_not_release(pg, name, caplog):
+    """A graceful release is marked in the unlocking statement's text; a session that ended
+    under its leader is not, and the woken follower gives that leader takeover_delay first."""
+    caplog.set_level(logging.DEBUG, logger="crown_sync.oracles.postgres")
+    oracle = oracle_for(pg, takeover_delay=0.2)
+    signals = Signals()
+    a = oracle.contender(name, "a", {}, Signals())
+    b = oracle.contender(name, "b", {}, signals)
+    try:
+        for graceful in (True, False):
+            caplog.clear()
+            signals.event.clear()
+            signals.calls.clear()
+            first = a.claim()
+            assert first.won
+            assert not b.claim().won and b.watch(None)
+            wait_until(lambda: pg.sql("SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", (b._pid,)) == [("Lock",)],
+                       message="b waiting")
+            if graceful:
+                a.abdicate()
+            else:
+                assert pg.terminate(holder_pid(pg, oracle, name))
+            signals.wait()
+            second = b.claim()
+            assert second.won and second.token > first.token
+            waited = any("without a release" in r.getMessage() for r in caplog.records)
+            assert waited is not graceful
+            b.abdicate()
+            assert a.refresh().won is False
+            a.abdicate()
+    finally:
+        a.close()
+        b.close()
+        oracle.close()
+
+
+def test_server_drops_a_silent_leader_no_sooner_than_its_deadline(pg, name):
+    """idle_session_timeout is the lease: a leader that stops confirming loses its session, but
+    only after the deadline it was given."""
+    oracle = oracle_for(pg, lease=1.0, wait_timeout=0.2)
+    signals = Signals()
+    a = oracle.contender(name, "a", {}, signals)
+    b = oracle.contender(name, "b", {}, Signals())
+    try:
+        claim = a.claim()
+        assert claim.won
+        pid = holder_pid(pg, oracle, name)
+        log_before = len(pg.log_tail(10 ** 9))
+        won = wait_until(lambda: b.claim().won and time.monotonic(), timeout=30, message="b wins")
+        assert won >= claim.deadline
+        assert "idle-session timeout" in pg.log_tail(10 ** 9)[log_before:]
+        assert pid not in [r[0] for r in pg.sql("SELECT pid FROM pg_stat_activity")]
+        assert a.refresh().won is False
+    finally:
+        a.close()
+        b.close()
+        oracle.close()
+
+
+def test_tokens_rise_across_immediate_restarts(pg, name):
+    oracle = oracle_for(pg)
+    contender = oracle.contender(name, "a", {}, Signals())
+    tokens = []
+    try:
+        for _ in range(3):
+            claim = wait_until(lambda: _try(contender.claim), timeout=30, message="claim after restart")
+            assert claim.won
+            tokens.append(claim.token)
+            pg.restart(mode="immediate")
+            assert contender.refresh().won is False
+        assert tokens == sorted(set(tokens)), tokens
+    finally:
+        contender.close()
+        oracle.close()
+
+
+def _try(call):
+    try:
+        return call()
+    except Exception:
+        return None
+
+
+def test_follower_waits_are_bounded_and_close_cancels_them(pg, name):
+    oracle = oracle_for(pg, wait_timeout=0.5)
+    a = oracle.contender(name, "a", {}, Signals())
+    b = oracle.contender(name, "b", {}, Signals())
+    try:
+        assert a.claim().won
+        assert b.claim().won is False
+        assert b.watch(None)
+        b_pid = b._pid
+        starts = set()
+
+        def waiting_since():
+            rows = pg.sql("SELECT query_start, wait_event_type FROM pg_stat_activity WHERE pid = %s", (b_pid,))
+            if rows and rows[0][1] == "Lock":
+                starts.add(rows[0][0])
+            return len(starts) >= 2
+
+        # The wait is re-armed (a fresh statement, a fresh snapshot) instead of pinning xmin.
+        wait_until(waiting_since, timeout=30, interval=0.05, message="two lock waits")
+        started = time.monotonic()
+        b.close()
+        assert time.monotonic() - started < 10  # bounded (generous: not a speed test)
+        wait_until(lambda: not pg.sql("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (b_pid,)),
+                   message="the follower's session ended")
+        assert a.refresh().won
+    finally:
+        a.close()
+        b.close()
+        oracle.close()
+
+
+def test_close_is_bounded_when_the_backend_is_frozen(pg, name):
+    oracle = oracle_for(pg)
+    a = oracle.contender(name, "a", {}, Signals())
+    b = oracle.contender(name, "b", {}, Signals())
+    frozen = None
+    try:
+        assert a.claim().won
+        assert b.claim().won is False and b.watch(None)
+        frozen = b._pid
+        wait_until(lambda: pg.sql("SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", (frozen,)) == [("Lock",)],
+                   message="follower waiting")
+        os.kill(frozen, signal.SIGSTOP)
+        started = time.monotonic()
+        b.close()
+        assert time.monotonic() - started < 15
+    finally:
+        if frozen:
+            os.kill(frozen, signal.SIGCONT)
+        a.close()
+        b.close()
+        oracle.close()
+
+
+def test_fork_child_does_not_disturb_the_parents_session(pg, name):
+    oracle = oracle_for(pg)
+    leader = oracle.contender(name, "parent", {}, Signals())
+    try:
+        assert leader.claim().won
+        assert oracle.find_leader(name).identity == "parent"
+        pid_before = holder_pid(pg, oracle, name)
+        child = os.fork()
+        if child == 0:  # pragma: no cover - the child's exit code is the assertion
+            code = 0
+            try:
+                leader.close()
+                oracle.close()
+                try:
+                    leader.claim()
+                    code = 3
+                except PostgresOracleError:
+                    pass
+                del leader
+                gc.collect()
+            except BaseException:
+                code = 4
+            os._exit(code)
+        _, status = os.waitpid(child, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        time.sleep(0.2)
+        assert leader.refresh().won
+        assert holder_pid(pg, oracle, name) == pid_before
+        assert oracle.find_leader(name).identity == "parent"
+    finally:
+        leader.close()
+        oracle.close()
+
+
+def test_standby_is_refused(pg, name):
+    standby = pg.create_standby()
+    try:
+        standby.start()
+        wait_until(lambda: standby.sql("SELECT pg_is_in_recovery()") == [(True,)], message="standby up")
+        oracle = PostgresOracle(standby.url_for(password=SECRET), lease=2)
+        contender = oracle.contender(name, "a", {}, Signals())
+        with pytest.raises(StandbyRefused, match="standby"):
+            contender.claim()
+        with pytest.raises(StandbyRefused):
+            oracle.find_leader(name)
+        with crown_sync.Crown(name, oracle=oracle) as crown:
+            wait_until(lambda: crown.status().last_error, message="last_error set")
+            time.sleep(0.5)
+            assert "standby" in crown.status().last_error and not crown.is_leader()
+        assert standby.sql("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'") == [(0,)]
+        contender.close()
+        oracle.close()
+    finally:
+        standby.cleanup()
+
+
+def test_transaction_pooling_is_refused(pg, name):
+    pooler = TransactionPooler("127.0.0.1", pg.port, pg.superuser, "postgres").start()
+    try:
+        oracle = PostgresOracle.from_url(pooler.url(lease=2))
+        contender = oracle.contender(name, "a", {}, Signals())
+        with pytest.raises(PoolingDetected, match="pooler"):
+            contender.claim()
+        contender.close()
+        with crown_sync.Crown(name, oracle=oracle) as crown:
+            wait_until(lambda: crown.status().last_error, message="last_error set")
+            time.sleep(0.5)
+            assert "pooler" in crown.status().last_error and not crown.is_leader()
+        oracle.close()
+    finally:
+        pooler.close()
+
+
+# ------------------------------------------------------------------------- crowns, end to end
+
+
+def test_two_crowns_in_one_process_never_both_lead(pg, name, tmp_path):
+    path = str(tmp_path / "journal")
+    shared = oracle_for(pg)
+    child = crown_sync.ThreadChild(journal.journaled_work, args=(path,))
+    crowns = [
+        crown_sync.Crown(name, oracle=shared, child=child, identity="shared-oracle"),
+        crown_sync.Crown(name, oracle=pg.url_for(password=SECRET, lease=2, wait_timeout=1),
+                         child=child, identity="own-oracle"),
+    ]
+    both = []
+    try:
+        for crown in crowns:
+            crown.start()
+        wait_until(lambda: any(c.is_leader() for c in crowns), message="a leader")
+        end = time.monotonic() + 1.0
+        while time.monotonic() < end:
+            both.append(all(c.is_leader() for c in crowns))
+            time.sleep(0.005)
+        first = next(c for c in crowns if c.is_leader())
+        other = next(c for c in crowns if c is not first)
+        first.stop()
+        assert other.wait_for_leadership(30)
+        assert other.status().token > 0 and SECRET not in other.status().oracle
+        time.sleep(0.2)
+    finally:
+        for crown in crowns:
+            crown.stop()
+        shared.close()
+    assert not any(both)
+    report = journal_ok(path, name, 2)
+    assert [t.identity for t in report.terms][:2] == [first.identity, other.identity]
+
+
+def test_contention_between_processes_sigterm_and_sigkill(pg, name, tmp_path):
+    fleet = Fleet(f"{pg.url}?{FAST}", tmp_path, name)
+    for i in range(3):
+        fleet.spawn(f"p{i}")
+    try:
+        first = fleet.wait_for_term()
+        fleet.signal(first.identity, signal.SIGTERM)
+        second = fleet.wait_for_term(other_than={first.identity})
+        fleet.signal(second.identity, signal.SIGKILL)
+        third = fleet.wait_for_term(other_than={first.identity, second.identity})
+        time.sleep(0.2)
+    finally:
+        fleet.stop_all()
+    report = journal_ok(fleet.journal, name, 3)
+    assert first.token < second.token < third.token
+    assert fleet.processes[first.identity].returncode == 0  # SIGTERM: a clean stop
+
+
+def test_pg_terminate_backend_of_the_leader(pg, name, tmp_path):
+    fleet = Fleet(f"{pg.url}?{FAST}", tmp_path, name)
+    oracle = oracle_for(pg)
+    for i in range(2):
+        fleet.spawn(f"t{i}")
+    try:
+        before = fleet.wait_for_term()
+        killed_at = time.monotonic()
+        assert pg.terminate(holder_pid(pg, oracle, name))
+        after = fleet.wait_for_term(after=killed_at)
+        time.sleep(0.2)
+    finally:
+        fleet.stop_all()
+        oracle.close()
+    report = journal_ok(fleet.journal, name, 2)
+    old = [t for t in report.terms if t.token == before.token][0]
+    assert old.stopped and old.end < after.start and after.token > before.token
+
+
+def test_immediate_server_restart(pg, name, tmp_path):
+    fleet = Fleet(f"{pg.url}?{FAST}", tmp_path, name)
+    for i in range(2):
+        fleet.spawn(f"r{i}")
+    try:
+        before = fleet.wait_for_term()
+        restarted_at = time.monotonic()
+        pg.restart(mode="immediate")
+        after = fleet.wait_for_term(after=restarted_at, timeout=60)
+        time.sleep(0.2)
+    finally:
+        fleet.stop_all()
+    report = journal_ok(fleet.journal, name, 2)
+    old = [t for t in report.terms if t.token == before.token][0]
+    assert old.end < after.start and after.token > before.token
+
+
+def test_paused_leader_is_replaced_after_idle_session_timeout(pg, name, tmp_path):
+    """SIGSTOP past the lease, then SIGCONT: the server ends the paused leader's session
+    (idle_session_timeout), its process child stops itself by the deadline, a follower takes
+    over, and the resumed crown finds its lease gone."""
+    fleet = Fleet(f"{pg.url}?{FAST}", tmp_path, name, child="process")
+    for i in range(2):
+        fleet.spawn(f"s{i}")
+    try:
+        paused = fleet.wait_for_term()
+        log_before = len(pg.log_tail(10 ** 9))
+        stopped_at = time.monotonic()
+        fleet.signal(paused.identity, signal.SIGSTOP)  # the crown's process; its child runs on
+        try:
+            successor = fleet.wait_for_term(other_than={paused.identity}, timeout=30)
+            time.sleep(max(0.0, stopped_at + 3.0 - time.monotonic()))
+        finally:
+            fleet.signal(paused.identity, signal.SIGCONT)
+        time.sleep(1.0)
+        assert fleet.processes[paused.identity].poll() is None
+        assert "idle-session timeout" in pg.log_tail(10 ** 9)[log_before:]  # the server did it
+    finally:
+        fleet.stop_all()
+    report = journal_ok(fleet.journal, name, 2)
+    old = [t for t in report.terms if t.token == paused.token][0]
+    new = [t for t in report.terms if t.token == successor.token][0]
+    assert old.end < new.start and new.token > old.token
+
+
+def test_dismiss_makes_the_leader_step_down(pg, name, tmp_path):
+    path = str(tmp_path / "journal")
+    url = f"{pg.url}?{FAST}"
+    child = crown_sync.ThreadChild(journal.journaled_work, args=(path,))
+    crowns = [crown_sync.Crown(name, oracle=url, child=child, identity=f"d{i}") for i in range(2)]
+    seen = []
+    handle = telemetry.attach(lambda event, meta: seen.append((event, meta.get("identity"), meta.get("token"))),
+                              prefixes=["crown.leadership"])
+    try:
+        assert crown_sync.dismiss(name, oracle=url) is False  # nobody to dismiss yet
+        for crown in crowns:
+            crown.start()
+        wait_until(lambda: any(c.is_leader() for c in crowns), message="a leader")
+        first = next(c for c in crowns if c.is_leader())
+        token = first.status().token
+        assert crown_sync.find_leader(name, oracle=url).identity == first.identity
+        assert crown_sync.dismiss(name, oracle=url) is True
+        wait_until(lambda: any(c.is_leader() and c.status().token > token for c in crowns),
+                   message="a new term after dismissal")
+        time.sleep(0.2)
+    finally:
+        telemetry.detach(handle)
+        for crown in crowns:
+            crown.stop()
+    assert ("crown.leadership.lost", first.identity, token) in seen
+    journal_ok(path, name, 2)
+
+
+def test_unreachable_server_never_raises_from_start(name, caplog):
+    caplog.set_level(logging.DEBUG, logger="crown_sync")
+    url = f"postgresql://app:{SECRET}@127.0.0.1:{free_port()}/app?connect_timeout=1&lease=2"
+    events = []
+    handle = telemetry.attach(lambda event, meta: events.append(repr((event, meta))))
+    crown = crown_sync.Crown(name, oracle=url)
+    try:
+        assert crown.start() is crown
+        wait_until(lambda: crown.status().last_error, timeout=30, message="last_error")
+        status = crown.status()
+        assert not crown.is_leader() and status.phase in ("claiming", "following")
+        assert "connect" in status.last_error
+        assert SECRET not in status.last_error and SECRET not in status.oracle
+    finally:
+        started = time.monotonic()
+        crown.stop()
+        telemetry.detach(handle)
+    assert time.monotonic() - started < 30
+    assert events and not any(SECRET in e for e in events)
+    assert not any(SECRET in r.getMessage() for r in caplog.records)
+
+
+def test_password_never_appears_in_status_events_or_logs(pg, name, caplog):
+    caplog.set_level(logging.DEBUG, logger="crown_sync")
+    events = []
+    handle = telemetry.attach(lambda event, meta: events.append(repr((event, meta))))
+    url = f"{pg.url_for(password=SECRET)}?{FAST}"
+    try:
+        with crown_sync.Crown(name, oracle=url) as crown:
+            assert crown.wait_for_leadership(30)
+            assert pg.terminate(holder_pid(pg, crown.oracle, name))  # errors get logged too
+            wait_until(lambda: crown.is_leader() and crown.status().token, timeout=30, message="leading again")
+            text = repr(crown.status())
+    finally:
+        telemetry.detach(handle)
+    assert SECRET not in text
+    assert events and not any(SECRET in e for e in events)
+    assert not any(SECRET in r.getMessage() for r in caplog.records)

@@ -1,0 +1,584 @@
+"""The memcached oracle against a real memcached started by the suite.
+
+Safety is judged by the independent journal that the leaders' children write themselves
+(crown_sync.testing.journal), never by the oracle's word; faults are real: SIGKILL, SIGTERM,
+SIGSTOP past the lease, memcached restart, ``flush_all`` and LRU eviction.
+"""
+
+import os
+import signal
+import stat
+import threading
+import time
+
+import pytest
+from pymemcache.client.base import Client
+
+import crown_sync
+from crown_sync.oracles.memcached import MemcachedError, MemcachedOracle
+from crown_sync.testing import journal
+from crown_sync.testing.memcached_server import MemcachedServer
+from crown_sync.testing.servers import free_port
+
+from .memcached_support import Fleet, wait_until
+
+NAME = "nightly-report"
+# Short leases keep the suite quick (renewals every 0.5 s, failover ~2.5 s); a whole second of
+# margin keeps a busy machine's scheduling delays from turning into journal overlaps.
+TTL = 2.5
+FAST = f"ttl={TTL:g}&margin=1&poll_interval=0.05"
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = MemcachedServer(memory_mb=16)
+    srv.start()
+    yield srv
+    srv.cleanup()
+
+
+@pytest.fixture
+def fresh_server():
+    """A server of the test's own (restarted, flushed or filled by it)."""
+    srv = MemcachedServer(memory_mb=16)
+    srv.start()
+    yield srv
+    srv.cleanup()
+
+
+@pytest.fixture
+def name(request):
+    # One election per test on the shared server.
+    return f"{NAME}-{request.node.name}".replace("[", "-").replace("]", "")[:100]
+
+
+def oracle_for(srv, **options):
+    options.setdefault("ttl", 1.0)
+    options.setdefault("poll_interval", 0.05)
+    return MemcachedOracle(srv.address, **options)
+
+
+def assert_journal_ok(fleet, min_terms):
+    report = journal.check(fleet.journal, fleet.name)
+    assert report.ok, report.summary()
+    assert len(report.terms) >= min_terms, report.summary()
+    assert all(term.beats > 0 for term in report.terms), report.summary()
+    return report
+
+
+class Signals:
+    """on_change callbacks received by a contender."""
+
+    def __init__(self):
+        self.calls = []
+        self.event = threading.Event()
+
+    def __call__(self, lost=False):
+        self.calls.append(lost)
+        self.event.set()
+
+    def wait(self, timeout=10.0):
+        assert self.event.wait(timeout), "no on_change() within the timeout"
+        self.event.clear()
+
+
+def lead(contender, timeout=10.0):
+    """Claim until won (a fresh key first goes through the quarantine)."""
+    def attempt():
+        claim = contender.claim()
+        return claim if claim.won else None
+    return wait_until(attempt, timeout=timeout, interval=0.05, message="leadership")
+
+
+# --------------------------------------------------------------------------- processes, faults
+
+def test_contention_and_graceful_handoffs_between_processes(server, tmp_path, name):
+    fleet = Fleet(f"{server.url}?{FAST}", tmp_path, name)
+    for i in range(3):
+        fleet.spawn(f"c{i}")
+    try:
+        done = []
+        for round_number in range(3):
+            term = fleet.wait_for_term(other_than=set(done[-1:]))
+            fleet.signal(term.identity, signal.SIGTERM)  # clean stop: child, then CAS release
+            fleet.processes[term.identity].wait(30)
+            done.append(term.identity)
+            fleet.spawn(f"c{3 + round_number}")
+        fleet.wait_for_term(other_than=set(done[-1:]))
+    finally:
+        fleet.stop_all()
+    report = assert_journal_ok(fleet, 4)
+    assert sum(term.stopped for term in report.terms) >= 4, report.summary()
+    assert len({term.identity for term in report.terms}) >= 4
+
+
+def test_sigkill_of_the_leader_fails_over_without_overlap(server, tmp_path, name):
+    fleet = Fleet(f"{server.url}?{FAST}", tmp_path, name)
+    for i in range(3):
+        fleet.spawn(f"k{i}")
+    try:
+        killed = []
+        for round_number in range(2):
+            term = fleet.wait_for_term(other_than=set(killed))
+            fleet.processes[term.identity].kill()
+            fleet.processes[term.identity].wait(30)
+            killed.append(term.identity)
+            fleet.spawn(f"k{3 + round_number}")
+        survivor = fleet.wait_for_term(other_than=set(killed))
+    finally:
+        fleet.stop_all()
+    report = assert_journal_ok(fleet, 3)
+    assert survivor.identity not in killed
+    # The killed leaders never wrote "stop": their terms simply ended, and others followed.
+    assert [t.identity for t in report.terms if not t.stopped][:2] == killed
+
+
+def test_sigstop_past_the_lease_then_sigcont_never_overlaps(server, tmp_path, name):
+    fleet = Fleet(f"{server.url}?{FAST}", tmp_path, name, child="process", grace=1.0)
+    for i in range(3):
+        fleet.spawn(f"s{i}")
+    try:
+        paused = fleet.wait_for_term()
+        stopped_at = time.monotonic()
+        fleet.signal(paused.identity, signal.SIGSTOP)  # the crown's process; its child runs on
+        try:
+            successor = fleet.wait_for_term(other_than={paused.identity}, timeout=30)
+            time.sleep(max(0.0, stopped_at + 2 * TTL - time.monotonic()))  # well past the lease
+        finally:
+            fleet.signal(paused.identity, signal.SIGCONT)
+        time.sleep(1.0)  # the resumed crown finds its lease gone and carries on as a follower
+        assert fleet.processes[paused.identity].poll() is None
+    finally:
+        fleet.stop_all()
+    report = assert_journal_ok(fleet, 2)
+    old = [t for t in report.terms if t.identity == paused.identity and t.token == paused.token][0]
+    new = [t for t in report.terms if t.identity == successor.identity and t.token == successor.token][0]
+    assert old.end < new.start, report.summary()  # the paused leader's child stopped first
+    assert new.token > old.token
+
+
+def test_memcached_restart_ends_the_term_and_a_later_one_starts(fresh_server, tmp_path, name):
+    fleet = Fleet(f"{fresh_server.url}?{FAST}", tmp_path, name)
+    for i in range(3):
+        fleet.spawn(f"r{i}")
+    try:
+        before = fleet.wait_for_term()
+        restarted_at = time.monotonic()
+        fresh_server.restart(down_for=0.5)  # SIGTERM, down, up again empty on the same port
+        after = fleet.wait_for_new_term(after=restarted_at, timeout=40)
+        time.sleep(0.2)
+    finally:
+        fleet.stop_all()
+    report = assert_journal_ok(fleet, 2)
+    assert after.token > before.token
+    old = [t for t in report.terms if t.token == before.token][0]
+    assert old.end < after.start
+
+
+def test_memcached_crash_restart_too(fresh_server, tmp_path, name):
+    fleet = Fleet(f"{fresh_server.url}?{FAST}", tmp_path, name)
+    for i in range(2):
+        fleet.spawn(f"x{i}")
+    try:
+        before = fleet.wait_for_term()
+        crashed_at = time.monotonic()
+        fresh_server.crash_restart(down_for=1.0)
+        after = fleet.wait_for_new_term(after=crashed_at, timeout=40)
+    finally:
+        fleet.stop_all()
+    assert_journal_ok(fleet, 2)
+    assert after.token > before.token
+
+
+def test_flush_all_ends_the_term_and_a_later_one_starts(server, tmp_path, name):
+    fleet = Fleet(f"{server.url}?{FAST}", tmp_path, name)
+    for i in range(3):
+        fleet.spawn(f"f{i}")
+    try:
+        before = fleet.wait_for_term()
+        flushed_at = time.monotonic()
+        server.flush_all()
+        after = fleet.wait_for_new_term(after=flushed_at, timeout=40)
+        time.sleep(0.2)
+    finally:
+        fleet.stop_all()
+    report = assert_journal_ok(fleet, 2)
+    assert after.token > before.token
+    old = [t for t in report.terms if t.token == before.token][0]
+    # The key vanished while the leader ran: the next term began only after the old one ended
+    # (at the leader's next renewal) and after the claimant's quarantine.
+    assert old.end < after.start
+    assert after.start - flushed_at >= TTL - 0.1  # quarantine: one ttl after the add
+
+
+def test_eviction_of_the_lease_ends_the_term_safely(tmp_path, name):
+    # A tiny cache with memcached 1.4's flat LRU: a busy key is evicted like any other (the
+    # segmented LRU of 1.6 keeps a key that is read often, which is good for users but slow to test).
+    with MemcachedServer(memory_mb=2, extra_args=["-o", "no_lru_maintainer"]) as srv:
+        srv.start()
+        fleet = Fleet(f"{srv.url}?{FAST}", tmp_path, name)
+        for i in range(3):
+            fleet.spawn(f"e{i}")
+        client = Client(srv.address, default_noreply=False)
+        key = "crown_sync:" + name
+        try:
+            before = fleet.wait_for_term()
+            size = len(client.get(key))
+            evicted_at = None
+            filler = 0
+            for burst in range(40):
+                # Filler items exactly the lease's size (key and value) land in its slab class
+                # and push it out of that class's LRU.
+                batch = {f"{key[:-8]}{filler + i:08d}": b"z" * size for i in range(3000)}
+                filler += len(batch)
+                client.set_many(batch, expire=0, noreply=True)
+                if client.get(key) is None:
+                    evicted_at = time.monotonic()
+                    break
+            assert evicted_at is not None, "the lease key was never evicted"
+            assert int(srv.stats()["evictions"]) > 0
+            after = fleet.wait_for_new_term(after=evicted_at, timeout=40)
+            time.sleep(0.2)
+        finally:
+            client.close()
+            fleet.stop_all()
+        report = assert_journal_ok(fleet, 2)
+        assert after.token > before.token
+        old = [t for t in report.terms if t.token == before.token][0]
+        assert old.end < after.start
+
+
+def test_find_leader_and_dismiss_through_the_public_api(server, tmp_path, name):
+    url = f"{server.url}?{FAST}"
+    fleet = Fleet(url, tmp_path, name)
+    for i in range(2):
+        fleet.spawn(f"d{i}")
+    try:
+        first = fleet.wait_for_term()
+        leader = wait_until(lambda: crown_sync.find_leader(name, oracle=url))
+        assert leader.identity == first.identity and leader.token == first.token
+        dismissed_at = time.monotonic()
+        assert crown_sync.dismiss(name, oracle=url) is True
+        second = fleet.wait_for_new_term(after=dismissed_at, timeout=30)
+    finally:
+        fleet.stop_all()
+    assert_journal_ok(fleet, 2)
+    assert second.token > first.token
+    assert crown_sync.find_leader(name, oracle=url) is None  # everyone stopped cleanly
+
+
+# ------------------------------------------------------------------------------ bad input
+
+@pytest.mark.parametrize(
+    "url, words",
+    [
+        ("memcached://a:11211,b:11211", ["one server"]),
+        ("memcached://127.0.0.1:11211?bogus=1", ["bogus", "ttl"]),
+        ("memcached://127.0.0.1:11211?ttl=0.5", ["ttl"]),
+        ("memcached://127.0.0.1:11211?ttl=soon", ["ttl"]),
+        ("memcached://127.0.0.1:11211?ttl=2&renew_interval=1", ["renew_interval"]),
+        ("memcached://127.0.0.1:11211?ttl=2&margin=1.5", ["margin"]),
+        ("memcached://127.0.0.1:11211?ttl=2&poll_interval=5", ["poll_interval"]),
+        ("memcached://127.0.0.1:11211?ttl=2&timeout=0", ["timeout"]),
+        ("memcached://127.0.0.1:11211?ttl=1&ttl=2", ["ttl"]),
+        ("memcached://127.0.0.1:notaport", ["port"]),
+        ("memcached://127.0.0.1:11211/somewhere", ["path"]),
+        ("memcached:///", ["host"]),
+    ],
+)
+def test_bad_urls_are_value_errors_naming_the_problem(url, words):
+    with pytest.raises(ValueError) as info:
+        crown_sync.oracle_from_url(url)
+    for word in words:
+        assert word in str(info.value)
+    with pytest.raises(ValueError):
+        crown_sync.Crown("job", oracle=url)
+
+
+def test_bad_constructor_arguments():
+    with pytest.raises(ValueError, match="one server"):
+        MemcachedOracle(["a:1", "b:2", "c:3"])
+    with pytest.raises(ValueError, match="one server"):
+        MemcachedOracle("a:1,b:2")
+    with pytest.raises(TypeError, match="ttl"):
+        MemcachedOracle("a:1", ttl="10")
+    with pytest.raises(TypeError, match="key_prefix"):
+        MemcachedOracle("a:1", key_prefix=5)
+    with pytest.raises(ValueError, match="key_prefix"):
+        MemcachedOracle("a:1", key_prefix="has space")
+
+
+def test_a_password_never_reaches_the_message():
+    with pytest.raises(ValueError) as info:
+        crown_sync.oracle_from_url("memcached://user:hunter2@127.0.0.1:11211")
+    assert "hunter2" not in str(info.value)
+
+
+def test_url_options_reach_the_oracle():
+    oracle = crown_sync.oracle_from_url(
+        "memcached://127.0.0.1:12345?ttl=6&margin=0.5&renew_interval=1&poll_interval=0.1&key_prefix=app:"
+    )
+    assert isinstance(oracle, MemcachedOracle)
+    assert (oracle.host, oracle.port, oracle.ttl, oracle.margin) == ("127.0.0.1", 12345, 6.0, 0.5)
+    assert (oracle.renew_interval, oracle.poll_interval, oracle.key_prefix) == (1.0, 0.1, "app:")
+    assert oracle.description == "memcached://127.0.0.1:12345"
+    default = MemcachedOracle("localhost")
+    assert default.port == 11211 and default.renew_interval == pytest.approx(3.0)
+
+
+# --------------------------------------------------------------------------- unreachable
+
+def test_unreachable_server_never_raises_from_start(tmp_path):
+    url = f"memcached://127.0.0.1:{free_port()}?ttl=2"
+    crown = crown_sync.Crown("unreachable", oracle=url, monitor_delay=0.2, monitor_timeout=1.0)
+    crown.start()
+    try:
+        status = wait_until(lambda: (lambda s: s if s.last_error else None)(crown.status()), timeout=20)
+        assert "memcached" in status.last_error and "refused" in status.last_error.lower()
+        assert not crown.is_leader()
+        assert status.oracle.startswith("memcached://127.0.0.1:")
+    finally:
+        crown.stop(timeout=20)
+    assert crown.status().phase == "stopped"
+
+
+def test_unreachable_server_raises_from_contender_calls_with_the_server_named():
+    oracle = MemcachedOracle(("127.0.0.1", free_port()), ttl=2)
+    contender = oracle.contender("x", "me", {}, lambda lost=False: None)
+    with pytest.raises(MemcachedError, match=r"memcached://127\.0\.0\.1:\d+"):
+        contender.claim()
+    with pytest.raises(MemcachedError):
+        oracle.find_leader("x")
+    contender.close()
+    oracle.close()
+
+
+# --------------------------------------------------------------------------- contender level
+
+def test_quarantine_after_the_key_vanished_then_tokens_rise_across_flush_and_restart(fresh_server):
+    oracle = oracle_for(fresh_server)
+    tokens = []
+    for fault in ("first use", "flush_all", "restart"):
+        if fault == "flush_all":
+            fresh_server.flush_all()
+        elif fault == "restart":
+            fresh_server.restart()
+        contender = oracle.contender("q", f"q-{len(tokens)}", {}, Signals())
+        started = time.monotonic()
+        claim = contender.claim()
+        assert not claim.won and claim.leader is None  # it holds the key but must wait a ttl
+        assert oracle.find_leader("q") is None
+        claim = lead(contender)
+        assert time.monotonic() - started >= oracle.ttl
+        assert oracle.find_leader("q").token == claim.token
+        tokens.append(claim.token)
+        contender.close()  # closing without abdicate vacates (never "released")
+    assert tokens == sorted(set(tokens)), tokens
+    oracle.close()
+
+
+def test_a_follower_takes_over_a_silent_leader_only_after_a_whole_ttl(server, name):
+    oracle = oracle_for(server)
+    a = oracle.contender(name, "a", {"n": 1}, Signals())
+    first = lead(a)
+    signals = Signals()
+    b = oracle.contender(name, "b", {}, signals)
+    claim = b.claim()
+    assert not claim.won and claim.leader.identity == "a" and claim.leader.metadata == {"n": 1}
+    seen_at = time.monotonic()
+    assert b.watch(claim.leader)
+    # "a" renews for a while: the follower never takes over meanwhile.
+    for _ in range(6):
+        time.sleep(0.2)
+        assert a.refresh().won
+        assert not b.claim().won
+        assert b.watch(None)
+    # Now "a" falls silent (as if paused): the follower is told once the record went stale.
+    silent_at = time.monotonic()
+    signals.wait(10)
+    claim = b.claim()
+    assert claim.won and claim.token > first.token
+    assert time.monotonic() - silent_at >= oracle.ttl - 0.2  # the last renewal's bytes for a ttl
+    assert time.monotonic() - seen_at >= oracle.ttl
+    # The paused leader's next renewal fails; its abdicate never frees b's lease (CAS).
+    assert not a.refresh().won
+    a.abdicate()
+    assert oracle.find_leader(name).identity == "b"
+    assert b.refresh().won
+    b.abdicate()
+    assert oracle.find_leader(name) is None
+    for c in (a, b):
+        c.close()
+    oracle.close()
+
+
+def test_a_watching_follower_answers_the_engines_periodic_claims_without_a_request(server, name):
+    oracle = oracle_for(server, ttl=4.0, poll_interval=0.05)
+    a = oracle.contender(name, "a", {}, Signals())
+    lead(a, timeout=15)
+    b = oracle.contender(name, "b", {}, Signals())
+    assert not b.claim().won and b.watch(None)
+    time.sleep(0.2)  # the poller has read the record since
+    before = b.requests
+    claim = b.claim()
+    assert not claim.won and claim.leader.identity == "a"
+    assert b.requests == before
+    assert b.watch(claim.leader)
+    assert not b.claim().won  # and again, still no request while the poller is fresh
+    assert b.requests <= before + 1  # (at most the poller's own read in between)
+    a.abdicate()
+    for c in (a, b):
+        c.close()
+    oracle.close()
+
+
+def test_graceful_release_is_seen_by_the_poller_and_taken_at_once(server, name):
+    oracle = oracle_for(server)
+    a = oracle.contender(name, "a", {}, Signals())
+    first = lead(a)
+    signals = Signals()
+    b = oracle.contender(name, "b", {}, signals)
+    assert not b.claim().won and b.watch(None)
+    a.abdicate()
+    signals.wait(10)
+    claim = b.claim()
+    assert claim.won and claim.token > first.token
+    assert claim.deadline > time.monotonic()
+    a.abdicate()  # idempotent, and b's lease is untouched
+    assert b.refresh().won
+    b.close()
+    a.close()
+    oracle.close()
+
+
+def test_dismiss_makes_the_leader_step_down_and_its_release_lets_the_next_in(server, name):
+    oracle = oracle_for(server)
+    assert oracle.dismiss(name) is False  # nobody leads
+    a = oracle.contender(name, "a", {}, Signals())
+    first = lead(a)
+    signals = Signals()
+    b = oracle.contender(name, "b", {}, signals)
+    assert not b.claim().won and b.watch(None)
+    assert oracle.dismiss(name) is True
+    assert oracle.find_leader(name) is None
+    signals.wait(10)  # the record changed hands (to "vacated")
+    assert not b.claim().won  # a's child may still run until a notices: b must wait
+    assert b.watch(None)
+    assert not a.refresh().won  # a notices at its next renewal
+    a.abdicate()  # its child has stopped: now it vouches for that with a "released" record
+    signals.wait(10)
+    claim = b.claim()
+    assert claim.won and claim.token > first.token
+    assert oracle.dismiss(name) is True
+    for c in (a, b):
+        c.close()
+    oracle.close()
+
+
+def test_the_leader_loses_at_once_when_its_record_is_replaced(server, name):
+    oracle = oracle_for(server)
+    a = oracle.contender(name, "a", {}, Signals())
+    lead(a)
+    client = Client(server.address, default_noreply=False)
+    value, cas = client.gets("crown_sync:" + name)
+    assert client.cas("crown_sync:" + name, value.replace(b'"held"', b'"vacated"'), cas)
+    client.close()
+    assert not a.refresh().won
+    a.close()
+    oracle.close()
+
+
+def test_close_is_bounded_while_memcached_is_paused(fresh_server):
+    oracle = oracle_for(fresh_server, timeout=0.5, connect_timeout=0.5)
+    a = oracle.contender("p", "a", {}, Signals())
+    lead(a)
+    os.kill(fresh_server.pid, signal.SIGSTOP)
+    try:
+        wait_until(lambda: _state(fresh_server.pid) == "T", message="memcached stopped")
+        result = {}
+        refresher = threading.Thread(target=lambda: result.setdefault("r", _catch(a.refresh)))
+        refresher.start()
+        time.sleep(0.1)
+        started = time.monotonic()
+        a.close()
+        closed_in = time.monotonic() - started
+        refresher.join(10)
+        assert not refresher.is_alive()
+        # A refresh that cannot know is an error (or refused after close), never a win.
+        assert isinstance(result.get("r"), Exception), result
+        assert closed_in < 10, closed_in  # bounded (generously: this is not a speed test)
+    finally:
+        os.kill(fresh_server.pid, signal.SIGCONT)
+    oracle.close()
+
+
+def _state(pid):
+    with open(f"/proc/{pid}/stat") as handle:
+        return handle.read().rsplit(")", 1)[1].split()[0]
+
+
+def _catch(call):
+    try:
+        return call()
+    except Exception as exc:
+        return exc
+
+
+def test_a_forked_child_cannot_touch_the_parents_connection(server, name):
+    oracle = oracle_for(server)
+    a = oracle.contender(name, "a", {}, Signals())
+    lead(a)
+    fd = a._connection.socket().fileno()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: everything inherited must be inert
+        code = 1
+        try:
+            os.close(read_end)
+            try:
+                a.refresh()
+            except RuntimeError as exc:
+                os.write(write_end, b"refused:" + str(exc).encode()[:100] + b"\n")
+            a.close()  # must not vacate or release the parent's lease
+            a.abdicate()
+            try:  # the inherited descriptor is /dev/null now (or already closed): never the socket
+                if stat.S_ISSOCK(os.fstat(fd).st_mode):
+                    os.write(write_end, b"still a socket\n")
+                os.write(fd, b"flush_all\r\n")
+            except OSError:
+                pass
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    _, status = os.waitpid(pid, 0)
+    report = os.read(read_end, 4096)
+    os.close(read_end)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    assert report.startswith(b"refused:") and b"fork" in report and b"still a socket" not in report
+    assert a.refresh().won  # the parent's connection and lease are intact
+    assert oracle.find_leader(name).identity == "a"
+    a.abdicate()
+    a.close()
+    oracle.close()
+
+
+def test_crown_in_process_leads_and_stops_cleanly(server, name, tmp_path):
+    path = str(tmp_path / "journal.jsonl")
+    url = f"{server.url}?{FAST}"
+    first = crown_sync.Crown(name, oracle=url, child=crown_sync.ThreadChild(journal.journaled_work, args=(path,)),
+                             identity="one", metadata={"url": "http://one"})
+    second = crown_sync.Crown(name, oracle=url, child=crown_sync.ThreadChild(journal.journaled_work, args=(path,)),
+                              identity="two")
+    with first, second:
+        leader = wait_until(lambda: first if first.is_leader() else second if second.is_leader() else None)
+        other = second if leader is first else first
+        time.sleep(0.3)
+        assert not other.is_leader()
+        assert other.status().leader is not None and other.status().leader.identity == leader.identity
+        leader.stop()
+        assert wait_until(other.is_leader, timeout=20)
+        time.sleep(0.2)
+    report = journal.check(path, name)
+    assert report.ok, report.summary()
+    assert len(report.terms) == 2 and all(t.stopped for t in report.terms)

@@ -1,0 +1,407 @@
+"""The registry of oracle kinds the chaos runner knows: how to start a kind's server, its URLs, the
+faults it supports and how to inject the ones that act on the server, and the longest leaderless
+gap its settings allow.
+
+A kind is registered only if its oracle module and (for networked oracles) its throwaway-server
+module import: an oracle that does not exist yet is simply absent, never skipped.
+
+Generic faults, injected by the runner on contender processes (see :mod:`crown_sync_chaos.runner`):
+``sigkill``, ``sigstop``, ``dismiss`` and ``partition``. Server faults, injected here:
+
+* ``restart``: the oracle server is stopped (gracefully or by crash) and started again, possibly
+  after staying down a moment;
+* ``terminate`` (Postgres): ``pg_terminate_backend`` of the leader's session (the backend holding
+  the advisory lock), or of every crown_sync session;
+* ``expire`` (ZooKeeper): a real session expiry, done the way ZooKeeper's own tests do it: a
+  second client connects with the leader's session id and password, then closes the session.
+  The session id is the ``ephemeralOwner`` of the leader's node; the password is what the server
+  derives from the id (``ZooKeeperServer.generatePasswd``: ``java.util.Random(id ^ 0xB3415C00)``,
+  16 bytes), so no hook in the contender process is needed;
+* ``flush`` (memcached): ``flush_all``, which forgets every lease record at once.
+"""
+
+import importlib
+import json
+import os
+import random
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+__all__ = ["Kind", "KINDS", "available_kinds", "get_kind", "zookeeper_password"]
+
+#: Extra seconds allowed on top of an oracle's own bound for process scheduling on a loaded host.
+SLACK = 2.0
+
+
+class Kind:
+    """Base class: one oracle kind. A fresh instance serves one run of the runner."""
+
+    name = ""
+    #: modules that must import for the kind to be registered
+    modules: Tuple[str, ...] = ()
+    #: every fault this kind supports (the runner's and the server's)
+    faults: Tuple[str, ...] = ("sigkill", "sigstop", "dismiss")
+    #: a contender can be cut off from the oracle by a network partition
+    partitionable = True
+
+    def __init__(self, lease: float, workdir: str, netns=None):
+        self.lease = float(lease)
+        self.workdir = workdir
+        self.netns = netns
+        self.server = None
+
+    # -- server ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the oracle's server (listening on loopback and, with a netns, its host address)."""
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.cleanup()
+            self.server = None
+
+    def url(self, in_netns: bool = False) -> str:
+        raise NotImplementedError
+
+    def describe(self) -> Dict[str, Any]:
+        """The settings of this run, for the report."""
+        return {"lease": self.lease}
+
+    # -- bounds ----------------------------------------------------------------------------
+
+    def bound(self) -> float:
+        """The longest leaderless gap (s) one fault may cause, beyond any server downtime."""
+        raise NotImplementedError
+
+    def pause_seconds(self, rng: random.Random) -> float:
+        """How long a SIGSTOP lasts: past the lease, so that a successor can take over."""
+        return self.lease * rng.uniform(1.3, 2.0) + 0.5
+
+    def expects_new_term(self, fault: str, details: Dict[str, Any]) -> bool:
+        """Whether the fault must end the leader's term (so a new term must follow)."""
+        if details.get("error"):
+            return False  # it was not injected
+        if fault == "partition":
+            # A brief cut (shorter than the lease) may or may not end the term.
+            return bool(details.get("leader_partitioned")) and not details.get("short")
+        return True
+
+    # -- server faults ---------------------------------------------------------------------
+
+    def inject(self, fault: str, rng: random.Random, leader: Optional[Dict[str, Any]], name: str) -> Dict[str, Any]:
+        """Inject a server fault; returns details including ``confirmed`` (the fault was seen to
+        take effect) and ``downtime`` (seconds the oracle was unavailable to everyone)."""
+        raise ValueError(f"{self.name}: unknown server fault {fault!r}")
+
+
+def _with_query(url: str, **options) -> str:
+    query = "&".join(f"{k}={v}" for k, v in options.items())
+    return url + ("&" if "?" in url else "?") + query if query else url
+
+
+class FileKind(Kind):
+    """flock in a directory: one host, no server, no lease (a paused leader keeps the crown)."""
+
+    name = "file"
+    modules = ("crown_sync.oracles.file",)
+    faults = ("sigkill", "sigstop", "dismiss")
+    partitionable = False
+
+    def start(self) -> None:
+        self.directory = os.path.join(self.workdir, "file-oracle")
+        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+
+    def url(self, in_netns: bool = False) -> str:
+        return f"file://{self.directory}?check_interval=0.1"
+
+    def describe(self) -> Dict[str, Any]:
+        return {"lease": None, "note": "flock: no lease; a paused leader keeps the crown"}
+
+    def bound(self) -> float:
+        # The kernel wakes a waiter the moment the holder's last descriptor closes.
+        return SLACK
+
+    def pause_seconds(self, rng: random.Random) -> float:
+        return rng.uniform(1.0, 2.0)
+
+    def expects_new_term(self, fault: str, details: Dict[str, Any]) -> bool:
+        return fault != "sigstop" and super().expects_new_term(fault, details)
+
+
+class PostgresKind(Kind):
+    """Session advisory locks; the server enforces the lease with ``idle_session_timeout``."""
+
+    name = "postgres"
+    modules = ("crown_sync.oracles.postgres", "crown_sync.testing.postgres_server")
+    faults = ("sigkill", "sigstop", "dismiss", "restart", "terminate", "partition")
+
+    def start(self) -> None:
+        from crown_sync.testing.postgres_server import PostgresServer
+
+        settings = {}
+        if self.netns is not None:
+            settings["listen_addresses"] = f"127.0.0.1,{self.netns.host_ip}"
+        self.server = PostgresServer(settings=settings, fsync=False)
+        if self.netns is not None:
+            # initdb's pg_hba.conf admits loopback only; admit the namespace's /30 too.
+            self.server.initdb()
+            with open(os.path.join(self.server.datadir, "pg_hba.conf"), "a") as handle:
+                handle.write(f"host all all {self.netns.network} trust\n")
+        self.server.start()
+
+    def url(self, in_netns: bool = False) -> str:
+        url = self.server.url
+        if in_netns:
+            url = url.replace("@127.0.0.1:", f"@{self.netns.host_ip}:")
+        return _with_query(url, lease=self.lease, wait_timeout=1)
+
+    def describe(self) -> Dict[str, Any]:
+        return {"lease": self.lease, "note": "PostgresOracle lease (idle_session_timeout)"}
+
+    def bound(self) -> float:
+        # The server frees a silent session's lock at most `lease` after its last statement; a
+        # waiter blocked in pg_advisory_lock gets it at once (wait_timeout only re-queues it).
+        return self.lease + 1.0 + SLACK
+
+    def inject(self, fault, rng, leader, name):
+        if fault == "restart":
+            mode = rng.choice(["immediate", "fast"])
+            down = round(rng.uniform(0.0, 1.0), 2)
+            old = self.server.pid
+            t0 = time.monotonic()
+            self.server.restart(mode=mode, down=down)
+            return {"mode": mode, "down": down, "downtime": time.monotonic() - t0,
+                    "confirmed": self.server.pid != old and self.server.pid is not None}
+        if fault == "terminate":
+            everyone = rng.random() < 0.25
+            if everyone:
+                rows = self.server.sql(
+                    "SELECT pid FROM pg_stat_activity WHERE application_name LIKE %s"
+                    " AND pid <> pg_backend_pid()", ("crown_sync%",)
+                )
+                pids = [row[0] for row in rows]
+            else:
+                pids = sorted({row[0] for row in self.server.advisory_holders()})
+            done = [pid for pid in pids if self.server.terminate(pid)]
+            return {"target": "all sessions" if everyone else "leader session", "backends": done,
+                    "downtime": 0.0, "confirmed": bool(done)}
+        return super().inject(fault, rng, leader, name)
+
+
+class _NetnsZooKeeperServer:
+    """Factory for a ZooKeeperServer that listens on the veth host address instead of loopback.
+
+    ZooKeeper takes one ``clientPortAddress``; the host address is local, so contenders on the
+    host reach it as well as the one in the namespace. (A subclass, made lazily so that this
+    module imports without the ZooKeeper support module.)
+    """
+
+    @staticmethod
+    def make(address: str, **options):
+        from crown_sync.testing.zookeeper_server import ZooKeeperServer, four_letter_word
+        import re
+
+        class NetnsZooKeeperServer(ZooKeeperServer):
+            @property
+            def hosts(self) -> str:
+                return f"{address}:{self.port}"
+
+            def _write_config(self) -> None:
+                super()._write_config()
+                # java.util.Properties: the last occurrence of a key wins.
+                with open(self.config_path, "a") as handle:
+                    handle.write(f"clientPortAddress={address}\n")
+
+            def mode(self):
+                reply = four_letter_word(self.port, "srvr", host=address, timeout=1.0)
+                match = re.search(r"^Mode: (\w+)", reply, re.M)
+                return match.group(1) if match else None
+
+            def sessions(self):
+                reply = four_letter_word(self.port, "cons", host=address)
+                return [int(sid, 16) for sid in re.findall(r"sid=0x([0-9a-fA-F]+)", reply)]
+
+        return NetnsZooKeeperServer(**options)
+
+
+def _java_random_bytes(seed: int, count: int) -> bytes:
+    """``new java.util.Random(seed).nextBytes(byte[count])``."""
+    mask = (1 << 48) - 1
+    state = (seed ^ 0x5DEECE66D) & mask
+    out = bytearray()
+    while len(out) < count:
+        state = (state * 0x5DEECE66D + 0xB) & mask
+        value = state >> 16  # next(32), as an unsigned 32-bit number
+        for _ in range(min(4, count - len(out))):
+            out.append(value & 0xFF)
+            value >>= 8
+    return bytes(out)
+
+
+def zookeeper_password(session_id: int) -> bytes:
+    """The password a ZooKeeper server (3.x) gives session ``session_id``."""
+    return _java_random_bytes(session_id ^ 0xB3415C00, 16)
+
+
+class ZooKeeperKind(Kind):
+    """Ephemeral sequential nodes; a term lasts 0.75 of the session timeout after its last
+    confirmation, and the server expires a silent session after the timeout."""
+
+    name = "zookeeper"
+    modules = ("crown_sync.oracles.zookeeper", "crown_sync.testing.zookeeper_server", "kazoo.client")
+    faults = ("sigkill", "sigstop", "dismiss", "restart", "expire", "partition")
+
+    def start(self) -> None:
+        from crown_sync.testing.zookeeper_server import ZooKeeperServer
+
+        if self.netns is not None:
+            self.server = _NetnsZooKeeperServer.make(self.netns.host_ip)
+        else:
+            self.server = ZooKeeperServer()
+        self.server.start()
+
+    def url(self, in_netns: bool = False) -> str:
+        return f"zookeeper://{self.server.hosts}?session_timeout={self.lease}"
+
+    def describe(self) -> Dict[str, Any]:
+        return {"lease": self.lease, "note": "ZooKeeperOracle session_timeout (tickTime 200 ms)"}
+
+    def bound(self) -> float:
+        # Silent leader: its session expires `timeout` after its last heartbeat (+ a tick);
+        # the successor's predecessor watch fires at once.
+        return self.lease + 0.5 + SLACK
+
+    def _client(self):
+        from kazoo.client import KazooClient
+
+        client = KazooClient(hosts=self.server.hosts, timeout=max(self.lease, 2.0))
+        client.start(timeout=15)
+        return client
+
+    def inject(self, fault, rng, leader, name):
+        if fault == "restart":
+            crash = rng.random() < 0.5
+            t0 = time.monotonic()
+            old = self.server.pid
+            if crash:
+                self.server.kill()
+            else:
+                self.server.stop()
+            self.server.start()
+            return {"mode": "kill" if crash else "stop", "downtime": time.monotonic() - t0,
+                    "confirmed": self.server.pid != old and self.server.pid is not None}
+        if fault == "expire":
+            return self._expire(leader, name)
+        return super().inject(fault, rng, leader, name)
+
+    def _expire(self, leader, name):
+        from kazoo.client import KazooClient
+
+        from crown_sync.oracles.zookeeper import ZooKeeperOracle
+
+        path = ZooKeeperOracle.from_url(self.url()).election_path(name)  # no I/O: connects lazily
+        client = self._client()
+        try:
+            nodes = client.get_children(path)
+            target = None
+            for node in nodes:
+                try:
+                    data, stat = client.get(f"{path}/{node}")
+                except Exception:
+                    continue
+                try:
+                    identity = json.loads(data.decode()).get("identity")
+                except ValueError:
+                    identity = None
+                if leader is not None and identity == leader["identity"]:
+                    target = (node, stat.ephemeralOwner)
+            how = "node of the journal's leader"
+            if target is None and nodes:
+                # The record's layout is the oracle's business: fall back to the queue's head.
+                node = min(nodes, key=lambda n: n.rsplit("-", 1)[-1])
+                target = (node, client.exists(f"{path}/{node}").ephemeralOwner)
+                how = "lowest sequence node"
+            if target is None:
+                return {"confirmed": False, "downtime": 0.0, "error": f"no node under {path}"}
+            node, session_id = target
+            twin = KazooClient(hosts=self.server.hosts, client_id=(session_id, zookeeper_password(session_id)),
+                               timeout=max(self.lease, 2.0))
+            twin.start(timeout=15)
+            twin.stop()  # sends closeSession: the server ends the session and deletes its nodes
+            twin.close()
+            gone = client.exists(f"{path}/{node}") is None
+            return {"session": hex(session_id), "node": node, "chosen": how, "downtime": 0.0, "confirmed": gone}
+        finally:
+            client.stop()
+            client.close()
+
+
+class MemcachedKind(Kind):
+    """A lease record renewed by CAS; the lease runs on the contenders' clocks."""
+
+    name = "memcached"
+    modules = ("crown_sync.oracles.memcached", "crown_sync.testing.memcached_server", "pymemcache")
+    faults = ("sigkill", "sigstop", "dismiss", "restart", "flush", "partition")
+
+    def start(self) -> None:
+        from crown_sync.testing.memcached_server import MemcachedServer
+
+        extra = ["-l", self.netns.host_ip] if self.netns is not None else []
+        self.server = MemcachedServer(extra_args=extra)
+        self.server.start()
+
+    def url(self, in_netns: bool = False) -> str:
+        host = self.netns.host_ip if in_netns else self.server.host
+        return f"memcached://{host}:{self.server.port}?ttl={self.lease}&poll_interval=0.1"
+
+    def describe(self) -> Dict[str, Any]:
+        return {"lease": self.lease, "note": "MemcachedOracle ttl, poll_interval 0.1 s"}
+
+    def bound(self) -> float:
+        # A silent leader: followers must see the same record bytes for a ttl (up to a renewal
+        # interval + a poll after its last renewal); a lost record: a ttl of quarantine.
+        return 2 * self.lease + 0.2 + SLACK
+
+    def inject(self, fault, rng, leader, name):
+        if fault == "restart":
+            crash = rng.random() < 0.5
+            down = round(rng.uniform(0.0, 1.0), 2)
+            old = self.server.pid
+            t0 = time.monotonic()
+            if crash:
+                self.server.crash_restart(down_for=down)
+            else:
+                self.server.restart(down_for=down)
+            return {"mode": "kill" if crash else "stop", "down": down, "downtime": time.monotonic() - t0,
+                    "confirmed": self.server.pid != old and self.server.pid is not None}
+        if fault == "flush":
+            before = int(self.server.stats().get("cmd_flush", 0))
+            self.server.flush_all()
+            after = int(self.server.stats().get("cmd_flush", 0))
+            return {"downtime": 0.0, "confirmed": after == before + 1}
+        return super().inject(fault, rng, leader, name)
+
+
+KINDS: List[type] = [FileKind, PostgresKind, ZooKeeperKind, MemcachedKind]
+
+
+def available_kinds() -> Dict[str, type]:
+    """Kinds whose modules import, by name, in a fixed order."""
+    found = {}
+    for kind in KINDS:
+        try:
+            for module in kind.modules:
+                importlib.import_module(module)
+        except ImportError:
+            continue
+        found[kind.name] = kind
+    return found
+
+
+def get_kind(name: str) -> type:
+    kinds = available_kinds()
+    if name not in kinds:
+        known = ", ".join(k.name for k in KINDS)
+        raise ValueError(f"oracle kind {name!r} is not available here (known: {known}; "
+                         f"available: {', '.join(kinds) or 'none'})")
+    return kinds[name]

@@ -1,0 +1,637 @@
+"""ZooKeeper oracle against real ZooKeeper servers started by the suite (single node and a 3-node
+ensemble), with real faults: SIGKILL/SIGTERM/SIGSTOP of leaders, real session expiry, server
+restarts and ensemble member crashes. Safety is judged from the children's own journal.
+"""
+
+import os
+import signal
+import threading
+import time
+import uuid
+
+import pytest
+from kazoo.client import KazooClient
+from kazoo.security import ACL
+
+import crown_sync
+from crown_sync.oracles.zookeeper import ZooKeeperOracle, ZooKeeperUnavailable
+from crown_sync.testing import journal
+from crown_sync.testing.servers import free_port
+from crown_sync.testing.zookeeper_server import ZooKeeperEnsemble, ZooKeeperServer
+
+from .zookeeper_support import Fleet, assert_safe, leader_node, plain_client, terms, wait_until
+
+SESSION = 3.0  # seconds; the test servers tick every 200 ms
+
+
+@pytest.fixture(scope="module")
+def zk():
+    server = ZooKeeperServer()
+    server.start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def name():
+    return "t-" + uuid.uuid4().hex[:12]
+
+
+class Recorder:
+    """An on_change callback that remembers its calls."""
+
+    def __init__(self):
+        self.calls = []
+        self.event = threading.Event()
+
+    def __call__(self, lost=False):
+        self.calls.append((time.monotonic(), lost))
+        self.event.set()
+
+    def lost(self):
+        return any(lost for _, lost in self.calls)
+
+    def reset(self):
+        self.calls.clear()
+        self.event.clear()
+
+
+def contenders(zk, name, count, **options):
+    options.setdefault("session_timeout", SESSION)
+    oracles = [ZooKeeperOracle(zk.hosts, **options) for _ in range(count)]
+    recorders = [Recorder() for _ in range(count)]
+    seats = [o.contender(name, f"c{i}", {"i": i}, r) for i, (o, r) in enumerate(zip(oracles, recorders))]
+    return oracles, recorders, seats
+
+
+def close_all(oracles, seats):
+    for seat in seats:
+        seat.close()
+    for oracle in oracles:
+        oracle.close()
+
+
+# --------------------------------------------------------------------------- options, no server
+
+
+def test_from_url_parses_hosts_chroot_auth_and_options():
+    oracle = ZooKeeperOracle.from_url(
+        "zookeeper://alice:s%40cret@h1:2181,h2,[::1]:2182/apps/x?session_timeout=7.5&connect_timeout=2"
+        "&path_prefix=/elect&acl=creator"
+    )
+    assert oracle.hosts == "h1:2181,h2:2181,[::1]:2182"
+    assert oracle.chroot == "/apps/x"
+    assert oracle.session_timeout == 7.5
+    assert oracle.connect_timeout == 2.0
+    assert oracle.path_prefix == "/elect"
+    assert oracle._auth == "alice:s@cret"
+    assert "s@cret" not in oracle.description and "cret" not in oracle.description
+    assert oracle.description.startswith("zookeeper://alice:***@h1:2181,h2:2181,[::1]:2182/apps/x?")
+    assert "session_timeout=7.5" in oracle.description
+    assert "cret" not in repr(oracle)
+    default = crown_sync.oracle_from_url("zookeeper://127.0.0.1:2181")
+    assert isinstance(default, ZooKeeperOracle)
+    assert default.session_timeout == 10.0 and default.chroot is None
+    assert default.path_prefix == "/crown_sync"
+    assert default.acl[0].perms == 31  # open
+    # hosts may carry the chroot, kazoo style
+    assert ZooKeeperOracle("h:1/root").chroot == "/root"
+
+
+@pytest.mark.parametrize(
+    "url, option",
+    [
+        ("zookeeper://h:2181?session_timeout=abc", "session_timeout"),
+        ("zookeeper://h:2181?session_timeout=0.2", "session_timeout"),
+        ("zookeeper://h:2181?sessiontimeout=3", "session_timeout"),  # unknown: names accepted ones
+        ("zookeeper://h:2181?connect_timeout=-1", "connect_timeout"),
+        ("zookeeper://h:2181?acl=everyone", "acl"),
+        ("zookeeper://h:2181?acl=creator", "acl"),  # creator needs auth
+        ("zookeeper://h:2181?path_prefix=relative", "path_prefix"),
+        ("zookeeper://h:2181?path_prefix=/zookeeper/x", "path_prefix"),
+        ("zookeeper://h:2181/a//b", "chroot"),
+        ("zookeeper://h:99999", "hosts"),
+        ("zookeeper://h:2181,,k", "hosts"),
+        ("zookeeper://", "host"),
+        ("zookeeper://alice@h:2181", "user:password"),
+    ],
+)
+def test_bad_url_raises_value_error_naming_the_option(url, option):
+    with pytest.raises(ValueError) as info:
+        crown_sync.oracle_from_url(url)
+    assert option in str(info.value)
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="session_timeout"):
+        ZooKeeperOracle("h:1", session_timeout="10")
+    with pytest.raises(TypeError, match="hosts"):
+        ZooKeeperOracle(12)
+    with pytest.raises(ValueError, match="auth"):
+        ZooKeeperOracle("h:1", auth="nopassword")
+    with pytest.raises(TypeError, match="acl"):
+        ZooKeeperOracle("h:1", acl=[1, 2])
+    with pytest.raises(ValueError, match="chroot"):
+        ZooKeeperOracle("h:1/a", chroot="/b")
+    oracle = ZooKeeperOracle("h:1")
+    with pytest.raises(ValueError, match="name"):
+        oracle.contender("..", "me", {}, lambda lost=False: None)
+    with pytest.raises(TypeError, match="metadata"):
+        oracle.contender("ok", "me", {"x": object()}, lambda lost=False: None)
+    oracle.close()
+
+
+# --------------------------------------------------------------------------- contender level
+
+
+def test_queue_wakes_only_the_successor_and_tokens_rise(zk, name):
+    oracles, recorders, seats = contenders(zk, name, 3)
+    try:
+        first = seats[0].claim()
+        assert first.won and isinstance(first.token, int)
+        assert first.deadline - time.monotonic() <= ZooKeeperOracle.lease_for(SESSION)
+        assert first.refresh_in <= SESSION / 3  # soon: the first refresh publishes since/token
+        second, third = seats[1].claim(), seats[2].claim()
+        assert not second.won and not third.won
+        assert second.leader.identity == "c0" and third.leader.identity == "c0"
+        assert seats[1].watch(second.leader) and seats[2].watch(third.leader)
+        refreshed = seats[0].refresh()
+        assert refreshed.won and refreshed.token == first.token
+        assert refreshed.refresh_in == pytest.approx(SESSION / 3)
+        for recorder in recorders:
+            recorder.reset()
+        seats[0].abdicate()
+        wait_until(recorders[1].event.is_set, timeout=10, message="successor woken")
+        time.sleep(0.2)
+        assert not recorders[2].calls, "the third contender watches the second, not the leader"
+        assert not recorders[0].calls, "abdicating is not a dismissal"
+        took_over = seats[1].claim()
+        assert took_over.won and took_over.token > first.token
+        assert oracles[2].find_leader(name).identity == "c1"
+        assert oracles[2].find_leader(name).token == took_over.token  # the node's czxid
+        seats[1].close()  # a clean close hands over too
+        wait_until(recorders[2].event.is_set, timeout=10, message="third woken")
+        last = seats[2].claim()
+        assert last.won and last.token > took_over.token
+        rejoined = seats[0].claim()  # back in the queue, behind the third
+        assert not rejoined.won and rejoined.leader.identity == "c2"
+    finally:
+        close_all(oracles, seats)
+
+
+def test_next_in_line_takes_over_without_a_round_trip(zk, name):
+    oracles, recorders, seats = contenders(zk, name, 3)
+    client = plain_client(zk.hosts)
+    try:
+        assert seats[0].claim().won
+        assert not seats[1].claim().won and not seats[2].claim().won
+        assert seats[1].watch(None) and seats[2].watch(None)
+        assert seats[1]._next_in_line is not None and seats[2]._next_in_line is None
+        for recorder in recorders:
+            recorder.reset()
+        seats[0].abdicate()
+        wait_until(recorders[1].event.is_set, timeout=10, message="successor woken")
+        assert seats[1]._fast is not None
+        before = time.monotonic()
+        claim = seats[1].claim()
+        assert claim.won and seats[1]._fast is None
+        node, stat = leader_node(client, f"/crown_sync/{name}")
+        assert claim.token == stat.czxid and node == seats[1]._node
+        # the deadline runs from the session's last answered request, at most T/3 old
+        assert before + ZooKeeperOracle.lease_for(SESSION) - SESSION / 3 <= claim.deadline
+        assert claim.deadline <= time.monotonic() + ZooKeeperOracle.lease_for(SESSION)
+        # Its first refresh publishes since; the third sees the change, finds it leads, and
+        # becomes next in line.
+        assert seats[1].refresh().won
+        wait_until(lambda: seats[2]._next_in_line is not None, timeout=10, message="third next in line")
+        recorders[2].reset()
+        seats[1].abdicate()
+        wait_until(recorders[2].event.is_set, timeout=10, message="third woken")
+        third = seats[2].claim()
+        assert third.won and third.token > claim.token
+    finally:
+        client.stop()
+        close_all(oracles, seats)
+
+
+def test_dismiss_makes_the_leader_step_down_before_anyone_else_leads(zk, name):
+    oracles, recorders, seats = contenders(zk, name, 2)
+    try:
+        won = seats[0].claim()
+        assert won.won
+        assert not seats[1].claim().won
+        assert seats[1].watch(None)
+        for recorder in recorders:
+            recorder.reset()
+        assert oracles[1].dismiss(name) is True
+        wait_until(lambda: recorders[0].lost(), timeout=10, message="leader told it lost")
+        assert not seats[0].refresh().won
+        time.sleep(0.3)
+        # The successor is not let in until the dismissed leader has stopped and left.
+        assert not recorders[1].calls
+        assert not seats[1].claim().won
+        seats[1].watch(None)
+        seats[0].abdicate()  # what the engine does once the child has stopped
+        wait_until(recorders[1].event.is_set, timeout=10, message="follower woken")
+        successor = seats[1].claim()
+        assert successor.won and successor.token > won.token
+        again = seats[0].claim()  # contends again, behind the new leader
+        assert not again.won and again.leader.identity == "c1"
+        assert oracles[0].find_leader(name).identity == "c1"
+        assert oracles[0].dismiss("nobody-" + name) is False
+        assert oracles[0].find_leader("nobody-" + name) is None
+    finally:
+        close_all(oracles, seats)
+
+
+def test_a_dismissal_pending_on_a_non_leading_node_sends_it_to_the_back(zk, name):
+    oracles, recorders, seats = contenders(zk, name, 2)
+    try:
+        assert seats[0].claim().won
+        assert not seats[1].claim().won
+        seats[0].abdicate()  # leaves; the second's node is now first but it has not claimed yet
+        assert oracles[0].dismiss(name) is True  # lands on the second's node
+        wait_until(recorders[1].event.is_set, timeout=10, message="second told")
+        claim = seats[1].claim()
+        assert not claim.won or claim.leader.identity == "c1"
+        first = seats[0].claim()
+        if claim.won:  # dismissed before we looked: it queued again behind nobody
+            assert not first.won
+        else:
+            assert first.won
+    finally:
+        close_all(oracles, seats)
+
+
+def test_deleting_the_leaders_node_by_hand_ends_its_term(zk, name):
+    oracles, recorders, seats = contenders(zk, name, 1)
+    client = plain_client(zk.hosts)
+    try:
+        assert seats[0].claim().won
+        recorders[0].reset()
+        node, _stat = leader_node(client, f"/crown_sync/{name}")
+        client.delete(f"/crown_sync/{name}/{node}")
+        wait_until(lambda: recorders[0].lost(), timeout=10, message="leader told it lost")
+        assert not seats[0].refresh().won
+        seats[0].abdicate()
+        assert seats[0].claim().won  # a fresh node
+    finally:
+        client.stop()
+        close_all(oracles, seats)
+
+
+def test_server_restart_suspends_then_the_same_session_resumes_with_a_higher_token(name):
+    with ZooKeeperServer() as server:
+        oracle = ZooKeeperOracle(server.hosts, session_timeout=8)
+        recorder = Recorder()
+        seat = oracle.contender(name, "me", {}, recorder)
+        try:
+            first = seat.claim()
+            assert first.won
+            session = oracle._client.client_id[0]
+            recorder.reset()
+            server.stop()  # SIGTERM: ZooKeeper keeps its sessions across a restart
+            wait_until(recorder.lost, timeout=10, message="SUSPENDED reported as loss")
+            assert not seat.refresh().won, "refresh must say lost while not CONNECTED"
+            seat.abdicate()  # disconnected: keeps the node for a possible resume
+            with pytest.raises(ZooKeeperUnavailable):
+                seat.claim()
+            server.start()
+            resumed = wait_until(lambda: _try_claim(seat), timeout=20, message="claim after restart")
+            assert resumed.won
+            assert oracle._client.client_id[0] == session, "same session"
+            assert resumed.token > first.token, "a new term needs a higher token"
+        finally:
+            seat.close()
+            oracle.close()
+
+
+def _try_claim(seat):
+    try:
+        return seat.claim()
+    except ZooKeeperUnavailable:
+        return None
+
+
+def test_negotiated_session_timeout_bounds_the_deadline(name):
+    with ZooKeeperServer(max_session_timeout=4000) as server:
+        oracle = ZooKeeperOracle(server.hosts, session_timeout=20)
+        seat = oracle.contender(name, "me", {}, Recorder())
+        try:
+            before = time.monotonic()
+            claim = seat.claim()
+            assert claim.won
+            assert oracle.effective_timeout() == pytest.approx(4.0)
+            assert claim.deadline <= before + ZooKeeperOracle.lease_for(4.0) + 0.5
+            refreshed = seat.refresh()
+            assert refreshed.deadline <= time.monotonic() + ZooKeeperOracle.lease_for(4.0)
+            assert refreshed.refresh_in == pytest.approx(4.0 / 3)
+        finally:
+            seat.close()
+            oracle.close()
+
+
+def test_unreachable_server_fails_in_bounded_time(tmp_path, name):
+    url = f"zookeeper://127.0.0.1:{free_port()}?session_timeout=2&connect_timeout=1"
+    oracle = crown_sync.oracle_from_url(url)
+    seat = oracle.contender(name, "me", {}, Recorder())
+    started = time.monotonic()
+    with pytest.raises(ZooKeeperUnavailable, match="not connected"):
+        seat.claim()
+    with pytest.raises(ZooKeeperUnavailable):
+        oracle.find_leader(name)
+    seat.close()
+    oracle.close()
+    assert time.monotonic() - started < 20  # generous: only guards against a hang
+
+    crown = crown_sync.Crown(name, oracle=url, child=None)
+    crown.start()  # never raises on an unreachable oracle
+    try:
+        wait_until(lambda: crown.status().last_error, timeout=20, message="last_error set")
+        status = crown.status()
+        assert "not connected" in status.last_error
+        assert not crown.is_leader() and not status.is_leader
+    finally:
+        stopping = time.monotonic()
+        crown.stop(timeout=30)
+        assert crown.phase == "stopped"
+        assert time.monotonic() - stopping < 20
+
+
+def test_close_is_bounded_when_the_server_is_paused_or_dead(name):
+    with ZooKeeperServer() as server:
+        oracle = ZooKeeperOracle(server.hosts, session_timeout=10)
+        seat = oracle.contender(name, "me", {}, Recorder())
+        assert seat.claim().won
+        server.pause()  # SIGSTOP: connected as far as the client knows, but no answers
+        try:
+            started = time.monotonic()
+            seat.close()
+            oracle.close()
+            assert time.monotonic() - started < 10
+        finally:
+            server.resume()
+        oracle = ZooKeeperOracle(server.hosts, session_timeout=10)
+        seat = oracle.contender(name, "me", {}, Recorder())
+        assert seat.claim().won
+        server.kill()
+        started = time.monotonic()
+        seat.close()
+        oracle.close()
+        assert time.monotonic() - started < 10
+
+
+def test_forked_child_does_not_disturb_the_parents_session(zk, name):
+    oracle = ZooKeeperOracle(zk.hosts, session_timeout=SESSION)
+    recorder = Recorder()
+    seat = oracle.contender(name, "me", {}, recorder)
+    try:
+        assert seat.claim().won
+        session = oracle._client.client_id[0]
+        recorder.reset()
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: everything it does must stay away from the parent's session
+            code = 1
+            try:
+                os.close(read)
+                try:
+                    seat.claim()
+                except RuntimeError:
+                    pass
+                else:
+                    raise AssertionError("inherited contender usable")
+                seat.close()
+                leader = oracle.find_leader(name)  # a fresh client of its own
+                os.write(write, (leader.identity if leader else "none").encode())
+                oracle.close()
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(write)
+        _, status = os.waitpid(pid, 0)
+        seen = os.read(read, 100).decode()
+        os.close(read)
+        assert os.WEXITSTATUS(status) == 0
+        assert seen == "me"
+        time.sleep(0.5)
+        assert not recorder.calls, "the parent's connection was disturbed"
+        refreshed = seat.refresh()
+        assert refreshed.won
+        assert oracle._client.client_id[0] == session
+    finally:
+        seat.close()
+        oracle.close()
+
+
+def test_digest_auth_and_acl(zk, name):
+    secret = "s3cr3t-" + uuid.uuid4().hex[:6]
+    owner = ZooKeeperOracle(zk.hosts, session_timeout=SESSION, auth=f"alice:{secret}", path_prefix="/acl_test")
+    stranger = ZooKeeperOracle(zk.hosts, session_timeout=SESSION, path_prefix="/acl_test")
+    seat = owner.contender(name, "alice-1", {"k": 1}, Recorder())
+    client = plain_client(zk.hosts)
+    try:
+        assert seat.claim().won
+        node, _stat = leader_node(client, f"/acl_test/{name}")
+        acls, _ = client.get_acls(f"/acl_test/{name}/{node}")
+        assert {(a.id.scheme, a.perms) for a in acls} == {("digest", 31), ("world", 1)}
+        assert stranger.find_leader(name).identity == "alice-1"  # readable by all
+        with pytest.raises(PermissionError) as info:
+            stranger.dismiss(name)  # not writable by others
+        assert secret not in str(info.value)
+        assert secret not in owner.description
+        assert owner.dismiss(name) is True
+    finally:
+        client.stop()
+        seat.close()
+        owner.close()
+        stranger.close()
+
+
+def test_chroot_from_url(zk, name):
+    oracle = crown_sync.oracle_from_url(f"{zk.url}/chroot-{name}?session_timeout={SESSION}")
+    seat = oracle.contender(name, "me", {}, Recorder())
+    client = plain_client(zk.hosts)
+    try:
+        assert seat.claim().won
+        node, stat = leader_node(client, f"/chroot-{name}/crown_sync/{name}")
+        assert node is not None and stat.ephemeralOwner == oracle._client.client_id[0]
+    finally:
+        client.stop()
+        seat.close()
+        oracle.close()
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def test_crowns_in_one_process_share_one_client(zk, name, tmp_path):
+    path = str(tmp_path / "journal.jsonl")
+    oracle = ZooKeeperOracle(zk.hosts, session_timeout=SESSION)
+    crowns = [
+        crown_sync.Crown(name, oracle=oracle, identity=f"p{i}",
+                         child=crown_sync.ThreadChild(journal.journaled_work, args=(path,)))
+        for i in range(3)
+    ]
+    try:
+        for crown in crowns:
+            crown.start()
+        leader = wait_until(lambda: next((c for c in crowns if c.is_leader()), None), timeout=20,
+                            message="a leader")
+        assert len({id(oracle._client)}) == 1 and len(oracle._contenders) == 3
+        wait_until(lambda: len(terms(path, name)) >= 1 and terms(path, name)[-1].beats > 3, timeout=10)
+        leader.stop()
+        wait_until(lambda: any(c.is_leader() for c in crowns if c is not leader), timeout=20,
+                   message="a successor")
+        wait_until(lambda: len(terms(path, name)) >= 2 and terms(path, name)[-1].beats > 3, timeout=10)
+        assert crown_sync.find_leader(name, oracle=oracle).identity != leader.identity
+    finally:
+        for crown in crowns:
+            crown.stop()
+        oracle.close()
+    report = assert_safe(path, name, min_terms=2)
+    assert len({t.identity for t in report.terms}) >= 2
+
+
+def test_processes_contend_through_sigterm_and_sigkill(zk, name, tmp_path):
+    fleet = Fleet(f"{zk.url}?session_timeout={SESSION}", tmp_path, name)
+    try:
+        for identity in ("a", "b", "c"):
+            fleet.spawn(identity)
+        first = fleet.wait_for_term()
+        fleet.signal(first.identity, signal.SIGTERM)  # clean stop: hand over at once
+        assert fleet.wait_exit(first.identity) == 0
+        second = fleet.wait_for_term(other_than={first.identity})
+        killed_at = time.monotonic()
+        fleet.signal(second.identity, signal.SIGKILL)  # crash: the session must expire first
+        third = fleet.wait_for_term(other_than={first.identity, second.identity}, timeout=30)
+        assert third.start > killed_at
+        # The crash failover waited for the session to expire, no longer (generous bound).
+        assert third.start - killed_at < SESSION + 5
+    finally:
+        fleet.cleanup()
+    report = assert_safe(fleet.journal, name, min_terms=3)
+    tokens = [t.token for t in report.terms]
+    assert tokens == sorted(tokens) and len(set(tokens)) == len(tokens)
+
+
+def test_real_session_expiry_ends_the_term(zk, name, tmp_path):
+    path = str(tmp_path / "journal.jsonl")
+    url = f"{zk.url}?session_timeout={SESSION}"
+    first = crown_sync.Crown(name, oracle=url, identity="first",
+                             child=crown_sync.ThreadChild(journal.journaled_work, args=(path,)))
+    second = crown_sync.Crown(name, oracle=url, identity="second",
+                              child=crown_sync.ThreadChild(journal.journaled_work, args=(path,)))
+    try:
+        first.start()
+        assert first.wait_for_leadership(20)
+        second.start()
+        wait_until(lambda: second.phase == "following", timeout=20, message="second follows")
+        wait_until(lambda: terms(path, name) and terms(path, name)[-1].beats > 5, timeout=10)
+        # Expire the leader's session for real: connect with its id and password, then close.
+        session = first.oracle._client.client_id
+        thief = KazooClient(hosts=zk.hosts, client_id=session)
+        thief.start(timeout=20)
+        thief.stop()
+        thief.close()
+        assert second.wait_for_leadership(20), "the follower takes over at once"
+        wait_until(lambda: not first.is_leader(), timeout=10)
+        wait_until(lambda: first.oracle._client.client_id and first.oracle._client.client_id[0] != session[0],
+                   timeout=20, message="a new session")
+        wait_until(lambda: first.phase == "following", timeout=20, message="first contends again")
+        wait_until(lambda: terms(path, name)[-1].identity == "second" and terms(path, name)[-1].beats > 5,
+                   timeout=10)
+    finally:
+        first.stop()
+        second.stop()
+    report = assert_safe(path, name, min_terms=2)
+    assert [t.identity for t in report.terms][:2] == ["first", "second"]
+
+
+def test_sigstop_leader_past_the_session_timeout_then_sigcont(zk, name, tmp_path):
+    fleet = Fleet(f"{zk.url}?session_timeout={SESSION}", tmp_path, name, child="process")
+    try:
+        fleet.spawn("a")
+        first = fleet.wait_for_term()
+        fleet.spawn("b")
+        time.sleep(1.0)  # b queued behind a
+        fleet.signal(first.identity, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        second = fleet.wait_for_term(other_than={first.identity}, timeout=30)
+        assert second.start > stopped_at
+        time.sleep(1.0)
+        fleet.signal(first.identity, signal.SIGCONT)
+        time.sleep(2.0)  # the resumed leader must not work again while b leads
+        now = fleet.running_term()
+        assert now is not None and now.identity == second.identity
+    finally:
+        fleet.cleanup()
+    assert_safe(fleet.journal, name, min_terms=2)
+
+
+def test_server_restart_end_to_end(name, tmp_path):
+    with ZooKeeperServer() as server:
+        fleet = Fleet(f"{server.url}?session_timeout=6", tmp_path, name, child="process")
+        try:
+            fleet.spawn("a")
+            fleet.spawn("b")
+            first = fleet.wait_for_term(timeout=30)
+            server.stop()  # a clean restart: ZooKeeper keeps the sessions
+            down_at = time.monotonic()
+            time.sleep(1.0)
+            server.start()
+            # Leadership resumes (same session, new term, higher token) or moves: either way a
+            # new term, with no overlap.
+            after = fleet.wait_for_term(after=down_at, timeout=40)
+            assert after.token > first.token
+        finally:
+            fleet.cleanup()
+        report = assert_safe(fleet.journal, name, min_terms=2)
+        assert max(t.start for t in report.terms) > down_at
+
+
+def test_dismiss_end_to_end(zk, name, tmp_path):
+    url = f"{zk.url}?session_timeout={SESSION}"
+    fleet = Fleet(url, tmp_path, name, child="process")  # slow to stop: the successor must wait
+    try:
+        fleet.spawn("a")
+        first = fleet.wait_for_term()
+        fleet.spawn("b")
+        time.sleep(1.0)
+        assert crown_sync.find_leader(name, oracle=url).identity == first.identity
+        assert crown_sync.dismiss(name, oracle=url) is True
+        second = fleet.wait_for_term(after=first.end, timeout=20)
+        assert second.identity == "b" and second.token > first.token
+        assert crown_sync.find_leader(name, oracle=url).identity == "b"
+    finally:
+        fleet.cleanup()
+    assert_safe(fleet.journal, name, min_terms=2)
+
+
+def test_ensemble_member_of_the_leader_killed(name, tmp_path):
+    with ZooKeeperEnsemble(3) as ensemble:
+        url = f"{ensemble.url}?session_timeout=4"
+        fleet = Fleet(url, tmp_path, name)
+        client = plain_client(ensemble.hosts)
+        try:
+            fleet.spawn("a")
+            fleet.spawn("b")
+            first = fleet.wait_for_term(timeout=30)
+            _node, stat = leader_node(client, f"/crown_sync/{name}")
+            member = ensemble.member_with_session(stat.ephemeralOwner)
+            assert member is not None
+            killed_at = time.monotonic()
+            member.kill()
+            # Leadership survives (a new term of the same identity after the reconnect) or moves.
+            after = fleet.wait_for_term(after=killed_at, timeout=40)
+            report = journal.check(fleet.journal, name)
+            assert report.ok, report.summary()
+            member.start()
+            ensemble.wait_quorum()
+            time.sleep(0.5)
+            assert fleet.running_term() is not None
+        finally:
+            client.stop()
+            fleet.cleanup()
+        report = assert_safe(fleet.journal, name, min_terms=2)
+        assert after.token > first.token

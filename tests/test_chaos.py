@@ -1,0 +1,108 @@
+"""The bounded CI run of the fault-injection suite (crown_sync_chaos), one test per oracle.
+
+Each test starts the oracle's real server and three real contender processes
+(``python -m crown_sync.testing.contender`` with a journaling process child), then injects every
+fault the oracle supports once, then two more, in an order drawn from a printed seed: SIGKILL of the leader,
+SIGSTOP past the lease then SIGCONT, a graceful dismissal, and where they apply a server restart,
+``pg_terminate_backend``, a real ZooKeeper session expiry, memcached ``flush_all`` and a network
+partition (a contender in its own network namespace whose veth link is cut and healed).
+
+The verdict comes only from the journal the children wrote (``crown_sync.testing.journal.check``):
+no overlapping terms, fencing tokens rising from term to term. The tests also check that every
+fault was seen to take effect, that faults which must end a term were followed by a new term,
+that a partition really cut off the leader, and that no contender died by itself. An oracle whose
+module does not exist is not in the registry, so it has no test here (nothing is skipped).
+
+Set ``CROWN_SYNC_CHAOS_SEED`` to replay a run. Network namespaces need root and ``ip``: without
+them the partition fault is left out with a loud warning, and under ``CI=true`` that is a failure.
+"""
+
+import json
+import os
+import random
+import subprocess
+import sys
+import warnings
+
+import pytest
+
+from crown_sync_chaos import available_kinds
+from crown_sync_chaos.netns import netns_problem
+from crown_sync_chaos.runner import ROOT, Runner
+
+KINDS = available_kinds()
+IN_CI = os.environ.get("CI", "").lower() == "true"
+#: Rounds after every fault has had its turn (drawn from a second shuffled cycle).
+EXTRA_ROUNDS = 2
+
+
+def _seed() -> int:
+    value = os.environ.get("CROWN_SYNC_CHAOS_SEED")
+    return int(value) if value else random.SystemRandom().randrange(2 ** 32)
+
+
+@pytest.mark.timeout(420)
+@pytest.mark.parametrize("name", list(KINDS))
+def test_fault_rounds_leave_no_overlap(name, tmp_path):
+    kind = KINDS[name]
+    problem = netns_problem() if kind.partitionable else None
+    if problem:
+        message = f"{name}: NO NETWORK PARTITION in this run: {problem}"
+        assert not IN_CI, message + " (CI=true: network namespaces are required)"
+        warnings.warn(message)
+    faults = [f for f in kind.faults if not (f == "partition" and problem)]
+    seed = _seed()
+    print(f"{name}: seed {seed} (CROWN_SYNC_CHAOS_SEED={seed} replays it)")
+    result = Runner(
+        kind,
+        contenders=3,
+        rounds=len(faults) + EXTRA_ROUNDS,
+        seed=seed,
+        lease=2.0,
+        workdir=str(tmp_path),
+        child="process",
+        require_partition=IN_CI,
+        log=lambda text: print(text, flush=True),
+    ).run()
+    context = f"seed {seed}; journal {result['journals']}; rounds {json.dumps(result['records'], default=str)}"
+
+    # Safety, from the journal only.
+    assert result["overlaps"] == 0, "\n".join(result["violations_text"]) + "\n" + context
+    assert result["token_violations"] == 0, "\n".join(result["violations_text"]) + "\n" + context
+
+    # Every fault happened (each at least once) and was seen to take effect.
+    assert sorted(result["faults"]) == sorted(faults), context
+    assert sum(result["faults"].values()) == len(faults) + EXTRA_ROUNDS, context
+    assert result["unconfirmed"] == [], context
+    if "partition" in faults:
+        assert result["partition"].startswith("yes"), result["partition"]
+        assert result["leader_partitions"] >= 1, context
+
+    # Terms really happened: one before the faults, and a new one after every fault that must end
+    # a term; nobody stalled and no contender died by itself.
+    must_end = sum(1 for r in result["records"] if r.get("expects_new_term"))
+    assert result["terms"] >= 1 + must_end, context
+    assert result["missing_new_terms"] == [], context
+    assert result["stalled"] == [], context
+    assert result["unexpected_exits"] == [], context
+
+
+@pytest.mark.timeout(180)
+def test_command_line_prints_the_table(tmp_path):
+    """The runner's command line on the file oracle: exit 0, a summary row, JSON results."""
+    output = tmp_path / "results.json"
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    run = subprocess.run(
+        [sys.executable, "-m", "crown_sync_chaos", "--oracle", "file", "--rounds", "3",
+         "--seed", "7", "--workdir", str(tmp_path / "work"), "--output", str(output)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=170,
+    )
+    text = run.stdout.decode(errors="replace")
+    assert run.returncode == 0, text
+    assert "seed 7" in text
+    row = next(line for line in text.splitlines() if line.startswith("| file |"))
+    assert "| 3 |" in row, row
+    results = json.loads(output.read_text())["results"]
+    assert [r["oracle"] for r in results] == ["file"]
+    assert results[0]["rounds"] == 3 and results[0]["overlaps"] == 0
+    assert sorted(results[0]["faults"]) == ["dismiss", "sigkill", "sigstop"]

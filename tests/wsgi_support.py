@@ -135,13 +135,27 @@ def journal_terms(path: str, name: str = None) -> List[journal.Term]:
     return journal._terms(journal.read(path), name)
 
 
-def process_gone(pid: int) -> bool:
-    """True if ``pid`` no longer runs (gone, or a zombie nobody reaped yet)."""
+def _task_state(path: str) -> Optional[str]:
+    """The state letter in a /proc stat file, or None if the task is gone."""
     try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] == "Z"
+        with open(path) as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
+def process_gone(pid: int) -> bool:
+    """True if ``pid`` no longer runs (gone, or a zombie nobody reaped yet).
+
+    Every thread counts: the main thread of a multi-threaded process (a Gunicorn master running a
+    crown) can be a zombie while its other threads are still exiting, and until the last one has,
+    the process still holds its descriptors and its children are not yet orphaned.
+    """
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
     except (FileNotFoundError, ProcessLookupError):
         return True
+    return all(_task_state(f"/proc/{pid}/task/{task}/stat") in (None, "Z", "X") for task in tasks)
 
 
 def parent_of(pid: int) -> Optional[int]:

@@ -4,7 +4,7 @@ import contextlib
 from typing import Dict, Iterator, Optional
 
 from . import registry
-from .crown import Crown, Status
+from .crown import Crown, Status, check_name
 from .oracle import Leader, Oracle
 from .urls import default_oracle, oracle_from_url
 
@@ -72,11 +72,13 @@ def _oracle_for(oracle) -> Iterator[Oracle]:
 
 def find_leader(name: str, oracle=None) -> Optional[Leader]:
     """The leader of ``name`` read from the oracle, without contending; None if there is none."""
+    check_name(name)
     with _oracle_for(oracle) as instance:
         return instance.find_leader(name)
 
 
 def dismiss(name: str, oracle=None) -> bool:
     """Make the current leader of ``name`` step down (it may contend again). True if there was one."""
+    check_name(name)
     with _oracle_for(oracle) as instance:
         return instance.dismiss(name)

@@ -35,8 +35,6 @@ import click
 
 __all__ = ["main"]
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
-
 #: Exit code of ``run`` when crown-sync itself fails (as ``env``/``timeout`` use 125).
 EXIT_RUN_FAILED = 125
 #: Exit codes of ``env``/``timeout``/the shells when the command cannot be started.
@@ -58,11 +56,16 @@ class OracleError(click.ClickException):
 
 
 def _check_name(ctx, param, value):
-    if value is None or _NAME_RE.match(value):
+    from .crown import check_name
+
+    if value is None:
         return value
-    raise click.BadParameter(
-        f"{value!r} is not a valid election name: use 1-128 characters of A-Z a-z 0-9 . _ -"
-    )
+    try:
+        return check_name(value)
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r} is not a valid election name: use 1-128 characters of A-Z a-z 0-9 . _ -"
+        ) from None
 
 
 def _secrets_in(url: Optional[str]) -> List[str]:

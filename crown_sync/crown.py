@@ -79,6 +79,18 @@ class Status:
     last_error: Optional[str]
 
 
+def check_name(name: Any, option: str = "name") -> str:
+    """``name`` if it is a valid election name; else TypeError/ValueError naming ``option``.
+
+    Names become file names, keys and node paths in the oracles, so nothing else is accepted.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"{option} must be a str, got {type(name).__name__}")
+    if not _NAME.fullmatch(name):
+        raise ValueError(f"{option} must be 1-128 characters of [A-Za-z0-9._-], got {name!r}")
+    return name
+
+
 def _default_identity() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
 
@@ -91,6 +103,8 @@ def _number(option: str, value: Any, *, positive: bool) -> float:
         raise ValueError(f"{option} must be finite, got {value}")
     if value < 0 or (positive and value == 0):
         raise ValueError(f"{option} must be {'> 0' if positive else '>= 0'}, got {value}")
+    if value > threading.TIMEOUT_MAX:  # a longer wait would make every wait() raise OverflowError
+        raise ValueError(f"{option} must be at most {threading.TIMEOUT_MAX:g} seconds, got {value}")
     return value
 
 
@@ -119,10 +133,7 @@ class Crown:
         max_child_restarts: Optional[int] = 0,
         child_backoff: float = 1.0,
     ):
-        if not isinstance(name, str):
-            raise TypeError(f"name must be a str, got {type(name).__name__}")
-        if not _NAME.fullmatch(name):
-            raise ValueError(f"name must be 1-128 characters of [A-Za-z0-9._-], got {name!r}")
+        check_name(name)
         self.claim_delay = _number("claim_delay", claim_delay, positive=False)
         self.monitor_delay = _number("monitor_delay", monitor_delay, positive=True)
         self.monitor_timeout = _number("monitor_timeout", monitor_timeout, positive=True)
@@ -182,6 +193,7 @@ class Crown:
         self._child_run = None
         self._follower_run = None
         self._follower_term: Optional[Term] = None
+        self._runs_stopping: list = []  # children being stopped: still alive for status()
         _live_crowns.add(self)
 
     # ----------------------------------------------------------------------------- public API
@@ -220,8 +232,10 @@ class Crown:
             self._emit("crown.process.terminating", reason="stop")
         current = threading.current_thread()
         with self._cond:
-            child_thread = getattr(self._child_run, "thread", None)
-        if self._thread is not None and current is not self._thread and current is not child_thread:
+            # A thread child that calls stop() must not wait for the loop, which waits for it.
+            runs = (self._child_run, self._follower_run, *self._runs_stopping)
+            child_threads = [getattr(run, "thread", None) for run in runs]
+        if self._thread is not None and current is not self._thread and current not in child_threads:
             self._thread.join(timeout)
         return self
 
@@ -242,15 +256,17 @@ class Crown:
     def status(self) -> Status:
         with self._cond:
             term = self._term
+            leading = term is not None and term.is_leader()  # once: the deadline may pass meanwhile
             run = self._child_run if term is not None else self._follower_run
+            runs = [run, *self._runs_stopping]
             return Status(
                 name=self.name,
                 phase=self._phase,
-                is_leader=self.is_leader(),
+                is_leader=leading,
                 identity=self.identity,
                 leader=self._leader,
-                token=term.token if term is not None and term.is_leader() else None,
-                child_alive=bool(run is not None and run.alive()),
+                token=term.token if leading else None,
+                child_alive=any(run is not None and run.alive() for run in runs),
                 oracle=self._oracle_description,
                 last_error=self._last_error,
             )
@@ -281,8 +297,8 @@ class Crown:
     # ---------------------------------------------------------------------------- the loop
 
     def _run(self) -> None:
-        self._emit("crown.process.initialized")
         try:
+            self._emit("crown.process.initialized")
             self._contender = self._retry("contender", self._stopping_now, lambda: self._oracle.contender(
                 self.name, self.identity, dict(self.metadata), self._on_change))
             if self._contender is not None:
@@ -333,7 +349,7 @@ class Crown:
         restarts = 0
         if not term.ended:
             self._start_leader_child(term, restarts)
-        next_refresh = None if claim.refresh_in is None else _monotonic() + claim.refresh_in
+        next_refresh = _next_refresh(term, claim.refresh_in)
 
         reason, lost, backoff = "stop", False, 0.0
         while True:
@@ -371,16 +387,17 @@ class Crown:
             if refreshed is None:
                 continue  # interrupted; the checks above decide
             if not refreshed.won:
-                reason, lost = "refresh", True
+                reason, lost, backoff = "refresh", True, refreshed.yield_for
                 break
-            term.extend(refreshed.deadline)
+            if not term.extend(refreshed.deadline):
+                continue  # the deadline passed while the refresh was under way: the term is over
             run = self._child_run
             if run is not None:
                 run.extend(refreshed.deadline)
             if refreshed.leader is not None:
                 self._leader = refreshed.leader
             self._emit("crown.leadership.refreshed", token=term.token, deadline_in=_seconds(term.remaining()))
-            next_refresh = None if refreshed.refresh_in is None else _monotonic() + refreshed.refresh_in
+            next_refresh = _next_refresh(term, refreshed.refresh_in)
         self._end_term(term, reason, lost)
         return backoff
 
@@ -497,13 +514,14 @@ class Crown:
             if self._follower_run is not None and self._follower_run.alive():
                 return
         term = Term(self.name, self.identity, None, None, leading=False)
-        try:
-            run = self._follower_child.start(term, self._on_follower_exit)
-        except Exception as exc:
-            logger.exception("crown %s: starting the follower child failed", self.name)
-            self._record_error("follower_child", exc)
-            return
+        # Under the lock, as for the leader's child: one that calls stop() at once finds itself.
         with self._cond:
+            try:
+                run = self._follower_child.start(term, self._on_follower_exit)
+            except Exception as exc:
+                logger.exception("crown %s: starting the follower child failed", self.name)
+                self._record_error("follower_child", exc)
+                return
             self._follower_run = run
             self._follower_term = term
         self._emit("crown.child.started", kind="follower", pid=run.pid, restarts=0)
@@ -514,9 +532,15 @@ class Crown:
             setattr(self, attribute, None)
             if kind == "follower" and run is not None:
                 self._follower_term.end()
+            if run is not None:
+                self._runs_stopping.append(run)
         if run is None:
             return
-        run.stop()
+        try:
+            run.stop()
+        finally:
+            with self._cond:
+                self._runs_stopping.remove(run)
         self._emit("crown.child.stopped", kind=kind, exitcode=run.exitcode, **extra)
 
     def _on_child_exit(self, run) -> None:
@@ -638,6 +662,15 @@ class Crown:
         self._term = None
         self._cond = threading.Condition(threading.RLock())
         self._phase = "stopped"
+
+
+def _next_refresh(term: Term, refresh_in: Optional[float]) -> Optional[float]:
+    """When to refresh: as the oracle asks, but by half the time left at the latest, since the
+    oracle's interval was counted from the start of its call and the crown has spent some of it
+    since (starting the child, stopping a follower child) and a failed refresh needs a retry."""
+    if refresh_in is None:
+        return None
+    return _monotonic() + min(refresh_in, max(0.0, term.remaining() / 2))
 
 
 def _seconds(value: float) -> Optional[float]:

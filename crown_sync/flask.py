@@ -72,7 +72,7 @@ from flask.cli import AppGroup
 
 import crown_sync
 from . import telemetry
-from .crown import _NAME
+from .crown import check_name
 from .gunicorn import leader_token
 from .urls import default_oracle, oracle_from_url
 
@@ -101,10 +101,7 @@ DEFAULTS: Dict[str, Any] = {
 
 def _config(app) -> Dict[str, Any]:
     config = {key: app.config.get(key, default) for key, default in DEFAULTS.items()}
-    name = app.config.get("CROWN_SYNC_NAME")
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise ValueError(f"CROWN_SYNC_NAME must be an election name (1-128 of [A-Za-z0-9._-]), got {name!r}")
-    config["CROWN_SYNC_NAME"] = name
+    config["CROWN_SYNC_NAME"] = check_name(app.config.get("CROWN_SYNC_NAME"), "CROWN_SYNC_NAME")
     if config["CROWN_SYNC_FOLLOWER"] not in ("503", "redirect"):
         raise ValueError(f"CROWN_SYNC_FOLLOWER must be '503' or 'redirect', got {config['CROWN_SYNC_FOLLOWER']!r}")
     for key in ("CROWN_SYNC_RETRY_AFTER", "CROWN_SYNC_LEADER_CACHE"):

@@ -71,6 +71,8 @@ class Claim:
     refresh_in: seconds until the engine should call refresh(); None: only when on_change() asks.
     fds: file descriptors that child processes of the term must inherit, so that the oracle keeps
         the election closed until every one of them has exited (the file oracle's lock).
+    yield_for: with ``won=False`` from refresh(): seconds to stay out of the contest before
+        claiming again, so that another contender takes over (a dismissed leader yields).
     """
 
     won: bool
@@ -79,6 +81,7 @@ class Claim:
     deadline: Optional[float] = None
     refresh_in: Optional[float] = None
     fds: Tuple[int, ...] = ()
+    yield_for: float = 0.0
 
 
 class Contender(abc.ABC):

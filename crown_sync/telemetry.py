@@ -53,6 +53,8 @@ def attach(handler: Callable[[str, dict], None], prefixes: Optional[Iterable[str
     if isinstance(prefixes, str):
         prefixes = (prefixes,)
     prefix_tuple = tuple(prefixes) if prefixes is not None else None
+    if prefix_tuple is not None and not all(isinstance(prefix, str) for prefix in prefix_tuple):
+        raise TypeError("prefixes must be a str or an iterable of str")
     with _handlers_lock:
         handle = next(_ids)
         _handlers[handle] = (handler, prefix_tuple)

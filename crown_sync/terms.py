@@ -93,10 +93,14 @@ class Term:
     def deadline(self) -> Optional[float]:
         return self._deadline
 
-    def extend(self, deadline: Optional[float]) -> None:
-        """Move the deadline (after a successful refresh). Has no effect once the term ended."""
-        if not self._ended:
-            self._deadline = deadline
+    def extend(self, deadline: Optional[float]) -> bool:
+        """Move the deadline (after a successful refresh); False, and no effect, once the term
+        has ended or its deadline has passed: a renewal that comes back late never revives a
+        term that ``is_leader()`` and ``stop_event`` have already reported over."""
+        if self.ended:
+            return False
+        self._deadline = deadline
+        return True
 
     @property
     def expired(self) -> bool:

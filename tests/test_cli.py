@@ -283,9 +283,10 @@ def test_dismiss_makes_the_leader_step_down(tmp_path, url, runs):
     assert result.returncode == 0, result.stderr
     assert "dismissed A" in result.stdout
 
-    # A's command is stopped, and someone (B, or A again) leads with a higher token.
+    # A's command is stopped, and B (A yields for a moment) leads with a higher token.
     wait_until(lambda: term_of(path, "A")[0].stopped, "A's command to stop")
     wait_until(lambda: len(terms(path)) >= 2, "a new term after the dismissal")
+    assert terms(path)[1].identity == "B"
     assert first.process.poll() is None and second.process.poll() is None  # both contend on
     time.sleep(0.3)
     for run in (first, second):

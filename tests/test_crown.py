@@ -72,6 +72,9 @@ def crown(name="job", oracle=None, **options):
         ({"oracle": 42}, "oracle"),
         ({"oracle": "redis://localhost"}, "scheme"),
         ({"max_child_restarts": -1}, "max_child_restarts"),
+        ({"monitor_delay": 1e10, "monitor_timeout": 2e10}, "monitor_delay"),
+        ({"claim_delay": 1e12}, "claim_delay"),
+        ({"child_backoff": float("inf")}, "child_backoff"),
     ],
 )
 def test_invalid_options_fail_at_construction_naming_the_option(kwargs, option):
@@ -210,11 +213,16 @@ def test_stop_event_reads_set_after_the_deadline_without_any_thread_running():
     assert not term.stop_event.is_set() and term.is_leader()
     assert term.stop_event.wait(5)  # returns at the deadline, nobody set it
     assert term.stop_event.is_set() and not term.is_leader()
-    term.extend(time.monotonic() + 10)  # moving the deadline revives nothing once passed? it does:
-    assert term.is_leader()  # extend before end is legal (a refresh that came back in time)
-    term.end()
-    term.extend(time.monotonic() + 10)
+    # A renewal that comes back after the deadline revives nothing: what the child and
+    # is_leader() were told stays true.
+    assert not term.extend(time.monotonic() + 10)
     assert not term.is_leader() and term.stop_event.is_set()
+
+    live = crown_sync.Term("job", "me", 8, time.monotonic() + 5)
+    assert live.extend(time.monotonic() + 10) and live.is_leader()  # a renewal in time
+    live.end()
+    assert not live.extend(time.monotonic() + 20)
+    assert not live.is_leader() and live.stop_event.is_set()
 
 
 def test_oracle_signalled_loss_ends_the_term_at_once():
@@ -399,3 +407,62 @@ def test_attach_with_prefixes_filters_events():
     finally:
         telemetry.detach(handle)
     assert got and all(e.startswith("crown.leadership.") for e in got)
+
+
+def test_attach_refuses_prefixes_that_are_not_strings():
+    with pytest.raises(TypeError, match="prefixes"):
+        telemetry.attach(lambda event, meta: None, prefixes=[1])
+    with crown_sync.lead("job", oracle=MemoryOracle(), monitor_delay=0.05) as c:
+        assert c.wait_for_leadership(10)  # nothing was attached that could break emit()
+
+
+@pytest.mark.parametrize("name", ["", "../escape", "a/b", "x" * 129])
+def test_find_leader_and_dismiss_refuse_invalid_names(name, tmp_path):
+    url = f"file://{tmp_path / 'oracle'}"
+    for call in (crown_sync.find_leader, crown_sync.dismiss):
+        with pytest.raises(ValueError, match="name"):
+            call(name, oracle=url)
+    assert not (tmp_path / "escape.dismiss").exists()
+
+
+def test_stop_from_the_follower_child_does_not_wait_for_itself():
+    oracle = MemoryOracle(lease=30, refresh_in=30)
+    leader = crown(oracle=oracle, identity="leader").start()
+    assert leader.wait_for_leadership(10)
+    box = {}
+
+    def follower_child(term):
+        box["crown"].stop()  # from the follower child's own thread
+        box["returned"] = time.monotonic()
+
+    follower = box["crown"] = crown(oracle=oracle, identity="follower",
+                                    follower_child=crown_sync.ThreadChild(follower_child, grace=30))
+    try:
+        started = time.monotonic()
+        follower.start()
+        # With the join, stop() would return only after the 30 s grace.
+        wait_until(lambda: "returned" in box and follower.phase == "stopped", timeout=20)
+        assert box["returned"] - started < 15
+    finally:
+        follower.stop()
+        leader.stop()
+
+
+def test_child_alive_stays_true_while_the_child_is_being_stopped():
+    release = threading.Event()
+
+    def slow_to_stop(term):
+        term.stop_event.wait()
+        release.wait(20)  # ignores the stop for a while, as a busy thread would
+
+    c = crown(child=crown_sync.ThreadChild(slow_to_stop, grace=30)).start()
+    try:
+        assert c.wait_for_leadership(10)
+        wait_until(lambda: c.status().child_alive)
+        c.stop(timeout=0)
+        wait_until(lambda: c.phase == "finishing")
+        assert c.status().child_alive  # it still runs: status says so
+    finally:
+        release.set()
+        c.stop()
+    assert not c.status().child_alive

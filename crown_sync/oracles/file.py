@@ -117,9 +117,17 @@ class FileOracle(Oracle):
             return None
         try:
             with os.fdopen(fd, "r", encoding="utf-8") as handle:
-                return Leader.from_dict(json.load(handle))
-        except ValueError:
-            return None  # torn by hand; a leader's own writes are atomic
+                data = json.load(handle)
+            if not isinstance(data, dict) or not isinstance(data.get("token"), int):
+                raise ValueError("no integer token")
+            return Leader.from_dict(data)
+        except ValueError as exc:
+            # Only a hand edit can tear it (a leader's own writes are atomic). Refuse rather than
+            # guess: treated as absent, the next token would start again from 1.
+            raise ValueError(
+                f"{self._path(name, 'leader')} is not a valid leader record ({exc}); restore it, or"
+                f" remove it only if no process still holds an older term's token"
+            ) from None
 
     def write_record(self, name: str, leader: Leader) -> None:
         final = self._path(name, "leader")
@@ -243,7 +251,8 @@ class FileContender(Contender):
         if not held or leader is None:
             return Claim(False)
         if self._oracle.dismissal_for(self._name, leader.token):
-            return Claim(False, leader=None)
+            # Stay out long enough for a waiting follower's thread to be scheduled and lock.
+            return Claim(False, leader=None, yield_for=2 * self._oracle.check_interval)
         return Claim(True, leader, leader.token, None, self._oracle.check_interval, (self._fd,))
 
     def watch(self, leader: Optional[Leader]) -> bool:

@@ -16,10 +16,12 @@ as a waiting follower is woken, and a paused (SIGSTOP) leader simply keeps the c
 runs again: nobody else can take it meanwhile. A term's child processes inherit the lock
 descriptor (``Claim.fds``), so the lock is not free until the child is gone too.
 
-Followers wait in a thread blocked in ``flock(LOCK_EX)`` on their own descriptor: the kernel wakes
-exactly when the holder lets go, with no polling. ``close()`` does not need to interrupt that
-thread: when the lock comes, the closed descriptor's last reference goes with the syscall and the
-lock is released at once.
+Followers wait in a thread blocked in ``flock(LOCK_EX)`` on their own open file description: the
+kernel wakes it exactly when the holder lets go, with no polling, and the lock it gets is handed to
+the contender whole. A blocked flock() can't be cancelled, so ``close()`` leaves the thread as an
+orphan that the next follower of the same election in this process adopts (starting and stopping
+followers never piles up threads); an orphan nobody adopts closes its descriptor when the lock
+comes, which frees the lock again at once.
 
 Not guaranteed: anything across hosts (flock is local; on NFS it is unreliable, so refuse to rely
 on it there), or tokens surviving deletion of the directory. Fork: a forked process gets copies of
@@ -197,29 +199,82 @@ class FileOracle(Oracle):
         return True
 
 
+class _Waiter:
+    """A thread blocked in ``flock(LOCK_EX)`` on its own open file description of a lock file.
+
+    A blocked flock() can't be cancelled, so when its contender closes, the waiter is left as an
+    orphan that the next contender of the same lock file in this process adopts instead of
+    starting another thread: stopping and starting followers never piles up threads. An orphan
+    nobody adopts closes its descriptor (freeing the lock at once) when the lock comes.
+    """
+
+    def __init__(self, path: str, fd: int, owner: "FileContender"):
+        self.path = path
+        self.fd = fd
+        self.owner: Optional[FileContender] = owner
+        self.granted = False
+        self.thread = threading.Thread(target=self._run, name=f"crown-sync-file-wait:{os.path.basename(path)}",
+                                       daemon=True)
+
+    def _run(self) -> None:
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX)  # the kernel wakes us when the holder lets go
+        except OSError:
+            pass  # only if the descriptor was closed under us (fork child): nobody to tell
+        with _waiters_lock:
+            self.granted = True
+            owner = self.owner
+            if _orphans.get(self.path) is self:
+                del _orphans[self.path]
+        if owner is None or not owner._granted(self):
+            os.close(self.fd)  # the only reference: the lock is free again at once
+
+
+_waiters_lock = threading.Lock()
+_orphans: Dict[str, _Waiter] = {}  # lock path -> a waiter whose contender closed
+
+
 class FileContender(Contender):
-    """One crown's descriptor on ``NAME.lock`` and, while following, its waiter thread."""
+    """One crown's descriptor on ``NAME.lock`` and, while following, its waiter.
+
+    Only the loop thread uses ``_fd``; a waiter that gets the lock parks its own descriptor in
+    ``_granted_fd``, and the loop thread swaps it in (never closing a descriptor under a
+    flock() call of its own).
+    """
 
     def __init__(self, oracle: FileOracle, name: str, identity: str, metadata: Dict[str, Any], on_change: OnChange):
         self._oracle = oracle
         self._name = name
+        self._path = oracle._path(name, "lock")
         self._identity = identity
         self._metadata = metadata
         self._on_change = on_change
         self._mutex = threading.Lock()
         self._fd: Optional[int] = None
+        self._granted_fd: Optional[int] = None  # a waiter's descriptor that holds LOCK_EX for us
         self._held = False  # we hold LOCK_EX (by claim or by the waiter)
-        self._wait_fd: Optional[int] = None  # the waiter thread's descriptor while it waits
+        self._waiter: Optional[_Waiter] = None
         self._closed = False
         self._leader: Optional[Leader] = None
         _live_contenders.add(self)
 
     def _descriptor(self) -> int:
-        if self._closed:
-            raise RuntimeError("contender is closed")
-        if self._fd is None:
-            self._fd = self._oracle.open_lock(self._name)
-        return self._fd
+        with self._mutex:
+            if self._closed:
+                raise RuntimeError("contender is closed")
+            if self._granted_fd is not None:
+                old, self._fd, self._granted_fd = self._fd, self._granted_fd, None
+                if old is not None:
+                    os.close(old)
+            fd = self._fd
+        if fd is None:
+            fd = self._oracle.open_lock(self._name)
+            with self._mutex:
+                if self._closed:
+                    os.close(fd)
+                    raise RuntimeError("contender is closed")
+                self._fd = fd
+        return fd
 
     def claim(self) -> Claim:
         fd = self._descriptor()
@@ -256,44 +311,45 @@ class FileContender(Contender):
         return Claim(True, leader, leader.token, None, self._oracle.check_interval, (self._fd,))
 
     def watch(self, leader: Optional[Leader]) -> bool:
-        fd = self._descriptor()
+        self._descriptor()  # creates the directory and lock file if needed; swaps in a grant
         with self._mutex:
             if self._held:
                 return False  # the waiter already got it: claim now
-            if self._wait_fd is not None:
+            if self._waiter is not None:
                 return True
-            # The waiter blocks on a duplicate: the same open file description (so the lock it
-            # gets is ours), but a descriptor number only the waiter closes, so close() can't
-            # make it flock a recycled number.
-            self._wait_fd = os.dup(fd)
-            wait_fd = self._wait_fd
-        thread = threading.Thread(
-            target=self._wait_for_lock, args=(wait_fd,), name=f"crown-sync-file-wait:{self._name}", daemon=True
-        )
-        thread.start()
+            with _waiters_lock:
+                waiter = _orphans.pop(self._path, None)
+                if waiter is not None:
+                    waiter.owner = self
+            if waiter is None:
+                # Its own open file description: the lock it gets is handed to us whole.
+                fd = os.open(self._path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+                waiter = _Waiter(self._path, fd, self)
+                waiter.thread.start()
+            self._waiter = waiter
         return True
 
-    def _wait_for_lock(self, wait_fd: int) -> None:
-        try:
-            fcntl.flock(wait_fd, fcntl.LOCK_EX)  # the kernel wakes us when the holder lets go
-        except OSError:
-            acquired = False
-        else:
-            acquired = True
+    def _granted(self, waiter: _Waiter) -> bool:
+        """From the waiter's thread: it holds LOCK_EX for us. False if we no longer want it."""
         with self._mutex:
-            self._wait_fd = None
-            os.close(wait_fd)  # if close() ran meanwhile, this was the last reference: lock freed
-            if not acquired or self._closed:
-                return
+            if self._waiter is waiter:
+                self._waiter = None
+            if self._closed or self._held:
+                return False
+            self._granted_fd = waiter.fd
             self._held = True
         self._on_change()
+        return True
 
     def abdicate(self) -> None:
+        try:
+            fd = self._descriptor()  # a lock granted to the waiter is swapped in, then released
+        except RuntimeError:
+            return  # closed: close() released everything
         with self._mutex:
-            if not self._held or self._fd is None:
+            if not self._held or self._closed:
                 return
             self._held = False
-            fd = self._fd
         self._leader = None
         fcntl.flock(fd, fcntl.LOCK_UN)
 
@@ -302,20 +358,28 @@ class FileContender(Contender):
             if self._closed:
                 return
             self._closed = True
-            fd, self._fd = self._fd, None
+            fds = [fd for fd in (self._fd, self._granted_fd) if fd is not None]
+            self._fd = self._granted_fd = None
             self._held = False
-        if fd is not None:
+            waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            with _waiters_lock:
+                if not waiter.granted:
+                    waiter.owner = None
+                    _orphans.setdefault(waiter.path, waiter)
+        for fd in fds:
             os.close(fd)  # frees our lock unless a term's child process still holds a copy
 
     def _after_fork_in_child(self) -> None:
         keep = fds_kept_across_fork()
-        for fd in (self._fd, self._wait_fd):
+        for fd in (self._fd, self._granted_fd):
             if fd is not None and fd not in keep:
                 try:
                     os.close(fd)  # our copy only: the parent's lock stays held by the parent
                 except OSError:
                     pass
-        self._fd = self._wait_fd = None
+        self._fd = self._granted_fd = None
+        self._waiter = None
         self._closed = True
         self._held = False
         self._mutex = threading.Lock()
@@ -325,8 +389,19 @@ _live_contenders: "weakref.WeakSet[FileContender]" = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:
-    for contender in list(_live_contenders):
+    global _waiters_lock
+    contenders = list(_live_contenders)
+    # The waiters' threads did not cross the fork; their descriptors did: close our copies.
+    waiters = list(_orphans.values()) + [c._waiter for c in contenders if c._waiter is not None]
+    for contender in contenders:
         contender._after_fork_in_child()
+    for waiter in waiters:
+        try:
+            os.close(waiter.fd)
+        except OSError:
+            pass
+    _orphans.clear()
+    _waiters_lock = threading.Lock()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

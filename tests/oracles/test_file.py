@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -167,6 +168,29 @@ def test_a_torn_leader_record_is_refused_rather_than_restarting_tokens(url, orac
         assert crown.status().token == last + 11
     finally:
         crown.stop()
+
+
+def test_stopped_followers_leave_no_waiting_threads_behind(url):
+    def waiters():
+        return [t for t in threading.enumerate() if t.name.startswith("crown-sync-file-wait") and t.is_alive()]
+
+    leader = crown_sync.Crown(NAME, oracle=url, identity="leader").start()
+    assert leader.wait_for_leadership(10)
+    before = len(waiters())
+    for i in range(8):
+        with crown_sync.Crown(NAME, oracle=url, identity=f"follower-{i}") as follower:
+            wait_until(lambda: follower.phase == "following" and len(waiters()) > before)
+    assert len(waiters()) <= before + 1  # one orphan at most, adopted by each next follower
+    last = crown_sync.Crown(NAME, oracle=url, identity="last").start()
+    try:
+        wait_until(lambda: last.phase == "following")
+        leader.stop()
+        assert last.wait_for_leadership(10)  # the adopted waiter's lock became ours
+        assert crown_sync.find_leader(NAME, oracle=url).identity == "last"
+    finally:
+        last.stop()
+    wait_until(lambda: len(waiters()) == before, timeout=10)
+    assert crown_sync.find_leader(NAME, oracle=url) is None
 
 
 def test_two_crowns_in_one_process_never_both_lead(url):

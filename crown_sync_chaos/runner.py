@@ -16,7 +16,8 @@ printed; the first rounds cover every fault of the oracle once, in random order)
 
 ``sigkill``    SIGKILL the leader's crown process (its process child dies with it).
 ``sigstop``    SIGSTOP the leader past its lease, then SIGCONT; either the crown's process alone
-               (its child must stop itself by the deadline) or its whole process group.
+               (its child must stop itself by the deadline), then its whole process group
+               the next time (alternating).
 ``dismiss``    ``crown_sync.dismiss``: a graceful handoff.
 ``partition``  the contender in its own network namespace is made leader (dismissing others),
                then its veth link is cut (host end: silence; namespace end: unreachable), held
@@ -215,6 +216,7 @@ class Runner:
         self.seconds = seconds
         self.seed = seed if seed is not None else random.SystemRandom().randrange(2 ** 32)
         self.rng = random.Random(self.seed)
+        self.sigstops = 0
         self.lease = lease
         self.workdir = workdir or tempfile.mkdtemp(prefix=f"crown-sync-chaos-{kind_class.name}-")
         self.child = child
@@ -363,7 +365,10 @@ class Runner:
         return {"target": proc.identity, "confirmed": code == -signal.SIGKILL}
 
     def _sigstop(self, leader, proc) -> Dict[str, Any]:
-        group = self.rng.random() < 0.3
+        # Alternate, starting with the crown's process alone: its process child keeps running
+        # and must stop itself by the deadline, the case every run has to cover.
+        group = self.sigstops % 2 == 1
+        self.sigstops += 1
         pause = round(self.kind.pause_seconds(self.rng), 2)
         if group:
             os.killpg(proc.pid, signal.SIGSTOP)

@@ -10,13 +10,14 @@ partition (a contender in its own network namespace whose veth link is cut and h
 The verdict comes only from the journal the children wrote (``crown_sync.testing.journal.check``):
 no overlapping terms, fencing tokens rising from term to term. The tests also check that every
 fault was seen to take effect, that faults which must end a term were followed by a new term,
-that a partition really cut off the leader, and that no contender died by itself. An oracle whose
-module does not exist is not in the registry, so it has no test here (nothing is skipped).
+that a partition really cut off the leader, and that no contender died by itself. Every oracle
+has its test: one whose client library does not import fails (nothing is skipped).
 
 Set ``CROWN_SYNC_CHAOS_SEED`` to replay a run. Network namespaces need root and ``ip``: without
 them the partition fault is left out with a loud warning, and under ``CI=true`` that is a failure.
 """
 
+import importlib
 import json
 import os
 import random
@@ -26,11 +27,12 @@ import warnings
 
 import pytest
 
-from crown_sync_chaos import available_kinds
+from crown_sync_chaos.kinds import KINDS as ALL_KINDS
 from crown_sync_chaos.netns import netns_problem
 from crown_sync_chaos.runner import ROOT, Runner
 
-KINDS = available_kinds()
+#: Every oracle, whether or not its client library imports here: a missing one fails its test.
+KINDS = {kind.name: kind for kind in ALL_KINDS}
 IN_CI = os.environ.get("CI", "").lower() == "true"
 #: Rounds after every fault has had its turn (drawn from a second shuffled cycle).
 EXTRA_ROUNDS = 2
@@ -45,6 +47,8 @@ def _seed() -> int:
 @pytest.mark.parametrize("name", list(KINDS))
 def test_fault_rounds_leave_no_overlap(name, tmp_path):
     kind = KINDS[name]
+    for module in kind.modules:
+        importlib.import_module(module)  # ImportError: the oracle's client library is missing
     problem = netns_problem() if kind.partitionable else None
     if problem:
         message = f"{name}: NO NETWORK PARTITION in this run: {problem}"

@@ -8,7 +8,8 @@ grid, and no tick can run twice (only one scheduler exists at a time).
 
 For the demo each tick appends a line to a journal (``EXAMPLE_JOURNAL``, see
 crown_sync.testing.journal): ``start`` when the scheduler starts, one ``beat`` per tick naming
-the tick's scheduled time, after the tick ran, and ``stop`` when it shuts down. A real job would
+the tick's scheduled time, after the tick's work ran (not when it found itself no longer
+leading), and ``stop`` when it shuts down. A real job would
 pass ``term_info.token`` (the fencing token) to whatever it writes to.
 """
 
@@ -29,11 +30,12 @@ TICK = float(os.environ.get("EXAMPLE_TICK", "0.5"))
 GRID = datetime.datetime(2000, 1, 1, tzinfo=datetime.timezone.utc)
 
 
-def tick(term_info) -> None:
+def tick(term_info) -> bool:
     """The scheduled work. Check leadership right before acting (no I/O: shared memory)."""
     if not crown_sync.is_leader(term_info.name):
-        return
+        return False
     # ... do the work here, passing term_info.token to what you write to ...
+    return True
 
 
 def run_scheduler(term_info) -> None:
@@ -43,7 +45,7 @@ def run_scheduler(term_info) -> None:
     signal.signal(signal.SIGTERM, lambda *_: done.set())  # the crown's "term over"
 
     def journal_tick(event):
-        if event.exception is None:
+        if event.exception is None and event.retval:  # the work really ran
             journal.write("beat", term_info.name, term_info.identity, term_info.token,
                           tick=event.scheduled_run_time.timestamp())
 

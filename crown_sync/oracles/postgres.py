@@ -79,6 +79,9 @@ the broken connection or the missing lock and returns ``won=False``. A broken co
 means lost leadership (a new session cannot inherit a lock), so refresh returns ``won=False``
 rather than raising; other errors raise and the engine retries until the deadline. The next
 claim reconnects (with a short tenacity backoff inside, and the engine's own backoff around it).
+A claim that finds its session already ended by the server (a follower that stayed quiet longer
+than ``lease``, e.g. with ``monitor_leader=False`` and ``monitor_delay > lease``) reconnects and
+tries once more at once, instead of failing.
 
 Tokens
 ------
@@ -117,10 +120,20 @@ Refused, with a clear error
 ---------------------------
 * a server in recovery (a hot standby grants advisory locks too): checked at connect and in
   every claim and confirm (use ``target_session_attrs=read-write`` with several hosts);
-* transaction or statement pooling (PgBouncer): the session sets a random marker with
+* any connection pooler or protocol-level proxy (PgBouncer, Pgpool-II, RDS Proxy, ... in any
+  mode). The guarantees above need the server session to be ours alone and to end exactly when
+  our connection ends: a transaction or statement pooler sends consecutive statements to
+  different sessions; in transaction mode PgBouncer, by default (``server_round_robin = 0``),
+  hands the most recently freed session to whoever asks next, so a quiet contender's session
+  (lock included: advisory locks are re-entrant) is given to a second contender, and both would
+  lead without any statement seeing another pid; and even in session mode the server-side
+  timeouts guard the pooler's connection, not ours. At connect, the backend pid the server
+  announced in the startup BackendKeyData (``conn.info.backend_pid``; a pooler sends its own)
+  must equal ``pg_backend_pid()``; the session also sets a random marker with
   ``set_config('crown_sync.session', ...)`` and every statement checks that the marker and the
-  backend pid are still ours. Session pooling is fine. A lock taken through a transaction pooler
-  before detection may stay on the pooled backend until the pooler recycles it;
+  backend pid are still ours. A plain TCP forwarder (which passes the server's own messages
+  through) is not detected, and is fine as long as it does not cut idle connections sooner than
+  ``lease``;
 * PostgreSQL older than 14 (no ``idle_session_timeout``).
 
 NOT guaranteed: a child that keeps acting longer than ``takeover_delay`` after its leader's
@@ -141,6 +154,7 @@ import collections
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import select
@@ -195,8 +209,14 @@ class StandbyRefused(PostgresOracleError):
     """The server is in recovery (a standby): its advisory locks are not the primary's."""
 
 
+class _SessionGone(ConnectionError):
+    """Our session had ended (by the server) before a statement we sent reached it."""
+
+
 class PoolingDetected(PostgresOracleError):
-    """Statements of one connection reached different server sessions (transaction pooling)."""
+    """A pooler or proxy sits between us and the server: the startup message named another
+    backend pid than the session's own, or statements of one connection reached different
+    server sessions (transaction pooling)."""
 
 
 def advisory_key(namespace: str, name: str) -> int:
@@ -222,6 +242,14 @@ def _key_parts(key: int) -> Tuple[int, int]:
 
 def _channel(key: int) -> str:
     return f"crown_sync_{key & 0xFFFFFFFFFFFFFFFF:016x}"
+
+
+def _lease_ms(lease: float) -> int:
+    """``lease`` in whole milliseconds, rounded UP: a server timeout set from it must never be
+    shorter than the lease (``int(2.01 * 1000)`` is 2009, and the connect check would then refuse
+    every session). The epsilon keeps float noise (``1.1 * 1000 = 1100.0000000000002``) from
+    adding a millisecond."""
+    return math.ceil(lease * 1000 - 1e-6)
 
 
 def _seconds_option(option: str, value: Any, low: float, high: float) -> float:
@@ -378,7 +406,9 @@ class PostgresOracle(Oracle):
     takeover_delay: seconds a follower woken by the server waits before leading when its
         predecessor did not release the lock (its session ended under it: a crash, or
         ``pg_terminate_backend`` of a live leader, which frees the lock before that leader could
-        stop its child). 0 to 60; 0 trades that protection for faster crash failover.
+        stop its child). 0 to 60 and at most ``(lease - margin) / 2`` (its session is idle
+        meanwhile, and the server ends an idle session after ``lease``); 0 trades that protection
+        for faster crash failover.
     """
 
     def __init__(
@@ -417,6 +447,15 @@ class PostgresOracle(Oracle):
         self.connect_timeout = _seconds_option("connect_timeout", connect_timeout, 0.1, 3600.0)
         self.wait_timeout = _seconds_option("wait_timeout", wait_timeout, 0.05, 3600.0)
         self.takeover_delay = _seconds_option("takeover_delay", takeover_delay, 0.0, 60.0)
+        # A woken follower holds the lock on a session that sends nothing while it waits
+        # takeover_delay; idle_session_timeout (= lease) would end that session, so no one would
+        # ever lead after a crash. Same rule as confirm_interval: room for one retry.
+        if self.takeover_delay > limit + 1e-9:
+            raise ValueError(
+                f"takeover_delay ({self.takeover_delay:g}) must be at most (lease - margin) / 2"
+                f" = {limit:g}: the woken follower's session is idle while it waits, and the server"
+                f" ends a session idle for lease seconds (lease {self.lease:g}, margin {self.margin:g})"
+            )
         self.namespace = namespace
         try:
             params = _conninfo.conninfo_to_dict(dsn)
@@ -478,7 +517,7 @@ class PostgresOracle(Oracle):
             "keepalives_idle": str(keepalive_idle),
             "keepalives_interval": str(keepalive_interval),
             "keepalives_count": str(keepalive_count),
-            "tcp_user_timeout": str(int(self.lease * 1000)),
+            "tcp_user_timeout": str(_lease_ms(self.lease)),
             "fallback_application_name": "crown_sync",
         }
         return {k: v for k, v in defaults.items() if k not in params}
@@ -651,6 +690,12 @@ class PostgresContender(Contender):
             stop=tenacity.stop_after_attempt(3) | tenacity.stop_after_delay(oracle.connect_timeout),
             reraise=True,
         )
+        # One more attempt when the claim finds its session already ended (see _try_lock).
+        self._claim_retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(_SessionGone),
+            stop=tenacity.stop_after_attempt(2),
+            reraise=True,
+        )
         _live.add(self)
 
     # -- connection ---------------------------------------------------------------------------
@@ -685,7 +730,7 @@ class PostgresContender(Contender):
                 )
             marker = uuid.uuid4().hex
             idle, interval, count = _keepalives(oracle.lease)
-            lease_ms = str(int(oracle.lease * 1000))
+            lease_ms = str(_lease_ms(oracle.lease))
             row = conn.execute(
                 "SELECT pg_backend_pid(), pg_is_in_recovery(),"
                 " set_config(%(m)s, %(marker)s, false),"
@@ -712,6 +757,18 @@ class PostgresContender(Contender):
                     f"{oracle.description} is a standby (in recovery): it grants advisory locks"
                     f" that the primary doesn't know about; connect to the primary"
                     f" (e.g. target_session_attrs=read-write)"
+                )
+            # The pid in the startup BackendKeyData is the server's own unless something that
+            # speaks the protocol itself (a pooler or proxy) sent its own. Such a middleman can
+            # hand this very session to another client while we are quiet (PgBouncer reuses the
+            # most recently freed one), so the marker check below would never see a change.
+            if conn.info.backend_pid != pid:
+                raise PoolingDetected(
+                    f"{oracle.description}: the server session is backend pid {pid}, but the"
+                    f" connection's startup message named pid {conn.info.backend_pid}: a pooler or"
+                    f" proxy (e.g. PgBouncer, in any pool mode) sits between us and the server and"
+                    f" may share this session with other clients; advisory-lock leadership needs a"
+                    f" direct connection to PostgreSQL"
                 )
             # Three statements in a row must reach the same session: a transaction pooler
             # usually gives itself away here already (every later statement checks again).
@@ -746,8 +803,8 @@ class PostgresContender(Contender):
         return PoolingDetected(
             f"{self.oracle.description}: consecutive statements of one connection reached"
             f" different server sessions (backend pid {expected} then {got}): a transaction or"
-            f" statement pooler (PgBouncer) is in the way; advisory locks need a direct connection"
-            f" or session pooling"
+            f" statement pooler (PgBouncer) is in the way; advisory-lock leadership needs a direct"
+            f" connection to PostgreSQL"
         )
 
     def _same_session(self, conn: psycopg.Connection, pid: int, marker: str) -> None:
@@ -813,6 +870,8 @@ class PostgresContender(Contender):
         self._drop_connection()
 
     def _error(self, exc: BaseException) -> Exception:
+        if isinstance(exc, _SessionGone):  # internal type: users see a plain ConnectionError
+            return ConnectionError(str(exc))
         if isinstance(exc, (PostgresOracleError, ConnectionError)):
             return exc
         return PostgresOracleError(self.oracle.safe_error(exc))
@@ -857,10 +916,7 @@ class PostgresContender(Contender):
                     return self._lead(prepared)
                 return self._won()
         try:
-            row = self._execute(
-                _TRY_SQL,
-                {"key": self.key, "hi": self._hi, "lo": self._lo, "msg": self.name, "channel": self._channel},
-            )
+            row = self._claim_retrying(self._try_lock)
             locked, token, _, since, pid, marker, in_recovery, holder_pid, holder_query = row
             self._check_session(pid, marker, in_recovery)
         except Exception as exc:
@@ -871,6 +927,28 @@ class PostgresContender(Contender):
             return Claim(won=False, leader=self._leader)
         self._token, self._since = int(token), since
         return self._won()
+
+    def _try_lock(self):
+        """The claiming statement. A session the server ended while we were quiet (a follower
+        with monitor_leader=False idles for monitor_delay, which may exceed the lease, and the
+        server's idle_session_timeout ends it) only shows when we use it: then reconnect and try
+        again (once, through _claim_retrying) instead of failing the claim. Safe: if the old
+        session were somehow alive and holding the lock, the new one would simply lose."""
+        conn = self._ensure_connected()
+        try:
+            return self._execute(
+                _TRY_SQL,
+                {"key": self.key, "hi": self._hi, "lo": self._lo, "msg": self.name, "channel": self._channel},
+                conn,
+            )
+        except psycopg.OperationalError as exc:
+            if conn.broken or conn.closed:
+                logger.debug("%s: session gone before the claim (%s); reconnecting", self.name,
+                             self.oracle.safe_error(exc))
+                self._drop_connection()
+                raise _SessionGone(f"connection to {self.oracle.description} lost:"
+                                   f" {self.oracle.safe_error(exc)}") from None
+            raise
 
     def _won(self) -> Claim:
         self._record_sql = self._make_record_sql()

@@ -13,6 +13,9 @@ Usage::
         pg.sql("SELECT 1")                # run SQL as the superuser
         pg.terminate(pid)                 # pg_terminate_backend
         pg.restart(mode="immediate")      # what `pg_ctl restart -m immediate` does, by pid
+        pg.create_role("app", "pw")       # a non-superuser that must give its password (TCP)
+
+Authentication is ``trust`` except for roles made with :meth:`PostgresServer.create_role`.
 """
 
 import glob
@@ -232,6 +235,49 @@ class PostgresServer(Server):
         with psycopg.connect(self.superuser_dsn, connect_timeout=10, autocommit=True) as conn:
             cursor = conn.execute(query, params)
             return cursor.fetchall() if cursor.description is not None else []
+
+    def create_role(self, name: str, password: str, auth: str = "scram-sha-256",
+                    grants: Sequence[str] = ()) -> str:
+        """An ordinary (non-superuser) login role that must give ``password`` over TCP.
+
+        The cluster is initialised with trust authentication (the superuser and the tests need
+        no password); this puts ``host all NAME 127.0.0.1/32 AUTH`` first in ``pg_hba.conf``
+        (first match wins), reloads, and waits until the server enforces it. ``auth`` is
+        ``scram-sha-256`` or ``md5``; ``grants`` are role names granted to it (e.g.
+        ``pg_read_all_stats``). Returns ``url_for(name, password)``.
+        """
+        import psycopg
+        from psycopg import sql
+
+        if auth not in ("scram-sha-256", "md5"):
+            raise ValueError(f"auth must be 'scram-sha-256' or 'md5', got {auth!r}")
+        with psycopg.connect(self.superuser_dsn, connect_timeout=10, autocommit=True) as conn:
+            conn.execute(sql.SQL("SET password_encryption = {}").format(
+                sql.Literal("md5" if auth == "md5" else "scram-sha-256")))
+            conn.execute(sql.SQL("CREATE ROLE {} LOGIN NOSUPERUSER PASSWORD {}").format(
+                sql.Identifier(name), sql.Literal(password)))
+            for grant in grants:
+                conn.execute(sql.SQL("GRANT {} TO {}").format(sql.Identifier(grant), sql.Identifier(name)))
+        hba = os.path.join(self.datadir, "pg_hba.conf")
+        with open(hba, "r+") as handle:  # rewritten in place: owner and mode stay the postgres user's
+            rules = handle.read()
+            handle.seek(0)
+            handle.write(f'host all "{name}" 127.0.0.1/32 {auth}\n' + rules)
+            handle.truncate()
+        self.sql("SELECT pg_reload_conf()")
+        # The postmaster reloads asynchronously: wait until a wrong password is refused.
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                psycopg.connect(self.url_for(name, password + "-not"), connect_timeout=5).close()
+            except psycopg.OperationalError as exc:
+                if "password authentication failed" in str(exc):
+                    break
+                raise
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"pg_hba.conf reload not effective: {self.log_tail()}")
+            time.sleep(0.05)
+        return self.url_for(name, password)
 
     def terminate(self, pid: int) -> bool:
         """``pg_terminate_backend(pid)``: end that session (its advisory locks are freed)."""

@@ -9,9 +9,13 @@ proxy.
 """
 
 import gc
+import json
 import logging
 import os
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -32,7 +36,7 @@ from crown_sync.testing import journal
 from crown_sync.testing.postgres_server import PostgresServer
 from crown_sync.testing.servers import free_port
 
-from .postgres_support import Fleet, TransactionPooler, wait_until
+from .postgres_support import ROOT, Fleet, TransactionPooler, wait_until
 
 SECRET = "s3cret-Pa55"
 # Short leases keep the suite quick: lease 2 s -> margin 0.2 s, confirmations every 0.4 s.
@@ -45,6 +49,15 @@ def pg():
     server.start()
     yield server
     server.cleanup()
+
+
+APP_USER, APP_PASSWORD = "crown_app", "Pw-of-the-app-7f3"  # an ordinary role, scram auth
+
+
+@pytest.fixture(scope="module")
+def app_url(pg):
+    """A URL for an ordinary (non-superuser) role that must authenticate with its password."""
+    return pg.create_role(APP_USER, APP_PASSWORD)
 
 
 @pytest.fixture
@@ -137,6 +150,7 @@ def test_url_options_are_ours_and_the_rest_is_libpq():
         ("postgresql://db/app?leese=3", "lease"),  # unknown: the message lists ours
         ("postgresql://db/app?namespace=", "namespace"),
         ("postgresql://db/app?takeover_delay=120", "takeover_delay"),
+        ("postgresql://db/app?lease=2&takeover_delay=2", "takeover_delay"),
     ],
 )
 def test_bad_url_options_name_the_option(url, option):
@@ -161,7 +175,96 @@ def test_bad_arguments_name_the_argument():
                             "wait_timeout", "takeover_delay"}
 
 
+def test_takeover_delay_must_leave_the_woken_followers_idle_session_alive():
+    """The woken follower's session is idle while it waits takeover_delay, and the server ends a
+    session idle for lease seconds: a delay that long would make every crash takeover fail."""
+    for lease, delay in ((2, 2), (2, 5), (10, 9.5), (10, 4.6)):
+        with pytest.raises(ValueError) as info:
+            PostgresOracle("postgresql://db/app", lease=lease, takeover_delay=delay)
+        message = str(info.value)
+        assert "takeover_delay" in message and "(lease - margin) / 2" in message, message
+    # the limit itself, and the defaults, are accepted
+    assert PostgresOracle("postgresql://db/app", lease=10, takeover_delay=4.5).takeover_delay == 4.5
+    assert PostgresOracle("postgresql://db/app", lease=1).takeover_delay == 0.05
+
+
+def test_lease_becomes_whole_milliseconds_rounded_up():
+    """int(2.01 * 1000) is 2009: a server timeout below the lease, refused on every connect."""
+    from crown_sync.oracles.postgres import _lease_ms
+
+    assert [_lease_ms(x) for x in (2.01, 1.1, 2.0, 1.0005, 3600.0)] == [2010, 1100, 2000, 1001, 3600000]
+    for lease in (1.001, 1.1, 2.01, 2.3, 4.7, 9.99, 123.456):
+        assert _lease_ms(lease) / 1000 >= lease - 1e-9
+        oracle = PostgresOracle("postgresql://db/app", lease=lease)
+        assert int(oracle._defaults["tcp_user_timeout"]) / 1000 >= lease - 1e-9
+
+
 # ------------------------------------------------------------------- contender level, server
+
+
+def own_session_settings(contender):
+    """The settings of the contender's OWN session, read through its own connection (not an
+    admin session), and the client socket's TCP options."""
+    with contender._io_lock:
+        conn = contender._conn
+        pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+        server = dict(conn.execute(
+            "SELECT name, setting FROM pg_settings WHERE name = ANY(%s)",
+            (["idle_session_timeout", "tcp_user_timeout", "tcp_keepalives_idle",
+              "tcp_keepalives_interval", "tcp_keepalives_count"],),
+        ).fetchall())
+        sock = socket.socket(fileno=os.dup(conn.pgconn.socket))
+    try:
+        client = {
+            "keepalive": sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+            "idle": sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+            "interval": sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+            "count": sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
+            "user_timeout_ms": sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT),
+        }
+    finally:
+        sock.close()
+    return pid, {k: int(v) for k, v in server.items()}, client
+
+
+@pytest.mark.parametrize("lease", [2.01, 3.0])
+def test_leaders_own_session_carries_the_lease_settings(pg, name, lease):
+    """What the docs promise, read from the leader's own session (server side, through its
+    connection) and from its socket (client side): every timeout is at least the lease."""
+    oracle = oracle_for(pg, lease=lease)
+    contender = oracle.contender(name, "me", {}, Signals())
+    try:
+        claim = contender.claim()
+        assert claim.won
+        pid, server, client = own_session_settings(contender)
+        assert pid == holder_pid(pg, oracle, name)  # the session that holds the lock
+        lease_ms = lease * 1000 - 1e-6
+        assert server["idle_session_timeout"] >= lease_ms, server
+        assert server["tcp_user_timeout"] >= lease_ms, server
+        assert min(server[n] for n in server if n.startswith("tcp_keepalives")) > 0, server
+        assert server["tcp_keepalives_idle"] + server["tcp_keepalives_interval"] * server["tcp_keepalives_count"] >= lease
+        assert client["keepalive"] == 1 and client["user_timeout_ms"] >= lease_ms, client
+        assert client["idle"] + client["interval"] * client["count"] >= lease, client
+        # The bound used for deadlines is what the server enforces, never below the lease.
+        assert contender._bound >= lease - 1e-9
+        assert contender.refresh().won
+        # The server-wide defaults are untouched: these are per-session settings.
+        assert pg.sql("SELECT setting FROM pg_settings WHERE name = 'idle_session_timeout'") == [("0",)]
+    finally:
+        contender.close()
+        oracle.close()
+
+
+def test_awkward_lease_still_leads(pg, name, tmp_path):
+    """lease=2.01 (int(2.01 * 1000) = 2009 ms) used to be refused on every connect."""
+    path = str(tmp_path / "journal")
+    url = pg.url_for(password=SECRET, lease=2.01, wait_timeout=1)
+    child = crown_sync.ThreadChild(journal.journaled_work, args=(path,))
+    with crown_sync.Crown(name, oracle=url, child=child) as crown:
+        assert crown.wait_for_leadership(30), crown.status().last_error
+        time.sleep(1.0)  # confirmations keep it
+        assert crown.is_leader() and crown.status().last_error is None
+    journal_ok(path, name, 1)
 
 
 def test_libpq_parameters_reach_the_server_and_passwords_stay_hidden(pg, name):
@@ -458,18 +561,60 @@ def test_standby_is_refused(pg, name):
 
 
 def test_transaction_pooling_is_refused(pg, name):
-    pooler = TransactionPooler("127.0.0.1", pg.port, pg.superuser, "postgres").start()
+    """A round-robin transaction pooler that forwards the server's own BackendKeyData (so the
+    connect-time pid check passes): the marker and pid that every statement reports give it
+    away."""
+    pooler = TransactionPooler("127.0.0.1", pg.port, pg.superuser, "postgres",
+                               reuse="round_robin", backend_key="forward").start()
     try:
         oracle = PostgresOracle.from_url(pooler.url(lease=2))
         contender = oracle.contender(name, "a", {}, Signals())
-        with pytest.raises(PoolingDetected, match="pooler"):
+        with pytest.raises(PoolingDetected, match="different server sessions") as info:
             contender.claim()
+        assert "pooler" in str(info.value)
+        assert len(set(pooler.used)) == 2  # it really alternated
         contender.close()
         with crown_sync.Crown(name, oracle=oracle) as crown:
             wait_until(lambda: crown.status().last_error, message="last_error set")
             time.sleep(0.5)
             assert "pooler" in crown.status().last_error and not crown.is_leader()
         oracle.close()
+        assert not [h for h in pg.advisory_holders() if h[0] in pooler.backend_pids()]
+    finally:
+        pooler.close()
+
+
+def test_pgbouncer_default_pooling_is_refused_even_on_one_reused_session(pg, name):
+    """PgBouncer's default reuses the most recently freed server session: quiet contenders all
+    get the SAME session, so the marker and pid never change, and a second contender's lock
+    would be re-entered (two leaders). The pooler's own BackendKeyData gives it away at connect,
+    before any lock is taken."""
+    pooler = TransactionPooler("127.0.0.1", pg.port, pg.superuser, "postgres",
+                               reuse="lifo", backend_key="own").start()
+    try:
+        # The hazard is real: two plain clients both "get" the same advisory lock through it.
+        key = advisory_key("hazard", name)
+        with psycopg.connect(pooler.url(), autocommit=True) as one, \
+                psycopg.connect(pooler.url(), autocommit=True) as two:
+            assert one.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]
+            assert two.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]
+            one.execute("SELECT pg_advisory_unlock_all()")
+        del pooler.used[:]
+        oracle = PostgresOracle.from_url(pooler.url(lease=2))
+        contenders = [oracle.contender(name, identity, {}, Signals()) for identity in ("a", "b")]
+        for contender in contenders:
+            with pytest.raises(PoolingDetected, match="pooler or proxy") as info:
+                contender.claim()
+            assert "startup message" in str(info.value) and "direct connection" in str(info.value)
+            contender.close()
+        # Every statement went to one server session: only the startup check could tell.
+        assert pooler.used and len(set(pooler.used)) == 1
+        with crown_sync.Crown(name, oracle=oracle) as crown:
+            wait_until(lambda: crown.status().last_error, message="last_error set")
+            time.sleep(0.5)
+            assert "pooler" in crown.status().last_error and not crown.is_leader()
+        oracle.close()
+        assert not [h for h in pg.advisory_holders() if h[0] in pooler.backend_pids()]
     finally:
         pooler.close()
 
@@ -510,8 +655,12 @@ def test_two_crowns_in_one_process_never_both_lead(pg, name, tmp_path):
     assert [t.identity for t in report.terms][:2] == [first.identity, other.identity]
 
 
-def test_contention_between_processes_sigterm_and_sigkill(pg, name, tmp_path):
-    fleet = Fleet(f"{pg.url}?{FAST}", tmp_path, name)
+@pytest.mark.parametrize("child", ["process", "command"])
+def test_contention_between_processes_sigterm_and_sigkill(pg, name, tmp_path, child):
+    """The children are processes that journal on their own: a SIGKILLed crown's child is killed
+    by the kernel (parent-death signal), not with its crown, and the woken follower, seeing no
+    release, waits takeover_delay; an overlap here would show in the journal."""
+    fleet = Fleet(f"{pg.url}?{FAST}", tmp_path, name, child=child)
     for i in range(3):
         fleet.spawn(f"p{i}")
     try:
@@ -526,6 +675,12 @@ def test_contention_between_processes_sigterm_and_sigkill(pg, name, tmp_path):
     report = journal_ok(fleet.journal, name, 3)
     assert first.token < second.token < third.token
     assert fleet.processes[first.identity].returncode == 0  # SIGTERM: a clean stop
+    killed = [t for t in report.terms if t.token == second.token][0]
+    # The journal of the killed term was written by a process of its own, which the SIGKILL did
+    # not reach directly (so its end, before the successor's start, is a real result)...
+    assert killed.pid != fleet.processes[second.identity].pid
+    # ...and which was stopped without the chance to say so.
+    assert not killed.stopped and killed.end < third.start
 
 
 def test_pg_terminate_backend_of_the_leader(pg, name, tmp_path):
@@ -642,19 +797,137 @@ def test_unreachable_server_never_raises_from_start(name, caplog):
     assert not any(SECRET in r.getMessage() for r in caplog.records)
 
 
-def test_password_never_appears_in_status_events_or_logs(pg, name, caplog):
+def test_ordinary_role_with_a_password_leads_and_the_password_never_shows(pg, app_url, name, caplog):
+    """scram-sha-256 over TCP, as a role without any privilege: it leads, its record is readable
+    by its own role, another ordinary role sees only "(unknown: backend pid N)" (docs), one with
+    pg_read_all_stats sees the record; the password is nowhere in status, errors, events, logs."""
     caplog.set_level(logging.DEBUG, logger="crown_sync")
+    assert pg.sql("SELECT rolsuper FROM pg_roles WHERE rolname = %s", (APP_USER,)) == [(False,)]
+    other_url = pg.create_role("crown_other", "Other-pw-1")
+    stats_url = pg.create_role("crown_stats", "Stats-pw-2", grants=["pg_read_all_stats"])
     events = []
     handle = telemetry.attach(lambda event, meta: events.append(repr((event, meta))))
-    url = f"{pg.url_for(password=SECRET)}?{FAST}"
+    url = f"{app_url}?{FAST}"
+    assert APP_PASSWORD in url
+    errors = []
     try:
-        with crown_sync.Crown(name, oracle=url) as crown:
-            assert crown.wait_for_leadership(30)
+        with crown_sync.Crown(name, oracle=url, metadata={"url": "http://a"}) as crown:
+            assert crown.wait_for_leadership(30), crown.status().last_error
+            rows = pg.sql("SELECT usename, client_addr IS NOT NULL FROM pg_stat_activity WHERE pid = %s",
+                          (holder_pid(pg, crown.oracle, name),))
+            assert rows == [(APP_USER, True)]  # the leader's session is the role's, over TCP
+            token = crown.status().token
+            found = crown_sync.find_leader(name, oracle=url)
+            assert (found.identity, found.token, found.metadata) == (crown.identity, token, {"url": "http://a"})
+            assert crown_sync.find_leader(name, oracle=stats_url).identity == crown.identity
+            hidden = crown_sync.find_leader(name, oracle=other_url)
+            assert hidden.identity == f"(unknown: backend pid {holder_pid(pg, crown.oracle, name)})"
             assert pg.terminate(holder_pid(pg, crown.oracle, name))  # errors get logged too
-            wait_until(lambda: crown.is_leader() and crown.status().token, timeout=30, message="leading again")
+            wait_until(lambda: crown.is_leader() and crown.status().token not in (None, token),
+                       timeout=30, message="leading again")
             text = repr(crown.status())
+            errors.append(crown.status().last_error)
     finally:
         telemetry.detach(handle)
-    assert SECRET not in text
-    assert events and not any(SECRET in e for e in events)
-    assert not any(SECRET in r.getMessage() for r in caplog.records)
+    assert APP_PASSWORD not in text and "***" in crown.status().oracle
+    assert not any(APP_PASSWORD in (e or "") for e in errors)
+    assert events and not any(APP_PASSWORD in e for e in events)
+    assert any("crown.leadership.lost" in e for e in events)  # the termination was seen
+    assert not any(APP_PASSWORD in r.getMessage() for r in caplog.records)
+
+
+def test_wrong_password_never_raises_and_says_why_without_the_password(pg, app_url, name, caplog):
+    caplog.set_level(logging.DEBUG, logger="crown_sync")
+    wrong = "Wr0ng-Pa55-9c1"
+    url = pg.url_for(APP_USER, wrong, lease=2, connect_timeout=2)
+    events = []
+    handle = telemetry.attach(lambda event, meta: events.append(repr((event, meta))))
+    crown = crown_sync.Crown(name, oracle=url)
+    try:
+        assert crown.start() is crown
+        wait_until(lambda: crown.status().last_error, timeout=30, message="last_error")
+        time.sleep(0.5)
+        status = crown.status()
+        assert not crown.is_leader() and status.token is None
+        assert "password authentication failed" in status.last_error, status.last_error
+        assert wrong not in status.last_error and wrong not in status.oracle
+        assert wrong not in repr(status)
+    finally:
+        crown.stop()
+        telemetry.detach(handle)
+    assert holder_pid(pg, PostgresOracle(pg.url), name) is None
+    assert events and not any(wrong in e for e in events)
+    assert not any(wrong in r.getMessage() for r in caplog.records)
+
+
+def test_quiet_follower_whose_session_the_server_ended_claims_without_error(pg, name):
+    """monitor_leader=False with monitor_delay > lease: between two claims the follower's
+    session is idle longer than idle_session_timeout, and the server ends it. The next claim
+    must reconnect and go on, not fail once (error event, backoff) and retry later."""
+    url = pg.url_for(password=SECRET, lease=2, wait_timeout=1)
+    seen = []
+    lock = threading.Lock()
+
+    def record(event, meta):
+        with lock:
+            seen.append((time.monotonic(), event, meta.get("identity"), meta.get("error")))
+
+    handle = telemetry.attach(record)
+    log_before = len(pg.log_tail(10 ** 9))
+    app = f"crown_sync {name}"[:63]
+
+    def idle_timeouts():  # the server's own word that a session of this election idled out
+        lines = pg.log_tail(10 ** 9)[log_before:].splitlines()
+        return [line for line in lines if "idle-session timeout" in line and f" {app} " in line]
+
+    leader = crown_sync.Crown(name, oracle=url, identity="leader")
+    quiet = crown_sync.Crown(name, oracle=url, identity="quiet", monitor_leader=False, monitor_delay=4.0)
+    try:
+        leader.start()
+        assert leader.wait_for_leadership(30)
+        quiet.start()
+        # The leader confirms every 0.4 s and never idles: these timeouts are the quiet one's.
+        wait_until(idle_timeouts, timeout=30, interval=0.1, message="the quiet follower's session idled out")
+        timed_out_at = time.monotonic()
+        wait_until(lambda: [e for e in seen if e[1] == "crown.leadership.rejected" and e[2] == "quiet"
+                            and e[0] > timed_out_at],
+                   timeout=30, interval=0.05, message="a claim after the timeout")
+        leader.stop()
+        assert quiet.wait_for_leadership(30)
+        assert quiet.status().last_error is None
+    finally:
+        telemetry.detach(handle)
+        quiet.stop()
+        leader.stop()
+    errors = [e for e in seen if e[1] == "crown.oracle.error" and e[2] == "quiet"]
+    assert not errors, errors
+
+
+def test_cli_status_of_a_live_leader(pg, app_url, name):
+    """``python -m crown_sync status NAME --oracle URL --json`` in a subprocess, against a leader
+    that connects with a password."""
+    url = f"{app_url}?{FAST}"
+
+    def status():
+        env = dict(os.environ)
+        env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+        env.pop("CROWN_SYNC_ORACLE", None)
+        return subprocess.run(
+            [sys.executable, "-m", "crown_sync", "status", name, "--oracle", url, "--json"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=60, cwd=ROOT, env=env,
+        )
+
+    with crown_sync.Crown(name, oracle=url, identity="cli-leader", metadata={"role": "api"}) as crown:
+        assert crown.wait_for_leadership(30)
+        result = status()
+        assert result.returncode == 0, result.stderr
+        document = json.loads(result.stdout)
+        assert document["name"] == name and document["leader"]["identity"] == "cli-leader"
+        assert document["leader"]["token"] == crown.status().token
+        assert document["leader"]["metadata"] == {"role": "api"}
+        assert "***" in document["oracle"]
+        assert APP_PASSWORD not in result.stdout + result.stderr
+    result = status()
+    assert result.returncode == 1, result.stderr
+    assert json.loads(result.stdout)["leader"] is None
+    assert APP_PASSWORD not in result.stdout + result.stderr

@@ -57,7 +57,8 @@ def default_directory() -> str:
 class FileOracle(Oracle):
     """flock-based oracle in ``directory`` (created 0700; symlinks and foreign owners refused).
 
-    ``check_interval``: how often a leader looks for a dismissal request (a stat() call).
+    ``check_interval``: how often this process looks for dismissal requests for the elections
+    it leads (one directory listing per interval, however many crowns lead).
     """
 
     def __init__(self, directory: Optional[str] = None, check_interval: float = 0.25):
@@ -183,20 +184,82 @@ class FileOracle(Oracle):
         return True
 
     def dismissal_for(self, name: str, token: Optional[int]) -> bool:
-        """True (and the request consumed) if a dismissal names the term ``token``."""
+        """True if a dismissal names the term ``token``. The request is consumed either way: one
+        naming another term is stale (that term is over) and must not wake the leader again."""
         path = self._path(name, "dismiss")
         try:
             with open(path, "r", encoding="utf-8") as handle:
                 request = json.load(handle)
-        except (FileNotFoundError, ValueError):
+        except FileNotFoundError:
             return False
-        if request.get("token") != token:
-            return False
+        except ValueError:
+            request = {}  # torn by hand: not a request for anyone
         try:
             os.unlink(path)
         except FileNotFoundError:
             pass
-        return True
+        return request.get("token") == token
+
+
+class _DismissalWatch:
+    """One thread per directory in this process that tells leaders of a dismissal request.
+
+    A leader needs nothing else checked on a schedule (the kernel lock can't lapse), so its
+    term has no periodic refresh: the leaders of one process cost one directory listing per
+    ``check_interval`` together, and nothing at all while none of them leads.
+    """
+
+    def __init__(self, directory: str, interval: float):
+        self.directory = directory
+        self.interval = interval
+        self._leaders: Dict[str, set] = {}  # election name -> contenders leading it here
+        self._cond = threading.Condition()
+        self._thread: Optional[threading.Thread] = None
+
+    def add(self, name: str, contender: "FileContender") -> None:
+        with self._cond:
+            self._leaders.setdefault(name, set()).add(contender)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="crown-sync-file-dismissals", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def discard(self, name: str, contender: "FileContender") -> None:
+        with self._cond:
+            leaders = self._leaders.get(name)
+            if leaders is not None:
+                leaders.discard(contender)
+                if not leaders:
+                    del self._leaders[name]
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._leaders:
+                    self._cond.wait()
+                self._cond.wait(self.interval)
+                watched = {name: list(leaders) for name, leaders in self._leaders.items()}
+            try:
+                requested = {entry[: -len(".dismiss")] for entry in os.listdir(self.directory)
+                             if entry.endswith(".dismiss")}
+            except OSError:
+                continue  # the directory is gone or unreadable: the leaders' locks still hold
+            for name in requested.intersection(watched):
+                for contender in watched[name]:
+                    contender._on_change()  # the engine refreshes; refresh() reads the request
+
+
+_watches: Dict[str, _DismissalWatch] = {}
+_watches_lock = threading.Lock()
+
+
+def _dismissal_watch(oracle: FileOracle) -> _DismissalWatch:
+    with _watches_lock:
+        watch = _watches.get(oracle.directory)
+        if watch is None:
+            watch = _watches[oracle.directory] = _DismissalWatch(oracle.directory, oracle.check_interval)
+        watch.interval = min(watch.interval, oracle.check_interval)
+        return watch
 
 
 class _Waiter:
@@ -297,7 +360,8 @@ class FileContender(Contender):
             self.abdicate()
             raise
         self._leader = leader
-        return Claim(True, leader, token, None, self._oracle.check_interval, (fd,))
+        _dismissal_watch(self._oracle).add(self._name, self)
+        return Claim(True, leader, token, None, None, (fd,))
 
     def refresh(self) -> Claim:
         leader = self._leader
@@ -308,7 +372,7 @@ class FileContender(Contender):
         if self._oracle.dismissal_for(self._name, leader.token):
             # Stay out long enough for a waiting follower's thread to be scheduled and lock.
             return Claim(False, leader=None, yield_for=2 * self._oracle.check_interval)
-        return Claim(True, leader, leader.token, None, self._oracle.check_interval, (self._fd,))
+        return Claim(True, leader, leader.token, None, None, (self._fd,))
 
     def watch(self, leader: Optional[Leader]) -> bool:
         self._descriptor()  # creates the directory and lock file if needed; swaps in a grant
@@ -351,6 +415,7 @@ class FileContender(Contender):
                 return
             self._held = False
         self._leader = None
+        _dismissal_watch(self._oracle).discard(self._name, self)
         fcntl.flock(fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
@@ -362,6 +427,7 @@ class FileContender(Contender):
             self._fd = self._granted_fd = None
             self._held = False
             waiter, self._waiter = self._waiter, None
+        _dismissal_watch(self._oracle).discard(self._name, self)
         if waiter is not None:
             with _waiters_lock:
                 if not waiter.granted:
@@ -389,7 +455,7 @@ _live_contenders: "weakref.WeakSet[FileContender]" = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:
-    global _waiters_lock
+    global _waiters_lock, _watches_lock
     contenders = list(_live_contenders)
     # The waiters' threads did not cross the fork; their descriptors did: close our copies.
     waiters = list(_orphans.values()) + [c._waiter for c in contenders if c._waiter is not None]
@@ -402,6 +468,8 @@ def _after_fork_in_child() -> None:
             pass
     _orphans.clear()
     _waiters_lock = threading.Lock()
+    _watches.clear()  # their threads did not cross the fork
+    _watches_lock = threading.Lock()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -173,8 +173,9 @@ def machine() -> Dict[str, Any]:
     except Exception:
         pass
     info["versions"] = {k: v for k, v in versions.items() if v}
-    commit = _first_line(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"])
-    if commit and re.fullmatch(r"[0-9a-f]{4,40}", commit):
+    # --dirty: a run of uncommitted code must not be credited to the last commit.
+    commit = _first_line(["git", "-C", ROOT, "describe", "--always", "--dirty", "--abbrev=7"])
+    if commit and re.fullmatch(r"[0-9A-Za-z._-]{4,80}", commit):
         info["commit"] = commit
     return info
 
@@ -764,6 +765,42 @@ def peer_comparison(summary: Dict[str, Any]) -> List[str]:
     return lines or ["* In this run no peer had a lower median than crown_sync measured the same way."]
 
 
+#: The issues' targets, per oracle: (metric, bound in ms or requests/s, what it says). Bounds that
+#: depend on a setting are computed from SETTINGS, so they follow the settings of the run.
+TARGETS = {
+    "file": [("crash", 100.0, "crash failover p50 in tens of ms")],
+    "postgres": [("graceful_signal", 5.0, "graceful handoff p50 <= 5 ms"),
+                 ("crash", 20.0, "crash failover p50 <= 20 ms"),
+                 ("requests_per_s_per_contender", 1.0, "<= 1 query/s per contender at rest")],
+    "zookeeper": [("graceful_signal", 5.0, "graceful handoff p50 <= 5 ms"),
+                  ("crash", SETTINGS["zookeeper"]["session_timeout"] * 1000 + 50.0,
+                   "crash failover p50 <= session timeout + 50 ms")],
+    "memcached": [("graceful_signal", 100.0, "graceful handoff p50 <= 100 ms"),
+                  ("crash", SETTINGS["memcached"]["ttl"] * 1000 + 250.0, "crash failover p50 <= ttl + 250 ms"),
+                  ("requests_per_s_per_contender", 5.0, "<= 5 requests/s per contender at rest")],
+}
+
+
+def target_lines(summary: Dict[str, Any]) -> List[str]:
+    """Each target against crown_sync's own fleet of 3 (run.py rows), met or MISSED."""
+    lines = []
+    for oracle in summary["oracles"]:
+        fleet = next((r for r in summary["failover"] if r["oracle"] == oracle and r["system"] == "crown_sync"
+                      and r.get("contenders") == 3 and "error" not in r), None)
+        for metric, bound, label in TARGETS.get(oracle, []):
+            value = None if fleet is None else fleet.get(metric)
+            if isinstance(value, dict):
+                measured, shown = value["p50_ms"], _fmt(value["p50_ms"])
+            elif value is not None:
+                measured, shown = value, f"{value:g}/s"
+            else:
+                lines.append(f"* Target {oracle}: {label}: not measured in this run.")
+                continue
+            verdict = "met" if measured <= bound else "MISSED"
+            lines.append(f"* Target {oracle}: {label}: {verdict} ({shown}).")
+    return lines
+
+
 def notes(summary: Dict[str, Any]) -> List[str]:
     lines = ["Notes:", ""]
     lines.append("* crown_sync settings: " + "; ".join(
@@ -778,6 +815,7 @@ def notes(summary: Dict[str, Any]) -> List[str]:
     for oracle, run in sorted(summary.get("peer_runs", {}).items()):
         lines.append(f"* {oracle} script results: {run['file']}, dated {run['date']} ({run['how']}).")
     lines += peer_comparison(summary)
+    lines += target_lines(summary)
     for error in summary.get("errors", []):
         lines.append(f"* Not measured: {error}")
     return lines

@@ -37,13 +37,22 @@ key, which we held all along (our pending record is checked with ``gets`` and co
 ends the term at once) and in any case stops at its deadline.
 
 So memcached's one-second expiry granularity and its clock do not enter the argument: memcached's
-own expiry of an item (``2 * ttl + 2`` seconds after the last write; a day for ``released``
-records) only collects abandoned records, and is long enough that followers take over a crashed
-leader's record by CAS before it expires. ``margin`` covers the child's stop and scheduling jitter.
+own expiry of an item (``2 * ttl + 2`` seconds after the last write of a ``held`` or ``vacated``
+record; a day for ``pending`` and ``released`` records) only collects abandoned records, and is
+long enough that followers take over a crashed leader's record by CAS before it expires. A
+``pending`` record lives long because it may be renewed only at the engine's claims (every
+``monitor_delay`` with ``monitor_leader=False``); an abandoned one is stale after a ``ttl`` and
+taken over like any other. ``margin`` covers the child's stop and scheduling jitter.
+
+Dismissal: ``dismiss`` CAS-replaces the ``held`` record with ``vacated``; the leader's next
+renewal sees it, the engine stops the child and the leader releases. Its refresh asks the engine
+to stay out of the contest for ``dismissed_yield`` (``2 * poll_interval + 1`` s), so a watching
+follower, not the dismissed leader, takes the released lease.
 
 Fencing tokens
 --------------
-``token = max(previous token + 1, time.time_ns() // 1000)``, computed when the term starts, where
+``token = max(previous token + 1, clock() in microseconds)``, computed when the term starts, where
+``clock`` is the oracle's wall clock (:func:`time.time` unless given), and
 "previous token" is the one in the record being replaced (every state keeps the latest term's
 token). While the record survives (clean handoffs, crash takeovers, dismissals) tokens rise
 strictly with no assumption at all. When memcached loses the record (restart, ``flush_all``,
@@ -66,19 +75,20 @@ What is NOT guaranteed
 * Anyone who can write to the memcached server can break everything (no authentication here).
 
 Connection loss: every call has ``timeout``; a failed call raises (the engine retries until the
-deadline, then stops the child). pymemcache reconnects on the next call. Followers' poll errors
-are logged and retried at the poll interval.
+deadline, then stops the child). pymemcache reconnects on the next call. Followers' poll errors,
+failed takeovers included, are logged and retried at the poll interval.
 
 Requests at rest: a follower makes one read (``gets``, as cheap as a ``get``) per
 ``poll_interval`` (default 0.2 s: at most 5/s; the engine's periodic re-claims are answered from
 the poller's fresh read without a request); a leader one ``gets`` and one ``cas`` per
 ``renew_interval`` (0.67/s with the default ttl). The poller thread takes a released or stale
 lease over itself, by CAS with the id its read just returned, and hands the won lease to the
-engine's next ``claim()``. A graceful handoff waits for the quickest follower's next poll: half a
-poll interval on average with one follower, a third with two; lower ``poll_interval`` for faster
-handoffs at more requests. Crash failover: a follower takes over ``ttl`` after it first saw the
-leader's last renewal, i.e. at most ``ttl + poll_interval`` after the crash (and as little as
-``ttl - renew_interval`` when the leader died just before renewing).
+engine's next ``claim()`` (renewed first if less than ``renew_interval + margin`` of it is left,
+so that the term outlasts the engine's first refresh). A graceful handoff waits for the quickest
+follower's next poll: half a poll interval on average with one follower, a third with two; lower
+``poll_interval`` for faster handoffs at more requests. Crash failover: a follower takes over
+``ttl`` after it first saw the leader's last renewal, i.e. at most ``ttl + poll_interval`` after
+the crash (and as little as ``ttl - renew_interval`` when the leader died just before renewing).
 
 Fork safety: in a forked child, inherited sockets get /dev/null dup2'ed over them (so nothing the
 child does can write into the parent's connection) and inherited contenders become unusable.
@@ -94,7 +104,7 @@ import threading
 import time
 import urllib.parse
 import weakref
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import tenacity
 from pymemcache.client.base import Client
@@ -120,6 +130,10 @@ _OPTIONS = {
 HELD, PENDING, VACATED, RELEASED = "held", "pending", "vacated", "released"
 _STATES = (HELD, PENDING, VACATED, RELEASED)
 _RELEASED_EXPIRE = 86400  # keeps the token and the "free now" mark of a cleanly stopped election
+# A pending record may be renewed only at the engine's claims (every monitor_delay, with
+# monitor_leader=False), so it must not expire between them: that would restart the quarantine
+# at every claim. A crashed claimant's pending record is taken over as stale after a ttl anyway.
+_PENDING_EXPIRE = 86400
 _MAX_RECORD = 512 * 1024
 _monotonic = time.monotonic
 
@@ -134,10 +148,6 @@ _STALE = (MemcacheUnexpectedCloseError, ConnectionResetError, BrokenPipeError)
 
 class _Contended(Exception):
     """A CAS lost a race with another writer; read again."""
-
-
-def _token_floor() -> int:
-    return time.time_ns() // 1000
 
 
 def _nonce() -> str:
@@ -326,6 +336,9 @@ class MemcachedOracle(Oracle):
     poll_interval: how often a follower reads the key (default 0.2 s: at most 5 requests/s).
     key_prefix: prepended to the election name to make the key (default ``"crown_sync:"``).
     connect_timeout, timeout: socket timeouts of every call (default ``min(2.0, renew_interval)``).
+    clock: the wall clock, a callable returning epoch seconds (default :func:`time.time`), read
+        for the token floor and ``since`` only, never for the lease. For tests, and for hosts with a
+        better clock source.
     """
 
     def __init__(
@@ -338,8 +351,12 @@ class MemcachedOracle(Oracle):
         key_prefix: str = "crown_sync:",
         connect_timeout: Optional[float] = None,
         timeout: Optional[float] = None,
+        clock: Callable[[], float] = time.time,
     ):
         self.host, self.port = _parse_server(server)
+        if not callable(clock):
+            raise TypeError(f"clock must be a callable returning epoch seconds, got {type(clock).__name__}")
+        self.clock = clock
         self.ttl = _seconds("ttl", ttl)
         if self.ttl < 1.0:
             raise ValueError(f"ttl must be at least 1 second, got {self.ttl!r}")
@@ -373,8 +390,10 @@ class MemcachedOracle(Oracle):
         if len(key_prefix) > 100 or not all(33 <= ord(c) < 127 for c in key_prefix):
             raise ValueError("key_prefix must be at most 100 printable ASCII characters without spaces")
         self.key_prefix = key_prefix
-        #: memcached's expiry of held/pending/vacated records: garbage collection only (see above).
+        #: memcached's expiry of held and vacated records: garbage collection only (see above).
         self.record_expire = int(math.ceil(2 * self.ttl)) + 2
+        #: seconds a dismissed leader stays out of the contest after its release (see dismiss()).
+        self.dismissed_yield = 2 * self.poll_interval + 1.0
         host = f"[{self.host}]" if ":" in self.host else self.host
         self.description = redact(f"memcached://{host}:{self.port}")
         self._lock = threading.Lock()
@@ -440,7 +459,9 @@ class MemcachedOracle(Oracle):
     def dismiss(self, name: str) -> bool:
         """Replace a ``held`` record (by CAS) with a ``vacated`` one. The leader's next renewal
         fails and it stops; successors start once it released (its abdicate turns the record into
-        ``released``) or, if it never does, ``ttl`` after they saw the ``vacated`` record."""
+        ``released``) or, if it never does, ``ttl`` after they saw the ``vacated`` record. The
+        dismissed leader then stays out of the contest for ``dismissed_yield`` seconds
+        (``2 * poll_interval + 1``), so that a watching follower takes over, not itself again."""
         key = self.key(name)
         retrying = tenacity.Retrying(
             stop=tenacity.stop_after_attempt(10),
@@ -552,6 +573,10 @@ class MemcachedContender(Contender):
             self._seen = (value, read_end)
         return self._seen[1]
 
+    def _token_floor(self) -> int:
+        """The wall clock in microseconds: the lowest token a new term may take."""
+        return int(self._oracle.clock() * 1_000_000)
+
     def _me(self, token: Optional[int], since: Optional[float]) -> Leader:
         return Leader(self._identity, dict(self._metadata), token, since)
 
@@ -583,8 +608,8 @@ class MemcachedContender(Contender):
     def _take_over(self, record: Optional[Dict[str, Any]], cas: Any) -> Optional[Claim]:
         """CAS our ``held`` record over the version ``cas`` of ``record``. None if we lost the race."""
         nonce = _nonce()
-        token = max(_record_token(record) + 1, _token_floor())
-        since = time.time()
+        token = max(_record_token(record) + 1, self._token_floor())
+        since = self._oracle.clock()
         started = _monotonic()
         done = self._call(
             "cas", self._key, _encode(self._record(HELD, nonce, token, since)), cas,
@@ -603,7 +628,7 @@ class MemcachedContender(Contender):
         if record is None or record.get("state") != PENDING or record.get("nonce") != pending.nonce:
             self._pending = None
             return False
-        done = self._call("cas", self._key, _encode(record), cas, expire=self._oracle.record_expire, noreply=False)
+        done = self._call("cas", self._key, _encode(record), cas, expire=_PENDING_EXPIRE, noreply=False)
         if not done:
             self._pending = None
             return False
@@ -622,7 +647,10 @@ class MemcachedContender(Contender):
             prewon, self._prewon = self._prewon, None
             if prewon is not None and self._nonce is not None:
                 # The poller took the lease the moment it could (saves round trips on handoff).
-                if prewon.deadline - _monotonic() > self._oracle.margin:
+                # Hand it over as is only if it outlasts the engine's first refresh (due in
+                # renew_interval) by the margin; a lease that waited longer is renewed first.
+                oracle = self._oracle
+                if prewon.deadline - _monotonic() > oracle.renew_interval + oracle.margin:
                     return prewon
                 renewed = self._refresh_locked()
                 if renewed.won:
@@ -660,8 +688,8 @@ class MemcachedContender(Contender):
             if record is not None and record.get("state") == PENDING and record.get("nonce") == pending.nonce:
                 if started >= pending.ready_at:
                     # Quarantine over and the key was ours throughout: start.
-                    token = max(_record_token(record) + 1, _token_floor())
-                    since = time.time()
+                    token = max(_record_token(record) + 1, self._token_floor())
+                    since = self._oracle.clock()
                     done = self._call(
                         "cas", self._key, _encode(self._record(HELD, pending.nonce, token, since)), cas,
                         expire=oracle.record_expire, noreply=False,
@@ -671,7 +699,7 @@ class MemcachedContender(Contender):
                         return self._won(pending.nonce, token, since, started)
                     self._pending = None
                     return None
-                done = self._call("cas", self._key, _encode(record), cas, expire=oracle.record_expire, noreply=False)
+                done = self._call("cas", self._key, _encode(record), cas, expire=_PENDING_EXPIRE, noreply=False)
                 if done:
                     pending.renewed_at = _monotonic()
                     return Claim(won=False, leader=None)
@@ -679,8 +707,8 @@ class MemcachedContender(Contender):
 
         # Try to create the key: succeeds only if memcached has no record at all.
         nonce = _nonce()
-        record = self._record(PENDING, nonce, _token_floor(), None)
-        if self._call("add", self._key, _encode(record), expire=oracle.record_expire, noreply=False):
+        record = self._record(PENDING, nonce, self._token_floor(), None)
+        if self._call("add", self._key, _encode(record), expire=_PENDING_EXPIRE, noreply=False):
             now = _monotonic()
             self._pending = _Pending(nonce, ready_at=now + oracle.ttl, renewed_at=now)
             self._seen = None
@@ -721,6 +749,12 @@ class MemcachedContender(Contender):
         started = _monotonic()
         value, cas = self._call("gets", self._key)
         record = _decode(value)
+        if record is not None and record.get("state") == VACATED and record.get("prev") == nonce:
+            # Dismissed. Our abdicate will write "released" and followers' pollers take it over
+            # at their next poll: stay out of the contest for two polls of every follower, plus a
+            # second for a busy host, or we would usually win our own release back at once.
+            self._lose("it was dismissed")
+            return Claim(won=False, yield_for=self._oracle.dismissed_yield)
         if record is None or record.get("state") != HELD or record.get("nonce") != nonce:
             self._lose("its lease record is gone" if value is None else "its lease record was replaced")
             return Claim(won=False, leader=_leader_of(record))
@@ -799,9 +833,11 @@ class MemcachedContender(Contender):
             if self._pending is not None:
                 now = _monotonic()
                 if now >= self._pending.ready_at:
-                    # Quarantine over: convert the pending record now, then tell the engine.
-                    self._watching = False
+                    # Quarantine over: convert the pending record now, then tell the engine. Stop
+                    # watching only once that call has answered: if it raises, the poller's next
+                    # round tries again (the engine hears nothing until then).
                     result = self._claim_once()
+                    self._watching = False
                     if result is not None and result.won:
                         self._prewon = result
                     return True, None
@@ -820,8 +856,9 @@ class MemcachedContender(Contender):
                 or read_end >= first_seen + oracle.ttl  # unchanged for a whole ttl: stale
             ):
                 # Take it over right here, then tell the engine: claim() hands the won lease over.
-                self._watching = False
+                # As above, a takeover that raised leaves us watching: the next round reads again.
                 won = self._take_over(record, cas)
+                self._watching = False
                 if won is not None:
                     self._prewon = won
                 return True, None

@@ -20,13 +20,18 @@ from crown_sync.testing import journal
 from crown_sync.testing.memcached_server import MemcachedServer
 from crown_sync.testing.servers import free_port
 
-from .memcached_support import Fleet, wait_until
+from .memcached_support import FaultProxy, Fleet, wait_until
 
 NAME = "nightly-report"
 # Short leases keep the suite quick (renewals every 0.5 s, failover ~2.5 s); a whole second of
 # margin keeps a busy machine's scheduling delays from turning into journal overlaps.
 TTL = 2.5
 FAST = f"ttl={TTL:g}&margin=1&poll_interval=0.05"
+MARGIN, POLL = 1.0, 0.05
+# For bounds that tell a CAS release from waiting out a lease: renewals every 1 s, so a successor
+# that had to wait for the lease could not start sooner than ttl - renew_interval = 3 s.
+SLOW_TTL = 4.0
+SLOW = f"ttl={SLOW_TTL:g}&margin=1&poll_interval=0.05"
 
 
 @pytest.fixture(scope="module")
@@ -92,14 +97,22 @@ def lead(contender, timeout=10.0):
 
 # --------------------------------------------------------------------------- processes, faults
 
+def successor_of(report, identity, token):
+    """The journal's next term after the given one."""
+    index = [i for i, t in enumerate(report.terms) if (t.identity, t.token) == (identity, token)][0]
+    assert index + 1 < len(report.terms), report.summary()
+    return report.terms[index], report.terms[index + 1]
+
+
 def test_contention_and_graceful_handoffs_between_processes(server, tmp_path, name):
-    fleet = Fleet(f"{server.url}?{FAST}", tmp_path, name)
+    fleet = Fleet(f"{server.url}?{SLOW}", tmp_path, name)
     for i in range(3):
         fleet.spawn(f"c{i}")
     try:
-        done = []
+        done, signalled = [], {}
         for round_number in range(3):
             term = fleet.wait_for_term(other_than=set(done[-1:]))
+            signalled[(term.identity, term.token)] = time.monotonic()
             fleet.signal(term.identity, signal.SIGTERM)  # clean stop: child, then CAS release
             fleet.processes[term.identity].wait(30)
             done.append(term.identity)
@@ -110,6 +123,12 @@ def test_contention_and_graceful_handoffs_between_processes(server, tmp_path, na
     report = assert_journal_ok(fleet, 4)
     assert sum(term.stopped for term in report.terms) >= 4, report.summary()
     assert len({term.identity for term in report.terms}) >= 4
+    for (identity, token), at in signalled.items():
+        old, new = successor_of(report, identity, token)
+        assert new.identity != identity
+        # The successor started within half the lease of the SIGTERM: it took the CAS release,
+        # since waiting out the lease could not have taken less than ttl - renew_interval (3 s).
+        assert new.start - at < SLOW_TTL / 2, (identity, new.start - at, report.summary())
 
 
 def test_sigkill_of_the_leader_fails_over_without_overlap(server, tmp_path, name):
@@ -117,9 +136,10 @@ def test_sigkill_of_the_leader_fails_over_without_overlap(server, tmp_path, name
     for i in range(3):
         fleet.spawn(f"k{i}")
     try:
-        killed = []
+        killed, killed_at = [], {}
         for round_number in range(2):
             term = fleet.wait_for_term(other_than=set(killed))
+            killed_at[(term.identity, term.token)] = time.monotonic()
             fleet.processes[term.identity].kill()
             fleet.processes[term.identity].wait(30)
             killed.append(term.identity)
@@ -131,6 +151,15 @@ def test_sigkill_of_the_leader_fails_over_without_overlap(server, tmp_path, name
     assert survivor.identity not in killed
     # The killed leaders never wrote "stop": their terms simply ended, and others followed.
     assert [t.identity for t in report.terms if not t.stopped][:2] == killed
+    for (identity, token), at in killed_at.items():
+        old, new = successor_of(report, identity, token)
+        # Waited out the lease: the takeover came a whole ttl after the last renewal, whose
+        # deadline (ttl - margin after it) bounds the killed child's last line, so the gap is at
+        # least the margin (half of it here, for scheduling slack; a CAS release takes ~0.1 s).
+        assert new.start - old.end >= MARGIN / 2, (identity, new.start - old.end, report.summary())
+        # ...and no later than ttl + a poll after the crash, plus generous slack for a busy host:
+        # a poller that stopped polling would leave it to the engine's monitor_timeout (30 s).
+        assert new.start - at < TTL + POLL + 10, (identity, new.start - at, report.summary())
 
 
 def test_sigstop_past_the_lease_then_sigcont_never_overlaps(server, tmp_path, name):
@@ -251,7 +280,7 @@ def test_eviction_of_the_lease_ends_the_term_safely(tmp_path, name):
 def test_find_leader_and_dismiss_through_the_public_api(server, tmp_path, name):
     url = f"{server.url}?{FAST}"
     fleet = Fleet(url, tmp_path, name)
-    for i in range(2):
+    for i in range(3):
         fleet.spawn(f"d{i}")
     try:
         first = fleet.wait_for_term()
@@ -262,8 +291,13 @@ def test_find_leader_and_dismiss_through_the_public_api(server, tmp_path, name):
         second = fleet.wait_for_new_term(after=dismissed_at, timeout=30)
     finally:
         fleet.stop_all()
-    assert_journal_ok(fleet, 2)
+    report = assert_journal_ok(fleet, 2)
     assert second.token > first.token
+    # The dismissed leader stayed out of the contest after its release, so a follower took over
+    # (without that yield it would nearly always win its own release back before anyone polled).
+    old, new = successor_of(report, first.identity, first.token)
+    assert old.stopped and new.identity != first.identity, report.summary()
+    assert second.identity != first.identity
     assert crown_sync.find_leader(name, oracle=url) is None  # everyone stopped cleanly
 
 
@@ -306,6 +340,8 @@ def test_bad_constructor_arguments():
         MemcachedOracle("a:1", key_prefix=5)
     with pytest.raises(ValueError, match="key_prefix"):
         MemcachedOracle("a:1", key_prefix="has space")
+    with pytest.raises(TypeError, match="clock"):
+        MemcachedOracle("a:1", clock=12.5)
 
 
 def test_a_password_never_reaches_the_message():
@@ -464,7 +500,9 @@ def test_dismiss_makes_the_leader_step_down_and_its_release_lets_the_next_in(ser
     signals.wait(10)  # the record changed hands (to "vacated")
     assert not b.claim().won  # a's child may still run until a notices: b must wait
     assert b.watch(None)
-    assert not a.refresh().won  # a notices at its next renewal
+    dismissed = a.refresh()  # a notices at its next renewal...
+    assert not dismissed.won
+    assert dismissed.yield_for >= 2 * oracle.poll_interval  # ...and stays out while b takes over
     a.abdicate()  # its child has stopped: now it vouches for that with a "released" record
     signals.wait(10)
     claim = b.claim()
@@ -473,6 +511,186 @@ def test_dismiss_makes_the_leader_step_down_and_its_release_lets_the_next_in(ser
     for c in (a, b):
         c.close()
     oracle.close()
+
+
+def test_a_poller_whose_takeover_was_cut_off_keeps_polling_and_takes_over(server, name):
+    oracle = oracle_for(server)
+    a = oracle.contender(name, "a", {}, Signals())
+    first = lead(a)
+    with FaultProxy(server.address) as proxy:
+        via = oracle_for(proxy)
+        signals = Signals()
+        b = via.contender(name, "b", {}, signals)
+        assert not b.claim().won and b.watch(None)
+        # b's poller reads the release below, then its takeover CAS dies with the connection.
+        proxy.cut_next(lambda chunk: chunk.startswith(b"cas "))
+        a.abdicate()
+        signals.wait(10)  # the next poll read the release again and took it over
+        assert proxy.cuts == 1
+        claim = b.claim()
+        assert claim.won and claim.token > first.token
+        assert oracle.find_leader(name).identity == "b"
+        b.abdicate()
+        b.close()
+        via.close()
+    a.close()
+    oracle.close()
+
+
+def test_a_poller_whose_end_of_quarantine_was_cut_off_keeps_polling_and_leads(server, name):
+    with FaultProxy(server.address) as proxy:
+        oracle = oracle_for(proxy)
+        signals = Signals()
+        b = oracle.contender(name, "b", {}, signals)
+        claim = b.claim()
+        assert not claim.won and claim.leader is None  # a fresh key: pending, in quarantine
+        # Pending renewals pass; the CAS that turns the pending record into "held" is cut.
+        proxy.cut_next(lambda chunk: chunk.startswith(b"cas ") and b'"state":"held"' in chunk)
+        assert b.watch(None)
+        signals.wait(10)
+        assert proxy.cuts == 1
+        claim = b.claim()
+        assert claim.won
+        assert oracle.find_leader(name).identity == "b"
+        b.abdicate()
+        b.close()
+        oracle.close()
+
+
+def test_a_crown_whose_takeover_was_cut_off_leads_long_before_monitor_timeout(server, name, tmp_path):
+    path = str(tmp_path / "journal.jsonl")
+    direct = oracle_for(server, ttl=TTL, margin=MARGIN)
+    with FaultProxy(server.address) as proxy:
+        via = oracle_for(proxy, ttl=TTL, margin=MARGIN)
+        first = crown_sync.Crown(name, oracle=direct, identity="first",
+                                 child=crown_sync.ThreadChild(journal.journaled_work, args=(path,)))
+        # monitor_timeout far beyond the wait below: only the poller can bring this crown in.
+        second = crown_sync.Crown(name, oracle=via, identity="second", monitor_timeout=300,
+                                  child=crown_sync.ThreadChild(journal.journaled_work, args=(path,)))
+        try:
+            first.start()
+            assert first.wait_for_leadership(timeout=30)
+            second.start()
+            wait_until(lambda: second.status().phase == "following" and second.status().leader is not None)
+            time.sleep(0.2)  # its poller is watching
+            proxy.cut_next(lambda chunk: chunk.startswith(b"cas "))
+            first.stop(timeout=20)
+            assert second.wait_for_leadership(timeout=30)
+            assert proxy.cuts == 1
+            time.sleep(0.2)
+        finally:
+            for crown in (first, second):
+                crown.stop(timeout=20)
+            via.close()
+            direct.close()
+    report = journal.check(path, name)
+    assert report.ok, report.summary()
+    assert [t.identity for t in report.terms] == ["first", "second"], report.summary()
+
+
+class StuckClock:
+    """A wall clock that never moves (stuck), or steps back a second at every read (backwards)."""
+
+    def __init__(self, kind):
+        self.kind = kind
+        self.now = time.time()
+
+    def __call__(self):
+        if self.kind == "backwards":
+            self.now -= 1.0
+        return self.now
+
+
+@pytest.mark.parametrize("kind", ["stuck", "backwards"])
+def test_tokens_rise_from_the_previous_token_when_the_wall_clock_does_not(server, name, kind):
+    # With a clock that never rises, only "previous token + 1" can make tokens rise.
+    oracle = oracle_for(server, clock=StuckClock(kind))
+    a_signals = Signals()
+    a = oracle.contender(name, "a", {}, a_signals)
+    tokens = [lead(a).token]
+    floor = oracle.clock() * 1_000_000
+    # Clean handoff: a releases, b's poller takes over.
+    b_signals = Signals()
+    b = oracle.contender(name, "b", {}, b_signals)
+    assert not b.claim().won and b.watch(None)
+    a.abdicate()
+    b_signals.wait(10)
+    tokens.append(b.claim().token)
+    # Crash takeover: b falls silent, c takes the stale lease over after a ttl.
+    c_signals = Signals()
+    c = oracle.contender(name, "c", {}, c_signals)
+    assert not c.claim().won and c.watch(None)
+    c_signals.wait(10)
+    claim = c.claim()
+    assert claim.won
+    tokens.append(claim.token)
+    assert not b.refresh().won
+    # Dismissal: c steps down and releases; a (watching) takes over.
+    assert not a.claim().won and a.watch(None)
+    assert oracle.dismiss(name) is True
+    a_signals.wait(10)  # a's poller saw the "vacated" record: the engine would claim and watch
+    assert not a.claim().won and a.watch(None)
+    dismissed = c.refresh()
+    assert not dismissed.won and dismissed.yield_for > 0
+    c.abdicate()
+    a_signals.wait(10)  # ...and then the release, which it took over
+    claim = a.claim()
+    assert claim.won
+    tokens.append(claim.token)
+    assert tokens == list(range(tokens[0], tokens[0] + 4)), tokens
+    assert tokens[-1] > floor  # the clock never reached these: the previous token did
+    for contender in (a, b, c):
+        contender.close()
+    oracle.close()
+
+
+def test_a_lease_the_poller_won_long_ago_is_renewed_before_it_is_handed_over(server, name):
+    oracle = oracle_for(server, ttl=4.0, margin=1.0)  # renew_interval 1 s
+    a = oracle.contender(name, "a", {}, Signals())
+    lead(a, timeout=20)
+    signals = Signals()
+    b = oracle.contender(name, "b", {}, signals)
+    assert not b.claim().won and b.watch(None)
+    a.abdicate()
+    signals.wait(10)  # b's poller holds the lease now, waiting for the engine's claim
+    time.sleep(1.5)  # the engine is late: the lease has at most 1.5 s left, < renew_interval + margin
+    before = b.requests
+    claim = b.claim()
+    assert claim.won
+    assert b.requests == before + 2  # renewed (gets + cas) before it was handed over
+    # The engine's first refresh is due in renew_interval: the term must outlast it by the margin.
+    assert claim.deadline - time.monotonic() > oracle.renew_interval + oracle.margin
+    b.abdicate()
+    for c in (a, b):
+        c.close()
+    oracle.close()
+
+
+def test_monitor_leader_false_with_claims_rarer_than_the_record_expiry_still_leads(server, name, tmp_path):
+    path = str(tmp_path / "journal.jsonl")
+    oracle = oracle_for(server, ttl=1.5, margin=0.5)
+    monitor_delay = oracle.record_expire + 1  # a record with that expiry would vanish between claims
+    crowns = [
+        crown_sync.Crown(name, oracle=oracle, child=crown_sync.ThreadChild(journal.journaled_work, args=(path,)),
+                         identity=f"m{i}", monitor_leader=False, monitor_delay=monitor_delay,
+                         monitor_timeout=monitor_delay)
+        for i in range(2)
+    ]
+    try:
+        for crown in crowns:
+            crown.start()
+        # The first claim holds the fresh key as pending; the next one, monitor_delay later, leads.
+        leader = wait_until(lambda: next((c for c in crowns if c.is_leader()), None),
+                            timeout=3 * monitor_delay + 10, interval=0.05)
+        time.sleep(0.5)
+        assert leader.is_leader()
+    finally:
+        for crown in crowns:
+            crown.stop(timeout=20)
+        oracle.close()
+    report = journal.check(path, name)
+    assert report.ok, report.summary()
+    assert len(report.terms) >= 1 and report.terms[0].beats > 0, report.summary()
 
 
 def test_the_leader_loses_at_once_when_its_record_is_replaced(server, name):

@@ -12,12 +12,14 @@ queue) knows, when that node goes, that it is now first, since nodes are only ev
 back: it takes over without asking the server anything (see "deadline" below). Other followers,
 woken because the follower before them left, ask for the queue at once from kazoo's thread.
 Every contender also watches the data of its own node: ``dismiss()`` writes a dismissal request
-into the leader's record, and the leader ends its term, stops its child and only then deletes its
-node. A deletion of our node by anyone else ends our term too. kazoo's ``Lock``/``Election``
-recipes are not used: a non-blocking ``Lock.acquire`` gives up its queue position,
-``Election.run`` never interrupts the function, and ``Lock.is_acquired`` stays True after the
-session is gone; we compose kazoo's primitives instead (ephemeral sequential ``create``,
-``get_children``, one-shot watches, state listeners, KazooRetry for reconnection).
+(naming the node's token) into the record of the node first in the queue, and its owner ends its
+term, stops its child and only then deletes its node; a node dismissed before it led never leads.
+``dismiss()`` does not delete the node itself: the successor would start at once, while the
+dismissed leader's child still runs. A deletion of our node by anyone else ends our term too.
+kazoo's ``Lock``/``Election`` recipes are not used: a non-blocking ``Lock.acquire`` gives up its
+queue position, ``Election.run`` never interrupts the function, and ``Lock.is_acquired`` stays
+True after the session is gone; we compose kazoo's primitives instead (ephemeral sequential
+``create``, ``get_children``, one-shot watches, state listeners, KazooRetry for reconnection).
 
 Safety argument:
 
@@ -41,10 +43,17 @@ Safety argument:
   and ``refresh()`` answers ``won=False`` whenever the client is not CONNECTED or the connection
   has dropped since the term began. After a reconnect with the same session, a node is used again
   only if it still exists, its ``ephemeralOwner`` is our session and it has not hosted a term yet
-  (a follower keeps its place); a leader's node is deleted and the contender queues again. After
-  LOST we create a fresh node under the new session.
+  (a follower keeps its place); a leader's node is deleted and the contender queues again. A
+  term's win re-checks the connection under the contender's lock, so a SUSPENDED that lands
+  between the claim's last look and its win fails the claim instead of starting a term that no
+  loss signal would end. A spent node that ``abdicate()`` could not delete while cut off is
+  deleted as soon as the same session is back (asynchronously, from kazoo's state listener, only
+  if its ``ephemeralOwner`` is still our session), so the next in line does not wait for our next
+  claim.
 * Dismissal never hands the crown over by itself: the successor still waits for the leader's
-  node to go, which the leader does after its child stopped (or its session expires).
+  node to go, which the leader does after its child stopped (or its session expires). The request
+  is never moved on to another node: if its target left before it was written, it stepped down
+  already.
 * Fencing token: the leader node's ``czxid`` (the zxid of its creation). Nodes lead in the order
   they were created, each at most once, and zxids rise across the whole ensemble and survive
   re-creation of the election's node (sequence numbers do not; they are never tokens). So tokens
@@ -52,12 +61,16 @@ Safety argument:
 
 What is NOT guaranteed:
 
-* In an ensemble, the ZooKeeper leader (which expires sessions) learns of a client's heartbeats
-  from the follower it is connected to with a delay of up to about one ``tickTime``. The 25 %
-  margin covers that when ``T >= 4 x tickTime`` (ZooKeeper's defaults: 2 s ticks, sessions of 4 s
-  and up; use 10 s or more).
-* Reads are served by the member we are connected to; a member cut off from the quorum stops
-  serving within ``syncLimit x tickTime``, which should also stay below ``T / 4``.
+* The ensemble must satisfy ``T >= 4 x tickTime`` and ``syncLimit x tickTime <= T / 4``
+  (ZooKeeper's default ``tickTime`` is 2 s: use sessions of 10 s or more). The ZooKeeper leader
+  (which expires sessions) tracks them in ``tickTime`` steps and hears of our requests to another
+  member at that member's next ping: both make an expiry later, not earlier. But a member cut off
+  from the quorum keeps answering our reads for up to ``syncLimit x tickTime`` before it notices
+  and drops our connection; a refresh it answers never reaches the ZooKeeper leader, whose expiry
+  counts from the last request it heard of, at least about ``0.54 T`` after the cut. With the
+  condition, the dropped connection (SUSPENDED) ends a running leader's term well before that. A
+  leader process paused at that same moment relies on its deadline, which such a refresh may have
+  carried past the expiry: not guaranteed (the fencing token is the defence).
 * Clock rates: the deadline is local monotonic time against the server's idea of ``T``.
 * Tokens rise only while the ensemble keeps its data (a wiped data directory restarts zxids).
 * Deleting a leader's node by hand (rather than through ``dismiss``) lets the next contender in
@@ -67,9 +80,10 @@ What is NOT guaranteed:
   to the protected resource and let it reject stale tokens.
 
 Connection loss: SUSPENDED ends a leader's term at once; followers keep their nodes and are
-nudged to look again after the reconnect (kazoo drops all watches on SUSPENDED). Unreachable
-servers make ``claim()`` raise after ``CLAIM_CONNECT_WAIT`` (the engine backs off and retries) while
-kazoo keeps reconnecting in the background with its own KazooRetry. ``close()`` deletes our node
+nudged to look again after the reconnect. A refresh waits for its answer no longer than the
+term's deadline (after it, the answer is of no use), which bounds a ``stop()`` against a frozen
+server. Unreachable servers make ``claim()`` raise after ``CLAIM_CONNECT_WAIT`` (the engine backs
+off and retries) while kazoo keeps reconnecting in the background with its own KazooRetry. ``close()`` deletes our node
 when it can and stops the client when the last contender of a closed oracle goes, bounded in time
 even on a dead server.
 
@@ -523,27 +537,40 @@ class ZooKeeperOracle(Oracle):
         while the dismissed leader's child still runs (deleting the leader's node directly would
         let both run for a moment). A leader that is dead or paused steps down by its deadline and
         its node goes when its session expires, as for any crash.
+
+        The request targets the node first in the queue when we look (the leader, or the
+        contender the crown is passing to: nobody else can lead) and names that node's token
+        (``czxid``). It is never moved on to another node: if the target leaves before the
+        request is written, it has stepped down already, and the next in line is not the leader
+        the caller meant.
         """
         client, _epoch, _session = self._connection()
         election = self.election_path(name)
         try:
+            queue = self._queue(client, election)
+            if not queue:
+                return False
+            path = f"{election}/{queue[0]}"
             for _attempt in range(10):
-                queue = self._queue(client, election)
-                if not queue:
-                    return False
-                path = f"{election}/{queue[0]}"
                 try:
                     data, stat = client.get_async(path).get(self._op_timeout())
-                    record = _parse_record(data)
-                    if record.get("dismissed"):
-                        return True
-                    record["dismissed"] = True
+                except NoNodeError:
+                    logger.info("the leader of %s (node %s) left before the dismissal", name, queue[0])
+                    return True
+                record = _parse_record(data)
+                if _is_dismissed(record, stat):
+                    return True
+                record["dismissed"] = stat.czxid
+                try:
                     client.set_async(path, json.dumps(record).encode("utf-8"), version=stat.version).get(
                         self._op_timeout()
                     )
-                except (NoNodeError, BadVersionError):
-                    continue  # it left or wrote meanwhile: look again
-                logger.info("asked the leader of %s (node %s) to step down", name, queue[0])
+                except BadVersionError:
+                    continue  # its owner wrote meanwhile (its first refresh publishes since): again
+                except NoNodeError:
+                    logger.info("the leader of %s (node %s) left before the dismissal", name, queue[0])
+                    return True
+                logger.info("asked the leader of %s (node %s, token %s) to step down", name, queue[0], stat.czxid)
                 return True
         except NoAuthError:
             raise PermissionError(
@@ -552,7 +579,7 @@ class ZooKeeperOracle(Oracle):
             ) from None
         except KazooException as exc:
             raise _unavailable("dismissing the leader", exc) from exc
-        raise ZooKeeperUnavailable(f"the leader of {name!r} kept changing; dismissal not written")
+        raise ZooKeeperUnavailable(f"the record of the leader of {name!r} kept changing; dismissal not written")
 
     def close(self) -> None:
         """Close the oracle: the client stops now if no contender uses it, else with the last one."""
@@ -601,6 +628,7 @@ class ZooKeeperContender(Contender):
         self._node_gone = False  # our own watch saw our node deleted
         self._dismissed: Optional[str] = None  # our node carries a dismissal request
         self._releasing: Optional[str] = None  # the node we are deleting ourselves
+        self._stale: Optional[str] = None  # a spent node abdicate() could not delete (disconnected)
         self._pending_create = False  # a create may have succeeded without our hearing of it
         self._won_on_node = False  # the current node has hosted a term: never another one
         self._predecessor: Optional[str] = None
@@ -614,6 +642,7 @@ class ZooKeeperContender(Contender):
         self._publish = None  # (node, since) to write into our record at the next refresh
         self._leading = False
         self._term_epoch = -1
+        self._deadline: Optional[float] = None  # the deadline we last gave the current term
         self._leader: Optional[Leader] = None
         self._closed = False
         self._forked = False
@@ -665,7 +694,42 @@ class ZooKeeperContender(Contender):
         elif state == KazooState.LOST:
             self._notify(lost=leading)  # our node is gone with the session
         else:
+            self._release_stale()
             self._notify()  # watches were dropped while disconnected: look again
+
+    def _release_stale(self) -> None:
+        """The same session is back: delete the node of a term that ended while we were cut off.
+
+        abdicate() could not delete it then, and until it goes the next in line waits: for our
+        next claim, which the engine may hold back with its retry backoff, or for our session to
+        expire. Only a node abdicate() gave up counts (its term's child has stopped), and it is
+        deleted only if it is still our session's (CURATOR-696) and unchanged since we looked.
+        Runs from kazoo's connection thread: asynchronous requests only."""
+        with self._mutex:
+            node = self._stale
+            if node is None or self._closed or self._forked:
+                return
+            if node != self._node or not self._won_on_node or self._leading:
+                self._stale = None  # already dealt with (a claim deleted it, or it expired)
+                return
+            session = self._node_session
+        client, connected, _epoch = self._oracle._connected_now()
+        current = client.client_id if client is not None and connected else None
+        if current and current[0] == session:  # else it went with the old session
+            _release_node(client, self._path(node), session, lambda: self._forget(node), self._releasing_node)
+
+    def _releasing_node(self, path: str) -> None:
+        with self._mutex:
+            self._releasing = path.rsplit("/", 1)[1]  # our own watch must not report this as a loss
+
+    def _forget(self, node: str) -> None:
+        """Our spent ``node`` is gone: the next claim queues with a fresh one."""
+        with self._mutex:
+            if self._stale == node:
+                self._stale = None
+            if self._node == node:
+                self._node = None
+                self._won_on_node = False
 
     # -- watches (run in kazoo's threads: never block) --------------------------------------
 
@@ -713,7 +777,7 @@ class ZooKeeperContender(Contender):
         self._notify(lost=leading)
 
     def _own_node_read(self, node: str, data: bytes, stat) -> None:
-        dismissed = bool(_parse_record(data).get("dismissed"))
+        dismissed = _is_dismissed(_parse_record(data), stat)
         with self._mutex:
             if node != self._node or self._closed or self._forked:
                 return
@@ -868,7 +932,7 @@ class ZooKeeperContender(Contender):
                     else:
                         self._verified_epoch = epoch
                         self._node_version = stat.version
-                if stat is not None and node is not None and _parse_record(data).get("dismissed"):
+                if stat is not None and node is not None and _is_dismissed(_parse_record(data), stat):
                     with self._mutex:
                         self._dismissed = node
                     continue
@@ -982,6 +1046,14 @@ class ZooKeeperContender(Contender):
         with self._mutex:
             if self._closed:
                 raise RuntimeError("the ZooKeeper contender is closed")
+            # The caller checked the connection epoch before calling us, but SUSPENDED may have
+            # come since: _connection_changed then saw _leading False and sent no loss signal,
+            # so winning now would start a term nobody ends. Checked under our mutex, which
+            # _connection_changed takes after the oracle bumped the epoch: either we see the new
+            # epoch here, or it sees _leading True below and signals the loss.
+            _client, connected, now_epoch = oracle._connected_now()
+            if not connected or now_epoch != epoch:
+                raise ZooKeeperUnavailable("the ZooKeeper connection dropped during the claim")
             if self._node != node or self._node_gone or self._dismissed == node or self._won_on_node:
                 return None
             token = self._node_czxid
@@ -994,12 +1066,13 @@ class ZooKeeperContender(Contender):
             # since is published in our record by the first refresh, soon after: a write here
             # would cost the new term's start a thread switch to kazoo's connection thread.
             self._publish = (node, since)
-        timeout_now = oracle.effective_timeout()
+            timeout_now = oracle.effective_timeout()
+            self._deadline = t0 + oracle.lease_for(timeout_now)
         return Claim(
             won=True,
             leader=leader,
             token=token,
-            deadline=t0 + oracle.lease_for(timeout_now),
+            deadline=self._deadline,
             refresh_in=min(PUBLISH_DELAY, timeout_now / REFRESHES_PER_TIMEOUT),
         )
 
@@ -1029,6 +1102,7 @@ class ZooKeeperContender(Contender):
                   and self._dismissed != node and self._term_epoch == epoch)
             session = self._node_session
             leader = self._leader
+            deadline = self._deadline
             if not ok or not connected or client is None:
                 self._leading = False
             publish, self._publish = self._publish, None
@@ -1037,8 +1111,11 @@ class ZooKeeperContender(Contender):
         if publish is not None and publish[0] == node:
             self._publish_record(client, *publish)  # pipelined with the confirmation below
         t0 = time.monotonic()
+        # A reply after the term's deadline is of no use (the term is over by then), so wait no
+        # longer: against a frozen server this bounds how long a stop() waits for this call.
+        wait = oracle._op_timeout() if deadline is None else min(oracle._op_timeout(), max(0.01, deadline - t0))
         try:
-            stat = client.exists_async(self._path(node)).get(oracle._op_timeout())
+            stat = client.exists_async(self._path(node)).get(wait)
         except KazooException as exc:
             raise _unavailable("refreshing", exc) from exc
         except oracle_timeout(client) as exc:
@@ -1051,8 +1128,9 @@ class ZooKeeperContender(Contender):
                 self._leading = False
                 self._node_gone = True
                 return Claim(won=False)
+            timeout_now = oracle.effective_timeout()
+            self._deadline = t0 + oracle.lease_for(timeout_now)
         oracle._confirm(t0, epoch)
-        timeout_now = oracle.effective_timeout()
         return Claim(
             won=True,
             leader=leader,
@@ -1093,18 +1171,24 @@ class ZooKeeperContender(Contender):
         with self._mutex:
             self._leading = False
             node = self._node if self._won_on_node else None  # a follower keeps its place
-        if node is not None and self._delete(node):
-            with self._mutex:
-                if self._node == node:
-                    self._node = None
-                    self._won_on_node = False
+        if node is None:
+            return
+        if self._delete(node):
+            self._forget(node)
+            return
+        with self._mutex:
+            if self._node == node:
+                self._stale = node  # deleted as soon as the same session reconnects
+        client, connected, _epoch = self._oracle._connected_now()
+        if client is not None and connected:
+            self._release_stale()  # the connection came back while we tried
 
     def _delete(self, node: str) -> bool:
         """Delete our node if we can do it now (bounded). True if it is gone."""
         client, connected, _epoch = self._oracle._connected_now()
         if client is None or not connected:
-            # Not now: a request queued while disconnected would be sent after a reconnect.
-            # The node goes with our session, or the next claim deletes it.
+            # Not now (no waiting on a reconnect): abdicate() leaves it to _release_stale,
+            # close() to an asynchronous request; failing those, it goes with our session.
             return False
         with self._mutex:
             self._releasing = node
@@ -1126,11 +1210,18 @@ class ZooKeeperContender(Contender):
             self._closed = True
             self._leading = False
             node, self._node = self._node, None
+            session = self._node_session
+            stale = node is not None and node == self._stale  # abdicate() already tried in vain
             pending = self._pending_create
             self._watch_gen += 1
             self._prefetch = None
-        if node is not None:
-            self._delete(node)
+        if node is not None and (stale or not self._delete(node)):
+            # Not deletable now (cut off, or no answer in time): ask again without waiting, so
+            # that the node does not hold the queue for as long as a shared session lives (kazoo
+            # sends queued requests once it reconnects; the node goes with the session anyway).
+            client = self._oracle._connected_now()[0]
+            if client is not None and session is not None:
+                _release_node(client, self._path(node), session, lambda: None, lambda _path: None)
         if pending:
             self._sweep()
         self._oracle._unregister(self)
@@ -1160,6 +1251,53 @@ def _parse_record(data: Optional[bytes]) -> Dict[str, Any]:
     except (ValueError, UnicodeDecodeError):
         return {}
     return record if isinstance(record, dict) else {}
+
+
+def _release_node(client: KazooClient, path: str, session: int, gone, releasing, attempts: int = 3) -> None:
+    """Delete our node at ``path`` without blocking: only if its ``ephemeralOwner`` is still
+    ``session`` (CURATOR-696) and at the version we saw. ``gone()`` once it no longer exists;
+    ``releasing(path)`` just before the delete is sent. Connection trouble ends the attempt (the
+    node goes with the session, or a later claim or reconnect deletes it)."""
+
+    def checked(result) -> None:
+        try:
+            stat = result.get_nowait()
+        except Exception:
+            return
+        if stat is None:
+            gone()
+            return
+        if stat.ephemeralOwner != session:
+            return  # not ours to delete
+        releasing(path)
+        client.delete_async(path, version=stat.version).rawlink(deleted)
+
+    def deleted(result) -> None:
+        try:
+            result.get_nowait()
+        except NoNodeError:
+            pass
+        except BadVersionError:  # a dismissal landed meanwhile: look again
+            if attempts > 1:
+                _release_node(client, path, session, gone, releasing, attempts - 1)
+            return
+        except Exception:
+            return
+        gone()
+
+    try:
+        client.exists_async(path).rawlink(checked)
+    except Exception as exc:  # a closed client: the session's end removed the node
+        logger.debug("could not release %s: %s", path, type(exc).__name__)
+
+
+def _is_dismissed(record: Dict[str, Any], stat) -> bool:
+    """Does this node's record carry a dismissal request aimed at this very node? A request names
+    the token (czxid) of the node it targets; ``True`` is an older form of the same request."""
+    target = record.get("dismissed")
+    if target is True:
+        return True
+    return isinstance(target, int) and not isinstance(target, bool) and target == stat.czxid
 
 
 def oracle_timeout(client: KazooClient):

@@ -8,6 +8,11 @@ enabled (``srvr`` tells readiness and the member's mode, ``cons`` lists sessions
 server off. ``ZooKeeperEnsemble(3)`` starts members that know each other; each member can be
 stopped, killed and started again on the same ports and data directory.
 
+An ensemble's ``syncLimit`` (how long a member cut off from the quorum keeps serving) is derived
+from ``session_timeout``, the shortest session timeout its clients will use, so that the test
+servers meet the ZooKeeper oracle's own condition: ``syncLimit x tickTime <= T / 4`` and
+``T >= 4 x tickTime`` (see docs/oracles/zookeeper.rst).
+
 Nothing here is mocked: these are the real server processes, stopped by pid.
 """
 
@@ -88,8 +93,10 @@ class ZooKeeperServer(Server):
     """One ZooKeeper server process: standalone, or member ``myid`` of an ensemble.
 
     ``tick_time`` is in milliseconds (ZooKeeper's unit); sessions may last from
-    ``min_session_timeout`` to ``max_session_timeout`` milliseconds. ``auth_provider`` turns on
-    nothing by default: digest ACLs work on any ZooKeeper.
+    ``min_session_timeout`` to ``max_session_timeout`` milliseconds. ``session_timeout`` (seconds)
+    is the shortest session timeout the clients will use: ``syncLimit`` is the largest number of
+    ticks within a quarter of it (``sync_limit`` overrides), and it must be at least 4 ticks.
+    Digest ACLs work on any ZooKeeper: no auth provider is configured.
     """
 
     def __init__(
@@ -103,11 +110,25 @@ class ZooKeeperServer(Server):
         port: Optional[int] = None,
         extra_config: Optional[Dict[str, str]] = None,
         start_timeout: float = 60.0,
+        session_timeout: float = 3.0,
+        sync_limit: Optional[int] = None,
     ):
+        self.tick_time = int(tick_time)
+        if self.tick_time <= 0:
+            raise ValueError(f"tick_time must be > 0 ms, got {tick_time!r}")
+        if session_timeout * 1000 < 4 * self.tick_time:
+            raise ValueError(
+                f"session_timeout ({session_timeout} s) must be at least 4 x tick_time ({self.tick_time} ms)"
+            )
+        if sync_limit is None:
+            sync_limit = int(session_timeout * 1000 / 4 // self.tick_time)
+        if not isinstance(sync_limit, int) or sync_limit < 1:
+            raise ValueError(f"sync_limit must be an int >= 1, got {sync_limit!r}")
+        self.session_timeout = float(session_timeout)
+        self.sync_limit = sync_limit
         super().__init__()
         if port is not None:
             self.port = port
-        self.tick_time = int(tick_time)
         self.min_session_timeout = int(min_session_timeout or 2 * self.tick_time)
         self.max_session_timeout = int(max_session_timeout)
         self.heap = heap
@@ -138,7 +159,7 @@ class ZooKeeperServer(Server):
         lines = [
             f"tickTime={self.tick_time}",
             "initLimit=50",
-            "syncLimit=15",
+            f"syncLimit={self.sync_limit}",
             f"dataDir={self.data_dir}",
             f"clientPort={self.port}",
             "clientPortAddress=127.0.0.1",

@@ -3,6 +3,7 @@ ensemble), with real faults: SIGKILL/SIGTERM/SIGSTOP of leaders, real session ex
 restarts and ensemble member crashes. Safety is judged from the children's own journal.
 """
 
+import json
 import os
 import signal
 import threading
@@ -225,6 +226,7 @@ def test_dismiss_makes_the_leader_step_down_before_anyone_else_leads(zk, name):
             recorder.reset()
         assert oracles[1].dismiss(name) is True
         wait_until(lambda: recorders[0].lost(), timeout=10, message="leader told it lost")
+        assert seats[0]._dismissed == seats[0]._node
         assert not seats[0].refresh().won
         time.sleep(0.3)
         # The successor is not let in until the dismissed leader has stopped and left.
@@ -246,20 +248,58 @@ def test_dismiss_makes_the_leader_step_down_before_anyone_else_leads(zk, name):
 
 def test_a_dismissal_pending_on_a_non_leading_node_sends_it_to_the_back(zk, name):
     oracles, recorders, seats = contenders(zk, name, 2)
+    client = plain_client(zk.hosts)
     try:
-        assert seats[0].claim().won
-        assert not seats[1].claim().won
-        seats[0].abdicate()  # leaves; the second's node is now first but it has not claimed yet
-        assert oracles[0].dismiss(name) is True  # lands on the second's node
-        wait_until(recorders[1].event.is_set, timeout=10, message="second told")
-        claim = seats[1].claim()
-        assert not claim.won or claim.leader.identity == "c1"
         first = seats[0].claim()
-        if claim.won:  # dismissed before we looked: it queued again behind nobody
-            assert not first.won
-        else:
-            assert first.won
+        assert first.won
+        assert not seats[1].claim().won
+        target = f"/crown_sync/{name}/{seats[1]._node}"
+        seats[0].abdicate()  # leaves; the second's node is now first but it has not claimed yet
+        assert oracles[0].find_leader(name).identity == "c1"  # the crown holder dismiss targets
+        recorders[1].reset()
+        assert oracles[0].dismiss(name) is True
+        data, stat = client.get(target)
+        assert json.loads(data)["dismissed"] == stat.czxid  # the request names its target
+        wait_until(recorders[1].event.is_set, timeout=10, message="second told")
+        assert not recorders[1].lost(), "it was not leading: no term to end"
+        rejoined = seats[0].claim()  # queues behind the dismissed node
+        assert not rejoined.won and rejoined.leader.identity == "c1"
+        sent_back = seats[1].claim()  # a dismissed node never hosts a term: to the back
+        assert not sent_back.won and sent_back.leader.identity == "c0"
+        assert client.exists(target) is None
+        took_over = seats[0].claim()
+        assert took_over.won and took_over.token > stat.czxid > first.token
     finally:
+        client.stop()
+        close_all(oracles, seats)
+
+
+def test_a_dismissal_never_moves_on_to_the_next_in_line(zk, name):
+    oracles, recorders, seats = contenders(zk, name, 2)
+    dismisser = ZooKeeperOracle(zk.hosts, session_timeout=SESSION)
+    client = plain_client(zk.hosts)
+    try:
+        first = seats[0].claim()
+        assert first.won
+        assert not seats[1].claim().won and seats[1].watch(None)
+        innocent = f"/crown_sync/{name}/{seats[1]._node}"
+        listing = dismisser._queue
+
+        def leader_leaves_right_after_the_listing(*args):
+            queue = listing(*args)
+            seats[0].abdicate()  # a real deletion, between dismiss()'s look and its write
+            return queue
+
+        dismisser._queue = leader_leaves_right_after_the_listing
+        assert dismisser.dismiss(name) is True  # its target stepped down already
+        data, _stat = client.get(innocent)
+        assert "dismissed" not in json.loads(data), "the dismissal spilled over to the next in line"
+        wait_until(recorders[1].event.is_set, timeout=10, message="successor woken")
+        took_over = seats[1].claim()
+        assert took_over.won and took_over.token > first.token
+    finally:
+        client.stop()
+        dismisser.close()
         close_all(oracles, seats)
 
 
@@ -311,6 +351,85 @@ def _try_claim(seat):
         return seat.claim()
     except ZooKeeperUnavailable:
         return None
+
+
+def _suspend_before_the_win(seat, oracle, server):
+    """Make the next _win of ``seat`` start only once the server is down and kazoo has reported
+    it (a real SUSPENDED): the window between a claim's last connection check and its win."""
+    original = seat._win
+
+    def win(*args):
+        seat._win = original  # once
+        server.stop()
+        wait_until(lambda: not oracle._connected_now()[1], timeout=10, message="SUSPENDED")
+        time.sleep(0.1)  # the listener's callbacks run right after the state change
+        return original(*args)
+
+    seat._win = win
+
+
+def test_a_suspension_just_before_the_win_fails_the_claim(name):
+    with ZooKeeperServer() as server:
+        oracles, recorders, seats = contenders(server, name, 2, session_timeout=8)
+        try:
+            # The full claim: queue read, we are first, then SUSPENDED, then the win.
+            _suspend_before_the_win(seats[0], oracles[0], server)
+            with pytest.raises(ZooKeeperUnavailable, match="dropped"):
+                seats[0].claim()
+            assert not seats[0]._leading
+            # No loss signal was sent (the contender did not lead when SUSPENDED came): a won
+            # claim here would have started a term that nothing ends.
+            assert not recorders[0].lost()
+            server.start()
+            first = wait_until(lambda: _try_claim(seats[0]), timeout=20, message="claim after restart")
+            assert first.won
+            # The round-trip-free takeover: same window, same answer.
+            assert not seats[1].claim().won and seats[1].watch(None)
+            recorders[1].reset()
+            seats[0].abdicate()
+            wait_until(recorders[1].event.is_set, timeout=10, message="successor woken")
+            assert seats[1]._fast is not None, "the fast path is armed"
+            _suspend_before_the_win(seats[1], oracles[1], server)
+            with pytest.raises(ZooKeeperUnavailable, match="dropped"):
+                seats[1].claim()
+            assert not seats[1]._leading and not recorders[1].lost()
+            server.start()
+            second = wait_until(lambda: _try_claim(seats[1]), timeout=20, message="claim after restart")
+            assert second.won and second.token > first.token
+        finally:
+            close_all(oracles, seats)
+
+
+def test_a_spent_node_goes_as_soon_as_the_same_session_reconnects(name):
+    with ZooKeeperServer() as server:
+        oracles, recorders, seats = contenders(server, name, 2, session_timeout=8)
+        client = None
+        try:
+            first = seats[0].claim()
+            assert first.won
+            assert not seats[1].claim().won and seats[1].watch(None)
+            session = oracles[0]._client.client_id[0]
+            spent = f"/crown_sync/{name}/{seats[0]._node}"
+            server.stop()
+            wait_until(recorders[0].lost, timeout=10, message="SUSPENDED reported as loss")
+            assert not seats[0].refresh().won
+            seats[0].abdicate()  # cut off: the node cannot be deleted now
+            recorders[1].reset()
+            server.start()
+            client = plain_client(server.hosts)
+            # No further call on the old leader (its engine may be backing off): the node goes
+            # once its session is back, and the next in line is woken.
+            wait_until(lambda: client.exists(spent) is None, timeout=15, message="spent node deleted")
+            assert oracles[0]._client.client_id[0] == session, "deleted, not expired"
+            wait_until(recorders[1].event.is_set, timeout=10, message="successor woken")
+            successor = wait_until(lambda: _try_claim(seats[1]), timeout=20, message="successor claims")
+            assert successor.won and successor.token > first.token
+            again = seats[0].claim()
+            assert not again.won and again.leader.identity == "c1"
+        finally:
+            if client is not None:
+                client.stop()
+            close_all(oracles, seats)
 
 
 def test_negotiated_session_timeout_bounds_the_deadline(name):
@@ -379,6 +498,29 @@ def test_close_is_bounded_when_the_server_is_paused_or_dead(name):
         seat.close()
         oracle.close()
         assert time.monotonic() - started < 10
+
+
+def test_stop_while_leading_is_bounded_when_the_server_is_frozen(name, tmp_path):
+    path = str(tmp_path / "journal.jsonl")
+    timeout = 6.0
+    with ZooKeeperServer() as server:
+        crown = crown_sync.Crown(name, oracle=f"{server.url}?session_timeout={timeout:g}",
+                                 child=crown_sync.ThreadChild(journal.journaled_work, args=(path,)))
+        crown.start()
+        try:
+            assert crown.wait_for_leadership(20)
+            wait_until(lambda: terms(path, name) and terms(path, name)[-1].beats > 3, timeout=10)
+            server.pause()  # SIGSTOP: the client sees no error until its read timeout
+            time.sleep(timeout / 3 + 0.5)  # a refresh is now waiting for an answer
+            started = time.monotonic()
+            crown.stop(timeout=60)
+            took = time.monotonic() - started
+            assert crown.phase == "stopped"
+            assert took < 10, f"stop() took {took:.1f}s"
+        finally:
+            server.resume()
+            crown.stop()
+    assert_safe(path, name)
 
 
 def test_forked_child_does_not_disturb_the_parents_session(zk, name):
@@ -468,6 +610,7 @@ def test_chroot_from_url(zk, name):
 def test_crowns_in_one_process_share_one_client(zk, name, tmp_path):
     path = str(tmp_path / "journal.jsonl")
     oracle = ZooKeeperOracle(zk.hosts, session_timeout=SESSION)
+    client = plain_client(zk.hosts)
     crowns = [
         crown_sync.Crown(name, oracle=oracle, identity=f"p{i}",
                          child=crown_sync.ThreadChild(journal.journaled_work, args=(path,)))
@@ -478,7 +621,12 @@ def test_crowns_in_one_process_share_one_client(zk, name, tmp_path):
             crown.start()
         leader = wait_until(lambda: next((c for c in crowns if c.is_leader()), None), timeout=20,
                             message="a leader")
-        assert len({id(oracle._client)}) == 1 and len(oracle._contenders) == 3
+        # Per the server: every crown's node (leader's and followers') is owned by one session.
+        election = f"/crown_sync/{name}"
+        nodes = wait_until(lambda: (lambda c: c if len(c) == 3 else None)(client.get_children(election)),
+                           timeout=20, message="three nodes")
+        owners = {client.exists(f"{election}/{node}").ephemeralOwner for node in nodes}
+        assert owners == {oracle._client.client_id[0]}
         wait_until(lambda: len(terms(path, name)) >= 1 and terms(path, name)[-1].beats > 3, timeout=10)
         leader.stop()
         wait_until(lambda: any(c.is_leader() for c in crowns if c is not leader), timeout=20,
@@ -489,6 +637,7 @@ def test_crowns_in_one_process_share_one_client(zk, name, tmp_path):
         for crown in crowns:
             crown.stop()
         oracle.close()
+        client.stop()
     report = assert_safe(path, name, min_terms=2)
     assert len({t.identity for t in report.terms}) >= 2
 
@@ -502,6 +651,10 @@ def test_processes_contend_through_sigterm_and_sigkill(zk, name, tmp_path):
         fleet.signal(first.identity, signal.SIGTERM)  # clean stop: hand over at once
         assert fleet.wait_exit(first.identity) == 0
         second = fleet.wait_for_term(other_than={first.identity})
+        ended = max(t.end for t in fleet.terms() if t.token == first.token)
+        # The node went when the leader stopped: an expiry would come at least 2/3 T after the
+        # crash (the client pings every T/3), so a successor within T/2 proves the handoff.
+        assert 0 < second.start - ended < SESSION / 2
         killed_at = time.monotonic()
         fleet.signal(second.identity, signal.SIGKILL)  # crash: the session must expire first
         third = fleet.wait_for_term(other_than={first.identity, second.identity}, timeout=30)
@@ -609,8 +762,9 @@ def test_dismiss_end_to_end(zk, name, tmp_path):
 
 
 def test_ensemble_member_of_the_leader_killed(name, tmp_path):
-    with ZooKeeperEnsemble(3) as ensemble:
-        url = f"{ensemble.url}?session_timeout=4"
+    # T = 8 s: syncLimit x tickTime = T/4 = 2 s, room for JVM pauses on a busy test machine.
+    with ZooKeeperEnsemble(3, session_timeout=8) as ensemble:
+        url = f"{ensemble.url}?session_timeout=8"
         fleet = Fleet(url, tmp_path, name)
         client = plain_client(ensemble.hosts)
         try:
@@ -635,3 +789,34 @@ def test_ensemble_member_of_the_leader_killed(name, tmp_path):
             fleet.cleanup()
         report = assert_safe(fleet.journal, name, min_terms=2)
         assert after.token > first.token
+
+
+def test_quorum_loss_ends_every_term_and_nobody_leads_until_it_is_back(name, tmp_path):
+    timeout = 8.0  # syncLimit x tickTime = 2 s: room for JVM pauses on a busy test machine
+    with ZooKeeperEnsemble(3, session_timeout=timeout) as ensemble:
+        # A member cut off from the quorum may serve for syncLimit x tickTime before it notices.
+        notice = ensemble.members[0].sync_limit * ensemble.members[0].tick_time / 1000.0
+        fleet = Fleet(f"{ensemble.url}?session_timeout={timeout:g}", tmp_path, name)
+        try:
+            fleet.spawn("a")
+            fleet.spawn("b")
+            first = fleet.wait_for_term(timeout=30)
+            for member in ensemble.members[1:]:
+                member.kill()
+            lost_at = time.monotonic()  # one member of three left: no quorum
+            time.sleep(timeout + 1.0)
+            assert fleet.running_term() is None, "someone leads without a quorum"
+            restored_at = time.monotonic()  # no quorum before the members are back
+            for member in ensemble.members[1:]:
+                member.spawn()
+            ensemble.wait_quorum()
+            after = fleet.wait_for_term(after=restored_at, timeout=40)
+        finally:
+            fleet.cleanup()
+    report = assert_safe(fleet.journal, name, min_terms=2)  # no overlap, rising tokens
+    assert after.token > first.token
+    for term in report.terms:
+        # No term goes on past the session-timeout bound after the quorum was lost...
+        assert term.end <= lost_at + timeout or term.start >= restored_at, term
+        # ...and none starts while there is no quorum.
+        assert not lost_at + notice < term.start < restored_at, term

@@ -1,6 +1,8 @@
 """Engine unit tests on the in-memory oracle (oracle behaviour itself is tested on real servers)."""
 
+import os
 import re
+import socket
 import threading
 import time
 from pathlib import Path
@@ -466,3 +468,56 @@ def test_child_alive_stays_true_while_the_child_is_being_stopped():
         release.set()
         c.stop()
     assert not c.status().child_alive
+
+
+def test_default_identity_is_host_pid_and_random_hex():
+    identity = crown("job").identity
+    host, pid, suffix = identity.rsplit(":", 2)
+    assert host == socket.gethostname() and int(pid) == os.getpid()
+    assert re.fullmatch(r"[0-9a-f]{6}", suffix)
+    assert crown("job").identity != identity  # two crowns of one process are told apart
+
+
+def test_default_oracle_comes_from_the_environment(monkeypatch, tmp_path):
+    directory = tmp_path / "from-env"
+    monkeypatch.setenv("CROWN_SYNC_ORACLE", f"file://{directory}")
+    with crown_sync.lead("env-job") as c:
+        assert c.status().oracle == f"file://{directory}"
+        assert c.wait_for_leadership(10)
+        assert crown_sync.find_leader("env-job").identity == c.identity  # API functions too
+    assert (directory / "env-job.lock").exists()
+
+
+def test_wait_for_leadership_returns_false_on_timeout():
+    oracle = MemoryOracle(lease=30, refresh_in=30)
+    with crown_sync.lead("job", oracle=oracle, identity="first", monitor_delay=0.05) as first:
+        assert first.wait_for_leadership(10)
+        with crown_sync.lead("job", oracle=oracle, identity="second", monitor_delay=0.05) as second:
+            assert second.wait_for_leadership(0.3) is False
+            assert not second.is_leader()
+
+
+def test_status_oracle_and_events_never_show_the_password(recorder):
+    secret = "s3cr3t-Pa55"
+    url = f"postgresql://app:{secret}@127.0.0.1:1/db?connect_timeout=1"
+    c = crown_sync.Crown("job", oracle=url, monitor_delay=0.05).start()
+    try:
+        wait_until(lambda: c.status().last_error is not None)
+        status = c.status()
+        assert secret not in repr(status) and "app:***@" in status.oracle
+    finally:
+        c.stop()
+    assert recorder.events and all(secret not in repr(meta) for _, meta in recorder.events)
+
+
+def test_default_logger_logs_events_through_logging(caplog):
+    handle = telemetry.attach_default_logger(prefixes="crown.leadership")
+    try:
+        with caplog.at_level("INFO", logger="crown_sync"):
+            with crown_sync.lead("logged", oracle=MemoryOracle(), monitor_delay=0.05) as c:
+                assert c.wait_for_leadership(10)
+    finally:
+        telemetry.detach(handle)
+    lines = [r.getMessage() for r in caplog.records if r.name == "crown_sync"]
+    assert any(line.startswith("crown.leadership.claimed name=logged") and "token=1" in line for line in lines)
+    assert not any(line.startswith("crown.process") for line in lines)  # the prefix filter holds

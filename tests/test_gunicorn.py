@@ -170,7 +170,10 @@ def test_crown_in_master_lifecycle(fleets, preload):
     # The job runs once, in a process forked from the leading master; every worker agrees.
     (first,) = wait_until(lambda: [t for t in fleet.terms() if t.beats > 0], message="the job's first beats")
     assert parent_of(first.pid) == a.pid
-    assert {answer["token"] for answer in a.answers()} == {first.token}
+    answers = a.answers()
+    assert {answer["token"] for answer in answers} == {first.token}
+    # Nothing of the master's crown crossed the fork: no crown thread in any worker.
+    assert all(answer["crown_threads"] == [] for answer in answers), answers
 
     # A worker SIGKILLed: Gunicorn replaces it; leadership and the job are untouched.
     victim = a.workers(fleet.journal)[0]
@@ -315,6 +318,11 @@ def test_crown_in_master_deadline_bounds_workers_on_postgres(fleets, postgres):
     leads(b, False)
     first = new_term(fleet)
     assert parent_of(first.pid) == a.pid
+    # The master's oracle session and crown threads stay in the master (preload: the app, and
+    # with it crown_sync, was imported before the fork).
+    answers = a.answers() + b.answers()
+    assert answers and all(answer["crown_threads"] == [] and postgres.port not in answer["tcp_peer_ports"]
+                           for answer in answers), (postgres.port, answers)
 
     a.signal(signal.SIGSTOP)
     try:

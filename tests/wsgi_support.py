@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -44,7 +45,9 @@ def create_app(with_job: bool = False, **config) -> flask.Flask:
     @app.get("/leader")
     def leader():
         return {"is_leader": crown_sync.is_leader(NAME), "pid": os.getpid(), "ppid": os.getppid(),
-                "token": leader_token(NAME)}
+                "token": leader_token(NAME),
+                "crown_threads": sorted(t.name for t in threading.enumerate() if t.name.startswith("crown-sync")),
+                "tcp_peer_ports": tcp_peer_ports()}
 
     @app.get("/only-leader")
     @leader_only
@@ -93,6 +96,31 @@ def worker_job(term) -> None:
 
 
 # ----------------------------------------------------------------------------- helpers
+
+def tcp_peer_ports() -> List[int]:
+    """Remote ports of this process's established TCP connections (from /proc): what a worker
+    would have inherited from its master (an oracle connection) shows here."""
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = []
+    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
+        try:
+            with open(table) as handle:
+                rows = handle.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if fields[3] == "01" and fields[9] in inodes:  # 01: ESTABLISHED
+                ports.append(int(fields[2].rsplit(":", 1)[1], 16))
+    return sorted(ports)
+
 
 def wait_until(predicate: Callable, timeout: float = 30.0, interval: float = 0.05, message: str = "condition"):
     """Poll until predicate() returns something true; fail (never hang) after a generous timeout."""

@@ -110,6 +110,7 @@ import tenacity
 from pymemcache.client.base import Client
 from pymemcache.exceptions import MemcacheError, MemcacheUnexpectedCloseError
 
+from .. import _forksafe
 from ..oracle import Claim, Contender, Leader, OnChange, Oracle
 from ..urls import parse_options, redact
 
@@ -240,6 +241,24 @@ def _parse_server(server: Union[str, Tuple[str, int]]) -> Tuple[str, int]:
     if isinstance(port, bool) or not 0 < port < 65536:
         raise ValueError(f"server port must be in 1..65535, got {port!r}")
     return host, port
+
+
+class _ForkSafeSocketModule:
+    """The ``socket`` module as pymemcache uses it, but every socket is recorded as it is made, so
+    that a fork at any moment never leaves a copy of it in the child (see crown_sync._forksafe)."""
+
+    def __getattr__(self, name):
+        return getattr(socket, name)
+
+    @staticmethod
+    def socket(*args, **kwargs) -> socket.socket:
+        with _forksafe.opening() as keep:
+            sock = socket.socket(*args, **kwargs)
+            keep(sock)
+        return sock
+
+
+_fork_safe_sockets = _ForkSafeSocketModule()
 
 
 class _Connection:
@@ -435,6 +454,7 @@ class MemcachedOracle(Oracle):
             timeout=self.timeout,
             no_delay=True,
             default_noreply=False,  # add() would otherwise say True whatever happened
+            socket_module=_fork_safe_sockets,
         )
 
     def key(self, name: str) -> str:

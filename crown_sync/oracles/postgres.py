@@ -171,6 +171,7 @@ import psycopg.errors
 import tenacity
 from psycopg import conninfo as _conninfo
 
+from .. import _forksafe
 from ..oracle import Claim, Contender, Leader, OnChange, Oracle
 from ..urls import parse_options, redact, redact_text
 
@@ -539,7 +540,9 @@ class PostgresOracle(Oracle):
         if application_name and "fallback_application_name" in kwargs:
             kwargs["fallback_application_name"] = application_name[:63]
         try:
-            conn = psycopg.connect(self._dsn, autocommit=True, prepare_threshold=None, **kwargs)
+            with _forksafe.opening() as keep:  # a fork meanwhile must not copy a socket nobody knows
+                conn = psycopg.connect(self._dsn, autocommit=True, prepare_threshold=None, **kwargs)
+                keep(conn.pgconn.socket)
         except psycopg.Error as exc:
             raise ConnectionError(f"cannot connect to {self.description}: {self.safe_error(exc)}") from None
         return conn

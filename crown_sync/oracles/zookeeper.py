@@ -106,10 +106,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from kazoo.client import KazooClient
 from kazoo.exceptions import BadVersionError, KazooException, NoAuthError, NoNodeError
+from kazoo.handlers.threading import SequentialThreadingHandler
 from kazoo.protocol.states import EventType, KazooState, WatchedEvent
 from kazoo.retry import KazooRetry
 from kazoo.security import ACL, CREATOR_ALL_ACL, OPEN_ACL_UNSAFE, READ_ACL_UNSAFE
 
+from .. import _forksafe
 from ..oracle import Claim, Contender, Leader, OnChange, Oracle
 from ..urls import parse_options
 
@@ -334,6 +336,7 @@ class ZooKeeperOracle(Oracle):
         retry = KazooRetry(max_tries=-1, delay=0.05, backoff=1.5, max_jitter=0.2, max_delay=1.0)
         client = KazooClient(
             hosts=self.hosts + (self.chroot or ""),
+            handler=_ForkSafeHandler(),
             timeout=self.session_timeout,
             connection_retry=retry,
             auth_data=[("digest", self._auth)] if self._auth else None,
@@ -1326,6 +1329,17 @@ def _stop_client(client: KazooClient, timeout: float = CLOSE_TIMEOUT) -> None:
     thread = threading.Thread(target=stop, name="crown-sync-zookeeper-stop", daemon=True)
     thread.start()
     thread.join(timeout)
+
+
+class _ForkSafeHandler(SequentialThreadingHandler):
+    """kazoo's threading handler, but the connection to a server is opened under the fork guard
+    and recorded, so a fork while kazoo's thread connects never copies it (crown_sync._forksafe)."""
+
+    def create_connection(self, *args, **kwargs):
+        with _forksafe.opening() as keep:
+            sock = super().create_connection(*args, **kwargs)
+            keep(sock)
+        return sock
 
 
 def _neuter(client: KazooClient) -> None:

@@ -1,0 +1,115 @@
+"""Oracle sockets never cross fork(): opened under a guard, blinded in a forked child.
+
+A socket an oracle opens belongs to the process that opened it. In a forked child (a Gunicorn
+worker, a ProcessChild) a copy would keep the server's session, and the leadership it holds,
+alive after the parent died, and anything written to it would corrupt the parent's session. The
+oracles blind the sockets they know of in a forked child, but a fork that lands while a socket is
+being opened, before anyone stored its number, would leak it (seen with a Gunicorn master forking
+its workers while its crown connected to PostgreSQL).
+
+So oracles open sockets inside :func:`opening`: a shared hold on a guard that ``fork()`` takes
+exclusively (``os.register_at_fork``), and the socket is recorded (:func:`keep`-style, through the
+function ``opening`` yields) before the hold ends. A fork waits for the sockets being opened (at
+most their connect timeout, never longer than :data:`MAX_FORK_WAIT`), and in the child every
+recorded socket that is still the same open socket is pointed at ``/dev/null`` with ``dup2``:
+nothing the child does reaches the parent's peer, and the server sees the session end when the
+parent's last descriptor closes. A recorded number that was closed and reused since (another
+inode) is left alone.
+"""
+
+import contextlib
+import logging
+import os
+import threading
+from typing import Callable, Dict, Iterator, Tuple, Union
+
+__all__ = ["opening", "MAX_FORK_WAIT"]
+
+logger = logging.getLogger("crown_sync.forksafe")
+
+#: Longest a fork() waits for sockets being opened (s); then it goes ahead, with a warning.
+MAX_FORK_WAIT = 30.0
+
+_cond = threading.Condition(threading.Lock())
+_opening = 0  # holds in progress
+_forking = 0  # forks waiting or in progress: no new hold starts meanwhile
+_sockets: Dict[int, Tuple[int, int]] = {}  # fd -> (st_dev, st_ino) when recorded
+
+
+def _identity(fd: int):
+    try:
+        info = os.fstat(fd)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
+def _record(sock: Union[int, object]) -> None:
+    fd = sock if isinstance(sock, int) else sock.fileno()
+    identity = _identity(fd)
+    if identity is None:
+        return
+    with _cond:
+        if len(_sockets) >= 64:  # drop the ones closed since (their number no longer matches)
+            for old, recorded in list(_sockets.items()):
+                if _identity(old) != recorded:
+                    del _sockets[old]
+        _sockets[fd] = identity
+
+
+@contextlib.contextmanager
+def opening() -> Iterator[Callable[[Union[int, object]], None]]:
+    """Open sockets in this block and pass each (or its fd) to the function it yields."""
+    global _opening
+    with _cond:
+        while _forking:
+            _cond.wait()
+        _opening += 1
+    try:
+        yield _record
+    finally:
+        with _cond:
+            _opening -= 1
+            if not _opening:
+                _cond.notify_all()
+
+
+def _before_fork() -> None:
+    global _forking
+    with _cond:
+        _forking += 1
+        if not _cond.wait_for(lambda: not _opening, MAX_FORK_WAIT):
+            logger.warning("fork() went ahead after %.0f s with an oracle socket still being opened: "
+                           "the child may keep a copy of it", MAX_FORK_WAIT)
+
+
+def _after_fork_in_parent() -> None:
+    global _forking
+    with _cond:
+        _forking -= 1
+        _cond.notify_all()
+
+
+def _after_fork_in_child() -> None:
+    global _cond, _opening, _forking
+    _cond = threading.Condition(threading.Lock())  # other threads' holds did not cross the fork
+    _opening = _forking = 0
+    sockets = dict(_sockets)
+    _sockets.clear()
+    try:
+        devnull = os.open(os.devnull, os.O_RDWR)
+    except OSError:
+        return
+    try:
+        for fd, recorded in sockets.items():
+            if _identity(fd) == recorded:
+                try:
+                    os.dup2(devnull, fd)
+                except OSError:
+                    pass
+    finally:
+        os.close(devnull)
+
+
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                    after_in_child=_after_fork_in_child)

@@ -1,0 +1,82 @@
+"""crown_sync._forksafe: a fork while an oracle socket is being opened never copies it.
+
+Real sockets on loopback and a real fork(); the oracles' own fork behaviour is tested with their
+servers (tests/oracles) and under Gunicorn (tests/test_gunicorn.py).
+"""
+
+import os
+import socket
+import stat
+import threading
+import time
+import warnings
+
+from crown_sync import _forksafe
+
+
+def _child_sees_socket(fd: int) -> bool:
+    """Fork; in the child, report whether ``fd`` is still a socket. Returns the child's answer."""
+    read_end, write_end = os.pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # Python 3.12+: fork with threads
+        pid = os.fork()
+    if pid == 0:  # the child: answer and leave at once
+        try:
+            answer = b"1" if stat.S_ISSOCK(os.fstat(fd).st_mode) else b"0"
+        except OSError:
+            answer = b"0"
+        os.write(write_end, answer)
+        os._exit(0)
+    os.close(write_end)
+    try:
+        return os.read(read_end, 1) == b"1"
+    finally:
+        os.close(read_end)
+        os.waitpid(pid, 0)
+
+
+def test_a_fork_waits_for_a_socket_being_opened_and_the_child_gets_no_copy():
+    listener = socket.create_server(("127.0.0.1", 0))
+    opened = threading.Event()
+    recorded = threading.Event()
+    box = {}
+
+    def connect():
+        with _forksafe.opening() as keep:
+            box["sock"] = socket.create_connection(listener.getsockname())
+            opened.set()
+            time.sleep(0.3)  # a fork now must wait: nobody could blind this socket yet
+            keep(box["sock"])
+            recorded.set()
+
+    thread = threading.Thread(target=connect)
+    thread.start()
+    try:
+        assert opened.wait(10)
+        fd = box["sock"].fileno()
+        assert not _child_sees_socket(fd)
+        assert recorded.is_set()  # the fork went ahead only after the socket was recorded
+        assert stat.S_ISSOCK(os.fstat(fd).st_mode)  # the parent's socket is untouched
+    finally:
+        thread.join()
+        box["sock"].close()
+        listener.close()
+
+
+def test_a_reused_descriptor_number_is_left_alone():
+    listener = socket.create_server(("127.0.0.1", 0))
+    try:
+        with _forksafe.opening() as keep:
+            sock = socket.create_connection(listener.getsockname())
+            keep(sock)
+        number = sock.fileno()
+        sock.close()
+        other = socket.create_connection(listener.getsockname())  # likely the same number
+        try:
+            if other.fileno() == number:
+                assert _child_sees_socket(number)  # not ours any more: not blinded
+            assert _child_sees_socket(other.fileno())
+        finally:
+            other.close()
+    finally:
+        listener.close()

@@ -1046,6 +1046,18 @@ class PostgresContender(Contender):
         unsure."""
         pgconn = conn.pgconn
         while True:
+            try:
+                # Read what has arrived first: the notifications usually come right behind the
+                # lock wait's result, and must be seen before deciding to wait for more.
+                with self._io_lock:
+                    pgconn.consume_input()
+                    while True:
+                        raw = pgconn.notifies()
+                        if raw is None:
+                            break
+                        self._on_notify(psycopg.Notify(raw.relname.decode(), raw.extra.decode(), raw.be_pid))
+            except Exception:
+                return False
             with self._state_lock:
                 events = list(self._events)
             for index, (kind, event_token, pid) in enumerate(events):
@@ -1061,15 +1073,8 @@ class PostgresContender(Contender):
             if remaining <= 0 or self._waiter_stop:
                 return False
             try:
-                with self._io_lock:
-                    pgconn.consume_input()
-                    while True:
-                        raw = pgconn.notifies()
-                        if raw is None:
-                            break
-                        self._on_notify(psycopg.Notify(raw.relname.decode(), raw.extra.decode(), raw.be_pid))
                 select.select([pgconn.socket], [], [], min(remaining, 0.01))
-            except Exception:
+            except (OSError, ValueError):
                 return False
 
     # -- abdicate / close -------------------------------------------------------------------------

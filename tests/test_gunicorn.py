@@ -36,6 +36,13 @@ preload_app = {preload}
 max_requests = {max_requests}
 """
 
+COMMAND_CONF = """
+import os, sys, crown_sync, crown_sync.gunicorn
+on_starting, when_ready, on_exit = crown_sync.gunicorn.crown_in_master(
+    {name!r}, monitor_delay=0.2, stop_timeout=15, child=crown_sync.CommandChild(
+        [sys.executable, "-m", "crown_sync.testing.journal", os.environ["CROWN_TEST_JOURNAL"], "0.01"]))
+"""
+
 WORKER_CONF = """
 import logging, crown_sync, crown_sync.gunicorn
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(name)s %(message)s")
@@ -214,6 +221,39 @@ def test_crown_in_master_lifecycle(fleets, preload):
 
     report = fleet.check()
     assert len(report.terms) == 3
+
+
+def _ancestors(pid):
+    found = []
+    while pid and pid > 1 and len(found) < 10:
+        pid = parent_of(pid)
+        found.append(pid)
+    return found
+
+
+def test_crown_in_master_with_a_command_child(fleets):
+    """The job as a CommandChild of the master: run once, stopped on graceful shutdown before the
+    other host starts its own, and gone with its master on SIGKILL."""
+    fleet = fleets("master-command", COMMAND_CONF.format(name="master-command"))
+    a = fleet.host()
+    leads(a)
+    b = fleet.host()
+    leads(b, False)
+    first = new_term(fleet)
+    assert a.pid in _ancestors(first.pid)  # the command, under its supervisor, under a's master
+
+    a.signal(signal.SIGTERM)
+    assert a.wait_exit(60) == 0
+    assert term_of(fleet, first.token).stopped
+    second = new_term(fleet, first.token)
+    assert b.pid in _ancestors(second.pid) and second.token > first.token
+    leads(b)
+
+    b.signal(signal.SIGKILL)
+    wait_until(lambda: process_gone(b.pid), timeout=30, message="the master is dead")
+    wait_until(lambda: process_gone(second.pid), timeout=10, message="the command died with its master")
+    report = fleet.check()
+    assert [t.token for t in report.terms] == [first.token, second.token]
 
 
 # ------------------------------------------------------------------------- one crown per worker

@@ -43,9 +43,14 @@ def kill_group(process):
 # ------------------------------------------------------------------- APScheduler across masters
 
 
+#: Shorter than a failover (a job process forked, APScheduler imported and started), so that ticks
+#: fall due while nobody leads and the new scheduler must catch up on them.
+TICK = 0.1
+
+
 def test_one_apscheduler_across_two_gunicorn_masters(tmp_path):
     path = str(tmp_path / "journal")
-    env = {"CROWN_SYNC_ORACLE": f"file://{tmp_path / 'oracle'}", "EXAMPLE_JOURNAL": path, "EXAMPLE_TICK": "0.25"}
+    env = {"CROWN_SYNC_ORACLE": f"file://{tmp_path / 'oracle'}", "EXAMPLE_JOURNAL": path, "EXAMPLE_TICK": str(TICK)}
     # The example's own gunicorn.conf.py, verbatim; the helper adds bind and test settings.
     config = f"exec(open({os.path.join(EXAMPLES, 'apscheduler_gunicorn', 'gunicorn.conf.py')!r}).read())\n"
     app = "examples.apscheduler_gunicorn.app:app"
@@ -86,13 +91,14 @@ def test_one_apscheduler_across_two_gunicorn_masters(tmp_path):
     report = journal.check(path)
     assert report.ok, report.summary()
     assert len(report.terms) == 2
-    # Every tick ran exactly once: no scheduled time twice, and none skipped while a scheduler ran.
-    all_ticks = [t["tick"] for t in ticks()]
+    # Every tick ran exactly once: no scheduled time twice, and none skipped from the first to
+    # the last, across the failover too (the new scheduler caught up on the ticks due meanwhile).
+    all_ticks = sorted(t["tick"] for t in ticks())
     assert len(all_ticks) == len(set(all_ticks))
-    for term in report.terms:
-        mine = sorted(t["tick"] for t in ticks() if t["token"] == term.token)
-        gaps = {round(b - a, 3) for a, b in zip(mine, mine[1:])}
-        assert gaps == {0.25}, (term, gaps)
+    gaps = {round(b - a, 3) for a, b in zip(all_ticks, all_ticks[1:])}
+    assert gaps == {TICK}, gaps
+    late = [t for t in ticks() if t.get("late")]
+    print(f"{len(late)} ticks caught up after the failover")
 
 
 # ------------------------------------------------------------------- a daemon singleton

@@ -441,6 +441,71 @@ def is_leader_cost(servers: Servers, oracle: str) -> Dict[str, Any]:
         crown.stop()
 
 
+def peers_is_leader_cost(servers: Servers, oracles: List[str]) -> List[Dict[str, Any]]:
+    """What "do I lead?" costs with the peers, asked the way their users ask it, on our servers.
+
+    kazoo's ``Election`` has no such question; users of its ``Lock`` read ``is_acquired`` (an
+    attribute: cheap, and still True after the session is lost). tooz answers with
+    ``get_leader(group).get()``, a round trip to the server each time.
+    """
+    import timeit
+    import uuid
+
+    rows: List[Dict[str, Any]] = []
+    if "zookeeper" in oracles:
+        try:
+            from kazoo.client import KazooClient
+
+            client = KazooClient(hosts=servers.zookeeper.hosts, timeout=10)
+            client.start(timeout=30)
+            try:
+                lock = client.Lock(f"/bench-is-leader/{uuid.uuid4().hex[:8]}")
+                lock.acquire(timeout=30)
+                number = 200000
+                cost = min(timeit.repeat(lambda: lock.is_acquired, number=number, repeat=5)) / number
+                rows.append({"oracle": "zookeeper", "system": "kazoo", "call": "Lock.is_acquired",
+                             "ns": round(cost * 1e9, 1), "io": False,
+                             "note": "an attribute: stays True after the session is lost"})
+                lock.release()
+            finally:
+                client.stop()
+                client.close()
+        except Exception as exc:
+            rows.append({"oracle": "zookeeper", "system": "kazoo", "error": str(exc)[:200]})
+    for oracle, url in (("zookeeper", lambda: f"zookeeper://{servers.zookeeper.hosts}?timeout=10"),
+                        ("memcached", lambda: servers.memcached.url)):
+        if oracle not in oracles:
+            continue
+        try:
+            from tooz import coordination
+
+            group = f"bench-is-leader-{uuid.uuid4().hex[:8]}".encode()
+            coordinator = coordination.get_coordinator(url(), b"bench-member")
+            coordinator.start()
+            try:
+                try:
+                    coordinator.create_group(group).get()
+                except coordination.GroupAlreadyExist:
+                    pass
+                elected = []
+                coordinator.watch_elected_as_leader(group, lambda event: elected.append(event))
+                give_up = time.monotonic() + 60
+                while not elected and time.monotonic() < give_up:
+                    coordinator.run_watchers()
+                    time.sleep(0.05)
+                number = 500
+                cost = min(timeit.repeat(lambda: coordinator.get_leader(group).get(), number=number,
+                                         repeat=3)) / number
+                rows.append({"oracle": oracle, "system": "tooz", "call": "get_leader(group).get()",
+                             "ns": round(cost * 1e9, 1), "io": True,
+                             "note": "a round trip to the server" + ("" if elected else "; NOT elected")})
+            finally:
+                coordinator.stop()
+        except Exception as exc:
+            rows.append({"oracle": oracle, "system": "tooz", "error": str(exc)[:200]})
+    return rows
+
+
 # ------------------------------------------------------------------------------ 1,000 crowns
 
 
@@ -670,6 +735,15 @@ def tables(summary: Dict[str, Any]) -> Dict[str, List[List[str]]]:
             rows.append([row["oracle"], f"{row['is_leader_ns']:.0f}", f"{row['crown_sync_is_leader_name_ns']:.0f}",
                          f"{row['status_ns']:.0f}"])
     out["is_leader"] = rows
+    rows = [["oracle", "system", "call", "ns/call", "does I/O", "note"]]
+    for row in summary.get("peer_is_leader", []):
+        if "error" in row:
+            rows.append([row["oracle"], row["system"], "error", row["error"][:80], "", ""])
+        else:
+            rows.append([row["oracle"], row["system"], row["call"], f"{row['ns']:.0f}",
+                         "yes" if row["io"] else "no", row["note"]])
+    if len(rows) > 1:
+        out["peer_is_leader"] = rows
     rows = [["crowns in one process", "leaders", "RSS before → after (MB)", "RSS per crown (kB)",
              "threads", "open fds", "CPU at rest (% of a core)", "all settled in (s)"]]
     for row in summary["thousand_crowns"]:
@@ -691,7 +765,8 @@ def tables(summary: Dict[str, Any]) -> Dict[str, List[List[str]]]:
 def markdown(summary: Dict[str, Any]) -> str:
     parts = [f"Benchmarks run {summary['date']} on {describe_machine(summary['machine'])}.", ""]
     titles = {"failover": "Handoff, failover and requests at rest",
-              "is_leader": "is_leader() cost", "thousand_crowns": "1,000 crowns in one process (file oracle)"}
+              "is_leader": "is_leader() cost", "peer_is_leader": "The peers' \"do I lead?\"",
+              "thousand_crowns": "1,000 crowns in one process (file oracle)"}
     for key, rows in tables(summary).items():
         parts += [f"### {titles[key]}", ""]
         parts.append("| " + " | ".join(rows[0]) + " |")
@@ -708,7 +783,8 @@ def rst(summary: Dict[str, Any]) -> str:
 
     parts = [f"Run {summary['date']} on {escape(describe_machine(summary['machine']))}.", ""]
     titles = {"failover": "Handoff, failover and requests at rest",
-              "is_leader": "``is_leader()`` cost", "thousand_crowns": "1,000 crowns in one process (file oracle)"}
+              "is_leader": "``is_leader()`` cost", "peer_is_leader": "The peers' \"do I lead?\"",
+              "thousand_crowns": "1,000 crowns in one process (file oracle)"}
     for key, rows in tables(summary).items():
         parts += [f".. list-table:: {titles[key]}", "   :header-rows: 1", ""]
         for row in rows:
@@ -922,6 +998,12 @@ def main(argv=None) -> int:
                 log(f"   is_leader: {summary['is_leader'][-1]}")
             except Exception as exc:
                 summary["is_leader"].append({"oracle": oracle, "error": str(exc)})
+        if not args.skip_peers:
+            log("== the peers' \"do I lead?\"")
+            summary["peer_is_leader"] = peers_is_leader_cost(servers, oracles)
+            for row in summary["peer_is_leader"]:
+                log(f"   {row}")
+            save()
         if "zookeeper" in oracles and not args.skip_peers:
             log("== kazoo and tooz at rest on ZooKeeper")
             for rest_row in zookeeper_peers_at_rest(servers, args.rest, workdir):

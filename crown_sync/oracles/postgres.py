@@ -1040,6 +1040,16 @@ class PostgresContender(Contender):
             with self._state_lock:
                 self._events.append((kind, int(rest), notify.pid))
 
+    def _read_notifications(self, pgconn) -> None:
+        """Read what the server sent; our channel's notifications go to _on_notify. Raises if the
+        connection is broken. Callers hold _io_lock (or own the connection)."""
+        pgconn.consume_input()
+        while True:
+            raw = pgconn.notifies()
+            if raw is None:
+                return
+            self._on_notify(psycopg.Notify(raw.relname.decode(), raw.extra.decode(), raw.be_pid))
+
     def _handed_over(self, conn: psycopg.Connection, token: int, until: float) -> bool:
         """Did the term before our claim ``token`` end with a release? Reads the channel's
         notifications (commit order) until our own "claimed" arrives, or ``until``; False when
@@ -1050,12 +1060,7 @@ class PostgresContender(Contender):
                 # Read what has arrived first: the notifications usually come right behind the
                 # lock wait's result, and must be seen before deciding to wait for more.
                 with self._io_lock:
-                    pgconn.consume_input()
-                    while True:
-                        raw = pgconn.notifies()
-                        if raw is None:
-                            break
-                        self._on_notify(psycopg.Notify(raw.relname.decode(), raw.extra.decode(), raw.be_pid))
+                    self._read_notifications(pgconn)
             except Exception:
                 return False
             with self._state_lock:
@@ -1364,13 +1369,7 @@ class PostgresContender(Contender):
                 lost = self._peek_fatal(conn, fd)
                 if not lost:
                     try:  # read it the way psycopg would: notifications go to _on_notify
-                        pgconn = conn.pgconn
-                        pgconn.consume_input()
-                        while True:
-                            raw = pgconn.notifies()
-                            if raw is None:
-                                break
-                            self._on_notify(psycopg.Notify(raw.relname.decode(), raw.extra.decode(), raw.be_pid))
+                        self._read_notifications(conn.pgconn)
                     except Exception:
                         lost = True
                 dismissed = self._dismissed

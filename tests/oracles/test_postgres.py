@@ -574,14 +574,19 @@ def test_transaction_pooling_is_refused(pg, name):
         assert "pooler" in str(info.value)
         assert len(set(pooler.used)) == 2  # it really alternated
         contender.close()
-        with crown_sync.Crown(name, oracle=oracle) as crown:
-            wait_until(lambda: crown.status().last_error, message="last_error set")
-            time.sleep(0.5)
-            assert "pooler" in crown.status().last_error and not crown.is_leader()
-        oracle.close()
-        assert not [h for h in pg.advisory_holders() if h[0] in pooler.backend_pids()]
+        _assert_a_crown_is_refused(pg, pooler, oracle, name)
     finally:
         pooler.close()
+
+
+def _assert_a_crown_is_refused(pg, pooler, oracle, name):
+    """A whole crown through the pooler: it never leads, says why, and leaves no lock behind."""
+    with crown_sync.Crown(name, oracle=oracle) as crown:
+        wait_until(lambda: crown.status().last_error, message="last_error set")
+        time.sleep(0.5)
+        assert "pooler" in crown.status().last_error and not crown.is_leader()
+    oracle.close()
+    assert not [h for h in pg.advisory_holders() if h[0] in pooler.backend_pids()]
 
 
 def test_pgbouncer_default_pooling_is_refused_even_on_one_reused_session(pg, name):
@@ -609,12 +614,7 @@ def test_pgbouncer_default_pooling_is_refused_even_on_one_reused_session(pg, nam
             contender.close()
         # Every statement went to one server session: only the startup check could tell.
         assert pooler.used and len(set(pooler.used)) == 1
-        with crown_sync.Crown(name, oracle=oracle) as crown:
-            wait_until(lambda: crown.status().last_error, message="last_error set")
-            time.sleep(0.5)
-            assert "pooler" in crown.status().last_error and not crown.is_leader()
-        oracle.close()
-        assert not [h for h in pg.advisory_holders() if h[0] in pooler.backend_pids()]
+        _assert_a_crown_is_refused(pg, pooler, oracle, name)
     finally:
         pooler.close()
 

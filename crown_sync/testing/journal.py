@@ -145,9 +145,14 @@ class Report:
 
 
 def read(path: str) -> List[dict]:
+    """Every complete line of the journal. A last line without its newline is a write still
+    under way (a line that crosses a page boundary becomes visible one page at a time, since a
+    reader does not wait for a writer): it is left for the next read."""
     events = []
     with open(path, "r", encoding="utf-8") as handle:
         for line in handle:
+            if not line.endswith("\n"):
+                break  # only the last line can lack it
             line = line.strip()
             if line:
                 events.append(json.loads(line))

@@ -8,6 +8,7 @@ SIGSTOP past the lease, ``pg_terminate_backend``, an immediate server restart, t
 proxy.
 """
 
+import contextlib
 import gc
 import json
 import logging
@@ -775,26 +776,36 @@ def test_dismiss_makes_the_leader_step_down(pg, name, tmp_path):
     journal_ok(path, name, 2)
 
 
-def test_unreachable_server_never_raises_from_start(name, caplog):
+@contextlib.contextmanager
+def _crown_that_cannot_connect(url, name, secret, caplog):
+    """A started crown (start() must not raise) whose oracle refuses it, yielded once last_error
+    is set. Afterwards stop() must have returned in bounded time, and ``secret`` must have shown
+    in no telemetry event and no log record."""
     caplog.set_level(logging.DEBUG, logger="crown_sync")
-    url = f"postgresql://app:{SECRET}@127.0.0.1:{free_port()}/app?connect_timeout=1&lease=2"
     events = []
     handle = telemetry.attach(lambda event, meta: events.append(repr((event, meta))))
     crown = crown_sync.Crown(name, oracle=url)
     try:
         assert crown.start() is crown
         wait_until(lambda: crown.status().last_error, timeout=30, message="last_error")
+        yield crown
+    finally:
+        started = time.monotonic()
+        crown.stop()
+        stopped_in = time.monotonic() - started
+        telemetry.detach(handle)
+    assert stopped_in < 30
+    assert events and not any(secret in e for e in events)
+    assert not any(secret in r.getMessage() for r in caplog.records)
+
+
+def test_unreachable_server_never_raises_from_start(name, caplog):
+    url = f"postgresql://app:{SECRET}@127.0.0.1:{free_port()}/app?connect_timeout=1&lease=2"
+    with _crown_that_cannot_connect(url, name, SECRET, caplog) as crown:
         status = crown.status()
         assert not crown.is_leader() and status.phase in ("claiming", "following")
         assert "connect" in status.last_error
         assert SECRET not in status.last_error and SECRET not in status.oracle
-    finally:
-        started = time.monotonic()
-        crown.stop()
-        telemetry.detach(handle)
-    assert time.monotonic() - started < 30
-    assert events and not any(SECRET in e for e in events)
-    assert not any(SECRET in r.getMessage() for r in caplog.records)
 
 
 def test_ordinary_role_with_a_password_leads_and_the_password_never_shows(pg, app_url, name, caplog):
@@ -837,27 +848,16 @@ def test_ordinary_role_with_a_password_leads_and_the_password_never_shows(pg, ap
 
 
 def test_wrong_password_never_raises_and_says_why_without_the_password(pg, app_url, name, caplog):
-    caplog.set_level(logging.DEBUG, logger="crown_sync")
     wrong = "Wr0ng-Pa55-9c1"
     url = pg.url_for(APP_USER, wrong, lease=2, connect_timeout=2)
-    events = []
-    handle = telemetry.attach(lambda event, meta: events.append(repr((event, meta))))
-    crown = crown_sync.Crown(name, oracle=url)
-    try:
-        assert crown.start() is crown
-        wait_until(lambda: crown.status().last_error, timeout=30, message="last_error")
+    with _crown_that_cannot_connect(url, name, wrong, caplog) as crown:
         time.sleep(0.5)
         status = crown.status()
         assert not crown.is_leader() and status.token is None
         assert "password authentication failed" in status.last_error, status.last_error
         assert wrong not in status.last_error and wrong not in status.oracle
         assert wrong not in repr(status)
-    finally:
-        crown.stop()
-        telemetry.detach(handle)
     assert holder_pid(pg, PostgresOracle(pg.url), name) is None
-    assert events and not any(wrong in e for e in events)
-    assert not any(wrong in r.getMessage() for r in caplog.records)
 
 
 def test_quiet_follower_whose_session_the_server_ended_claims_without_error(pg, name):

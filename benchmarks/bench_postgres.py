@@ -17,8 +17,9 @@ Figures:
   child, then unlock). Reported as the leaderless gap: the old term's last journal line to the
   new term's first.
 * crash failover: SIGKILL to the leader's process; from the kill to the new term's first line.
-  crown_sync's woken follower waits ``takeover_delay`` (50 ms) when its predecessor did not
-  release the lock, so the run includes a ``crown_sync/td0`` fleet with ``takeover_delay=0``.
+  crown_sync's woken follower waits ``takeover_delay`` (50 ms) only when its predecessor's
+  session may have been terminated under it, not after a crash; the ``crown_sync/td0`` fleet
+  (``takeover_delay=0``) is the same fleet without that protection, for comparison.
 * session killed under a live leader: ``pg_terminate_backend`` of the leader's session (from a
   connection opened beforehand); how long until the old term's last journal line (the leader's
   reaction) and until the new term's first line. The journal check shows whether the two

@@ -206,6 +206,7 @@ class Crown:
             self._started = True
             self._thread = threading.Thread(target=self._run, name=f"crown-sync:{self.name}", daemon=True)
         registry.register(self)
+        warden.start()
         self._thread.start()
         return self
 

@@ -96,7 +96,9 @@ class Contender(abc.ABC):
     def claim(self) -> Claim:
         """Try to become leader now, without waiting for the current leader to go.
 
-        On success, publish the leader record (identity, metadata, token, since).
+        On success, publish the leader record (identity, metadata, token, since), or, if that
+        would cost a round trip the oracle can defer, return ``refresh_in=0`` and publish it in
+        the first refresh (the engine starts the child first).
         On failure, return ``Claim(won=False, leader=<current leader or None>)``.
         """
 

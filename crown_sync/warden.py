@@ -17,7 +17,7 @@ import threading
 import time
 from typing import Callable, List, Optional, Tuple
 
-__all__ = ["watch"]
+__all__ = ["watch", "start"]
 
 logger = logging.getLogger("crown_sync.warden")
 _monotonic = time.monotonic
@@ -36,10 +36,17 @@ class _Warden:
             return
         with self._cond:
             heapq.heappush(self._heap, (deadline, next(self._seq), term, on_expiry))
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="crown-sync-warden", daemon=True)
-                self._thread.start()
+            self._ensure_thread()
             self._cond.notify()
+
+    def start(self) -> None:
+        with self._cond:
+            self._ensure_thread()
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="crown-sync-warden", daemon=True)
+            self._thread.start()
 
     def _run(self) -> None:
         while True:
@@ -72,6 +79,12 @@ _warden = _Warden()
 def watch(term, on_expiry: Callable[[object], None]) -> None:
     """Call ``on_expiry(term)`` once the term's deadline has passed, unless it ended first."""
     _warden.watch(term, on_expiry)
+
+
+def start() -> None:
+    """Start the warden's thread now (a crown starting), so that the first term does not pay for
+    starting a thread between winning and starting its child."""
+    _warden.start()
 
 
 def _after_fork_in_child() -> None:

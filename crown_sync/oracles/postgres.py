@@ -22,28 +22,39 @@ session holds ``pg_advisory_lock(key)``.
   the server would have woken the waiter if the lock were free.
 * **refresh** (every ``confirm_interval``) confirms, in one statement, that the backend pid and a
   per-session marker are unchanged and that ``pg_locks`` shows our pid holding the key.
-* **abdicate** sends ``NOTIFY <channel>, 'released:<token>'`` and then runs
-  ``pg_advisory_unlock_all()`` (the session is ours alone, so this releases exactly our lock,
-  however many times it was re-entered). Every claim sends ``'claimed:<token>'`` in its own
+* **abdicate** sends, in one round trip, ``BEGIN; NOTIFY <channel>, 'released:<token>'; COMMIT;
+  SELECT pg_advisory_unlock_all()`` (the session is ours alone, so this releases exactly our
+  lock, however many times it was re-entered). Every claim sends ``'claimed:<token>'`` in its own
   transaction. Every contender LISTENs on its election's channel, and notifications arrive in
   commit order, so a follower can tell a release from a death (see *takeover*).
 
 Takeover
 --------
 A session can end under a leader that is still running: ``pg_terminate_backend``, a connection
-killer, a crash of another backend. The server then frees the lock before that leader's child has
-stopped. The server does send the leader a FATAL message *before* it frees the lock, and the
-leader's socket watcher turns it into ``on_change(lost=True)`` within milliseconds, but a
-follower woken by the same event could be faster. So a follower granted the lock reads the
-channel's notifications up to its own ``claimed:<token>``. Its predecessor is the last claim
-it saw before its own (or, if it saw none, whoever held the lock when it started listening); if
-that term was followed by its ``released:``, the handover was graceful (the old child already
-stopped) and it leads at once. Otherwise it waits ``takeover_delay`` (default 50 ms) first. A leader that is
-killed outright (SIGKILL, so its thread children die with it and its process children watch the
-deadline) costs the same 50 ms, which is the price of this protection (``takeover_delay=0``
-removes it). It is an assumption about how fast a told leader stops its child, not a guarantee;
-the fencing token is the guarantee. Once granted, the waiter thread tells the engine and
-confirms the new term at once, while the engine wakes up, so ``claim()`` finds it ready.
+killer. The server then frees the lock before that leader's child has stopped. The server does
+send the leader a FATAL message *before* it frees the lock, and the leader's socket watcher turns
+it into ``on_change(lost=True)`` within milliseconds, but a follower woken by the same event
+could be faster. So a follower granted the lock reads the channel's notifications up to its own
+``claimed:<token>``. Its predecessor is the last claim it saw before its own (or, if it saw none,
+whoever held the lock when its wait began). If that term was followed by its ``released:``, the
+handover was graceful (the old child already stopped) and it leads at once. Otherwise it asks
+the server how the predecessor's session ended: a backend releases its locks, then counts its
+disconnect in ``pg_stat_database`` (``sessions_killed`` for a termination, ``sessions_abandoned``
+for a vanished client such as a SIGKILLed leader, ``sessions_fatal`` for
+``idle_session_timeout``), and only then leaves ``pg_stat_activity``. The wait statement read
+``sessions_killed`` before queueing; once the predecessor's pid has left pg_stat_activity, an
+unchanged count proves it was not terminated, and the follower leads at once (a crashed leader's
+thread children died with it, process children watch their deadline, and a paused or cut-off
+leader is past its deadline before the server ends its session). In every other case (a
+termination anywhere in the database meanwhile, a statistics reset, ``track_counts = off``, an
+unknown predecessor) it waits ``takeover_delay`` (default 50 ms) first. That is an assumption
+about how fast a told leader stops its child, not a guarantee; the fencing token is the
+guarantee.
+
+Once leading, the waiter thread tells the engine with the term ready (its deadline counted from
+the start of the wait statement, which proved the session: see below) and stays on as the
+term's socket watcher; the claim asks for a refresh at once, which publishes the leader record
+after the child has started.
 
 The lease the server enforces (safety arithmetic)
 -------------------------------------------------
@@ -65,7 +76,9 @@ smallest that applies. A statement that started at monotonic time ``t0`` and suc
 session (hence the lock) was alive at ``t0``, and every mechanism above measures from a moment
 after ``t0``. So the server cannot give the lock to anyone before ``t0 + B``, and the term's
 deadline is ``t0 + B - margin`` (``margin`` absorbs clock-rate differences between the two
-hosts). The construction checks ``confirm_interval <= (lease - margin) / 2`` so that one failed
+hosts). A follower's lock wait that returned is such a statement too: its term's first deadline
+counts from the start of the wait (unless less than ``confirm_interval`` of it is left, when it
+confirms first). The construction checks ``confirm_interval <= (lease - margin) / 2`` so that one failed
 confirmation can be retried before the deadline, and connecting checks ``B >= lease``.
 
 Lost lock without notice (``pg_terminate_backend``, a server restart, ``idle_session_timeout``,
@@ -137,7 +150,7 @@ Refused, with a clear error
 * PostgreSQL older than 14 (no ``idle_session_timeout``).
 
 NOT guaranteed: a child that keeps acting longer than ``takeover_delay`` after its leader's
-session was killed under it (``pg_terminate_backend``, a server crash); without the socket
+session was terminated under it (``pg_terminate_backend``); without the socket
 watcher's help (TLS hides the message type, so the leader only refreshes early) add a round
 trip. A follower that claims with ``pg_try_advisory_lock`` (not woken by the server) right after
 such a kill gets no delay at all. Pass the fencing token to the resource you protect. Failover to a replica that
@@ -214,6 +227,11 @@ class _SessionGone(ConnectionError):
     """Our session had ended (by the server) before a statement we sent reached it."""
 
 
+class _Baseline(collections.namedtuple("_Baseline", "holder killed")):
+    """Read by a follower's wait statement before it queued for the lock: the holder's backend
+    pid and pg_stat_database.sessions_killed (either None if unknown)."""
+
+
 class PoolingDetected(PostgresOracleError):
     """A pooler or proxy sits between us and the server: the startup message named another
     backend pid than the session's own, or statements of one connection reached different
@@ -287,13 +305,28 @@ _TRY_SQL = (
 
 # Every claim also NOTIFYs "claimed:<token>" on the election's channel (and every graceful
 # release "released:<token>", before unlocking): listeners see these in commit order.
+_DATABASE_OID = "(SELECT oid FROM pg_database WHERE datname = current_database())"
+
+# Before queueing for the lock, the same statement reads who holds it and how many sessions of
+# this database were ever terminated (pg_terminate_backend): the baseline _take_over compares
+# with. The lock's argument depends on that read (``+ 0 * ...``), so it cannot be taken first.
 _WAIT_SQL = (
     "SELECT pg_current_xact_id()::text,"
     " pg_logical_emit_message(true, 'crown_sync', %(msg)s)::text"
     " || pg_notify(%(channel)s, 'claimed:' || pg_current_xact_id()::text)::text,"
     " extract(epoch FROM clock_timestamp())::float8, pg_backend_pid(),"
-    " current_setting('" + _MARKER + "', true), pg_is_in_recovery()"
-    " FROM (SELECT pg_advisory_lock(%(key)s) OFFSET 0) s"
+    " current_setting('" + _MARKER + "', true), pg_is_in_recovery(), b.holder, b.killed"
+    " FROM (SELECT (SELECT l.pid FROM pg_locks l WHERE l.pid <> pg_backend_pid() AND " + _HOLDER + ""
+    " LIMIT 1) AS holder, pg_stat_get_db_sessions_killed(" + _DATABASE_OID + ") AS killed OFFSET 0) b,"
+    " LATERAL (SELECT pg_advisory_lock(%(key)s::bigint + 0 * coalesce(b.killed, 0)) OFFSET 0) s"
+)
+
+# After the grant: has the predecessor's session finished exiting (its pg_stat_activity entry
+# is removed after its disconnect was counted), and how many terminations are counted now?
+# Evaluated left to right: the entry is looked up before the counter is read.
+_PREDECESSOR_SQL = (
+    "SELECT EXISTS (SELECT 1 FROM pg_stat_get_activity(%(pid)s) a WHERE a.pid = %(pid)s),"
+    " pg_stat_get_db_sessions_killed(" + _DATABASE_OID + ")"
 )
 
 _HOLDER_SQL = (
@@ -310,9 +343,19 @@ _CONFIRM_SQL = (
     " pg_is_in_recovery()"
 )
 
+
+def _release_sql(channel: str, token: int) -> str:
+    """A graceful release in one round trip (see _release). Literals, not parameters: only the
+    simple query protocol takes several statements; both values are ours (a hex channel name and
+    an integer), and a plain string skips psycopg's composition on the handoff's critical path."""
+    assert re.fullmatch(r"crown_sync_[0-9a-f]{16}", channel) and isinstance(token, int)
+    return (f"BEGIN; SELECT pg_notify('{channel}', 'released:{token}'); COMMIT;"
+            f" SELECT pg_advisory_unlock_all()")
+
+
 _SETTINGS = (
     "idle_session_timeout", "tcp_user_timeout", "tcp_keepalives_idle", "tcp_keepalives_interval",
-    "tcp_keepalives_count", "track_activity_query_size", "track_activities",
+    "tcp_keepalives_count", "track_activity_query_size", "track_activities", "track_counts",
 )
 
 
@@ -662,6 +705,7 @@ class PostgresContender(Contender):
         self._marker: Optional[str] = None
         self._bound: float = oracle.lease  # server-side lease B, read back at connect
         self._query_limit = 1024
+        self._counts_terminations = False  # track_counts: pg_stat_database counts terminations
         self._io_lock = threading.Lock()  # held while a statement is in flight on _conn
         self._state_lock = threading.Lock()
         self._closed = False
@@ -787,6 +831,7 @@ class PostgresContender(Contender):
             settings = {name: setting for _, _, name, setting in rows}
             self._bound = self._server_bound(settings, conn)
             self._query_limit = int(settings.get("track_activity_query_size", "1024"))
+            self._counts_terminations = settings.get("track_counts") == "on"
             if settings.get("track_activities") != "on":
                 logger.warning("%s: track_activities is off: find_leader can't read leader records", oracle.description)
             conn.add_notify_handler(self._on_notify)
@@ -909,9 +954,16 @@ class PostgresContender(Contender):
             if granted is None and error is None and waiter.is_alive():
                 # Queued on the lock: the server would have woken us if it were free.
                 return Claim(won=False, leader=self._leader)
+            with self._state_lock:
+                prepared = self._prepared
+                if granted is not None and waiter is self._watcher:
+                    # The waiter stayed on as the term's socket watcher (see _take_over).
+                    self._waiter = None
+                    self._granted = self._prepared = None
+                    self._token, self._since = granted
+                    return self._lead(prepared, watching=True)
             if granted is not None:
-                waiter.join(5.0)  # it is confirming the new term
-            prepared = self._prepared
+                waiter.join(5.0)  # it is ending
             self._stop_waiter()
             if granted is not None:
                 self._token, self._since = granted
@@ -966,9 +1018,10 @@ class PostgresContender(Contender):
             return claim
         return self._lead(claim)
 
-    def _lead(self, claim: Claim) -> Claim:
+    def _lead(self, claim: Claim, watching: bool = False) -> Claim:
         self._leading = True
-        self._start_watcher()
+        if not watching:
+            self._start_watcher()
         logger.info("%s: %s leads with token %s", self.name, self.identity, self._token)
         return claim
 
@@ -1050,10 +1103,12 @@ class PostgresContender(Contender):
                 return
             self._on_notify(psycopg.Notify(raw.relname.decode(), raw.extra.decode(), raw.be_pid))
 
-    def _handed_over(self, conn: psycopg.Connection, token: int, until: float) -> bool:
-        """Did the term before our claim ``token`` end with a release? Reads the channel's
-        notifications (commit order) until our own "claimed" arrives, or ``until``; False when
-        unsure."""
+    def _handed_over(self, conn: psycopg.Connection, token: int, until: float,
+                     holder: Optional[int]) -> Tuple[bool, Optional[int]]:
+        """Who held the lock before our claim ``token`` (a backend pid, None if unknown), and did
+        that term end with a release? Reads the channel's notifications (commit order) until our
+        own "claimed" arrives, or ``until``. The predecessor is the last claim seen before ours,
+        or, if we saw none, ``holder``: the session that held the lock when our wait began."""
         pgconn = conn.pgconn
         while True:
             try:
@@ -1062,25 +1117,52 @@ class PostgresContender(Contender):
                 with self._io_lock:
                     self._read_notifications(pgconn)
             except Exception:
-                return False
+                return False, None
             with self._state_lock:
                 events = list(self._events)
             for index, (kind, event_token, pid) in enumerate(events):
                 if kind == "claimed" and event_token == token and pid == self._pid:
-                    # The predecessor is the last claim we saw, or, if we saw none, the term
-                    # that held the lock when we started listening (earlier terms had ended).
                     before = events[:index]
                     claims = [i for i, e in enumerate(before) if e[0] == "claimed"]
-                    last = before[claims[-1]][1] if claims else None
-                    after = before[claims[-1] + 1:] if claims else before
-                    return any(e[0] == "released" and (last is None or e[1] == last) for e in after)
+                    if claims:
+                        _, last, predecessor = before[claims[-1]]
+                        after = before[claims[-1] + 1:]
+                    else:  # earlier terms had ended when we started listening
+                        last, predecessor, after = None, holder, before
+                    released = any(e[0] == "released" and (last is None or e[1] == last) for e in after)
+                    return released, predecessor
             remaining = until - time.monotonic()
             if remaining <= 0 or self._waiter_stop:
-                return False
+                return False, None
             try:
                 select.select([pgconn.socket], [], [], min(remaining, 0.01))
             except (OSError, ValueError):
+                return False, None
+
+    def _not_terminated(self, conn: psycopg.Connection, predecessor: Optional[int],
+                        killed_before: Optional[int], until: float) -> bool:
+        """True if the predecessor's session certainly did not end by ``pg_terminate_backend``.
+
+        A backend that exits releases its locks first, then counts its disconnect in
+        ``pg_stat_database`` (``sessions_killed`` for a termination; a crashed client counts as
+        abandoned), and only then leaves ``pg_stat_activity``. So once the predecessor's pid has
+        left pg_stat_activity, an unchanged ``sessions_killed`` (read before our wait and now)
+        proves it was not terminated. Any termination in the database meanwhile, a statistics
+        reset, ``track_counts = off`` or an unknown predecessor answer False (wait)."""
+        if predecessor is None or killed_before is None or not self._counts_terminations:
+            return False
+        params = {"pid": predecessor}
+        while not self._waiter_stop:
+            try:
+                present, killed = self._execute(_PREDECESSOR_SQL, params, conn)
+            except Exception:
                 return False
+            if not present:
+                return killed == killed_before
+            remaining = until - time.monotonic()
+            if remaining <= 0 or self._waiter_wakeup.wait(min(remaining, 0.0002)):
+                return False
+        return False
 
     # -- abdicate / close -------------------------------------------------------------------------
 
@@ -1099,15 +1181,18 @@ class PostgresContender(Contender):
         try:
             with self._io_lock:
                 try:
-                    if was_leading:  # committed before the unlock, so it precedes the next claim
-                        conn.execute("SELECT pg_notify(%(channel)s, %(payload)s)",
-                                     {"channel": self._channel, "payload": f"released:{self._token}"})
-                    conn.execute("SELECT pg_advisory_unlock_all()")
+                    if was_leading:
+                        # One round trip: the NOTIFY commits before the unlock, so it precedes
+                        # the next claim's.
+                        conn.execute(_release_sql(self._channel, self._token))
+                    else:
+                        conn.execute("SELECT pg_advisory_unlock_all()")
                 finally:
                     self._statements += 1
         except Exception as exc:
-            # Can't say "unlock": end the session instead, which releases the lock.
-            if not quietly:
+            # Can't say "unlock": end the session instead, which releases the lock. A session
+            # the server already ended (the usual case after a lost term) is not news.
+            if not quietly and not conn.broken:
                 logger.warning("%s: unlock failed (%s); closing the session", self.name, self.oracle.safe_error(exc))
             _shutdown(conn)
             self._drop_connection()
@@ -1180,8 +1265,8 @@ class PostgresContender(Contender):
 
     def _wait_loop(self) -> None:
         """Blocking lock waits (each bounded by lock_timeout), until granted, stopped or broken."""
-        params = {"key": self.key, "msg": self.name, "channel": self._channel}
         holder_params = {"hi": self._hi, "lo": self._lo}
+        params = {"key": self.key, "msg": self.name, "channel": self._channel, **holder_params}
         while not self._waiter_stop:
             conn = self._conn
             try:
@@ -1191,12 +1276,13 @@ class PostgresContender(Contender):
                     if self._waiter_stop:
                         return
                     self._in_wait = True
+                    started = time.monotonic()
                     try:
                         row = conn.execute(_WAIT_SQL, params).fetchone()
                     finally:
                         self._in_wait = False
                         self._statements += 1
-                token, _, since, pid, marker, in_recovery = row
+                token, _, since, pid, marker, in_recovery, holder, killed = row
                 self._check_session(pid, marker, in_recovery)
             except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled):
                 if self._waiter_stop:
@@ -1211,35 +1297,65 @@ class PostgresContender(Contender):
                 logger.debug("%s: lock wait failed: %s", self.name, self.oracle.safe_error(exc))
                 self._signal()
                 return
-            self._take_over(conn, int(token), since)
+            self._take_over(conn, int(token), since, started, _Baseline(holder, killed))
             return
 
-    def _take_over(self, conn: psycopg.Connection, token: int, since: float) -> None:
-        """The server granted us the lock (in the waiter thread). Unless the predecessor released
-        it, give a leader whose session was killed under it ``takeover_delay`` to notice (the
-        server told it before freeing the lock) and stop its child. Then tell the engine, and
-        confirm right away, while the engine wakes up, so claim() finds the term ready."""
+    def _take_over(self, conn: psycopg.Connection, token: int, since: float, started: float,
+                   baseline: "_Baseline") -> None:
+        """The server granted us the lock (in the waiter thread). If the predecessor neither
+        released it nor is known to have died otherwise than by ``pg_terminate_backend``, give it
+        ``takeover_delay`` to notice (the server told it before freeing the lock) and stop its
+        child (see *Takeover*). Then tell the engine, with the term ready for claim() to return
+        at once.
+
+        The wait statement itself proves the session: it returned, so the lock was granted after
+        it ``started``, and every way the server can end the session counts from a moment after
+        that (see the safety arithmetic). So the term's deadline counts from ``started``, and the
+        leader record is published by the first refresh, which the claim asks for at once, while
+        the child starts. A wait that took so long that little of that lease is left is confirmed
+        here instead, for a fresh deadline."""
         granted_at = time.monotonic()
         delay = self.oracle.takeover_delay
         if delay > 0:
-            if not self._handed_over(conn, token, granted_at + delay):
-                logger.debug("%s: predecessor's term ended without a release: waiting %.3fs",
-                             self.name, delay)
-                if self._waiter_wakeup.wait(max(0.0, granted_at + delay - time.monotonic())):
+            until = granted_at + delay
+            released, predecessor = self._handed_over(conn, token, until, baseline.holder)
+            if released:
+                logger.debug("%s: the predecessor released the lock: leading at once", self.name)
+            elif self._not_terminated(conn, predecessor, baseline.killed, until):
+                logger.debug("%s: the predecessor's session (backend pid %s) ended, not by"
+                             " pg_terminate_backend: leading at once", self.name, predecessor)
+            else:
+                logger.debug("%s: the predecessor's session may have been terminated under it:"
+                             " waiting %.3fs", self.name, delay)
+                if self._waiter_wakeup.wait(max(0.0, until - time.monotonic())):
                     return  # stopped (close): closing the connection releases the lock
         self._token, self._since = token, since
         self._record_sql = self._make_record_sql()
         self._dismissed = False
+        deadline = started + self._bound - self.oracle.margin
+        prepared: Optional[Claim] = None
+        if deadline - time.monotonic() >= self.oracle.confirm_interval:
+            leader = Leader(self.identity, dict(self.metadata), token, since)
+            self._leader = leader
+            prepared = Claim(won=True, leader=leader, token=token, deadline=deadline, refresh_in=0.0)
+        else:
+            try:
+                prepared = self._confirm()
+            except Exception as exc:
+                logger.debug("%s: confirming the new term failed: %s", self.name, self.oracle.safe_error(exc))
+        generation = None
         with self._state_lock:
             self._granted = (token, since)
-        self._signal()
-        try:
-            prepared: Optional[Claim] = self._confirm()
-        except Exception as exc:
-            logger.debug("%s: confirming the new term failed: %s", self.name, self.oracle.safe_error(exc))
-            prepared = None
-        with self._state_lock:
             self._prepared = prepared
+            if prepared is not None and prepared.won and not self._waiter_stop:
+                # This thread stays on as the term's socket watcher: starting a thread (which
+                # waits for it to run) would sit on the handoff's critical path.
+                self._leading = True
+                generation = self._begin_watch()
+                self._watcher = threading.current_thread()
+        self._signal()
+        if generation is not None:
+            self._watch_socket(conn, generation)
 
     def _refresh_leader(self, conn: psycopg.Connection, params: Dict[str, Any]) -> None:
         """Between waits: read who holds the lock; tell the engine if it changed."""
@@ -1308,16 +1424,20 @@ class PostgresContender(Contender):
 
     # -- leader: the socket watcher ---------------------------------------------------------------
 
-    def _start_watcher(self) -> None:
-        conn = self._conn
-        if conn is None:
-            return
+    def _begin_watch(self) -> int:
+        """A new watch generation (the previous watcher goes inert); the caller sets _watcher."""
         if self._wake_r < 0:
             self._wake_r, self._wake_w = os.pipe()
             os.set_blocking(self._wake_r, False)
         self._watch_generation += 1
+        return self._watch_generation
+
+    def _start_watcher(self) -> None:
+        conn = self._conn
+        if conn is None:
+            return
         thread = threading.Thread(
-            target=self._watch_socket, args=(conn, self._watch_generation),
+            target=self._watch_socket, args=(conn, self._begin_watch()),
             name=f"crown-sync-pg-watch:{self.name}", daemon=True,
         )
         self._watcher = thread

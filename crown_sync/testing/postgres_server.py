@@ -15,6 +15,9 @@ Usage::
         pg.restart(mode="immediate")      # what `pg_ctl restart -m immediate` does, by pid
         pg.create_role("app", "pw")       # a non-superuser that must give its password (TCP)
 
+``PostgresServer(tls=True)`` also serves TLS with a self-signed certificate made by ``openssl``
+(``pg.certificate``, for ``sslrootcert``).
+
 Authentication is ``trust`` except for roles made with :meth:`PostgresServer.create_role`.
 """
 
@@ -53,8 +56,11 @@ class PostgresServer(Server):
     """
 
     def __init__(self, settings: Optional[Dict[str, Any]] = None, fsync: bool = True,
-                 user: str = "postgres"):
+                 user: str = "postgres", tls: bool = False):
         super().__init__()
+        self.tls = tls
+        #: With ``tls=True``: the server's self-signed certificate, for ``sslrootcert``.
+        self.certificate = os.path.join(self.tmpdir, "server.crt")
         self.bindir = postgres_bindir()
         self.datadir = os.path.join(self.tmpdir, "data")
         self.logfile = os.path.join(self.tmpdir, "postgres.log")
@@ -107,7 +113,20 @@ class PostgresServer(Server):
             os.path.join(self.bindir, "initdb"), "-D", self.datadir, "-U", self.superuser,
             "--auth=trust", "--no-sync", "-E", "UTF8", "--locale=C",
         ])
+        if self.tls:
+            self._make_certificate()
         self._initialized = True
+
+    def _make_certificate(self) -> None:
+        """A self-signed certificate for 127.0.0.1 (good for ``sslmode=verify-full``), made by
+        the server's user so that the key is its own and private, as the server demands."""
+        openssl = find_binary(["openssl"], "openssl")
+        self._run([
+            openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+            "-keyout", os.path.join(self.tmpdir, "server.key"), "-out", self.certificate,
+        ])
+        os.chmod(os.path.join(self.tmpdir, "server.key"), 0o600)
 
     def command(self) -> List[str]:
         settings = {
@@ -122,6 +141,9 @@ class PostgresServer(Server):
             "wal_level": "replica",
             "max_wal_senders": "4",
         }
+        if self.tls:
+            settings.update(ssl="on", ssl_cert_file=self.certificate,
+                            ssl_key_file=os.path.join(self.tmpdir, "server.key"))
         settings.update({k: str(v) for k, v in self.settings.items()})
         argv = [os.path.join(self.bindir, "postgres"), "-D", self.datadir]
         for key, value in settings.items():

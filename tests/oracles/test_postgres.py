@@ -338,7 +338,12 @@ def test_follower_is_woken_by_the_server_and_takes_over_with_a_higher_token(pg, 
         signals.wait()
         second = b.claim()
         assert second.won and second.token > first.token
+        # Granted by the server: the claim asks for a refresh at once, which publishes the
+        # record (the engine starts the child first).
+        assert second.refresh_in == 0
+        assert b.refresh().won
         assert oracle.find_leader(name).identity == "b"
+        assert oracle.find_leader(name).token == second.token
         assert a.claim().won is False
     finally:
         a.close()
@@ -368,40 +373,106 @@ def test_terminated_session_is_noticed_at_once_and_refresh_says_lost(pg, name):
         oracle.close()
 
 
-def test_takeover_waits_only_when_the_predecessor_did_not_release(pg, name, caplog):
-    """A graceful release is marked in the unlocking statement's text; a session that ended
-    under its leader is not, and the woken follower gives that leader takeover_delay first."""
+_HOLDER_PROCESS = """
+import sys, time
+from crown_sync.oracles.postgres import PostgresOracle
+contender = PostgresOracle(sys.argv[1]).contender(sys.argv[2], "crashing", {}, lambda **_: None)
+assert contender.claim().won
+print("leading", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("end", ["release", "terminate", "sigkill"])
+def test_takeover_waits_only_when_the_predecessor_may_have_been_terminated(pg, name, caplog, end):
+    """A woken follower leads at once after a release, and after a session that ended otherwise
+    than by pg_terminate_backend (here: its client process was SIGKILLed); after a termination,
+    whose leader may still be stopping its child, it waits takeover_delay first."""
     caplog.set_level(logging.DEBUG, logger="crown_sync.oracles.postgres")
     oracle = oracle_for(pg, takeover_delay=0.2)
     signals = Signals()
     a = oracle.contender(name, "a", {}, Signals())
     b = oracle.contender(name, "b", {}, signals)
+    holder = None
     try:
-        for graceful in (True, False):
-            caplog.clear()
-            signals.event.clear()
-            signals.calls.clear()
+        if end == "sigkill":
+            env = dict(os.environ, PYTHONPATH=ROOT)
+            holder = subprocess.Popen([sys.executable, "-c", _HOLDER_PROCESS, pg.url, name],
+                                      stdout=subprocess.PIPE, text=True, env=env)
+            assert holder.stdout.readline().strip() == "leading"
+            first_token = None
+        else:
             first = a.claim()
             assert first.won
-            assert not b.claim().won and b.watch(None)
-            wait_until(lambda: pg.sql("SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", (b._pid,)) == [("Lock",)],
-                       message="b waiting")
-            if graceful:
-                a.abdicate()
-            else:
-                assert pg.terminate(holder_pid(pg, oracle, name))
-            signals.wait()
-            second = b.claim()
-            assert second.won and second.token > first.token
-            waited = any("without a release" in r.getMessage() for r in caplog.records)
-            assert waited is not graceful
-            b.abdicate()
-            assert a.refresh().won is False
+            first_token = first.token
+        assert not b.claim().won and b.watch(None)
+        wait_until(lambda: pg.sql("SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", (b._pid,)) == [("Lock",)],
+                   message="b waiting")
+        if end == "release":
             a.abdicate()
+        elif end == "terminate":
+            assert pg.terminate(holder_pid(pg, oracle, name))
+        else:
+            holder.kill()
+            holder.wait()
+        signals.wait()
+        second = b.claim()
+        assert second.won and (first_token is None or second.token > first_token)
+        decisions = [r.getMessage() for r in caplog.records if ": the predecessor" in r.getMessage()]
+        expected = {"release": "released the lock: leading at once",
+                    "terminate": "may have been terminated under it: waiting",
+                    "sigkill": "not by pg_terminate_backend: leading at once"}[end]
+        assert len(decisions) == 1 and expected in decisions[0], decisions
     finally:
+        if holder is not None and holder.poll() is None:
+            holder.kill()
+            holder.wait()
         a.close()
         b.close()
         oracle.close()
+
+
+def test_terminated_leader_slow_to_stop_never_overlaps_its_successor(pg, name, tmp_path):
+    """pg_terminate_backend frees the lock while the leader's child still runs; the leader hears
+    the FATAL at once and stops its child, which here takes 150 ms. The woken follower, which
+    cannot know that its predecessor is still alive, waits takeover_delay (0.5 s) first. The
+    work's own journal shows no overlap: leading at once (a wrong kill detection) would."""
+    path = str(tmp_path / "journal")
+
+    def slow_to_stop(term):
+        log = journal.Journal(path)
+        try:
+            log.write("start", term.name, term.identity, term.token)
+            while not term.stop_event.wait(0.005):
+                log.write("beat", term.name, term.identity, term.token)
+            for _ in range(30):  # keeps acting for 150 ms after being told to stop
+                time.sleep(0.005)
+                log.write("beat", term.name, term.identity, term.token)
+            log.write("stop", term.name, term.identity, term.token)
+        finally:
+            log.close()
+
+    url = f"{pg.url}?lease=2&wait_timeout=1&takeover_delay=0.5"
+    crowns = [crown_sync.Crown(name, oracle=url, child=crown_sync.ThreadChild(slow_to_stop, grace=5),
+                               identity=f"c{i}") for i in range(2)]
+    oracle = oracle_for(pg)
+    try:
+        crowns[0].start()
+        assert crowns[0].wait_for_leadership(30)
+        crowns[1].start()
+        wait_until(lambda: crowns[1].status().phase == "following", message="c1 following")
+        time.sleep(0.3)  # c1 is queued on the lock
+        assert pg.terminate(holder_pid(pg, oracle, name))
+        assert crowns[1].wait_for_leadership(30)
+        time.sleep(0.2)
+    finally:
+        for crown in crowns:
+            crown.stop()
+        oracle.close()
+    report = journal_ok(path, name, 2)
+    first, second = report.terms[:2]
+    assert first.identity == "c0" and second.identity == "c1"
+    assert first.end < second.start and second.token > first.token
 
 
 def test_server_drops_a_silent_leader_no_sooner_than_its_deadline(pg, name):
@@ -701,6 +772,76 @@ def test_pg_terminate_backend_of_the_leader(pg, name, tmp_path):
     report = journal_ok(fleet.journal, name, 2)
     old = [t for t in report.terms if t.token == before.token][0]
     assert old.stopped and old.end < after.start and after.token > before.token
+
+
+@pytest.fixture(scope="module")
+def pg_tls():
+    server = PostgresServer(fsync=False, tls=True)
+    server.start()
+    yield server
+    server.cleanup()
+
+
+def tls_url(server, **options):
+    query = {"sslmode": "verify-full", "sslrootcert": server.certificate, "lease": 2, "wait_timeout": 1}
+    query.update(options)
+    return server.url + "?" + "&".join(f"{k}={v}" for k, v in query.items())
+
+
+def encrypted(server, pid):
+    rows = server.sql("SELECT ssl FROM pg_stat_ssl WHERE pid = %s", (pid,))
+    return bool(rows and rows[0][0])
+
+
+def test_tls_leader_hears_its_termination_at_once(pg_tls, name):
+    """Over TLS the socket watcher cannot peek at the message type; it lets libpq read, and the
+    read of the FATAL/EOF fails: on_change(lost=True) before any refresh."""
+    oracle = PostgresOracle.from_url(tls_url(pg_tls))
+    signals = Signals()
+    a = oracle.contender(name, "a", {}, signals)
+    b = oracle.contender(name, "b", {}, Signals())
+    try:
+        first = a.claim()
+        assert first.won
+        pid = holder_pid(pg_tls, oracle, name)
+        assert encrypted(pg_tls, pid)  # the server's word on the session, not ours
+        assert pg_tls.terminate(pid)
+        signals.wait(lost=True)
+        assert a.refresh().won is False
+        second = b.claim()
+        assert second.won and second.token > first.token
+        assert encrypted(pg_tls, holder_pid(pg_tls, oracle, name))
+    finally:
+        a.close()
+        b.close()
+        oracle.close()
+
+
+def test_tls_fleet_terminate_and_sigkill(pg_tls, name, tmp_path):
+    """Contender processes over verify-full TLS: pg_terminate_backend of the leader, then SIGKILL
+    of the next; the work's journal shows no overlap and rising tokens."""
+    fleet = Fleet(tls_url(pg_tls), tmp_path, name)
+    oracle = PostgresOracle.from_url(tls_url(pg_tls))
+    for i in range(3):
+        fleet.spawn(f"s{i}")
+    try:
+        first = fleet.wait_for_term()
+        pid = holder_pid(pg_tls, oracle, name)
+        assert encrypted(pg_tls, pid)
+        killed_at = time.monotonic()
+        assert pg_tls.terminate(pid)
+        second = fleet.wait_for_term(after=killed_at)
+        assert encrypted(pg_tls, holder_pid(pg_tls, oracle, name))
+        fleet.signal(second.identity, signal.SIGKILL)
+        third = fleet.wait_for_term(other_than={second.identity})
+        time.sleep(0.2)
+    finally:
+        fleet.stop_all()
+        oracle.close()
+    report = journal_ok(fleet.journal, name, 3)
+    assert first.token < second.token < third.token
+    old = [t for t in report.terms if t.token == first.token][0]
+    assert old.stopped and old.end < second.start
 
 
 def test_immediate_server_restart(pg, name, tmp_path):

@@ -1311,8 +1311,8 @@ class PostgresContender(Contender):
         The wait statement itself proves the session: it returned, so the lock was granted after
         it ``started``, and every way the server can end the session counts from a moment after
         that (see the safety arithmetic). So the term's deadline counts from ``started``, and the
-        leader record is published by the first refresh, which the claim asks for at once, while
-        the child starts. A wait that took so long that little of that lease is left is confirmed
+        leader record is published by the first refresh, which the claim asks for at once (the
+        engine starts the child first). A wait that took so long that little of that lease is left is confirmed
         here instead, for a fresh deadline."""
         granted_at = time.monotonic()
         delay = self.oracle.takeover_delay

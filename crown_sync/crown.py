@@ -345,11 +345,13 @@ class Crown:
                 term.end()
             self._phase = "leading"
             self._cond.notify_all()
-        warden.watch(term, self._on_deadline)
         self._emit("crown.leadership.claimed", token=term.token, deadline_in=_seconds(term.remaining()))
         restarts = 0
         if not term.ended:
             self._start_leader_child(term, restarts)
+        # After the child starts (waking the warden's thread would compete with it for the CPU);
+        # a deadline already past fires at once, and the child checks its own deadline anyway.
+        warden.watch(term, self._on_deadline)
         next_refresh = _next_refresh(term, claim.refresh_in)
 
         reason, lost, backoff = "stop", False, 0.0

@@ -50,6 +50,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from crown_sync.testing import journal  # noqa: E402
+from crown_sync_chaos.runner import JournalTail  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "postgres.json")
 NAME = "bench-postgres"
@@ -95,6 +96,15 @@ def poller_main(args) -> int:
 # ------------------------------------------------------------------------------- the fleet
 
 
+class _TermView:
+    """A term as the journal tail sees it (identity, token, start, end, beats, stopped)."""
+
+    def __init__(self, term):
+        self.identity, self.token = term["identity"], term["token"]
+        self.start, self.end = term["start"], term["last"]
+        self.beats, self.stopped = term["lines"] - 1, term["stopped"]
+
+
 class Fleet:
     """Contender processes of one system, one journal."""
 
@@ -108,6 +118,7 @@ class Fleet:
         self.events = os.path.join(directory, f"{label}.events.jsonl")
         self.processes = {}
         self.count = 0
+        self._tail = JournalTail(self.journal)
 
     def spawn(self) -> str:
         self.count += 1
@@ -143,13 +154,14 @@ class Fleet:
         raise TimeoutError(f"{identity} did not start contending")
 
     def terms(self):
-        if not os.path.exists(self.journal):
-            return []
-        return journal._terms(journal.read(self.journal), self.name)
+        """Every term so far, read incrementally (re-reading the whole journal at every poll would
+        take the CPU the contenders being measured need, on a small machine)."""
+        self._tail.poll()
+        return [_TermView(t) for t in self._tail.terms.values()]
 
     def running(self, after: float = float("-inf"), min_beats: int = 5):
         now = time.monotonic()
-        for term in reversed(self.terms()):
+        for term in sorted(self.terms(), key=lambda t: t.start, reverse=True):
             if not term.stopped and term.beats >= min_beats and now - term.end < 0.25 and term.start > after:
                 return term
         return None

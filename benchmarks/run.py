@@ -911,7 +911,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--oracles", default=",".join(ORACLES))
     parser.add_argument("--sizes", default="3,50", help="contender counts for the fleet failovers")
-    parser.add_argument("--graceful", type=int, default=10, help="graceful handoffs per fleet")
+    parser.add_argument("--graceful", type=int, default=20, help="graceful handoffs per fleet")
     parser.add_argument("--crash", type=int, default=5, help="crash failovers per fleet")
     parser.add_argument("--rest", type=float, default=20.0, help="quiet window for request counts (s)")
     parser.add_argument("--crowns", type=int, default=1000)

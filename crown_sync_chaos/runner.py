@@ -93,7 +93,8 @@ class JournalTail:
             if term is None:
                 term = self.terms[key] = {"identity": event["id"], "token": event["token"],
                                           "pid": event["pid"], "start": event["t"], "last": event["t"],
-                                          "stopped": False}
+                                          "stopped": False, "lines": 0}
+            term["lines"] += 1
             term["start"] = min(term["start"], event["t"])
             term["last"] = max(term["last"], event["t"])
             if event["ev"] == "stop":

@@ -322,7 +322,9 @@ def test_deleting_the_leaders_node_by_hand_ends_its_term(zk, name):
 
 def test_server_restart_suspends_then_the_same_session_resumes_with_a_higher_token(name):
     with ZooKeeperServer() as server:
-        oracle = ZooKeeperOracle(server.hosts, session_timeout=8)
+        # A long session: a restarting JVM on a busy machine can take seconds to answer the
+        # reconnect, and the session must outlive that for the resume this test is about.
+        oracle = ZooKeeperOracle(server.hosts, session_timeout=20)
         recorder = Recorder()
         seat = oracle.contender(name, "me", {}, recorder)
         try:
@@ -337,7 +339,7 @@ def test_server_restart_suspends_then_the_same_session_resumes_with_a_higher_tok
             with pytest.raises(ZooKeeperUnavailable):
                 seat.claim()
             server.start()
-            resumed = wait_until(lambda: _try_claim(seat), timeout=20, message="claim after restart")
+            resumed = wait_until(lambda: _try_claim(seat), timeout=40, message="claim after restart")
             assert resumed.won
             assert oracle._client.client_id[0] == session, "same session"
             assert resumed.token > first.token, "a new term needs a higher token"

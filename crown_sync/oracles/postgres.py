@@ -956,12 +956,13 @@ class PostgresContender(Contender):
                 return Claim(won=False, leader=self._leader)
             with self._state_lock:
                 prepared = self._prepared
-                if granted is not None and waiter is self._watcher:
-                    # The waiter stayed on as the term's socket watcher (see _take_over).
-                    self._waiter = None
-                    self._granted = self._prepared = None
-                    self._token, self._since = granted
-                    return self._lead(prepared, watching=True)
+                # The waiter may have stayed on as the term's socket watcher (see _take_over).
+                adopted = granted is not None and waiter is self._watcher
+                if adopted:
+                    self._forget_waiter()
+            if adopted:
+                self._token, self._since = granted
+                return self._lead(prepared, watching=True)
             if granted is not None:
                 waiter.join(5.0)  # it is ending
             self._stop_waiter()
@@ -1254,9 +1255,7 @@ class PostgresContender(Contender):
         with self._state_lock:
             self._waiter_stop = False
             self._waiter_wakeup.clear()
-            self._granted = None
-            self._prepared = None
-            self._waiter_error = None
+            self._forget_waiter()
             self._waiter = threading.Thread(
                 target=self._wait_loop, name=f"crown-sync-pg-wait:{self.name}", daemon=True
             )
@@ -1408,10 +1407,14 @@ class PostgresContender(Contender):
                 _shutdown(conn)
                 waiter.join(1.0)
         with self._state_lock:
-            self._waiter = None
-            self._granted = None
-            self._prepared = None
-            self._waiter_error = None
+            self._forget_waiter()
+
+    def _forget_waiter(self) -> None:
+        """Drop the waiter and what it obtained (the caller holds _state_lock)."""
+        self._waiter = None
+        self._granted = None
+        self._prepared = None
+        self._waiter_error = None
 
     def _cancel(self, conn: psycopg.Connection) -> None:
         try:

@@ -351,19 +351,26 @@ def test_follower_is_woken_by_the_server_and_takes_over_with_a_higher_token(pg, 
         oracle.close()
 
 
-def test_terminated_session_is_noticed_at_once_and_refresh_says_lost(pg, name):
-    oracle = oracle_for(pg)
+@pytest.mark.parametrize("transport", ["tcp", "tls"])
+def test_terminated_session_is_noticed_at_once_and_refresh_says_lost(request, name, transport):
+    """The socket watcher sees the FATAL message: on_change(lost=True) before any refresh. Over
+    TLS it cannot peek at the message type; it lets libpq read, and the read fails all the same."""
+    server = request.getfixturevalue("pg" if transport == "tcp" else "pg_tls")
+    oracle = oracle_for(server) if transport == "tcp" else PostgresOracle.from_url(tls_url(server))
     signals = Signals()
     a = oracle.contender(name, "a", {}, signals)
     b = oracle.contender(name, "b", {}, Signals())
     try:
         first = a.claim()
         assert first.won
-        assert pg.terminate(holder_pid(pg, oracle, name))
-        signals.wait(lost=True)  # the socket watcher saw the FATAL message
+        pid = holder_pid(server, oracle, name)
+        assert encrypted(server, pid) is (transport == "tls")  # the server's word, not ours
+        assert server.terminate(pid)
+        signals.wait(lost=True)
         assert a.refresh().won is False
         second = b.claim()
         assert second.won and second.token > first.token
+        assert encrypted(server, holder_pid(server, oracle, name)) is (transport == "tls")
         b.abdicate()
         third = a.claim()  # reconnects
         assert third.won and third.token > second.token
@@ -373,18 +380,8 @@ def test_terminated_session_is_noticed_at_once_and_refresh_says_lost(pg, name):
         oracle.close()
 
 
-_HOLDER_PROCESS = """
-import sys, time
-from crown_sync.oracles.postgres import PostgresOracle
-contender = PostgresOracle(sys.argv[1]).contender(sys.argv[2], "crashing", {}, lambda **_: None)
-assert contender.claim().won
-print("leading", flush=True)
-time.sleep(600)
-"""
-
-
 @pytest.mark.parametrize("end", ["release", "terminate", "sigkill"])
-def test_takeover_waits_only_when_the_predecessor_may_have_been_terminated(pg, name, caplog, end):
+def test_takeover_waits_only_when_the_predecessor_may_have_been_terminated(pg, name, caplog, end, tmp_path):
     """A woken follower leads at once after a release, and after a session that ended otherwise
     than by pg_terminate_backend (here: its client process was SIGKILLed); after a termination,
     whose leader may still be stopping its child, it waits takeover_delay first."""
@@ -393,13 +390,11 @@ def test_takeover_waits_only_when_the_predecessor_may_have_been_terminated(pg, n
     signals = Signals()
     a = oracle.contender(name, "a", {}, Signals())
     b = oracle.contender(name, "b", {}, signals)
-    holder = None
+    crashing = Fleet(pg.url, tmp_path, name, child="none")
     try:
-        if end == "sigkill":
-            env = dict(os.environ, PYTHONPATH=ROOT)
-            holder = subprocess.Popen([sys.executable, "-c", _HOLDER_PROCESS, pg.url, name],
-                                      stdout=subprocess.PIPE, text=True, env=env)
-            assert holder.stdout.readline().strip() == "leading"
+        if end == "sigkill":  # the predecessor is a crown in a process of its own
+            crashing.spawn("crashing")
+            wait_until(lambda: holder_pid(pg, oracle, name), message="the crashing crown leads")
             first_token = None
         else:
             first = a.claim()
@@ -413,8 +408,7 @@ def test_takeover_waits_only_when_the_predecessor_may_have_been_terminated(pg, n
         elif end == "terminate":
             assert pg.terminate(holder_pid(pg, oracle, name))
         else:
-            holder.kill()
-            holder.wait()
+            crashing.signal("crashing", signal.SIGKILL)
         signals.wait()
         second = b.claim()
         assert second.won and (first_token is None or second.token > first_token)
@@ -424,9 +418,7 @@ def test_takeover_waits_only_when_the_predecessor_may_have_been_terminated(pg, n
                     "sigkill": "not by pg_terminate_backend: leading at once"}[end]
         assert len(decisions) == 1 and expected in decisions[0], decisions
     finally:
-        if holder is not None and holder.poll() is None:
-            holder.kill()
-            holder.wait()
+        crashing.stop_all()
         a.close()
         b.close()
         oracle.close()
@@ -782,39 +774,13 @@ def pg_tls():
     server.cleanup()
 
 
-def tls_url(server, **options):
-    query = {"sslmode": "verify-full", "sslrootcert": server.certificate, "lease": 2, "wait_timeout": 1}
-    query.update(options)
-    return server.url + "?" + "&".join(f"{k}={v}" for k, v in query.items())
+def tls_url(server):
+    return server.url_for(sslmode="verify-full", sslrootcert=server.certificate, lease=2, wait_timeout=1)
 
 
 def encrypted(server, pid):
     rows = server.sql("SELECT ssl FROM pg_stat_ssl WHERE pid = %s", (pid,))
     return bool(rows and rows[0][0])
-
-
-def test_tls_leader_hears_its_termination_at_once(pg_tls, name):
-    """Over TLS the socket watcher cannot peek at the message type; it lets libpq read, and the
-    read of the FATAL/EOF fails: on_change(lost=True) before any refresh."""
-    oracle = PostgresOracle.from_url(tls_url(pg_tls))
-    signals = Signals()
-    a = oracle.contender(name, "a", {}, signals)
-    b = oracle.contender(name, "b", {}, Signals())
-    try:
-        first = a.claim()
-        assert first.won
-        pid = holder_pid(pg_tls, oracle, name)
-        assert encrypted(pg_tls, pid)  # the server's word on the session, not ours
-        assert pg_tls.terminate(pid)
-        signals.wait(lost=True)
-        assert a.refresh().won is False
-        second = b.claim()
-        assert second.won and second.token > first.token
-        assert encrypted(pg_tls, holder_pid(pg_tls, oracle, name))
-    finally:
-        a.close()
-        b.close()
-        oracle.close()
 
 
 def test_tls_fleet_terminate_and_sigkill(pg_tls, name, tmp_path):

@@ -78,7 +78,9 @@ after ``t0``. So the server cannot give the lock to anyone before ``t0 + B``, an
 deadline is ``t0 + B - margin`` (``margin`` absorbs clock-rate differences between the two
 hosts). A follower's lock wait that returned is such a statement too: its term's first deadline
 counts from the start of the wait (unless less than ``confirm_interval`` of it is left, when it
-confirms first). The construction checks ``confirm_interval <= (lease - margin) / 2`` so that one failed
+confirms first; it also confirms first after waiting ``takeover_delay`` or with unread bytes on
+the socket, since the wait proves nothing against a termination that came after it). The
+construction checks ``confirm_interval <= (lease - margin) / 2`` so that one failed
 confirmation can be retried before the deadline, and connecting checks ``B >= lease``.
 
 Lost lock without notice (``pg_terminate_backend``, a server restart, ``idle_session_timeout``,
@@ -716,6 +718,7 @@ class PostgresContender(Contender):
         self._record_sql: Optional[str] = None
         self._leading = False
         self._dismissed = False
+        self._session_lost = False  # the socket watcher heard a goodbye (FATAL, EOF)
         self._statements = 0  # bumped after every statement: the socket watcher's progress mark
         # follower's waiter thread
         self._waiter: Optional[threading.Thread] = None
@@ -962,6 +965,10 @@ class PostgresContender(Contender):
                     self._forget_waiter()
             if adopted:
                 self._token, self._since = granted
+                if self._session_lost:  # its watcher heard a goodbye before the engine asked
+                    self._release(quietly=True)
+                    self._token = self._since = None
+                    return Claim(won=False, leader=None)
                 return self._lead(prepared, watching=True)
             if granted is not None:
                 waiter.join(5.0)  # it is ending
@@ -1315,6 +1322,7 @@ class PostgresContender(Contender):
         here instead, for a fresh deadline."""
         granted_at = time.monotonic()
         delay = self.oracle.takeover_delay
+        waited = False
         if delay > 0:
             until = granted_at + delay
             released, predecessor = self._handed_over(conn, token, until, baseline.holder)
@@ -1328,12 +1336,18 @@ class PostgresContender(Contender):
                              " waiting %.3fs", self.name, delay)
                 if self._waiter_wakeup.wait(max(0.0, until - time.monotonic())):
                     return  # stopped (close): closing the connection releases the lock
+                waited = True
         self._token, self._since = token, since
         self._record_sql = self._make_record_sql()
         self._dismissed = False
+        self._session_lost = False
         deadline = started + self._bound - self.oracle.margin
         prepared: Optional[Claim] = None
-        if deadline - time.monotonic() >= self.oracle.confirm_interval:
+        # The wait's result proves the session against the server's timeouts, not against a
+        # termination since (the admin who killed our predecessor may be killing us too): lead
+        # on it only at once, with nothing unread from the server; else confirm first.
+        if (not waited and deadline - time.monotonic() >= self.oracle.confirm_interval
+                and not self._unread(conn)):
             leader = Leader(self.identity, dict(self.metadata), token, since)
             self._leader = leader
             prepared = Claim(won=True, leader=leader, token=token, deadline=deadline, refresh_in=0.0)
@@ -1408,6 +1422,14 @@ class PostgresContender(Contender):
                 waiter.join(1.0)
         with self._state_lock:
             self._forget_waiter()
+
+    @staticmethod
+    def _unread(conn: psycopg.Connection) -> bool:
+        """Has the server sent something not read yet (a goodbye, a notification)?"""
+        try:
+            return bool(select.select([conn.pgconn.socket], [], [], 0)[0])
+        except (OSError, ValueError, psycopg.Error):
+            return True
 
     def _forget_waiter(self) -> None:
         """Drop the waiter and what it obtained (the caller holds _state_lock)."""
@@ -1496,6 +1518,8 @@ class PostgresContender(Contender):
                     except Exception:
                         lost = True
                 dismissed = self._dismissed
+                if lost:
+                    self._session_lost = True  # read by claim(), for a term not yet begun
                 if lost or dismissed:
                     signalled = self._statements
             if lost or dismissed:

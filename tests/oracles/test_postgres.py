@@ -810,6 +810,31 @@ def test_tls_fleet_terminate_and_sigkill(pg_tls, name, tmp_path):
     assert old.stopped and old.end < second.start
 
 
+def test_terminating_every_session_one_after_another_never_overlaps(pg, name, tmp_path):
+    """As an admin killing a role's sessions does: the leader's, then the followers' one by one.
+    Each follower is woken by the previous kill and is killed itself while it waits
+    takeover_delay; none may lead on its dead session while the old leader, reconnected, leads
+    on a new one (seen in the chaos suite)."""
+    fleet = Fleet(f"{pg.url}?{FAST}", tmp_path, name)
+    for i in range(3):
+        fleet.spawn(f"k{i}")
+    sessions = ("SELECT pid FROM pg_stat_activity WHERE application_name = %s ORDER BY"
+                " (SELECT bool_or(granted) FROM pg_locks l WHERE l.pid = pg_stat_activity.pid) IS NOT TRUE")
+    try:
+        for _ in range(4):
+            fleet.wait_for_term()
+            wait_until(lambda: len(pg.sql(sessions, (f"crown_sync {name}"[:63],))) == 3, message="3 sessions")
+            killed_at = time.monotonic()
+            for (pid,) in pg.sql(sessions, (f"crown_sync {name}"[:63],)):  # the leader's first
+                pg.terminate(pid)
+                time.sleep(0.01)
+            fleet.wait_for_term(after=killed_at)
+        time.sleep(0.2)
+    finally:
+        fleet.stop_all()
+    journal_ok(fleet.journal, name, 5)
+
+
 def test_immediate_server_restart(pg, name, tmp_path):
     fleet = Fleet(f"{pg.url}?{FAST}", tmp_path, name)
     for i in range(2):

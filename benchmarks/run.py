@@ -942,7 +942,8 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown oracles {sorted(unknown)}; choose from {', '.join(ORACLES)}")
     sizes = [int(s) for s in args.sizes.split(",") if s]
-    os.makedirs(RESULTS, exist_ok=True)
+    for directory in (RESULTS, os.path.dirname(os.path.abspath(args.output))):
+        os.makedirs(directory, exist_ok=True)
     workdir = tempfile.mkdtemp(prefix="crown-sync-bench-")
     summary: Dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

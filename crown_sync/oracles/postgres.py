@@ -26,7 +26,12 @@ session holds ``pg_advisory_lock(key)``.
   SELECT pg_advisory_unlock_all()`` (the session is ours alone, so this releases exactly our
   lock, however many times it was re-entered). Every claim sends ``'claimed:<token>'`` in its own
   transaction. Every contender LISTENs on its election's channel, and notifications arrive in
-  commit order, so a follower can tell a release from a death (see *takeover*).
+  commit order, so a follower can tell a release from a death (see *takeover*). The release also
+  reports whether another session waits for the key; if one does, ``close()`` waits (at most 50
+  ms) for that successor's ``'leading:<token>'``, sent by its term's first confirmation after its
+  child started, before it ends our session: a backend's exit costs the server milliseconds of
+  CPU, and our process usually exits next, which would otherwise compete with the successor's
+  claim and child start.
 
 Takeover
 --------
@@ -215,6 +220,9 @@ OPTIONS = {
 _RECORD = re.compile(r"/\* crown_sync:v1:([A-Za-z0-9_-]+) \*/")
 _MARKER = "crown_sync.session"
 _MIN_VERSION = 140000
+# close() after a graceful release waits at most this long for the successor to lead (see
+# _await_successor); normally it takes a few milliseconds.
+_HANDOFF_LINGER = 0.05
 
 
 class PostgresOracleError(RuntimeError):
@@ -285,11 +293,12 @@ def _seconds_option(option: str, value: Any, low: float, high: float) -> float:
 # -------------------------------------------------------------------------------- SQL
 # Every statement reports pg_backend_pid() and our session marker: the pooling check.
 
-_HOLDER = (
+_KEY_LOCK = (
     "l.locktype = 'advisory' AND l.database = (SELECT oid FROM pg_database"
     " WHERE datname = current_database()) AND l.classid::bigint = %(hi)s"
-    " AND l.objid::bigint = %(lo)s AND l.objsubid = 1 AND l.granted"
+    " AND l.objid::bigint = %(lo)s AND l.objsubid = 1"
 )
+_HOLDER = _KEY_LOCK + " AND l.granted"
 
 # The subquery with OFFSET 0 is evaluated (lock taken) before the outer target list (token).
 _TRY_SQL = (
@@ -344,15 +353,24 @@ _CONFIRM_SQL = (
     " EXISTS (SELECT 1 FROM pg_locks l WHERE l.pid = pg_backend_pid() AND " + _HOLDER + "),"
     " pg_is_in_recovery()"
 )
+# A term's first confirmation also announces "leading:<token>" (after the engine started the
+# child): a predecessor that just released to us ends its session only then (_await_successor).
+_ANNOUNCING_CONFIRM_SQL = _CONFIRM_SQL + ", pg_notify(%(channel)s, %(leading)s)"
 
 
-def _release_sql(channel: str, token: int) -> str:
-    """A graceful release in one round trip (see _release). Literals, not parameters: only the
-    simple query protocol takes several statements; both values are ours (a hex channel name and
-    an integer), and a plain string skips psycopg's composition on the handoff's critical path."""
-    assert re.fullmatch(r"crown_sync_[0-9a-f]{16}", channel) and isinstance(token, int)
+def _release_sql(channel: str, token: int, hi: int, lo: int) -> str:
+    """A graceful release in one round trip (see _release). After the unlock (the FROM item is
+    evaluated first), it reports whether another session now holds the key or waits for it: a
+    successor whose claim close() lets commit before ending our session. Literals, not
+    parameters: only the simple query protocol takes several statements; every value is ours (a
+    hex channel name and integers), and a plain string skips psycopg's composition on the
+    handoff's critical path."""
+    assert re.fullmatch(r"crown_sync_[0-9a-f]{16}", channel)
+    assert all(isinstance(v, int) and not isinstance(v, bool) for v in (token, hi, lo))
+    others = (_KEY_LOCK % {"hi": hi, "lo": lo}) + " AND l.pid <> pg_backend_pid()"
     return (f"BEGIN; SELECT pg_notify('{channel}', 'released:{token}'); COMMIT;"
-            f" SELECT pg_advisory_unlock_all()")
+            f" SELECT EXISTS (SELECT 1 FROM pg_locks l WHERE {others})"
+            f" FROM (SELECT pg_advisory_unlock_all() OFFSET 0) unlocked")
 
 
 _SETTINGS = (
@@ -715,7 +733,8 @@ class PostgresContender(Contender):
         # leadership
         self._token: Optional[int] = None
         self._since: Optional[float] = None
-        self._record_sql: Optional[str] = None
+        self._record_comment: Optional[str] = None
+        self._announced = False  # this term's "leading:<token>" was sent
         self._leading = False
         self._dismissed = False
         self._session_lost = False  # the socket watcher heard a goodbye (FATAL, EOF)
@@ -728,6 +747,7 @@ class PostgresContender(Contender):
         self._in_wait = False
         self._prepared: Optional[Claim] = None
         self._events: "collections.deque" = collections.deque(maxlen=64)  # (kind, token, pid)
+        self._handoff: Optional[Tuple[int, float]] = None  # (released token, linger until): close()
         self._waiter_wakeup = threading.Event()
         self._leader: Optional[Leader] = None
         # leader's socket watcher thread
@@ -935,7 +955,9 @@ class PostgresContender(Contender):
             "metadata": self.metadata, "token": self._token, "since": self._since,
         }
 
-    def _make_record_sql(self) -> str:
+    def _make_record_comment(self) -> str:
+        """The confirm statement with our leader record; the term's first one announces it."""
+        self._announced = False
         record = self._record()
         comment = _encode_record(record)
         if len(comment.encode()) >= self._query_limit:
@@ -946,7 +968,7 @@ class PostgresContender(Contender):
                 "%s: leader metadata does not fit track_activity_query_size (%d bytes); published without it",
                 self.name, self._query_limit,
             )
-        return comment + _CONFIRM_SQL
+        return comment
 
     def claim(self) -> Claim:
         self._check_usable()
@@ -1014,7 +1036,7 @@ class PostgresContender(Contender):
             raise
 
     def _won(self) -> Claim:
-        self._record_sql = self._make_record_sql()
+        self._record_comment = self._make_record_comment()
         self._dismissed = False
         try:
             claim = self._confirm()
@@ -1040,10 +1062,15 @@ class PostgresContender(Contender):
             self._drop_connection()
             return Claim(won=False, leader=None)
         started = time.monotonic()
+        announce, self._announced = not self._announced, True  # once, even if it fails
+        params = {"hi": self._hi, "lo": self._lo}
+        if announce:
+            params.update(channel=self._channel, leading=f"leading:{self._token}")
         try:
-            pid, marker, held, in_recovery = self._execute(
-                self._record_sql, {"hi": self._hi, "lo": self._lo}, conn
+            row = self._execute(
+                self._record_comment + (_ANNOUNCING_CONFIRM_SQL if announce else _CONFIRM_SQL), params, conn
             )
+            pid, marker, held, in_recovery = row[:4]
             self._check_session(pid, marker, in_recovery)
         except psycopg.OperationalError as exc:
             conn = self._conn
@@ -1078,7 +1105,7 @@ class PostgresContender(Contender):
 
     def refresh(self) -> Claim:
         self._check_usable()
-        if not self._leading or self._record_sql is None:
+        if not self._leading or self._record_comment is None:
             return Claim(won=False, leader=None)
         claim = self._confirm()
         if not claim.won:
@@ -1097,7 +1124,7 @@ class PostgresContender(Contender):
             if self._leading and pid == str(self._pid) and (not token or token == str(self._token)):
                 self._dismissed = True
             return
-        if kind in ("claimed", "released") and rest.isdigit():
+        if kind in ("claimed", "released", "leading") and rest.isdigit():
             with self._state_lock:
                 self._events.append((kind, int(rest), notify.pid))
 
@@ -1177,9 +1204,9 @@ class PostgresContender(Contender):
     def _release(self, quietly: bool = False) -> None:
         """Unlock, announcing it first ("released:<token>"), so the follower woken by it knows
         we let go (our child already stopped) rather than died."""
-        was_leading = self._record_sql is not None and self._token is not None
+        was_leading = self._record_comment is not None and self._token is not None
         self._leading = False
-        self._record_sql = None
+        self._record_comment = None
         self._watch_generation += 1  # the socket watcher goes inert now; joined after the unlock
         conn = self._conn
         if conn is None or conn.closed:
@@ -1192,7 +1219,12 @@ class PostgresContender(Contender):
                     if was_leading:
                         # One round trip: the NOTIFY commits before the unlock, so it precedes
                         # the next claim's.
-                        conn.execute(_release_sql(self._channel, self._token))
+                        cursor = conn.execute(_release_sql(self._channel, self._token, self._hi, self._lo))
+                        while cursor.nextset():  # BEGIN, NOTIFY, COMMIT: the unlock's row is last
+                            pass
+                        (successor,) = cursor.fetchone()
+                        if successor:
+                            self._handoff = (self._token, time.monotonic() + _HANDOFF_LINGER)
                     else:
                         conn.execute("SELECT pg_advisory_unlock_all()")
                 finally:
@@ -1224,6 +1256,7 @@ class PostgresContender(Contender):
         self._leading = False
         self._stop_watcher()
         self._stop_waiter(timeout=2.0)
+        self._await_successor()
         conn = self._conn
         if conn is not None:
             # Polite close if no statement is in flight, else cut the socket (bounded).
@@ -1239,6 +1272,38 @@ class PostgresContender(Contender):
                 except OSError:
                     pass
         self._wake_r = self._wake_w = -1
+
+    def _await_successor(self) -> None:
+        """Right after a graceful release to a queued successor, wait (at most
+        ``_HANDOFF_LINGER``) until it leads, seen as its ``leading:<token>`` notification (sent
+        by its first confirmation, after its child started), before our session ends. Ending a
+        session makes its backend process exit, which costs the server milliseconds of CPU, and
+        our own process usually exits next; at once, both would compete with the successor's
+        claim and its child's start (on the database server, and on a shared host) on the
+        handoff's critical path. Nothing waits on this but our own close()."""
+        handoff, self._handoff = self._handoff, None
+        conn = self._conn
+        if handoff is None or conn is None or conn.closed:
+            return
+        released_token, until = handoff
+        pgconn = conn.pgconn
+        while True:
+            try:
+                with self._io_lock:
+                    self._read_notifications(pgconn)
+            except Exception:
+                return
+            with self._state_lock:
+                if any(kind == "leading" and token > released_token and pid != self._pid
+                       for kind, token, pid in self._events):
+                    return
+            remaining = until - time.monotonic()
+            if remaining <= 0:
+                return
+            try:
+                select.select([pgconn.socket], [], [], remaining)
+            except (OSError, ValueError):
+                return
 
     def _after_fork_in_child(self) -> None:
         self._forked = True
@@ -1338,7 +1403,7 @@ class PostgresContender(Contender):
                     return  # stopped (close): closing the connection releases the lock
                 waited = True
         self._token, self._since = token, since
-        self._record_sql = self._make_record_sql()
+        self._record_comment = self._make_record_comment()
         self._dismissed = False
         self._session_lost = False
         deadline = started + self._bound - self.oracle.margin

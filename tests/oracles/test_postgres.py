@@ -25,6 +25,7 @@ import pytest
 
 import crown_sync
 from crown_sync import telemetry
+from crown_sync.oracles import postgres as postgres_oracle
 from crown_sync.oracles.postgres import (
     OPTIONS,
     PoolingDetected,
@@ -348,6 +349,85 @@ def test_follower_is_woken_by_the_server_and_takes_over_with_a_higher_token(pg, 
     finally:
         a.close()
         b.close()
+        oracle.close()
+
+
+def session_alive(pg, pid):
+    return bool(pg.sql("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)))
+
+
+def test_old_leaders_session_ends_only_after_its_successor_leads(pg, name, monkeypatch):
+    # A long bound, so that only the successor's announcement can end the wait.
+    monkeypatch.setattr(postgres_oracle, "_HANDOFF_LINGER", 60.0)
+    oracle = oracle_for(pg)
+    signals = Signals()
+    a = oracle.contender(name, "a", {}, Signals())
+    b = oracle.contender(name, "b", {}, signals)
+    closer = None
+    try:
+        assert a.claim().won
+        a_pid = holder_pid(pg, oracle, name)
+        assert b.claim().won is False and b.watch(None)
+        wait_until(lambda: pg.sql("SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", (b._pid,))
+                   == [("Lock",)], message="b waiting on the lock")
+        a.abdicate()
+        closer = threading.Thread(target=a.close)
+        closer.start()
+        signals.wait()
+        claim = b.claim()
+        assert claim.won and claim.refresh_in == 0
+        assert holder_pid(pg, oracle, name) == b._pid
+        # b holds the lock but has not confirmed (announced) yet: a's session is still there.
+        time.sleep(0.3)
+        assert closer.is_alive() and session_alive(pg, a_pid)
+        assert b.refresh().won  # the term's first confirmation announces "leading:<token>"
+        closer.join(30)
+        assert not closer.is_alive()
+        wait_until(lambda: not session_alive(pg, a_pid), message="a's session ended")
+        assert b.refresh().won
+    finally:
+        if closer is not None:
+            b.close()
+            closer.join(60)
+        a.close()
+        b.close()
+        oracle.close()
+
+
+@pytest.mark.parametrize("successor", ["none", "silent"])
+def test_close_after_a_release_waits_only_for_a_successor_and_only_so_long(pg, name, monkeypatch, successor):
+    """Nobody queued: close() does not wait at all. A queued session that never announces
+    (not a crown: a plain pg_advisory_lock): close() waits out the bound, no longer."""
+    bound = 60.0 if successor == "none" else 1.0
+    monkeypatch.setattr(postgres_oracle, "_HANDOFF_LINGER", bound)
+    oracle = oracle_for(pg)
+    a = oracle.contender(name, "a", {}, Signals())
+    other = None
+    try:
+        assert a.claim().won
+        a_pid = holder_pid(pg, oracle, name)
+        if successor == "silent":
+            other = psycopg.connect(pg.url_for(password=SECRET), autocommit=True)
+            other_pid = other.info.backend_pid
+            waiting = threading.Thread(target=lambda: other.execute("SELECT pg_advisory_lock(%s)", (oracle.key(name),)))
+            waiting.start()
+            wait_until(lambda: pg.sql("SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", (other_pid,))
+                       == [("Lock",)], message="the plain session waiting on the lock")
+        started = time.monotonic()
+        a.abdicate()
+        a.close()
+        took = time.monotonic() - started
+        wait_until(lambda: not session_alive(pg, a_pid), message="a's session ended")
+        if successor == "none":
+            assert took < 30  # far below the 60 s bound: it did not wait (generous: not a speed test)
+        else:
+            waiting.join(30)
+            assert holder_pid(pg, oracle, name) == other_pid
+            assert bound <= took < 30  # waited out the bound, and no longer
+    finally:
+        a.close()
+        if other is not None:
+            other.close()
         oracle.close()
 
 

@@ -116,9 +116,11 @@ class _Supervisor:
             return False
 
     def wait_readable(self, wakeup_fd: int, timeout: float) -> None:
+        poller = select.poll()  # not select(): it refuses descriptors above 1023
+        poller.register(wakeup_fd, select.POLLIN)
         try:
-            readable, _, _ = select.select([wakeup_fd], [], [], max(0.0, timeout))
-        except InterruptedError:  # pragma: no cover - PEP 475 retries select
+            readable = poller.poll(max(0, math.ceil(timeout * 1000)))
+        except InterruptedError:  # pragma: no cover - PEP 475 retries poll
             return
         if readable:
             try:

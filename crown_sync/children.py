@@ -875,14 +875,17 @@ class _RunningCommand(RunningChild):
         # on the status pipe: a process forked meanwhile by another thread may hold the pipe's
         # write end. Without pidfds, poll.
         exited = self._handle.fileno()
-        watch = [self._status_fd] + ([exited] if exited is not None else [])
+        # poll(), not select(): select() refuses descriptors above 1023 (a process with many crowns)
+        poller = select.poll()
+        for fd in [self._status_fd] + ([exited] if exited is not None else []):
+            poller.register(fd, select.POLLIN | select.POLLERR | select.POLLHUP)
         open_pipe = True
         while True:
-            readable, _, _ = select.select(watch, [], [], None if exited is not None else 0.1)
+            readable = {fd for fd, _ in poller.poll(None if exited is not None else 100)}
             if self._status_fd in readable:
                 open_pipe = self._drain()
                 if not open_pipe:
-                    watch.remove(self._status_fd)
+                    poller.unregister(self._status_fd)
             if (exited is not None and exited in readable) or self.supervisor.poll() is not None:
                 break
         returncode = self.supervisor.wait()

@@ -409,6 +409,11 @@ def test_command_child_exit_codes(tmp_path, caplog):
     assert run_command([str(script)]).exitcode == 126
 
 
+def test_command_child_is_reaped_when_its_descriptors_are_above_1023(fds_above_1023):
+    running = run_command(["sh", "-c", "exit 5"])
+    assert running.exitcode == 5 and not running.alive()
+
+
 def test_command_child_stop_graceful_and_after_grace(tmp_path, caplog):
     exits = Exits()
     polite = CommandChild(["sh", "-c", "trap 'exit 0' TERM; while :; do sleep 0.02; done"], grace=5)

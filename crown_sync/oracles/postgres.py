@@ -432,6 +432,14 @@ def _blind(conn: Optional[psycopg.Connection]) -> None:
         pass
 
 
+def _readable(fd: int, timeout: float) -> bool:
+    """Has ``fd`` something to read (or an error, or EOF) within ``timeout`` seconds? poll(), not
+    select(): select() refuses descriptors above 1023, which a process with many crowns has."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP)
+    return bool(poller.poll(max(0, math.ceil(timeout * 1000))))
+
+
 def _shutdown(conn: Optional[psycopg.Connection]) -> None:
     """Cut the connection's socket under whoever is using it (bounded, no network wait)."""
     if conn is None:
@@ -956,7 +964,8 @@ class PostgresContender(Contender):
         }
 
     def _make_record_comment(self) -> str:
-        """The confirm statement with our leader record; the term's first one announces it."""
+        """Our leader record, as the SQL comment that leads each of the term's confirm statements
+        (the first of which announces the term)."""
         self._announced = False
         record = self._record()
         comment = _encode_record(record)
@@ -1170,8 +1179,8 @@ class PostgresContender(Contender):
             if remaining <= 0 or self._waiter_stop:
                 return False, None
             try:
-                select.select([pgconn.socket], [], [], min(remaining, 0.01))
-            except (OSError, ValueError):
+                _readable(pgconn.socket, min(remaining, 0.01))
+            except (OSError, ValueError, psycopg.Error):
                 return False, None
 
     def _not_terminated(self, conn: psycopg.Connection, predecessor: Optional[int],
@@ -1203,7 +1212,9 @@ class PostgresContender(Contender):
 
     def _release(self, quietly: bool = False) -> None:
         """Unlock, announcing it first ("released:<token>"), so the follower woken by it knows
-        we let go (our child already stopped) rather than died."""
+        we let go (our child already stopped) rather than died. If a session waits for the lock,
+        note it: close() then lets that successor lead before ending our session."""
+        self._handoff = None
         was_leading = self._record_comment is not None and self._token is not None
         self._leading = False
         self._record_comment = None
@@ -1301,8 +1312,8 @@ class PostgresContender(Contender):
             if remaining <= 0:
                 return
             try:
-                select.select([pgconn.socket], [], [], remaining)
-            except (OSError, ValueError):
+                _readable(pgconn.socket, remaining)
+            except (OSError, ValueError, psycopg.Error):
                 return
 
     def _after_fork_in_child(self) -> None:
@@ -1492,7 +1503,7 @@ class PostgresContender(Contender):
     def _unread(conn: psycopg.Connection) -> bool:
         """Has the server sent something not read yet (a goodbye, a notification)?"""
         try:
-            return bool(select.select([conn.pgconn.socket], [], [], 0)[0])
+            return _readable(conn.pgconn.socket, 0)
         except (OSError, ValueError, psycopg.Error):
             return True
 
@@ -1574,7 +1585,7 @@ class PostgresContender(Contender):
             with self._io_lock:  # no statement in flight: readable now means unsolicited
                 if generation != self._watch_generation or conn.closed:
                     return
-                if not select.select([fd], [], [], 0)[0]:
+                if not _readable(fd, 0):
                     continue
                 lost = self._peek_fatal(conn, fd)
                 if not lost:

@@ -394,6 +394,30 @@ def test_old_leaders_session_ends_only_after_its_successor_leads(pg, name, monke
         oracle.close()
 
 
+def test_handoff_with_sockets_above_descriptor_1023(pg, name, fds_above_1023):
+    """A process with many crowns has sockets that select() refuses: the handoff still takes the
+    fast path (nothing unread, the release seen), and the leader's socket watcher still works."""
+    oracle = oracle_for(pg)
+    signals = Signals()
+    a = oracle.contender(name, "a", {}, Signals())
+    b = oracle.contender(name, "b", {}, signals)
+    try:
+        assert a.claim().won
+        assert b.claim().won is False and b.watch(None)
+        assert b._conn.pgconn.socket > 1023
+        a.abdicate()
+        signals.wait()
+        claim = b.claim()
+        assert claim.won and claim.refresh_in == 0  # led on the wait's result: the fast path
+        assert b.refresh().won
+        pg.sql("SELECT pg_terminate_backend(%s)", (b._pid,))
+        signals.wait(lost=True)  # the socket watcher heard the goodbye
+    finally:
+        a.close()
+        b.close()
+        oracle.close()
+
+
 @pytest.mark.parametrize("successor", ["none", "silent"])
 def test_close_after_a_release_waits_only_for_a_successor_and_only_so_long(pg, name, monkeypatch, successor):
     """Nobody queued: close() does not wait at all. A queued session that never announces

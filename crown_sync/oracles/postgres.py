@@ -184,7 +184,7 @@ import time
 import urllib.parse
 import uuid
 import weakref
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import psycopg
 import psycopg.errors
@@ -1147,23 +1147,41 @@ class PostgresContender(Contender):
                 return
             self._on_notify(psycopg.Notify(raw.relname.decode(), raw.extra.decode(), raw.be_pid))
 
-    def _handed_over(self, conn: psycopg.Connection, token: int, until: float,
-                     holder: Optional[int]) -> Tuple[bool, Optional[int]]:
-        """Who held the lock before our claim ``token`` (a backend pid, None if unknown), and did
-        that term end with a release? Reads the channel's notifications (commit order) until our
-        own "claimed" arrives, or ``until``. The predecessor is the last claim seen before ours,
-        or, if we saw none, ``holder``: the session that held the lock when our wait began."""
+    def _read_events_until(self, conn: psycopg.Connection, until: float,
+                           match: Callable[[List[Tuple[str, int, int]]], Any],
+                           stopped: Callable[[], bool] = lambda: False) -> Any:
+        """Read the channel's notifications (commit order) until ``match(events)`` answers
+        something other than None, and return that; None once ``until`` passes, ``stopped()``
+        says so or the connection fails. What has arrived is read first: notifications usually
+        come right behind a statement's result, and must be seen before waiting for more."""
         pgconn = conn.pgconn
         while True:
             try:
-                # Read what has arrived first: the notifications usually come right behind the
-                # lock wait's result, and must be seen before deciding to wait for more.
                 with self._io_lock:
                     self._read_notifications(pgconn)
             except Exception:
-                return False, None
+                return None
             with self._state_lock:
                 events = list(self._events)
+            found = match(events)
+            if found is not None:
+                return found
+            remaining = until - time.monotonic()
+            if remaining <= 0 or stopped():
+                return None
+            try:
+                _readable(pgconn.socket, min(remaining, 0.01))
+            except (OSError, ValueError, psycopg.Error):
+                return None
+
+    def _handed_over(self, conn: psycopg.Connection, token: int, until: float,
+                     holder: Optional[int]) -> Tuple[bool, Optional[int]]:
+        """Who held the lock before our claim ``token`` (a backend pid, None if unknown), and did
+        that term end with a release? Reads the channel's notifications until our own "claimed"
+        arrives, or ``until``. The predecessor is the last claim seen before ours, or, if we saw
+        none, ``holder``: the session that held the lock when our wait began."""
+
+        def decide(events):
             for index, (kind, event_token, pid) in enumerate(events):
                 if kind == "claimed" and event_token == token and pid == self._pid:
                     before = events[:index]
@@ -1175,13 +1193,9 @@ class PostgresContender(Contender):
                         last, predecessor, after = None, holder, before
                     released = any(e[0] == "released" and (last is None or e[1] == last) for e in after)
                     return released, predecessor
-            remaining = until - time.monotonic()
-            if remaining <= 0 or self._waiter_stop:
-                return False, None
-            try:
-                _readable(pgconn.socket, min(remaining, 0.01))
-            except (OSError, ValueError, psycopg.Error):
-                return False, None
+            return None
+
+        return self._read_events_until(conn, until, decide, lambda: self._waiter_stop) or (False, None)
 
     def _not_terminated(self, conn: psycopg.Connection, predecessor: Optional[int],
                         killed_before: Optional[int], until: float) -> bool:
@@ -1297,24 +1311,9 @@ class PostgresContender(Contender):
         if handoff is None or conn is None or conn.closed:
             return
         released_token, until = handoff
-        pgconn = conn.pgconn
-        while True:
-            try:
-                with self._io_lock:
-                    self._read_notifications(pgconn)
-            except Exception:
-                return
-            with self._state_lock:
-                if any(kind == "leading" and token > released_token and pid != self._pid
-                       for kind, token, pid in self._events):
-                    return
-            remaining = until - time.monotonic()
-            if remaining <= 0:
-                return
-            try:
-                _readable(pgconn.socket, remaining)
-            except (OSError, ValueError, psycopg.Error):
-                return
+        self._read_events_until(conn, until, lambda events: any(
+            kind == "leading" and token > released_token and pid != self._pid
+            for kind, token, pid in events) or None)
 
     def _after_fork_in_child(self) -> None:
         self._forked = True

@@ -27,6 +27,8 @@ def main(argv=None) -> int:
     parser.add_argument("--identity", default=None)
     parser.add_argument("--monitor-delay", type=float, default=None)
     parser.add_argument("--grace", type=float, default=2.0)
+    parser.add_argument("--stop-delay", type=float, default=0.0,
+                        help="the child keeps working this long after being told to stop")
     args = parser.parse_args(argv)
 
     import crown_sync
@@ -44,14 +46,17 @@ def main(argv=None) -> int:
         telemetry.attach(record)
 
     if args.child == "thread":
-        child = crown_sync.ThreadChild(journal.journaled_work, args=(args.journal, args.interval))
+        child = crown_sync.ThreadChild(
+            journal.journaled_work, args=(args.journal, args.interval, args.stop_delay), grace=args.grace
+        )
     elif args.child == "process":
         child = crown_sync.ProcessChild(
-            journal.journaled_process, args=(args.journal, args.interval), grace=args.grace
+            journal.journaled_process, args=(args.journal, args.interval, args.stop_delay), grace=args.grace
         )
     elif args.child == "command":
         child = crown_sync.CommandChild(
-            [sys.executable, "-m", "crown_sync.testing.journal", args.journal, str(args.interval)],
+            [sys.executable, "-m", "crown_sync.testing.journal", args.journal, str(args.interval),
+             str(args.stop_delay)],
             grace=args.grace,
         )
     else:

@@ -47,15 +47,24 @@ class Journal:
             self._fd = -1
 
 
-def journaled_work(term, path: str, interval: float = 0.005) -> None:
+def journaled_work(term, path: str, interval: float = 0.005, stop_delay: float = 0.0) -> None:
     """A thread child: journal start, a beat every ``interval`` while the term lasts, stop.
 
-    Use as ``child=crown_sync.ThreadChild(journaled_work, args=(path,))``.
+    Use as ``child=crown_sync.ThreadChild(journaled_work, args=(path,))``. With ``stop_delay``
+    it winds down like a real job: it keeps beating that long after ``stop_event`` is set by the
+    end of the term, though never past the term's deadline (a thread can only be trusted to
+    honour that).
     """
     journal = Journal(path)
     try:
         journal.write("start", term.name, term.identity, term.token)
         while not term.stop_event.wait(interval):
+            journal.write("beat", term.name, term.identity, term.token)
+        wind_down = time.monotonic() + stop_delay
+        while time.monotonic() < wind_down and not term.expired:
+            time.sleep(interval)
+            if term.expired:
+                break
             journal.write("beat", term.name, term.identity, term.token)
         if term.deadline is None or time.monotonic() < term.deadline:
             # Stopped in time. Past the deadline (e.g. resumed after SIGSTOP) the work stopped
@@ -65,44 +74,39 @@ def journaled_work(term, path: str, interval: float = 0.005) -> None:
         journal.close()
 
 
-def journaled_process(term_info, path: str, interval: float = 0.005) -> None:
-    """A ProcessChild target: beats until SIGTERM (stop) or SIGKILL (deadline)."""
+def _beat_until_sigterm(path: str, name: str, identity: str, token: Optional[int], interval: float,
+                        stop_delay: float) -> None:
+    """Journal start, beats until SIGTERM, ``stop_delay`` seconds more beats (a daemon that takes
+    that long to honour SIGTERM, the normal case), then stop. SIGKILL ends it anywhere."""
     import signal
 
     stopping = []
-    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
-    journal = Journal(path)
-    journal.write("start", term_info.name, term_info.identity, term_info.token)
-    while not stopping:
-        time.sleep(interval)
-        if stopping:
-            break
-        journal.write("beat", term_info.name, term_info.identity, term_info.token)
-    journal.write("stop", term_info.name, term_info.identity, term_info.token)
-    journal.close()
-
-
-def _command_main(argv: List[str]) -> int:
-    """``python -m crown_sync.testing.journal PATH [INTERVAL]``: a CommandChild that journals,
-    reading its term from the CROWN_SYNC_* environment."""
-    import signal
-
-    path = argv[0]
-    interval = float(argv[1]) if len(argv) > 1 else 0.005
-    stopping = []
-    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
-    name = os.environ["CROWN_SYNC_NAME"]
-    identity = os.environ["CROWN_SYNC_IDENTITY"]
-    token_text = os.environ.get("CROWN_SYNC_TOKEN", "")
-    token = int(token_text) if token_text else None
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(time.monotonic()))
     journal = Journal(path)
     journal.write("start", name, identity, token)
-    while not stopping:
+    while not stopping or time.monotonic() < stopping[0] + stop_delay:
         time.sleep(interval)
-        if stopping:
+        if stopping and time.monotonic() >= stopping[0] + stop_delay:
             break
         journal.write("beat", name, identity, token)
     journal.write("stop", name, identity, token)
+    journal.close()
+
+
+def journaled_process(term_info, path: str, interval: float = 0.005, stop_delay: float = 0.0) -> None:
+    """A ProcessChild target: beats until SIGTERM (then ``stop_delay`` more) or SIGKILL."""
+    _beat_until_sigterm(path, term_info.name, term_info.identity, term_info.token, interval, stop_delay)
+
+
+def _command_main(argv: List[str]) -> int:
+    """``python -m crown_sync.testing.journal PATH [INTERVAL [STOP_DELAY]]``: a CommandChild that
+    journals, reading its term from the CROWN_SYNC_* environment."""
+    path = argv[0]
+    interval = float(argv[1]) if len(argv) > 1 else 0.005
+    stop_delay = float(argv[2]) if len(argv) > 2 else 0.0
+    token_text = os.environ.get("CROWN_SYNC_TOKEN", "")
+    _beat_until_sigterm(path, os.environ["CROWN_SYNC_NAME"], os.environ["CROWN_SYNC_IDENTITY"],
+                        int(token_text) if token_text else None, interval, stop_delay)
     return 0
 
 

@@ -42,7 +42,11 @@ record; a day for ``pending`` and ``released`` records) only collects abandoned 
 long enough that followers take over a crashed leader's record by CAS before it expires. A
 ``pending`` record lives long because it may be renewed only at the engine's claims (every
 ``monitor_delay`` with ``monitor_leader=False``); an abandoned one is stale after a ``ttl`` and
-taken over like any other. ``margin`` covers the child's stop and scheduling jitter.
+taken over like any other. ``margin`` covers the child's kill, scheduling jitter and the rate
+difference of two hosts' clocks over a ``ttl`` (see ``default_margin``; at least ``ttl / 100``).
+A revocation (the key deleted by someone else, ``flush_all``, a restart) leaves no record: the
+quarantine above waits it out, and the revoked child, however slow to honour SIGTERM, is killed
+at its deadline.
 
 Dismissal: ``dismiss`` CAS-replaces the ``held`` record with ``vacated``; the leader's next
 renewal sees it, the engine stops the child and the leader releases. Its refresh asks the engine
@@ -137,6 +141,17 @@ _RELEASED_EXPIRE = 86400  # keeps the token and the "free now" mark of a cleanly
 _PENDING_EXPIRE = 86400
 _MAX_RECORD = 512 * 1024
 _monotonic = time.monotonic
+
+
+#: The smallest margin allowed, as a fraction of ttl: ten times the worst rate difference of two
+#: hosts' clocks under NTP (each may be slewed by up to 500 ppm: 0.1% between two).
+MIN_MARGIN_RATIO = 0.01
+
+
+def default_margin(ttl: float) -> float:
+    """The default margin: a second (a quarter of a short ttl) for the child's kill and the
+    scheduler, but at least ttl / 10 (clock-rate differences grow with the time measured)."""
+    return max(min(1.0, ttl / 4), ttl / 10)
 
 
 class MemcachedError(ConnectionError):
@@ -349,7 +364,8 @@ class MemcachedOracle(Oracle):
     ttl: lease length in seconds (>= 1). Crash failover takes about ``ttl + poll_interval``; after
         memcached lost the key, the first claimant waits one ``ttl`` before it starts.
     margin: how long before the lease ends the leader's deadline falls (default
-        ``min(1.0, ttl / 4)``): time for the child to stop, plus scheduling jitter.
+        ``max(min(1, ttl / 4), ttl / 10)``, at least ``ttl / 100``): time for the child to be
+        killed, scheduling jitter, and clock-rate differences between hosts (they grow with ttl).
     renew_interval: how often the leader renews (default ``(ttl - margin) / 3``; at most
         ``(ttl - margin) / 2`` so that a failed renewal can be retried before the deadline).
     poll_interval: how often a follower reads the key (default 0.2 s: at most 5 requests/s).
@@ -381,9 +397,18 @@ class MemcachedOracle(Oracle):
             raise ValueError(f"ttl must be at least 1 second, got {self.ttl!r}")
         if self.ttl > 3600:
             raise ValueError(f"ttl must be at most 3600 seconds, got {self.ttl!r}")
-        self.margin = min(1.0, self.ttl / 4) if margin is None else _seconds("margin", margin)
+        self.margin = default_margin(self.ttl) if margin is None else _seconds("margin", margin)
         if self.margin > self.ttl / 2:
             raise ValueError(f"margin ({self.margin}) must be at most half of ttl ({self.ttl})")
+        if self.margin < self.ttl * MIN_MARGIN_RATIO:
+            # The lease is timed on two hosts' monotonic clocks (the leader's deadline, the
+            # follower's or claimant's wait): their rates may differ, by an amount that grows
+            # with the length timed.
+            raise ValueError(
+                f"margin ({self.margin:g}) must be at least ttl / {1 / MIN_MARGIN_RATIO:g} "
+                f"({self.ttl * MIN_MARGIN_RATIO:g}): the lease is timed on different hosts' clocks, "
+                f"whose rates may differ by up to 0.1% under NTP; raise margin or lower ttl"
+            )
         usable = self.ttl - self.margin
         if renew_interval is None:
             self.renew_interval = usable / 3

@@ -38,11 +38,13 @@ def terms(path: str, name: str) -> List[journal.Term]:
 class Fleet:
     """Contender processes (``python -m crown_sync.testing.contender``), one identity each."""
 
-    def __init__(self, url: str, directory: str, name: str, child: str = "thread", grace: float = 2.0):
+    def __init__(self, url: str, directory: str, name: str, child: str = "thread", grace: float = 2.0,
+                 stop_delay: float = 0.0):
         self.url = url
         self.name = name
         self.child = child
         self.grace = grace
+        self.stop_delay = stop_delay  # the child works on this long after SIGTERM (a slow daemon)
         self.directory = str(directory)
         self.journal = os.path.join(self.directory, "journal.jsonl")
         self.events = os.path.join(self.directory, "events.jsonl")
@@ -54,7 +56,8 @@ class Fleet:
         process = subprocess.Popen(
             [sys.executable, "-m", "crown_sync.testing.contender", "--name", self.name,
              "--oracle", self.url, "--journal", self.journal, "--identity", identity,
-             "--child", self.child, "--events", self.events, "--grace", str(self.grace)],
+             "--child", self.child, "--events", self.events, "--grace", str(self.grace),
+             "--stop-delay", str(self.stop_delay)],
             cwd=ROOT,
             env=env,
             start_new_session=True,  # its own process group: cleanup can reach its children

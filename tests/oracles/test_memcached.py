@@ -240,6 +240,81 @@ def test_flush_all_ends_the_term_and_a_later_one_starts(server, tmp_path, name):
     assert after.start - flushed_at >= TTL - 0.1  # quarantine: one ttl after the add
 
 
+# A daemon slow to honour SIGTERM (the normal case): it works 1.5 s more, within a grace of 2 s.
+STOP_DELAY, GRACE = 1.5, 2.0
+
+
+def slow_fleet(srv, tmp_path, name):
+    return Fleet(f"{srv.url}?{FAST}", tmp_path, name, child="command", grace=GRACE, stop_delay=STOP_DELAY)
+
+
+def assert_replaced_without_overlap(fleet, before, after, faulted_at):
+    """The journal's verdict on one leader replaced after a fault: the old term's last line comes
+    before the new term's first, tokens rise. Returns (old term, the successor's wait)."""
+    report = assert_journal_ok(fleet, 2)
+    old = [t for t in report.terms if (t.identity, t.token) == (before.identity, before.token)][0]
+    assert old.end < after.start, report.summary()
+    assert after.token > before.token, report.summary()
+    return old, after.start - faulted_at
+
+
+@pytest.mark.parametrize("fault", ["delete", "flush_all"])
+def test_revocation_with_a_child_slow_to_stop_never_overlaps(server, tmp_path, name, fault):
+    # Someone else deletes the leader's key (or flushes the cache): the leader learns it at its
+    # next renewal and SIGTERMs its command, which would work 1.5 s more. A claimant finds no key
+    # and waits a whole ttl of quarantine, by which time the old leader's deadline (when its
+    # command is SIGKILLed, however slow its stop) is at least the margin in the past.
+    fleet = slow_fleet(server, tmp_path, name)
+    for i in range(3):
+        fleet.spawn(f"v{i}")
+    client = Client(server.address, default_noreply=False)
+    try:
+        before = fleet.wait_for_term()
+        faulted_at = time.monotonic()
+        if fault == "delete":
+            assert client.delete("crown_sync:" + name, noreply=False) is True  # the lease existed
+        else:
+            server.flush_all()
+        after = fleet.wait_for_new_term(after=faulted_at, timeout=40)
+        time.sleep(0.2)
+    finally:
+        client.close()
+        fleet.stop_all()
+    old, waited = assert_replaced_without_overlap(fleet, before, after, faulted_at)
+    # The revoked command did not get its 1.5 s: the deadline (at most ttl - margin = 1.5 s after
+    # the renewal before the fault, SIGTERM came after it) cut it short, so it never wrote "stop".
+    assert not old.stopped, (old, waited)
+    print(f"{fault}: successor started {waited:.3f} s after the fault; old child's last line "
+          f"{old.end - faulted_at:.3f} s after it")
+
+
+def test_memcached_restart_while_the_leader_is_paused_never_overlaps(fresh_server, tmp_path, name):
+    # The leader's crown process is SIGSTOPped (its command runs on, held to the term's deadline
+    # by its supervisor) and memcached restarts empty meanwhile: a follower finds no key, waits a
+    # ttl of quarantine and leads; the paused leader, resumed, finds its lease gone.
+    fleet = slow_fleet(fresh_server, tmp_path, name)
+    for i in range(3):
+        fleet.spawn(f"p{i}")
+    try:
+        before = fleet.wait_for_term()
+        fleet.signal(before.identity, signal.SIGSTOP)
+        try:
+            wait_until(lambda: _state(fleet.processes[before.identity].pid) == "T", timeout=10)
+            restarted_at = time.monotonic()
+            fresh_server.restart(down_for=0.2)
+            after = fleet.wait_for_new_term(after=restarted_at, timeout=40)
+            assert after.identity != before.identity
+        finally:
+            fleet.signal(before.identity, signal.SIGCONT)
+        time.sleep(1.0)  # the resumed crown finds its lease gone and carries on as a follower
+        assert fleet.processes[before.identity].poll() is None
+    finally:
+        fleet.stop_all()
+    old, waited = assert_replaced_without_overlap(fleet, before, after, restarted_at)
+    print(f"restart during pause: successor started {waited:.3f} s after the restart began; old "
+          f"child's last line {old.end - restarted_at:.3f} s after it")
+
+
 def test_eviction_of_the_lease_ends_the_term_safely(tmp_path, name):
     # A tiny cache with memcached 1.4's flat LRU: a busy key is evicted like any other (the
     # segmented LRU of 1.6 keeps a key that is read often, which is good for users but slow to test).
@@ -312,6 +387,7 @@ def test_find_leader_and_dismiss_through_the_public_api(server, tmp_path, name):
         ("memcached://127.0.0.1:11211?ttl=soon", ["ttl"]),
         ("memcached://127.0.0.1:11211?ttl=2&renew_interval=1", ["renew_interval"]),
         ("memcached://127.0.0.1:11211?ttl=2&margin=1.5", ["margin"]),
+        ("memcached://127.0.0.1:11211?ttl=100&margin=0.5", ["margin", "ttl / 100", "clock"]),
         ("memcached://127.0.0.1:11211?ttl=2&poll_interval=5", ["poll_interval"]),
         ("memcached://127.0.0.1:11211?ttl=2&timeout=0", ["timeout"]),
         ("memcached://127.0.0.1:11211?ttl=1&ttl=2", ["ttl"]),
@@ -342,6 +418,16 @@ def test_bad_constructor_arguments():
         MemcachedOracle("a:1", key_prefix="has space")
     with pytest.raises(TypeError, match="clock"):
         MemcachedOracle("a:1", clock=12.5)
+
+
+@pytest.mark.parametrize("ttl, margin", [(1, 0.25), (2.5, 0.625), (4, 1.0), (10, 1.0), (60, 6.0), (3600, 360.0)])
+def test_the_default_margin_is_a_second_or_a_tenth_of_a_long_ttl(ttl, margin):
+    # The margin covers the child's kill and the scheduler (about a second, less for short leases)
+    # and the rate difference of the hosts' clocks, which grows with the time measured.
+    oracle = MemcachedOracle("a:1", ttl=ttl)
+    assert oracle.margin == pytest.approx(margin)
+    assert oracle.renew_interval == pytest.approx((ttl - margin) / 3)
+    MemcachedOracle("a:1", ttl=ttl, margin=ttl / 100)  # the smallest margin accepted
 
 
 def test_a_password_never_reaches_the_message():

@@ -407,16 +407,24 @@ class FileContender(Contender):
 
     def abdicate(self) -> None:
         try:
-            fd = self._descriptor()  # a lock granted to the waiter is swapped in, then released
+            self._descriptor()  # a lock granted to the waiter is swapped in, then released
         except RuntimeError:
             return  # closed: close() released everything
         with self._mutex:
             if not self._held or self._closed:
                 return
-            self._held = False
         self._leader = None
         _dismissal_watch(self._oracle).discard(self._name, self)
-        fcntl.flock(fd, fcntl.LOCK_UN)
+        self._drop()
+
+    def _drop(self) -> None:
+        """Close our descriptor, never flock(LOCK_UN) it: the lock belongs to the open file
+        description, which the term's child processes share; unlocking would free it under a
+        child that still runs. Closing drops our reference; the lock goes with the last one."""
+        with self._mutex:
+            fd, self._fd, self._held = self._fd, None, False
+        if fd is not None:
+            os.close(fd)
 
     def close(self) -> None:
         with self._mutex:

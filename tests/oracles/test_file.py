@@ -305,3 +305,63 @@ def test_a_forked_process_does_not_keep_the_lock_after_the_parent_dies(url, tmp_
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+DAEMONIZING_COMMAND = textwrap.dedent(
+    """
+    import os, sys, time
+    from crown_sync.testing.journal import Journal
+
+    # A command that leaves a daemon behind: the daemon, in its own session, escapes the group
+    # signals and inherits the term's lock descriptor; it journals until 1.5 s after the command.
+    read_end, write_end = os.pipe()
+    if os.fork() == 0:
+        os.setsid()
+        os.close(write_end)
+        os.set_blocking(read_end, False)
+        journal = Journal(sys.argv[1])
+        term = (os.environ["CROWN_SYNC_NAME"], os.environ["CROWN_SYNC_IDENTITY"],
+                int(os.environ["CROWN_SYNC_TOKEN"]))
+        journal.write("start", *term)
+        command_gone = None
+        while command_gone is None or time.monotonic() < command_gone + 1.5:
+            time.sleep(0.02)
+            if command_gone is None:
+                try:
+                    if os.read(read_end, 1) == b"":
+                        command_gone = time.monotonic()
+                except BlockingIOError:
+                    pass
+            journal.write("beat", *term)
+        journal.write("stop", *term)
+        os._exit(0)
+    os.close(read_end)
+    while True:
+        time.sleep(60)  # until SIGTERM
+    """
+)
+
+
+def test_a_child_that_outlives_abdicate_keeps_the_election_closed(url, tmp_path):
+    script = tmp_path / "daemonizing.py"
+    script.write_text(DAEMONIZING_COMMAND)
+    path = str(tmp_path / "journal.jsonl")
+    first = crown_sync.Crown(NAME, oracle=url, identity="first",
+                             child=crown_sync.CommandChild([sys.executable, str(script), path], grace=5)).start()
+    second = None
+    try:
+        assert first.wait_for_leadership(10)
+        wait_until(lambda: os.path.exists(path) and journal.read(path))  # the daemon works
+        second = crown_sync.Crown(NAME, oracle=url, identity="second",
+                                  child=crown_sync.ThreadChild(journal.journaled_work, args=(path,))).start()
+        wait_until(lambda: second.phase == "following")
+        first.stop()  # the command exits at SIGTERM; its daemon still holds the lock descriptor
+        assert second.wait_for_leadership(20)
+        time.sleep(0.1)
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+    report = journal.check(path, NAME)
+    assert report.ok, report.summary()
+    assert [term.identity for term in report.terms] == ["first", "second"], report.summary()

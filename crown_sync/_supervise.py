@@ -18,15 +18,21 @@ single-threaded and does nothing but watch, so it can:
    command's process group at once, even if the crown itself is paused; on SIGTERM from the crown,
    SIGTERM the group, wait ``grace`` (still watching the deadline), then SIGKILL the group.
 
+The crown starts this process in a session of its own, so that stopping the crown's whole process
+group (Ctrl-Z, ``kill -STOP -PGID``, a frozen job) leaves the supervisor running and enforcing the
+deadline. If the supervisor itself is stopped, a kernel timer (:class:`KillTimer`, re-armed
+whenever the deadline moves) SIGKILLs it at the deadline, and the command dies with it by its
+parent-death signal.
+
 It reports to the crown on the status descriptor, one line per fact: ``pid N`` once the command
 runs, ``exit CODE REASON`` at the end (CODE is the command's return code, negative for a signal),
 ``error CODE MESSAGE`` if the command could not be started (127: not found, 126: not executable).
 Its own exit status is the command's code, or 128+N if the command died of signal N.
 
 Not guaranteed: a process the command starts in another session or process group escapes the
-group signals; if the supervisor itself is SIGKILLed, the kernel kills only the command (by its
-parent-death signal), not the rest of its group; a supervisor that is itself paused cannot act
-(the deadline then relies on the fencing token).
+group signals; if the supervisor itself is SIGKILLed (by someone, or by its timer while it was
+stopped), the kernel kills only the command (by its parent-death signal), not the rest of its
+group.
 """
 
 import argparse
@@ -39,10 +45,13 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Optional
 
-__all__ = ["set_parent_death_signal", "main"]
+__all__ = ["set_parent_death_signal", "KillTimer", "main"]
 
 _PR_SET_PDEATHSIG = 1
+#: How long before the deadline a running supervisor SIGKILLs the command's group (seconds).
+KILL_AHEAD = 0.005
 
 # Resolve prctl when this module is imported (in the crown's process, before any fork): calling
 # dlopen/dlsym in a child forked from a multi-threaded parent could deadlock on the loader lock.
@@ -67,6 +76,93 @@ def set_parent_death_signal(signum: int = signal.SIGKILL) -> bool:
     return _prctl(_PR_SET_PDEATHSIG, int(signum), 0, 0, 0) == 0
 
 
+# -- the kernel timer a process child or a supervisor arms on itself ---------------------------
+
+_CLOCK_MONOTONIC = getattr(time, "CLOCK_MONOTONIC", 1)
+_SIGEV_SIGNAL = 0
+_TIMER_ABSTIME = 1
+
+
+class _Sigevent(ctypes.Structure):
+    # glibc's struct sigevent: sigval, signo, notify, then a union padding it to 64 bytes.
+    _fields_ = [
+        ("sigev_value", ctypes.c_void_p),
+        ("sigev_signo", ctypes.c_int),
+        ("sigev_notify", ctypes.c_int),
+        ("_pad", ctypes.c_int * 16),
+    ]
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+class _Itimerspec(ctypes.Structure):
+    _fields_ = [("it_interval", _Timespec), ("it_value", _Timespec)]
+
+
+def _load_timer_functions():
+    # Resolved at import, in the parent: dlopen/dlsym in a child forked from a multi-threaded
+    # parent could deadlock on the dynamic loader's lock.
+    if "CLOCK_MONOTONIC)" not in time.get_clock_info("monotonic").implementation:
+        return None, None  # the timer's clock would not be time.monotonic()'s clock
+    for name in (None, "librt.so.1"):
+        try:
+            lib = ctypes.CDLL(name, use_errno=True)
+            create, settime = lib.timer_create, lib.timer_settime
+        except (OSError, AttributeError):
+            continue
+        create.restype = settime.restype = ctypes.c_int
+        create.argtypes = [ctypes.c_int, ctypes.POINTER(_Sigevent), ctypes.POINTER(ctypes.c_void_p)]
+        settime.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_int,
+            ctypes.POINTER(_Itimerspec),
+            ctypes.POINTER(_Itimerspec),
+        ]
+        return create, settime
+    return None, None
+
+
+_timer_create, _timer_settime = _load_timer_functions()
+
+
+class KillTimer:
+    """A POSIX timer on CLOCK_MONOTONIC that SIGKILLs this process at an absolute time.
+
+    The kernel delivers it however busy the process is (a C call holding the GIL included), and
+    also while the process is stopped (SIGSTOP, Ctrl-Z): SIGKILL is the one signal a stopped
+    process cannot hold back.
+    """
+
+    def __init__(self, timer_id: ctypes.c_void_p):
+        self._id = timer_id
+        self.armed = None
+
+    @classmethod
+    def create(cls) -> "Optional[KillTimer]":
+        if _timer_create is None:
+            return None
+        event = _Sigevent()
+        event.sigev_notify = _SIGEV_SIGNAL
+        event.sigev_signo = signal.SIGKILL
+        timer_id = ctypes.c_void_p()
+        if _timer_create(_CLOCK_MONOTONIC, ctypes.byref(event), ctypes.byref(timer_id)) != 0:
+            return None
+        return cls(timer_id)
+
+    def arm(self, deadline: float) -> None:
+        spec = _Itimerspec()  # all zero: disarm
+        # A deadline beyond ~30 years would not fit the kernel's fields; the caller's loop
+        # watches it.
+        if math.isfinite(deadline) and 0 < deadline < 1e9:
+            seconds = int(deadline)
+            spec.it_value.tv_sec = seconds
+            spec.it_value.tv_nsec = max(1, min(999_999_999, int((deadline - seconds) * 1e9)))
+        _timer_settime(self._id, _TIMER_ABSTIME, ctypes.byref(spec), None)
+        self.armed = deadline
+
+
 def _exit_status(returncode: int) -> int:
     """The shell's convention: a command killed by signal N "exits" with 128+N."""
     return 128 - returncode if returncode < 0 else returncode & 0xFF
@@ -85,6 +181,9 @@ class _Supervisor:
         self._deadline = ctypes.c_double.from_buffer(self._map)
         self.terminating = False
         self.proc = None
+        # SIGKILLs this process at the deadline even while it is stopped; the command then dies by
+        # its parent-death signal. None where the C library has no POSIX timers.
+        self.timer = KillTimer.create()
 
     # -- reporting ---------------------------------------------------------------------------
     def report(self, line: str) -> None:
@@ -95,8 +194,19 @@ class _Supervisor:
 
     # -- time --------------------------------------------------------------------------------
     def deadline(self) -> float:
+        """The deadline as the crown last wrote it; the kernel timer is re-armed to follow it."""
         value = self._deadline.value
-        return math.inf if math.isnan(value) else value
+        deadline = math.inf if math.isnan(value) else value
+        # A deadline already due is ours to act on (kill the group, report), not the timer's.
+        if self.timer is not None and self.timer.armed != deadline and deadline > time.monotonic():
+            self.timer.arm(deadline)
+        return deadline
+
+    def due(self, deadline: float, now: float) -> bool:
+        # KILL_AHEAD early, so that a supervisor that is running acts (the whole group, then a
+        # report) before its own timer fires (then only the command dies, by its parent-death
+        # signal). Early is the safe side.
+        return now >= deadline - KILL_AHEAD
 
     def parent_gone(self) -> bool:
         return os.getppid() != self.parent
@@ -145,7 +255,7 @@ class _Supervisor:
         signal.signal(signal.SIGINT, lambda signum, frame: None)
         signal.signal(signal.SIGCHLD, lambda signum, frame: None)  # wakes select via the fd
 
-        if time.monotonic() >= self.deadline() or self.terminating:
+        if self.due(self.deadline(), time.monotonic()) or self.terminating:
             # The term ended before the command could start: never start it.
             reason = "deadline" if not self.terminating else "stopped"
             self.report(f"exit {-signal.SIGKILL} {reason}-before-start")
@@ -181,8 +291,8 @@ class _Supervisor:
                 break
             now = time.monotonic()
             deadline = self.deadline()
-            if now >= deadline or self.parent_gone():
-                reason = "deadline" if now >= deadline else "orphaned"
+            if self.due(deadline, now) or self.parent_gone():
+                reason = "deadline" if self.due(deadline, now) else "orphaned"
                 self.signal_group(signal.SIGKILL)
                 code = self.proc.wait()
                 break
@@ -191,7 +301,7 @@ class _Supervisor:
                 code = self.terminate(wakeup_r)
                 break
             # Poll the deadline at least every 50 ms: the crown may move it either way.
-            self.wait_readable(wakeup_r, min(deadline - now, 0.05))
+            self.wait_readable(wakeup_r, min(deadline - KILL_AHEAD - now, 0.05))
 
         self.sweep_group(wakeup_r)
         self.report(f"exit {code} {reason}")
@@ -207,17 +317,17 @@ class _Supervisor:
                 return code
             now = time.monotonic()
             deadline = self.deadline()
-            if now >= give_up or now >= deadline or self.parent_gone():
+            if now >= give_up or self.due(deadline, now) or self.parent_gone():
                 self.signal_group(signal.SIGKILL)
                 return self.proc.wait()
-            self.wait_readable(wakeup_r, min(give_up - now, deadline - now, 0.05))
+            self.wait_readable(wakeup_r, min(give_up - now, deadline - KILL_AHEAD - now, 0.05))
 
     def sweep_group(self, wakeup_r: int) -> None:
         """The command is gone; stop what it left behind in its process group (same order)."""
         if self.proc is None or not self.group_alive():
             return
         self.signal_group(signal.SIGTERM)
-        give_up = min(time.monotonic() + self.grace, self.deadline())
+        give_up = min(time.monotonic() + self.grace, self.deadline() - KILL_AHEAD)
         while self.group_alive() and time.monotonic() < give_up and not self.parent_gone():
             self.wait_readable(wakeup_r, min(give_up - time.monotonic(), 0.05))
         self.signal_group(signal.SIGKILL)

@@ -30,8 +30,10 @@ What is guaranteed (Linux):
   re-reads the deadline (every 50 ms at most, and again just before it falls) and re-arms a POSIX
   timer (``timer_create(CLOCK_MONOTONIC)`` delivering SIGKILL at the absolute deadline), so the
   kernel kills it on time even if the target holds the GIL in a long C call. A CommandChild's
-  supervisor polls the deadline and SIGKILLs the command's process group when it passes, within a
-  scheduling delay of it.
+  supervisor, in a session of its own (a stop of the crown's whole process group leaves it
+  running), polls the deadline and SIGKILLs the command's process group when it passes, within a
+  scheduling delay of it; if the supervisor is stopped itself, its own kernel timer SIGKILLs it at
+  the deadline and the command dies with it (parent-death signal).
 * **Stop.** ``stop()`` returns once the child is really gone (reaped), after at most ``grace``
   plus a small margin; then SIGKILL. It is idempotent and callable from any thread.
 * **on_exit** is called exactly once per started child, from a background thread (a thread
@@ -48,8 +50,8 @@ What is NOT guaranteed:
 * A deadline extension that reaches the child in the last few milliseconds before the old
   deadline may come too late: the child is killed (the safe side).
 * Processes that a ProcessChild target starts are not signalled by the crown; processes a command
-  starts outside its process group escape the group signals; if the supervisor is SIGKILLed, the
-  kernel kills the command itself but not the rest of its group.
+  starts outside its process group escape the group signals; if the supervisor is SIGKILLed (its
+  timer included), the kernel kills the command itself but not the rest of its group.
 * With ``start_method="forkserver"`` the child's parent is the fork server, so the parent-death
   signal fires when the fork server exits (which it does when the crown's process dies, unless
   some other process still holds its "alive" pipe): weaker than with "fork" or "spawn".
@@ -80,7 +82,7 @@ from typing import Callable, Optional
 
 from .terms import keeping_fds_across_fork
 
-from crown_sync._supervise import set_parent_death_signal
+from crown_sync._supervise import KillTimer, set_parent_death_signal
 
 __all__ = [
     "Child",
@@ -141,91 +143,6 @@ def _check_kwargs(kwargs) -> dict:
 
 def _encode_deadline(deadline: Optional[float]) -> float:
     return math.inf if deadline is None else float(deadline)
-
-
-# --------------------------------------------------------------------------------------------
-# The kernel timer a ProcessChild arms on itself
-
-_CLOCK_MONOTONIC = getattr(time, "CLOCK_MONOTONIC", 1)
-_SIGEV_SIGNAL = 0
-_TIMER_ABSTIME = 1
-
-
-class _Sigevent(ctypes.Structure):
-    # glibc's struct sigevent: sigval, signo, notify, then a union padding it to 64 bytes.
-    _fields_ = [
-        ("sigev_value", ctypes.c_void_p),
-        ("sigev_signo", ctypes.c_int),
-        ("sigev_notify", ctypes.c_int),
-        ("_pad", ctypes.c_int * 16),
-    ]
-
-
-class _Timespec(ctypes.Structure):
-    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
-
-
-class _Itimerspec(ctypes.Structure):
-    _fields_ = [("it_interval", _Timespec), ("it_value", _Timespec)]
-
-
-def _load_timer_functions():
-    # Resolved at import, in the parent: dlopen/dlsym in a child forked from a multi-threaded
-    # parent could deadlock on the dynamic loader's lock.
-    if "CLOCK_MONOTONIC)" not in time.get_clock_info("monotonic").implementation:
-        return None, None  # the timer's clock would not be time.monotonic()'s clock
-    for name in (None, "librt.so.1"):
-        try:
-            lib = ctypes.CDLL(name, use_errno=True)
-            create, settime = lib.timer_create, lib.timer_settime
-        except (OSError, AttributeError):
-            continue
-        create.restype = settime.restype = ctypes.c_int
-        create.argtypes = [ctypes.c_int, ctypes.POINTER(_Sigevent), ctypes.POINTER(ctypes.c_void_p)]
-        settime.argtypes = [
-            ctypes.c_void_p,
-            ctypes.c_int,
-            ctypes.POINTER(_Itimerspec),
-            ctypes.POINTER(_Itimerspec),
-        ]
-        return create, settime
-    return None, None
-
-
-_timer_create, _timer_settime = _load_timer_functions()
-
-
-class _KillTimer:
-    """A POSIX timer on CLOCK_MONOTONIC that SIGKILLs this process at an absolute time.
-
-    The kernel delivers it however busy the process is (a C call holding the GIL included).
-    """
-
-    def __init__(self, timer_id: ctypes.c_void_p):
-        self._id = timer_id
-        self.armed = None
-
-    @classmethod
-    def create(cls) -> Optional["_KillTimer"]:
-        if _timer_create is None:
-            return None
-        event = _Sigevent()
-        event.sigev_notify = _SIGEV_SIGNAL
-        event.sigev_signo = signal.SIGKILL
-        timer_id = ctypes.c_void_p()
-        if _timer_create(_CLOCK_MONOTONIC, ctypes.byref(event), ctypes.byref(timer_id)) != 0:
-            return None
-        return cls(timer_id)
-
-    def arm(self, deadline: float) -> None:
-        spec = _Itimerspec()  # all zero: disarm
-        # A deadline beyond ~30 years would not fit the kernel's fields; the thread watches it.
-        if math.isfinite(deadline) and 0 < deadline < 1e9:
-            seconds = int(deadline)
-            spec.it_value.tv_sec = seconds
-            spec.it_value.tv_nsec = max(1, min(999_999_999, int((deadline - seconds) * 1e9)))
-        _timer_settime(self._id, _TIMER_ABSTIME, ctypes.byref(spec), None)
-        self.armed = deadline
 
 
 class _PidHandle:
@@ -326,7 +243,7 @@ def _process_main(expected_parent, deadline_value, fds, target, info, args, kwar
 
     if time.monotonic() >= read_deadline():
         _die()  # the term was over before the target could run: never run it
-    timer = _KillTimer.create()
+    timer = KillTimer.create()
     if timer is not None:
         timer.arm(read_deadline())
     watchdog = threading.Thread(
@@ -760,6 +677,9 @@ class CommandChild(Child):
                 env=self.environment(term),
                 pass_fds=(deadline.fd, status_w) + fds,
                 close_fds=True,
+                # Out of the crown's process group: a stop of the whole group (Ctrl-Z, kill -STOP
+                # -PGID) must leave the supervisor enforcing the deadline.
+                start_new_session=True,
             )
         except BaseException:
             os.close(status_r)

@@ -15,7 +15,7 @@ from typing import Any, Dict, List
 
 from .kinds import KINDS, available_kinds
 from .netns import NetnsUnavailable
-from .runner import Runner
+from .runner import Runner, kind_faults
 
 
 def format_table(results: List[Dict[str, Any]]) -> str:
@@ -72,12 +72,19 @@ def main(argv=None) -> int:
     parser.add_argument("--child", choices=["process", "command", "thread", "mixed"], default="process",
                         help="the contenders' journaling child (mixed: process, command, thread by slot)")
     parser.add_argument("--interval", type=float, default=None, help="journal beat interval (s)")
+    parser.add_argument("--stop-delay", type=float, default=0.0,
+                        help="the children keep working this long after SIGTERM, a daemon slow to stop "
+                             "(s, default 0; try a little under --grace)")
+    parser.add_argument("--grace", type=float, default=2.0,
+                        help="the children's grace between SIGTERM and SIGKILL (s, default 2)")
     parser.add_argument("--segment-rounds", type=int, default=None,
                         help="rounds per journal segment (soak default 100)")
     parser.add_argument("--require-partition", action="store_true",
                         help="fail if network namespaces can't be made (implied by CI=true)")
     parser.add_argument("--faults", default=None,
-                        help="comma-separated fault kinds to use (default: all the oracle has)")
+                        help="comma-separated fault kinds to use (default: all the oracle has): sigkill, "
+                             "sigstop, groupstop, dismiss, revoke, restart, pause-restart, terminate, "
+                             "expire, flush, partition (each oracle takes those it supports)")
     parser.add_argument("--workdir", default=None, help="keep journals and logs here")
     parser.add_argument("--output", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
@@ -95,6 +102,10 @@ def main(argv=None) -> int:
         parser.error("--soak needs --seconds")
     if args.rounds is None and args.seconds is None:
         args.rounds = 6
+    if not 0 <= args.stop_delay < float("inf"):
+        parser.error(f"--stop-delay must be a finite number of seconds >= 0, got {args.stop_delay}")
+    if not 0 < args.grace < float("inf"):
+        parser.error(f"--grace must be a finite number of seconds > 0, got {args.grace}")
     require = args.require_partition or os.environ.get("CI", "").lower() == "true"
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "big")
     print(f"crown_sync_chaos: seed {seed} (rerun with --seed {seed}); oracles: {', '.join(selected)}",
@@ -120,7 +131,9 @@ def main(argv=None) -> int:
             soak=args.soak,
             segment_rounds=args.segment_rounds or (100 if args.soak else None),
             require_partition=require,
-            faults=[f for f in args.faults.split(",") if f in available[name].faults] if args.faults else None,
+            faults=[f for f in args.faults.split(",") if f in kind_faults(available[name])] if args.faults else None,
+            stop_delay=args.stop_delay,
+            grace=args.grace,
             log=lambda text: print(text, flush=True),
         )
         try:

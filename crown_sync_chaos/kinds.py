@@ -17,7 +17,13 @@ Generic faults, injected by the runner on contender processes (see :mod:`crown_s
   The session id is the ``ephemeralOwner`` of the leader's node; the password is what the server
   derives from the id (``ZooKeeperServer.generatePasswd``: ``java.util.Random(id ^ 0xB3415C00)``,
   16 bytes), so no hook in the contender process is needed;
-* ``flush`` (memcached): ``flush_all``, which forgets every lease record at once.
+* ``flush`` (memcached): ``flush_all``, which forgets every lease record at once;
+* ``revoke``: the oracle's own way of taking the crown from a live leader, as an administrator
+  would (memcached: another client deletes the leader's key). A kind supports it by listing it
+  in ``faults`` and handling it in ``inject``; the base class refuses it.
+
+The runner's ``pause-restart`` fault restarts the server through :meth:`Kind.restart_server`,
+which reuses the kind's own ``restart``, so every kind with ``restart`` has it.
 """
 
 import importlib
@@ -90,8 +96,20 @@ class Kind:
 
     def inject(self, fault: str, rng: random.Random, leader: Optional[Dict[str, Any]], name: str) -> Dict[str, Any]:
         """Inject a server fault; returns details including ``confirmed`` (the fault was seen to
-        take effect) and ``downtime`` (seconds the oracle was unavailable to everyone)."""
+        take effect) and ``downtime`` (seconds the oracle was unavailable to everyone).
+
+        ``revoke`` takes the crown away from the live leader the way an administrator would
+        (the oracle's own revocation); a kind that supports it lists it in ``faults``."""
+        if fault == "revoke":
+            raise ValueError(f"{self.name}: no revocation fault here ('revoke' is not in {self.faults})")
         raise ValueError(f"{self.name}: unknown server fault {fault!r}")
+
+    def restart_server(self, rng: random.Random, leader: Optional[Dict[str, Any]], name: str) -> Dict[str, Any]:
+        """Restart the oracle's server through this kind's own ``restart`` fault (the runner's
+        ``pause-restart`` does so while the leader's crown process is paused)."""
+        if "restart" not in self.faults:
+            raise ValueError(f"{self.name}: no server restart here ('restart' is not in {self.faults})")
+        return self.inject("restart", rng, leader, name)
 
 
 def _with_query(url: str, **options) -> str:
@@ -341,7 +359,7 @@ class MemcachedKind(Kind):
 
     name = "memcached"
     modules = ("crown_sync.oracles.memcached", "crown_sync.testing.memcached_server", "pymemcache")
-    faults = ("sigkill", "sigstop", "dismiss", "restart", "flush", "partition")
+    faults = ("sigkill", "sigstop", "dismiss", "restart", "flush", "partition", "revoke")
 
     def start(self) -> None:
         from crown_sync.testing.memcached_server import MemcachedServer
@@ -379,7 +397,30 @@ class MemcachedKind(Kind):
             self.server.flush_all()
             after = int(self.server.stats().get("cmd_flush", 0))
             return {"downtime": 0.0, "confirmed": after == before + 1}
+        if fault == "revoke":
+            return self._revoke(leader, name)
         return super().inject(fault, rng, leader, name)
+
+    def _revoke(self, leader, name):
+        """Another client deletes the leader's lease record (the key), as an administrator might."""
+        from pymemcache.client.base import Client
+
+        from crown_sync.oracles.memcached import MemcachedOracle
+
+        key = MemcachedOracle.from_url(self.url()).key(name)  # no I/O: connects lazily
+        client = Client(self.server.address, default_noreply=False, connect_timeout=5, timeout=5)
+        try:
+            value = client.get(key)
+            try:
+                holder = json.loads(value).get("identity") if value else None
+            except ValueError:
+                holder = None
+            deleted = client.delete(key, noreply=False)
+        finally:
+            client.close()
+        # Confirmed: the key existed and named the journal's leader when it was deleted.
+        matches = leader is None or holder == leader["identity"]
+        return {"key": key, "holder": holder, "downtime": 0.0, "confirmed": bool(deleted) and matches}
 
 
 KINDS: List[type] = [FileKind, PostgresKind, ZooKeeperKind, MemcachedKind]

@@ -18,12 +18,21 @@ printed; the first rounds cover every fault of the oracle once, in random order)
 ``sigstop``    SIGSTOP the leader past its lease, then SIGCONT; either the crown's process alone
                (its child must stop itself by the deadline), then its whole process group
                the next time (alternating).
+``groupstop``  SIGSTOP the leader's whole process group (crown and child, as Ctrl-Z does) past
+               its lease, then SIGCONT: every time, so it can be chosen on its own.
+``pause-restart``  SIGSTOP the leader's crown process, restart the server (the kind's own
+               ``restart``), wait for a new term, SIGCONT. Only for kinds with ``restart``.
 ``dismiss``    ``crown_sync.dismiss``: a graceful handoff.
+``revoke``     the oracle's own revocation of the live leader (see the kind), for kinds that
+               list it.
 ``partition``  the contender in its own network namespace is made leader (dismissing others),
                then its veth link is cut (host end: silence; namespace end: unreachable), held
                past the failover (or, sometimes, only briefly), and healed.
 ``restart`` / ``terminate`` / ``expire`` / ``flush``: server faults, see
                :mod:`crown_sync_chaos.kinds`.
+
+``stop_delay`` makes every contender's child slow to stop: it keeps working that many seconds
+after SIGTERM (a daemon that takes a while to honour it, the normal case), within ``grace``.
 
 Then it waits for the next leader (a new term when the fault must end the old one). At the end
 ``crown_sync.testing.journal.check`` gives overlapping terms and token order violations, which
@@ -46,7 +55,7 @@ from typing import Any, Callable, Dict, List, Optional
 from . import kinds as kinds_module
 from .netns import Netns, NetnsUnavailable, netns_problem
 
-__all__ = ["Runner", "run_oracle", "ROOT"]
+__all__ = ["Runner", "run_oracle", "ROOT", "kind_faults"]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,6 +68,31 @@ _LOGGING_MAIN = (
 
 #: A term is "current" if its last journal line is at most this old (s).
 FRESH = 0.3
+
+#: Faults the runner adds to a kind's own: (fault, the kind's fault it needs, the kind's fault
+#: whose expectations it shares, i.e. whether it must end the term).
+_GENERIC = (("groupstop", "sigstop", "sigstop"), ("pause-restart", "restart", "restart"))
+_CHILDREN = ("process", "command", "thread")
+
+
+def kind_faults(kind_class) -> List[str]:
+    """Every fault a run on ``kind_class`` can inject: the kind's own, plus the runner's generic
+    ones that it supports (``groupstop`` with ``sigstop``, ``pause-restart`` with ``restart``)."""
+    faults = list(kind_class.faults)
+    faults += [fault for fault, needs, _ in _GENERIC if needs in kind_class.faults]
+    return faults
+
+
+def _as_kind_fault(fault: str) -> str:
+    return {fault: like for fault, _, like in _GENERIC}.get(fault, fault)
+
+
+def _seconds_option(option: str, value: Any, positive: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise ValueError(f"{option} must be a number of seconds, got {value!r}")
+    if value < 0 or (positive and value == 0) or value == float("inf"):
+        raise ValueError(f"{option} must be {'> 0' if positive else '>= 0'} and finite, got {value!r}")
+    return float(value)
 
 
 class JournalTail:
@@ -143,9 +177,11 @@ class EventTail:
 class Contender:
     """One contender process (a slot may be refilled by a new process after a SIGKILL)."""
 
-    def __init__(self, slot: int, identity: str, popen: subprocess.Popen, in_netns: bool, log: str):
+    def __init__(self, slot: int, identity: str, popen: subprocess.Popen, in_netns: bool, log: str,
+                 child: str = "process"):
         self.slot = slot
         self.identity = identity
+        self.child = child
         self.popen = popen
         self.in_netns = in_netns
         self.log = log
@@ -203,14 +239,18 @@ class Runner:
         segment_rounds: Optional[int] = None,
         require_partition: bool = False,
         faults: Optional[List[str]] = None,
+        stop_delay: float = 0.0,
+        grace: float = 2.0,
         log: Callable[[str], None] = print,
     ):
         if contenders < 2:
             raise ValueError(f"contenders must be at least 2, got {contenders}")
         if rounds is None and seconds is None:
             raise ValueError("give rounds, seconds or both")
-        if child not in ("process", "command", "thread", "mixed"):
+        if child not in _CHILDREN + ("mixed",):
             raise ValueError(f"child must be process, command, thread or mixed, got {child!r}")
+        self.stop_delay = _seconds_option("stop_delay", stop_delay, positive=False)
+        self.grace = _seconds_option("grace", grace, positive=True)
         self.kind_class = kind_class
         self.count = contenders
         self.rounds = rounds
@@ -225,10 +265,10 @@ class Runner:
         self.soak = soak
         self.segment_rounds = segment_rounds
         self.require_partition = require_partition
-        unknown = sorted(set(faults or ()) - set(kind_class.faults))
+        unknown = sorted(set(faults or ()) - set(kind_faults(kind_class)))
         if unknown:
             raise ValueError(f"{kind_class.name} has no fault {', '.join(unknown)}; it has "
-                             f"{', '.join(kind_class.faults)}")
+                             f"{', '.join(kind_faults(kind_class))}")
         self.only_faults = list(faults) if faults else None
         self.log = log
         self.name = f"chaos-{kind_class.name}"
@@ -253,7 +293,7 @@ class Runner:
         identity = f"{self.kind_class.name}-s{slot}-g{self.generation}" + ("-netns" if in_netns else "")
         child = self.child
         if child == "mixed":
-            child = ("process", "command", "thread")[slot % 3]
+            child = _CHILDREN[slot % len(_CHILDREN)]
         argv = [
             sys.executable, "-m", "crown_sync.testing.contender",
             "--name", self.name,
@@ -263,7 +303,8 @@ class Runner:
             "--interval", str(self.interval),
             "--identity", identity,
             "--monitor-delay", "1",
-            "--grace", "2",
+            "--grace", str(self.grace),
+            "--stop-delay", str(self.stop_delay),
             "--events", self.events.path,
         ]
         level = os.environ.get("CROWN_SYNC_CHAOS_LOGLEVEL")
@@ -277,7 +318,7 @@ class Runner:
         with open(log, "ab") as handle:
             popen = subprocess.Popen(argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=handle,
                                      stderr=subprocess.STDOUT, start_new_session=True)
-        proc = Contender(slot, identity, popen, in_netns, log)
+        proc = Contender(slot, identity, popen, in_netns, log, child=child)
         self.procs[slot] = proc
         return proc
 
@@ -370,19 +411,35 @@ class Runner:
         # and must stop itself by the deadline, the case every run has to cover.
         group = self.sigstops % 2 == 1
         self.sigstops += 1
+        return self._pause(proc, group)
+
+    def _pause(self, proc, group: bool) -> Dict[str, Any]:
+        """SIGSTOP the crown's process (or its whole process group) past the lease, then SIGCONT."""
         pause = round(self.kind.pause_seconds(self.rng), 2)
-        if group:
-            os.killpg(proc.pid, signal.SIGSTOP)
-        else:
-            os.kill(proc.pid, signal.SIGSTOP)
+        send = os.killpg if group else os.kill  # the contender leads its own process group
+        send(proc.pid, signal.SIGSTOP)
         confirmed = bool(_wait(lambda: _process_state(proc.pid) == "T", 5))
         time.sleep(pause)
-        if group:
-            os.killpg(proc.pid, signal.SIGCONT)
-        else:
-            os.kill(proc.pid, signal.SIGCONT)
+        send(proc.pid, signal.SIGCONT)
         return {"target": proc.identity, "scope": "process group" if group else "crown process",
                 "pause": pause, "confirmed": confirmed}
+
+    def _pause_restart(self, leader, proc) -> Dict[str, Any]:
+        """SIGSTOP the leader's crown process, restart the server, wait for a new term, SIGCONT:
+        the restart must not let a successor start while the paused leader's child may run."""
+        os.kill(proc.pid, signal.SIGSTOP)
+        paused = bool(_wait(lambda: _process_state(proc.pid) == "T", 5))
+        anchor = time.monotonic()
+        try:
+            restart = self.kind.restart_server(self.rng, leader, self.name)
+            downtime = float(restart.get("downtime") or 0.0)
+            successor = self._wait_leader(self._recovery_timeout(downtime), after=anchor, exclude=proc.identity)
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        shown = {k: v for k, v in restart.items() if k not in ("confirmed", "downtime")}
+        return {"anchor": anchor, "target": proc.identity, "restart": shown, "downtime": downtime,
+                "successor_while_paused": successor is not None,
+                "confirmed": paused and bool(restart.get("confirmed"))}
 
     def _dismiss(self, leader, proc) -> Dict[str, Any]:
         import crown_sync
@@ -459,6 +516,10 @@ class Runner:
             return self._sigkill(leader, proc)
         if fault == "sigstop":
             return self._sigstop(leader, proc)
+        if fault == "groupstop":
+            return self._pause(proc, group=True)
+        if fault == "pause-restart":
+            return self._pause_restart(leader, proc)
         if fault == "dismiss":
             return self._dismiss(leader, proc)
         if fault == "partition":
@@ -468,7 +529,7 @@ class Runner:
     # ------------------------------------------------------------------------- rounds
 
     def _faults(self) -> List[str]:
-        faults = list(self.only_faults or self.kind.faults)
+        faults = list(self.only_faults or kind_faults(self.kind_class))
         if self.netns is None and "partition" in faults:
             faults.remove("partition")
         return faults
@@ -493,7 +554,7 @@ class Runner:
         time.sleep(self.rng.uniform(0.1, 0.6))
         leader = self._poll_leader() or leader
         proc = self._by_identity(leader["identity"])
-        if proc is None and fault in ("sigkill", "sigstop"):
+        if proc is None and fault in ("sigkill", "sigstop", "groupstop", "pause-restart"):
             record.update(stalled=True, confirmed=False, details={"error": f"unknown leader {leader['identity']}"})
             return record
         t_inject = time.monotonic()
@@ -503,7 +564,7 @@ class Runner:
             details = {"confirmed": False, "error": f"{type(exc).__name__}: {exc}"[:500]}
             self._say(f"round {number}: injecting {fault} failed: {details['error']}")
         t_end = time.monotonic()
-        expects = self.kind.expects_new_term(fault, details)
+        expects = self.kind.expects_new_term(_as_kind_fault(fault), details)
         downtime = float(details.get("downtime") or 0.0)
         timeout = self._recovery_timeout(downtime)
         # The moment the fault hit (a partition is cut after the rotation that precedes it).
@@ -516,6 +577,7 @@ class Runner:
         first_new = self.tail.started_after(anchor)
         record.update(
             t_inject=t_inject, t_end=t_end, leader=leader["identity"], token=leader["token"],
+            child=proc.child if proc is not None else None,
             details=details, confirmed=bool(details.get("confirmed")), downtime=downtime,
             expects_new_term=expects, new_term=bool(first_new),
             failover_s=round(first_new[0]["start"] - anchor, 4) if first_new else None,
@@ -523,7 +585,7 @@ class Runner:
         )
         shown = {k: v for k, v in details.items() if k not in ("confirmed",)}
         self._say(
-            f"round {number}: {fault} {json.dumps(shown, default=str)} -> "
+            f"round {number}: {fault} ({record['child']} child) {json.dumps(shown, default=str)} -> "
             + (f"next term after {record['failover_s']:.3f} s" if record["failover_s"] is not None else "same term")
             + ("" if record["confirmed"] else "  [NOT CONFIRMED]")
             + ("  [STALLED: no leader afterwards]" if record["stalled"] else "")
@@ -533,7 +595,7 @@ class Runner:
     # ------------------------------------------------------------------------- run
 
     def _setup_netns(self) -> None:
-        if not self.kind_class.partitionable:
+        if not self.kind_class.partitionable or "partition" not in (self.only_faults or kind_faults(self.kind_class)):
             return
         problem = netns_problem()
         if problem is None:
@@ -560,7 +622,7 @@ class Runner:
     def run(self) -> Dict[str, Any]:
         started = time.monotonic()
         self._say(f"seed {self.seed}, {self.count} contenders, lease {self.lease} s, child {self.child}, "
-                  f"workdir {self.workdir}")
+                  f"stop delay {self.stop_delay} s, grace {self.grace} s, workdir {self.workdir}")
         try:
             self._setup_netns()
             self.kind = self.kind_class(self.lease, self.workdir, self.netns)
@@ -663,6 +725,8 @@ class Runner:
             "seed": self.seed,
             "contenders": self.count,
             "child": self.child,
+            "stop_delay": self.stop_delay,
+            "grace": self.grace,
             "settings": self.kind.describe() if self.kind else {},
             "partition": self.partition_status,
             "rounds": len(self.records),

@@ -13,6 +13,11 @@ fault was seen to take effect, that faults which must end a term were followed b
 that a partition really cut off the leader, and that no contender died by itself. Every oracle
 has its test: one whose client library does not import fails (nothing is skipped).
 
+A second test per oracle runs one round of each newer fault (a whole-group SIGSTOP, a server
+restart while the leader's crown process is paused, the oracle's own revocation of a live
+leader) with children that take 1.5 s to honour SIGTERM (grace 2 s), process, command and thread
+children by contender.
+
 Set ``CROWN_SYNC_CHAOS_SEED`` to replay a run. Network namespaces need root and ``ip``: without
 them the partition fault is left out with a loud warning, and under ``CI=true`` that is a failure.
 """
@@ -29,13 +34,17 @@ import pytest
 
 from crown_sync_chaos.kinds import KINDS as ALL_KINDS
 from crown_sync_chaos.netns import netns_problem
-from crown_sync_chaos.runner import ROOT, Runner
+from crown_sync_chaos.runner import ROOT, Runner, kind_faults
 
 #: Every oracle, whether or not its client library imports here: a missing one fails its test.
 KINDS = {kind.name: kind for kind in ALL_KINDS}
 IN_CI = os.environ.get("CI", "").lower() == "true"
 #: Rounds after every fault has had its turn (drawn from a second shuffled cycle).
 EXTRA_ROUNDS = 2
+#: The newer faults, run with slow-to-stop children (where the kind supports them).
+NEW_FAULTS = ("groupstop", "pause-restart", "revoke")
+#: A daemon slow to honour SIGTERM: it works this long after it, within GRACE.
+STOP_DELAY, GRACE = 1.5, 2.0
 
 
 def _seed() -> int:
@@ -43,30 +52,27 @@ def _seed() -> int:
     return int(value) if value else random.SystemRandom().randrange(2 ** 32)
 
 
-@pytest.mark.timeout(420)
-@pytest.mark.parametrize("name", list(KINDS))
-def test_fault_rounds_leave_no_overlap(name, tmp_path):
+def _kind(name):
     kind = KINDS[name]
     for module in kind.modules:
         importlib.import_module(module)  # ImportError: the oracle's client library is missing
-    problem = netns_problem() if kind.partitionable else None
-    if problem:
-        message = f"{name}: NO NETWORK PARTITION in this run: {problem}"
-        assert not IN_CI, message + " (CI=true: network namespaces are required)"
-        warnings.warn(message)
-    faults = [f for f in kind.faults if not (f == "partition" and problem)]
+    return kind
+
+
+def _run(kind, tmp_path, faults, rounds, **options):
     seed = _seed()
-    print(f"{name}: seed {seed} (CROWN_SYNC_CHAOS_SEED={seed} replays it)")
+    print(f"{kind.name}: seed {seed} (CROWN_SYNC_CHAOS_SEED={seed} replays it)")
     result = Runner(
         kind,
         contenders=3,
-        rounds=len(faults) + EXTRA_ROUNDS,
+        rounds=rounds,
         seed=seed,
         lease=2.0,
         workdir=str(tmp_path),
-        child="process",
         require_partition=IN_CI,
+        faults=faults,
         log=lambda text: print(text, flush=True),
+        **options,
     ).run()
     context = f"seed {seed}; journal {result['journals']}; rounds {json.dumps(result['records'], default=str)}"
 
@@ -76,19 +82,50 @@ def test_fault_rounds_leave_no_overlap(name, tmp_path):
 
     # Every fault happened (each at least once) and was seen to take effect.
     assert sorted(result["faults"]) == sorted(faults), context
-    assert sum(result["faults"].values()) == len(faults) + EXTRA_ROUNDS, context
+    assert sum(result["faults"].values()) == rounds, context
     assert result["unconfirmed"] == [], context
-    if "partition" in faults:
-        assert result["partition"].startswith("yes"), result["partition"]
-        assert result["leader_partitions"] >= 1, context
+    return result, context
 
-    # Terms really happened: one before the faults, and a new one after every fault that must end
-    # a term; nobody stalled and no contender died by itself.
+
+def _terms_changed(result, context):
+    """Terms really happened: one before the faults, and a new one after every fault that must
+    end a term; nobody stalled and no contender died by itself."""
     must_end = sum(1 for r in result["records"] if r.get("expects_new_term"))
     assert result["terms"] >= 1 + must_end, context
     assert result["missing_new_terms"] == [], context
     assert result["stalled"] == [], context
     assert result["unexpected_exits"] == [], context
+
+
+@pytest.mark.timeout(420)
+@pytest.mark.parametrize("name", list(KINDS))
+def test_fault_rounds_leave_no_overlap(name, tmp_path):
+    kind = _kind(name)
+    problem = netns_problem() if kind.partitionable else None
+    if problem:
+        message = f"{name}: NO NETWORK PARTITION in this run: {problem}"
+        assert not IN_CI, message + " (CI=true: network namespaces are required)"
+        warnings.warn(message)
+    # The kind's own faults (the newer generic ones have their own test below).
+    faults = [f for f in kind.faults if not (f == "partition" and problem)]
+    result, context = _run(kind, tmp_path, faults, len(faults) + EXTRA_ROUNDS, child="process")
+    if "partition" in faults:
+        assert result["partition"].startswith("yes"), result["partition"]
+        assert result["leader_partitions"] >= 1, context
+    _terms_changed(result, context)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name", list(KINDS))
+def test_newer_fault_rounds_with_children_slow_to_stop_leave_no_overlap(name, tmp_path):
+    # One round of each: a whole-group SIGSTOP, a server restart while the leader's crown process
+    # is paused, the oracle's own revocation; every child takes 1.5 s to honour SIGTERM.
+    kind = _kind(name)
+    faults = [f for f in NEW_FAULTS if f in kind_faults(kind)]
+    result, context = _run(kind, tmp_path, faults, len(faults), child="mixed", stop_delay=STOP_DELAY,
+                           grace=GRACE)
+    assert (result["stop_delay"], result["grace"]) == (STOP_DELAY, GRACE)
+    _terms_changed(result, context)
 
 
 @pytest.mark.timeout(180)
@@ -97,16 +134,18 @@ def test_command_line_prints_the_table(tmp_path):
     output = tmp_path / "results.json"
     env = dict(os.environ, PYTHONPATH=ROOT)
     run = subprocess.run(
-        [sys.executable, "-m", "crown_sync_chaos", "--oracle", "file", "--rounds", "3",
-         "--seed", "7", "--workdir", str(tmp_path / "work"), "--output", str(output)],
+        [sys.executable, "-m", "crown_sync_chaos", "--oracle", "file", "--rounds", "4",
+         "--seed", "7", "--workdir", str(tmp_path / "work"), "--output", str(output),
+         "--child", "mixed", "--stop-delay", "0.5"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=170,
     )
     text = run.stdout.decode(errors="replace")
     assert run.returncode == 0, text
     assert "seed 7" in text
     row = next(line for line in text.splitlines() if line.startswith("| file |"))
-    assert "| 3 |" in row, row
+    assert "| 4 |" in row, row
     results = json.loads(output.read_text())["results"]
     assert [r["oracle"] for r in results] == ["file"]
-    assert results[0]["rounds"] == 3 and results[0]["overlaps"] == 0
-    assert sorted(results[0]["faults"]) == ["dismiss", "sigkill", "sigstop"]
+    assert results[0]["rounds"] == 4 and results[0]["overlaps"] == 0
+    assert sorted(results[0]["faults"]) == ["dismiss", "groupstop", "sigkill", "sigstop"]
+    assert (results[0]["child"], results[0]["stop_delay"]) == ("mixed", 0.5)

@@ -194,6 +194,7 @@ class Crown:
         self._follower_run = None
         self._follower_term: Optional[Term] = None
         self._runs_stopping: list = []  # children being stopped: still alive for status()
+        self._terms_started = 0  # so a waiter sees a term that began and ended while it slept
         _live_crowns.add(self)
 
     # ----------------------------------------------------------------------------- public API
@@ -273,10 +274,18 @@ class Crown:
             )
 
     def wait_for_leadership(self, timeout: Optional[float] = None) -> bool:
-        """Block until this crown leads (True), it stops, or ``timeout`` passes (False)."""
+        """Block until this crown leads, it stops, or ``timeout`` passes.
+
+        True if a term started during the wait, even one that has already ended (a child that
+        returns at once: the term can start and end before this thread gets to look).
+        """
         with self._cond:
-            self._cond.wait_for(lambda: self.is_leader() or self._phase == "stopped", timeout)
-            return self.is_leader()
+            terms = self._terms_started
+            self._cond.wait_for(
+                lambda: self._terms_started > terms or self.is_leader() or self._phase == "stopped",
+                timeout,
+            )
+            return self._terms_started > terms or self.is_leader()
 
     @property
     def phase(self) -> str:
@@ -344,6 +353,7 @@ class Crown:
             if self._lost_signal or self._stopping:
                 term.end()
             self._phase = "leading"
+            self._terms_started += 1
             self._cond.notify_all()
         self._emit("crown.leadership.claimed", token=term.token, deadline_in=_seconds(term.remaining()))
         restarts = 0

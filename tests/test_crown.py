@@ -521,3 +521,23 @@ def test_default_logger_logs_events_through_logging(caplog):
     lines = [r.getMessage() for r in caplog.records if r.name == "crown_sync"]
     assert any(line.startswith("crown.leadership.claimed name=logged") and "token=1" in line for line in lines)
     assert not any(line.startswith("crown.process") for line in lines)  # the prefix filter holds
+
+
+def test_wait_for_leadership_reports_a_term_that_started_and_ended_during_the_wait():
+    """A child that returns at once: the term starts and ends between two looks of the waiter,
+    which must still say that this crown led (it waited the whole timeout and said False). The
+    race is narrow (about 1 attempt in 20 lost it before the fix): 100 attempts."""
+    for attempt in range(100):
+        c = crown(name=f"short-{attempt}", child=lambda term: None, monitor_delay=30, monitor_timeout=30)
+        waited = {}
+        waiter = threading.Thread(target=lambda: waited.update(led=c.wait_for_leadership(10)))
+        waiter.start()
+        time.sleep(0.01)  # the waiter is waiting before the crown starts
+        begun = time.monotonic()
+        c.start()
+        try:
+            waiter.join(15)
+            assert waited == {"led": True}, f"attempt {attempt}: {waited}"
+            assert time.monotonic() - begun < 9, "waited the whole timeout"
+        finally:
+            c.stop(10)

@@ -105,7 +105,7 @@ import weakref
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from kazoo.client import KazooClient
-from kazoo.exceptions import BadVersionError, KazooException, NoAuthError, NoNodeError
+from kazoo.exceptions import BadVersionError, KazooException, NoAuthError, NodeExistsError, NoNodeError
 from kazoo.handlers.threading import SequentialThreadingHandler
 from kazoo.protocol.states import EventType, KazooState, WatchedEvent
 from kazoo.retry import KazooRetry
@@ -115,7 +115,7 @@ from .. import _forksafe
 from ..oracle import Claim, Contender, Leader, OnChange, Oracle
 from ..urls import parse_options
 
-__all__ = ["ZooKeeperOracle", "ZooKeeperContender", "ZooKeeperUnavailable"]
+__all__ = ["ZooKeeperOracle", "ZooKeeperContender", "ZooKeeperUnavailable", "ZooKeeperMisconfigured"]
 
 logger = logging.getLogger("crown_sync.oracles.zookeeper")
 
@@ -138,8 +138,16 @@ CLAIM_CONNECT_WAIT = 1.0
 PUBLISH_DELAY = 0.05
 #: Bound on the requests made by close()/abdicate(), and on stopping the client.
 CLOSE_TIMEOUT = 2.0
+#: Largest leader record (JSON bytes, with ``since`` and a dismissal request written in): the
+#: server refuses any request over its ``jute.maxbuffer`` (1 MiB - 1 byte by default) and drops
+#: the connection, so a bigger record could never be published; 48 KiB are left for the
+#: request's path, ACLs and header.
+MAX_RECORD_BYTES = 1_000_000
+#: How long reading the server's ``conf`` (a four-letter word) may take.
+CONF_TIMEOUT = 2.0
 
 _NODE = re.compile(r"^([0-9a-f]{32})-(\d{10})$")
+_GUARD = re.compile(r"^([0-9a-f]{32})-guard$")
 _HOST = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)(?::(\d{1,5}))?$")
 _ELECTION = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
@@ -148,8 +156,18 @@ class ZooKeeperUnavailable(ConnectionError):
     """No usable connection to ZooKeeper (not connected yet, or a request failed)."""
 
 
+class ZooKeeperMisconfigured(ZooKeeperUnavailable):
+    """The ensemble's configuration (read from its ``conf``) voids the deadline arithmetic: the
+    oracle refuses to claim, as if unreachable, and says why (``status().last_error``)."""
+
+
 def _sequence(node: str) -> int:
     return int(node[-10:])
+
+
+def _guard_of(node: str) -> str:
+    """The guard node of the contender that owns queue node ``node`` (same uuid prefix)."""
+    return node[:33] + "guard"
 
 
 def _parse_hosts(hosts: Union[str, Sequence[str]]) -> Tuple[str, Optional[str]]:
@@ -190,9 +208,57 @@ def _check_path(value: Any, what: str, allow_none: bool) -> Optional[str]:
     parts = path.split("/")
     if not value.startswith("/") or not path or any(p in ("", ".", "..") for p in parts[1:]):
         raise ValueError(f"{what} must be an absolute ZooKeeper path like '/crown_sync', got {value!r}")
-    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in path):
-        raise ValueError(f"{what} contains control characters")
+    if any(_refused_by_zookeeper(ch) for ch in path):
+        raise ValueError(f"{what} contains characters ZooKeeper refuses in a path (control or private-use)")
     return path
+
+
+def _refused_by_zookeeper(ch: str) -> bool:
+    """Characters ZooKeeper's ``PathUtils.validatePath`` refuses (besides '/' structure rules)."""
+    code = ord(ch)
+    return (code < 0x20 or 0x7F <= code <= 0x9F or 0xD800 <= code <= 0xF8FF or 0xFFF0 <= code <= 0xFFFF)
+
+
+def _record_size(identity: str, metadata: Dict[str, Any]) -> int:
+    """The largest our leader record can get: with ``since`` and a dismissal request in it."""
+    record = {"identity": identity, "metadata": metadata, "since": 9999999999.999999, "dismissed": 2**63 - 1}
+    return len(json.dumps(record, separators=(",", ":")).encode("utf-8"))
+
+
+def _ensemble_problem(conf: Dict[str, str], timeout: float) -> Optional[str]:
+    """Why the server's ``conf`` voids our deadlines for session ``timeout`` seconds, or None.
+
+    A member cut off from the quorum answers its clients (a leader's refresh included) for up to
+    ``syncLimit x tickTime`` before it drops them, while the quorum's leader counts the session's
+    expiry from the last request it heard of. A leader running on such a member learns of the
+    cut (SUSPENDED) only when that member drops it, so that must come by a quarter of ``T``, the
+    room between a term's deadline (0.75 T after its confirmation) and the session's expiry.
+    """
+    try:
+        tick = int(conf["tickTime"])
+        sync = int(conf["syncLimit"]) if "syncLimit" in conf else None
+    except (KeyError, ValueError):
+        return None
+    if sync is not None and sync * tick > timeout * 1000.0 / 4:
+        return (
+            f"the ensemble's syncLimit x tickTime = {sync} x {tick} ms = {sync * tick / 1000.0:g} s is "
+            f"more than a quarter of the session timeout ({timeout:g} s / 4 = {timeout / 4:g} s): a "
+            f"member cut off from the quorum could answer a leader's refresh after its session "
+            f"expired; use session_timeout >= {4 * sync * tick / 1000.0:g} or lower syncLimit or "
+            f"tickTime"
+        )
+    return None
+
+
+def _parse_conf(text: str) -> Optional[Dict[str, str]]:
+    """``key=value`` lines of a ``conf`` reply; None when the server did not run it (not in its
+    ``4lw.commands.whitelist``) or sent nothing usable."""
+    conf = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            conf[key.strip()] = value.strip()
+    return conf if "tickTime" in conf else None
 
 
 def _number(value: Any, what: str, low: float, high: float) -> float:
@@ -276,6 +342,8 @@ class ZooKeeperOracle(Oracle):
         self._state = "not started"
         self._confirmed: Tuple[int, float] = (-1, 0.0)  # (epoch, start of last answered request)
         self._heartbeat_stop: Optional[threading.Event] = None
+        self._ensemble_check: Optional[Tuple[int, Optional[str]]] = None  # (epoch, problem)
+        self._conf_unreadable_logged = False
         _ORACLES.add(self)
 
     def _build_acl(self, acl) -> List[ACL]:
@@ -448,6 +516,33 @@ class ZooKeeperOracle(Oracle):
                     )
                 self._cond.wait(min(remaining, 0.5))
 
+    def _check_ensemble(self, client: KazooClient, epoch: int) -> None:
+        """Once per connection: refuse (ZooKeeperMisconfigured, which the engine reports and
+        retries like an unreachable server) when the member's ``conf`` shows an ensemble that
+        voids our deadlines (see _ensemble_problem). An unreadable ``conf`` is logged once."""
+        with self._lock:
+            checked = self._ensemble_check
+        if checked is None or checked[0] != epoch:
+            conf = _read_conf(client)
+            problem = None
+            if conf is None:
+                if not self._conf_unreadable_logged:
+                    self._conf_unreadable_logged = True
+                    logger.warning(
+                        "cannot read the conf of ZooKeeper at %s (not in its 4lw.commands.whitelist?): "
+                        "its syncLimit x tickTime is not checked against the session timeout",
+                        self.description,
+                    )
+            else:
+                problem = _ensemble_problem(conf, self.effective_timeout())
+                if problem:
+                    logger.error("ZooKeeper at %s: %s", self.description, problem)
+            checked = (epoch, problem)
+            with self._lock:
+                self._ensemble_check = checked
+        if checked[1]:
+            raise ZooKeeperMisconfigured(f"refusing to lead through ZooKeeper at {self.description}: {checked[1]}")
+
     def _op_timeout(self) -> float:
         # kazoo fails pending requests itself when the connection drops (after 2/3 T of
         # silence); this bound only guards against a wedged client.
@@ -483,16 +578,29 @@ class ZooKeeperOracle(Oracle):
 
     # -- Oracle ------------------------------------------------------------------------------
 
-    def contender(self, name: str, identity: str, metadata: Dict[str, Any], on_change: OnChange) -> "ZooKeeperContender":
+    def check_contender(self, name: str, identity: str, metadata: Dict[str, Any]) -> Dict[str, Any]:
+        """Raise (ValueError/TypeError naming the argument) for what ZooKeeper would refuse: an
+        election name that is not a valid node name, a leader record over MAX_RECORD_BYTES.
+        Returns a copy of ``metadata``. No I/O: callable at construction."""
         if not isinstance(name, str) or not _ELECTION.match(name) or name in (".", ".."):
+            # '.' and '..' are path elements ZooKeeper refuses (PathUtils.validatePath)
             raise ValueError(f"name must be 1-128 characters of [A-Za-z0-9._-] (not '.' or '..'), got {name!r}")
         if not isinstance(identity, str):
             raise TypeError(f"identity must be a str, got {type(identity).__name__}")
         metadata = dict(metadata or {})
         try:
-            json.dumps(metadata)
+            size = _record_size(identity, metadata)
         except (TypeError, ValueError) as exc:
             raise TypeError(f"metadata must be JSON-serialisable: {exc}") from None
+        if size > MAX_RECORD_BYTES:
+            raise ValueError(
+                f"metadata (with identity) too large for a ZooKeeper leader record: {size} bytes of "
+                f"JSON, at most {MAX_RECORD_BYTES} (ZooKeeper's jute.maxbuffer is 1 MiB)"
+            )
+        return metadata
+
+    def contender(self, name: str, identity: str, metadata: Dict[str, Any], on_change: OnChange) -> "ZooKeeperContender":
+        metadata = self.check_contender(name, identity, metadata)
         if not callable(on_change):
             raise TypeError("on_change must be callable")
         contender = ZooKeeperContender(self, name, identity, metadata, on_change)
@@ -607,6 +715,7 @@ class ZooKeeperOracle(Oracle):
         self._connected = False
         self._epoch += 1
         self._negotiated = None
+        self._ensemble_check = None
         self._state = "not started"
         self._heartbeat_stop = None  # its thread stayed in the parent
 
@@ -643,6 +752,16 @@ class ZooKeeperContender(Contender):
         self._pred_watcher = None  # (predecessor, epoch, function)
         self._prefetch = None  # (epoch, sent at, AsyncResult of get_children) after a wake-up
         self._publish = None  # (node, since) to write into our record at the next refresh
+        self._guard = self._prefix + "guard"  # our guard node's name (see the module docstring)
+        self._guard_held: Optional[int] = None  # the session that owns our guard, when it exists
+        self._guard_gen = 0  # bumped whenever we delete our guard
+        self._guard_pending = None  # (session, AsyncResult) of a guard create sent with our node's
+        self._pred_guard_gone: Optional[Tuple[int, str]] = None  # (epoch, predecessor) guard deleted
+        self._pred_guard_watcher = None  # (predecessor, epoch, function)
+        self._holds: Dict[Tuple[str, int], float] = {}  # (orphan guard, czxid) -> start no sooner
+        self._hold: Optional[int] = None  # epoch in which a claim found us first but held back
+        self._hold_timer: Optional[threading.Timer] = None
+        self._hold_watcher = self._on_hold_event  # one object: kazoo keeps watchers in a set
         self._leading = False
         self._term_epoch = -1
         self._deadline: Optional[float] = None  # the deadline we last gave the current term
@@ -672,6 +791,125 @@ class ZooKeeperContender(Contender):
             {"identity": self._identity, "metadata": self._metadata, "since": since},
             separators=(",", ":"),
         ).encode("utf-8")
+
+    def _guard_record(self) -> bytes:
+        # What a successor needs to wait out a term of ours that it cannot prove ended: the
+        # longest lease we may give a term (the requested timeout bounds the negotiated one).
+        return json.dumps(
+            {"identity": self._identity, "session_timeout": self._oracle.session_timeout},
+            separators=(",", ":"),
+        ).encode("utf-8")
+
+    def _drop_guard(self, client: Optional[KazooClient]) -> None:
+        """Delete our guard: no child of ours runs any more. Sent under our mutex, so that a
+        claim's _win either sees the guard dropped or we see it leading (and keep the guard)."""
+        if client is None:
+            return
+        with self._mutex:
+            if self._leading or self._forked:
+                return
+            self._guard_held = None
+            self._guard_gen += 1
+            self._guard_pending = None
+            try:
+                client.delete_async(self._path(self._guard))  # NoNode is fine: nothing to wait for
+            except Exception as exc:  # a closed client: the guard went with the session
+                logger.debug("could not delete our guard in %s: %s", self._election, type(exc).__name__)
+
+    def _guard_created(self, result, session: int, gen: int) -> None:
+        """kazoo's thread: the guard create sent with our node came back."""
+        try:
+            result.get_nowait()
+        except Exception:
+            return  # NodeExists or trouble: _ensure_guard finds out before any win
+        with self._mutex:
+            if self._guard_gen == gen:
+                self._guard_held = session
+
+    def _ensure_guard(self, client: KazooClient, session: int, listed: Sequence[str], timeout: float) -> bool:
+        """Make sure our guard exists, owned by ``session``, before a term starts. ``listed``: the
+        election's children as just read. False if a concurrent drop made the answer stale."""
+        with self._mutex:
+            pending, self._guard_pending = self._guard_pending, None
+        if pending is not None and pending[0] == session:
+            try:
+                pending[2].get(timeout)
+                with self._mutex:
+                    if self._guard_gen == pending[1]:
+                        self._guard_held = session
+            except NodeExistsError:
+                pass  # ours from before (checked below)
+        with self._mutex:
+            if self._guard in listed and self._guard_held == session:
+                return True
+            gen = self._guard_gen
+        path = self._path(self._guard)
+        owned = False
+        if self._guard not in listed:
+            try:
+                client.create_async(path, self._guard_record(), acl=self._oracle.acl, ephemeral=True).get(timeout)
+                owned = True
+            except NodeExistsError:
+                pass
+        if not owned:
+            stat = client.exists_async(path).get(timeout)
+            owned = stat is not None and stat.ephemeralOwner == session
+        with self._mutex:
+            if owned and self._guard_gen == gen:
+                self._guard_held = session
+                return True
+        return False
+
+    def _held_back(self, client: KazooClient, children: Sequence[str], listed_at: float, epoch: int,
+                   timeout: float) -> Optional[Claim]:
+        """We are first in the queue: may we start? Not while the guard of a contender whose queue
+        node is gone (an *orphan* guard) still exists, unless that contender's longest lease,
+        counted from ``listed_at`` (the end of the listing that showed its node gone), has passed.
+        None: start. Else a lost claim; a watch on each orphan and a timer wake the engine."""
+        owners = {c[:32] for c in children if _NODE.match(c)}
+        orphans = [c for c in children if _GUARD.match(c) and c[:32] not in owners and c != self._guard]
+        holds: Dict[Tuple[str, int], float] = {}
+        leader = None
+        requests = [(g, client.get_async(self._path(g), watch=self._hold_watcher)) for g in orphans]
+        for guard, request in requests:
+            try:
+                data, stat = request.get(timeout)
+            except NoNodeError:
+                continue  # gone since: released after its child stopped, or its session expired
+            record = _parse_record(data)
+            lease = self._oracle.lease_for(_session_timeout_of(record, self._oracle.session_timeout))
+            key = (guard, stat.czxid)
+            holds[key] = self._holds.get(key, listed_at + lease)  # from the FIRST listing showing it
+            leader = leader or Leader(str(record.get("identity", "")), {}, None, None)
+        now = time.monotonic()
+        until = max(holds.values(), default=now)
+        with self._mutex:
+            self._holds = holds
+            self._hold = epoch if until > now else None
+        if until <= now:
+            return None
+        logger.info(
+            "%s: the node of %s's last leader was deleted while its guard remains: its child may "
+            "still run, so %s waits up to %.3gs for it to stop", self._election, self._name,
+            self._identity, until - now,
+        )
+        self._arm_hold_timer(until - now)
+        return Claim(won=False, leader=leader)
+
+    def _on_hold_event(self, event) -> None:
+        if event.type != EventType.NONE:
+            self._notify()  # an orphan guard went (or changed): look again
+
+    def _arm_hold_timer(self, delay: float) -> None:
+        timer = threading.Timer(delay + 0.005, self._notify)
+        timer.daemon = True
+        with self._mutex:
+            old, self._hold_timer = self._hold_timer, timer
+            closed = self._closed
+        if old is not None:
+            old.cancel()
+        if not closed:
+            timer.start()
 
     def _notify(self, lost: bool = False) -> None:
         try:
@@ -719,20 +957,25 @@ class ZooKeeperContender(Contender):
         client, connected, _epoch = self._oracle._connected_now()
         current = client.client_id if client is not None and connected else None
         if current and current[0] == session:  # else it went with the old session
-            _release_node(client, self._path(node), session, lambda: self._forget(node), self._releasing_node)
+            _release_node(client, self._path(node), session, lambda: self._forget(node, client), self._releasing_node)
 
     def _releasing_node(self, path: str) -> None:
         with self._mutex:
             self._releasing = path.rsplit("/", 1)[1]  # our own watch must not report this as a loss
+        self._drop_guard(self._oracle._connected_now()[0])  # before the node: see _fast_win
 
-    def _forget(self, node: str) -> None:
-        """Our spent ``node`` is gone: the next claim queues with a fresh one."""
+    def _forget(self, node: str, client: Optional[KazooClient] = None) -> None:
+        """Our spent ``node`` is gone: the next claim queues with a fresh one. With ``client``,
+        its guard goes too (its term's child stopped before the node was given up)."""
         with self._mutex:
             if self._stale == node:
                 self._stale = None
-            if self._node == node:
+            current = self._node == node
+            if current:
                 self._node = None
                 self._won_on_node = False
+        if current:
+            self._drop_guard(client)
 
     # -- watches (run in kazoo's threads: never block) --------------------------------------
 
@@ -776,7 +1019,12 @@ class ZooKeeperContender(Contender):
                 return
             self._node_gone = True
             leading, self._leading = self._leading, False
+            won = self._won_on_node
         logger.info("node %s of %s was deleted", node, self._name)
+        if not won:
+            # No term on it: nothing of ours runs, so a successor need not wait for our guard.
+            # After a term, abdicate() drops it once the child has stopped.
+            self._drop_guard(self._oracle._connected_now()[0])
         self._notify(lost=leading)
 
     def _own_node_read(self, node: str, data: bytes, stat) -> None:
@@ -811,8 +1059,11 @@ class ZooKeeperContender(Contender):
                 if event.type == EventType.DELETED:
                     self._pred_watcher = None
                     # It led (it was first when we last looked): now we are first. Nodes are
-                    # only ever added behind the last one, so no look is needed.
-                    fast = self._next_in_line == (epoch, predecessor)
+                    # only ever added behind the last one, so no look is needed, provided its
+                    # guard went first (a release, or its session's end): else someone else
+                    # deleted its node, maybe under a running child, and the claim must look.
+                    fast = (self._next_in_line == (epoch, predecessor)
+                            and self._pred_guard_gone == (epoch, predecessor))
                     if fast:
                         self._fast = epoch
             if event.type == EventType.DELETED:
@@ -838,8 +1089,11 @@ class ZooKeeperContender(Contender):
                 (c for c in children if _NODE.match(c) and not c.startswith(self._prefix)), key=_sequence
             )
             with self._mutex:
-                if gen == self._watch_gen and queue and queue[0] == predecessor:
+                leads = gen == self._watch_gen and bool(queue) and queue[0] == predecessor
+                if leads:
                     self._next_in_line = (epoch, predecessor)
+            if leads:
+                self._watch_pred_guard(predecessor, epoch)
 
         def check(result) -> None:
             try:
@@ -852,6 +1106,25 @@ class ZooKeeperContender(Contender):
         with self._mutex:
             self._pred_watcher = (predecessor, epoch, watcher)
         return watcher
+
+    def _watch_pred_guard(self, predecessor: str, epoch: int) -> None:
+        """Watch the guard of the leader just before us: its deletion, seen before its node's,
+        proves the leader's child stopped (or its session ended), which allows _fast_win.
+        Asynchronous: the fast path is merely unavailable until the watch is in place."""
+        with self._mutex:
+            cached = self._pred_guard_watcher
+            if cached is not None and cached[0] == predecessor and cached[1] == epoch:
+                watcher = cached[2]
+            else:
+                def watcher(event) -> None:
+                    if event.type == EventType.DELETED:
+                        with self._mutex:
+                            self._pred_guard_gone = (epoch, predecessor)
+
+                self._pred_guard_watcher = (predecessor, epoch, watcher)
+        client, connected, now_epoch = self._oracle._connected_now()
+        if client is not None and connected and now_epoch == epoch:
+            client.exists_async(self._path(_guard_of(predecessor)), watch=watcher)
 
     def _prefetch_queue(self, epoch: int) -> bool:
         """A predecessor that did not lead left: ask for the queue at once, from here, and wake
@@ -876,16 +1149,18 @@ class ZooKeeperContender(Contender):
         oracle = self._oracle
         # A short wait: the engine retries with backoff, and its stop() waits for this call.
         client, epoch, session = oracle._connection(lambda: self._closed, CLAIM_CONNECT_WAIT)
+        oracle._check_ensemble(client, epoch)
         with self._mutex:
             self._leading = False
+            self._hold = None
         try:
-            return self._fast_win(epoch) or self._claim(client, epoch, session)
+            return self._fast_win(epoch, session) or self._claim(client, epoch, session)
         except KazooException as exc:
             raise _unavailable("claiming", exc) from exc
         except oracle_timeout(client) as exc:
             raise ZooKeeperUnavailable(f"no reply from ZooKeeper at {oracle.description} while claiming") from exc
 
-    def _fast_win(self, epoch: int) -> Optional[Claim]:
+    def _fast_win(self, epoch: int, session: int) -> Optional[Claim]:
         """The leader just before us left and nothing else changed: win without a round trip.
 
         The term's deadline starts from the last request this session had answered (the oracle
@@ -898,13 +1173,14 @@ class ZooKeeperContender(Contender):
                 fast == epoch and node is not None and not self._node_gone and self._dismissed != node
                 and not self._won_on_node and self._verified_epoch == epoch
                 and self._next_in_line is not None and self._next_in_line[0] == epoch
+                and self._guard_held == session
             )
         if not usable:
             return None
         confirmed = oracle._confirmed_since(epoch)
         if confirmed is None or time.monotonic() - confirmed > oracle.effective_timeout() / REFRESHES_PER_TIMEOUT:
             return None
-        return self._win(node, confirmed, epoch)
+        return self._win(node, confirmed, epoch, session)
 
     def _claim(self, client: KazooClient, epoch: int, session: int) -> Claim:
         oracle = self._oracle
@@ -921,6 +1197,7 @@ class ZooKeeperContender(Contender):
             if spent:
                 # Dismissed, or its term is over (the engine could not delete it then): a node
                 # hosts one term only, so leave the queue and join it again at its back.
+                self._drop_guard(client)
                 self._delete_own(client, node, timeout)
                 continue
             if verify:
@@ -952,6 +1229,7 @@ class ZooKeeperContender(Contender):
             if children is None:
                 t0 = time.monotonic()
                 children = client.get_children_async(self._election).get(timeout)
+            listed_at = time.monotonic()  # after the server applied anything this listing shows
             oracle._confirm(t0, epoch)
             queue = sorted((c for c in children if _NODE.match(c)), key=_sequence)
             mine = [c for c in queue if c.startswith(self._prefix)]
@@ -972,7 +1250,12 @@ class ZooKeeperContender(Contender):
                 raise ZooKeeperUnavailable("the ZooKeeper connection dropped during the claim")
             position = queue.index(node)
             if position == 0:
-                claim = self._win(node, t0, epoch)
+                held_back = self._held_back(client, children, listed_at, epoch, timeout)
+                if held_back is not None:
+                    return held_back
+                if not self._ensure_guard(client, session, children, timeout):
+                    continue
+                claim = self._win(node, t0, epoch, session)
                 if claim is None:
                     continue  # dismissed or deleted meanwhile: deal with it and look again
                 return claim
@@ -1001,6 +1284,16 @@ class ZooKeeperContender(Contender):
         self._take(node, stat, -1)
         if stat.ephemeralOwner != session:
             raise ZooKeeperUnavailable("the ZooKeeper session changed during the claim")
+        with self._mutex:
+            if self._guard_held != session:
+                # Our guard comes after our node, so that a guard without its node means the node
+                # was deleted under us; pipelined with the reads that follow, and a win waits for
+                # it (_ensure_guard).
+                request = client.create_async(
+                    self._path(self._guard), self._guard_record(), acl=self._oracle.acl, ephemeral=True
+                )
+                self._guard_pending = (session, self._guard_gen, request)
+                request.rawlink(lambda result, gen=self._guard_gen: self._guard_created(result, session, gen))
         # Watch our own node from now on; pipelined with the listing that follows.
         client.get_async(path, watch=self._own_watch(node, epoch))
         with self._mutex:
@@ -1043,7 +1336,7 @@ class ZooKeeperContender(Contender):
                 self._node = None
                 self._won_on_node = False
 
-    def _win(self, node: str, t0: float, epoch: int) -> Optional[Claim]:
+    def _win(self, node: str, t0: float, epoch: int, session: int) -> Optional[Claim]:
         oracle = self._oracle
         since = time.time()
         with self._mutex:
@@ -1059,6 +1352,8 @@ class ZooKeeperContender(Contender):
                 raise ZooKeeperUnavailable("the ZooKeeper connection dropped during the claim")
             if self._node != node or self._node_gone or self._dismissed == node or self._won_on_node:
                 return None
+            if self._guard_held != session:
+                return None  # dropped meanwhile: a term never starts without our guard
             token = self._node_czxid
             leader = Leader(self._identity, dict(self._metadata), token, since)
             self._leading = True
@@ -1147,8 +1442,11 @@ class ZooKeeperContender(Contender):
         oracle = self._oracle
         client, connected, epoch = oracle._connected_now()
         with self._mutex:
+            if self._hold == epoch:
+                return True  # first, held back: an orphan guard's watch or the timer wakes us
             predecessor = self._predecessor
             stale = self._node is None or self._node_gone or self._predecessor_epoch != epoch
+            leads = self._next_in_line == (epoch, predecessor)
         if predecessor is None or stale:
             return False  # claim again first
         if client is None or not connected:
@@ -1156,6 +1454,8 @@ class ZooKeeperContender(Contender):
             # is exactly when looking again makes sense.
             return True
         watcher = self._predecessor_watch(predecessor, epoch)
+        if leads:
+            self._watch_pred_guard(predecessor, epoch)
         sent = time.monotonic()
         try:
             stat = client.exists_async(self._path(predecessor), watch=watcher).get(oracle._op_timeout())
@@ -1177,7 +1477,7 @@ class ZooKeeperContender(Contender):
         if node is None:
             return
         if self._delete(node):
-            self._forget(node)
+            self._forget(node)  # _delete dropped the guard already
             return
         with self._mutex:
             if self._node == node:
@@ -1195,6 +1495,7 @@ class ZooKeeperContender(Contender):
             return False
         with self._mutex:
             self._releasing = node
+        self._drop_guard(client)  # first: the successor sees it gone before the node (_fast_win)
         try:
             client.delete_async(self._path(node)).get(min(CLOSE_TIMEOUT, self._oracle._op_timeout()))
         except NoNodeError:
@@ -1218,13 +1519,21 @@ class ZooKeeperContender(Contender):
             pending = self._pending_create
             self._watch_gen += 1
             self._prefetch = None
+            timer, self._hold_timer = self._hold_timer, None
+        if timer is not None:
+            timer.cancel()
+        if node is None:
+            client, connected, _epoch = self._oracle._connected_now()
+            if connected:
+                self._drop_guard(client)  # a guard may outlive a node deleted by someone else
         if node is not None and (stale or not self._delete(node)):
             # Not deletable now (cut off, or no answer in time): ask again without waiting, so
             # that the node does not hold the queue for as long as a shared session lives (kazoo
             # sends queued requests once it reconnects; the node goes with the session anyway).
             client = self._oracle._connected_now()[0]
             if client is not None and session is not None:
-                _release_node(client, self._path(node), session, lambda: None, lambda _path: None)
+                drop = lambda *_args: self._drop_guard(client)  # noqa: E731
+                _release_node(client, self._path(node), session, drop, drop)
         if pending:
             self._sweep()
         self._oracle._unregister(self)
@@ -1294,6 +1603,14 @@ def _release_node(client: KazooClient, path: str, session: int, gone, releasing,
         logger.debug("could not release %s: %s", path, type(exc).__name__)
 
 
+def _session_timeout_of(record: Dict[str, Any], default: float) -> float:
+    """The session timeout a guard's owner requested (its leases are shorter), else ``default``."""
+    value = record.get("session_timeout")
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 3600:
+        return float(value)
+    return default
+
+
 def _is_dismissed(record: Dict[str, Any], stat) -> bool:
     """Does this node's record carry a dismissal request aimed at this very node? A request names
     the token (czxid) of the node it targets; ``True`` is an older form of the same request."""
@@ -1301,6 +1618,29 @@ def _is_dismissed(record: Dict[str, Any], stat) -> bool:
     if target is True:
         return True
     return isinstance(target, int) and not isinstance(target, bool) and target == stat.czxid
+
+
+def _read_conf(client: KazooClient) -> Optional[Dict[str, str]]:
+    """The ``conf`` of the member our session is connected to; None if it cannot be read."""
+    try:
+        peer = client._connection._socket.getpeername()[:2]
+        sock = client.handler.create_connection(peer, timeout=CONF_TIMEOUT)
+    except Exception:  # not connected any more, or a kazoo without this internal
+        return None
+    chunks = []
+    try:
+        sock.settimeout(CONF_TIMEOUT)
+        sock.sendall(b"conf")
+        while sum(len(c) for c in chunks) < 65536:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    except OSError:
+        return None
+    finally:
+        sock.close()
+    return _parse_conf(b"".join(chunks).decode("utf-8", "replace"))
 
 
 def oracle_timeout(client: KazooClient):

@@ -4,6 +4,7 @@ restarts and ensemble member crashes. Safety is judged from the children's own j
 """
 
 import json
+import logging
 import os
 import signal
 import threading
@@ -140,6 +141,55 @@ def test_bad_arguments():
     with pytest.raises(TypeError, match="metadata"):
         oracle.contender("ok", "me", {"x": object()}, lambda lost=False: None)
     oracle.close()
+
+
+@pytest.mark.parametrize("name", [".", "..", "a/b", "a\x00b", "tab\there", "", "x" * 129, "caf\u00e9"])
+def test_names_zookeeper_refuses_are_refused_at_construction(name):
+    oracle = ZooKeeperOracle("h:1")
+    with pytest.raises(ValueError, match="name"):
+        oracle.contender(name, "me", {}, lambda lost=False: None)
+    assert oracle._client is None, "no connection attempted"
+    oracle.close()
+
+
+@pytest.mark.parametrize("value", ["/a\u0085b", "/a\ue000", "/a\ufff0", "/a\x7f", "/a/./b", "/a/../b"])
+def test_paths_zookeeper_refuses_are_refused_at_construction(value):
+    with pytest.raises(ValueError, match="path_prefix"):
+        ZooKeeperOracle("h:1", path_prefix=value)
+    with pytest.raises(ValueError, match="chroot"):
+        ZooKeeperOracle("h:1", chroot=value)
+
+
+def _metadata_of_record_size(size: int) -> dict:
+    """Metadata whose worst-case leader record (see _record_size) is exactly ``size`` bytes."""
+    from crown_sync.oracles.zookeeper import _record_size
+
+    base = _record_size("me", {"blob": ""})
+    return {"blob": "x" * (size - base)}
+
+
+def test_a_leader_record_up_to_the_cap_is_published_and_a_bigger_one_refused(zk, name):
+    from crown_sync.oracles.zookeeper import MAX_RECORD_BYTES, _record_size
+
+    oracle = ZooKeeperOracle(zk.hosts, session_timeout=SESSION)
+    too_big = _metadata_of_record_size(MAX_RECORD_BYTES + 1)
+    assert _record_size("me", too_big) == MAX_RECORD_BYTES + 1
+    with pytest.raises(ValueError, match="metadata"):
+        oracle.contender(name, "me", too_big, lambda lost=False: None)
+    largest = _metadata_of_record_size(MAX_RECORD_BYTES)
+    seat = oracle.contender(name, "me", largest, Recorder())
+    try:
+        # The real server takes the largest record, with since and a dismissal written in.
+        assert seat.claim().won
+        assert seat.refresh().won  # the first refresh publishes since
+        time.sleep(0.3)
+        leader = oracle.find_leader(name)
+        assert leader.metadata == largest and leader.since is not None
+        assert oracle.dismiss(name) is True
+        assert oracle.find_leader(name).metadata == largest
+    finally:
+        seat.close()
+        oracle.close()
 
 
 # --------------------------------------------------------------------------- contender level
@@ -625,7 +675,8 @@ def test_crowns_in_one_process_share_one_client(zk, name, tmp_path):
                             message="a leader")
         # Per the server: every crown's node (leader's and followers') is owned by one session.
         election = f"/crown_sync/{name}"
-        nodes = wait_until(lambda: (lambda c: c if len(c) == 3 else None)(client.get_children(election)),
+        queue = lambda: [c for c in client.get_children(election) if c[-10:].isdigit()]  # noqa: E731
+        nodes = wait_until(lambda: (lambda c: c if len(c) == 3 else None)(queue()),
                            timeout=20, message="three nodes")
         owners = {client.exists(f"{election}/{node}").ephemeralOwner for node in nodes}
         assert owners == {oracle._client.client_id[0]}
@@ -822,3 +873,84 @@ def test_quorum_loss_ends_every_term_and_nobody_leads_until_it_is_back(name, tmp
         assert term.end <= lost_at + timeout or term.start >= restored_at, term
         # ...and none starts while there is no quorum.
         assert not lost_at + notice < term.start < restored_at, term
+
+
+def _delete_leaders_node(hosts: str, name: str) -> str:
+    """Delete the leader's queue node as an administrator would (zkCli ``delete``): one plain
+    client, nothing else touched."""
+    client = plain_client(hosts)
+    try:
+        node, _stat = leader_node(client, f"/crown_sync/{name}")
+        assert node is not None
+        client.delete(f"/crown_sync/{name}/{node}")
+        return node
+    finally:
+        client.stop()
+        client.close()
+
+
+@pytest.mark.parametrize("paused", [False, True], ids=["running", "paused"])
+def test_a_leaders_node_deleted_by_hand_no_overlap(zk, name, tmp_path, paused):
+    # A command that takes 1.5 s to honour SIGTERM: the successor must wait for it to stop (the
+    # old leader deletes its guard then), or, when the old leader's crown process is paused and
+    # cannot say so, for the old term's deadline.
+    fleet = Fleet(f"{zk.url}?session_timeout={SESSION}", tmp_path, name, child="command",
+                  grace=2.5, stop_delay=1.5)
+    try:
+        fleet.spawn("a")
+        first = fleet.wait_for_term()
+        fleet.spawn("b")
+        time.sleep(1.5)  # b queued behind a
+        if paused:
+            fleet.signal("a", signal.SIGSTOP)  # the crown's process only: its command runs on
+        deleted_at = time.monotonic()
+        _delete_leaders_node(zk.hosts, name)
+        second = fleet.wait_for_term(other_than={"a"}, after=deleted_at, timeout=30)
+        if paused:
+            fleet.signal("a", signal.SIGCONT)
+        time.sleep(1.0)
+    finally:
+        fleet.cleanup()
+    report = assert_safe(fleet.journal, name, min_terms=2)
+    assert second.token > first.token
+    tokens = [t.token for t in report.terms]
+    assert tokens == sorted(tokens) and len(set(tokens)) == len(tokens)
+
+
+def test_an_ensemble_whose_sync_limit_voids_the_deadlines_is_refused(name):
+    # One member of a quorum (not standalone), so that conf shows syncLimit: 10 x 200 ms = 2 s
+    # of serving after a cut, more than a quarter of a 3 s session.
+    with ZooKeeperEnsemble(1, session_timeout=SESSION, sync_limit=10) as ensemble:
+        crown = crown_sync.Crown(name, oracle=f"{ensemble.url}?session_timeout={SESSION:g}", child=None)
+        crown.start()  # never raises: the refusal shows like an unreachable oracle
+        try:
+            error = wait_until(lambda: crown.status().last_error, timeout=30, message="last_error set")
+            assert "syncLimit x tickTime = 10 x 200 ms = 2 s" in error and "0.75 s" in error, error
+            assert "session_timeout >= 8" in error
+            time.sleep(1.0)
+            assert not crown.is_leader() and crown.phase != "leading"
+        finally:
+            crown.stop(timeout=30)
+        # The same ensemble with a session long enough for it is used.
+        fine = crown_sync.Crown(name, oracle=f"{ensemble.url}?session_timeout=8", child=None)
+        fine.start()
+        try:
+            assert fine.wait_for_leadership(30)
+            assert fine.status().last_error is None
+        finally:
+            fine.stop(timeout=30)
+
+
+def test_an_unreadable_conf_is_said_once_and_not_refused(name, caplog):
+    with ZooKeeperServer(extra_config={"4lw.commands.whitelist": "srvr"}) as server:
+        oracle = ZooKeeperOracle(server.hosts, session_timeout=SESSION)
+        seats = [oracle.contender(name, f"c{i}", {}, Recorder()) for i in range(2)]
+        try:
+            with caplog.at_level(logging.WARNING, logger="crown_sync.oracles.zookeeper"):
+                assert seats[0].claim().won
+                assert not seats[1].claim().won
+                assert seats[0].refresh().won
+            said = [r for r in caplog.records if "cannot read the conf" in r.getMessage()]
+            assert len(said) == 1
+        finally:
+            close_all([oracle], seats)

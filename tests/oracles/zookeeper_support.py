@@ -47,11 +47,13 @@ def assert_safe(path: str, name: str, min_terms: int = 1) -> journal.Report:
 class Fleet:
     """Contender processes (``python -m crown_sync.testing.contender``), one identity each."""
 
-    def __init__(self, url: str, directory: str, name: str, child: str = "thread", grace: float = 1.0):
+    def __init__(self, url: str, directory: str, name: str, child: str = "thread", grace: float = 1.0,
+                 stop_delay: float = 0.0):
         self.url = url
         self.name = name
         self.child = child
         self.grace = grace
+        self.stop_delay = stop_delay  # the child works on this long after SIGTERM
         self.directory = str(directory)
         self.journal = os.path.join(self.directory, "journal.jsonl")
         self.events = os.path.join(self.directory, "events.jsonl")
@@ -64,7 +66,7 @@ class Fleet:
             [sys.executable, "-m", "crown_sync.testing.contender", "--name", self.name,
              "--oracle", self.url, "--journal", self.journal, "--identity", identity,
              "--child", self.child, "--events", self.events, "--grace", str(self.grace),
-             "--monitor-delay", "0.5"],
+             "--monitor-delay", "0.5", "--stop-delay", str(self.stop_delay)],
             cwd=ROOT,
             env=env,
             start_new_session=True,  # its own process group: cleanup reaches its children too
@@ -129,7 +131,8 @@ def leader_node(client: KazooClient, election: str):
         children = client.get_children(election)
     except Exception:
         return None, None
-    for child in sorted(children, key=lambda c: int(c[-10:])):
+    queue = [c for c in children if c[-10:].isdigit()]  # not the contenders' guard nodes
+    for child in sorted(queue, key=lambda c: int(c[-10:])):
         stat = client.exists(f"{election}/{child}")
         if stat is not None:
             return child, stat

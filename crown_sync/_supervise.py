@@ -14,9 +14,10 @@ single-threaded and does nothing but watch, so it can:
 2. start the command in a new session (its own process group, so the whole group can be
    signalled and a terminal's Ctrl-C reaches the crown, not the command);
 3. loop: when the command exits, exit with its code; when the deadline in the shared memory
-   (written by the crown, a ``time.monotonic()`` value, ``inf`` = none) has passed, SIGKILL the
-   command's process group at once, even if the crown itself is paused; on SIGTERM from the crown,
-   SIGTERM the group, wait ``grace`` (still watching the deadline), then SIGKILL the group.
+   (written by the crown, a ``crown_sync.clock.monotonic()`` value, ``inf`` = none) has passed,
+   SIGKILL the command's process group at once, even if the crown itself is paused; on SIGTERM
+   from the crown, SIGTERM the group, wait ``grace`` (still watching the deadline), then SIGKILL
+   the group.
 
 The crown starts this process in a session of its own, so that stopping the crown's whole process
 group (Ctrl-Z, ``kill -STOP -PGID``, a frozen job) leaves the supervisor running and enforcing the
@@ -47,9 +48,19 @@ import sys
 import time
 from typing import Optional
 
-__all__ = ["set_parent_death_signal", "KillTimer", "main"]
+__all__ = ["set_parent_death_signal", "KillTimer", "CLOCK_ID", "monotonic", "main"]
 
 _PR_SET_PDEATHSIG = 1
+
+# The clock of every deadline (see crown_sync.clock): CLOCK_BOOTTIME counts the time the host spent
+# suspended, as the lease on the oracle's server (another host) does; CLOCK_MONOTONIC stops then.
+CLOCK_ID = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
+
+
+def monotonic() -> float:
+    """Seconds on the deadline clock (CLOCK_BOOTTIME where the system has it)."""
+    return time.clock_gettime(CLOCK_ID)
+
 #: How long before the deadline a running supervisor SIGKILLs the command's group (seconds).
 KILL_AHEAD = 0.005
 
@@ -78,7 +89,6 @@ def set_parent_death_signal(signum: int = signal.SIGKILL) -> bool:
 
 # -- the kernel timer a process child or a supervisor arms on itself ---------------------------
 
-_CLOCK_MONOTONIC = getattr(time, "CLOCK_MONOTONIC", 1)
 _SIGEV_SIGNAL = 0
 _TIMER_ABSTIME = 1
 
@@ -104,8 +114,6 @@ class _Itimerspec(ctypes.Structure):
 def _load_timer_functions():
     # Resolved at import, in the parent: dlopen/dlsym in a child forked from a multi-threaded
     # parent could deadlock on the dynamic loader's lock.
-    if "CLOCK_MONOTONIC)" not in time.get_clock_info("monotonic").implementation:
-        return None, None  # the timer's clock would not be time.monotonic()'s clock
     for name in (None, "librt.so.1"):
         try:
             lib = ctypes.CDLL(name, use_errno=True)
@@ -128,7 +136,7 @@ _timer_create, _timer_settime = _load_timer_functions()
 
 
 class KillTimer:
-    """A POSIX timer on CLOCK_MONOTONIC that SIGKILLs this process at an absolute time.
+    """A POSIX timer on the deadline clock that SIGKILLs this process at an absolute time.
 
     The kernel delivers it however busy the process is (a C call holding the GIL included), and
     also while the process is stopped (SIGSTOP, Ctrl-Z): SIGKILL is the one signal a stopped
@@ -147,7 +155,7 @@ class KillTimer:
         event.sigev_notify = _SIGEV_SIGNAL
         event.sigev_signo = signal.SIGKILL
         timer_id = ctypes.c_void_p()
-        if _timer_create(_CLOCK_MONOTONIC, ctypes.byref(event), ctypes.byref(timer_id)) != 0:
+        if _timer_create(CLOCK_ID, ctypes.byref(event), ctypes.byref(timer_id)) != 0:
             return None
         return cls(timer_id)
 
@@ -198,7 +206,7 @@ class _Supervisor:
         value = self._deadline.value
         deadline = math.inf if math.isnan(value) else value
         # A deadline already due is ours to act on (kill the group, report), not the timer's.
-        if self.timer is not None and self.timer.armed != deadline and deadline > time.monotonic():
+        if self.timer is not None and self.timer.armed != deadline and deadline > monotonic():
             self.timer.arm(deadline)
         return deadline
 
@@ -255,7 +263,7 @@ class _Supervisor:
         signal.signal(signal.SIGINT, lambda signum, frame: None)
         signal.signal(signal.SIGCHLD, lambda signum, frame: None)  # wakes select via the fd
 
-        if self.due(self.deadline(), time.monotonic()) or self.terminating:
+        if self.due(self.deadline(), monotonic()) or self.terminating:
             # The term ended before the command could start: never start it.
             reason = "deadline" if not self.terminating else "stopped"
             self.report(f"exit {-signal.SIGKILL} {reason}-before-start")
@@ -289,7 +297,7 @@ class _Supervisor:
             code = self.proc.poll()
             if code is not None:
                 break
-            now = time.monotonic()
+            now = monotonic()
             deadline = self.deadline()
             if self.due(deadline, now) or self.parent_gone():
                 reason = "deadline" if self.due(deadline, now) else "orphaned"
@@ -310,12 +318,12 @@ class _Supervisor:
     def terminate(self, wakeup_r: int) -> int:
         """SIGTERM the group, wait up to grace (watching the deadline), then SIGKILL it."""
         self.signal_group(signal.SIGTERM)
-        give_up = time.monotonic() + self.grace
+        give_up = monotonic() + self.grace
         while True:
             code = self.proc.poll()
             if code is not None:
                 return code
-            now = time.monotonic()
+            now = monotonic()
             deadline = self.deadline()
             if now >= give_up or self.due(deadline, now) or self.parent_gone():
                 self.signal_group(signal.SIGKILL)
@@ -327,9 +335,9 @@ class _Supervisor:
         if self.proc is None or not self.group_alive():
             return
         self.signal_group(signal.SIGTERM)
-        give_up = min(time.monotonic() + self.grace, self.deadline() - KILL_AHEAD)
-        while self.group_alive() and time.monotonic() < give_up and not self.parent_gone():
-            self.wait_readable(wakeup_r, min(give_up - time.monotonic(), 0.05))
+        give_up = min(monotonic() + self.grace, self.deadline() - KILL_AHEAD)
+        while self.group_alive() and monotonic() < give_up and not self.parent_gone():
+            self.wait_readable(wakeup_r, min(give_up - monotonic(), 0.05))
         self.signal_group(signal.SIGKILL)
 
 

@@ -23,7 +23,7 @@ What is guaranteed (Linux):
   parent may have died before the signal was armed). The kernel sends that signal when the parent
   *thread* that forked the child exits, which is why the crown always starts children from its
   long-lived loop thread; a caller of ``start()`` must do the same.
-* **Deadline.** The term's deadline (a ``time.monotonic()`` value, moved forward by
+* **Deadline.** The term's deadline (a :func:`crown_sync.clock.monotonic` value, moved forward by
   ``extend()``) lives in shared memory that the parent writes and the child side reads, so a
   process or command child stops acting by the deadline even while the crown's process is paused
   (SIGSTOP, swap, a long GC) and cannot tell it to stop. A ProcessChild has a watchdog thread that
@@ -83,6 +83,7 @@ from typing import Callable, Optional
 from .terms import keeping_fds_across_fork
 
 from crown_sync._supervise import KillTimer, set_parent_death_signal
+from crown_sync.clock import monotonic
 
 __all__ = [
     "Child",
@@ -195,7 +196,7 @@ def _watch_deadline(read_deadline: Callable[[], float], parent: int, timer) -> N
     """The ProcessChild's watchdog loop: kill this process at the deadline or when orphaned."""
     while True:
         deadline = read_deadline()
-        now = time.monotonic()
+        now = monotonic()
         if now >= deadline or os.getppid() != parent:
             _die()
         if timer is not None and timer.armed != deadline:
@@ -241,7 +242,7 @@ def _process_main(expected_parent, deadline_value, fds, target, info, args, kwar
     def read_deadline():
         return deadline_value.value
 
-    if time.monotonic() >= read_deadline():
+    if monotonic() >= read_deadline():
         _die()  # the term was over before the target could run: never run it
     timer = KillTimer.create()
     if timer is not None:
@@ -281,7 +282,7 @@ class RunningChild:
       if a command could not be found, 126 if it could not be executed.
     * ``pid``: the process's pid (a command's supervisor; the command's own is ``command_pid``),
       None for threads.
-    * ``extend(deadline)``: move the deadline the child side enforces (``time.monotonic()``
+    * ``extend(deadline)``: move the deadline the child side enforces (``clock.monotonic()``
       value, None for none). Ignored once stopping: a stop's grace never outlives the deadline.
     * ``stop(timeout=None)``: end the term and wait until the child is gone, escalating after
       ``grace`` (or ``timeout`` if smaller). Idempotent; any thread; safe from ``on_exit`` and
@@ -323,7 +324,7 @@ class RunningChild:
         return self._finished.wait(timeout)
 
     def extend(self, deadline: Optional[float]) -> None:
-        """Move the child's deadline (a ``time.monotonic()`` value; None: no deadline)."""
+        """Move the child's deadline (a ``clock.monotonic()`` value; None: no deadline)."""
 
     def stop(self, timeout: Optional[float] = None) -> None:
         raise NotImplementedError
@@ -697,7 +698,7 @@ class CommandChild(Child):
 
 
 class _SharedDeadline:
-    """8 bytes of shared memory (memfd) holding a ``time.monotonic()`` deadline; inf = none.
+    """8 bytes of shared memory (memfd) holding a ``clock.monotonic()`` deadline; inf = none.
 
     Written by the crown (one aligned 8-byte store: never torn), read by the supervisor.
     """

@@ -16,7 +16,8 @@ with tenacity's jittered exponential backoff; nothing an oracle or a callback ra
 Safety argument (what keeps two terms of one election from overlapping):
 
 1. The oracle grants a term only while no other term is valid, and gives each term a deadline:
-   a ``time.monotonic()`` instant measured from the *start* of the call that confirmed the lease,
+   an instant of :mod:`crown_sync.clock` (CLOCK_BOOTTIME: it counts a host suspend, as the
+   server's lease does) measured from the *start* of the call that confirmed the lease,
    minus a margin, before which the oracle cannot hand the crown to anyone else.
 2. ``is_leader()`` compares that deadline with the clock itself, so it turns False on time even if
    every crown thread is stuck; ``term.stop_event`` does the same for the child's own checks.
@@ -32,8 +33,8 @@ What is NOT guaranteed: a thread child cannot be killed, only told (through ``st
 already in flight when a deadline passes (a write on the wire, a paused process resumed between
 its check and its action) can land after a successor started. Pass ``term.token`` to the resource
 you protect and let it reject stale tokens: the token is the last line of defence. Deadlines need
-a monotonic clock that runs at roughly the same rate as the oracle's; leap jumps of wall time do
-not matter, but a host whose clock *rate* is badly off weakens the margin.
+a clock that runs at roughly the same rate as the oracle's; leap jumps of wall time do not
+matter, but a host whose clock *rate* is badly off weakens the margin.
 """
 
 import dataclasses
@@ -49,7 +50,7 @@ from typing import Any, Dict, Optional
 
 import tenacity
 
-from . import registry, telemetry, warden
+from . import clock, registry, telemetry, warden
 from .children import as_child
 from .oracle import Claim, Leader, Oracle
 from .terms import Term
@@ -61,7 +62,7 @@ logger = logging.getLogger("crown_sync.crown")
 
 PHASES = ("init", "claiming", "leading", "following", "finishing", "stopped")
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")
-_monotonic = time.monotonic
+_monotonic = clock.monotonic
 
 
 @dataclasses.dataclass(frozen=True)

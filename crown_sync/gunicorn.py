@@ -15,7 +15,7 @@ job first, then the crown abdicates, so a graceful shutdown hands over at once).
 a :class:`~crown_sync.ProcessChild` (a callable or ``"module:function"``, forked from the master,
 with Gunicorn's signal handlers and listening sockets dropped) or a
 :class:`~crown_sync.CommandChild`; a thread in the master is refused. The master's crown writes
-its term's deadline (a ``time.monotonic()`` value, shared by every process on the host) and
+its term's deadline (a :mod:`crown_sync.clock` value, one clock for every process on the host) and
 fencing token into the shared memory whenever the term starts, is renewed or ends, and a small
 thread re-checks it every 50 ms. Every worker (and the job) answers
 :func:`crown_sync.is_leader` from that memory through a leadership provider
@@ -67,10 +67,9 @@ import os
 import signal
 import struct
 import threading
-import time
 from typing import Any, Callable, Dict, NamedTuple, Optional
 
-from . import registry, telemetry
+from . import clock, registry, telemetry
 from .children import CommandChild, ProcessChild, ThreadChild, as_child
 from .crown import Crown
 
@@ -141,7 +140,7 @@ def _slot_answer(name: str):
         # worker after a master SIGKILL): never trust what a dead master last wrote.
         return False, None
     deadline, token = slot.read()
-    if time.monotonic() < deadline:
+    if clock.monotonic() < deadline:
         return True, token
     return False, None
 

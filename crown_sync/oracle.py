@@ -14,7 +14,8 @@ holding a lock the engine could be waiting on, to say "something changed, look n
 * ``on_change(lost=True)``: our leadership is certainly or probably gone (ZooKeeper SUSPENDED, a
   Postgres connection broke). The engine ends the term at once, without waiting for I/O.
 
-Deadlines are ``time.monotonic()`` values. An oracle computes a term's deadline from the START of
+Deadlines are :func:`crown_sync.clock.monotonic` values (CLOCK_BOOTTIME: a host suspend counts,
+as it does for the server's lease). An oracle computes a term's deadline from the START of
 the call that confirmed the lease (never the end: the server's clock started before our reply
 came back), minus a margin for the child to stop. ``None`` means the oracle revokes the lease only
 when we release it or our process dies (a kernel file lock), so no local expiry is needed.

@@ -3,21 +3,21 @@
 A :class:`Term` is what a leader's child sees. Its ``stop_event`` is set when the term ends, and
 also *reads* as set once the term's deadline has passed, even if no crown thread has run since
 (the process was paused by SIGSTOP, swap or a long GC): ``is_set()`` and ``wait()`` compare the
-deadline with ``time.monotonic()`` themselves. That closes the window between "the oracle may
-have given the crown to someone else" and "our thread noticed", for work that checks the event
-before it acts. It cannot stop work that is already under way: the fencing token is the last line
+deadline with :func:`crown_sync.clock.monotonic` themselves. That closes the window between "the
+oracle may have given the crown to someone else" and "our thread noticed", for work that checks
+the event before it acts. It cannot stop work that is already under way: the fencing token is the last line
 of defence for that.
 """
 
 import dataclasses
 import math
 import threading
-import time
 from typing import Optional, Tuple
+
+from .clock import monotonic as _monotonic
 
 __all__ = ["Term", "TermInfo", "DeadlineEvent"]
 
-_monotonic = time.monotonic
 
 
 class DeadlineEvent(threading.Event):
@@ -63,7 +63,7 @@ class TermInfo:
 class Term:
     """One term of leadership (or, for a follower child, one spell of following).
 
-    ``deadline`` is a ``time.monotonic()`` value or None (no local expiry); refreshes move it
+    ``deadline`` is a :func:`crown_sync.clock.monotonic` value or None (no local expiry); refreshes move it
     forward. ``fds`` are descriptors the oracle wants the term's child processes to inherit.
     """
 

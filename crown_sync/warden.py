@@ -14,13 +14,13 @@ import itertools
 import logging
 import os
 import threading
-import time
 from typing import Callable, List, Optional, Tuple
+
+from .clock import monotonic as _monotonic
 
 __all__ = ["watch", "start"]
 
 logger = logging.getLogger("crown_sync.warden")
-_monotonic = time.monotonic
 
 
 class _Warden:

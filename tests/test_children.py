@@ -17,6 +17,7 @@ import time
 
 import pytest
 
+from crown_sync import clock
 from crown_sync.children import CommandChild, ProcessChild, ThreadChild, as_child
 from crown_sync.terms import Term
 from crown_sync.testing import journal
@@ -30,13 +31,13 @@ COMMAND_SLACK = 0.025  # the supervisor must be scheduled to act
 
 
 def make_term(deadline_in=None, token=7, name="kids", fds=()):
-    deadline = None if deadline_in is None else time.monotonic() + deadline_in
+    deadline = None if deadline_in is None else clock.monotonic() + deadline_in
     return Term(name, "me@test", token, deadline, fds=fds)
 
 
 def wait_for(predicate, timeout=10.0, interval=0.01):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
+    end = clock.monotonic() + timeout
+    while clock.monotonic() < end:
         if predicate():
             return True
         time.sleep(interval)
@@ -242,10 +243,10 @@ def test_process_child_sigkill_after_grace(tmp_path, caplog):
     ready, exits = str(tmp_path / "ready"), Exits()
     running = ProcessChild(ignores_sigterm, args=(ready,), grace=0.5).start(make_term(60), exits)
     assert wait_for(lambda: os.path.exists(ready) and os.path.getsize(ready) > 0)
-    started = time.monotonic()
+    started = clock.monotonic()
     with caplog.at_level(logging.WARNING, logger="crown_sync.children"):
         running.stop()
-    waited = time.monotonic() - started
+    waited = clock.monotonic() - started
     assert running.exitcode == -signal.SIGKILL
     assert waited >= 0.5  # it really gave the process its grace before SIGKILL
     assert gone(running.pid)
@@ -307,7 +308,7 @@ def test_process_child_with_deadline_in_the_past_never_runs(tmp_path):
 def pull_in_deadline_once_working(term, running, path, lines=10, deadline_in=0.2):
     """Keep a far deadline until the child has journaled some work, then move it close."""
     assert wait_for(lambda: os.path.exists(path) and len(journal.read(path)) >= lines, 30)
-    deadline = time.monotonic() + deadline_in
+    deadline = clock.monotonic() + deadline_in
     term.extend(deadline)
     running.extend(deadline)
     return deadline
@@ -339,8 +340,8 @@ def test_process_child_extend_keeps_it_alive(tmp_path):
     term = make_term(0.3)
     first_deadline = term.deadline
     running = ProcessChild(journal.journaled_process, args=(path, 0.005)).start(term, exits)
-    while time.monotonic() < first_deadline + 0.5:
-        new = time.monotonic() + 0.3
+    while clock.monotonic() < first_deadline + 0.5:
+        new = clock.monotonic() + 0.3
         term.extend(new)
         running.extend(new)
         time.sleep(0.05)
@@ -429,9 +430,9 @@ def test_command_child_stop_graceful_and_after_grace(tmp_path, caplog):
     running = rude.start(make_term(60), exits)
     assert wait_for(lambda: running.command_pid is not None)
     time.sleep(0.2)
-    started = time.monotonic()
+    started = clock.monotonic()
     running.stop()
-    assert time.monotonic() - started >= 0.5
+    assert clock.monotonic() - started >= 0.5
     assert running.exitcode == -signal.SIGKILL
     assert gone(running.command_pid) and gone(running.pid)
     assert len(exits.wait()) == 1
@@ -520,7 +521,7 @@ def test_on_exit_exactly_once_under_concurrent_stops(tmp_path):
         assert not running.alive(), spec
         running.stop()
         running.kill()
-        running.extend(time.monotonic() + 5)  # harmless after the end
+        running.extend(clock.monotonic() + 5)  # harmless after the end
         assert len(exits.wait()) == 1, spec
 
 
@@ -543,6 +544,7 @@ def test_stop_from_inside_on_exit_does_not_hang():
 PARENT_SCRIPT = textwrap.dedent(
     """
     import json, os, sys, time
+    from crown_sync import clock
     from crown_sync.terms import Term
     from crown_sync.children import CommandChild, ProcessChild, ThreadChild
     from crown_sync.testing import journal
@@ -556,7 +558,7 @@ PARENT_SCRIPT = textwrap.dedent(
         os.write(deadlines, ("%r\\n" % deadline).encode())
         return deadline
 
-    term = Term("paused", "parent", 11, note(time.monotonic() + lease))
+    term = Term("paused", "parent", 11, note(clock.monotonic() + lease))
     exits = []
     process = ProcessChild(journal.journaled_process, args=(process_journal, 0.002), grace=1)
     # The command starts a helper in its own process group (a worker, as daemons do), then works.
@@ -575,7 +577,7 @@ PARENT_SCRIPT = textwrap.dedent(
                    "command": running[1].command_pid}, handle)
     os.rename(out + ".tmp", out)
     while True:
-        deadline = note(time.monotonic() + lease)
+        deadline = note(clock.monotonic() + lease)
         term.extend(deadline)
         for child in running:
             child.extend(deadline)
@@ -666,7 +668,7 @@ def test_children_stop_by_the_deadline_while_the_parent_is_paused(tmp_path, stop
         assert process_state(parent.pid) == "T"
         # The thread child's process wakes up after its deadline, and must not act then. (The
         # pause may have come between the parent's extend of the term and of its children.)
-        time.sleep(max(0.0, last_deadline + 0.01 - time.monotonic()))
+        time.sleep(max(0.0, last_deadline + 0.01 - clock.monotonic()))
         os.killpg(parent.pid, signal.SIGCONT)
         time.sleep(0.3)
         assert parent.poll() is None
@@ -679,3 +681,19 @@ def test_children_stop_by_the_deadline_while_the_parent_is_paused(tmp_path, stop
         parent.send_signal(signal.SIGKILL)
         os.killpg(parent.pid, signal.SIGCONT)
         parent.wait()
+
+
+def test_deadlines_count_a_host_suspend():
+    """Deadlines, the process child's kernel timer and the supervisor all read CLOCK_BOOTTIME on
+    Linux: a lease on the server runs on while this host is suspended, and CLOCK_MONOTONIC would
+    not (a term would look alive after waking). A suspend can't be caused here; what can be
+    checked is that every reader uses that clock, and that it runs with CLOCK_MONOTONIC (which it
+    equals but for suspended time)."""
+    import crown_sync._supervise as supervise
+
+    assert sys.platform.startswith("linux")
+    assert clock.CLOCK_ID == supervise.CLOCK_ID == time.CLOCK_BOOTTIME
+    assert clock.monotonic is supervise.monotonic
+    before = time.monotonic()
+    now = clock.monotonic()
+    assert now >= before - 1e-3  # BOOTTIME = MONOTONIC + time suspended, never less

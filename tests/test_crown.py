@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 
 import crown_sync
-from crown_sync import telemetry
+from crown_sync import clock, telemetry
 from crown_sync.testing.memory import MemoryOracle
 
 
 def wait_until(predicate, timeout=10.0, interval=0.005):
     """Poll until predicate() is true; fail (not hang) after a generous timeout."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
+    end = clock.monotonic() + timeout
+    while clock.monotonic() < end:
         if predicate():
             return True
         time.sleep(interval)
@@ -186,14 +186,14 @@ def test_deadline_ends_the_term_even_when_refresh_hangs(recorder):
     def child(term):
         seen["term"] = term
         term.stop_event.wait()
-        seen["stopped_at"] = time.monotonic()
+        seen["stopped_at"] = clock.monotonic()
 
     c = crown(oracle=oracle, child=child).start()
     try:
         assert c.wait_for_leadership(10)
         wait_until(lambda: "term" in seen)
         oracle.hang.clear()  # every oracle call now blocks: refresh can't renew
-        hung_at = time.monotonic()
+        hung_at = clock.monotonic()
         wait_until(lambda: not c.is_leader(), timeout=5)
         term = seen["term"]
         assert term.stop_event.is_set()
@@ -211,19 +211,19 @@ def test_deadline_ends_the_term_even_when_refresh_hangs(recorder):
 
 
 def test_stop_event_reads_set_after_the_deadline_without_any_thread_running():
-    term = crown_sync.Term("job", "me", 7, time.monotonic() + 0.05)
+    term = crown_sync.Term("job", "me", 7, clock.monotonic() + 0.05)
     assert not term.stop_event.is_set() and term.is_leader()
     assert term.stop_event.wait(5)  # returns at the deadline, nobody set it
     assert term.stop_event.is_set() and not term.is_leader()
     # A renewal that comes back after the deadline revives nothing: what the child and
     # is_leader() were told stays true.
-    assert not term.extend(time.monotonic() + 10)
+    assert not term.extend(clock.monotonic() + 10)
     assert not term.is_leader() and term.stop_event.is_set()
 
-    live = crown_sync.Term("job", "me", 8, time.monotonic() + 5)
-    assert live.extend(time.monotonic() + 10) and live.is_leader()  # a renewal in time
+    live = crown_sync.Term("job", "me", 8, clock.monotonic() + 5)
+    assert live.extend(clock.monotonic() + 10) and live.is_leader()  # a renewal in time
     live.end()
-    assert not live.extend(time.monotonic() + 20)
+    assert not live.extend(clock.monotonic() + 20)
     assert not live.is_leader() and live.stop_event.is_set()
 
 
@@ -435,12 +435,12 @@ def test_stop_from_the_follower_child_does_not_wait_for_itself():
 
     def follower_child(term):
         box["crown"].stop()  # from the follower child's own thread
-        box["returned"] = time.monotonic()
+        box["returned"] = clock.monotonic()
 
     follower = box["crown"] = crown(oracle=oracle, identity="follower",
                                     follower_child=crown_sync.ThreadChild(follower_child, grace=30))
     try:
-        started = time.monotonic()
+        started = clock.monotonic()
         follower.start()
         # With the join, stop() would return only after the 30 s grace.
         wait_until(lambda: "returned" in box and follower.phase == "stopped", timeout=20)
@@ -533,11 +533,11 @@ def test_wait_for_leadership_reports_a_term_that_started_and_ended_during_the_wa
         waiter = threading.Thread(target=lambda: waited.update(led=c.wait_for_leadership(10)))
         waiter.start()
         time.sleep(0.01)  # the waiter is waiting before the crown starts
-        begun = time.monotonic()
+        begun = clock.monotonic()
         c.start()
         try:
             waiter.join(15)
             assert waited == {"led": True}, f"attempt {attempt}: {waited}"
-            assert time.monotonic() - begun < 9, "waited the whole timeout"
+            assert clock.monotonic() - begun < 9, "waited the whole timeout"
         finally:
             c.stop(10)

@@ -3,7 +3,7 @@
 ``python -m crown_sync.testing.contender --name N --oracle URL --journal PATH [--child KIND]``
 runs one crown whose child journals its work (see :mod:`crown_sync.testing.journal`), until
 SIGTERM or SIGINT, then stops the crown cleanly and exits 0. With ``--events PATH`` it also appends
-every telemetry event as a JSON line (with ``time.monotonic()`` as ``t``), so a test can see when
+every telemetry event as a JSON line (with ``crown_sync.clock.monotonic()`` as ``t``), so a test can see when
 this process claimed or lost leadership without asking the oracle.
 """
 
@@ -13,7 +13,6 @@ import os
 import signal
 import sys
 import threading
-import time
 
 
 def main(argv=None) -> int:
@@ -32,14 +31,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     import crown_sync
-    from crown_sync import telemetry
+    from crown_sync import clock, telemetry
     from crown_sync.testing import journal
 
     if args.events:
         fd = os.open(args.events, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
 
         def record(event, metadata):
-            line = {"event": event, "t": time.monotonic(), "pid": os.getpid()}
+            line = {"event": event, "t": clock.monotonic(), "pid": os.getpid()}
             line.update({k: v for k, v in metadata.items() if k in ("identity", "phase", "token", "reason")})
             os.write(fd, (json.dumps(line, default=str) + "\n").encode())
 

@@ -2,8 +2,8 @@
 
 The work itself (a crown's child) appends one JSON line per event to a shared file: ``start``,
 ``beat`` every few milliseconds while it works, ``stop``; each with the election name, the term's
-identity and token, the pid and ``time.monotonic()`` (CLOCK_MONOTONIC is one clock for every
-process on a Linux host). Lines are short and written with one ``write()`` to an ``O_APPEND``
+identity and token, the pid and :func:`crown_sync.clock.monotonic` (one clock for every process on
+a Linux host, and the clock of the terms' deadlines, so a line can be compared with them). Lines are short and written with one ``write()`` to an ``O_APPEND``
 descriptor, so lines from concurrent processes never interleave.
 
 The checker reads only this journal, never the oracle's word. A term's activity spans from its
@@ -18,6 +18,8 @@ import os
 import sys
 import time
 from typing import Iterable, List, Optional, Tuple
+
+from crown_sync.clock import monotonic
 
 __all__ = ["Journal", "Term", "Report", "read", "check", "journaled_work", "journaled_process"]
 
@@ -36,7 +38,7 @@ class Journal:
             "id": identity,
             "token": token,
             "pid": os.getpid(),
-            "t": time.monotonic(),
+            "t": monotonic(),
         }
         record.update(extra)
         os.write(self._fd, (json.dumps(record, separators=(",", ":")) + "\n").encode())
@@ -60,13 +62,13 @@ def journaled_work(term, path: str, interval: float = 0.005, stop_delay: float =
         journal.write("start", term.name, term.identity, term.token)
         while not term.stop_event.wait(interval):
             journal.write("beat", term.name, term.identity, term.token)
-        wind_down = time.monotonic() + stop_delay
-        while time.monotonic() < wind_down and not term.expired:
+        wind_down = monotonic() + stop_delay
+        while monotonic() < wind_down and not term.expired:
             time.sleep(interval)
             if term.expired:
                 break
             journal.write("beat", term.name, term.identity, term.token)
-        if term.deadline is None or time.monotonic() < term.deadline:
+        if term.deadline is None or monotonic() < term.deadline:
             # Stopped in time. Past the deadline (e.g. resumed after SIGSTOP) the work stopped
             # acting at the deadline; a "stop" line written now would be an act outside the term.
             journal.write("stop", term.name, term.identity, term.token)
@@ -81,12 +83,12 @@ def _beat_until_sigterm(path: str, name: str, identity: str, token: Optional[int
     import signal
 
     stopping = []
-    signal.signal(signal.SIGTERM, lambda *_: stopping.append(time.monotonic()))
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(monotonic()))
     journal = Journal(path)
     journal.write("start", name, identity, token)
-    while not stopping or time.monotonic() < stopping[0] + stop_delay:
+    while not stopping or monotonic() < stopping[0] + stop_delay:
         time.sleep(interval)
-        if stopping and time.monotonic() >= stopping[0] + stop_delay:
+        if stopping and monotonic() >= stopping[0] + stop_delay:
             break
         journal.write("beat", name, identity, token)
     journal.write("stop", name, identity, token)

@@ -10,6 +10,7 @@ import threading
 import time
 from typing import Any, Dict, List, Optional
 
+from .. import clock
 from ..oracle import Claim, Contender, Leader, OnChange, Oracle
 
 
@@ -43,7 +44,7 @@ class MemoryOracle(Oracle):
 
     def _current(self, name: str) -> Optional["MemoryContender"]:
         holder = self._holders.get(name)
-        if holder is not None and holder._expires is not None and time.monotonic() >= holder._expires:
+        if holder is not None and holder._expires is not None and clock.monotonic() >= holder._expires:
             del self._holders[name]
             holder = None
         return holder
@@ -108,7 +109,7 @@ class MemoryContender(Contender):
         return Claim(True, leader, token, self._expires, self.oracle.refresh_in)
 
     def claim(self) -> Claim:
-        started = time.monotonic()
+        started = clock.monotonic()
         self.oracle._call("claim")
         with self.oracle._lock:
             holder = self.oracle._current(self.name)
@@ -121,7 +122,7 @@ class MemoryContender(Contender):
             return self._grant(started, token)
 
     def refresh(self) -> Claim:
-        started = time.monotonic()
+        started = clock.monotonic()
         self.oracle._call("refresh")
         with self.oracle._lock:
             if self.oracle._current(self.name) is not self:

@@ -8,9 +8,12 @@ Exit codes follow the conventions of ``timeout(1)``, ``env(1)`` and the shells:
 
 * ``run``: the command's own exit code when it exits by itself; 128+N when it was killed by
   signal N; 126/127 when the command cannot be run / is not found; 125 when crown-sync itself
-  fails (e.g. the oracle's client library is missing). When ``run`` itself receives
+  fails (e.g. the oracle's client library is missing); 124 when ``--wait-timeout`` or
+  ``--no-wait`` gave up before leadership was won. When ``run`` itself receives
   SIGTERM, SIGINT or SIGHUP it stops the command, abdicates, and then dies of that same signal
   (as ``timeout`` does), so a shell reports 128+N and a service manager sees a signal death.
+* ``run`` says on stderr, without ``-v``, when the oracle starts failing and when it answers
+  again (once per change), and, on a terminal, who leads while it waits.
 * ``status`` and ``dismiss``: 0 when there was a leader, 1 when there was none, 3 when the oracle
   could not be asked (unreachable, or its client library is not installed).
 * 2 for usage errors (bad name, bad or unknown oracle URL, bad option), as click does.
@@ -40,6 +43,9 @@ EXIT_RUN_FAILED = 125
 #: Exit codes of ``env``/``timeout``/the shells when the command cannot be started.
 EXIT_CANNOT_RUN = 126
 EXIT_NOT_FOUND = 127
+#: Exit code of ``run --wait-timeout/--no-wait`` when leadership was not won in time (as
+#: ``timeout(1)`` uses 124 for "timed out"; ``flock -w`` uses 1, which commands often use too).
+EXIT_NOT_LEADING = 124
 
 #: Signals that make ``run`` stop cleanly (command stopped first, then abdicate).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -282,8 +288,23 @@ def exit_status(exitcode: Optional[int]) -> int:
     metavar="KEY=VALUE",
     help="Metadata published with the leadership (repeatable); shown by 'status'.",
 )
+@click.option(
+    "--wait-timeout",
+    type=click.FloatRange(min=0),
+    default=None,
+    metavar="SECONDS",
+    help=f"Give up (exit {EXIT_NOT_LEADING}) if leadership was not won within SECONDS "
+    "(default: wait for it forever). Applies to the first term only.",
+)
+@click.option(
+    "--no-wait",
+    is_flag=True,
+    help=f"Give up (exit {EXIT_NOT_LEADING}) as soon as another process is found leading "
+    "(like flock -n).",
+)
 @verbose_option
-def run(name, command, oracle_url, grace, restart, restart_delay, identity, metadata_items, verbose):
+def run(name, command, oracle_url, grace, restart, restart_delay, identity, metadata_items,
+        wait_timeout, no_wait, verbose):
     """Contend for NAME and run COMMAND while leading it.
 
     \b
@@ -292,22 +313,51 @@ def run(name, command, oracle_url, grace, restart, restart_delay, identity, meta
     exits with COMMAND's exit code (128+N if killed by signal N), unless --restart.
     SIGTERM/SIGINT/SIGHUP: COMMAND is stopped, the leadership given up, then crown-sync
     dies of the same signal (the shell reports 128+N). Put COMMAND after '--'.
+    With --wait-timeout/--no-wait, exit 124 if leadership was not won in time.
 
     COMMAND gets CROWN_SYNC_NAME, CROWN_SYNC_TOKEN (the fencing token) and
     CROWN_SYNC_IDENTITY in its environment.
     """
-    import crown_sync
     from crown_sync import telemetry
 
     metadata = _parse_metadata(metadata_items)
     argv = _resolve_command(list(command))
     _setup_logging(verbose)
+    crown = _run_crown(name, oracle_url, argv, grace, restart, restart_delay, identity, metadata)
+    watcher = _RunWatcher(crown, name, oracle_url, restart, no_wait)
+    previous = {signum: signal.signal(signum, watcher.on_signal) for signum in STOP_SIGNALS}
+    handle = telemetry.attach(watcher.on_event, prefixes=("crown.",))
+    give_up_at = None if wait_timeout is None else time.monotonic() + wait_timeout
+    try:
+        crown.start()
+        # Short waits so the signal handler gets to run promptly in the main thread.
+        while not watcher.wake.wait(0.2):
+            if give_up_at is not None and time.monotonic() >= give_up_at:
+                watcher.give_up(f"leadership of {name} not won within {wait_timeout:g} s")
+    finally:
+        # stop(): the command first (SIGTERM, SIGKILL after grace), then abdicate, then close.
+        crown.stop()
+        telemetry.detach(handle)
+        _close_quietly(crown.oracle)
+
+    if watcher.received:
+        _die_of(watcher.received[0])
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
+    if watcher.gave_up:
+        sys.exit(EXIT_NOT_LEADING)
+    sys.exit(exit_status(watcher.exitcode))
+
+
+def _run_crown(name, oracle_url, argv, grace, restart, restart_delay, identity, metadata):
+    """The Crown that ``run`` drives; bad options are usage errors, a missing library is 125."""
+    import crown_sync
+
     try:
         oracle = _open_oracle(oracle_url)
     except OracleError as exc:
         exc.exit_code = EXIT_RUN_FAILED  # 3 could be the command's own code: use env(1)'s 125
         raise
-
     options: Dict[str, Any] = {}
     if restart:
         # Restart in place, without limit, within the same term (same fencing token).
@@ -317,7 +367,7 @@ def run(name, command, oracle_url, grace, restart, restart_delay, identity, meta
         # the crown in that window (on the crown.child.exited event), so the command never reruns.
         options.update(max_child_restarts=0)
     try:
-        crown = crown_sync.Crown(
+        return crown_sync.Crown(
             name,
             oracle=oracle,
             child=crown_sync.CommandChild(argv, grace=grace),
@@ -329,54 +379,98 @@ def run(name, command, oracle_url, grace, restart, restart_delay, identity, meta
         _close_quietly(oracle)
         raise click.UsageError(_scrub(str(exc), oracle_url)) from None
 
-    my_identity = crown.status().identity
-    wake = threading.Event()
-    outcome: Dict[str, Any] = {}
 
-    def on_child_event(event: str, metadata: dict) -> None:
-        # Only our own crown's leader child counts (other crowns may live in this process).
-        if metadata.get("name") != name or metadata.get("identity") != my_identity:
+def _die_of(signum: int) -> None:
+    """Die of the signal we got, as timeout(1) does: the shell sees 128+N and service managers
+    see a signal death rather than an error exit."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signum])
+    os.kill(os.getpid(), signum)
+    time.sleep(1.0)  # the signal is delivered before this returns; belt and braces below
+    sys.exit(128 + signum)
+
+
+class _RunWatcher:
+    """What ``run`` learns from its crown's events: the command's exit, whether it led, and the
+    oracle's state, which it reports on stderr once per change (errors are otherwise logged at
+    debug level only, and an unreachable oracle would look like a silent hang)."""
+
+    def __init__(self, crown, name: str, url: Optional[str], restart: bool, no_wait: bool):
+        self.crown, self.name, self.url = crown, name, url
+        self.identity = crown.status().identity
+        self.restart, self.no_wait = restart, no_wait
+        self.wake = threading.Event()
+        self.received: List[int] = []
+        self.exitcode: Optional[int] = None
+        self.led = self.gave_up = False
+        self.oracle_failing = False
+        self.shown_leader: Optional[str] = None
+        self.terminal = sys.stderr.isatty()
+        self.lock = threading.Lock()
+
+    def say(self, message: str) -> None:
+        click.echo(f"crown-sync: {message}", err=True)
+
+    def on_signal(self, signum, frame) -> None:
+        if not self.received:
+            self.received.append(signum)
+        self.wake.set()
+
+    def give_up(self, why: str) -> None:
+        """Stop contending unless the crown already leads (then the command runs on)."""
+        with self.lock:
+            if self.led or self.gave_up:
+                return
+            self.gave_up = True
+            # Ends a term the crown may be starting right now, before its command starts;
+            # under the lock, so that a claim seen after this is never counted as led.
+            self.crown.stop(timeout=0)
+        self.say(f"{why}: giving up (exit {EXIT_NOT_LEADING})")
+        self.wake.set()
+
+    def on_event(self, event: str, metadata: dict) -> None:
+        # Only our own crown counts (other crowns may live in this process).
+        if metadata.get("name") != self.name or metadata.get("identity") != self.identity:
             return
-        if metadata.get("kind", "leader") != "leader":
+        if event == "crown.oracle.error":
+            self._oracle_state(True, metadata.get("error"))
             return
-        if event == "crown.child.exited" and not restart:
-            outcome.setdefault("exitcode", metadata.get("exitcode"))
-            wake.set()
+        if event in ("crown.leadership.claimed", "crown.leadership.rejected", "crown.monitor.started"):
+            self._oracle_state(False, None)
+        if event == "crown.leadership.claimed":
+            with self.lock:
+                if not self.gave_up:
+                    self.led = True
+            if self.terminal and not self.gave_up:
+                self.say(f"leading {self.name} (token {metadata.get('token')})")
+            self.shown_leader = None
+        elif event in ("crown.leadership.rejected", "crown.monitor.started"):
+            self._following(metadata.get("leader"))
+        elif event == "crown.child.exited" and metadata.get("kind", "leader") == "leader":
+            if not self.restart and self.exitcode is None:
+                self.exitcode = metadata.get("exitcode")
+                self.wake.set()
 
-    received: List[int] = []
+    def _following(self, leader: Optional[str]) -> None:
+        if self.no_wait and not self.led:
+            self.give_up(f"{self.name} is led by {leader or 'another process'}")
+            return
+        if self.terminal and leader and leader != self.shown_leader:
+            self.shown_leader = leader
+            self.say(f"waiting: {self.name} is led by {leader}")
 
-    def on_signal(signum, frame):
-        if not received:
-            received.append(signum)
-        wake.set()
-
-    handle = telemetry.attach(on_child_event, prefixes=("crown.child.",))
-    previous = {signum: signal.signal(signum, on_signal) for signum in STOP_SIGNALS}
-    try:
-        crown.start()
-        # Short waits so the signal handler gets to run promptly in the main thread.
-        while not wake.wait(0.2):
-            pass
-    finally:
-        # stop(): the command first (SIGTERM, SIGKILL after grace), then abdicate, then close.
-        crown.stop()
-        telemetry.detach(handle)
-        _close_quietly(oracle)
-
-    if received:
-        signum = received[0]
-        # Die of the signal we got, as timeout(1) does: the shell sees 128+N and service
-        # managers see a signal death rather than an error exit.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        signal.signal(signum, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signum])
-        os.kill(os.getpid(), signum)
-        time.sleep(1.0)  # the signal is delivered before this returns; belt and braces below
-        sys.exit(128 + signum)
-    for signum, handler in previous.items():
-        signal.signal(signum, handler)
-    sys.exit(exit_status(outcome.get("exitcode")))
+    def _oracle_state(self, failing: bool, error: Optional[str]) -> None:
+        if failing == self.oracle_failing:
+            return
+        self.oracle_failing = failing
+        label = _oracle_label(self.crown.oracle)
+        if failing:
+            error = " ".join(str(error).split())  # psycopg's messages span several lines
+            self.say(f"{self.name}: oracle {label} failed, retrying: {_scrub(error, self.url)}")
+        else:
+            self.say(f"{self.name}: oracle {label} answers again")
 
 
 # ------------------------------------------------------------------------------------- status
@@ -476,8 +570,9 @@ def status(name, oracle_url, as_json, verbose):
 @main.command(context_settings=CONTEXT_SETTINGS, short_help="Make the leader of NAME step down.")
 @click.argument("name", callback=_check_name)
 @oracle_option
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object (dismissed null if none).")
 @verbose_option
-def dismiss(name, oracle_url, verbose):
+def dismiss(name, oracle_url, as_json, verbose):
     """Make the current leader of NAME step down (it stops its child; anyone may then lead).
 
     Exit code 0 if there was a leader to dismiss, 1 if there was none, 3 if the oracle could not
@@ -502,15 +597,21 @@ def dismiss(name, oracle_url, verbose):
         _close_quietly(oracle)
     if dismissed is None:  # an API that returns nothing: judge by whether someone led
         dismissed = leader is not None
-    if not dismissed:
+    if as_json:
+        # The leader read just before the dismissal; "dismissed": null when there was none.
+        shown = leader_as_dict(leader) if dismissed and leader is not None else None
+        if dismissed and shown is None:
+            shown = {"identity": None, "token": None}
+        document = {"name": name, "oracle": _oracle_label(oracle), "dismissed": shown}
+        click.echo(json.dumps(document, indent=2, sort_keys=True, default=str))
+    elif not dismissed:
         click.echo(f"no leader for {name}")
-        sys.exit(1)
-    if leader is not None:
+    elif leader is not None:
         token = "" if leader.token is None else f" (token {leader.token})"
         click.echo(f"dismissed {leader.identity}{token} from {name}")
     else:
         click.echo(f"dismissed the leader of {name}")
-    sys.exit(0)
+    sys.exit(0 if dismissed else 1)
 
 
 # --------------------------------------------------------------------------------------- demo

@@ -230,6 +230,103 @@ def test_restart_keeps_leading_and_restarts_the_command(tmp_path, url, runs):
     assert "crown.child.exited" in run.stderr()
 
 
+def _lead_with_a(runs, tmp_path, url, path):
+    """A `run` that leads "job" with a journaling command, once its command has started."""
+    leader = start_run(runs, tmp_path, "job", url, journal_command(path), "A")
+    wait_until(lambda: started(path, "A"), "A's command to start")
+    return leader
+
+
+@pytest.mark.parametrize("option", [["--no-wait"], ["--wait-timeout", "1"]])
+def test_giving_up_while_another_leads_exits_124_and_never_runs_the_command(tmp_path, url, runs, option):
+    path = tmp_path / "journal.jsonl"
+    leader = _lead_with_a(runs, tmp_path, url, path)
+    marker = tmp_path / "ran"
+    result = cli("run", "job", "--oracle", url, *option, "--",
+                 PY, "-c", f"open({str(marker)!r}, 'w').close()")
+    assert result.returncode == 124, result.stdout + result.stderr
+    assert "giving up" in result.stderr
+    assert not marker.exists()  # the command never started
+    # The leader was not disturbed: still one term, still running.
+    assert leader.process.poll() is None
+    report = journal.check(str(path))
+    assert report.ok and [t.identity for t in report.terms] == ["A"], report.summary()
+
+
+def test_wait_timeout_waits_for_the_leader_to_go_then_runs_the_command(tmp_path, url, runs):
+    path = tmp_path / "journal.jsonl"
+    leader = _lead_with_a(runs, tmp_path, url, path)
+    waiter = start_run(runs, tmp_path, "job", url, journal_command(path), "B", "--wait-timeout", "60")
+    wait_until(lambda: "crown.leadership.rejected" in waiter.stderr(), "B to find A leading")
+    leader.signal(signal.SIGTERM)
+    wait_until(lambda: started(path, "B"), "B to take over within its wait timeout")
+    waiter.signal(signal.SIGTERM)
+    assert waiter.wait() == -signal.SIGTERM
+    report = journal.check(str(path))
+    assert report.ok and [t.identity for t in report.terms] == ["A", "B"], report.summary()
+
+
+def test_no_wait_with_nobody_leading_runs_the_command(url):
+    result = cli("run", "job", "--oracle", url, "--no-wait", "--", PY, "-c", "raise SystemExit(7)")
+    assert result.returncode == 7, result.stderr
+
+
+def test_an_unreachable_oracle_is_said_once_on_stderr_and_its_return_too(tmp_path):
+    from crown_sync.testing.memcached_server import MemcachedServer
+
+    server = MemcachedServer(memory_mb=8)  # a free port, with nothing listening on it yet
+    lines = tmp_path / "lines"
+    command = [PY, "-c", f"open({str(lines)!r}, 'a').write('ran\\n')"]
+    url = server.url
+    try:
+        # No -v: the messages must come without it.
+        argv = CLI + ["run", "job", "--oracle", url, "--wait-timeout", "60", "--"] + command
+        with open(tmp_path / "stderr", "wb") as err:
+            process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, env=_env(), cwd=REPO)
+        try:
+            stderr = lambda: (tmp_path / "stderr").read_text()  # noqa: E731
+            wait_until(lambda: "failed, retrying" in stderr(), "the oracle's failure on stderr")
+            time.sleep(1.0)  # several more failed attempts: still one line
+            server.start()
+            assert process.wait(WAIT) == 0, stderr()
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    finally:
+        server.stop()
+    text = stderr()
+    assert text.count("failed, retrying") == 1, text
+    assert text.count("answers again") == 1, text
+    assert lines.read_text() == "ran\n"
+
+
+def test_waiting_message_on_a_terminal(tmp_path, url, runs):
+    import pty
+
+    path = tmp_path / "journal.jsonl"
+    _lead_with_a(runs, tmp_path, url, path)
+    master, slave = pty.openpty()
+    argv = CLI + ["run", "job", "--oracle", url, "--identity", "B", "--no-wait", "--", "true"]
+    try:
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                   stderr=slave, env=_env(), cwd=REPO)
+        os.close(slave)
+        assert process.wait(WAIT) == 124
+        output = b""
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: the terminal's other end is closed and drained
+                break
+            if not chunk:
+                break
+            output += chunk
+    finally:
+        os.close(master)
+    assert b"job is led by A" in output, output
+
+
 # --------------------------------------------------------------------------------- status
 
 
@@ -298,6 +395,21 @@ def test_dismiss_makes_the_leader_step_down(tmp_path, url, runs):
     assert len(report.terms) >= 2
 
 
+def test_dismiss_json(tmp_path, url, runs):
+    none = cli("dismiss", "job", "--oracle", url, "--json")
+    assert none.returncode == 1
+    assert json.loads(none.stdout) == {"name": "job", "oracle": json.loads(none.stdout)["oracle"],
+                                       "dismissed": None}
+    path = tmp_path / "journal.jsonl"
+    _lead_with_a(runs, tmp_path, url, path)
+    token = term_of(path, "A")[0].token
+    result = cli("dismiss", "job", "--oracle", url, "--json")
+    assert result.returncode == 0, result.stderr
+    dismissed = json.loads(result.stdout)["dismissed"]
+    assert (dismissed["identity"], dismissed["token"]) == ("A", token)
+    wait_until(lambda: term_of(path, "A")[0].stopped, "A's command to stop")
+
+
 # ------------------------------------------------------------------------------ bad input
 
 
@@ -320,6 +432,14 @@ def test_errors_never_show_the_password(oracle, code):
         assert result.returncode == code, (args, result.stdout, result.stderr)
         assert "Traceback" not in result.stderr
         assert "hunter2" not in result.stdout + result.stderr, result.stderr
+
+
+def test_run_against_an_unreachable_oracle_says_so_without_the_password():
+    result = cli("run", "job", "--oracle", "postgresql://admin:hunter2@127.0.0.1:1/db",
+                 "--wait-timeout", "1", "--", "true")
+    assert result.returncode == 124, result.stderr
+    assert result.stderr.count("failed, retrying") == 1, result.stderr
+    assert "hunter2" not in result.stdout + result.stderr
 
 
 def test_bad_input_exit_code_2(tmp_path, url):

@@ -2,11 +2,11 @@
 
 Files per election ``NAME`` in the directory:
 
-* ``NAME.lock``: the lock. Never renamed or deleted (that would let two processes lock two
-  different files of the same name). The leader holds ``flock(LOCK_EX)`` on it.
-* ``NAME.leader``: the leader record (identity, metadata, token, since), replaced atomically
-  (write, fsync, rename) by each new leader. It outlives the term so the next token can rise from
-  it; whether a leader exists right now is answered by the lock, not by this file.
+* ``NAME.lock``: the lock. We never rename or delete it. The leader holds ``flock(LOCK_EX)`` on it.
+* ``NAME.leader``: the leader record (identity, metadata, token, since, and ``lock``: the device
+  and inode of the lock file the term locked), replaced atomically (write, fsync, rename) by each
+  new leader. It outlives the term so the next token can rise from it; whether a leader exists
+  right now is answered by the lock, not by this file.
 * ``NAME.dismiss``: a request, naming a token, that the leader of that term step down.
 
 Safety: the kernel grants ``LOCK_EX`` to one open file description at a time and frees it the
@@ -14,7 +14,39 @@ moment the last descriptor of the holder is closed, which includes the holder's 
 signal. So terms need no local deadline (``Claim.deadline`` is None), a crash failover is as fast
 as a waiting follower is woken, and a paused (SIGSTOP) leader simply keeps the crown until it
 runs again: nobody else can take it meanwhile. A term's child processes inherit the lock
-descriptor (``Claim.fds``), so the lock is not free until the child is gone too.
+descriptor (``Claim.fds``), so the lock is not free until the child is gone too. For the same
+reason a term ends by *closing* our descriptor, never by ``flock(LOCK_UN)``: the lock belongs to
+the open file description the children share, and unlocking it would free it under a child (a
+command's daemon, a process stuck past SIGKILL) that still runs.
+
+A lock file deleted or replaced (a tmp cleaner, ``rm``, a ``mv`` over it) while a term holds it
+would otherwise let a newcomer create and lock a new file of the same name: two leaders. Rules:
+
+1. A claimant leads only on the file that is at the path: after locking, it checks that its
+   descriptor's file still has links and is the one ``lstat`` finds at the path; if not it drops
+   it and locks the new one. (A follower blocked on an unlinked file gets it when its holder
+   lets go, and drops it then.)
+2. The record names the file the last term locked. A claimant that locks a *different* file
+   leads only once the kernel shows that no lock on the old file remains: no line in
+   /proc/locks for its inode (held by the old leader or any child process of its term). Until
+   then it raises :class:`LockFileReplaced` (``status().last_error``); the engine retries with
+   backoff (at most ``min(monitor_delay, 5 s)``), which is what it costs after the old term
+   ends. The old leader is not disturbed: it keeps leading on the unlinked file and logs a
+   warning (its dismissal watch sees the path change); ``find_leader`` still names it.
+3. Record check and record write happen under a ``flock`` of the directory itself (the claim
+   section), so two claimants can't both read the record of the term before a replacement.
+   The directory's own lock is held for milliseconds, by no child (no fork in this process
+   while one runs), and a claim waits at most ``SECTION_WAIT`` for another process's section.
+4. In a pid namespace (a container), /proc/locks hides locks whose locking process has exited,
+   such as one only a dead leader's child still holds: there the claimant also looks through the
+   descriptors of every process it can see. Processes in *another* pid namespace sharing the
+   directory stay invisible: don't share a lock directory between containers with separate pid
+   namespaces if anything may delete files in it.
+5. A claim verifies that /proc/locks lists the lock it holds itself, so the proof is never
+   blind (no /proc, a file system whose inode numbers /proc/locks does not show): it refuses.
+   Matching is by inode number only (btrfs shows other devices in stat() than in /proc/locks):
+   another locked file that reuses the inode number of a deleted one makes a claimant wait
+   longer, never lead early.
 
 Followers wait in a thread blocked in ``flock(LOCK_EX)`` on their own open file description: the
 kernel wakes it exactly when the holder lets go, with no polling, and the lock it gets is handed to
@@ -23,21 +55,29 @@ orphan that the next follower of the same election in this process adopts (start
 followers never piles up threads); an orphan nobody adopts closes its descriptor when the lock
 comes, which frees the lock again at once.
 
-Not guaranteed: anything across hosts (flock is local; on NFS it is unreliable, so refuse to rely
-on it there), or tokens surviving deletion of the directory. Fork: a forked process gets copies of
+Refused: a directory on a network or FUSE file system (NFS, SMB/CIFS, FUSE, 9p, Ceph, AFS, Coda,
+NCP, Lustre, VirtualBox shared folders: ``statfs`` ``f_type``, see ``REFUSED_FILE_SYSTEMS``) is an
+``OSError`` naming the type and the directory at first use: flock there is emulated, per client
+or up to a server, not one lock among this host's processes.
+
+Not guaranteed: anything across hosts, tokens surviving deletion of the directory or of the
+record, or a directory renamed or replaced as a whole. Fork: a forked process gets copies of
 the lock descriptors; we close them in the child (no effect on the parent's lock, since the parent
 still holds its own reference), except those a term's child process is meant to inherit.
 """
 
+import contextlib
+import ctypes
 import fcntl
 import json
+import logging
 import os
 import stat
 import threading
 import time
 import urllib.parse
 import weakref
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterator, Optional, Set, Tuple
 
 from ..oracle import Claim, Contender, Leader, OnChange, Oracle
 from ..terms import fds_kept_across_fork
@@ -45,7 +85,112 @@ from ..urls import parse_options
 
 __all__ = ["FileOracle", "default_directory"]
 
+logger = logging.getLogger("crown_sync.oracles.file")
+
 _OPTIONS = {"check_interval": float}
+
+#: statfs(2) f_type of the file systems refused for the directory (linux/magic.h): their flock()
+#: is not one lock among this host's processes (NFS emulates it with byte-range locks or keeps it
+#: on one client; SMB, FUSE daemons, 9p servers and the cluster file systems decide for themselves).
+REFUSED_FILE_SYSTEMS = {
+    0x6969: "nfs",
+    0x517B: "smb",
+    0xFF534D42: "cifs",
+    0xFE534D42: "smb2",
+    0x65735546: "fuse",
+    0x01021997: "9p",
+    0x00C36400: "ceph",
+    0x5346414F: "afs",
+    0x6B414653: "afs",
+    0x73757245: "coda",
+    0x564C: "ncp",
+    0x0BD00BD0: "lustre",
+    0x786F4256: "vboxsf",
+}
+
+#: /proc/self/ns/pid's inode in the host's initial pid namespace (PROC_PID_INIT_INO).
+_INITIAL_PID_NAMESPACE = 0xEFFFFFFC
+#: How long a claim waits for another process's claim section before raising (the engine retries).
+SECTION_WAIT = 5.0
+#: How many times a claim reopens a lock file that was replaced while it locked it, before raising.
+_REOPENS = 5
+
+LockId = Tuple[int, int]  # (st_dev, st_ino) of a lock file
+
+
+def file_system_type(path: str) -> int:
+    """statfs(2) ``f_type`` of the file system holding ``path`` (a magic number, linux/magic.h)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    buffer = ctypes.create_string_buffer(512)  # struct statfs: 120 bytes on 64-bit Linux
+    if libc.statfs(os.fsencode(path), buffer) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), path)
+    # f_type is the first member, a C long on every Linux ABI glibc supports; the magics are u32.
+    return ctypes.c_long.from_buffer(buffer).value & 0xFFFFFFFF
+
+
+def refused_file_system(f_type: int) -> Optional[str]:
+    """The name of the file system if the oracle refuses it (see REFUSED_FILE_SYSTEMS), else None."""
+    return REFUSED_FILE_SYSTEMS.get(f_type)
+
+
+def _locked_inodes() -> Set[int]:
+    """Inode numbers that somebody holds a lock on, from /proc/locks (requests still blocked, the
+    ``->`` lines, are not holders). Inode numbers only: btrfs subvolumes give stat() another
+    device than /proc/locks shows, and a match on another device can only make a claimant wait."""
+    held = set()
+    with open("/proc/locks", "r", encoding="ascii", errors="replace") as handle:
+        for line in handle:
+            fields = line.split()
+            if len(fields) < 6 or fields[1] == "->":
+                continue
+            for field in fields[2:]:
+                parts = field.split(":")
+                if len(parts) == 3 and parts[2].isdigit():  # MAJ:MIN:INODE
+                    held.add(int(parts[2]))
+                    break
+    return held
+
+
+def _in_initial_pid_namespace() -> bool:
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino == _INITIAL_PID_NAMESPACE
+    except OSError:
+        return False
+
+
+def _open_in_some_process(lock: LockId) -> bool:
+    """True if a process we can see has a descriptor on the file ``lock``.
+
+    In a pid namespace (a container), /proc/locks hides a lock whose locking process has exited,
+    such as one that only a term's child process still holds: look for the holders themselves.
+    """
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            descriptors = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue  # gone, or not ours to read
+        for fd in descriptors:
+            try:
+                info = os.stat(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if (info.st_dev, info.st_ino) == lock:
+                return True
+    return False
+
+
+def _lock_is_still_held(lock: LockId, held: Optional[Set[int]] = None) -> bool:
+    if lock[1] in (_locked_inodes() if held is None else held):
+        return True
+    return not _in_initial_pid_namespace() and _open_in_some_process(lock)
+
+
+class LockFileReplaced(OSError):
+    """A claim found that the lock file was deleted or replaced while a term held it, and that
+    term's lock is still held: the claimant waits (the engine retries) until it is released."""
 
 
 def default_directory() -> str:
@@ -105,6 +250,12 @@ class FileOracle(Oracle):
             raise PermissionError(f"{self.directory} belongs to uid {info.st_uid}, not to us")
         if info.st_mode & 0o022:
             raise PermissionError(f"{self.directory} is writable by others (mode {oct(info.st_mode & 0o777)})")
+        kind = refused_file_system(file_system_type(self.directory))
+        if kind is not None:
+            raise OSError(
+                f"{self.directory} is on a {kind} file system, where flock() is not one lock among"
+                f" this host's processes: refused; use a directory on a local file system"
+            )
         self._checked = True
 
     def open_lock(self, name: str) -> int:
@@ -114,16 +265,24 @@ class FileOracle(Oracle):
         )
 
     def read_record(self, name: str) -> Optional[Leader]:
+        return self._load_record(name)[0]
+
+    def _load_record(self, name: str) -> Tuple[Optional[Leader], Optional[LockId]]:
+        """The leader record, and the lock file its term locked (None in a record without it)."""
         try:
             fd = os.open(self._path(name, "leader"), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         except FileNotFoundError:
-            return None
+            return None, None
         try:
             with os.fdopen(fd, "r", encoding="utf-8") as handle:
                 data = json.load(handle)
             if not isinstance(data, dict) or not isinstance(data.get("token"), int):
                 raise ValueError("no integer token")
-            return Leader.from_dict(data)
+            lock = data.get("lock")
+            if lock is not None and not (isinstance(lock, list) and len(lock) == 2
+                                         and all(isinstance(part, int) for part in lock)):
+                raise ValueError("lock is not [device, inode]")
+            return Leader.from_dict(data), (tuple(lock) if lock is not None else None)
         except ValueError as exc:
             # Only a hand edit can tear it (a leader's own writes are atomic). Refuse rather than
             # guess: treated as absent, the next token would start again from 1.
@@ -132,12 +291,15 @@ class FileOracle(Oracle):
                 f" remove it only if no process still holds an older term's token"
             ) from None
 
-    def write_record(self, name: str, leader: Leader) -> None:
+    def write_record(self, name: str, leader: Leader, lock: Optional[LockId] = None) -> None:
         final = self._path(name, "leader")
         temporary = f"{final}.{os.getpid()}.{threading.get_ident()}.tmp"
+        record = leader.to_dict()
+        if lock is not None:
+            record["lock"] = list(lock)  # which file this term locked: see _check_predecessor
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
-            os.write(fd, json.dumps(leader.to_dict()).encode())
+            os.write(fd, json.dumps(record).encode())
             os.fsync(fd)  # the token must not go back after a power loss
         finally:
             os.close(fd)
@@ -147,6 +309,67 @@ class FileOracle(Oracle):
             os.fsync(directory)
         finally:
             os.close(directory)
+
+    # -- a lock file deleted or replaced ---------------------------------------------------
+
+    def lock_file_now(self, name: str) -> Optional[LockId]:
+        """(device, inode) of the file at ``NAME.lock`` now, None if there is none."""
+        try:
+            info = os.lstat(self._path(name, "lock"))
+        except FileNotFoundError:
+            return None
+        return info.st_dev, info.st_ino
+
+    @contextlib.contextmanager
+    def _claim_section(self) -> Iterator[None]:
+        """One claim at a time in the directory, across processes: flock on the directory.
+
+        Claimants check the record and write theirs inside it, so that a lock file replaced
+        between two claims can't let both read the same record. No fork happens in this process
+        while it runs (see _before_fork), so no child ever holds a copy of the locked directory.
+        """
+        with _section_lock:
+            fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                give_up = time.monotonic() + SECTION_WAIT
+                while True:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        if time.monotonic() > give_up:
+                            raise TimeoutError(
+                                f"another process has held the claim lock of {self.directory} for"
+                                f" {SECTION_WAIT:g} s (stopped?)"
+                            ) from None
+                        time.sleep(0.002)
+                yield
+            finally:
+                os.close(fd)  # frees the directory lock: no other descriptor shares it
+
+    def _check_predecessor(self, name: str, previous: Optional[Leader], previous_lock: Optional[LockId],
+                           ours: LockId) -> None:
+        """Raise unless the term before ours is certainly over.
+
+        We hold the lock on the file now at the path. If the last term locked that same file, its
+        lock (held by its crown and child processes alike) is ours now: it is over. If it locked
+        another file (``NAME.lock`` was deleted or replaced meanwhile), its holders may still run
+        on the unlinked file: over only once the kernel lists no lock on it (/proc/locks).
+        """
+        held = _locked_inodes()
+        if ours[1] not in held:  # the proof below would be blind here: refuse rather than guess
+            raise OSError(
+                f"/proc/locks does not list the lock this process holds on {self._path(name, 'lock')}:"
+                f" a deleted or replaced lock file could not be detected in {self.directory}"
+            )
+        if previous_lock is None or previous_lock == ours:
+            return
+        if _lock_is_still_held(previous_lock, held):
+            raise LockFileReplaced(
+                f"{self._path(name, 'lock')} was deleted or replaced while term"
+                f" {previous.token if previous else '?'} held it, and that term's lock on the old file"
+                f" (inode {previous_lock[1]}) is still held: waiting until it is released"
+            )
 
     # -- Oracle ----------------------------------------------------------------------------
 
@@ -168,9 +391,13 @@ class FileOracle(Oracle):
 
     def find_leader(self, name: str) -> Optional[Leader]:
         self.ensure_directory()
-        if not self._lock_is_held(name):
-            return None
-        return self.read_record(name)
+        if self._lock_is_held(name):
+            return self.read_record(name)
+        leader, lock = self._load_record(name)
+        # A leader still holding a lock file that was deleted or replaced under it.
+        if lock is not None and lock != self.lock_file_now(name) and _lock_is_still_held(lock):
+            return leader
+        return None
 
     def dismiss(self, name: str) -> bool:
         leader = self.find_leader(name)
@@ -247,6 +474,9 @@ class _DismissalWatch:
             for name in requested.intersection(watched):
                 for contender in watched[name]:
                     contender._on_change()  # the engine refreshes; refresh() reads the request
+            for contenders in watched.values():
+                for contender in contenders:
+                    contender.report_if_moved()
 
 
 _watches: Dict[str, _DismissalWatch] = {}
@@ -319,6 +549,8 @@ class FileContender(Contender):
         self._waiter: Optional[_Waiter] = None
         self._closed = False
         self._leader: Optional[Leader] = None
+        self._lock: Optional[LockId] = None  # the file our term locked
+        self._moved_reported = False
         _live_contenders.add(self)
 
     def _descriptor(self) -> int:
@@ -340,28 +572,62 @@ class FileContender(Contender):
         return fd
 
     def claim(self) -> Claim:
-        fd = self._descriptor()
-        with self._mutex:
-            held = self._held
-        if not held:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return Claim(won=False, leader=self._oracle.read_record(self._name))
-            with self._mutex:
-                self._held = True
+        fd = self._locked_descriptor()
+        if fd is None:
+            return Claim(won=False, leader=self._oracle.read_record(self._name))
         try:
-            previous = self._oracle.read_record(self._name)
-            token = (previous.token or 0) + 1 if previous is not None else 1
-            leader = Leader(self._identity, dict(self._metadata), token, time.time())
-            self._oracle.dismissal_for(self._name, token)  # a stale request must not hit this term
-            self._oracle.write_record(self._name, leader)
+            ours = os.fstat(fd)
+            lock = (ours.st_dev, ours.st_ino)
+            with self._oracle._claim_section():
+                previous, previous_lock = self._oracle._load_record(self._name)
+                self._oracle._check_predecessor(self._name, previous, previous_lock, lock)
+                token = (previous.token or 0) + 1 if previous is not None else 1
+                leader = Leader(self._identity, dict(self._metadata), token, time.time())
+                self._oracle.dismissal_for(self._name, token)  # a stale request must not hit this term
+                self._oracle.write_record(self._name, leader, lock)
         except BaseException:
             self.abdicate()
             raise
         self._leader = leader
+        self._lock = lock
+        self._moved_reported = False
         _dismissal_watch(self._oracle).add(self._name, self)
         return Claim(True, leader, token, None, None, (fd,))
+
+    def _locked_descriptor(self) -> Optional[int]:
+        """Our descriptor, holding LOCK_EX on the file that is at the path now; None if another
+        process holds that file. A lock on a file no longer at the path (deleted or replaced since
+        we or our waiter opened it) is worth nothing to a claimant: drop it, open the new one."""
+        for _ in range(_REOPENS):
+            fd = self._descriptor()
+            with self._mutex:
+                held = self._held
+            if not held:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return None
+                with self._mutex:
+                    self._held = True
+            info = os.fstat(fd)
+            if info.st_nlink > 0 and self._oracle.lock_file_now(self._name) == (info.st_dev, info.st_ino):
+                return fd
+            self._drop()
+        raise OSError(f"{self._path} was replaced {_REOPENS} times while this process locked it")
+
+    def report_if_moved(self) -> None:
+        """From the dismissal watch: say so, once a term, if our lock file left the path. The term
+        goes on (its lock still holds); claimants wait until it ends (_check_predecessor)."""
+        lock, leader = self._lock, self._leader
+        if lock is None or leader is None or self._moved_reported:
+            return
+        if self._oracle.lock_file_now(self._name) != lock:
+            self._moved_reported = True
+            logger.warning(
+                "%s was deleted or replaced while this process leads %r (token %s) on it: the term goes"
+                " on with the unlinked file, and a successor waits until this term's lock is released",
+                self._path, self._name, leader.token,
+            )
 
     def refresh(self) -> Claim:
         leader = self._leader
@@ -413,7 +679,7 @@ class FileContender(Contender):
         with self._mutex:
             if not self._held or self._closed:
                 return
-        self._leader = None
+        self._leader = self._lock = None
         _dismissal_watch(self._oracle).discard(self._name, self)
         self._drop()
 
@@ -460,10 +726,20 @@ class FileContender(Contender):
 
 
 _live_contenders: "weakref.WeakSet[FileContender]" = weakref.WeakSet()
+_section_lock = threading.Lock()  # one claim section at a time in this process; no fork during one
+
+
+def _before_fork() -> None:
+    _section_lock.acquire()
+
+
+def _after_fork_in_parent() -> None:
+    _section_lock.release()
 
 
 def _after_fork_in_child() -> None:
-    global _waiters_lock, _watches_lock
+    global _waiters_lock, _watches_lock, _section_lock
+    _section_lock = threading.Lock()
     contenders = list(_live_contenders)
     # The waiters' threads did not cross the fork; their descriptors did: close our copies.
     waiters = list(_orphans.values()) + [c._waiter for c in contenders if c._waiter is not None]
@@ -480,4 +756,5 @@ def _after_fork_in_child() -> None:
     _watches_lock = threading.Lock()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                    after_in_child=_after_fork_in_child)

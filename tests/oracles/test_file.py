@@ -1,9 +1,11 @@
 """The embedded file oracle, with real contender processes, real signals and the journal checker."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -365,3 +367,144 @@ def test_a_child_that_outlives_abdicate_keeps_the_election_closed(url, tmp_path)
     report = journal.check(path, NAME)
     assert report.ok, report.summary()
     assert [term.identity for term in report.terms] == ["first", "second"], report.summary()
+
+
+@pytest.mark.parametrize("fault", ["delete", "replace"])
+def test_a_deleted_or_replaced_lock_file_never_yields_a_second_leader(url, oracle_dir, tmp_path, fault):
+    fleet = Fleet(url, tmp_path, child="command")
+    fleet.spawn("old")
+    claimant = None
+    try:
+        assert fleet.wait_for_leader() == "old"
+        wait_until(lambda: os.path.exists(fleet.journal) and journal.read(fleet.journal))  # it works
+        fleet.spawn("waiting")  # blocked on the old file: it must not lead on it once unlinked
+        lock = oracle_dir / f"{NAME}.lock"
+        if fault == "delete":
+            lock.unlink()  # a tmp cleaner, or rm
+        else:
+            spare = oracle_dir / "spare"
+            spare.write_text("")
+            os.rename(spare, lock)
+        # A new contender opens (or creates) the new file at the path, which nobody holds.
+        claimant = crown_sync.Crown(NAME, oracle=url, identity="claimant", monitor_delay=0.5,
+                                    child=crown_sync.ThreadChild(journal.journaled_work,
+                                                                 args=(fleet.journal, 0.02))).start()
+        wait_until(lambda: claimant.is_leader() or "deleted or replaced" in (claimant.status().last_error or ""))
+        time.sleep(0.3)
+        early = (claimant.is_leader(), fleet.leader())
+        fleet.processes["old"].send_signal(signal.SIGTERM)
+        fleet.processes["old"].wait(30)
+        wait_until(lambda: fleet.leader() not in (None, "old"))
+        wait_until(lambda: len(journal.check(fleet.journal, NAME).terms) >= 2)  # the successor works
+        time.sleep(0.1)
+    finally:
+        if claimant is not None:
+            claimant.stop()
+        fleet.stop_all()
+    report = journal.check(fleet.journal, NAME)
+    assert report.ok, report.summary()
+    assert len(report.terms) >= 2 and report.terms[0].identity == "old", (report.summary(), report.terms)
+    assert early == (False, "old")  # find_leader named the holder of the unlinked file meanwhile
+
+
+LEADER_WITH_A_DAEMON = textwrap.dedent(
+    """
+    import sys, time
+    import crown_sync
+    child = crown_sync.CommandChild([sys.executable, sys.argv[2], sys.argv[3]])
+    crown_sync.Crown("billing", oracle=sys.argv[1], identity="old", child=child).start()
+    time.sleep(600)
+    """
+)
+
+
+def test_a_deleted_lock_file_held_only_by_a_dead_leaders_daemon_is_waited_for(url, oracle_dir, tmp_path):
+    # The lock's locker is dead; only a process it left behind holds it (inside a pid namespace,
+    # /proc/locks hides such a lock: the oracle then finds the holder's descriptor instead).
+    (tmp_path / "daemonizing.py").write_text(DAEMONIZING_COMMAND)
+    (tmp_path / "leader.py").write_text(LEADER_WITH_A_DAEMON)
+    path = str(tmp_path / "journal.jsonl")
+    leader = subprocess.Popen([sys.executable, str(tmp_path / "leader.py"), url,
+                               str(tmp_path / "daemonizing.py"), path])
+    claimant = None
+    try:
+        wait_until(lambda: os.path.exists(path) and journal.read(path))  # the daemon works
+        (oracle_dir / f"{NAME}.lock").unlink()
+        leader.kill()
+        leader.wait(30)
+        claimant = crown_sync.Crown(NAME, oracle=url, identity="claimant", monitor_delay=0.5,
+                                    child=crown_sync.ThreadChild(journal.journaled_work, args=(path, 0.02))).start()
+        assert claimant.wait_for_leadership(30)
+        time.sleep(0.1)
+    finally:
+        if leader.poll() is None:
+            leader.kill()
+        if claimant is not None:
+            claimant.stop()
+    report = journal.check(path, NAME)
+    assert report.ok, report.summary()
+    assert [term.identity for term in report.terms] == ["old", "claimant"], report.summary()
+
+
+def mounts():
+    """(mount point, fstype) of every mount this process sees, from /proc/self/mountinfo."""
+    found = []
+    with open("/proc/self/mountinfo") as handle:
+        for line in handle:
+            before, after = line.split(" - ", 1)
+            point = before.split()[4].encode().decode("unicode_escape")  # \\040 is a space
+            found.append((point, after.split()[0]))
+    return found
+
+
+# statfs magics of file systems mounted on most Linux hosts (linux/magic.h), by mountinfo fstype.
+ACCEPTED = {"ext4": 0xEF53, "tmpfs": 0x01021994, "proc": 0x9FA0, "sysfs": 0x62656572, "xfs": 0x58465342,
+            "btrfs": 0x9123683E, "overlay": 0x794C7630, "cgroup2": 0x63677270, "devpts": 0x1CD1}
+REFUSED = {"nfs": 0x6969, "nfs4": 0x6969, "cifs": 0xFF534D42, "smb3": 0xFF534D42, "fuse": 0x65735546,
+           "9p": 0x01021997, "ceph": 0x00C36400}
+
+
+def test_the_file_system_type_of_every_mount_here_is_read_and_classified():
+    from crown_sync.oracles import file as file_oracle
+
+    checked = 0
+    for point, fstype in mounts():
+        kind = fstype.split(".")[0]  # fuse.sshfs is fuse
+        if kind not in ACCEPTED and kind not in REFUSED:
+            continue
+        try:
+            f_type = file_oracle.file_system_type(point)
+        except OSError:
+            continue  # shadowed by a later mount, or not ours to stat
+        if (ACCEPTED.get(kind) or REFUSED.get(kind)) != f_type:
+            continue  # a later mount on the same point
+        assert (file_oracle.refused_file_system(f_type) is not None) == (kind in REFUSED), (point, fstype)
+        checked += 1
+    assert checked > 0
+    for fstype, magic in REFUSED.items():
+        assert file_oracle.refused_file_system(magic) is not None, fstype
+    for fstype, magic in ACCEPTED.items():
+        assert file_oracle.refused_file_system(magic) is None, fstype
+    with pytest.raises(OSError):
+        file_oracle.file_system_type("/no/such/directory")
+
+
+def test_a_directory_on_a_refused_file_system_is_an_error_naming_it(tmp_path):
+    refused = [(point, fstype) for point, fstype in mounts() if fstype.split(".")[0] in REFUSED]
+    if refused:  # a real network or FUSE mount on this host: the oracle refuses it
+        point, fstype = refused[0]
+        crown = crown_sync.Crown(NAME, oracle=f"file://{point}/crowns", monitor_delay=0.1).start()
+        try:
+            wait_until(lambda: crown.status().last_error)
+            assert "file system" in crown.status().last_error and not crown.is_leader()
+        finally:
+            crown.stop()
+    # Accepted here: a local file system, and tmpfs.
+    FileOracle(str(tmp_path / "local")).find_leader(NAME)
+    shm = [point for point, fstype in mounts() if fstype == "tmpfs" and point == "/dev/shm"]
+    if shm and os.access("/dev/shm", os.W_OK):
+        directory = tempfile.mkdtemp(dir="/dev/shm")
+        try:
+            FileOracle(os.path.join(directory, "crowns")).find_leader(NAME)
+        finally:
+            shutil.rmtree(directory)

@@ -46,11 +46,12 @@ import secrets
 import socket
 import threading
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import tenacity
 
 from . import clock, registry, telemetry, warden
+from .callbacks import Callbacks
 from .children import as_child
 from .oracle import Claim, Leader, Oracle
 from .terms import Term
@@ -117,6 +118,10 @@ class Crown:
     the crown gives up the term (abdicates) so another node can try; None means without limit.
     ``child_backoff`` is the pause between such restarts, and after giving a term up that way
     the crown waits ``monitor_delay`` before contending again.
+
+    ``on_elected(term)``, ``on_deposed(term, reason)``, ``on_new_leader(leader)`` and
+    ``on_campaign(status)`` are called from the crown's loop thread when leadership changes (see
+    :mod:`crown_sync.callbacks`); an exception in one is logged and the crown goes on.
     """
 
     def __init__(
@@ -133,8 +138,14 @@ class Crown:
         metadata: Optional[Dict[str, Any]] = None,
         max_child_restarts: Optional[int] = 0,
         child_backoff: float = 1.0,
+        on_elected: Optional[Callable[[Term], None]] = None,
+        on_deposed: Optional[Callable[[Term, str], None]] = None,
+        on_new_leader: Optional[Callable[[Optional[Leader]], None]] = None,
+        on_campaign: Optional[Callable[["Status"], None]] = None,
     ):
         check_name(name)
+        self._callbacks = Callbacks(name, on_elected=on_elected, on_deposed=on_deposed,
+                                    on_new_leader=on_new_leader, on_campaign=on_campaign)
         self.claim_delay = _number("claim_delay", claim_delay, positive=False)
         self.monitor_delay = _number("monitor_delay", monitor_delay, positive=True)
         self.monitor_timeout = _number("monitor_timeout", monitor_timeout, positive=True)
@@ -196,6 +207,7 @@ class Crown:
         self._follower_term: Optional[Term] = None
         self._runs_stopping: list = []  # children being stopped: still alive for status()
         self._terms_started = 0  # so a waiter sees a term that began and ended while it slept
+        self._announced: Optional[Leader] = None  # the leader last given to on_new_leader
         _live_crowns.add(self)
 
     # ----------------------------------------------------------------------------- public API
@@ -323,6 +335,7 @@ class Crown:
                         self._wait(backoff, self._stopping_now)
                         if self._stopping:
                             break
+                    self._callbacks.call("on_campaign", self.status())
                     claim = self._claim()
                     if claim is None:
                         break
@@ -363,6 +376,8 @@ class Crown:
         # After the child starts (waking the warden's thread would compete with it for the CPU);
         # a deadline already past fires at once, and the child checks its own deadline anyway.
         warden.watch(term, self._on_deadline)
+        self._announce_leader()
+        self._callbacks.call("on_elected", term)  # for every term, so on_deposed always pairs
         next_refresh = _next_refresh(term, claim.refresh_in)
 
         reason, lost, backoff = "stop", False, 0.0
@@ -410,6 +425,7 @@ class Crown:
                 run.extend(refreshed.deadline)
             if refreshed.leader is not None:
                 self._leader = refreshed.leader
+                self._announce_leader()
             self._emit("crown.leadership.refreshed", token=term.token, deadline_in=_seconds(term.remaining()))
             next_refresh = _next_refresh(term, refreshed.refresh_in)
         self._end_term(term, reason, lost)
@@ -441,6 +457,8 @@ class Crown:
             self._cond.notify_all()
         if not lost:
             self._emit("crown.leadership.abdicated", token=term.token, reason=reason)
+        self._callbacks.call("on_deposed", term, reason)
+        self._announce_leader()
         if not self._stopping:
             self._start_follower_child()
 
@@ -449,6 +467,7 @@ class Crown:
             self._leader = claim.leader
         self._set_phase("following")
         self._emit("crown.leadership.rejected")
+        self._announce_leader()
         self._start_follower_child()
         if not self.monitor_leader:
             self._wait(self.monitor_delay, self._stopping_now)
@@ -497,6 +516,7 @@ class Crown:
             self._phase = "stopped"
             self._leader = None
             self._cond.notify_all()
+        self._announce_leader()
         self._emit("crown.process.stopped")
 
     # ---------------------------------------------------------------------------- children
@@ -626,6 +646,13 @@ class Crown:
                 self._record_error(operation, error)
             return None
 
+    def _announce_leader(self) -> None:
+        """on_new_leader, if the leader (identity and token) differs from the one last told."""
+        leader, told = self._leader, self._announced
+        if _leader_key(leader) != _leader_key(told):
+            self._announced = leader
+            self._callbacks.call("on_new_leader", leader)
+
     def _record_error(self, operation: str, exc: BaseException) -> None:
         message = redact_text(f"{operation}: {type(exc).__name__}: {exc}")
         with self._cond:
@@ -685,6 +712,10 @@ def _next_refresh(term: Term, refresh_in: Optional[float]) -> Optional[float]:
     if refresh_in is None:
         return None
     return _monotonic() + min(refresh_in, max(0.0, term.remaining() / 2))
+
+
+def _leader_key(leader: Optional[Leader]):
+    return None if leader is None else (leader.identity, leader.token)
 
 
 def _seconds(value: float) -> Optional[float]:

@@ -541,3 +541,100 @@ def test_wait_for_leadership_reports_a_term_that_started_and_ended_during_the_wa
             assert clock.monotonic() - begun < 9, "waited the whole timeout"
         finally:
             c.stop(10)
+
+
+# ---------------------------------------------------------------------------------- callbacks
+
+
+class Calls:
+    """Records the callbacks of one crown, in order, from whatever thread calls them."""
+
+    def __init__(self):
+        self.calls = []
+        self.threads = set()
+
+    def hook(self, name):
+        def record(*args):
+            self.threads.add(threading.current_thread().name)
+            self.calls.append((name,) + args)
+        return record
+
+    def options(self):
+        return {name: self.hook(name) for name in ("on_elected", "on_deposed", "on_new_leader", "on_campaign")}
+
+    def names(self):
+        return [call[0] for call in self.calls]
+
+
+def test_callbacks_follow_a_term_and_a_handoff():
+    oracle = MemoryOracle()
+    first_calls, second_calls = Calls(), Calls()
+    first = crown(name="cb", oracle=oracle, identity="first", child=lambda t: t.stop_event.wait(),
+                  **first_calls.options()).start()
+    assert first.wait_for_leadership(10)
+    wait_until(lambda: "on_elected" in first_calls.names())
+    second = crown(name="cb", oracle=oracle, identity="second", child=lambda t: t.stop_event.wait(),
+                   **second_calls.options()).start()
+    try:
+        wait_until(lambda: any(c[0] == "on_new_leader" and c[1] is not None and c[1].identity == "first"
+                               for c in second_calls.calls))
+        first.stop(10)
+        assert second.wait_for_leadership(10)
+        wait_until(lambda: "on_elected" in second_calls.names())
+    finally:
+        second.stop(10)
+        first.stop(10)
+
+    # The first crown: campaign, new leader (itself), elected, deposed by stop(), leader None.
+    names = first_calls.names()
+    assert names[0] == "on_campaign" and names.index("on_new_leader") < names.index("on_elected")
+    elected = next(c for c in first_calls.calls if c[0] == "on_elected")
+    deposed = next(c for c in first_calls.calls if c[0] == "on_deposed")
+    assert elected[1] is deposed[1] and elected[1].token == 1 and deposed[2] == "stop"
+    assert deposed[1].stop_event.is_set()  # called after the term ended
+    leaders = [c[1] for c in first_calls.calls if c[0] == "on_new_leader"]
+    assert leaders[0].identity == "first" and leaders[-1] is None
+    assert first_calls.calls[0][1].phase in ("init", "claiming", "following")  # a Status
+    # The second: it saw the first lead, then led itself with a higher token.
+    identities = [c[1] and c[1].identity for c in second_calls.calls if c[0] == "on_new_leader"]
+    assert identities.index("first") < identities.index("second")
+    second_term = next(c[1] for c in second_calls.calls if c[0] == "on_elected")
+    assert second_term.token > elected[1].token
+    for calls in (first_calls, second_calls):  # every on_elected has its on_deposed
+        assert calls.names().count("on_elected") == calls.names().count("on_deposed") == 1
+    # From the crowns' own loop threads, never the caller's.
+    assert first_calls.threads == {"crown-sync:cb"} and second_calls.threads == {"crown-sync:cb"}
+
+
+def test_callbacks_are_validated_and_their_exceptions_do_not_stop_the_crown(caplog):
+    with pytest.raises(TypeError, match="on_elected"):
+        crown(on_elected="not callable")
+    with pytest.raises(TypeError, match="on_new_leader"):
+        crown(on_new_leader=42)
+
+    def explode(*args):
+        raise RuntimeError("callback bug")
+
+    c = crown(name="boom", child=lambda t: t.stop_event.wait(), on_elected=explode, on_campaign=explode,
+              on_new_leader=explode, on_deposed=explode).start()
+    try:
+        assert c.wait_for_leadership(10)
+        assert c.status().is_leader and c.status().child_alive
+    finally:
+        c.stop(10)
+    assert c.phase == "stopped"
+    failed = {r.getMessage().split(" ")[0] for r in caplog.records if r.name == "crown_sync.callbacks"}
+    assert failed == {"on_elected", "on_campaign", "on_new_leader", "on_deposed"}
+
+
+def test_on_deposed_gives_the_reason_a_term_ended():
+    oracle = MemoryOracle()
+    calls = Calls()
+    c = crown(name="reasons", oracle=oracle, child=lambda t: None, max_child_restarts=0,
+              monitor_delay=30, monitor_timeout=30, **calls.options()).start()
+    try:
+        wait_until(lambda: "on_deposed" in calls.names())
+    finally:
+        c.stop(10)
+    reasons = [c[2] for c in calls.calls if c[0] == "on_deposed"]
+    assert reasons == ["child_exited"]

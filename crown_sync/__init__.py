@@ -13,7 +13,7 @@ from .terms import Term, TermInfo
 from .urls import oracle_from_url
 from . import telemetry
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one place the version is written (setup.cfg, docs read it)
 
 __all__ = [
     "Crown",

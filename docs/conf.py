@@ -1,6 +1,5 @@
 """Sphinx configuration for the crown_sync docs: ``tox -e docs`` (warnings are errors)."""
 
-import configparser
 import os
 import re
 import sys
@@ -11,13 +10,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # autodoc imports crown_sync from this checkout, installed or not.
 sys.path.insert(0, ROOT)
 
-_setup = configparser.ConfigParser()
-_setup.read(os.path.join(ROOT, "setup.cfg"))
+
+def _version():
+    """``__version__`` from crown_sync/__init__.py, the one place it is written (setup.cfg reads
+    it from there too)."""
+    with open(os.path.join(ROOT, "crown_sync", "__init__.py"), encoding="utf-8") as handle:
+        return re.search(r'^__version__ = "([^"]+)"', handle.read(), re.M).group(1)
+
 
 project = "crown_sync"
 author = "crown_sync contributors"
 copyright = "crown_sync contributors"
-release = _setup.get("metadata", "version", fallback="0")
+release = _version()
 version = ".".join(release.split(".")[:2])
 
 extensions = [

@@ -48,6 +48,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from crown_sync import clock  # noqa: E402
 from crown_sync.testing import journal  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "memcached.json")
@@ -154,13 +155,13 @@ class Fleet:
         return journal._terms(journal.read(self.journal), self.name)
 
     def running(self, fresh=0.25):
-        now = time.monotonic()
+        now = clock.monotonic()
         live = [t for t in self.terms() if not t.stopped and now - t.end < fresh and t.beats > 0]
         return live[-1] if live else None
 
     def wait_for(self, predicate, timeout=120.0):
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
+        end = clock.monotonic() + timeout
+        while clock.monotonic() < end:
             value = predicate()
             if value:
                 return value
@@ -273,7 +274,7 @@ def run_system(label, server, args, directory):
                 time.sleep(0.5 + random.random() * 0.5)  # followers at rest, random poll phase
                 term = fleet.running() or fleet.settle()
                 process = fleet.processes[term.identity]
-                signalled = time.monotonic()
+                signalled = clock.monotonic()
                 process.send_signal(signal.SIGTERM if scenario == "graceful" else signal.SIGKILL)
                 new = fleet.wait_new_term(after=signalled - 0.001, other_than=term.identity)
                 process.wait(30)

@@ -49,6 +49,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from crown_sync import clock  # noqa: E402
 from crown_sync.testing import journal  # noqa: E402
 from crown_sync_chaos.runner import JournalTail  # noqa: E402
 
@@ -71,9 +72,9 @@ def poller_main(args) -> int:
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
     leading, token = False, None
-    next_poll = time.monotonic()
+    next_poll = clock.monotonic()
     while not stopping:
-        now = time.monotonic()
+        now = clock.monotonic()
         if leading:
             log.write("beat", args.name, args.identity, token)
             time.sleep(0.005)
@@ -136,8 +137,8 @@ class Fleet:
 
     def ready(self, identity: str, timeout: float = 60.0) -> None:
         """Wait until ``identity`` contends (crown_sync: it watches the leader; poller: it polled)."""
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
+        end = clock.monotonic() + timeout
+        while clock.monotonic() < end:
             if self.kind == "crown_sync":
                 if os.path.exists(self.events):
                     with open(self.events) as handle:
@@ -160,15 +161,15 @@ class Fleet:
         return [_TermView(t) for t in self._tail.terms.values()]
 
     def running(self, after: float = float("-inf"), min_beats: int = 5):
-        now = time.monotonic()
+        now = clock.monotonic()
         for term in sorted(self.terms(), key=lambda t: t.start, reverse=True):
             if not term.stopped and term.beats >= min_beats and now - term.end < 0.25 and term.start > after:
                 return term
         return None
 
     def wait_running(self, after: float = float("-inf"), timeout: float = 60.0):
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
+        end = clock.monotonic() + timeout
+        while clock.monotonic() < end:
             term = self.running(after)
             if term is not None:
                 return term
@@ -195,7 +196,7 @@ def trial(fleet: Fleet, kind: str) -> float:
     """One handoff: returns seconds (graceful: leaderless gap; crash: kill to new term)."""
     old = fleet.wait_running()
     process = fleet.processes[old.identity]
-    started = time.monotonic()
+    started = clock.monotonic()
     process.send_signal(signal.SIGTERM if kind == "graceful" else signal.SIGKILL)
     new = fleet.wait_running(after=started)
     process.wait(30)
@@ -217,7 +218,7 @@ def terminate_trial(fleet: Fleet, admin, key: int):
     pid = admin.execute(
         "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 1"
         " AND classid::bigint = %s AND objid::bigint = %s", (hi, lo)).fetchone()[0]
-    started = time.monotonic()
+    started = clock.monotonic()
     admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
     new = fleet.wait_running(after=started)
     time.sleep(0.1)

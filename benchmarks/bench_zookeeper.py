@@ -12,7 +12,7 @@ contenders (every contender has its own client and session, as separate processe
   back of the queue so the number of contenders stays the same.
 * crash failover: the leader runs alone in a worker process and is SIGKILLed; the other
   contenders run in a second worker process. Measured from the kill to the successor's leader
-  code starting (both processes write ``time.monotonic()``, one clock for every process).
+  code starting (both processes write ``clock.monotonic()``, one clock for every process).
 
 tooz elects only when its caller pumps ``run_watchers()``; its contenders pump every
 ``--tooz-pump`` seconds (each pump of a follower is a non-blocking lock attempt: create, list,
@@ -39,6 +39,8 @@ import uuid
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+from crown_sync import clock  # noqa: E402  (the clock of the journal's and the deadlines' times)
 
 SYSTEMS = ("crown_sync", "kazoo", "tooz")
 
@@ -70,7 +72,7 @@ class CrownSyncContenders(Contenders):
         oracle = ZooKeeperOracle(self.hosts, session_timeout=self.session_timeout)
 
         def work(term):
-            self.on_elected(idx, time.monotonic())
+            self.on_elected(idx, clock.monotonic())
             term.stop_event.wait()
 
         crown = crown_sync.Crown(self.name, oracle=oracle, child=work, identity=f"c{idx}")
@@ -96,7 +98,7 @@ class KazooContenders(Contenders):
         done = threading.Event()
 
         def work():
-            self.on_elected(idx, time.monotonic())
+            self.on_elected(idx, clock.monotonic())
             done.wait()
 
         thread = threading.Thread(target=election.run, args=(work,), daemon=True)
@@ -128,7 +130,7 @@ class ToozContenders(Contenders):
             coordinator.create_group(group).get()
         except coordination.GroupAlreadyExist:
             pass
-        coordinator.watch_elected_as_leader(group, lambda event: self.on_elected(idx, time.monotonic()))
+        coordinator.watch_elected_as_leader(group, lambda event: self.on_elected(idx, clock.monotonic()))
         stop = threading.Event()
 
         active = getattr(self, "active", None)  # set: pump; clear: wait (no spinning)
@@ -178,8 +180,8 @@ def summarise(samples_s):
 
 
 def wait_until(predicate, timeout, message):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
+    end = clock.monotonic() + timeout
+    while clock.monotonic() < end:
         value = predicate()
         if value:
             return value
@@ -258,7 +260,7 @@ class GracefulGroup:
         with self.cond:
             leader_idx, _t = self.elected[-1]
             count = len(self.elected)
-        t0 = time.monotonic()
+        t0 = clock.monotonic()
         self.kind.leave(self.handles.pop(leader_idx))
         with self.cond:
             if not self.cond.wait_for(lambda: len(self.elected) > count, 60):
@@ -395,7 +397,7 @@ def crash_once(system, hosts, size, session_timeout, pump, monitor, workdir):
                 time.sleep(max(0.5, 3 * pump))
             time.sleep(0.2)
             drain(monitor)
-            t0 = time.monotonic()
+            t0 = clock.monotonic()
             os.kill(solo.pid, signal.SIGKILL)
             found = wait_until(
                 lambda: [e for e in read_events(events) if e["kind"] == "elected" and e["label"] == "pool"],
@@ -427,7 +429,7 @@ def worker(args):
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     kind = KINDS[args.system](args.hosts, args.name, args.session_timeout, on_elected, args.tooz_pump)
     handles = [kind.join(idx) for idx in range(args.count)]
-    write({"kind": "ready", "label": args.label, "t": time.monotonic()})
+    write({"kind": "ready", "label": args.label, "t": clock.monotonic()})
     while not done.wait(0.2):
         pass
     for handle in handles:
@@ -485,7 +487,7 @@ def main(argv=None):
         version = four_letter_word(server.port, "srvr").splitlines()[0] if four_letter_word(server.port, "srvr") else "?"
         for scenario in ("graceful", "crash"):
             for size in sizes:
-                started = time.monotonic()
+                started = clock.monotonic()
                 if scenario == "graceful":
                     samples = bench_graceful(systems, server.hosts, size, args.graceful_samples,
                                              args.session_timeout, args.tooz_pump, monitor)
@@ -498,7 +500,7 @@ def main(argv=None):
                     rows.append(row)
                     print(f"{scenario:9} {system:11} n={size:<3} p50 {row['p50_ms']:9.2f} ms  "
                           f"p95 {row['p95_ms']:9.2f} ms", flush=True)
-                print(f"  ({time.monotonic() - started:.0f} s)", flush=True)
+                print(f"  ({clock.monotonic() - started:.0f} s)", flush=True)
     finally:
         monitor.stop()
         monitor.close()

@@ -55,6 +55,8 @@ RESULTS = os.path.join(HERE, "results")
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from crown_sync import clock  # noqa: E402  (the clock of the journal's and the deadlines' times)
+
 ORACLES = ("file", "postgres", "zookeeper", "memcached")
 PEER_SCRIPTS = {
     "postgres": "bench_postgres.py",
@@ -285,24 +287,24 @@ class Fleet:
         return identities
 
     def wait_ready(self, identities: List[str], timeout: float = 180.0) -> None:
-        deadline = time.monotonic() + timeout
+        deadline = clock.monotonic() + timeout
         while True:
             self.events.poll()
             if all(i in self.events.ready for i in identities):
                 return
-            if time.monotonic() > deadline:
+            if clock.monotonic() > deadline:
                 late = [i for i in identities if i not in self.events.ready]
                 raise TimeoutError(f"contenders not contending after {timeout}s: {late[:5]}")
             time.sleep(0.05)
 
     def leader(self, timeout: float = 120.0, after: Optional[float] = None, exclude: Optional[str] = None):
-        deadline = time.monotonic() + timeout
+        deadline = clock.monotonic() + timeout
         while True:
             self.tail.poll()
             term = self.tail.leader()
             if term is not None and (after is None or term["start"] > after) and term["identity"] != exclude:
                 return term
-            if time.monotonic() > deadline:
+            if clock.monotonic() > deadline:
                 raise TimeoutError(f"no leader of {self.name} after {timeout}s")
             time.sleep(0.005)
 
@@ -335,10 +337,10 @@ def fleet_benchmark(servers: Servers, oracle: str, size: int, graceful: int, cra
                               "url": servers.url(oracle).split("?")[0].split("://")[0] + "://...",
                               "settings": SETTINGS[oracle]}
     try:
-        started = time.monotonic()
+        started = clock.monotonic()
         fleet.wait_ready(fleet.spawn(size))
         fleet.leader()
-        result["startup_s"] = round(time.monotonic() - started, 2)
+        result["startup_s"] = round(clock.monotonic() - started, 2)
         if rest and size == 3:
             time.sleep(2.0)
             before = servers.requests(oracle)
@@ -353,7 +355,7 @@ def fleet_benchmark(servers: Servers, oracle: str, size: int, graceful: int, cra
                 term = fleet.leader()
                 time.sleep(0.3)  # followers at rest
                 process = fleet.procs[term["identity"]]
-                t0 = time.monotonic()
+                t0 = clock.monotonic()
                 process.send_signal(signal.SIGTERM if scenario == "graceful" else signal.SIGKILL)
                 new = fleet.leader(timeout=120, after=t0, exclude=term["identity"])
                 process.wait(60)
@@ -391,9 +393,9 @@ def zookeeper_peers_at_rest(servers: Servers, rest: float, workdir: str) -> List
             cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
         try:
-            deadline = time.monotonic() + 120
+            deadline = clock.monotonic() + 120
             while not (os.path.exists(events) and '"ready"' in open(events).read()):
-                if process.poll() is not None or time.monotonic() > deadline:
+                if process.poll() is not None or clock.monotonic() > deadline:
                     raise RuntimeError(f"{system} worker did not start: "
                                        f"{process.stderr.read().decode(errors='replace')[-500:]}")
                 time.sleep(0.1)
@@ -489,8 +491,8 @@ def peers_is_leader_cost(servers: Servers, oracles: List[str]) -> List[Dict[str,
                     pass
                 elected = []
                 coordinator.watch_elected_as_leader(group, lambda event: elected.append(event))
-                give_up = time.monotonic() + 60
-                while not elected and time.monotonic() < give_up:
+                give_up = clock.monotonic() + 60
+                while not elected and clock.monotonic() < give_up:
                     coordinator.run_watchers()
                     time.sleep(0.05)
                 number = 500
@@ -534,37 +536,37 @@ def crowns_probe(count: int, mode: str, directory: str) -> Dict[str, Any]:
 
     oracle = FileOracle(directory)
     before = _proc_status()
-    started = time.monotonic()
+    started = clock.monotonic()
     crowns = []
     for i in range(count):
         name = f"crown-{i}" if mode == "distinct" else "one-election"
         crowns.append(crown_sync.Crown(name, oracle=oracle, identity=f"probe-{i}", monitor_delay=5.0).start())
-    deadline = time.monotonic() + SETTLE_LIMIT
+    deadline = clock.monotonic() + SETTLE_LIMIT
     if mode == "distinct":
-        while sum(c.is_leader() for c in crowns) < count and time.monotonic() < deadline:
+        while sum(c.is_leader() for c in crowns) < count and clock.monotonic() < deadline:
             time.sleep(0.05)
     else:
         while (sum(c.phase in ("leading", "following") for c in crowns) < count
-               and time.monotonic() < deadline):
+               and clock.monotonic() < deadline):
             time.sleep(0.05)
-    settled = time.monotonic() - started
+    settled = clock.monotonic() - started
     time.sleep(2.0)
     after = _proc_status()
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    window_start = time.monotonic()
+    window_start = clock.monotonic()
     time.sleep(5.0)
     usage_end = resource.getrusage(resource.RUSAGE_SELF)
-    cpu = (usage_end.ru_utime + usage_end.ru_stime - usage.ru_utime - usage.ru_stime) / (time.monotonic() - window_start)
+    cpu = (usage_end.ru_utime + usage_end.ru_stime - usage.ru_utime - usage.ru_stime) / (clock.monotonic() - window_start)
     leaders = sum(c.is_leader() for c in crowns)
     names = {t.name.split(":")[0] for t in threading.enumerate()}
-    stop_started = time.monotonic()
+    stop_started = clock.monotonic()
     for crown in crowns:
         crown.stop(timeout=0)  # every crown starts stopping at once
     give_up = stop_started + SETTLE_LIMIT
     for crown in crowns:
-        crown.stop(timeout=max(0.0, give_up - time.monotonic()))
+        crown.stop(timeout=max(0.0, give_up - clock.monotonic()))
     stopped = sum(1 for c in crowns if c.phase == "stopped")
-    stop_s = time.monotonic() - stop_started
+    stop_s = clock.monotonic() - stop_started
     return {
         "mode": mode, "crowns": count, "leaders": leaders,
         "rss_before_mb": round(before["VmRSS"] / 1024, 1), "rss_after_mb": round(after["VmRSS"] / 1024, 1),
@@ -953,12 +955,12 @@ def main(argv=None) -> int:
         "failover": [], "peers": [], "is_leader": [], "thousand_crowns": [], "errors": [],
     }
     log(f"machine: {describe_machine(summary['machine'])}")
-    started = time.monotonic()
+    started = clock.monotonic()
 
     def save(final: bool = False) -> None:
         """Write what we have (after every phase: a late failure loses nothing)."""
         summary["complete"] = final
-        summary["duration_s"] = round(time.monotonic() - started, 1)
+        summary["duration_s"] = round(clock.monotonic() - started, 1)
         with open(args.output, "w") as handle:
             json.dump(summary, handle, indent=2)
             handle.write("\n")

@@ -508,3 +508,14 @@ def test_a_directory_on_a_refused_file_system_is_an_error_naming_it(tmp_path):
             FileOracle(os.path.join(directory, "crowns")).find_leader(NAME)
         finally:
             shutil.rmtree(directory)
+
+
+def test_a_leader_whose_lock_file_is_deleted_leads_on_and_says_so(oracle_dir, caplog):
+    url = f"file://{oracle_dir}?check_interval=0.05"
+    with crown_sync.Crown(NAME, oracle=url) as crown:
+        assert crown.wait_for_leadership(10)
+        token = crown.status().token
+        (oracle_dir / f"{NAME}.lock").unlink()
+        wait_until(lambda: "deleted or replaced" in caplog.text)
+        assert crown.is_leader() and crown.status().token == token  # its lock still holds
+        assert crown_sync.find_leader(NAME, oracle=url).identity == crown.identity

@@ -267,7 +267,7 @@ class ZooKeeperKind(Kind):
 
     name = "zookeeper"
     modules = ("crown_sync.oracles.zookeeper", "crown_sync.testing.zookeeper_server", "kazoo.client")
-    faults = ("sigkill", "sigstop", "dismiss", "restart", "expire", "partition")
+    faults = ("sigkill", "sigstop", "dismiss", "restart", "expire", "partition", "revoke")
 
     def start(self) -> None:
         from crown_sync.testing.zookeeper_server import ZooKeeperServer
@@ -310,7 +310,48 @@ class ZooKeeperKind(Kind):
                     "confirmed": self.server.pid != old and self.server.pid is not None}
         if fault == "expire":
             return self._expire(leader, name)
+        if fault == "revoke":
+            return self._revoke(leader, name)
         return super().inject(fault, rng, leader, name)
+
+    @staticmethod
+    def _leader_node(client, path, leader):
+        """(queue node, its session, how it was chosen) of the journal's leader, or None."""
+        # Queue nodes end in a 10-digit sequence number; other children (the oracle's guards) not.
+        nodes = [n for n in client.get_children(path) if n[-10:].isdigit()]
+        for node in nodes:
+            try:
+                data, stat = client.get(f"{path}/{node}")
+                identity = json.loads(data.decode()).get("identity")
+            except Exception:
+                continue
+            if leader is not None and identity == leader["identity"]:
+                return node, stat.ephemeralOwner, "node of the journal's leader"
+        for node in sorted(nodes, key=lambda n: n[-10:]):
+            # The record's layout is the oracle's business: fall back to the queue's head.
+            stat = client.exists(f"{path}/{node}")
+            if stat is not None:
+                return node, stat.ephemeralOwner, "lowest sequence node"
+        return None
+
+    def _revoke(self, leader, name):
+        """Another client deletes the leader's queue node (zkCli ``delete``), as an administrator
+        might, while the leader's session lives on."""
+        from crown_sync.oracles.zookeeper import ZooKeeperOracle
+
+        path = ZooKeeperOracle.from_url(self.url()).election_path(name)  # no I/O: connects lazily
+        client = self._client()
+        try:
+            target = self._leader_node(client, path, leader)
+            if target is None:
+                return {"confirmed": False, "downtime": 0.0, "error": f"no node under {path}"}
+            node, session_id, how = target
+            client.delete(f"{path}/{node}")
+            gone = client.exists(f"{path}/{node}") is None
+            return {"session": hex(session_id), "node": node, "chosen": how, "downtime": 0.0, "confirmed": gone}
+        finally:
+            client.stop()
+            client.close()
 
     def _expire(self, leader, name):
         from kazoo.client import KazooClient
@@ -320,28 +361,10 @@ class ZooKeeperKind(Kind):
         path = ZooKeeperOracle.from_url(self.url()).election_path(name)  # no I/O: connects lazily
         client = self._client()
         try:
-            nodes = client.get_children(path)
-            target = None
-            for node in nodes:
-                try:
-                    data, stat = client.get(f"{path}/{node}")
-                except Exception:
-                    continue
-                try:
-                    identity = json.loads(data.decode()).get("identity")
-                except ValueError:
-                    identity = None
-                if leader is not None and identity == leader["identity"]:
-                    target = (node, stat.ephemeralOwner)
-            how = "node of the journal's leader"
-            if target is None and nodes:
-                # The record's layout is the oracle's business: fall back to the queue's head.
-                node = min(nodes, key=lambda n: n.rsplit("-", 1)[-1])
-                target = (node, client.exists(f"{path}/{node}").ephemeralOwner)
-                how = "lowest sequence node"
+            target = self._leader_node(client, path, leader)
             if target is None:
                 return {"confirmed": False, "downtime": 0.0, "error": f"no node under {path}"}
-            node, session_id = target
+            node, session_id, how = target
             twin = KazooClient(hosts=self.server.hosts, client_id=(session_id, zookeeper_password(session_id)),
                                timeout=max(self.lease, 2.0))
             twin.start(timeout=15)

@@ -16,6 +16,17 @@ Every contender also watches the data of its own node: ``dismiss()`` writes a di
 term, stops its child and only then deletes its node; a node dismissed before it led never leads.
 ``dismiss()`` does not delete the node itself: the successor would start at once, while the
 dismissed leader's child still runs. A deletion of our node by anyone else ends our term too.
+
+Next to its queue node every contender keeps one ephemeral *guard* node, ``<uuid>-guard``
+(created right after its queue node, pipelined with the reads that follow; a term never starts
+without it), holding ``{identity, session_timeout}``. A contender deletes its guard only when no
+child of its runs: just before it deletes a spent node (abdicate, close, a dismissed node), or at
+once when a node that never hosted a term is deleted under it; the end of its session deletes it
+too. So a guard without its contender's queue node (an *orphan*) means that someone else deleted
+the node, under a contender whose child may still run. A leader record is at most
+``MAX_RECORD_BYTES`` of JSON (with ``since`` and a dismissal request in it: ZooKeeper refuses
+requests over its 1 MiB ``jute.maxbuffer``); bigger metadata is a ValueError when the contender is
+built, as is an election name or path ZooKeeper refuses.
 kazoo's ``Lock``/``Election`` recipes are not used: a non-blocking ``Lock.acquire`` gives up its
 queue position, ``Election.run`` never interrupts the function, and ``Lock.is_acquired`` stays
 True after the session is gone; we compose kazoo's primitives instead (ephemeral sequential
@@ -23,9 +34,9 @@ True after the session is gone; we compose kazoo's primitives instead (ephemeral
 
 Safety argument:
 
-* ZooKeeper deletes an ephemeral node only when its owner deletes it or its session expires, and a
-  session expires only after the server heard nothing from it for the negotiated session timeout
-  ``T``. A new node always sorts after every existing one, so while our node exists and is lowest
+* ZooKeeper deletes an ephemeral node when its owner deletes it, when its session expires (only
+  after the server heard nothing from it for the negotiated session timeout ``T``), or when
+  someone else deletes it (see "revocation" below). A new node always sorts after every existing one, so while our node exists and is lowest
   nobody else can be lowest: at most one contender sees itself first.
 * A term's deadline is ``t0 + 0.75 T - 50 ms`` where ``t0`` is the start of a request on our
   session that the server answered (the claim's ``get_children``, a refresh's ``exists``, or, for
@@ -50,6 +61,25 @@ Safety argument:
   deleted as soon as the same session is back (asynchronously, from kazoo's state listener, only
   if its ``ephemeralOwner`` is still our session), so the next in line does not wait for our next
   claim.
+* Revocation. A watcher cannot tell who deleted a node: its owner after its child stopped, the
+  server at its session's expiry (its deadlines have passed: above), or an administrator
+  (``delete`` in zkCli) under a live leader whose child runs on. The guard tells them apart. The
+  round-trip-free takeover happens only if the leader's guard was seen deleted before its node
+  (the next in line watches the leader's guard too; an owner deletes its guard, then its node,
+  in one pipeline, and a client sees watch events in zxid order); otherwise the claim lists the
+  election. A contender first in the queue starts only if the listing shows no orphan guard.
+  Else it holds back: it watches each orphan guard and claims again when one goes (its owner saw
+  its node deleted, which ended its term, stopped its child, then dropped the guard; or its
+  session expired) or when ``0.75 T' - 50 ms`` (``lease_for(T')``) has passed since the END of
+  the first listing that showed the orphan, ``T'`` being the session timeout in the guard's
+  record (the owner's requested one: its leases use the negotiated one when lower, never more).
+  Every confirmation of the revoked term was answered while its node existed, so it started
+  before the deletion, which the listing's end follows: by then the term's deadline has passed.
+  Costs: a release and a crash failover are as fast as before (a session's expiry deletes node
+  and guard in one transaction; if the node's event comes first the takeover costs one listing);
+  a revocation costs the time the revoked leader's child takes to stop (never past its
+  deadline), or, if its process is paused, the earlier of ``lease_for(T')`` and the expiry of
+  its session.
 * Dismissal never hands the crown over by itself: the successor still waits for the leader's
   node to go, which the leader does after its child stopped (or its session expires). The request
   is never moved on to another node: if its target left before it was written, it stepped down
@@ -61,8 +91,12 @@ Safety argument:
 
 What is NOT guaranteed:
 
-* The ensemble must satisfy ``T >= 4 x tickTime`` and ``syncLimit x tickTime <= T / 4``
-  (ZooKeeper's default ``tickTime`` is 2 s: use sessions of 10 s or more). The ZooKeeper leader
+* The ensemble must satisfy ``syncLimit x tickTime <= T / 4`` (so ``T >= 4 x tickTime``;
+  ZooKeeper's default ``tickTime`` is 2 s: use sessions of 10 s or more). Checked once per
+  connection from the member's ``conf`` (a four-letter word: it must be in the server's
+  ``4lw.commands.whitelist``): a violation makes ``claim()`` raise ZooKeeperMisconfigured with the
+  numbers, which the engine reports (``status().last_error``) and retries like an unreachable
+  server; an unreadable ``conf`` is logged once and not checked. The ZooKeeper leader
   (which expires sessions) tracks them in ``tickTime`` steps and hears of our requests to another
   member at that member's next ping: both make an expiry later, not earlier. But a member cut off
   from the quorum keeps answering our reads for up to ``syncLimit x tickTime`` before it notices
@@ -73,9 +107,9 @@ What is NOT guaranteed:
   carried past the expiry: not guaranteed (the fencing token is the defence).
 * Clock rates: the deadline is local monotonic time against the server's idea of ``T``.
 * Tokens rise only while the ensemble keeps its data (a wiped data directory restarts zxids).
-* Deleting a leader's node by hand (rather than through ``dismiss``) lets the next contender in
-  at once; the leader learns of it from its watch at about the same moment and stops its child,
-  so for a few milliseconds both may run. Use ``dismiss``.
+* Deleting a leader's guard by hand as well as its node (``deleteall`` of the election, say)
+  voids the revocation proof: the successor starts as after a release. So does a fleet mixing
+  this version with older ones (their nodes have no guards). Use ``dismiss``.
 * Work in flight when a deadline passes can land after a successor started: pass ``term.token``
   to the protected resource and let it reject stale tokens.
 

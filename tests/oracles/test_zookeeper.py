@@ -954,3 +954,35 @@ def test_an_unreadable_conf_is_said_once_and_not_refused(name, caplog):
             assert len(said) == 1
         finally:
             close_all([oracle], seats)
+
+
+@pytest.mark.parametrize("crash", [False, True], ids=["stop", "kill"])
+def test_server_restart_while_the_leaders_crown_process_is_paused_no_overlap(name, tmp_path, crash):
+    # ZooKeeper keeps sessions across a restart (even a crash: they are in its transaction log)
+    # and gives each a full timeout again from the restart: the paused leader's session expires
+    # (and its node goes) only a session timeout after the server is back, when its deadline,
+    # which its command's supervisor enforces, has long passed.
+    with ZooKeeperServer() as server:
+        fleet = Fleet(f"{server.url}?session_timeout={SESSION}", tmp_path, name, child="command",
+                      grace=2.5, stop_delay=1.5)
+        try:
+            fleet.spawn("a")
+            first = fleet.wait_for_term(timeout=30)
+            fleet.spawn("b")
+            time.sleep(1.5)  # b queued behind a
+            fleet.signal("a", signal.SIGSTOP)
+            paused_at = time.monotonic()
+            if crash:
+                server.kill()
+            else:
+                server.stop()
+            server.start()
+            second = fleet.wait_for_term(other_than={"a"}, after=paused_at, timeout=40)
+            fleet.signal("a", signal.SIGCONT)
+            time.sleep(1.0)
+        finally:
+            fleet.cleanup()
+        report = assert_safe(fleet.journal, name, min_terms=2)
+        assert second.token > first.token
+        tokens = [t.token for t in report.terms]
+        assert tokens == sorted(tokens) and len(set(tokens)) == len(tokens)

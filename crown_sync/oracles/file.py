@@ -39,8 +39,8 @@ would otherwise let a newcomer create and lock a new file of the same name: two 
    while one runs), and a claim waits at most ``SECTION_WAIT`` for another process's section.
 4. In a pid namespace (a container), /proc/locks hides locks whose locking process has exited,
    such as one only a dead leader's child still holds: there the claimant also looks through the
-   descriptors of every process it can see. Processes in *another* pid namespace sharing the
-   directory stay invisible: don't share a lock directory between containers with separate pid
+   descriptors of every process it can see. Processes outside its pid namespace (another
+   container, the host) stay invisible to it: don't share a lock directory across pid
    namespaces if anything may delete files in it.
 5. A claim verifies that /proc/locks lists the lock it holds itself, so the proof is never
    blind (no /proc, a file system whose inode numbers /proc/locks does not show): it refuses.

@@ -129,6 +129,18 @@ def test_newer_fault_rounds_with_children_slow_to_stop_leave_no_overlap(name, tm
 
 
 @pytest.mark.timeout(180)
+@pytest.mark.parametrize("child", ["process", "command", "thread"])
+def test_a_whole_group_sigstop_with_each_child_kind_leaves_no_overlap(child, tmp_path):
+    # Above, which child kind leads a round is chance; here each kind is paused with its whole
+    # process group (as Ctrl-Z does) once, on the memcached oracle (a lease on the contenders'
+    # own clocks), with the child 1.5 s slow to honour SIGTERM.
+    kind = _kind("memcached")
+    result, context = _run(kind, tmp_path, ["groupstop"], 1, child=child, stop_delay=STOP_DELAY, grace=GRACE)
+    assert [r["child"] for r in result["records"]] == [child], context
+    _terms_changed(result, context)
+
+
+@pytest.mark.timeout(180)
 def test_command_line_prints_the_table(tmp_path):
     """The runner's command line on the file oracle: exit 0, a summary row, JSON results."""
     output = tmp_path / "results.json"

@@ -1,0 +1,425 @@
+"""crown_sync.django: real Django in-process (settings from tests/django_project, requests through
+Django's test Client and AsyncClient, crowns on the file oracle), then real servers: ``runserver``
+with its autoreloader, management commands, and the example project under two Gunicorn masters."""
+
+import contextlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import django
+import pytest
+from asgiref.sync import async_to_sync
+from django.conf import settings
+from django.core import checks
+from django.core.exceptions import ImproperlyConfigured
+from django.core.management import CommandError, call_command
+from django.test import AsyncClient, Client, override_settings
+
+if not settings.configured:
+    from tests.django_project import settings as project_settings
+
+    settings.configure(**{key: getattr(project_settings, key) for key in dir(project_settings) if key.isupper()})
+    django.setup()
+
+import crown_sync  # noqa: E402
+import crown_sync.django  # noqa: E402
+from crown_sync.django import runtime, signals  # noqa: E402
+from crown_sync.django.conf import config  # noqa: E402
+from crown_sync.testing import journal  # noqa: E402
+from crown_sync.testing.servers import free_port, wait_for_port  # noqa: E402
+
+from tests.wsgi_support import (  # noqa: E402
+    ROOT, Gunicorn, get, journal_terms, parent_of, process_gone, wait_until,
+)
+
+pytestmark = pytest.mark.timeout(180)
+
+NAME = "django-test"
+
+
+@contextlib.contextmanager
+def crown_settings(tmp_path, name=NAME, **keys):
+    value = {"NAME": name, "ORACLE": f"file://{tmp_path / 'oracle'}", "OPTIONS": {"monitor_delay": 0.2}}
+    value.update(keys)
+    try:
+        with override_settings(CROWN_SYNC=value):
+            yield value
+    finally:
+        runtime.stop(30)
+
+
+def fetch(path, client="sync"):
+    """A request through Django's WSGI (Client) or ASGI (AsyncClient) handler."""
+    if client == "async":
+        return async_to_sync(AsyncClient().get)(path)
+    return Client().get(path)
+
+
+def django_env(tmp_path, **extra):
+    env = dict(os.environ, PYTHONPATH=ROOT, DJANGO_SETTINGS_MODULE="tests.django_project.settings",
+               CROWN_SYNC_ORACLE=f"file://{tmp_path / 'oracle'}", CROWN_TEST_JOURNAL=str(tmp_path / "journal"))
+    env.update(extra)
+    return env
+
+
+# ------------------------------------------------------------------------- the package
+
+
+def test_import_crown_sync_imports_nothing_of_django():
+    code = ("import sys, crown_sync, crown_sync.cli, crown_sync.gunicorn; "
+            "sys.exit(sorted(m for m in sys.modules if m == 'django' or m.startswith('django.')) or None)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+# ------------------------------------------------------------------------- settings
+
+
+@pytest.mark.parametrize("value, key, check_id", [
+    (None, "CROWN_SYNC", "crown_sync.E001"),
+    ({}, "NAME", "crown_sync.E003"),
+    ({"NAME": "bad name"}, "NAME", "crown_sync.E003"),
+    ({"NAME": "x", "ORACEL": "file:///tmp"}, "ORACEL", "crown_sync.E002"),
+    ({"NAME": "x", "ORACLE": "gopher://h"}, "ORACLE", "crown_sync.E004"),
+    ({"NAME": "x", "START": "yes"}, "START", "crown_sync.E005"),
+    ({"NAME": "x", "JOB": "tests.django_project.jobs:journal_job"}, "JOB", "crown_sync.E006"),
+    ({"NAME": "x", "START": True, "JOB": "tests.django_project.jobs:no_such_job"}, "JOB", "crown_sync.E006"),
+    ({"NAME": "x", "METADATA": ["url"]}, "METADATA", "crown_sync.E007"),
+    ({"NAME": "x", "OPTIONS": {"monitor_delay": -1}}, "OPTIONS", "crown_sync.E008"),
+    ({"NAME": "x", "OPTIONS": {"child": print}}, "OPTIONS", "crown_sync.E008"),
+    ({"NAME": "x", "FOLLOWER": "teapot"}, "FOLLOWER", "crown_sync.E009"),
+    ({"NAME": "x", "RETRY_AFTER": -1}, "RETRY_AFTER", "crown_sync.E010"),
+    ({"NAME": "x", "LEADER_URL_KEY": ""}, "LEADER_URL_KEY", "crown_sync.E011"),
+    ({"NAME": "x", "LEADER_CACHE": "1s"}, "LEADER_CACHE", "crown_sync.E012"),
+])
+def test_bad_setting_is_a_check_error_naming_it(value, key, check_id):
+    with override_settings(CROWN_SYNC=value):
+        errors = [e for e in checks.run_checks() if e.id.startswith("crown_sync.")]
+        assert [e.id for e in errors] == [check_id]
+        named = "settings.CROWN_SYNC" if key == "CROWN_SYNC" else f'CROWN_SYNC["{key}"]'
+        assert named in errors[0].msg
+        with pytest.raises(ImproperlyConfigured, match=named.replace("[", r"\[").replace("]", r"\]")):
+            config()
+    assert checks.run_checks() == []  # the project's own settings pass
+
+
+def test_bad_oracle_url_check_error_never_shows_its_password():
+    with override_settings(CROWN_SYNC={"NAME": "x", "ORACLE": "postgresql://app:s3cr3t-pw@db/app?bogus=1"}):
+        (error,) = checks.run_checks()
+    assert 'CROWN_SYNC["ORACLE"]' in error.msg and "bogus" in error.msg
+    assert "s3cr3t-pw" not in error.msg
+
+
+# ------------------------------------------------------------------------- leader_only
+
+VIEWS = [("/work", "sync", "function"), ("/async-work", "async", "async"), ("/class-work", "sync", "class"),
+         ("/async-class-work", "async", "async-class"), ("/method-decorated", "async", "method-decorated"),
+         ("/method-work", "sync", "method")]
+
+
+def test_leader_only_every_kind_of_view_503_on_a_follower_runs_on_the_leader(tmp_path):
+    with crown_settings(tmp_path, RETRY_AFTER=7) as value:
+        for path, client, _ in VIEWS:
+            for kind in {client, "sync"}:  # Django's WSGI handler runs async views too
+                response = fetch(path, kind)
+                assert response.status_code == 503, (path, kind)
+                assert response["Retry-After"] == "7"
+                assert response.json() == {"error": "not the leader", "name": NAME}
+        with crown_sync.lead(NAME, oracle=value["ORACLE"]) as crown:
+            assert crown.wait_for_leadership(30)
+            for path, client, view in VIEWS:
+                for kind in {client, "sync"}:
+                    response = fetch(path, kind)
+                    assert response.status_code == 200, (path, kind)
+                    assert response.json()["view"] == view
+            assert Client().post("/class-work").json() == {"view": "class", "method": "post"}
+        assert fetch("/work").status_code == 503  # the term is over
+
+
+def test_leader_only_refuses_what_is_not_a_view():
+    from django.views.generic.base import ContextMixin
+
+    with pytest.raises(TypeError, match="leader_only"):
+        crown_sync.django.leader_only(ContextMixin)
+    with pytest.raises(TypeError, match="leader_only"):
+        crown_sync.django.leader_only(42)
+
+
+def test_redirect_to_the_leader_url_from_its_metadata(tmp_path):
+    """The leader is another process (``crown-sync run`` publishing its URL as metadata)."""
+    oracle = f"file://{tmp_path / 'oracle'}"
+    leader = subprocess.Popen(
+        [sys.executable, "-m", "crown_sync", "run", "django-redirect", "--oracle", oracle,
+         "-m", "url=http://127.0.0.1:9/base", "--", sys.executable, "-c", "import time; time.sleep(120)"],
+        cwd=ROOT, start_new_session=True,
+    )
+    try:
+        wait_until(lambda: crown_sync.find_leader("django-redirect", oracle=oracle), message="the other process leads")
+        with crown_settings(tmp_path, "django-redirect", FOLLOWER="redirect", LEADER_CACHE=0):
+            for path, client, _ in VIEWS[:2]:
+                response = fetch(path + "?x=1", client)
+                assert response.status_code == 307, path
+                assert response["Location"] == f"http://127.0.0.1:9/base{path}?x=1"
+            os.killpg(leader.pid, signal.SIGTERM)
+            leader.wait(30)
+            # No leader any more: a follower falls back to 503.
+            assert fetch("/work").status_code == 503
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(leader.pid, signal.SIGKILL)
+        leader.wait(30)
+
+
+# ------------------------------------------------------------------------- the status view
+
+
+def test_status_view_says_who_leads_and_never_shows_secrets(tmp_path):
+    with crown_settings(tmp_path) as value:
+        body = fetch("/_crown_sync/").json()
+        assert body["is_leader"] is False and body["leader"] is None and body["phase"] is None
+        with crown_sync.lead(NAME, oracle=value["ORACLE"], metadata={"secret": "hidden-meta"}) as crown:
+            assert crown.wait_for_leadership(30)
+            response = fetch("/_crown_sync/?require=leader")
+            assert response.status_code == 200 and "no-store" in response["Cache-Control"]
+            body = response.json()
+            assert body["is_leader"] is True and body["token"] >= 1
+            assert body["leader"]["identity"] == crown.identity and "hidden-meta" not in response.content.decode()
+
+    secret = "s3cr3t-pw"
+    with crown_settings(tmp_path, ORACLE=f"postgresql://user:{secret}@127.0.0.1:1/db?connect_timeout=2"):
+        response = fetch("/_crown_sync/?require=leader")
+        assert response.status_code == 503
+        body = response.json()
+        assert body["leader"] is None and "error" in body and secret not in response.content.decode()
+
+
+# ------------------------------------------------------------------------- the own crown
+
+
+def test_own_crown_starts_on_the_first_request_runs_the_job_and_sends_signals(tmp_path, monkeypatch):
+    path = str(tmp_path / "journal")
+    monkeypatch.setenv("CROWN_TEST_JOURNAL", path)
+    received = []
+
+    def receiver(signal, sender, **kwargs):
+        received.append((signal, sender, kwargs))
+
+    for signal_ in (signals.elected, signals.deposed, signals.new_leader):
+        signal_.connect(receiver, weak=False, dispatch_uid="test")
+    try:
+        with crown_settings(tmp_path, START=True, JOB="tests.django_project.jobs:journal_job"):
+            assert runtime.crown() is None and not os.path.exists(path)  # nothing before a request
+            fetch("/_crown_sync/", "async")  # through Django's ASGI handler
+            own = runtime.crown()
+            assert own is not None
+            wait_until(lambda: crown_sync.is_leader(NAME), message="the own crown leads")
+            assert fetch("/work").status_code == 200
+            body = fetch("/_crown_sync/").json()
+            assert body["is_leader"] and body["phase"] == "leading" and body["token"] >= 1
+            wait_until(lambda: journal_terms(path, NAME) and journal_terms(path, NAME)[0].beats, message="job beats")
+            fetch("/work")
+            assert runtime.crown() is own  # one crown per process
+            runtime.stop(30)
+            assert not crown_sync.is_leader(NAME)
+    finally:
+        for signal_ in (signals.elected, signals.deposed, signals.new_leader):
+            signal_.disconnect(dispatch_uid="test")
+    (term,) = journal_terms(path, NAME)
+    assert term.stopped and journal.check(path).ok
+    kinds = [(s, kw.get("token"), kw.get("reason")) for s, _, kw in received if s is not signals.new_leader]
+    assert kinds == [(signals.elected, term.token, None), (signals.deposed, term.token, "stop")]
+    assert all(sender is crown_sync.Crown and kw["name"] == NAME for _, sender, kw in received)
+    leaders = [kw["leader"] for s, _, kw in received if s is signals.new_leader]
+    assert leaders and leaders[0].identity == own.identity
+
+
+def test_management_commands_never_contend(tmp_path):
+    """ready() runs in every management command: with START, none of them may lead."""
+    env = django_env(tmp_path, CROWN_TEST_START="1")
+    probe = ("import time, crown_sync.registry; time.sleep(1.0); "
+             "assert not crown_sync.registry.crowns(), crown_sync.registry.crowns()")
+    for command in (["migrate", "--no-input"], ["shell", "-c", probe]):
+        result = subprocess.run([sys.executable, "-m", "django", *command], cwd=ROOT, env=env,
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+    assert not os.path.exists(env["CROWN_TEST_JOURNAL"])  # no job ever ran
+
+
+# ------------------------------------------------------------------------- manage.py crown_sync
+
+
+def command(*args):
+    """(exit code, stdout) of ``manage.py crown_sync ARGS`` run in-process."""
+    out = io.StringIO()
+    try:
+        call_command("crown_sync", *args, stdout=out)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    return code, out.getvalue()
+
+
+def test_crown_sync_command_status_and_dismiss_with_the_cli_exit_codes(tmp_path):
+    with crown_settings(tmp_path) as value:
+        assert command("status") == (1, f"no leader for {NAME}\n")
+        assert command("dismiss") == (1, f"no leader for {NAME}\n")
+        with crown_sync.lead(NAME, oracle=value["ORACLE"], monitor_delay=0.2) as crown:
+            assert crown.wait_for_leadership(30)
+            code, out = command("status", "--json")
+            assert code == 0 and json.loads(out)["leader"]["identity"] == crown.identity
+            code, out = command("status")
+            assert code == 0 and crown.identity in out
+            code, out = command("dismiss", "--json")
+            assert code == 0 and json.loads(out)["dismissed"]["identity"] == crown.identity
+            wait_until(lambda: crown.status().token != json.loads(out)["dismissed"]["token"],
+                       message="the dismissed leader stepped down")
+        code, out = command("status", "other-name", "--oracle", value["ORACLE"])
+        assert (code, out) == (1, "no leader for other-name\n")
+        secret = "s3cr3t-pw"
+        with pytest.raises(CommandError) as caught:
+            command("status", "--oracle", f"postgresql://u:{secret}@127.0.0.1:1/db?connect_timeout=2")
+        assert caught.value.returncode == 3 and secret not in str(caught.value)
+        with pytest.raises(CommandError) as caught:
+            command("status", "bad name")
+        assert caught.value.returncode == 2
+
+
+def test_manage_py_crown_sync_exit_code_and_output_from_the_command_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "django", "crown_sync", "status", "--json"], cwd=ROOT,
+                            env=django_env(tmp_path), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert json.loads(result.stdout) == {"name": NAME, "oracle": f"file://{tmp_path / 'oracle'}", "leader": None}
+
+
+# ------------------------------------------------------------------------- runserver
+
+
+def seen(port):
+    """What the process that answered /leader sees, or None (refused, or not a 200 while the
+    server restarts)."""
+    answer = get(port, "/leader")
+    return answer[2] if answer is not None and answer[0] == 200 and isinstance(answer[2], dict) else None
+
+
+def test_runserver_autoreloader_leads_only_in_the_serving_process(tmp_path):
+    """The autoreloader's watcher sets Django up too but never serves, so it never leads; a reload
+    stops the old serving process's job and abdicates at exit; the new one leads."""
+    port = free_port()
+    path = str(tmp_path / "journal")
+    watched = tmp_path / "reload_settings.py"  # a settings module: the reloader watches it
+    watched.write_text("from tests.django_project.settings import *  # noqa\n")
+    env = django_env(tmp_path, CROWN_TEST_START="1", DJANGO_SETTINGS_MODULE="reload_settings",
+                     PYTHONPATH=f"{ROOT}{os.pathsep}{tmp_path}")
+    server = subprocess.Popen([sys.executable, "-m", "django", "runserver", f"127.0.0.1:{port}"], cwd=ROOT,
+                              env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, timeout=60)
+        time.sleep(0.5)
+        assert journal_terms(path, NAME) == []  # no request yet: nobody contends
+        first = wait_until(lambda: seen(port), message="first answer")
+        assert first["pid"] != server.pid  # the serving child, not the watcher
+        wait_until(lambda: (seen(port) or {}).get("is_leader"), message="the serving process leads")
+        (term,) = wait_until(lambda: journal_terms(path, NAME), message="the job started")
+        assert term.pid == first["pid"]
+
+        time.sleep(1.1)  # the stat reloader compares mtimes once a second
+        watched.write_text("from tests.django_project.settings import *  # noqa: reloaded\n")
+
+        def reloaded():
+            answer = seen(port)
+            return answer is not None and answer["pid"] != first["pid"] and answer["is_leader"]
+        wait_until(reloaded, timeout=60, message="the reloaded process leads")
+        terms = wait_until(lambda: len(journal_terms(path, NAME)) == 2 and journal_terms(path, NAME),
+                           message="second term")
+        assert terms[0].stopped  # the old process stopped its job and abdicated on its way out
+        assert terms[1].pid != terms[0].pid and terms[1].token > terms[0].token
+        assert server.pid not in {t.pid for t in terms}
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(10)
+    assert journal.check(path).ok
+
+
+# ------------------------------------------------------------------------- the example under Gunicorn
+
+#: Shorter than a failover, so ticks fall due while nobody leads and the new scheduler catches up.
+TICK = 0.1
+
+
+def post(port, path):
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=b"", method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, dict(response.headers)
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers)
+
+
+def manage_status(env):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "django_gunicorn", "manage.py"),
+                             "crown_sync", "status", "--json"], cwd=ROOT, env=dict(os.environ, **env),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)["leader"]
+
+
+def test_example_django_scheduler_runs_once_across_two_gunicorn_masters(tmp_path):
+    path = str(tmp_path / "journal")
+    env = {"CROWN_SYNC_ORACLE": f"file://{tmp_path / 'oracle'}", "EXAMPLE_JOURNAL": path, "EXAMPLE_TICK": str(TICK)}
+    # The example's own gunicorn.conf.py, verbatim; the helper adds bind and test settings.
+    config_text = f"exec(open({os.path.join(ROOT, 'examples', 'django_gunicorn', 'gunicorn.conf.py')!r}).read())\n"
+    app = "examples.django_gunicorn.wsgi:application"
+    hosts = [Gunicorn(config_text, env, app_spec=app), Gunicorn(config_text, env, app_spec=app)]
+
+    def ticks():
+        return [e for e in journal.read(path) if e["ev"] == "beat"] if os.path.exists(path) else []
+
+    def scheduler_here(host):
+        answers = [get(host.port, "/") for _ in range(12)]
+        values = {a[2]["scheduler_here"] for a in answers if a is not None and a[0] == 200}
+        return values.pop() if len(values) == 1 else None
+
+    try:
+        for host in hosts:
+            host.start()
+        wait_until(lambda: len(ticks()) >= 6, timeout=60, message="ticks")
+        leading = [h for h in hosts if scheduler_here(h) is True]
+        assert len(leading) == 1
+        survivor = next(h for h in hosts if h not in leading)
+        assert scheduler_here(survivor) is False
+        (first,) = journal_terms(path)
+        assert parent_of(first.pid) == leading[0].pid
+        assert post(leading[0].port, "/run-now")[0] == 200
+        status, headers = post(survivor.port, "/run-now")
+        assert status == 503 and headers["Retry-After"] == "5"
+        assert f":{leading[0].pid}:" in manage_status(env)["identity"]
+
+        # The leading master is SIGKILLed: its scheduler dies with it; the other master's goes on.
+        before = len(ticks())
+        leading[0].signal(signal.SIGKILL)
+        wait_until(lambda: process_gone(first.pid), timeout=10, message="the scheduler died with its master")
+        wait_until(lambda: len([t for t in ticks() if t["token"] != first.token]) >= 6, timeout=60,
+                   message="ticks from the other master")
+        assert len(ticks()) > before
+        wait_until(lambda: scheduler_here(survivor) is True, message="the survivor's workers see the scheduler")
+        assert post(survivor.port, "/run-now")[0] == 200
+        assert f":{survivor.pid}:" in manage_status(env)["identity"]
+    finally:
+        for host in hosts:
+            host.cleanup()
+
+    report = journal.check(path)
+    assert report.ok, report.summary()
+    assert len(report.terms) == 2
+    # Every tick ran once: no scheduled time twice, none skipped, across the failover too.
+    all_ticks = sorted(t["tick"] for t in ticks())
+    assert len(all_ticks) == len(set(all_ticks))
+    gaps = {round(b - a, 3) for a, b in zip(all_ticks, all_ticks[1:])}
+    assert gaps == {TICK}, gaps

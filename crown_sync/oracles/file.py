@@ -40,8 +40,10 @@ would otherwise let a newcomer create and lock a new file of the same name: two 
 4. In a pid namespace (a container), /proc/locks hides locks whose locking process has exited,
    such as one only a dead leader's child still holds: there the claimant also looks through the
    descriptors of every process it can see. Processes outside its pid namespace (another
-   container, the host) stay invisible to it: don't share a lock directory across pid
-   namespaces if anything may delete files in it.
+   container, the host) stay invisible to it, so the record also names the pid namespace of the
+   term: a claimant in a pid namespace takes over from a term on a replaced file only if that
+   term ran in its own namespace; otherwise it refuses (an error naming the way out) and a
+   claimant of that namespace, or of the host's (which sees every lock), must take over.
 5. A claim verifies that /proc/locks lists the lock it holds itself, so the proof is never
    blind (no /proc, a file system whose inode numbers /proc/locks does not show): it refuses.
    Matching is by inode number only (btrfs shows other devices in stat() than in /proc/locks):
@@ -152,11 +154,16 @@ def _locked_inodes() -> Set[int]:
     return held
 
 
-def _in_initial_pid_namespace() -> bool:
+def _pid_namespace() -> Optional[int]:
+    """The inode of this process's pid namespace (None if /proc does not tell)."""
     try:
-        return os.stat("/proc/self/ns/pid").st_ino == _INITIAL_PID_NAMESPACE
+        return os.stat("/proc/self/ns/pid").st_ino
     except OSError:
-        return False
+        return None
+
+
+def _in_initial_pid_namespace() -> bool:
+    return _pid_namespace() == _INITIAL_PID_NAMESPACE
 
 
 def _open_in_some_process(lock: LockId) -> bool:
@@ -267,12 +274,13 @@ class FileOracle(Oracle):
     def read_record(self, name: str) -> Optional[Leader]:
         return self._load_record(name)[0]
 
-    def _load_record(self, name: str) -> Tuple[Optional[Leader], Optional[LockId]]:
-        """The leader record, and the lock file its term locked (None in a record without it)."""
+    def _load_record(self, name: str) -> Tuple[Optional[Leader], Optional[LockId], Optional[int]]:
+        """The leader record, the lock file its term locked and the pid namespace the term ran in
+        (None for either in a record without them)."""
         try:
             fd = os.open(self._path(name, "leader"), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         except FileNotFoundError:
-            return None, None
+            return None, None, None
         try:
             with os.fdopen(fd, "r", encoding="utf-8") as handle:
                 data = json.load(handle)
@@ -282,7 +290,9 @@ class FileOracle(Oracle):
             if lock is not None and not (isinstance(lock, list) and len(lock) == 2
                                          and all(isinstance(part, int) for part in lock)):
                 raise ValueError("lock is not [device, inode]")
-            return Leader.from_dict(data), (tuple(lock) if lock is not None else None)
+            namespace = data.get("pid_namespace")
+            return (Leader.from_dict(data), tuple(lock) if lock is not None else None,
+                    namespace if isinstance(namespace, int) else None)
         except ValueError as exc:
             # Only a hand edit can tear it (a leader's own writes are atomic). Refuse rather than
             # guess: treated as absent, the next token would start again from 1.
@@ -295,8 +305,8 @@ class FileOracle(Oracle):
         final = self._path(name, "leader")
         temporary = f"{final}.{os.getpid()}.{threading.get_ident()}.tmp"
         record = leader.to_dict()
-        if lock is not None:
-            record["lock"] = list(lock)  # which file this term locked: see _check_predecessor
+        if lock is not None:  # which file this term locked, and from where: see _check_predecessor
+            record.update(lock=list(lock), pid_namespace=_pid_namespace())
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
             os.write(fd, json.dumps(record).encode())
@@ -348,13 +358,14 @@ class FileOracle(Oracle):
                 os.close(fd)  # frees the directory lock: no other descriptor shares it
 
     def _check_predecessor(self, name: str, previous: Optional[Leader], previous_lock: Optional[LockId],
-                           ours: LockId) -> None:
+                           namespace: Optional[int], ours: LockId) -> None:
         """Raise unless the term before ours is certainly over.
 
         We hold the lock on the file now at the path. If the last term locked that same file, its
         lock (held by its crown and child processes alike) is ours now: it is over. If it locked
         another file (``NAME.lock`` was deleted or replaced meanwhile), its holders may still run
-        on the unlinked file: over only once the kernel lists no lock on it (/proc/locks).
+        on the unlinked file: over only once the kernel lists no lock on it (/proc/locks), and,
+        from inside a pid namespace, only if that term ran in ours (we can't see the others).
         """
         held = _locked_inodes()
         if ours[1] not in held:  # the proof below would be blind here: refuse rather than guess
@@ -364,11 +375,20 @@ class FileOracle(Oracle):
             )
         if previous_lock is None or previous_lock == ours:
             return
+        term = previous.token if previous else "?"
         if _lock_is_still_held(previous_lock, held):
             raise LockFileReplaced(
-                f"{self._path(name, 'lock')} was deleted or replaced while term"
-                f" {previous.token if previous else '?'} held it, and that term's lock on the old file"
-                f" (inode {previous_lock[1]}) is still held: waiting until it is released"
+                f"{self._path(name, 'lock')} was deleted or replaced while term {term} held it, and"
+                f" that term's lock on the old file (inode {previous_lock[1]}) is still held: waiting"
+                f" until it is released"
+            )
+        if not _in_initial_pid_namespace() and namespace != _pid_namespace():
+            raise LockFileReplaced(
+                f"{self._path(name, 'lock')} was deleted or replaced since term {term}, which ran in"
+                f" another pid namespace: from this one its locks and processes are invisible, so"
+                f" nothing proves it over. A claimant in that namespace or on the host can take"
+                f" over; or, once no process of term {term} runs, remove \"lock\" from"
+                f" {self._path(name, 'leader')}"
             )
 
     # -- Oracle ----------------------------------------------------------------------------
@@ -393,7 +413,7 @@ class FileOracle(Oracle):
         self.ensure_directory()
         if self._lock_is_held(name):
             return self.read_record(name)
-        leader, lock = self._load_record(name)
+        leader, lock, _ = self._load_record(name)
         # A leader still holding a lock file that was deleted or replaced under it.
         if lock is not None and lock != self.lock_file_now(name) and _lock_is_still_held(lock):
             return leader
@@ -579,8 +599,8 @@ class FileContender(Contender):
             ours = os.fstat(fd)
             lock = (ours.st_dev, ours.st_ino)
             with self._oracle._claim_section():
-                previous, previous_lock = self._oracle._load_record(self._name)
-                self._oracle._check_predecessor(self._name, previous, previous_lock, lock)
+                previous, previous_lock, namespace = self._oracle._load_record(self._name)
+                self._oracle._check_predecessor(self._name, previous, previous_lock, namespace, lock)
                 token = (previous.token or 0) + 1 if previous is not None else 1
                 leader = Leader(self._identity, dict(self._metadata), token, time.time())
                 self._oracle.dismissal_for(self._name, token)  # a stale request must not hit this term

@@ -4,6 +4,7 @@ import contextlib
 import ctypes
 import errno
 import os
+import shutil
 import signal
 import stat
 import struct
@@ -54,10 +55,10 @@ class Fleet:
         self.child = child
         self.processes = {}
 
-    def spawn(self, identity):
+    def spawn(self, identity, prefix=()):
         self.processes[identity] = subprocess.Popen(
-            [sys.executable, "-m", "crown_sync.testing.contender", "--name", NAME, "--oracle", self.url,
-             "--journal", self.journal, "--identity", identity, "--child", self.child],
+            list(prefix) + [sys.executable, "-m", "crown_sync.testing.contender", "--name", NAME, "--oracle",
+                            self.url, "--journal", self.journal, "--identity", identity, "--child", self.child],
         )
 
     def leader(self):
@@ -448,6 +449,42 @@ def test_a_deleted_lock_file_held_only_by_a_dead_leaders_daemon_is_waited_for(ur
     report = journal.check(path, NAME)
     assert report.ok, report.summary()
     assert [term.identity for term in report.terms] == ["old", "claimant"], report.summary()
+
+
+def test_a_claimant_in_another_pid_namespace_never_takes_over_a_deleted_lock_file(url, oracle_dir, tmp_path):
+    # From inside a pid namespace, the host leader's lock on the unlinked file is invisible.
+    contained = [shutil.which("unshare") or "unshare", "--pid", "--fork", "--mount-proc", "--kill-child=SIGTERM"]
+    try:
+        probe = subprocess.run(contained + ["true"], capture_output=True, timeout=30)
+        problem = probe.stderr.decode(errors="replace").strip() if probe.returncode else None
+    except OSError as exc:
+        problem = str(exc)
+    if problem:  # not root, or no unshare(1)
+        message = f"NO PID NAMESPACE in this run: {problem}"
+        assert not os.environ.get("CI"), message + " (CI=true: a pid namespace is required)"
+        warnings.warn(message)
+        return
+    fleet = Fleet(url, tmp_path, child="command")
+    fleet.spawn("host")
+    try:
+        assert fleet.wait_for_leader() == "host"
+        wait_until(lambda: os.path.exists(fleet.journal) and journal.read(fleet.journal))
+        (oracle_dir / f"{NAME}.lock").unlink()
+        fleet.spawn("contained", prefix=contained)
+        time.sleep(2.0)  # it claims the new file again and again, and must refuse each time
+        fleet.processes["host"].send_signal(signal.SIGTERM)
+        fleet.processes["host"].wait(30)
+        fleet.spawn("host-2")  # sees every lock: takes over once the old one is released
+        wait_until(lambda: len(journal.check(fleet.journal, NAME).terms) >= 2)
+        time.sleep(0.1)
+    finally:
+        if "contained" in fleet.processes:
+            # unshare(1) does not pass SIGTERM on; killed, it SIGTERMs the contender (--kill-child).
+            fleet.processes["contained"].kill()
+        fleet.stop_all()
+    report = journal.check(fleet.journal, NAME)
+    assert report.ok, report.summary()
+    assert [term.identity for term in report.terms][:2] == ["host", "host-2"], report.summary()
 
 
 def mounts():

@@ -384,6 +384,8 @@ def test_a_deleted_or_replaced_lock_file_never_yields_a_second_leader(url, oracl
         wait_until(lambda: os.path.exists(fleet.journal) and journal.read(fleet.journal))  # it works
         fleet.spawn("waiting")  # blocked on the old file: it must not lead on it once unlinked
         lock = oracle_dir / f"{NAME}.lock"
+        blocked = f":{lock.stat().st_ino} "
+        wait_until(lambda: any(" -> " in line and blocked in line for line in open("/proc/locks")))
         if fault == "delete":
             lock.unlink()  # a tmp cleaner, or rm
         else:

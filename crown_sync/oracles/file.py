@@ -3,10 +3,10 @@
 Files per election ``NAME`` in the directory:
 
 * ``NAME.lock``: the lock. We never rename or delete it. The leader holds ``flock(LOCK_EX)`` on it.
-* ``NAME.leader``: the leader record (identity, metadata, token, since, and ``lock``: the device
-  and inode of the lock file the term locked), replaced atomically (write, fsync, rename) by each
-  new leader. It outlives the term so the next token can rise from it; whether a leader exists
-  right now is answered by the lock, not by this file.
+* ``NAME.leader``: the leader record (identity, metadata, token, since; ``lock``, the device and
+  inode of the lock file the term locked; ``pid_namespace``), replaced atomically (write, fsync,
+  rename) by each new leader. It outlives the term so the next token can rise from it; whether a
+  leader exists right now is answered by the lock, not by this file.
 * ``NAME.dismiss``: a request, naming a token, that the leader of that term step down.
 
 Safety: the kernel grants ``LOCK_EX`` to one open file description at a time and frees it the

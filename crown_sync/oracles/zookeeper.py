@@ -105,7 +105,8 @@ What is NOT guaranteed:
   condition, the dropped connection (SUSPENDED) ends a running leader's term well before that. A
   leader process paused at that same moment relies on its deadline, which such a refresh may have
   carried past the expiry: not guaranteed (the fencing token is the defence).
-* Clock rates: the deadline is local monotonic time against the server's idea of ``T``.
+* Clock rates: the deadline is local time (:func:`crown_sync.clock.monotonic`, which counts a
+  host suspend) against the server's idea of ``T``.
 * Tokens rise only while the ensemble keeps its data (a wiped data directory restarts zxids).
 * Deleting a leader's guard by hand as well as its node (``deleteall`` of the election, say)
   voids the revocation proof: the successor starts as after a release. So does a fleet mixing
@@ -146,6 +147,7 @@ from kazoo.retry import KazooRetry
 from kazoo.security import ACL, CREATOR_ALL_ACL, OPEN_ACL_UNSAFE, READ_ACL_UNSAFE
 
 from .. import _forksafe
+from ..clock import monotonic as _monotonic
 from ..oracle import Claim, Contender, Leader, OnChange, Oracle
 from ..urls import parse_options
 
@@ -481,11 +483,11 @@ class ZooKeeperOracle(Oracle):
                 if client is not self._client or not self._connected:
                     continue
                 epoch = self._epoch
-                fresh = self._confirmed[0] == epoch and time.monotonic() - self._confirmed[1] < interval
+                fresh = self._confirmed[0] == epoch and _monotonic() - self._confirmed[1] < interval
                 needed = any(c._next_in_line is not None for c in self._contenders)
             if fresh or not needed:
                 continue
-            sent = time.monotonic()
+            sent = _monotonic()
             try:
                 client.exists_async(self.path_prefix).get(self._op_timeout())
             except Exception:
@@ -527,7 +529,7 @@ class ZooKeeperOracle(Oracle):
         """(client, epoch, session id) once connected; waits up to ``wait`` (default:
         connect_timeout)."""
         wait = self.connect_timeout if wait is None else min(wait, self.connect_timeout)
-        deadline = time.monotonic() + wait
+        deadline = _monotonic() + wait
         with self._cond:
             if self._closed:
                 raise RuntimeError("the ZooKeeper oracle is closed")
@@ -542,7 +544,7 @@ class ZooKeeperOracle(Oracle):
                 client_id = client.client_id if self._connected else None
                 if client_id and client_id[0]:
                     return client, self._epoch, client_id[0]
-                remaining = deadline - time.monotonic()
+                remaining = deadline - _monotonic()
                 if remaining <= 0:
                     raise ZooKeeperUnavailable(
                         f"not connected to ZooKeeper at {self.description} after "
@@ -915,7 +917,7 @@ class ZooKeeperContender(Contender):
             key = (guard, stat.czxid)
             holds[key] = self._holds.get(key, listed_at + lease)  # from the FIRST listing showing it
             leader = leader or Leader(str(record.get("identity", "")), {}, None, None)
-        now = time.monotonic()
+        now = _monotonic()
         until = max(holds.values(), default=now)
         with self._mutex:
             self._holds = holds
@@ -1109,7 +1111,7 @@ class ZooKeeperContender(Contender):
             # next in line and can take over without a round trip when it goes.
             client, connected, now_epoch = self._oracle._connected_now()
             if client is not None and connected and now_epoch == epoch:
-                sent = time.monotonic()
+                sent = _monotonic()
                 client.get_children_async(self._election).rawlink(lambda result: listed(result, sent))
                 client.exists_async(path, watch=watcher).rawlink(check)
 
@@ -1169,7 +1171,7 @@ class ZooKeeperContender(Contender):
         client, connected, now_epoch = self._oracle._connected_now()
         if client is None or not connected or now_epoch != epoch:
             return False
-        sent = time.monotonic()
+        sent = _monotonic()
         result = client.get_children_async(self._election, include_data=True)
         with self._mutex:
             self._prefetch = (epoch, sent, result)
@@ -1212,7 +1214,7 @@ class ZooKeeperContender(Contender):
         if not usable:
             return None
         confirmed = oracle._confirmed_since(epoch)
-        if confirmed is None or time.monotonic() - confirmed > oracle.effective_timeout() / REFRESHES_PER_TIMEOUT:
+        if confirmed is None or _monotonic() - confirmed > oracle.effective_timeout() / REFRESHES_PER_TIMEOUT:
             return None
         return self._win(node, confirmed, epoch, session)
 
@@ -1254,16 +1256,16 @@ class ZooKeeperContender(Contender):
                 node = self._create(client, session, epoch, timeout)
                 prefetch = None  # asked before our node existed
             children = None
-            if prefetch is not None and node is not None and prefetch[0] == epoch and time.monotonic() - prefetch[1] < 1.0:
+            if prefetch is not None and node is not None and prefetch[0] == epoch and _monotonic() - prefetch[1] < 1.0:
                 try:
                     children, _parent = prefetch[2].get(timeout)
                     t0 = prefetch[1]
                 except Exception:
                     children = None  # ask afresh
             if children is None:
-                t0 = time.monotonic()
+                t0 = _monotonic()
                 children = client.get_children_async(self._election).get(timeout)
-            listed_at = time.monotonic()  # after the server applied anything this listing shows
+            listed_at = _monotonic()  # after the server applied anything this listing shows
             oracle._confirm(t0, epoch)
             queue = sorted((c for c in children if _NODE.match(c)), key=_sequence)
             mine = [c for c in queue if c.startswith(self._prefix)]
@@ -1442,7 +1444,7 @@ class ZooKeeperContender(Contender):
             return Claim(won=False)
         if publish is not None and publish[0] == node:
             self._publish_record(client, *publish)  # pipelined with the confirmation below
-        t0 = time.monotonic()
+        t0 = _monotonic()
         # A reply after the term's deadline is of no use (the term is over by then), so wait no
         # longer: against a frozen server this bounds how long a stop() waits for this call.
         wait = oracle._op_timeout() if deadline is None else min(oracle._op_timeout(), max(0.01, deadline - t0))
@@ -1490,7 +1492,7 @@ class ZooKeeperContender(Contender):
         watcher = self._predecessor_watch(predecessor, epoch)
         if leads:
             self._watch_pred_guard(predecessor, epoch)
-        sent = time.monotonic()
+        sent = _monotonic()
         try:
             stat = client.exists_async(self._path(predecessor), watch=watcher).get(oracle._op_timeout())
         except KazooException as exc:

@@ -16,6 +16,7 @@ from kazoo.client import KazooClient
 from kazoo.security import ACL
 
 import crown_sync
+from crown_sync import clock
 from crown_sync.oracles.zookeeper import ZooKeeperOracle, ZooKeeperUnavailable
 from crown_sync.testing import journal
 from crown_sync.testing.servers import free_port
@@ -47,7 +48,7 @@ class Recorder:
         self.event = threading.Event()
 
     def __call__(self, lost=False):
-        self.calls.append((time.monotonic(), lost))
+        self.calls.append((clock.monotonic(), lost))
         self.event.set()
 
     def lost(self):
@@ -200,7 +201,7 @@ def test_queue_wakes_only_the_successor_and_tokens_rise(zk, name):
     try:
         first = seats[0].claim()
         assert first.won and isinstance(first.token, int)
-        assert first.deadline - time.monotonic() <= ZooKeeperOracle.lease_for(SESSION)
+        assert first.deadline - clock.monotonic() <= ZooKeeperOracle.lease_for(SESSION)
         assert first.refresh_in <= SESSION / 3  # soon: the first refresh publishes since/token
         second, third = seats[1].claim(), seats[2].claim()
         assert not second.won and not third.won
@@ -243,14 +244,14 @@ def test_next_in_line_takes_over_without_a_round_trip(zk, name):
         seats[0].abdicate()
         wait_until(recorders[1].event.is_set, timeout=10, message="successor woken")
         assert seats[1]._fast is not None
-        before = time.monotonic()
+        before = clock.monotonic()
         claim = seats[1].claim()
         assert claim.won and seats[1]._fast is None
         node, stat = leader_node(client, f"/crown_sync/{name}")
         assert claim.token == stat.czxid and node == seats[1]._node
         # the deadline runs from the session's last answered request, at most T/3 old
         assert before + ZooKeeperOracle.lease_for(SESSION) - SESSION / 3 <= claim.deadline
-        assert claim.deadline <= time.monotonic() + ZooKeeperOracle.lease_for(SESSION)
+        assert claim.deadline <= clock.monotonic() + ZooKeeperOracle.lease_for(SESSION)
         # Its first refresh publishes since; the third sees the change, finds it leads, and
         # becomes next in line.
         assert seats[1].refresh().won
@@ -489,13 +490,13 @@ def test_negotiated_session_timeout_bounds_the_deadline(name):
         oracle = ZooKeeperOracle(server.hosts, session_timeout=20)
         seat = oracle.contender(name, "me", {}, Recorder())
         try:
-            before = time.monotonic()
+            before = clock.monotonic()
             claim = seat.claim()
             assert claim.won
             assert oracle.effective_timeout() == pytest.approx(4.0)
             assert claim.deadline <= before + ZooKeeperOracle.lease_for(4.0) + 0.5
             refreshed = seat.refresh()
-            assert refreshed.deadline <= time.monotonic() + ZooKeeperOracle.lease_for(4.0)
+            assert refreshed.deadline <= clock.monotonic() + ZooKeeperOracle.lease_for(4.0)
             assert refreshed.refresh_in == pytest.approx(4.0 / 3)
         finally:
             seat.close()
@@ -506,14 +507,14 @@ def test_unreachable_server_fails_in_bounded_time(tmp_path, name):
     url = f"zookeeper://127.0.0.1:{free_port()}?session_timeout=2&connect_timeout=1"
     oracle = crown_sync.oracle_from_url(url)
     seat = oracle.contender(name, "me", {}, Recorder())
-    started = time.monotonic()
+    started = clock.monotonic()
     with pytest.raises(ZooKeeperUnavailable, match="not connected"):
         seat.claim()
     with pytest.raises(ZooKeeperUnavailable):
         oracle.find_leader(name)
     seat.close()
     oracle.close()
-    assert time.monotonic() - started < 20  # generous: only guards against a hang
+    assert clock.monotonic() - started < 20  # generous: only guards against a hang
 
     crown = crown_sync.Crown(name, oracle=url, child=None)
     crown.start()  # never raises on an unreachable oracle
@@ -523,10 +524,10 @@ def test_unreachable_server_fails_in_bounded_time(tmp_path, name):
         assert "not connected" in status.last_error
         assert not crown.is_leader() and not status.is_leader
     finally:
-        stopping = time.monotonic()
+        stopping = clock.monotonic()
         crown.stop(timeout=30)
         assert crown.phase == "stopped"
-        assert time.monotonic() - stopping < 20
+        assert clock.monotonic() - stopping < 20
 
 
 def test_close_is_bounded_when_the_server_is_paused_or_dead(name):
@@ -536,20 +537,20 @@ def test_close_is_bounded_when_the_server_is_paused_or_dead(name):
         assert seat.claim().won
         server.pause()  # SIGSTOP: connected as far as the client knows, but no answers
         try:
-            started = time.monotonic()
+            started = clock.monotonic()
             seat.close()
             oracle.close()
-            assert time.monotonic() - started < 10
+            assert clock.monotonic() - started < 10
         finally:
             server.resume()
         oracle = ZooKeeperOracle(server.hosts, session_timeout=10)
         seat = oracle.contender(name, "me", {}, Recorder())
         assert seat.claim().won
         server.kill()
-        started = time.monotonic()
+        started = clock.monotonic()
         seat.close()
         oracle.close()
-        assert time.monotonic() - started < 10
+        assert clock.monotonic() - started < 10
 
 
 def test_stop_while_leading_is_bounded_when_the_server_is_frozen(name, tmp_path):
@@ -564,9 +565,9 @@ def test_stop_while_leading_is_bounded_when_the_server_is_frozen(name, tmp_path)
             wait_until(lambda: terms(path, name) and terms(path, name)[-1].beats > 3, timeout=10)
             server.pause()  # SIGSTOP: the client sees no error until its read timeout
             time.sleep(timeout / 3 + 0.5)  # a refresh is now waiting for an answer
-            started = time.monotonic()
+            started = clock.monotonic()
             crown.stop(timeout=60)
-            took = time.monotonic() - started
+            took = clock.monotonic() - started
             assert crown.phase == "stopped"
             assert took < 10, f"stop() took {took:.1f}s"
         finally:
@@ -708,7 +709,7 @@ def test_processes_contend_through_sigterm_and_sigkill(zk, name, tmp_path):
         # The node went when the leader stopped: an expiry would come at least 2/3 T after the
         # crash (the client pings every T/3), so a successor within T/2 proves the handoff.
         assert 0 < second.start - ended < SESSION / 2
-        killed_at = time.monotonic()
+        killed_at = clock.monotonic()
         fleet.signal(second.identity, signal.SIGKILL)  # crash: the session must expire first
         third = fleet.wait_for_term(other_than={first.identity, second.identity}, timeout=30)
         assert third.start > killed_at
@@ -762,7 +763,7 @@ def test_sigstop_leader_past_the_session_timeout_then_sigcont(zk, name, tmp_path
         fleet.spawn("b")
         time.sleep(1.0)  # b queued behind a
         fleet.signal(first.identity, signal.SIGSTOP)
-        stopped_at = time.monotonic()
+        stopped_at = clock.monotonic()
         second = fleet.wait_for_term(other_than={first.identity}, timeout=30)
         assert second.start > stopped_at
         time.sleep(1.0)
@@ -783,7 +784,7 @@ def test_server_restart_end_to_end(name, tmp_path):
             fleet.spawn("b")
             first = fleet.wait_for_term(timeout=30)
             server.stop()  # a clean restart: ZooKeeper keeps the sessions
-            down_at = time.monotonic()
+            down_at = clock.monotonic()
             time.sleep(1.0)
             server.start()
             # Leadership resumes (same session, new term, higher token) or moves: either way a
@@ -827,7 +828,7 @@ def test_ensemble_member_of_the_leader_killed(name, tmp_path):
             _node, stat = leader_node(client, f"/crown_sync/{name}")
             member = ensemble.member_with_session(stat.ephemeralOwner)
             assert member is not None
-            killed_at = time.monotonic()
+            killed_at = clock.monotonic()
             member.kill()
             # Leadership survives (a new term of the same identity after the reconnect) or moves.
             after = fleet.wait_for_term(after=killed_at, timeout=40)
@@ -856,10 +857,10 @@ def test_quorum_loss_ends_every_term_and_nobody_leads_until_it_is_back(name, tmp
             first = fleet.wait_for_term(timeout=30)
             for member in ensemble.members[1:]:
                 member.kill()
-            lost_at = time.monotonic()  # one member of three left: no quorum
+            lost_at = clock.monotonic()  # one member of three left: no quorum
             time.sleep(timeout + 1.0)
             assert fleet.running_term() is None, "someone leads without a quorum"
-            restored_at = time.monotonic()  # no quorum before the members are back
+            restored_at = clock.monotonic()  # no quorum before the members are back
             for member in ensemble.members[1:]:
                 member.spawn()
             ensemble.wait_quorum()
@@ -903,7 +904,7 @@ def test_a_leaders_node_deleted_by_hand_no_overlap(zk, name, tmp_path, paused):
         time.sleep(1.5)  # b queued behind a
         if paused:
             fleet.signal("a", signal.SIGSTOP)  # the crown's process only: its command runs on
-        deleted_at = time.monotonic()
+        deleted_at = clock.monotonic()
         _delete_leaders_node(zk.hosts, name)
         second = fleet.wait_for_term(other_than={"a"}, after=deleted_at, timeout=30)
         if paused:
@@ -971,7 +972,7 @@ def test_server_restart_while_the_leaders_crown_process_is_paused_no_overlap(nam
             fleet.spawn("b")
             time.sleep(1.5)  # b queued behind a
             fleet.signal("a", signal.SIGSTOP)
-            paused_at = time.monotonic()
+            paused_at = clock.monotonic()
             if crash:
                 server.kill()
             else:
@@ -986,3 +987,42 @@ def test_server_restart_while_the_leaders_crown_process_is_paused_no_overlap(nam
         assert second.token > first.token
         tokens = [t.token for t in report.terms]
         assert tokens == sorted(tokens) and len(set(tokens)) == len(tokens)
+
+
+@pytest.mark.parametrize("timeout", [20.0, SESSION], ids=["released", "waited-out"])
+def test_a_successor_holds_back_while_a_revoked_leaders_guard_remains(zk, name, timeout):
+    # Contender level: the leader's node is deleted by another client; the leader does nothing
+    # more (as if its child were still stopping, or its process paused). The successor must not
+    # win until the leader's guard goes (released: the leader abdicates once its child stopped)
+    # or the leader's longest lease, counted from the successor's listing, has passed.
+    oracles, recorders, seats = contenders(zk, name, 2, session_timeout=timeout)
+    client = plain_client(zk.hosts)
+    try:
+        first = seats[0].claim()
+        assert first.won
+        assert not seats[1].claim().won and seats[1].watch(None)
+        recorders[1].reset()
+        deleted_at = clock.monotonic()
+        client.delete(f"/crown_sync/{name}/{seats[0]._node}")
+        wait_until(recorders[1].event.is_set, timeout=10, message="successor woken")
+        wait_until(recorders[0].lost, timeout=10, message="old leader told it lost")
+        held = seats[1].claim()
+        assert not held.won and held.leader.identity == "c0"
+        assert seats[1].watch(None) is True  # it waits to be woken, it does not spin
+        assert client.exists(f"/crown_sync/{name}/{seats[0]._guard}") is not None
+        recorders[1].reset()
+        if timeout > SESSION:
+            seats[0].abdicate()  # the old child stopped: the guard goes, the successor is woken
+            wait_until(recorders[1].event.is_set, timeout=10, message="successor woken by the release")
+            took_over = seats[1].claim()
+            assert took_over.won, "the guard's release lets the successor in at once"
+        else:
+            wait_until(recorders[1].event.is_set, timeout=20, message="successor woken by its timer")
+            took_over = seats[1].claim()
+            assert took_over.won
+            # Never before the old term's deadline could have passed.
+            assert clock.monotonic() >= deleted_at + ZooKeeperOracle.lease_for(timeout)
+        assert took_over.token > first.token
+    finally:
+        client.stop()
+        close_all(oracles, seats)

@@ -14,6 +14,7 @@ from typing import Dict, List, Optional
 
 from kazoo.client import KazooClient
 
+from crown_sync import clock
 from crown_sync.testing import journal
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -21,8 +22,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def wait_until(predicate, timeout=30.0, interval=0.01, message="condition"):
     """Poll until predicate() returns something true; fail (never hang) after a generous timeout."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
+    end = clock.monotonic() + timeout
+    while clock.monotonic() < end:
         value = predicate()
         if value:
             return value
@@ -79,7 +80,7 @@ class Fleet:
 
     def running_term(self, fresh: float = 0.3) -> Optional[journal.Term]:
         """The newest term whose child journaled within ``fresh`` seconds and has not stopped."""
-        now = time.monotonic()
+        now = clock.monotonic()
         running = [t for t in self.terms() if not t.stopped and now - t.end < fresh and t.beats > 0]
         return running[-1] if running else None
 

@@ -58,7 +58,9 @@ def crown_settings(tmp_path, name=NAME, **keys):
 def fetch(path, client="sync"):
     """A request through Django's WSGI (Client) or ASGI (AsyncClient) handler."""
     if client == "async":
-        return async_to_sync(AsyncClient().get)(path)
+        async def request():
+            return await AsyncClient().get(path)
+        return async_to_sync(request)()
     return Client().get(path)
 
 
@@ -211,7 +213,11 @@ def test_own_crown_starts_on_the_first_request_runs_the_job_and_sends_signals(tm
     def receiver(signal, sender, **kwargs):
         received.append((signal, sender, kwargs))
 
+    def failing(**kwargs):
+        raise RuntimeError("a receiver that fails")
+
     for signal_ in (signals.elected, signals.deposed, signals.new_leader):
+        signal_.connect(failing, weak=False, dispatch_uid="test-failing")  # first: the others still hear
         signal_.connect(receiver, weak=False, dispatch_uid="test")
     try:
         with crown_settings(tmp_path, START=True, JOB="tests.django_project.jobs:journal_job"):
@@ -231,6 +237,7 @@ def test_own_crown_starts_on_the_first_request_runs_the_job_and_sends_signals(tm
     finally:
         for signal_ in (signals.elected, signals.deposed, signals.new_leader):
             signal_.disconnect(dispatch_uid="test")
+            signal_.disconnect(dispatch_uid="test-failing")
     (term,) = journal_terms(path, NAME)
     assert term.stopped and journal.check(path).ok
     kinds = [(s, kw.get("token"), kw.get("reason")) for s, _, kw in received if s is not signals.new_leader]

@@ -223,6 +223,10 @@ _MIN_VERSION = 140000
 # close() after a graceful release waits at most this long for the successor to lead (see
 # _await_successor); normally it takes a few milliseconds.
 _HANDOFF_LINGER = 0.05
+# How long a woken follower looks for proof of how its predecessor's term ended (its release
+# notification, or its backend's exit, normally both within milliseconds) before it waits out the
+# predecessor's lease instead.
+_PROOF_WAIT = 0.5
 
 
 class PostgresOracleError(RuntimeError):
@@ -237,9 +241,10 @@ class _SessionGone(ConnectionError):
     """Our session had ended (by the server) before a statement we sent reached it."""
 
 
-class _Baseline(collections.namedtuple("_Baseline", "holder killed")):
+class _Baseline(collections.namedtuple("_Baseline", "holder killed led")):
     """Read by a follower's wait statement before it queued for the lock: the holder's backend
-    pid and pg_stat_database.sessions_killed (either None if unknown)."""
+    pid and pg_stat_database.sessions_killed (either None if unknown), and whether the holder's
+    last statement carried a leader record (it led, rather than waited out a predecessor)."""
 
 
 class PoolingDetected(PostgresOracleError):
@@ -300,6 +305,19 @@ _KEY_LOCK = (
 )
 _HOLDER = _KEY_LOCK + " AND l.granted"
 
+# A server restart, crash or failover is a lease boundary: a leader of the previous incarnation
+# (paused, its child running on) may keep its child until its deadline, up to a lease after its
+# last statement, which the old incarnation served. How long ago did this incarnation begin, by
+# the server's clock? At the latest when the postmaster started (a restart) or, after a backend
+# crash (the postmaster reinitialises without restarting; every session ends), when the
+# statistics were discarded in crash recovery, which sets pg_stat_bgwriter.stats_reset (only
+# pg_stat_reset_shared() moves it otherwise: a later time only makes us wait longer). Read only
+# by a session younger than a lease (%(young)s): an older one proves the incarnation is older.
+_INCARNATION_AGE = (
+    "extract(epoch FROM clock_timestamp() - greatest(pg_postmaster_start_time(),"
+    " (SELECT w.stats_reset FROM pg_stat_bgwriter w)))::float8"
+)
+
 # The subquery with OFFSET 0 is evaluated (lock taken) before the outer target list (token).
 _TRY_SQL = (
     "SELECT s.locked,"
@@ -307,7 +325,8 @@ _TRY_SQL = (
     " CASE WHEN s.locked THEN pg_logical_emit_message(true, 'crown_sync', %(msg)s)::text"
     " || pg_notify(%(channel)s, 'claimed:' || pg_current_xact_id()::text)::text END,"
     " extract(epoch FROM clock_timestamp())::float8, pg_backend_pid(),"
-    " current_setting('" + _MARKER + "', true), pg_is_in_recovery(), h.pid, h.query"
+    " current_setting('" + _MARKER + "', true), pg_is_in_recovery(), h.pid, h.query,"
+    " CASE WHEN s.locked AND %(young)s THEN " + _INCARNATION_AGE + " END"
     " FROM (SELECT pg_try_advisory_lock(%(key)s) AS locked OFFSET 0) s"
     " LEFT JOIN LATERAL (SELECT l.pid, a.query FROM pg_locks l"
     " LEFT JOIN pg_stat_activity a ON a.pid = l.pid"
@@ -318,17 +337,22 @@ _TRY_SQL = (
 # release "released:<token>", before unlocking): listeners see these in commit order.
 _DATABASE_OID = "(SELECT oid FROM pg_database WHERE datname = current_database())"
 
-# Before queueing for the lock, the same statement reads who holds it and how many sessions of
-# this database were ever terminated (pg_terminate_backend): the baseline _take_over compares
-# with. The lock's argument depends on that read (``+ 0 * ...``), so it cannot be taken first.
+# Before queueing for the lock, the same statement reads who holds it, that holder's last
+# statement (a leader's carries its record) and how many sessions of this database were ever
+# terminated (pg_terminate_backend): the baseline _take_over compares with. The lock's argument
+# depends on that read (``+ 0 * ...``), so it cannot be taken first. The target list, evaluated
+# after the grant, reads the incarnation's age (see _INCARNATION_AGE).
 _WAIT_SQL = (
     "SELECT pg_current_xact_id()::text,"
     " pg_logical_emit_message(true, 'crown_sync', %(msg)s)::text"
     " || pg_notify(%(channel)s, 'claimed:' || pg_current_xact_id()::text)::text,"
     " extract(epoch FROM clock_timestamp())::float8, pg_backend_pid(),"
-    " current_setting('" + _MARKER + "', true), pg_is_in_recovery(), b.holder, b.killed"
-    " FROM (SELECT (SELECT l.pid FROM pg_locks l WHERE l.pid <> pg_backend_pid() AND " + _HOLDER + ""
-    " LIMIT 1) AS holder, pg_stat_get_db_sessions_killed(" + _DATABASE_OID + ") AS killed OFFSET 0) b,"
+    " current_setting('" + _MARKER + "', true), pg_is_in_recovery(), b.holder, b.killed, b.query,"
+    " CASE WHEN %(young)s THEN " + _INCARNATION_AGE + " END"
+    " FROM (SELECT h.pid AS holder, h.query, pg_stat_get_db_sessions_killed(" + _DATABASE_OID + ")"
+    " AS killed FROM (SELECT 1) one LEFT JOIN LATERAL (SELECT l.pid, a.query FROM pg_locks l"
+    " LEFT JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.pid <> pg_backend_pid() AND " + _HOLDER + ""
+    " LIMIT 1) h ON true OFFSET 0) b,"
     " LATERAL (SELECT pg_advisory_lock(%(key)s::bigint + 0 * coalesce(b.killed, 0)) OFFSET 0) s"
 )
 
@@ -475,12 +499,13 @@ class PostgresOracle(Oracle):
     margin: seconds taken off every deadline; default ``max(0.2, lease / 10)``; below lease / 2.
     connect_timeout: seconds to connect (libpq counts whole seconds, at least 2).
     wait_timeout: seconds one blocking lock wait of a follower lasts before it is re-armed.
-    takeover_delay: seconds a follower woken by the server waits before leading when its
-        predecessor did not release the lock (its session ended under it: a crash, or
-        ``pg_terminate_backend`` of a live leader, which frees the lock before that leader could
-        stop its child). 0 to 60 and at most ``(lease - margin) / 2`` (its session is idle
-        meanwhile, and the server ends an idle session after ``lease``); 0 trades that protection
-        for faster crash failover.
+    takeover_delay: None (the default): a successor that cannot prove how its predecessor's
+        term ended (a graceful release, or a session that ended otherwise than by
+        ``pg_terminate_backend``) holds the lock without leading until the predecessor's
+        deadline has certainly passed, ``lease`` after its grant (see *Takeover*). A number
+        OPTS OUT of that guarantee: the successor waits only that long (0: not at all, and
+        without looking for proof), an assumption about how fast a told leader stops its child.
+        0 to 60 and at most ``(lease - margin) / 2`` (the session is idle meanwhile).
     """
 
     def __init__(
@@ -492,7 +517,7 @@ class PostgresOracle(Oracle):
         margin: Optional[float] = None,
         connect_timeout: float = 5.0,
         wait_timeout: float = 5.0,
-        takeover_delay: float = 0.05,
+        takeover_delay: Optional[float] = None,
     ):
         if not isinstance(dsn, str):
             raise TypeError(f"dsn must be a str, got {type(dsn).__name__}")
@@ -518,16 +543,18 @@ class PostgresOracle(Oracle):
             )
         self.connect_timeout = _seconds_option("connect_timeout", connect_timeout, 0.1, 3600.0)
         self.wait_timeout = _seconds_option("wait_timeout", wait_timeout, 0.05, 3600.0)
-        self.takeover_delay = _seconds_option("takeover_delay", takeover_delay, 0.0, 60.0)
-        # A woken follower holds the lock on a session that sends nothing while it waits
-        # takeover_delay; idle_session_timeout (= lease) would end that session, so no one would
-        # ever lead after a crash. Same rule as confirm_interval: room for one retry.
-        if self.takeover_delay > limit + 1e-9:
-            raise ValueError(
-                f"takeover_delay ({self.takeover_delay:g}) must be at most (lease - margin) / 2"
-                f" = {limit:g}: the woken follower's session is idle while it waits, and the server"
-                f" ends a session idle for lease seconds (lease {self.lease:g}, margin {self.margin:g})"
-            )
+        self.takeover_delay: Optional[float] = None
+        if takeover_delay is not None:
+            self.takeover_delay = _seconds_option("takeover_delay", takeover_delay, 0.0, 60.0)
+            # The woken follower's session sends nothing while it waits an explicit delay, and
+            # idle_session_timeout (= lease) would end it. Same rule as confirm_interval.
+            if self.takeover_delay > limit + 1e-9:
+                raise ValueError(
+                    f"takeover_delay ({self.takeover_delay:g}) must be at most (lease - margin) / 2"
+                    f" = {limit:g}: the woken follower's session is idle while it waits, and the"
+                    f" server ends a session idle for lease seconds (lease {self.lease:g}, margin"
+                    f" {self.margin:g}); leave it unset to wait out the predecessor's lease safely"
+                )
         self.namespace = namespace
         try:
             params = _conninfo.conninfo_to_dict(dsn)
@@ -734,6 +761,10 @@ class PostgresContender(Contender):
         self._bound: float = oracle.lease  # server-side lease B, read back at connect
         self._query_limit = 1024
         self._counts_terminations = False  # track_counts: pg_stat_database counts terminations
+        self._connected_at = -math.inf  # monotonic time our session was known to exist
+        # Our child must not start before this monotonic instant: a predecessor's deadline we
+        # waited out and may not have finished waiting (kept across reconnects; see _wait_out).
+        self._owed_until = -math.inf
         self._io_lock = threading.Lock()  # held while a statement is in flight on _conn
         self._state_lock = threading.Lock()
         self._closed = False
@@ -873,6 +904,7 @@ class PostgresContender(Contender):
             conn.close()
             raise
         self._pid, self._marker = pid, marker
+        self._connected_at = time.monotonic()
         with self._state_lock:
             self._events.clear()  # what happened while we were not listening is unknown
         logger.debug("%s: connected, backend pid %s, server lease bound %.3fs", self.name, pid, self._bound)
@@ -1011,7 +1043,7 @@ class PostgresContender(Contender):
                 return self._won()
         try:
             row = self._claim_retrying(self._try_lock)
-            locked, token, _, since, pid, marker, in_recovery, holder_pid, holder_query = row
+            locked, token, _, since, pid, marker, in_recovery, holder_pid, holder_query, age = row
             self._check_session(pid, marker, in_recovery)
         except Exception as exc:
             self._fail(exc)
@@ -1019,6 +1051,9 @@ class PostgresContender(Contender):
         if not locked:
             self._leader = self.oracle.leader_from_row(self.name, holder_pid, holder_query)
             return Claim(won=False, leader=self._leader)
+        until = max(self._owed_until, time.monotonic() + self._restart_debt(age))
+        if until > time.monotonic():
+            return self._owe(int(token), since, until)
         self._token, self._since = int(token), since
         return self._won()
 
@@ -1032,7 +1067,8 @@ class PostgresContender(Contender):
         try:
             return self._execute(
                 _TRY_SQL,
-                {"key": self.key, "hi": self._hi, "lo": self._lo, "msg": self.name, "channel": self._channel},
+                {"key": self.key, "hi": self._hi, "lo": self._lo, "msg": self.name,
+                 "channel": self._channel, "young": self._young()},
                 conn,
             )
         except psycopg.OperationalError as exc:
@@ -1175,27 +1211,30 @@ class PostgresContender(Contender):
                 return None
 
     def _handed_over(self, conn: psycopg.Connection, token: int, until: float,
-                     holder: Optional[int]) -> Tuple[bool, Optional[int]]:
-        """Who held the lock before our claim ``token`` (a backend pid, None if unknown), and did
-        that term end with a release? Reads the channel's notifications until our own "claimed"
-        arrives, or ``until``. The predecessor is the last claim seen before ours, or, if we saw
-        none, ``holder``: the session that held the lock when our wait began."""
+                     baseline: "_Baseline") -> Tuple[bool, Optional[int], bool]:
+        """How did the term before our claim ``token`` end? (released, predecessor, led): did it
+        end with a release; who held the lock (a backend pid, None if unknown); did that session
+        lead (announce ``leading:``) rather than hold the lock while waiting out its own
+        predecessor. Reads the channel's notifications until our own "claimed" arrives, or
+        ``until``. The predecessor is the last claim seen before ours, or, if we saw none, the
+        baseline's holder: the session that held the lock when our wait began."""
 
         def decide(events):
             for index, (kind, event_token, pid) in enumerate(events):
                 if kind == "claimed" and event_token == token and pid == self._pid:
                     before = events[:index]
                     claims = [i for i, e in enumerate(before) if e[0] == "claimed"]
-                    if claims:
-                        _, last, predecessor = before[claims[-1]]
-                        after = before[claims[-1] + 1:]
-                    else:  # earlier terms had ended when we started listening
-                        last, predecessor, after = None, holder, before
-                    released = any(e[0] == "released" and (last is None or e[1] == last) for e in after)
-                    return released, predecessor
+                    if not claims:  # earlier terms had ended when we started listening
+                        released = any(e[0] == "released" for e in before)
+                        return released, baseline.holder, baseline.led
+                    _, last, predecessor = before[claims[-1]]
+                    after = before[claims[-1] + 1:]
+                    released = any(e[0] == "released" and e[1] == last for e in after)
+                    led = any(e == ("leading", last, predecessor) for e in after)
+                    return released, predecessor, led
             return None
 
-        return self._read_events_until(conn, until, decide, lambda: self._waiter_stop) or (False, None)
+        return self._read_events_until(conn, until, decide, lambda: self._waiter_stop) or (False, None, False)
 
     def _not_terminated(self, conn: psycopg.Connection, predecessor: Optional[int],
                         killed_before: Optional[int], until: float) -> bool:
@@ -1210,6 +1249,7 @@ class PostgresContender(Contender):
         if predecessor is None or killed_before is None or not self._counts_terminations:
             return False
         params = {"pid": predecessor}
+        pause = 0.0002
         while not self._waiter_stop:
             try:
                 present, killed = self._execute(_PREDECESSOR_SQL, params, conn)
@@ -1218,8 +1258,9 @@ class PostgresContender(Contender):
             if not present:
                 return killed == killed_before
             remaining = until - time.monotonic()
-            if remaining <= 0 or self._waiter_wakeup.wait(min(remaining, 0.0002)):
+            if remaining <= 0 or self._waiter_wakeup.wait(min(remaining, pause)):
                 return False
+            pause = min(pause * 2, 0.01)  # the exit takes a millisecond or two, unless loaded
         return False
 
     # -- abdicate / close -------------------------------------------------------------------------
@@ -1359,11 +1400,11 @@ class PostgresContender(Contender):
                     self._in_wait = True
                     started = time.monotonic()
                     try:
-                        row = conn.execute(_WAIT_SQL, params).fetchone()
+                        row = conn.execute(_WAIT_SQL, dict(params, young=self._young())).fetchone()
                     finally:
                         self._in_wait = False
                         self._statements += 1
-                token, _, since, pid, marker, in_recovery, holder, killed = row
+                token, _, since, pid, marker, in_recovery, holder, killed, query, age = row
                 self._check_session(pid, marker, in_recovery)
             except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled):
                 if self._waiter_stop:
@@ -1378,40 +1419,123 @@ class PostgresContender(Contender):
                 logger.debug("%s: lock wait failed: %s", self.name, self.oracle.safe_error(exc))
                 self._signal()
                 return
-            self._take_over(conn, int(token), since, started, _Baseline(holder, killed))
+            baseline = _Baseline(holder, killed, _decode_record(query) is not None)
+            self._take_over(conn, int(token), since, started, baseline, age)
             return
 
     def _take_over(self, conn: psycopg.Connection, token: int, since: float, started: float,
-                   baseline: "_Baseline") -> None:
-        """The server granted us the lock (in the waiter thread). If the predecessor neither
-        released it nor is known to have died otherwise than by ``pg_terminate_backend``, give it
-        ``takeover_delay`` to notice (the server told it before freeing the lock) and stop its
-        child (see *Takeover*). Then tell the engine, with the term ready for claim() to return
-        at once.
+                   baseline: "_Baseline", age: Optional[float]) -> None:
+        """The server granted us the lock (in the waiter thread). Lead at once if the predecessor
+        released it or certainly did not lose it to ``pg_terminate_backend`` (and the server is
+        not younger than a lease); otherwise hold the lock without leading until the
+        predecessor's deadline has passed (_debt, _wait_out). Then tell the engine, with the
+        term ready for claim() to return at once."""
+        until = self._debt(conn, token, baseline, time.monotonic(), age)
+        waited = until > time.monotonic()
+        if waited and not self._wait_out(conn, until):
+            return
+        self._begin_term(conn, token, since, started, waited)
 
-        The wait statement itself proves the session: it returned, so the lock was granted after
-        it ``started``, and every way the server can end the session counts from a moment after
-        that (see the safety arithmetic). So the term's deadline counts from ``started``, and the
-        leader record is published by the first refresh, which the claim asks for at once (the
-        engine starts the child first). A wait that took so long that little of that lease is left is confirmed
-        here instead, for a fresh deadline."""
-        granted_at = time.monotonic()
+    def _young(self) -> bool:
+        """Is our session younger than a lease? If not, the server's incarnation is not either,
+        and no leader of a previous one can still be running its child (_INCARNATION_AGE)."""
+        return time.monotonic() - self._connected_at < self._bound
+
+    def _restart_debt(self, age: Optional[float]) -> float:
+        """Seconds our child must wait because the server's incarnation began ``age`` seconds
+        ago (None: our session is older than a lease, so the incarnation is too). A leader of
+        the previous incarnation confirmed at ``t0`` before it ended; its deadline is at most
+        ``B - margin`` after ``t0``, so before the incarnation's start plus ``B``, which is ``B
+        - age`` after the statement that read ``age`` (and after its result reached us). The
+        margin is not subtracted: it absorbs the two hosts' clock rates."""
+        return 0.0 if age is None else max(0.0, self._bound - age)
+
+    def _debt(self, conn: psycopg.Connection, token: int, baseline: "_Baseline",
+              granted_at: float, age: Optional[float]) -> float:
+        """The monotonic instant before which the child of our term ``token`` (granted at
+        ``granted_at``) must not start.
+
+        Without proof of how the predecessor's term ended, its child may run until its
+        deadline, which is at most ``B - margin`` after the start of its last confirming
+        statement. That statement reached the server before the session was terminated, and the
+        termination freed the lock before it was granted to us, before ``granted_at``. So the
+        predecessor's deadline has passed ``B`` after ``granted_at`` (the margin absorbs the two
+        hosts' clock rates; every contender of an election must have the same lease)."""
+        until = max(self._owed_until, granted_at + self._restart_debt(age))
         delay = self.oracle.takeover_delay
-        waited = False
-        if delay > 0:
-            until = granted_at + delay
-            released, predecessor = self._handed_over(conn, token, until, baseline.holder)
-            if released:
-                logger.debug("%s: the predecessor released the lock: leading at once", self.name)
-            elif self._not_terminated(conn, predecessor, baseline.killed, until):
-                logger.debug("%s: the predecessor's session (backend pid %s) ended, not by"
-                             " pg_terminate_backend: leading at once", self.name, predecessor)
-            else:
-                logger.debug("%s: the predecessor's session may have been terminated under it:"
-                             " waiting %.3fs", self.name, delay)
-                if self._waiter_wakeup.wait(max(0.0, until - time.monotonic())):
-                    return  # stopped (close): closing the connection releases the lock
-                waited = True
+        if delay == 0:  # opted out: lead at once
+            return until
+        look = granted_at + (_PROOF_WAIT if delay is None else delay)
+        released, predecessor, led = self._handed_over(conn, token, look, baseline)
+        if released:
+            logger.debug("%s: the predecessor released the lock: leading at once", self.name)
+            return until
+        # A session that held the lock without leading was waiting out a debt of its own: its
+        # end, however it came, proves nothing about its predecessor's child.
+        if led and self._not_terminated(conn, predecessor, baseline.killed, look):
+            logger.debug("%s: the predecessor's session (backend pid %s) ended, not by"
+                         " pg_terminate_backend: leading at once", self.name, predecessor)
+            return until
+        wait = self._bound if delay is None else delay
+        logger.debug("%s: the predecessor's session may have been terminated under it (or it never"
+                     " led): waiting %.3fs", self.name, wait)
+        return max(until, granted_at + wait)
+
+    def _wait_out(self, conn: psycopg.Connection, until: float) -> bool:
+        """Hold the lock without leading until the monotonic instant ``until``, confirming the
+        session every ``confirm_interval`` so that ``idle_session_timeout`` does not end it.
+        False if stopped or the session failed (the waiter reports the error and the engine
+        claims again; the debt stays in _owed_until, for a claim on a new session)."""
+        self._owed_until = max(self._owed_until, until)
+        params = {"hi": self._hi, "lo": self._lo}
+        while True:
+            remaining = until - time.monotonic()
+            if remaining <= 0:
+                return True
+            if self._waiter_wakeup.wait(min(remaining, self.oracle.confirm_interval)) or self._waiter_stop:
+                return False  # stopped (close): closing the connection releases the lock
+            try:
+                pid, marker, held, in_recovery = self._execute(_CONFIRM_SQL, params, conn)
+                self._check_session(pid, marker, in_recovery)
+                if not held:
+                    raise PostgresOracleError("our session no longer holds the advisory lock")
+            except Exception as exc:
+                logger.debug("%s: waiting out the predecessor's lease failed: %s", self.name,
+                             self.oracle.safe_error(exc))
+                with self._state_lock:
+                    self._waiter_error = exc
+                self._signal()
+                return False
+
+    def _owe(self, token: int, since: float, until: float) -> Claim:
+        """A claim won on a server younger than a lease, or on a new session of a contender
+        that was waiting out a predecessor's lease: hold the lock in a waiter thread without
+        leading until ``until`` (as a woken follower does), then tell the engine."""
+        conn = self._conn
+        logger.info("%s: won the lock with token %s; the previous term may run %.3fs more: waiting",
+                    self.name, token, until - time.monotonic())
+
+        def owe() -> None:
+            if self._wait_out(conn, until):
+                self._begin_term(conn, token, since, until, waited=True)
+
+        with self._state_lock:
+            self._waiter_stop = False
+            self._waiter_wakeup.clear()
+            self._forget_waiter()
+            self._waiter = threading.Thread(target=owe, name=f"crown-sync-pg-owe:{self.name}", daemon=True)
+            self._waiter.start()
+        return Claim(won=False, leader=None)
+
+    def _begin_term(self, conn: psycopg.Connection, token: int, since: float, started: float,
+                    waited: bool) -> None:
+        """Make the term the waiter obtained ready for claim(). The wait statement itself proves
+        the session: it returned, so the lock was granted after it ``started``, and every way
+        the server can end the session counts from a moment after that (see the safety
+        arithmetic). So the term's deadline counts from ``started``, and the leader record is
+        published by the first refresh, which the claim asks for at once (the engine starts the
+        child first). After a wait, or when little of that lease is left, it confirms here
+        instead, for a fresh deadline."""
         self._token, self._since = token, since
         self._record_comment = self._make_record_comment()
         self._dismissed = False

@@ -301,6 +301,25 @@ class PostgresServer(Server):
             time.sleep(0.05)
         return self.url_for(name, password)
 
+    def incarnation_age(self) -> float:
+        """Seconds since this server's incarnation began: its postmaster's start or, after a
+        backend crash, the crash recovery (as the PostgreSQL oracle reads it)."""
+        from crown_sync.oracles.postgres import _INCARNATION_AGE
+
+        return float(self.sql("SELECT " + _INCARNATION_AGE)[0][0])
+
+    def settle(self, seconds: float, timeout: float = 120.0) -> None:
+        """Wait until the incarnation is ``seconds`` old: the PostgreSQL oracle holds a new
+        term's child back until a lease has passed since a restart or crash."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = seconds - self.incarnation_age()
+            if left <= 0:
+                return
+            if time.monotonic() + left > deadline:
+                raise RuntimeError(f"the server did not get {seconds}s old within {timeout}s")
+            time.sleep(left + 0.01)
+
     def terminate(self, pid: int) -> bool:
         """``pg_terminate_backend(pid)``: end that session (its advisory locks are freed)."""
         return bool(self.sql("SELECT pg_terminate_backend(%s)", (pid,))[0][0])

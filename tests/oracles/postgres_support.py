@@ -43,12 +43,13 @@ class Fleet:
     """Contender processes (``python -m crown_sync.testing.contender``), one identity each."""
 
     def __init__(self, url: str, directory: str, name: str, child: str = "thread", grace: float = 2.0,
-                 interval: float = 0.005):
+                 interval: float = 0.005, stop_delay: float = 0.0):
         self.url = url
         self.name = name
         self.child = child
         self.grace = grace
         self.interval = interval
+        self.stop_delay = stop_delay  # the child works on this long after SIGTERM / its stop
         self.directory = str(directory)
         self.journal = os.path.join(self.directory, f"{name}.journal.jsonl")
         self.events = os.path.join(self.directory, f"{name}.events.jsonl")
@@ -61,7 +62,7 @@ class Fleet:
             [sys.executable, "-m", "crown_sync.testing.contender", "--name", self.name,
              "--oracle", self.url, "--journal", self.journal, "--identity", identity,
              "--child", self.child, "--events", self.events, "--grace", str(self.grace),
-             "--interval", str(self.interval)],
+             "--interval", str(self.interval), "--stop-delay", str(self.stop_delay)],
             cwd=ROOT,
             env=env,
             start_new_session=True,  # its own process group: cleanup can reach its children

@@ -43,12 +43,16 @@ from .postgres_support import ROOT, Fleet, TransactionPooler, wait_until
 SECRET = "s3cret-Pa55"
 # Short leases keep the suite quick: lease 2 s -> margin 0.2 s, confirmations every 0.4 s.
 FAST = "lease=2&wait_timeout=1"
+# A claim on a server younger than its lease waits out the rest of the lease (a leader of the
+# previous incarnation may still run its child): tests that claim directly wait this long first.
+SETTLED = 4.0
 
 
 @pytest.fixture(scope="module")
 def pg():
     server = PostgresServer(fsync=False)
     server.start()
+    server.settle(SETTLED)
     yield server
     server.cleanup()
 
@@ -178,8 +182,10 @@ def test_bad_arguments_name_the_argument():
 
 
 def test_takeover_delay_must_leave_the_woken_followers_idle_session_alive():
-    """The woken follower's session is idle while it waits takeover_delay, and the server ends a
-    session idle for lease seconds: a delay that long would make every crash takeover fail."""
+    """An explicit takeover_delay (an opt-out of waiting out the predecessor's lease): the woken
+    follower's session is idle while it waits, and the server ends a session idle for lease
+    seconds: a delay that long would make every takeover after a termination fail. Unset (the
+    default), the follower waits out the lease, confirming its session meanwhile."""
     for lease, delay in ((2, 2), (2, 5), (10, 9.5), (10, 4.6)):
         with pytest.raises(ValueError) as info:
             PostgresOracle("postgresql://db/app", lease=lease, takeover_delay=delay)
@@ -187,7 +193,8 @@ def test_takeover_delay_must_leave_the_woken_followers_idle_session_alive():
         assert "takeover_delay" in message and "(lease - margin) / 2" in message, message
     # the limit itself, and the defaults, are accepted
     assert PostgresOracle("postgresql://db/app", lease=10, takeover_delay=4.5).takeover_delay == 4.5
-    assert PostgresOracle("postgresql://db/app", lease=1).takeover_delay == 0.05
+    assert PostgresOracle("postgresql://db/app", lease=1).takeover_delay is None
+    assert PostgresOracle.from_url("postgresql://db/app?takeover_delay=0").takeover_delay == 0.0
 
 
 def test_lease_becomes_whole_milliseconds_rounded_up():
@@ -488,13 +495,13 @@ def test_terminated_session_is_noticed_at_once_and_refresh_says_lost(request, na
 def test_takeover_waits_only_when_the_predecessor_may_have_been_terminated(pg, name, caplog, end, tmp_path):
     """A woken follower leads at once after a release, and after a session that ended otherwise
     than by pg_terminate_backend (here: its client process was SIGKILLed); after a termination,
-    whose leader may still be stopping its child, it waits takeover_delay first."""
+    whose leader may still be stopping its child, it waits out the lease first."""
     caplog.set_level(logging.DEBUG, logger="crown_sync.oracles.postgres")
-    oracle = oracle_for(pg, takeover_delay=0.2)
+    oracle = oracle_for(pg)
     signals = Signals()
     a = oracle.contender(name, "a", {}, Signals())
     b = oracle.contender(name, "b", {}, signals)
-    crashing = Fleet(pg.url, tmp_path, name, child="none")
+    crashing = Fleet(f"{pg.url}?{FAST}", tmp_path, name, child="none")
     try:
         if end == "sigkill":  # the predecessor is a crown in a process of its own
             crashing.spawn("crashing")
@@ -518,7 +525,7 @@ def test_takeover_waits_only_when_the_predecessor_may_have_been_terminated(pg, n
         assert second.won and (first_token is None or second.token > first_token)
         decisions = [r.getMessage() for r in caplog.records if ": the predecessor" in r.getMessage()]
         expected = {"release": "released the lock: leading at once",
-                    "terminate": "may have been terminated under it: waiting",
+                    "terminate": "may have been terminated under it (or it never led): waiting 2.000s",
                     "sigkill": "not by pg_terminate_backend: leading at once"}[end]
         assert len(decisions) == 1 and expected in decisions[0], decisions
     finally:
@@ -571,6 +578,38 @@ def test_terminated_leader_slow_to_stop_never_overlaps_its_successor(pg, name, t
     assert first.end < second.start and second.token > first.token
 
 
+@pytest.mark.parametrize("crown", ["running", "paused"])
+def test_terminated_leader_whose_command_is_slow_to_stop_never_overlaps(pg, name, tmp_path, crown):
+    """pg_terminate_backend frees the lock of a live leader whose command needs 1.5 s to honour
+    SIGTERM (the normal daemon), or whose crown process is paused (SIGSTOP, by pid: its command
+    runs on) and hears nothing. The woken follower cannot prove how that term ended, so it holds
+    the lock without leading until the predecessor's deadline has passed (a lease after its
+    grant), confirming its session meanwhile. The command's own journal: no overlap, rising
+    tokens. (Waiting takeover_delay, 50 ms, as before, overlapped by ~1.4 s.)"""
+    fleet = Fleet(f"{pg.url}?{FAST}", tmp_path, name, child="command", grace=3.0, stop_delay=1.5)
+    oracle = oracle_for(pg)
+    for i in range(3):
+        fleet.spawn(f"v{i}")
+    try:
+        before = fleet.wait_for_term()
+        pid = holder_pid(pg, oracle, name)
+        if crown == "paused":
+            fleet.signal(before.identity, signal.SIGSTOP)
+        try:
+            killed_at = time.monotonic()
+            assert pg.terminate(pid)
+            after = fleet.wait_for_term(other_than={before.identity}, after=killed_at)
+        finally:
+            fleet.signal(before.identity, signal.SIGCONT)
+        time.sleep(0.3)
+    finally:
+        fleet.stop_all()
+        oracle.close()
+    report = journal_ok(fleet.journal, name, 2)
+    old = [t for t in report.terms if t.token == before.token][0]
+    assert old.end < after.start and after.token > before.token
+
+
 def test_server_drops_a_silent_leader_no_sooner_than_its_deadline(pg, name):
     """idle_session_timeout is the lease: a leader that stops confirming loses its session, but
     only after the deadline it was given."""
@@ -594,21 +633,31 @@ def test_server_drops_a_silent_leader_no_sooner_than_its_deadline(pg, name):
         oracle.close()
 
 
+def _won(call):
+    claim = _try(call)
+    return claim if claim is not None and claim.won else None
+
+
 def test_tokens_rise_across_immediate_restarts(pg, name):
+    """A restart is a lease boundary: the first claim on the new server wins the lock but waits
+    (in a thread, confirming) until a lease has passed since the server started."""
     oracle = oracle_for(pg)
     contender = oracle.contender(name, "a", {}, Signals())
     tokens = []
     try:
         for _ in range(3):
-            claim = wait_until(lambda: _try(contender.claim), timeout=30, message="claim after restart")
-            assert claim.won
+            claim = wait_until(lambda: _won(contender.claim), timeout=30, message="claim after restart")
             tokens.append(claim.token)
             pg.restart(mode="immediate")
             assert contender.refresh().won is False
+        claim = wait_until(lambda: _won(contender.claim), timeout=30, message="claim after restart")
+        assert pg.incarnation_age() >= oracle.lease  # led no sooner than a lease after the start
+        tokens.append(claim.token)
         assert tokens == sorted(set(tokens)), tokens
     finally:
         contender.close()
         oracle.close()
+        pg.settle(SETTLED)
 
 
 def _try(call):
@@ -874,6 +923,7 @@ def test_pg_terminate_backend_of_the_leader(pg, name, tmp_path):
 def pg_tls():
     server = PostgresServer(fsync=False, tls=True)
     server.start()
+    server.settle(SETTLED)
     yield server
     server.cleanup()
 
@@ -951,6 +1001,34 @@ def test_immediate_server_restart(pg, name, tmp_path):
         time.sleep(0.2)
     finally:
         fleet.stop_all()
+        pg.settle(SETTLED)
+    report = journal_ok(fleet.journal, name, 2)
+    old = [t for t in report.terms if t.token == before.token][0]
+    assert old.end < after.start and after.token > before.token
+
+
+def test_server_restart_while_the_leader_is_paused_never_overlaps(pg, name, tmp_path):
+    """The leader's crown process is paused (SIGSTOP, by pid: its command runs on, watched only
+    by its deadline) while the server crashes and restarts. A follower reconnects and wins the
+    lock of the new incarnation, which knows nothing of the old leader; its child waits until a
+    lease has passed since the server started, by when the old command has been killed at its
+    deadline. (Before, the follower led about 0.7 s after the restart: 2.5 s of overlap.)"""
+    fleet = Fleet(pg.url_for(lease=4, wait_timeout=1), tmp_path, name, child="command")
+    for i in range(2):
+        fleet.spawn(f"r{i}")
+    try:
+        before = fleet.wait_for_term()
+        fleet.signal(before.identity, signal.SIGSTOP)
+        try:
+            restarted_at = time.monotonic()
+            pg.restart(mode="immediate")
+            after = fleet.wait_for_term(other_than={before.identity}, after=restarted_at, timeout=60)
+        finally:
+            fleet.signal(before.identity, signal.SIGCONT)
+        time.sleep(0.5)
+    finally:
+        fleet.stop_all()
+        pg.settle(SETTLED)
     report = journal_ok(fleet.journal, name, 2)
     old = [t for t in report.terms if t.token == before.token][0]
     assert old.end < after.start and after.token > before.token

@@ -610,6 +610,40 @@ def test_terminated_leader_whose_command_is_slow_to_stop_never_overlaps(pg, name
     assert old.end < after.start and after.token > before.token
 
 
+def test_successor_that_dies_while_waiting_out_the_lease_passes_the_wait_on(pg, name, tmp_path):
+    """A successor that holds the lock without leading (waiting out a terminated leader's lease)
+    and then vanishes proves nothing about the terminated leader's child: the next follower,
+    whose wait began after the termination (so the termination count is unchanged, as after a
+    plain crash), must not lead at once, since that session never led. The terminated leader's
+    command (2.5 s to honour SIGTERM) journals; no overlap."""
+    fleet = Fleet(pg.url_for(lease=3, wait_timeout=1), tmp_path, name, child="command", grace=4.0,
+                  stop_delay=2.5)
+    oracle = oracle_for(pg, lease=3, wait_timeout=30)  # b's wait stays first in the queue
+    b = oracle.contender(name, "b", {}, Signals())
+    waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND application_name = %s"
+    try:
+        fleet.spawn("a")
+        first = fleet.wait_for_term()
+        assert not b.claim().won and b.watch(None)
+        wait_until(lambda: pg.sql(waiting, (f"crown_sync {name}"[:63],)) == [(1,)], message="b queued")
+        fleet.spawn("c")
+        wait_until(lambda: pg.sql(waiting, (f"crown_sync {name}"[:63],)) == [(2,)], message="c queued")
+        killed_at = time.monotonic()
+        assert pg.terminate(holder_pid(pg, oracle, name))
+        wait_until(lambda: holder_pid(pg, oracle, name) == b._pid, message="b granted")
+        time.sleep(1.2)  # c's wait has been re-armed (wait_timeout 1 s) since the termination
+        postgres_oracle._shutdown(b._conn)  # b's client vanishes: its session ends, not killed
+        second = fleet.wait_for_term(other_than={"a"}, after=killed_at)
+        time.sleep(0.3)
+    finally:
+        b.close()
+        fleet.stop_all()
+        oracle.close()
+    report = journal_ok(fleet.journal, name, 2)
+    old = [t for t in report.terms if t.token == first.token][0]
+    assert second.identity == "c" and old.end < second.start and second.token > first.token
+
+
 def test_server_drops_a_silent_leader_no_sooner_than_its_deadline(pg, name):
     """idle_session_timeout is the lease: a leader that stops confirming loses its session, but
     only after the deadline it was given."""

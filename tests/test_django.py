@@ -205,7 +205,7 @@ def test_status_view_says_who_leads_and_never_shows_secrets(tmp_path):
 # ------------------------------------------------------------------------- the own crown
 
 
-def test_own_crown_starts_on_the_first_request_runs_the_job_and_sends_signals(tmp_path, monkeypatch):
+def test_own_crown_started_by_start_runs_the_job_and_sends_signals_never_by_the_test_client(tmp_path, monkeypatch):
     path = str(tmp_path / "journal")
     monkeypatch.setenv("CROWN_TEST_JOURNAL", path)
     received = []
@@ -221,10 +221,12 @@ def test_own_crown_starts_on_the_first_request_runs_the_job_and_sends_signals(tm
         signal_.connect(receiver, weak=False, dispatch_uid="test")
     try:
         with crown_settings(tmp_path, START=True, JOB="tests.django_project.jobs:journal_job"):
-            assert runtime.crown() is None and not os.path.exists(path)  # nothing before a request
-            fetch("/_crown_sync/", "async")  # through Django's ASGI handler
-            own = runtime.crown()
-            assert own is not None
+            # The test client's requests are not served ones ("manage.py test" never leads).
+            fetch("/_crown_sync/", "async")
+            fetch("/work")
+            assert runtime.crown() is None and not os.path.exists(path)
+            own = crown_sync.django.start()
+            assert runtime.crown() is own and crown_sync.django.start() is own
             wait_until(lambda: crown_sync.is_leader(NAME), message="the own crown leads")
             assert fetch("/work").status_code == 200
             body = fetch("/_crown_sync/").json()
@@ -352,6 +354,44 @@ def test_runserver_autoreloader_leads_only_in_the_serving_process(tmp_path):
         os.killpg(server.pid, signal.SIGKILL)
         server.wait(10)
     assert journal.check(path).ok
+
+
+# ------------------------------------------------------------------------- an ASGI server
+
+
+def test_uvicorn_workers_contend_on_their_first_request_and_one_leads(tmp_path):
+    """uvicorn with two workers: the supervisor never contends, a worker does on its first request
+    (Django's ASGI handler), only one leads. At shutdown uvicorn's worker dies of the SIGTERM it
+    re-raises (at-exit handlers do not run): its job dies with it and the lock goes with the
+    process, so another contender leads at once."""
+    port = free_port()
+    path = str(tmp_path / "journal")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "tests.django_project.asgi:application", "--host", "127.0.0.1",
+         "--port", str(port), "--workers", "2"],
+        cwd=ROOT, env=django_env(tmp_path, CROWN_TEST_START="1"), start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, timeout=60)
+        time.sleep(0.5)
+        assert journal_terms(path, NAME) == []  # no request yet: nobody contends
+        wait_until(lambda: (seen(port) or {}).get("is_leader"), message="a worker leads")
+        answers = [seen(port) for _ in range(40)]
+        leaders = {a["pid"] for a in answers if a and a["is_leader"]}
+        (term,) = wait_until(lambda: journal_terms(path, NAME), message="the job started")
+        assert leaders == {term.pid} and term.pid != server.pid and parent_of(term.pid) == server.pid
+        os.kill(server.pid, signal.SIGTERM)
+        server.wait(60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGKILL)
+        server.wait(10)
+    # The other worker, a follower, may lead in the moment between the leader's death and its own.
+    report = journal.check(path)
+    assert report.ok, report.summary()
+    assert report.terms[0].pid == term.pid and all(t.pid != server.pid for t in report.terms)
+    with crown_sync.lead(NAME, oracle=f"file://{tmp_path / 'oracle'}") as crown:
+        assert crown.wait_for_leadership(30)
 
 
 # ------------------------------------------------------------------------- the example under Gunicorn

@@ -2,7 +2,7 @@
 
 The own crown is started by the first request a process serves (Django's ``request_started``, sent
 by the WSGI and the ASGI handlers alike) or by :func:`start`; never at import, in ``ready()`` or in
-a management command. So under ``runserver`` only the serving child contends (the autoreloader's
+a management command (not by the test client's requests either: ``manage.py test``). So under ``runserver`` only the serving child contends (the autoreloader's
 watcher never serves a request), under an ASGI server each serving worker does, after any fork.
 The crown is kept per process id: a copy inherited across fork is not this process's, and a new
 one is started there. It is stopped at interpreter exit (a reload, a normal exit): the job first,
@@ -80,7 +80,11 @@ def _stop_if_ours(pid: int, running) -> None:
 
 def start_on_request(sender=None, **kwargs) -> None:
     """``request_started`` receiver: the first request a process serves starts its own crown."""
-    if crown() is None and config().start:
+    if crown() is not None:
+        return
+    if getattr(sender, "__module__", None) == "django.test.client":
+        return  # Django's test client: "manage.py test" is a management command, it never leads
+    if config().start:
         start()
 
 

@@ -12,7 +12,8 @@ Every write carries a fresh random write id, so the same bytes never appear twic
 
 How a lease lives and dies (the safety argument)
 ------------------------------------------------
-The lease is measured on the contenders' own monotonic clocks, not on memcached's. A leader
+The lease is measured on the contenders' own clocks (:func:`crown_sync.clock.monotonic`, which
+keeps counting while a host is suspended), not on memcached's. A leader
 renews with ``gets`` + ``cas`` (only while the record is still its own: same nonce, state
 ``held``) every ``renew_interval``. Its term's deadline is the START of the last successful
 renewal (or of the claim) plus ``ttl`` minus ``margin``; the engine stops the child by then.
@@ -115,6 +116,7 @@ from pymemcache.client.base import Client
 from pymemcache.exceptions import MemcacheError, MemcacheUnexpectedCloseError
 
 from .. import _forksafe
+from ..clock import monotonic as _monotonic  # the clock of every deadline (counts a suspend)
 from ..oracle import Claim, Contender, Leader, OnChange, Oracle
 from ..urls import parse_options, redact
 
@@ -140,7 +142,6 @@ _RELEASED_EXPIRE = 86400  # keeps the token and the "free now" mark of a cleanly
 # at every claim. A crashed claimant's pending record is taken over as stale after a ttl anyway.
 _PENDING_EXPIRE = 86400
 _MAX_RECORD = 512 * 1024
-_monotonic = time.monotonic
 
 
 #: The smallest margin allowed, as a fraction of ttl: ten times the worst rate difference of two

@@ -13,6 +13,7 @@ import threading
 import time
 from typing import Callable, Dict, List, Optional, Tuple
 
+from crown_sync import clock
 from crown_sync.testing import journal
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -20,8 +21,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def wait_until(predicate, timeout=30.0, interval=0.01, message="condition"):
     """Poll until predicate() returns something true; fail (never hang) after a generous timeout."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
+    end = clock.monotonic() + timeout
+    while clock.monotonic() < end:
         value = predicate()
         if value:
             return value
@@ -70,7 +71,7 @@ class Fleet:
 
     def running_term(self, fresh: float = 0.25) -> Optional[journal.Term]:
         """The term whose child journaled within ``fresh`` seconds and has not stopped."""
-        now = time.monotonic()
+        now = clock.monotonic()
         running = [t for t in self.terms() if not t.stopped and now - t.end < fresh and t.beats > 0]
         return running[-1] if running else None
 

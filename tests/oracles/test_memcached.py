@@ -15,6 +15,7 @@ import pytest
 from pymemcache.client.base import Client
 
 import crown_sync
+from crown_sync import clock
 from crown_sync.oracles.memcached import MemcachedError, MemcachedOracle
 from crown_sync.testing import journal
 from crown_sync.testing.memcached_server import MemcachedServer
@@ -112,7 +113,7 @@ def test_contention_and_graceful_handoffs_between_processes(server, tmp_path, na
         done, signalled = [], {}
         for round_number in range(3):
             term = fleet.wait_for_term(other_than=set(done[-1:]))
-            signalled[(term.identity, term.token)] = time.monotonic()
+            signalled[(term.identity, term.token)] = clock.monotonic()
             fleet.signal(term.identity, signal.SIGTERM)  # clean stop: child, then CAS release
             fleet.processes[term.identity].wait(30)
             done.append(term.identity)
@@ -139,7 +140,7 @@ def test_sigkill_of_the_leader_fails_over_without_overlap(server, tmp_path, name
         killed, killed_at = [], {}
         for round_number in range(2):
             term = fleet.wait_for_term(other_than=set(killed))
-            killed_at[(term.identity, term.token)] = time.monotonic()
+            killed_at[(term.identity, term.token)] = clock.monotonic()
             fleet.processes[term.identity].kill()
             fleet.processes[term.identity].wait(30)
             killed.append(term.identity)
@@ -168,11 +169,11 @@ def test_sigstop_past_the_lease_then_sigcont_never_overlaps(server, tmp_path, na
         fleet.spawn(f"s{i}")
     try:
         paused = fleet.wait_for_term()
-        stopped_at = time.monotonic()
+        stopped_at = clock.monotonic()
         fleet.signal(paused.identity, signal.SIGSTOP)  # the crown's process; its child runs on
         try:
             successor = fleet.wait_for_term(other_than={paused.identity}, timeout=30)
-            time.sleep(max(0.0, stopped_at + 2 * TTL - time.monotonic()))  # well past the lease
+            time.sleep(max(0.0, stopped_at + 2 * TTL - clock.monotonic()))  # well past the lease
         finally:
             fleet.signal(paused.identity, signal.SIGCONT)
         time.sleep(1.0)  # the resumed crown finds its lease gone and carries on as a follower
@@ -192,7 +193,7 @@ def test_memcached_restart_ends_the_term_and_a_later_one_starts(fresh_server, tm
         fleet.spawn(f"r{i}")
     try:
         before = fleet.wait_for_term()
-        restarted_at = time.monotonic()
+        restarted_at = clock.monotonic()
         fresh_server.restart(down_for=0.5)  # SIGTERM, down, up again empty on the same port
         after = fleet.wait_for_new_term(after=restarted_at, timeout=40)
         time.sleep(0.2)
@@ -210,7 +211,7 @@ def test_memcached_crash_restart_too(fresh_server, tmp_path, name):
         fleet.spawn(f"x{i}")
     try:
         before = fleet.wait_for_term()
-        crashed_at = time.monotonic()
+        crashed_at = clock.monotonic()
         fresh_server.crash_restart(down_for=1.0)
         after = fleet.wait_for_new_term(after=crashed_at, timeout=40)
     finally:
@@ -225,7 +226,7 @@ def test_flush_all_ends_the_term_and_a_later_one_starts(server, tmp_path, name):
         fleet.spawn(f"f{i}")
     try:
         before = fleet.wait_for_term()
-        flushed_at = time.monotonic()
+        flushed_at = clock.monotonic()
         server.flush_all()
         after = fleet.wait_for_new_term(after=flushed_at, timeout=40)
         time.sleep(0.2)
@@ -270,7 +271,7 @@ def test_revocation_with_a_child_slow_to_stop_never_overlaps(server, tmp_path, n
     client = Client(server.address, default_noreply=False)
     try:
         before = fleet.wait_for_term()
-        faulted_at = time.monotonic()
+        faulted_at = clock.monotonic()
         if fault == "delete":
             assert client.delete("crown_sync:" + name, noreply=False) is True  # the lease existed
         else:
@@ -300,7 +301,7 @@ def test_memcached_restart_while_the_leader_is_paused_never_overlaps(fresh_serve
         fleet.signal(before.identity, signal.SIGSTOP)
         try:
             wait_until(lambda: _state(fleet.processes[before.identity].pid) == "T", timeout=10)
-            restarted_at = time.monotonic()
+            restarted_at = clock.monotonic()
             fresh_server.restart(down_for=0.2)
             after = fleet.wait_for_new_term(after=restarted_at, timeout=40)
             assert after.identity != before.identity
@@ -337,7 +338,7 @@ def test_eviction_of_the_lease_ends_the_term_safely(tmp_path, name):
                 filler += len(batch)
                 client.set_many(batch, expire=0, noreply=True)
                 if client.get(key) is None:
-                    evicted_at = time.monotonic()
+                    evicted_at = clock.monotonic()
                     break
             assert evicted_at is not None, "the lease key was never evicted"
             assert int(srv.stats()["evictions"]) > 0
@@ -361,7 +362,7 @@ def test_find_leader_and_dismiss_through_the_public_api(server, tmp_path, name):
         first = fleet.wait_for_term()
         leader = wait_until(lambda: crown_sync.find_leader(name, oracle=url))
         assert leader.identity == first.identity and leader.token == first.token
-        dismissed_at = time.monotonic()
+        dismissed_at = clock.monotonic()
         assert crown_sync.dismiss(name, oracle=url) is True
         second = fleet.wait_for_new_term(after=dismissed_at, timeout=30)
     finally:
@@ -486,12 +487,12 @@ def test_quarantine_after_the_key_vanished_then_tokens_rise_across_flush_and_res
         elif fault == "restart":
             fresh_server.restart()
         contender = oracle.contender("q", f"q-{len(tokens)}", {}, Signals())
-        started = time.monotonic()
+        started = clock.monotonic()
         claim = contender.claim()
         assert not claim.won and claim.leader is None  # it holds the key but must wait a ttl
         assert oracle.find_leader("q") is None
         claim = lead(contender)
-        assert time.monotonic() - started >= oracle.ttl
+        assert clock.monotonic() - started >= oracle.ttl
         assert oracle.find_leader("q").token == claim.token
         tokens.append(claim.token)
         contender.close()  # closing without abdicate vacates (never "released")
@@ -507,7 +508,7 @@ def test_a_follower_takes_over_a_silent_leader_only_after_a_whole_ttl(server, na
     b = oracle.contender(name, "b", {}, signals)
     claim = b.claim()
     assert not claim.won and claim.leader.identity == "a" and claim.leader.metadata == {"n": 1}
-    seen_at = time.monotonic()
+    seen_at = clock.monotonic()
     assert b.watch(claim.leader)
     # "a" renews for a while: the follower never takes over meanwhile.
     for _ in range(6):
@@ -516,12 +517,12 @@ def test_a_follower_takes_over_a_silent_leader_only_after_a_whole_ttl(server, na
         assert not b.claim().won
         assert b.watch(None)
     # Now "a" falls silent (as if paused): the follower is told once the record went stale.
-    silent_at = time.monotonic()
+    silent_at = clock.monotonic()
     signals.wait(10)
     claim = b.claim()
     assert claim.won and claim.token > first.token
-    assert time.monotonic() - silent_at >= oracle.ttl - 0.2  # the last renewal's bytes for a ttl
-    assert time.monotonic() - seen_at >= oracle.ttl
+    assert clock.monotonic() - silent_at >= oracle.ttl - 0.2  # the last renewal's bytes for a ttl
+    assert clock.monotonic() - seen_at >= oracle.ttl
     # The paused leader's next renewal fails; its abdicate never frees b's lease (CAS).
     assert not a.refresh().won
     a.abdicate()
@@ -565,7 +566,7 @@ def test_graceful_release_is_seen_by_the_poller_and_taken_at_once(server, name):
     signals.wait(10)
     claim = b.claim()
     assert claim.won and claim.token > first.token
-    assert claim.deadline > time.monotonic()
+    assert claim.deadline > clock.monotonic()
     a.abdicate()  # idempotent, and b's lease is untouched
     assert b.refresh().won
     b.close()
@@ -745,7 +746,7 @@ def test_a_lease_the_poller_won_long_ago_is_renewed_before_it_is_handed_over(ser
     assert claim.won
     assert b.requests == before + 2  # renewed (gets + cas) before it was handed over
     # The engine's first refresh is due in renew_interval: the term must outlast it by the margin.
-    assert claim.deadline - time.monotonic() > oracle.renew_interval + oracle.margin
+    assert claim.deadline - clock.monotonic() > oracle.renew_interval + oracle.margin
     b.abdicate()
     for c in (a, b):
         c.close()
@@ -803,9 +804,9 @@ def test_close_is_bounded_while_memcached_is_paused(fresh_server):
         refresher = threading.Thread(target=lambda: result.setdefault("r", _catch(a.refresh)))
         refresher.start()
         time.sleep(0.1)
-        started = time.monotonic()
+        started = clock.monotonic()
         a.close()
-        closed_in = time.monotonic() - started
+        closed_in = clock.monotonic() - started
         refresher.join(10)
         assert not refresher.is_alive()
         # A refresh that cannot know is an error (or refused after close), never a win.

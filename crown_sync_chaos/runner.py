@@ -3,11 +3,11 @@ verdict computed from the contenders' own journal only.
 
 Every contender is ``python -m crown_sync.testing.contender`` (its own process, its own session
 with the oracle) whose child journals start, a beat every few milliseconds, and stop, with the
-term's identity and fencing token and ``time.monotonic()`` (one clock for every process on the
-host, namespaces included). The child is a ProcessChild by default (``--child``): a process
-child is held to its deadline by the kernel even while its crown's process is paused. A thread
-child (``--child thread``, or ``mixed``: process, command and thread children by slot) can only
-be told: it checks ``term.stop_event`` between beats, which reads as set once the deadline has
+term's identity and fencing token and :func:`crown_sync.clock.monotonic` (one clock for every
+process on the host, namespaces included; the runner reads it too). The child is a
+ProcessChild by default (``--child``): a process child is held to its deadline by the kernel
+even while its crown's process is paused. A thread child (``--child thread``, or ``mixed``:
+process, command and thread children by slot) can only be told: it checks ``term.stop_event`` between beats, which reads as set once the deadline has
 passed, so it too must never be seen working in another term's time.
 
 Round after round, the runner waits for a leader (read from the journal: the term whose beats
@@ -51,6 +51,8 @@ import sys
 import tempfile
 import time
 from typing import Any, Callable, Dict, List, Optional
+
+from crown_sync.clock import monotonic as _now  # the journal's clock: compare its times with it
 
 from . import kinds as kinds_module
 from .netns import Netns, NetnsUnavailable, netns_problem
@@ -135,7 +137,7 @@ class JournalTail:
                 term["stopped"] = True
 
     def leader(self, now: Optional[float] = None) -> Optional[Dict[str, Any]]:
-        now = time.monotonic() if now is None else now
+        now = _now() if now is None else now
         live = [t for t in self.terms.values() if not t["stopped"] and t["last"] >= now - FRESH]
         return max(live, key=lambda t: t["start"]) if live else None
 
@@ -211,12 +213,12 @@ def _process_state(pid: int) -> Optional[str]:
 
 
 def _wait(predicate: Callable[[], Any], timeout: float, step: float = 0.02):
-    deadline = time.monotonic() + timeout
+    deadline = _now() + timeout
     while True:
         value = predicate()
         if value:
             return value
-        if time.monotonic() >= deadline:
+        if _now() >= deadline:
             return value
         time.sleep(step)
 
@@ -355,10 +357,10 @@ class Runner:
                 except ProcessLookupError:
                     pass
                 proc.popen.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 30
+        deadline = _now() + 30
         for proc in procs:
             try:
-                proc.popen.wait(max(0.1, deadline - time.monotonic()))
+                proc.popen.wait(max(0.1, deadline - _now()))
             except subprocess.TimeoutExpired:
                 self._say(f"contender {proc.identity} did not stop on SIGTERM: SIGKILL\n" + proc.log_tail())
                 try:
@@ -429,7 +431,7 @@ class Runner:
         the restart must not let a successor start while the paused leader's child may run."""
         os.kill(proc.pid, signal.SIGSTOP)
         paused = bool(_wait(lambda: _process_state(proc.pid) == "T", 5))
-        anchor = time.monotonic()
+        anchor = _now()
         try:
             restart = self.kind.restart_server(self.rng, leader, self.name)
             downtime = float(restart.get("downtime") or 0.0)
@@ -463,7 +465,7 @@ class Runner:
         for _ in range(self.count):
             if inside_leads():
                 break
-            moment = time.monotonic()
+            moment = _now()
             try:
                 crown_sync.dismiss(self.name, oracle=self.kind.url())
             except Exception as exc:  # the oracle may be busy electing; try again
@@ -477,7 +479,7 @@ class Runner:
             victim = self._by_identity(current["identity"]) if current else None
             if victim is None:
                 break
-            moment = time.monotonic()
+            moment = _now()
             victim.expected_exit = True
             victim.popen.send_signal(signal.SIGTERM)
             try:
@@ -493,7 +495,7 @@ class Runner:
         leader_partitioned = current is not None and current["identity"] == inside.identity
         side = self.rng.choice(["host", "netns"])
         short = leader_partitioned and self.rng.random() < 0.25
-        cut_at = time.monotonic()
+        cut_at = _now()
         self.netns.cut(side)
         confirmed = self.netns.link_down(side)
         try:
@@ -504,7 +506,7 @@ class Runner:
                     self._wait_leader(self._recovery_timeout(), after=cut_at, exclude=inside.identity)
                 time.sleep(round(self.rng.uniform(0.3, 1.0), 2))
         finally:
-            held = time.monotonic() - cut_at
+            held = _now() - cut_at
             self.netns.heal()
         return {"anchor": cut_at, "target": inside.identity, "side": side, "rotations": rotations,
                 "graceful_stops": stops,
@@ -544,7 +546,7 @@ class Runner:
                 yield fault
 
     def _round(self, number: int, fault: str) -> Dict[str, Any]:
-        record: Dict[str, Any] = {"round": number, "fault": fault, "t_begin": time.monotonic()}
+        record: Dict[str, Any] = {"round": number, "fault": fault, "t_begin": _now()}
         self._fill()
         leader = self._wait_leader(self._recovery_timeout())
         if leader is None:
@@ -557,13 +559,13 @@ class Runner:
         if proc is None and fault in ("sigkill", "sigstop", "groupstop", "pause-restart"):
             record.update(stalled=True, confirmed=False, details={"error": f"unknown leader {leader['identity']}"})
             return record
-        t_inject = time.monotonic()
+        t_inject = _now()
         try:
             details = self._inject(fault, leader, proc)
         except Exception as exc:  # recorded as an unconfirmed fault; the run goes on
             details = {"confirmed": False, "error": f"{type(exc).__name__}: {exc}"[:500]}
             self._say(f"round {number}: injecting {fault} failed: {details['error']}")
-        t_end = time.monotonic()
+        t_end = _now()
         expects = self.kind.expects_new_term(_as_kind_fault(fault), details)
         downtime = float(details.get("downtime") or 0.0)
         timeout = self._recovery_timeout(downtime)
@@ -595,7 +597,8 @@ class Runner:
     # ------------------------------------------------------------------------- run
 
     def _setup_netns(self) -> None:
-        if not self.kind_class.partitionable or "partition" not in (self.only_faults or kind_faults(self.kind_class)):
+        wanted = self.only_faults or kind_faults(self.kind_class)
+        if not self.kind_class.partitionable or "partition" not in wanted:
             return
         problem = netns_problem()
         if problem is None:
@@ -620,7 +623,7 @@ class Runner:
         self.events = EventTail(os.path.join(self.workdir, f"events-{number}.jsonl"))
 
     def run(self) -> Dict[str, Any]:
-        started = time.monotonic()
+        started = _now()
         self._say(f"seed {self.seed}, {self.count} contenders, lease {self.lease} s, child {self.child}, "
                   f"stop delay {self.stop_delay} s, grace {self.grace} s, workdir {self.workdir}")
         try:
@@ -637,7 +640,7 @@ class Runner:
             while True:
                 if self.rounds is not None and number >= self.rounds and not self.soak:
                     break
-                if self.seconds is not None and time.monotonic() - started >= self.seconds:
+                if self.seconds is not None and _now() - started >= self.seconds:
                     break
                 if self.soak and self.rounds is not None and number >= self.rounds:
                     break
@@ -659,7 +662,7 @@ class Runner:
                     self.kind.stop()
                 if self.netns is not None:
                     self.netns.destroy()
-        return self._result(time.monotonic() - started)
+        return self._result(_now() - started)
 
     # ------------------------------------------------------------------------- verdict
 

@@ -113,7 +113,7 @@ def _number(option: str, value: Any, *, positive: bool) -> float:
 class Crown:
     """Contend for ``name`` through ``oracle``; run ``child`` while leading.
 
-    See the contract in the docs for every option. ``max_child_restarts`` (an extension) is how
+    See :doc:`options` for every option. ``max_child_restarts`` (an extension) is how
     many times a leader's child that exits by itself is restarted in place within one term before
     the crown gives up the term (abdicates) so another node can try; None means without limit.
     ``child_backoff`` is the pause between such restarts, and after giving a term up that way

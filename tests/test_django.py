@@ -94,6 +94,7 @@ def test_import_crown_sync_imports_nothing_of_django():
     ({"NAME": "x", "JOB": "tests.django_project.jobs:journal_job"}, "JOB", "crown_sync.E006"),
     ({"NAME": "x", "START": True, "JOB": "tests.django_project.jobs:no_such_job"}, "JOB", "crown_sync.E006"),
     ({"NAME": "x", "METADATA": ["url"]}, "METADATA", "crown_sync.E007"),
+    ({"NAME": "x", "METADATA": {"url": object()}}, "METADATA", "crown_sync.E007"),
     ({"NAME": "x", "OPTIONS": {"monitor_delay": -1}}, "OPTIONS", "crown_sync.E008"),
     ({"NAME": "x", "OPTIONS": {"child": print}}, "OPTIONS", "crown_sync.E008"),
     ({"NAME": "x", "FOLLOWER": "teapot"}, "FOLLOWER", "crown_sync.E009"),

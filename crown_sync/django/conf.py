@@ -5,6 +5,7 @@ into system check errors at startup, and :func:`config` raises ImproperlyConfigu
 one where checks were skipped.
 """
 
+import json
 import threading
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
@@ -68,11 +69,11 @@ def _oracle_problem(value: Any) -> Optional[str]:
         oracle_from_url(value).close()  # parses the URL and options; connects to nothing
     except (ValueError, TypeError, ImportError) as exc:
         # The message may quote the URL: never show its password.
-        return f"{_key('ORACLE')} {redact(value)!r} is not usable: {redact_message(str(exc), value)}"
+        return f"{_key('ORACLE')} {redact(value)!r} is not usable: {_redacted(str(exc), value)}"
     return None
 
 
-def redact_message(message: str, url: Optional[str]) -> str:
+def _redacted(message: str, url: Optional[str]) -> str:
     from ..cli import _scrub
 
     return _scrub(message, url)
@@ -109,8 +110,54 @@ def _options_problem(name: str, oracle: Any, options: Any) -> Optional[str]:
     try:
         _probe(name, oracle, options)  # Crown's own validation of every option
     except (ValueError, TypeError) as exc:
-        return f"{_key('OPTIONS')}: {redact_message(str(exc), oracle)}"
+        return f"{_key('OPTIONS')}: {_redacted(str(exc), oracle)}"
     return None
+
+
+def _name_problem(raw: Dict[str, Any]) -> Optional[str]:
+    if "NAME" not in raw:
+        return f"{_key('NAME')} is required: the election name, e.g. \"scheduler\""
+    try:
+        check_name(raw["NAME"], _key("NAME"))
+    except (TypeError, ValueError) as exc:
+        return str(exc)
+    return None
+
+
+def _metadata_problem(metadata: Any) -> Optional[str]:
+    if metadata is None:
+        return None
+    if not isinstance(metadata, dict):
+        return f"{_key('METADATA')} must be a dict or None, got {type(metadata).__name__}"
+    try:
+        json.dumps(metadata)  # the oracle stores it as JSON
+    except (TypeError, ValueError) as exc:
+        return f"{_key('METADATA')} must be JSON-serialisable: {exc}"
+    return None
+
+
+def _value_problems(raw: Dict[str, Any], values: Dict[str, Any]) -> List[Tuple[str, str]]:
+    url_key = values["LEADER_URL_KEY"]
+    checks: List[Tuple[str, Callable[[], Optional[str]]]] = [
+        ("NAME", lambda: _name_problem(raw)),
+        ("ORACLE", lambda: _oracle_problem(values["ORACLE"])),
+        ("START", lambda: None if isinstance(values["START"], bool)
+         else f"{_key('START')} must be True or False, got {values['START']!r}"),
+        ("JOB", lambda: _job_problem(values["JOB"], values["START"])),
+        ("METADATA", lambda: _metadata_problem(values["METADATA"])),
+        ("FOLLOWER", lambda: None if values["FOLLOWER"] in ("503", "redirect")
+         else f"{_key('FOLLOWER')} must be '503' or 'redirect', got {values['FOLLOWER']!r}"),
+        ("RETRY_AFTER", lambda: _number_problem("RETRY_AFTER", values["RETRY_AFTER"])),
+        ("LEADER_URL_KEY", lambda: None if isinstance(url_key, str) and url_key
+         else f"{_key('LEADER_URL_KEY')} must be a non-empty str, got {url_key!r}"),
+        ("LEADER_CACHE", lambda: _number_problem("LEADER_CACHE", values["LEADER_CACHE"])),
+    ]
+    found = [(key, problem) for key, problem in ((key, check()) for key, check in checks) if problem]
+    if not any(key in ("NAME", "ORACLE") for key, _ in found):  # the probe needs both
+        problem = _options_problem(raw["NAME"], values["ORACLE"], values["OPTIONS"])
+        if problem:
+            found.append(("OPTIONS", problem))
+    return found
 
 
 def problems(raw: Any) -> Tuple[Optional[Config], List[Tuple[str, str]]]:
@@ -118,43 +165,13 @@ def problems(raw: Any) -> Tuple[Optional[Config], List[Tuple[str, str]]]:
     if not isinstance(raw, dict):
         what = "missing" if raw is None else f"a {type(raw).__name__}"
         return None, [("CROWN_SYNC", f"settings.CROWN_SYNC must be a dict with at least NAME, got {what}")]
-    found: List[Tuple[str, str]] = []
-    for key in sorted(set(raw) - set(DEFAULTS) - {"NAME"}):
-        found.append((key, f"{_key(key)} is not a crown_sync setting; the settings are NAME, {', '.join(DEFAULTS)}"))
+    found = [(key, f"{_key(key)} is not a crown_sync setting; the settings are NAME, {', '.join(DEFAULTS)}")
+             for key in sorted(set(raw) - set(DEFAULTS) - {"NAME"}, key=str)]
     values = dict(DEFAULTS, **{k: v for k, v in raw.items() if k in DEFAULTS})
-    name = None
-    if "NAME" not in raw:
-        found.append(("NAME", f"{_key('NAME')} is required: the election name, e.g. \"scheduler\""))
-    else:
-        try:
-            name = check_name(raw["NAME"], _key("NAME"))
-        except (TypeError, ValueError) as exc:
-            found.append(("NAME", str(exc)))
-    if values["FOLLOWER"] not in ("503", "redirect"):
-        found.append(("FOLLOWER", f"{_key('FOLLOWER')} must be '503' or 'redirect', got {values['FOLLOWER']!r}"))
-    if not isinstance(values["START"], bool):
-        found.append(("START", f"{_key('START')} must be True or False, got {values['START']!r}"))
-    if values["METADATA"] is not None and not isinstance(values["METADATA"], dict):
-        found.append(("METADATA", f"{_key('METADATA')} must be a dict or None, got {type(values['METADATA']).__name__}"))
-    if not isinstance(values["LEADER_URL_KEY"], str) or not values["LEADER_URL_KEY"]:
-        found.append(("LEADER_URL_KEY", f"{_key('LEADER_URL_KEY')} must be a non-empty str, got {values['LEADER_URL_KEY']!r}"))
-    checks: List[Tuple[str, Callable[[], Optional[str]]]] = [
-        ("RETRY_AFTER", lambda: _number_problem("RETRY_AFTER", values["RETRY_AFTER"])),
-        ("LEADER_CACHE", lambda: _number_problem("LEADER_CACHE", values["LEADER_CACHE"])),
-        ("ORACLE", lambda: _oracle_problem(values["ORACLE"])),
-        ("JOB", lambda: _job_problem(values["JOB"], values["START"])),
-    ]
-    for key, check in checks:
-        problem = check()
-        if problem:
-            found.append((key, problem))
-    if name is not None and not any(key == "ORACLE" for key, _ in found):
-        problem = _options_problem(name, values["ORACLE"], values["OPTIONS"])
-        if problem:
-            found.append(("OPTIONS", problem))
+    found += _value_problems(raw, values)
     if found:
         return None, found
-    return Config(name, values["ORACLE"], values["START"], values["JOB"], values["METADATA"],
+    return Config(raw["NAME"], values["ORACLE"], values["START"], values["JOB"], values["METADATA"],
                   dict(values["OPTIONS"] or {}), values["FOLLOWER"], float(values["RETRY_AFTER"]),
                   values["LEADER_URL_KEY"], float(values["LEADER_CACHE"])), []
 

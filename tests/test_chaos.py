@@ -32,7 +32,7 @@ import warnings
 
 import pytest
 
-from crown_sync_chaos.kinds import KINDS as ALL_KINDS
+from crown_sync_chaos.kinds import KINDS as ALL_KINDS, Kind
 from crown_sync_chaos.netns import netns_problem
 from crown_sync_chaos.runner import ROOT, Runner, kind_faults
 
@@ -138,6 +138,23 @@ def test_a_whole_group_sigstop_with_each_child_kind_leaves_no_overlap(child, tmp
     result, context = _run(kind, tmp_path, ["groupstop"], 1, child=child, stop_delay=STOP_DELAY, grace=GRACE)
     assert [r["child"] for r in result["records"]] == [child], context
     _terms_changed(result, context)
+
+
+@pytest.mark.parametrize("options, words", [
+    ({"stop_delay": -1}, ["stop_delay"]),
+    ({"stop_delay": "1"}, ["stop_delay"]),
+    ({"grace": 0}, ["grace"]),
+    ({"faults": ["revoke"]}, ["revoke", "groupstop"]),  # a kind that lists no revocation
+    ({"faults": ["pause-restart"]}, ["pause-restart"]),  # nor a server to restart
+])
+def test_bad_runner_options_are_value_errors_naming_them(options, words):
+    class Bare(Kind):  # the base class's faults only (nothing is started: construction fails)
+        name = "bare"
+
+    with pytest.raises(ValueError) as info:
+        Runner(Bare, rounds=1, **options)
+    for word in words:
+        assert word in str(info.value)
 
 
 @pytest.mark.timeout(180)

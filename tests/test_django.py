@@ -201,6 +201,7 @@ def test_status_view_says_who_leads_and_never_shows_secrets(tmp_path):
         assert response.status_code == 503
         body = response.json()
         assert body["leader"] is None and "error" in body and secret not in response.content.decode()
+        assert "127.0.0.1" not in response.content.decode()  # the error's type only: its text names hosts
 
 
 # ------------------------------------------------------------------------- the own crown

@@ -65,8 +65,9 @@ Safety argument:
   server at its session's expiry (its deadlines have passed: above), or an administrator
   (``delete`` in zkCli) under a live leader whose child runs on. The guard tells them apart. The
   round-trip-free takeover happens only if the leader's guard was seen deleted before its node
-  (the next in line watches the leader's guard too; an owner deletes its guard, then its node,
-  in one pipeline, and a client sees watch events in zxid order); otherwise the claim lists the
+  (the next in line watches the leader's guard too; an owner deletes its guard and its node in
+  one transaction, the guard first, and a client sees the watch events of a ``multi`` in the
+  order of its operations, checked on the real server); otherwise the claim lists the
   election. A contender first in the queue starts only if the listing shows no orphan guard.
   Else it holds back: it watches each orphan guard and claims again when one goes (its owner saw
   its node deleted, which ended its term, stopped its child, then dropped the guard; or its
@@ -836,21 +837,34 @@ class ZooKeeperContender(Contender):
             separators=(",", ":"),
         ).encode("utf-8")
 
-    def _drop_guard(self, client: Optional[KazooClient]) -> None:
-        """Delete our guard: no child of ours runs any more. Sent under our mutex, so that a
-        claim's _win either sees the guard dropped or we see it leading (and keep the guard)."""
+    def _drop_guard(self, client: Optional[KazooClient], node_path: Optional[str] = None):
+        """Delete our guard: no child of ours runs any more. With ``node_path``, that node too, in
+        one transaction, the guard first: a watcher sees the two deletions in that order (a
+        release: _fast_win), for one write. Sent under our mutex, so that a claim's _win either
+        sees the guard dropped or we see it leading (then the guard stays and only the node
+        goes). Returns the request's AsyncResult (a list of results for a transaction), or None."""
         if client is None:
-            return
+            return None
         with self._mutex:
-            if self._leading or self._forked:
-                return
-            self._guard_held = None
-            self._guard_gen += 1
-            self._guard_pending = None
+            if self._forked:
+                return None
+            keep = self._leading
+            if not keep:
+                self._guard_held = None
+                self._guard_gen += 1
+                self._guard_pending = None
             try:
-                client.delete_async(self._path(self._guard))  # NoNode is fine: nothing to wait for
+                if keep:
+                    return client.delete_async(node_path) if node_path is not None else None
+                if node_path is None:
+                    return client.delete_async(self._path(self._guard))  # NoNode is fine
+                transaction = client.transaction()
+                transaction.delete(self._path(self._guard))
+                transaction.delete(node_path)
+                return transaction.commit_async()
             except Exception as exc:  # a closed client: the guard went with the session
                 logger.debug("could not delete our guard in %s: %s", self._election, type(exc).__name__)
+                return None
 
     def _guard_created(self, result, session: int, gen: int) -> None:
         """kazoo's thread: the guard create sent with our node came back."""
@@ -1531,9 +1545,19 @@ class ZooKeeperContender(Contender):
             return False
         with self._mutex:
             self._releasing = node
-        self._drop_guard(client)  # first: the successor sees it gone before the node (_fast_win)
+        path = self._path(node)
+        timeout = min(CLOSE_TIMEOUT, self._oracle._op_timeout())
         try:
-            client.delete_async(self._path(node)).get(min(CLOSE_TIMEOUT, self._oracle._op_timeout()))
+            request = self._drop_guard(client, path) or client.delete_async(path)
+            outcome = request.get(timeout)
+            if isinstance(outcome, list) and isinstance(outcome[0], NoNodeError):
+                client.delete_async(path).get(timeout)  # our guard was gone already: the node alone
+            elif isinstance(outcome, list) and isinstance(outcome[1], NoNodeError):
+                # The node was deleted by someone else (a revocation): the guard alone, which
+                # tells the waiting successor that our child has stopped.
+                client.delete_async(self._path(self._guard)).get(timeout)
+            elif isinstance(outcome, list) and any(isinstance(r, Exception) for r in outcome):
+                raise next(r for r in outcome if isinstance(r, Exception))
         except NoNodeError:
             return True
         except Exception as exc:  # bounded best effort: the session's end removes it anyway

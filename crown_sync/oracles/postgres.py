@@ -36,25 +36,63 @@ session holds ``pg_advisory_lock(key)``.
 Takeover
 --------
 A session can end under a leader that is still running: ``pg_terminate_backend``, a connection
-killer. The server then frees the lock before that leader's child has stopped. The server does
-send the leader a FATAL message *before* it frees the lock, and the leader's socket watcher turns
-it into ``on_change(lost=True)`` within milliseconds, but a follower woken by the same event
-could be faster. So a follower granted the lock reads the channel's notifications up to its own
-``claimed:<token>``. Its predecessor is the last claim it saw before its own (or, if it saw none,
-whoever held the lock when its wait began). If that term was followed by its ``released:``, the
-handover was graceful (the old child already stopped) and it leads at once. Otherwise it asks
-the server how the predecessor's session ended: a backend releases its locks, then counts its
-disconnect in ``pg_stat_database`` (``sessions_killed`` for a termination, ``sessions_abandoned``
-for a vanished client such as a SIGKILLed leader, ``sessions_fatal`` for
-``idle_session_timeout``), and only then leaves ``pg_stat_activity``. The wait statement read
-``sessions_killed`` before queueing; once the predecessor's pid has left pg_stat_activity, an
-unchanged count proves it was not terminated, and the follower leads at once (a crashed leader's
-thread children died with it, process children watch their deadline, and a paused or cut-off
-leader is past its deadline before the server ends its session). In every other case (a
-termination anywhere in the database meanwhile, a statistics reset, ``track_counts = off``, an
-unknown predecessor) it waits ``takeover_delay`` (default 50 ms) first. That is an assumption
-about how fast a told leader stops its child, not a guarantee; the fencing token is the
-guarantee.
+killer. The server then frees the lock before that leader's child has stopped (a daemon may need
+seconds to honour SIGTERM), or while the leader's process is paused and hears nothing at all. So
+a follower granted the lock leads at once only with proof that the previous term's child can no
+longer run:
+
+* **released**: it reads the channel's notifications up to its own ``claimed:<token>``. Its
+  predecessor is the last claim it saw before its own (or, if it saw none, whoever held the lock
+  when its wait began). If that term's ``released:`` followed, the old child had stopped.
+* **ended, not by a termination**: a backend releases its locks, then counts its disconnect in
+  ``pg_stat_database`` (``sessions_killed`` for a termination, ``sessions_abandoned`` for a
+  vanished client such as a SIGKILLed leader, ``sessions_fatal`` for ``idle_session_timeout``),
+  and only then leaves ``pg_stat_activity``. The wait statement read ``sessions_killed`` before
+  queueing; once the predecessor's pid has left pg_stat_activity, an unchanged count proves it
+  was not terminated: its process died (thread children with it; process children by their
+  parent-death signal or their deadline), or the server ended it for silence, which happens
+  only after its deadline (see the lease arithmetic). This needs a predecessor that *led*
+  (announced ``leading:<token>``, or whose last statement carried a leader record): a session
+  that held the lock while waiting out its own predecessor's lease (below) proves nothing about
+  that predecessor's child by ending.
+
+Otherwise (a termination anywhere in the database meanwhile, a statistics reset, ``track_counts =
+off``, an unknown predecessor or one that never led, no proof within ``_PROOF_WAIT``) the
+follower holds the lock **without leading until the predecessor's deadline has certainly
+passed**. The bound: the predecessor's deadline is at most ``B - margin`` after the start ``t0``
+of its last confirming statement (see the lease arithmetic); that statement reached the server
+before the session was terminated, the termination freed the lock, and the lock was granted to
+us before our wait statement returned, so before the monotonic instant ``g`` we read next. So the
+deadline has passed by ``g + B - margin`` on the predecessor's clock, and we wait until ``g + B``
+(the margin absorbs the two clients' clock rates). This assumes every contender of an election
+has the same lease. Meanwhile the follower confirms its session every ``confirm_interval`` (the
+server ends a session idle for ``lease``; a confirmation also finds out if our own session was
+ended), ``claim()`` answers "lost", and a stop or close ends the wait at once (closing the
+session frees the lock; the next follower, seeing a session that never led, waits again). The
+debt is remembered: if the session ends during the wait, the next claim, on a new session, waits
+out the rest. A dismissal names a leader, and a follower waiting out a lease is not one yet.
+
+Cost: a new term starts about ``lease`` after a termination (10 s with the defaults) instead of
+at once; a graceful handoff and a crash failover (SIGKILL, a dead host) cost nothing more.
+``takeover_delay`` set to a number opts out of the guarantee: the follower waits that long and no
+longer (0: it does not look for proof either), an assumption about how fast a told leader stops
+its child; the fencing token is then the only protection.
+
+Restarts, crashes and failovers
+-------------------------------
+A server restart, a crash (a crashed backend makes the postmaster end every session and
+reinitialise) or a failover ends every session, and the new incarnation knows nothing of the old
+one's locks. A leader whose process is paused meanwhile keeps its child until its deadline, up to
+``B - margin`` after its last statement, which the old incarnation served. So a claim (or a
+waiter's grant) in an incarnation younger than ``B`` wins the lock but does not lead until ``B``
+after the incarnation began: it holds the lock without leading, as above, in a thread (the claim
+answers "lost" meanwhile). The claim statement itself reads the incarnation's age by the server's
+clock (``_INCARNATION_AGE``: since the postmaster's start, or since crash recovery discarded the
+statistics), no extra round trip, and only when our own session is younger than ``B`` (an older
+session proves an older incarnation). The old leader's last statement began before the
+incarnation did, and the age was read before the result reached us, so ``B - age`` after that
+result the old deadline has passed. On a freshly started server, too, the first leader waits
+until the server is ``lease`` old.
 
 Once leading, the waiter thread tells the engine with the term ready (its deadline counted from
 the start of the wait statement, which proved the session: see below) and stays on as the
@@ -83,8 +121,8 @@ after ``t0``. So the server cannot give the lock to anyone before ``t0 + B``, an
 deadline is ``t0 + B - margin`` (``margin`` absorbs clock-rate differences between the two
 hosts). A follower's lock wait that returned is such a statement too: its term's first deadline
 counts from the start of the wait (unless less than ``confirm_interval`` of it is left, when it
-confirms first; it also confirms first after waiting ``takeover_delay`` or with unread bytes on
-the socket, since the wait proves nothing against a termination that came after it). The
+confirms first; it also confirms first after waiting out a predecessor's lease or with unread
+bytes on the socket, since the wait proves nothing against a termination that came after it). The
 construction checks ``confirm_interval <= (lease - margin) / 2`` so that one failed
 confirmation can be retried before the deadline, and connecting checks ``B >= lease``.
 
@@ -156,13 +194,13 @@ Refused, with a clear error
   ``lease``;
 * PostgreSQL older than 14 (no ``idle_session_timeout``).
 
-NOT guaranteed: a child that keeps acting longer than ``takeover_delay`` after its leader's
-session was terminated under it (``pg_terminate_backend``); without the socket
-watcher's help (TLS hides the message type, so the leader only refreshes early) add a round
-trip. A follower that claims with ``pg_try_advisory_lock`` (not woken by the server) right after
-such a kill gets no delay at all. Pass the fencing token to the resource you protect. Failover to a replica that
-had not received the latest WAL. Key collisions with other applications' advisory locks in the
-same database (see :func:`advisory_key`).
+NOT guaranteed: a crown that wins with ``pg_try_advisory_lock`` (it was not queued when its
+predecessor's session was terminated: it started, reconnected, or polls with
+``monitor_leader=False``) cannot know of a termination before it connected, and leads at once
+(its own debt survives its reconnects); a follower whose lease differs from its predecessor's;
+an explicit ``takeover_delay``. Pass the fencing token to the resource you protect. Failover to a
+replica that had not received the latest WAL (tokens). Key collisions with other applications'
+advisory locks in the same database (see :func:`advisory_key`).
 
 Fork: a forked child gets copies of the connections' sockets. In the child we ``dup2``
 ``/dev/null`` over them, so nothing sent later (psycopg's goodbye on garbage collection) reaches

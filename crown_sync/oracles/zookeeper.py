@@ -71,15 +71,16 @@ Safety argument:
   election. A contender first in the queue starts only if the listing shows no orphan guard.
   Else it holds back: it watches each orphan guard and claims again when one goes (its owner saw
   its node deleted, which ended its term, stopped its child, then dropped the guard; or its
-  session expired) or when ``0.75 T' - 50 ms`` (``lease_for(T')``) has passed since the END of
-  the first listing that showed the orphan, ``T'`` being the session timeout in the guard's
-  record (the owner's requested one: its leases use the negotiated one when lower, never more).
+  session expired) or when ``0.75 T'`` (``lease_for(T')`` plus its 50 ms margin, for the child's
+  kill to land) has passed since the END of the first listing that showed the orphan, ``T'``
+  being the session timeout in the guard's record (the owner's requested one: its leases use
+  the negotiated one when lower, never more).
   Every confirmation of the revoked term was answered while its node existed, so it started
   before the deletion, which the listing's end follows: by then the term's deadline has passed.
   Costs: a release and a crash failover are as fast as before (a session's expiry deletes node
   and guard in one transaction; if the node's event comes first the takeover costs one listing);
   a revocation costs the time the revoked leader's child takes to stop (never past its
-  deadline), or, if its process is paused, the earlier of ``lease_for(T')`` and the expiry of
+  deadline), or, if its process is paused, the earlier of ``0.75 T'`` and the expiry of
   its session.
 * Dismissal never hands the crown over by itself: the successor still waits for the leader's
   node to go, which the leader does after its child stopped (or its session expires). The request
@@ -927,7 +928,9 @@ class ZooKeeperContender(Contender):
             except NoNodeError:
                 continue  # gone since: released after its child stopped, or its session expired
             record = _parse_record(data)
-            lease = self._oracle.lease_for(_session_timeout_of(record, self._oracle.session_timeout))
+            # Its terms last lease_for(T') = 0.75 T' - 50 ms after a confirmation that started before
+            # the deletion; we wait 0.75 T', those 50 ms being for its child's kill to land.
+            lease = LEASE_FRACTION * _session_timeout_of(record, self._oracle.session_timeout)
             key = (guard, stat.czxid)
             holds[key] = self._holds.get(key, listed_at + lease)  # from the FIRST listing showing it
             leader = leader or Leader(str(record.get("identity", "")), {}, None, None)

@@ -68,6 +68,11 @@ class Fleet:
     def wait_for_leader(self, other_than=None):
         return wait_until(lambda: (lambda who: who if who and who != other_than else None)(self.leader()))
 
+    def wait_for_work(self, identity):
+        """Until ``identity``'s child has journaled (a child takes a moment to start on a busy host)."""
+        wait_until(lambda: os.path.exists(self.journal)
+                   and any(event["id"] == identity for event in journal.read(self.journal)))
+
     def stop_all(self):
         for process in self.processes.values():
             if process.poll() is None:
@@ -84,12 +89,13 @@ def test_leadership_moves_through_sigkill_and_sigterm_with_no_overlap(url, tmp_p
         killed = []
         for round_number, signum in enumerate([signal.SIGKILL, signal.SIGTERM, signal.SIGKILL]):
             leader = fleet.wait_for_leader(other_than=killed[-1] if killed else None)
+            fleet.wait_for_work(leader)
             time.sleep(0.1)  # let the leader's child journal some beats
             fleet.processes[leader].send_signal(signum)
             fleet.processes[leader].wait(30)
             killed.append(leader)
             fleet.spawn(f"c{3 + round_number}")  # keep three contenders
-        fleet.wait_for_leader(other_than=killed[-1])
+        fleet.wait_for_work(fleet.wait_for_leader(other_than=killed[-1]))
         time.sleep(0.1)
     finally:
         fleet.stop_all()
@@ -109,12 +115,13 @@ def test_process_children_with_sigkilled_leaders_never_overlap(url, tmp_path):
         previous = None
         for round_number in range(3):
             leader = fleet.wait_for_leader(other_than=previous)
+            fleet.wait_for_work(leader)
             time.sleep(0.15)
             fleet.processes[leader].kill()
             fleet.processes[leader].wait(30)
             previous = leader
             fleet.spawn(f"p{3 + round_number}")
-        fleet.wait_for_leader(other_than=previous)
+        fleet.wait_for_work(fleet.wait_for_leader(other_than=previous))
         time.sleep(0.15)
     finally:
         fleet.stop_all()
@@ -381,7 +388,7 @@ def test_a_deleted_or_replaced_lock_file_never_yields_a_second_leader(url, oracl
     claimant = None
     try:
         assert fleet.wait_for_leader() == "old"
-        wait_until(lambda: os.path.exists(fleet.journal) and journal.read(fleet.journal))  # it works
+        fleet.wait_for_work("old")
         fleet.spawn("waiting")  # blocked on the old file: it must not lead on it once unlinked
         lock = oracle_dir / f"{NAME}.lock"
         blocked = f":{lock.stat().st_ino} "
@@ -470,7 +477,7 @@ def test_a_claimant_in_another_pid_namespace_never_takes_over_a_deleted_lock_fil
     fleet.spawn("host")
     try:
         assert fleet.wait_for_leader() == "host"
-        wait_until(lambda: os.path.exists(fleet.journal) and journal.read(fleet.journal))
+        fleet.wait_for_work("host")
         (oracle_dir / f"{NAME}.lock").unlink()
         fleet.spawn("contained", prefix=contained)
         time.sleep(2.0)  # it claims the new file again and again, and must refuse each time

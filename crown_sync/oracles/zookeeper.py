@@ -1254,34 +1254,13 @@ class ZooKeeperContender(Contender):
                 self._delete_own(client, node, timeout)
                 continue
             if verify:
-                # After a reconnect: is the node still there, still our session's, not dismissed?
-                try:
-                    data, stat = client.get_async(self._path(node), watch=self._own_watch(node, epoch)).get(timeout)
-                except NoNodeError:
-                    stat = None
-                with self._mutex:
-                    if stat is None or stat.ephemeralOwner != session:
-                        node = self._node = None
-                    else:
-                        self._verified_epoch = epoch
-                        self._node_version = stat.version
-                if stat is not None and node is not None and _is_dismissed(_parse_record(data), stat):
-                    with self._mutex:
-                        self._dismissed = node
+                node = self._verify(client, node, session, epoch, timeout)
+                if node is not None and self._dismissed == node:
                     continue
             if node is None and not self._pending_create:
                 node = self._create(client, session, epoch, timeout)
                 prefetch = None  # asked before our node existed
-            children = None
-            if prefetch is not None and node is not None and prefetch[0] == epoch and _monotonic() - prefetch[1] < 1.0:
-                try:
-                    children, _parent = prefetch[2].get(timeout)
-                    t0 = prefetch[1]
-                except Exception:
-                    children = None  # ask afresh
-            if children is None:
-                t0 = _monotonic()
-                children = client.get_children_async(self._election).get(timeout)
+            children, t0 = self._list(client, prefetch if node is not None else None, epoch, timeout)
             listed_at = _monotonic()  # after the server applied anything this listing shows
             oracle._confirm(t0, epoch)
             queue = sorted((c for c in children if _NODE.match(c)), key=_sequence)
@@ -1320,6 +1299,36 @@ class ZooKeeperContender(Contender):
             leader = oracle._read_leader(client, self._election, queue[0])
             return Claim(won=False, leader=leader)
         raise ZooKeeperUnavailable(f"our node in {self._election} kept changing during the claim")
+
+    def _verify(self, client: KazooClient, node: str, session: int, epoch: int, timeout: float) -> Optional[str]:
+        """After a reconnect: is our node still there, still our session's, not dismissed (then
+        marked so)? Returns it, or None if it is gone."""
+        try:
+            data, stat = client.get_async(self._path(node), watch=self._own_watch(node, epoch)).get(timeout)
+        except NoNodeError:
+            stat = None
+        with self._mutex:
+            if stat is None or stat.ephemeralOwner != session:
+                self._node = None
+                return None
+            self._verified_epoch = epoch
+            self._node_version = stat.version
+        if _is_dismissed(_parse_record(data), stat):
+            with self._mutex:
+                self._dismissed = node
+        return node
+
+    def _list(self, client: KazooClient, prefetch, epoch: int, timeout: float) -> Tuple[List[str], float]:
+        """The election's children and the start of the request that read them: a fresh
+        prefetched answer (asked by a watch when woken) if there is one, else asked now."""
+        if prefetch is not None and prefetch[0] == epoch and _monotonic() - prefetch[1] < 1.0:
+            try:
+                children, _parent = prefetch[2].get(timeout)
+                return children, prefetch[1]
+            except Exception:
+                pass  # ask afresh
+        t0 = _monotonic()
+        return client.get_children_async(self._election).get(timeout), t0
 
     def _create(self, client: KazooClient, session: int, epoch: int, timeout: float) -> str:
         with self._mutex:

@@ -87,8 +87,8 @@ one's locks. A leader whose process is paused meanwhile keeps its child until it
 waiter's grant) in an incarnation younger than ``B`` wins the lock but does not lead until ``B``
 after the incarnation began: it holds the lock without leading, as above, in a thread (the claim
 answers "lost" meanwhile). The claim statement itself reads the incarnation's age by the server's
-clock (``_INCARNATION_AGE``: since the postmaster's start, or since crash recovery discarded the
-statistics), no extra round trip, and only when our own session is younger than ``B`` (an older
+clock (``_INCARNATION_AGE``: since the postmaster's start, since crash recovery discarded the
+statistics, or since a promotion, conservatively), no extra round trip, and only when our own session is younger than ``B`` (an older
 session proves an older incarnation). The old leader's last statement began before the
 incarnation did, and the age was read before the result reached us, so ``B - age`` after that
 result the old deadline has passed. On a freshly started server, too, the first leader waits
@@ -143,15 +143,21 @@ tries once more at once, instead of failing.
 
 Tokens
 ------
-``pg_current_xact_id()`` (a 64-bit, epoch-extended transaction id) rises monotonically and
-survives restarts, but only for transaction ids the server remembers: an xid whose commit record
-was never flushed can be handed out again after a crash. A read-only transaction's commit is not
-flushed, so the claim statement also writes a tiny transactional logical message (prefix
+The token is ``timeline << 48 | (xid & (2**48 - 1))``: the server's timeline (from the current WAL
+file's name: 1, and one more after every promotion) above the low 48 bits of
+``pg_current_xact_id()`` (a 64-bit, epoch-extended transaction id). Transaction ids rise
+monotonically and survive restarts, but only those the server remembers: an xid whose commit
+record was never flushed can be handed out again after a crash. A read-only transaction's commit
+is not flushed, so the claim statement also writes a tiny transactional logical message (prefix
 ``crown_sync``, no table, no DDL; visible only to logical decoding consumers) which makes the
 commit a flushed, synchronous one (``synchronous_commit = on`` is set for the session). The
-token is taken after the lock is granted, so a later term's token is a later xid. Across a
-failover to a replica, tokens rise only if the replica had received that WAL (synchronous
-replication); otherwise they may not.
+token is taken after the lock is granted, so a later term's token is a later xid. A promoted
+asynchronous standby that had not received the last WAL hands out xids its old primary already
+used, but on a higher timeline, so its tokens are higher still. Bounds: 2**48 xids last 9 years
+at a million transactions per second (89 at 100,000/s) from the cluster's creation; timelines
+stay below 2**15, so the token a positive bigint, for 32,767 promotions. Tokens taken before this
+format (bare xids, below 2**48) are lower than every new one. Assumed: the old primary accepts
+no more transactions once the standby is promoted (fence it).
 
 Leader record without DDL
 -------------------------
@@ -199,7 +205,7 @@ predecessor's session was terminated: it started, reconnected, or polls with
 ``monitor_leader=False``) cannot know of a termination before it connected, and leads at once
 (its own debt survives its reconnects); a follower whose lease differs from its predecessor's;
 an explicit ``takeover_delay``. Pass the fencing token to the resource you protect. Failover to a
-replica that had not received the latest WAL (tokens). Key collisions with other applications'
+old primary that still accepts statements after its standby was promoted (split brain). Key collisions with other applications'
 advisory locks in the same database (see :func:`advisory_key`).
 
 Fork: a forked child gets copies of the connections' sockets. In the child we ``dup2``
@@ -343,25 +349,42 @@ _KEY_LOCK = (
 )
 _HOLDER = _KEY_LOCK + " AND l.granted"
 
+# The server's current timeline (the first 8 hex digits of the current WAL file's name): 1 on a
+# server never promoted, one more after every promotion. pg_control_checkpoint() lags behind it
+# until the first checkpoint after a promotion.
+_TIMELINE = "('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::bigint"
+
+# The fencing token: the timeline above the low 48 bits of the 64-bit transaction id. Transaction
+# ids rise within a timeline; a promoted standby that had not received the latest WAL hands out
+# ids its old primary already used, but on a higher timeline. 2**48 transaction ids last 9 years
+# at a million per second, and timelines stay below 2**15 (so the token stays a positive bigint)
+# for 32767 promotions; see the module docstring.
+_TOKEN = "((" + _TIMELINE + " << 48) | (pg_current_xact_id()::text::bigint & 281474976710655))"
+
 # A server restart, crash or failover is a lease boundary: a leader of the previous incarnation
 # (paused, its child running on) may keep its child until its deadline, up to a lease after its
-# last statement, which the old incarnation served. How long ago did this incarnation begin, by
-# the server's clock? At the latest when the postmaster started (a restart) or, after a backend
-# crash (the postmaster reinitialises without restarting; every session ends), when the
-# statistics were discarded in crash recovery, which sets pg_stat_bgwriter.stats_reset (only
-# pg_stat_reset_shared() moves it otherwise: a later time only makes us wait longer). Read only
-# by a session younger than a lease (%(young)s): an older one proves the incarnation is older.
+# last statement, which the old incarnation (or the old primary) served. How long ago did this
+# incarnation begin, by the server's clock? At the latest: when the postmaster started (a
+# restart); after a backend crash (the postmaster reinitialises without restarting; every session
+# ends), when crash recovery discarded the statistics, which sets pg_stat_bgwriter.stats_reset
+# (pg_stat_reset_shared() moves it too: a later time only makes us wait longer); after a
+# promotion, now if no checkpoint has completed on the new timeline yet, else when the last one
+# began (on a server that was ever promoted, any later checkpoint makes us wait: conservative).
+# Read only by a session younger than a lease (%(young)s): an older one proves the incarnation is.
 _INCARNATION_AGE = (
     "extract(epoch FROM clock_timestamp() - greatest(pg_postmaster_start_time(),"
-    " (SELECT w.stats_reset FROM pg_stat_bgwriter w)))::float8"
+    " (SELECT w.stats_reset FROM pg_stat_bgwriter w),"
+    " (SELECT CASE WHEN c.timeline_id <> " + _TIMELINE + " THEN clock_timestamp()"
+    " WHEN c.timeline_id > 1 THEN c.checkpoint_time + interval '1 second' END"
+    " FROM pg_control_checkpoint() c)))::float8"
 )
 
 # The subquery with OFFSET 0 is evaluated (lock taken) before the outer target list (token).
 _TRY_SQL = (
     "SELECT s.locked,"
-    " CASE WHEN s.locked THEN pg_current_xact_id()::text END,"
+    " CASE WHEN s.locked THEN " + _TOKEN + "::text END,"
     " CASE WHEN s.locked THEN pg_logical_emit_message(true, 'crown_sync', %(msg)s)::text"
-    " || pg_notify(%(channel)s, 'claimed:' || pg_current_xact_id()::text)::text END,"
+    " || pg_notify(%(channel)s, 'claimed:' || " + _TOKEN + "::text)::text END,"
     " extract(epoch FROM clock_timestamp())::float8, pg_backend_pid(),"
     " current_setting('" + _MARKER + "', true), pg_is_in_recovery(), h.pid, h.query,"
     " CASE WHEN s.locked AND %(young)s THEN " + _INCARNATION_AGE + " END"
@@ -381,9 +404,9 @@ _DATABASE_OID = "(SELECT oid FROM pg_database WHERE datname = current_database()
 # depends on that read (``+ 0 * ...``), so it cannot be taken first. The target list, evaluated
 # after the grant, reads the incarnation's age (see _INCARNATION_AGE).
 _WAIT_SQL = (
-    "SELECT pg_current_xact_id()::text,"
+    "SELECT " + _TOKEN + "::text,"
     " pg_logical_emit_message(true, 'crown_sync', %(msg)s)::text"
-    " || pg_notify(%(channel)s, 'claimed:' || pg_current_xact_id()::text)::text,"
+    " || pg_notify(%(channel)s, 'claimed:' || " + _TOKEN + "::text)::text,"
     " extract(epoch FROM clock_timestamp())::float8, pg_backend_pid(),"
     " current_setting('" + _MARKER + "', true), pg_is_in_recovery(), b.holder, b.killed, b.query,"
     " CASE WHEN %(young)s THEN " + _INCARNATION_AGE + " END"
@@ -891,7 +914,8 @@ class PostgresContender(Contender):
                 " set_config('statement_timeout', '0', false),"
                 " set_config('idle_in_transaction_session_timeout', '0', false),"
                 " set_config('synchronous_commit', 'on', false),"
-                " set_config('default_transaction_read_only', 'off', false)",
+                " set_config('default_transaction_read_only', 'off', false),"
+                " has_function_privilege('pg_control_checkpoint()', 'EXECUTE')",
                 {
                     "m": _MARKER, "marker": marker, "lease": lease_ms, "idle": str(idle),
                     "interval": str(interval), "count": str(count),
@@ -899,6 +923,12 @@ class PostgresContender(Contender):
                 },
             ).fetchone()
             pid, in_recovery = row[0], row[1]
+            if not row[-1]:  # a claim reads the server's age with it (_INCARNATION_AGE)
+                raise PostgresOracleError(
+                    f"{oracle.description}: this role may not execute pg_control_checkpoint()"
+                    f" (allowed to every role by default), which tells when a promoted server"
+                    f" took over; GRANT EXECUTE ON FUNCTION pg_control_checkpoint() TO it"
+                )
             if in_recovery:
                 raise StandbyRefused(
                     f"{oracle.description} is a standby (in recovery): it grants advisory locks"

@@ -45,7 +45,7 @@ SECRET = "s3cret-Pa55"
 FAST = "lease=2&wait_timeout=1"
 # A claim on a server younger than its lease waits out the rest of the lease (a leader of the
 # previous incarnation may still run its child): tests that claim directly wait this long first.
-SETTLED = 4.0
+SETTLED = 3.0  # the longest lease of a test that claims directly
 
 
 @pytest.fixture(scope="module")
@@ -809,6 +809,55 @@ def test_standby_is_refused(pg, name):
         oracle.close()
     finally:
         standby.cleanup()
+
+
+def test_failover_to_a_standby_that_missed_wal_keeps_tokens_rising(name, tmp_path):
+    """An asynchronous standby stops receiving WAL (primary_conninfo cleared), the primary runs
+    transactions and a new term, whose crown process is then paused (its command runs on), the
+    primary crashes and the standby, running all along, is promoted. Its transaction ids continue
+    from an older point, but the token carries the timeline in its high bits, so the term on the
+    promoted server has the highest token; and the promotion is a lease boundary, so that term's
+    child waits until the paused leader's command has reached its deadline. The journal: no
+    overlap, rising tokens. (With the bare transaction id as the token, the third term's token
+    was lower than the second's.)"""
+    primary = PostgresServer(fsync=False)
+    standby = fleet = None
+    try:
+        primary.start()
+        standby = primary.create_standby()
+        standby.start()
+        url = (f"postgresql://postgres@127.0.0.1:{primary.port},127.0.0.1:{standby.port}/postgres"
+               f"?target_session_attrs=read-write&lease=4&wait_timeout=1")
+        fleet = Fleet(url, tmp_path, name, child="command")
+        for i in range(3):
+            fleet.spawn(f"f{i}")
+        first = fleet.wait_for_term(timeout=60)
+        standby.sql("ALTER SYSTEM SET primary_conninfo = ''")
+        standby.sql("SELECT pg_reload_conf()")
+        wait_until(lambda: standby.sql("SELECT count(*) FROM pg_stat_wal_receiver") == [(0,)],
+                   message="the standby stopped receiving WAL")
+        for _ in range(20):  # transactions the standby never receives
+            primary.sql("SELECT pg_current_xact_id()")
+        fleet.signal(first.identity, signal.SIGTERM)
+        second = fleet.wait_for_term(other_than={first.identity})
+        fleet.signal(second.identity, signal.SIGSTOP)
+        try:
+            primary.stop(mode="immediate")
+            failed_at = time.monotonic()
+            assert standby.sql("SELECT pg_promote(true, 60)") == [(True,)]
+            third = fleet.wait_for_term(other_than={first.identity, second.identity}, after=failed_at,
+                                        timeout=60)
+        finally:
+            fleet.signal(second.identity, signal.SIGCONT)
+        time.sleep(0.2)
+    finally:
+        if fleet is not None:
+            fleet.stop_all()
+        for server in (standby, primary):
+            if server is not None:
+                server.cleanup()
+    report = journal_ok(fleet.journal, name, 3)
+    assert first.token < second.token < third.token, report.summary()
 
 
 def test_transaction_pooling_is_refused(pg, name):

@@ -103,10 +103,13 @@ What is NOT guaranteed:
   member at that member's next ping: both make an expiry later, not earlier. But a member cut off
   from the quorum keeps answering our reads for up to ``syncLimit x tickTime`` before it notices
   and drops our connection; a refresh it answers never reaches the ZooKeeper leader, whose expiry
-  counts from the last request it heard of, at least about ``0.54 T`` after the cut. With the
-  condition, the dropped connection (SUSPENDED) ends a running leader's term well before that. A
-  leader process paused at that same moment relies on its deadline, which such a refresh may have
-  carried past the expiry: not guaranteed (the fencing token is the defence).
+  counts from the last request it heard of (we send one at least every ``T / 3``, and the member
+  passes it on within ``tickTime / 2``), so it may expire the session ``2/3 T - tickTime / 2``
+  after the cut, at least about ``0.54 T`` with the condition. With the condition, the dropped
+  connection (SUSPENDED) ends a running leader's term by ``T / 4`` after the cut, so its child has
+  about ``0.29 T`` to honour SIGTERM; a child slower than that (its grace is bounded only by the
+  term's deadline, which such a refresh may have carried past the expiry), or a leader process
+  paused at that same moment, is not covered (the fencing token is the defence).
 * Clock rates: the deadline is local time (:func:`crown_sync.clock.monotonic`, which counts a
   host suspend) against the server's idea of ``T``.
 * Tokens rise only while the ensemble keeps its data (a wiped data directory restarts zxids).

@@ -271,9 +271,10 @@ def _ensemble_problem(conf: Dict[str, str], timeout: float) -> Optional[str]:
 
     A member cut off from the quorum answers its clients (a leader's refresh included) for up to
     ``syncLimit x tickTime`` before it drops them, while the quorum's leader counts the session's
-    expiry from the last request it heard of. A leader running on such a member learns of the
-    cut (SUSPENDED) only when that member drops it, so that must come by a quarter of ``T``, the
-    room between a term's deadline (0.75 T after its confirmation) and the session's expiry.
+    expiry from the last request it heard of, which may be ``T / 3 + tickTime / 2`` older than the
+    cut. A leader running on such a member learns of the cut (SUSPENDED) only when that member
+    drops it: by ``T / 4`` after the cut, which leaves its child about ``0.29 T`` to stop before
+    the expiry (the module docstring has the argument and what it does not cover).
     """
     try:
         tick = int(conf["tickTime"])

@@ -922,31 +922,8 @@ class PostgresContender(Contender):
                     "wait": str(max(1, int(oracle.wait_timeout * 1000))),
                 },
             ).fetchone()
-            pid, in_recovery = row[0], row[1]
-            if not row[-1]:  # a claim reads the server's age with it (_INCARNATION_AGE)
-                raise PostgresOracleError(
-                    f"{oracle.description}: this role may not execute pg_control_checkpoint()"
-                    f" (allowed to every role by default), which tells when a promoted server"
-                    f" took over; GRANT EXECUTE ON FUNCTION pg_control_checkpoint() TO it"
-                )
-            if in_recovery:
-                raise StandbyRefused(
-                    f"{oracle.description} is a standby (in recovery): it grants advisory locks"
-                    f" that the primary doesn't know about; connect to the primary"
-                    f" (e.g. target_session_attrs=read-write)"
-                )
-            # The pid in the startup BackendKeyData is the server's own unless something that
-            # speaks the protocol itself (a pooler or proxy) sent its own. Such a middleman can
-            # hand this very session to another client while we are quiet (PgBouncer reuses the
-            # most recently freed one), so the marker check below would never see a change.
-            if conn.info.backend_pid != pid:
-                raise PoolingDetected(
-                    f"{oracle.description}: the server session is backend pid {pid}, but the"
-                    f" connection's startup message named pid {conn.info.backend_pid}: a pooler or"
-                    f" proxy (e.g. PgBouncer, in any pool mode) sits between us and the server and"
-                    f" may share this session with other clients; advisory-lock leadership needs a"
-                    f" direct connection to PostgreSQL"
-                )
+            pid = row[0]
+            self._check_new_session(conn, pid, in_recovery=row[1], may_read_control=row[-1])
             # Three statements in a row must reach the same session: a transaction pooler
             # usually gives itself away here already (every later statement checks again).
             self._same_session(conn, pid, marker)
@@ -977,6 +954,36 @@ class PostgresContender(Contender):
             self._events.clear()  # what happened while we were not listening is unknown
         logger.debug("%s: connected, backend pid %s, server lease bound %.3fs", self.name, pid, self._bound)
         return conn
+
+    def _check_new_session(self, conn: psycopg.Connection, pid: int, in_recovery: bool,
+                           may_read_control: bool) -> None:
+        """Refuse a session we cannot lead on: a standby's, one behind a pooler, or one whose
+        role cannot read the server's age after a promotion."""
+        oracle = self.oracle
+        if in_recovery:
+            raise StandbyRefused(
+                f"{oracle.description} is a standby (in recovery): it grants advisory locks"
+                f" that the primary doesn't know about; connect to the primary"
+                f" (e.g. target_session_attrs=read-write)"
+            )
+        if not may_read_control:  # a claim reads the server's age with it (_INCARNATION_AGE)
+            raise PostgresOracleError(
+                f"{oracle.description}: this role may not execute pg_control_checkpoint()"
+                f" (allowed to every role by default), which tells when a promoted server"
+                f" took over; GRANT EXECUTE ON FUNCTION pg_control_checkpoint() TO it"
+            )
+        # The pid in the startup BackendKeyData is the server's own unless something that
+        # speaks the protocol itself (a pooler or proxy) sent its own. Such a middleman can
+        # hand this very session to another client while we are quiet (PgBouncer reuses the
+        # most recently freed one), so the per-statement marker check would never see a change.
+        if conn.info.backend_pid != pid:
+            raise PoolingDetected(
+                f"{oracle.description}: the server session is backend pid {pid}, but the"
+                f" connection's startup message named pid {conn.info.backend_pid}: a pooler or"
+                f" proxy (e.g. PgBouncer, in any pool mode) sits between us and the server and"
+                f" may share this session with other clients; advisory-lock leadership needs a"
+                f" direct connection to PostgreSQL"
+            )
 
     def _pooling(self, expected: Optional[int], got: Optional[int]) -> PoolingDetected:
         return PoolingDetected(

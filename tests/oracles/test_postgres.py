@@ -811,6 +811,22 @@ def test_standby_is_refused(pg, name):
         standby.cleanup()
 
 
+def test_a_role_that_cannot_read_the_control_file_is_refused_naming_the_function(pg, name):
+    """Without pg_control_checkpoint() a claim could not tell a freshly promoted server: refused
+    at connect with the grant to make, never a claim that might lead too early."""
+    url = pg.create_role("no_control", "Pw-no-control-1")
+    pg.sql("REVOKE EXECUTE ON FUNCTION pg_control_checkpoint() FROM PUBLIC")
+    try:
+        oracle = PostgresOracle.from_url(url + "?lease=2&wait_timeout=1")
+        contender = oracle.contender(name, "a", {}, Signals())
+        with pytest.raises(PostgresOracleError, match=r"GRANT EXECUTE ON FUNCTION pg_control_checkpoint\(\)"):
+            contender.claim()
+        contender.close()
+        oracle.close()
+    finally:
+        pg.sql("GRANT EXECUTE ON FUNCTION pg_control_checkpoint() TO PUBLIC")
+
+
 def test_failover_to_a_standby_that_missed_wal_keeps_tokens_rising(name, tmp_path):
     """An asynchronous standby stops receiving WAL (primary_conninfo cleared), the primary runs
     transactions and a new term, whose crown process is then paused (its command runs on), the

@@ -675,7 +675,7 @@ def _won(call):
 def test_tokens_rise_across_immediate_restarts(pg, name):
     """A restart is a lease boundary: the first claim on the new server wins the lock but waits
     (in a thread, confirming) until a lease has passed since the server started."""
-    oracle = oracle_for(pg)
+    oracle = oracle_for(pg, lease=1.0, wait_timeout=0.5)
     contender = oracle.contender(name, "a", {}, Signals())
     tokens = []
     try:

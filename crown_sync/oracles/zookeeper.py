@@ -112,7 +112,8 @@ What is NOT guaranteed:
   paused at that same moment, is not covered (the fencing token is the defence).
 * Clock rates: the deadline is local time (:func:`crown_sync.clock.monotonic`, which counts a
   host suspend) against the server's idea of ``T``.
-* Tokens rise only while the ensemble keeps its data (a wiped data directory restarts zxids).
+* Tokens rise only while the ensemble keeps its data (a wiped data directory restarts zxids;
+  ``forceSync=no`` servers can lose acknowledged writes in a power failure: not checkable).
 * Deleting a leader's guard by hand as well as its node (``deleteall`` of the election, say)
   voids the revocation proof: the successor starts as after a release. So does a fleet mixing
   this version with older ones (their nodes have no guards). Use ``dismiss``.

@@ -198,7 +198,8 @@ def drain(monitor):
 
 def queued(monitor, path):
     try:
-        return len(monitor.get_children(path))
+        # queue nodes only (crown_sync's guard nodes end in "guard", not a sequence number)
+        return sum(1 for child in monitor.get_children(path) if child[-10:].isdigit())
     except Exception:
         return 0
 

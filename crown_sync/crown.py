@@ -88,8 +88,9 @@ def check_name(name: Any, option: str = "name") -> str:
     """
     if not isinstance(name, str):
         raise TypeError(f"{option} must be a str, got {type(name).__name__}")
-    if not _NAME.fullmatch(name):
-        raise ValueError(f"{option} must be 1-128 characters of [A-Za-z0-9._-], got {name!r}")
+    if not _NAME.fullmatch(name) or name in (".", ".."):
+        # '.' and '..' are path elements: no file or node can be named after them
+        raise ValueError(f"{option} must be 1-128 characters of [A-Za-z0-9._-] (not '.' or '..'), got {name!r}")
     return name
 
 
@@ -187,6 +188,11 @@ class Crown:
         self._child = as_child(child, argument="child")
         self._follower_child = as_child(follower_child, argument="follower_child")
         self._oracle, self._owns_oracle = self._resolve_oracle(oracle)
+        try:  # what the oracle would refuse (a record too big to publish) fails here, not in the loop
+            self._oracle.check_contender(name, identity, metadata)
+        except BaseException:
+            self._close_oracle()
+            raise
         self._oracle_description = redact_text(getattr(self._oracle, "description", "") or repr(self._oracle))
 
         self._cond = threading.Condition(threading.RLock())

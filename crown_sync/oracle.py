@@ -149,6 +149,11 @@ class Oracle(abc.ABC):
     ) -> Contender:
         """A new contender for election ``name``. Must not do blocking I/O: connect lazily."""
 
+    def check_contender(self, name: str, identity: str, metadata: Dict[str, Any]) -> None:
+        """Raise ValueError/TypeError, naming the argument, for what :meth:`contender` would
+        refuse (a name or a leader record the server cannot store). No I/O: crowns call it at
+        construction, so bad input fails there rather than in their loop. Default: accept."""
+
     @abc.abstractmethod
     def find_leader(self, name: str) -> Optional[Leader]:
         """The current leader of ``name``, read without contending; None if there is none."""

@@ -58,6 +58,8 @@ def crown(name="job", oracle=None, **options):
         ({"name": "a/b"}, "name"),
         ({"name": "x" * 129}, "name"),
         ({"name": 5}, "name"),
+        ({"name": ".."}, "name"),
+        ({"name": "."}, "name"),
         ({"claim_delay": -1}, "claim_delay"),
         ({"claim_delay": "soon"}, "claim_delay"),
         ({"monitor_delay": 0}, "monitor_delay"),
@@ -638,3 +640,13 @@ def test_on_deposed_gives_the_reason_a_term_ended():
         c.stop(10)
     reasons = [c[2] for c in calls.calls if c[0] == "on_deposed"]
     assert reasons == ["child_exited"]
+
+
+def test_what_the_oracle_would_refuse_fails_at_construction():
+    """A leader record too big for ZooKeeper fails when the crown is made (no server needed: the
+    check does no I/O), not in the crown's loop, which would retry it forever."""
+    big = {"blob": "x" * 1_100_000}
+    with pytest.raises(ValueError, match="metadata"):
+        crown_sync.Crown("job", oracle="zookeeper://127.0.0.1:9/", metadata=big)
+    crown_sync.Crown("job", oracle="zookeeper://127.0.0.1:9/", metadata={"blob": "x" * 1000})
+    crown_sync.Crown("job", oracle=MemoryOracle(), metadata=big)  # the interface's default accepts

@@ -78,7 +78,12 @@ class Fleet:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
         for process in self.processes.values():
-            process.wait(30)
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.send_signal(signal.SIGABRT)  # tox sets PYTHONFAULTHANDLER: its threads' stacks
+                process.wait(30)
+                raise
 
 
 def test_leadership_moves_through_sigkill_and_sigterm_with_no_overlap(url, tmp_path):
@@ -273,11 +278,11 @@ FORK_SCRIPT = textwrap.dedent(
         ok = (not crown.is_leader()) and not crown_sync.is_leader("billing")
         crown.stop()
         if sys.argv[2] == "linger":
-            print("child", os.getpid(), flush=True)
+            os.write(1, b"child %d\\n" % os.getpid())  # one write: the parent prints meanwhile
             time.sleep(60)
         os._exit(0 if ok else 3)
     if sys.argv[2] == "linger":
-        print("parent", os.getpid(), flush=True)
+        os.write(1, b"parent %d\\n" % os.getpid())
         time.sleep(60)
     _, code = os.waitpid(pid, 0)
     print("child-exit", os.waitstatus_to_exitcode(code), flush=True)

@@ -455,7 +455,9 @@ class _RunWatcher:
 
     def _following(self, leader: Optional[str]) -> None:
         if self.no_wait and not self.led:
-            self.give_up(f"{self.name} is led by {leader or 'another process'}")
+            # A claim can also be refused while the oracle waits out a lease nobody holds now.
+            why = f"is led by {leader}" if leader else "was not won at once (no leader named yet)"
+            self.give_up(f"{self.name} {why}")
             return
         if self.terminal and leader and leader != self.shown_leader:
             self.shown_leader = leader

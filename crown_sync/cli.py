@@ -299,8 +299,8 @@ def exit_status(exitcode: Optional[int]) -> int:
 @click.option(
     "--no-wait",
     is_flag=True,
-    help=f"Give up (exit {EXIT_NOT_LEADING}) as soon as another process is found leading "
-    "(like flock -n).",
+    help=f"Give up (exit {EXIT_NOT_LEADING}) as soon as the first claim is refused, e.g. "
+    "another process leads (like flock -n).",
 )
 @verbose_option
 def run(name, command, oracle_url, grace, restart, restart_delay, identity, metadata_items,

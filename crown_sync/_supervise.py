@@ -8,9 +8,11 @@ Why a supervisor at all: the crown's process is multi-threaded, where ``preexec_
 and it may be paused (SIGSTOP, swap) exactly when a command must be stopped. This process is
 single-threaded and does nothing but watch, so it can:
 
-1. arm the kernel's parent-death signal (``PR_SET_PDEATHSIG`` = SIGKILL) on itself and, through
-   ``preexec_fn``, on the command, then check that its parent is still the crown's process (the
-   crown may have died before the signal was armed);
+1. arm the kernel's parent-death signal (``PR_SET_PDEATHSIG``) on itself and, through
+   ``preexec_fn``, on the command (SIGKILL), then check that its parent is still the crown's
+   process (the crown may have died before the signal was armed). Its own is SIGKILL until its
+   handlers are in place, then SIGUSR1, so that the crown's death lets it SIGKILL the command's
+   whole process group rather than die first and leave all but the command running;
 2. start the command in a new session (its own process group, so the whole group can be
    signalled and a terminal's Ctrl-C reaches the crown, not the command);
 3. loop: when the command exits, exit with its code; when the deadline in the shared memory
@@ -61,6 +63,8 @@ def monotonic() -> float:
     """Seconds on the deadline clock (CLOCK_BOOTTIME where the system has it)."""
     return time.clock_gettime(CLOCK_ID)
 
+#: The supervisor's parent-death signal once it can act on it (SIGKILL before that).
+PARENT_DIED = signal.SIGUSR1
 #: How long before the deadline a running supervisor SIGKILLs the command's group (seconds).
 KILL_AHEAD = 0.005
 
@@ -262,9 +266,17 @@ class _Supervisor:
         # ignored disposition would be inherited. Ctrl-C is the crown's business, not ours.
         signal.signal(signal.SIGINT, lambda signum, frame: None)
         signal.signal(signal.SIGCHLD, lambda signum, frame: None)  # wakes select via the fd
+        # From now on the crown's death only wakes the loop, which finds the parent gone and
+        # SIGKILLs the command's whole group; the kernel's SIGKILL of this process would take only
+        # the command (by its own parent-death signal) and leave the rest of its group, e.g.
+        # workers it started, running. Not SIGTERM: the signal also comes when the thread that
+        # started us exits while the crown's process lives on (as it does in a process being
+        # killed), and must not read as "stop gracefully".
+        signal.signal(PARENT_DIED, lambda signum, frame: None)
+        set_parent_death_signal(PARENT_DIED)
 
-        if self.due(self.deadline(), monotonic()) or self.terminating:
-            # The term ended before the command could start: never start it.
+        if self.due(self.deadline(), monotonic()) or self.terminating or self.parent_gone():
+            # The term ended (or the crown died) before the command could start: never start it.
             reason = "deadline" if not self.terminating else "stopped"
             self.report(f"exit {-signal.SIGKILL} {reason}-before-start")
             return _exit_status(-signal.SIGKILL)

@@ -612,6 +612,7 @@ def start_parent(tmp_path, lease):
         assert wait_for(
             lambda: all(os.path.exists(j) and len(journal.read(j)) > 10 for j in journals), 20
         )
+        pids["helper"] = journal.read(journals[3])[0]["pid"]
     except BaseException:
         parent.kill()
         parent.wait()
@@ -619,18 +620,38 @@ def start_parent(tmp_path, lease):
     return parent, pids, journals, str(out) + ".deadlines"
 
 
-def test_children_die_with_their_parent_process(tmp_path):
-    parent, pids, journals, _ = start_parent(tmp_path, lease=30.0)
-    for pid in pids.values():
-        assert not gone(pid)
-    parent.send_signal(signal.SIGKILL)
+def end_parent(parent, pids):
+    """SIGKILL the parent script and whatever of its children a test left (a helper orphaned on
+    purpose must not journal on for ever)."""
+    for pid in [parent.pid, pids.get("helper")]:
+        try:
+            if pid is not None and not gone(pid):
+                os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    os.killpg(parent.pid, signal.SIGCONT)
     parent.wait()
-    assert wait_for(lambda: all(gone(pid) for pid in pids.values()), 15), {
-        name: gone(pid) for name, pid in pids.items()
-    }
-    for path in journals:  # they were working, and they were killed (no orderly "stop")
-        events = journal.read(path)
-        assert events[0]["ev"] == "start" and events[-1]["ev"] != "stop"
+
+
+def test_children_die_with_their_parent_process(tmp_path):
+    """SIGKILL of the crown's process: every child process goes, the command's helper too (the
+    supervisor, told by its parent-death signal, kills the command's whole process group)."""
+    parent, pids, journals, _ = start_parent(tmp_path, lease=30.0)
+    try:
+        for pid in pids.values():
+            assert not gone(pid)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        assert wait_for(lambda: all(gone(pid) for pid in pids.values()), 15), {
+            name: gone(pid) for name, pid in pids.items()
+        }
+        for kind, path in zip(CHILD_KINDS, journals):
+            if kind == "thread":
+                continue  # it died with the parent's process itself
+            events = journal.read(path)  # working, then killed (no orderly "stop")
+            assert events[0]["ev"] == "start" and events[-1]["ev"] != "stop"
+    finally:
+        end_parent(parent, pids)
 
 
 def process_state(pid):
@@ -647,9 +668,10 @@ def test_children_stop_by_the_deadline_while_the_parent_is_paused(tmp_path, stop
     (the documented limit): the helper is checked only while the supervisor runs."""
     lease = 0.5
     parent, pids, journals, deadlines_path = start_parent(tmp_path, lease=lease)
-    pids["helper"] = journal.read(journals[3])[0]["pid"]
+    checked = dict(pids)
     if stopped == "parent's group and supervisor":
-        journals, pids = journals[:3], {k: v for k, v in pids.items() if k != "helper"}
+        journals = journals[:3]
+        del checked["helper"]
     try:
         if stopped == "parent":
             parent.send_signal(signal.SIGSTOP)
@@ -660,8 +682,8 @@ def test_children_stop_by_the_deadline_while_the_parent_is_paused(tmp_path, stop
         time.sleep(0.05)  # a note() in flight finishes before we read (the process is stopped)
         with open(deadlines_path) as handle:
             last_deadline = max(float(line) for line in handle if line.strip())
-        assert wait_for(lambda: all(gone(pid) for pid in pids.values()), lease + 15), {
-            name: gone(pid) for name, pid in pids.items()
+        assert wait_for(lambda: all(gone(pid) for pid in checked.values()), lease + 15), {
+            name: gone(pid) for name, pid in checked.items()
         }
         # Gone while the parent is still paused: nobody but the children themselves acted.
         assert parent.poll() is None
@@ -678,9 +700,7 @@ def test_children_stop_by_the_deadline_while_the_parent_is_paused(tmp_path, stop
             late = [e for e in events if e["t"] > last_deadline + slack]
             assert len(late) <= in_flight, (path, last_deadline, late[:3])
     finally:
-        parent.send_signal(signal.SIGKILL)
-        os.killpg(parent.pid, signal.SIGCONT)
-        parent.wait()
+        end_parent(parent, pids)
 
 
 def test_deadlines_count_a_host_suspend():

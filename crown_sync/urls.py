@@ -100,15 +100,20 @@ def parse_options(url: str, accepted: Mapping[str, Any]) -> Dict[str, Any]:
     return options
 
 
+def missing_library(what: str, exc: ImportError, extra: Optional[str]) -> ImportError:
+    """The error for an oracle whose client library does not import: a module that is missing
+    (``exc.name``), or one that is there but cannot load (psycopg without libpq: its message)."""
+    hint = f"pip install 'crown_sync[{extra}]'" if extra else "reinstall crown_sync"
+    cause = f"not installed: {exc.name}" if exc.name else f"cannot be loaded: {exc}"
+    return ImportError(f"{what} needs a library that is {cause}; {hint}")
+
+
 def _load(scheme: str):
     module_name, class_name, extra = SCHEMES[scheme]
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        hint = f"pip install 'crown_sync[{extra}]'" if extra else "reinstall crown_sync"
-        raise ImportError(
-            f"the {scheme}:// oracle needs a library that is not installed ({exc.name}): {hint}"
-        ) from exc
+        raise missing_library(f"the {scheme}:// oracle", exc, extra) from exc
     return getattr(module, class_name)
 
 

@@ -5,7 +5,7 @@
 
 import importlib
 
-from ..urls import SCHEMES
+from ..urls import SCHEMES, missing_library
 
 __all__ = ["FileOracle", "PostgresOracle", "ZooKeeperOracle", "MemcachedOracle"]
 
@@ -19,7 +19,5 @@ def __getattr__(name):
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ImportError(
-            f"{name} needs a library that is not installed ({exc.name}): pip install 'crown_sync[{extra}]'"
-        ) from exc
+        raise missing_library(name, exc, extra) from exc
     return getattr(module, name)

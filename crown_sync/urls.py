@@ -104,8 +104,8 @@ def missing_library(what: str, exc: ImportError, extra: Optional[str]) -> Import
     """The error for an oracle whose client library does not import: a module that is missing
     (``exc.name``), or one that is there but cannot load (psycopg without libpq: its message)."""
     hint = f"pip install 'crown_sync[{extra}]'" if extra else "reinstall crown_sync"
-    cause = f"not installed: {exc.name}" if exc.name else f"cannot be loaded: {exc}"
-    return ImportError(f"{what} needs a library that is {cause}; {hint}")
+    cause = f"is not installed: {exc.name}" if exc.name else f"cannot be loaded: {exc}"
+    return ImportError(f"{what} needs a library that {cause}; {hint}")
 
 
 def _load(scheme: str):

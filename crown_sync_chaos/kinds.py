@@ -151,7 +151,7 @@ class PostgresKind(Kind):
 
     name = "postgres"
     modules = ("crown_sync.oracles.postgres", "crown_sync.testing.postgres_server")
-    faults = ("sigkill", "sigstop", "dismiss", "restart", "terminate", "partition")
+    faults = ("sigkill", "sigstop", "dismiss", "restart", "terminate", "partition", "revoke")
 
     def start(self) -> None:
         from crown_sync.testing.postgres_server import PostgresServer
@@ -205,7 +205,26 @@ class PostgresKind(Kind):
             done = [pid for pid in pids if self.server.terminate(pid)]
             return {"target": "all sessions" if everyone else "leader session", "backends": done,
                     "downtime": 0.0, "confirmed": bool(done)}
+        if fault == "revoke":
+            return self._revoke(rng)
         return super().inject(fault, rng, leader, name)
+
+    def _revoke(self, rng):
+        """An administrator ends the leader's session (``pg_terminate_backend`` of the backend
+        holding the advisory lock) or, half the time, every crown_sync session of the database in
+        one statement (a connection killer): then no follower's wait is queued when the lock is
+        freed, and the one that wins after reconnecting must still hold its child back."""
+        everyone = rng.random() < 0.5
+        holders = {row[0] for row in self.server.advisory_holders()
+                   if (row[3] or "").startswith("crown_sync")}
+        where = "application_name LIKE 'crown_sync%%'" if everyone else "pid = ANY(%s)"
+        rows = self.server.sql(
+            "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE pid <> pg_backend_pid() AND " + where, () if everyone else (sorted(holders),),
+        )
+        done = [pid for pid, ended in rows if ended]
+        return {"target": "all sessions" if everyone else "leader session", "backends": done,
+                "downtime": 0.0, "confirmed": bool(holders & set(done))}
 
 
 class _NetnsZooKeeperServer:

@@ -379,7 +379,11 @@ _INCARNATION_AGE = (
     " FROM pg_control_checkpoint() c)))::float8"
 )
 
-# The subquery with OFFSET 0 is evaluated (lock taken) before the outer target list (token).
+_DATABASE_OID = "(SELECT oid FROM pg_database WHERE datname = current_database())"
+
+# The subquery with OFFSET 0 is evaluated (lock taken) before the outer target list (token). A
+# failed claim also reads, before trying the lock (its argument depends on the read), how many
+# sessions of this database were ever terminated: the baseline of a later claim (_claim_debt).
 _TRY_SQL = (
     "SELECT s.locked,"
     " CASE WHEN s.locked THEN " + _TOKEN + "::text END,"
@@ -387,8 +391,10 @@ _TRY_SQL = (
     " || pg_notify(%(channel)s, 'claimed:' || " + _TOKEN + "::text)::text END,"
     " extract(epoch FROM clock_timestamp())::float8, pg_backend_pid(),"
     " current_setting('" + _MARKER + "', true), pg_is_in_recovery(), h.pid, h.query,"
-    " CASE WHEN s.locked AND %(young)s THEN " + _INCARNATION_AGE + " END"
-    " FROM (SELECT pg_try_advisory_lock(%(key)s) AS locked OFFSET 0) s"
+    " CASE WHEN s.locked AND %(young)s THEN " + _INCARNATION_AGE + " END, s.killed"
+    " FROM (SELECT k.killed, pg_try_advisory_lock(%(key)s::bigint + 0 * coalesce(k.killed, 0))"
+    " AS locked FROM (SELECT pg_stat_get_db_sessions_killed(" + _DATABASE_OID + ") AS killed"
+    " OFFSET 0) k OFFSET 0) s"
     " LEFT JOIN LATERAL (SELECT l.pid, a.query FROM pg_locks l"
     " LEFT JOIN pg_stat_activity a ON a.pid = l.pid"
     " WHERE NOT s.locked AND l.pid <> pg_backend_pid() AND " + _HOLDER + " LIMIT 1) h ON true"
@@ -396,7 +402,6 @@ _TRY_SQL = (
 
 # Every claim also NOTIFYs "claimed:<token>" on the election's channel (and every graceful
 # release "released:<token>", before unlocking): listeners see these in commit order.
-_DATABASE_OID = "(SELECT oid FROM pg_database WHERE datname = current_database())"
 
 # Before queueing for the lock, the same statement reads who holds it, that holder's last
 # statement (a leader's carries its record) and how many sessions of this database were ever
@@ -423,6 +428,23 @@ _WAIT_SQL = (
 _PREDECESSOR_SQL = (
     "SELECT EXISTS (SELECT 1 FROM pg_stat_get_activity(%(pid)s) a WHERE a.pid = %(pid)s),"
     " pg_stat_get_db_sessions_killed(" + _DATABASE_OID + ")"
+)
+
+# After a claim won with pg_try_advisory_lock without a baseline (_claim_debt): how long ago, by
+# the server's clock, could a termination we cannot see have ended a term of this election? Now
+# (0) while any other session of this database may still be exiting from such a term: its last
+# statement carries the election's tag (a leader's confirmations, a follower's lock wait) or can't
+# be read (another role's session without pg_read_all_stats, track_activities off). Otherwise,
+# every such session has left pg_stat_activity, so its disconnect is counted (read next, left to
+# right): with no termination counted since the database's statistics were reset, since that
+# reset (never reset: forever); with one, now.
+_QUIET_SQL = (
+    "SELECT CASE WHEN EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid <> pg_backend_pid()"
+    " AND a.datid = " + _DATABASE_OID + " AND (strpos(a.query, %(tag)s) > 0"
+    " OR a.query = '<insufficient privilege>' OR a.state = 'disabled')) THEN 0::float8"
+    " WHEN pg_stat_get_db_sessions_killed(" + _DATABASE_OID + ") = 0 THEN coalesce(extract(epoch"
+    " FROM clock_timestamp() - pg_stat_get_db_stat_reset_time(" + _DATABASE_OID + "))::float8,"
+    " 'Infinity'::float8) ELSE 0::float8 END"
 )
 
 _HOLDER_SQL = (
@@ -815,6 +837,9 @@ class PostgresContender(Contender):
         self.key = oracle.key(name)
         self._hi, self._lo = _key_parts(self.key)
         self._channel = _channel(self.key)
+        # Leads the text of every statement after which this session may lead (a leader's
+        # confirmations, a follower's lock wait): _QUIET_SQL looks for it in pg_stat_activity.
+        self._tag = f"/* {self._channel} */ "
         self._on_change = on_change
         self._conn: Optional[psycopg.Connection] = None
         self._pid: Optional[int] = None
@@ -826,6 +851,9 @@ class PostgresContender(Contender):
         # Our child must not start before this monotonic instant: a predecessor's deadline we
         # waited out and may not have finished waiting (kept across reconnects; see _wait_out).
         self._owed_until = -math.inf
+        # What the last failed claim on this session saw (its holder, the termination count):
+        # the baseline of a later claim's proof (_claim_debt).
+        self._baseline: Optional[_Baseline] = None
         self._io_lock = threading.Lock()  # held while a statement is in flight on _conn
         self._state_lock = threading.Lock()
         self._closed = False
@@ -952,6 +980,7 @@ class PostgresContender(Contender):
         self._connected_at = time.monotonic()
         with self._state_lock:
             self._events.clear()  # what happened while we were not listening is unknown
+            self._baseline = None
         logger.debug("%s: connected, backend pid %s, server lease bound %.3fs", self.name, pid, self._bound)
         return conn
 
@@ -1075,11 +1104,11 @@ class PostgresContender(Contender):
         (the first of which announces the term)."""
         self._announced = False
         record = self._record()
-        comment = _encode_record(record)
+        comment = self._tag + _encode_record(record)
         if len(comment.encode()) >= self._query_limit:
             record["metadata"] = {}
             record["metadata_dropped"] = True
-            comment = _encode_record(record)
+            comment = self._tag + _encode_record(record)
             logger.warning(
                 "%s: leader metadata does not fit track_activity_query_size (%d bytes); published without it",
                 self.name, self._query_limit,
@@ -1118,15 +1147,16 @@ class PostgresContender(Contender):
                 return self._won()
         try:
             row = self._claim_retrying(self._try_lock)
-            locked, token, _, since, pid, marker, in_recovery, holder_pid, holder_query, age = row
+            locked, token, _, since, pid, marker, in_recovery, holder_pid, holder_query, age, killed = row
             self._check_session(pid, marker, in_recovery)
+            if not locked:
+                self._baseline = _Baseline(holder_pid, killed, _decode_record(holder_query) is not None)
+                self._leader = self.oracle.leader_from_row(self.name, holder_pid, holder_query)
+                return Claim(won=False, leader=self._leader)
+            until = self._claim_debt(self._conn, int(token), time.monotonic(), age)
         except Exception as exc:
             self._fail(exc)
             raise self._error(exc) from None
-        if not locked:
-            self._leader = self.oracle.leader_from_row(self.name, holder_pid, holder_query)
-            return Claim(won=False, leader=self._leader)
-        until = max(self._owed_until, time.monotonic() + self._restart_debt(age))
         if until > time.monotonic():
             return self._owe(int(token), since, until)
         self._token, self._since = int(token), since
@@ -1475,7 +1505,7 @@ class PostgresContender(Contender):
                     self._in_wait = True
                     started = time.monotonic()
                     try:
-                        row = conn.execute(_WAIT_SQL, dict(params, young=self._young())).fetchone()
+                        row = conn.execute(self._tag + _WAIT_SQL, dict(params, young=self._young())).fetchone()
                     finally:
                         self._in_wait = False
                         self._statements += 1
@@ -1541,20 +1571,59 @@ class PostgresContender(Contender):
         if delay == 0:  # opted out: lead at once
             return until
         look = granted_at + (_PROOF_WAIT if delay is None else delay)
-        released, predecessor, led = self._handed_over(conn, token, look, baseline)
-        if released:
-            logger.debug("%s: the predecessor released the lock: leading at once", self.name)
-            return until
-        # A session that held the lock without leading was waiting out a debt of its own: its
-        # end, however it came, proves nothing about its predecessor's child.
-        if led and self._not_terminated(conn, predecessor, baseline.killed, look):
-            logger.debug("%s: the predecessor's session (backend pid %s) ended, not by"
-                         " pg_terminate_backend: leading at once", self.name, predecessor)
+        if self._proven(conn, token, baseline, look):
             return until
         wait = self._bound if delay is None else delay
         logger.debug("%s: the predecessor's session may have been terminated under it (or it never"
                      " led): waiting %.3fs", self.name, wait)
         return max(until, granted_at + wait)
+
+    def _proven(self, conn: psycopg.Connection, token: int, baseline: "_Baseline",
+                look: float) -> bool:
+        """Is there proof, found before the monotonic instant ``look``, that the term before
+        ours (``token``) can no longer run its child: a release, or the end of a session that
+        led, otherwise than by a termination (``baseline``: what we saw before our claim)?"""
+        released, predecessor, led = self._handed_over(conn, token, look, baseline)
+        if released:
+            logger.debug("%s: the predecessor released the lock: leading at once", self.name)
+            return True
+        # A session that held the lock without leading was waiting out a debt of its own: its
+        # end, however it came, proves nothing about its predecessor's child.
+        if led and self._not_terminated(conn, predecessor, baseline.killed, look):
+            logger.debug("%s: the predecessor's session (backend pid %s) ended, not by"
+                         " pg_terminate_backend: leading at once", self.name, predecessor)
+            return True
+        return False
+
+    def _claim_debt(self, conn: psycopg.Connection, token: int, granted_at: float,
+                    age: Optional[float]) -> float:
+        """As _debt, for a term won with pg_try_advisory_lock (granted at ``granted_at``): no
+        wait of ours was queued when the lock was freed. With a baseline from a failed claim on
+        this session (its holder and termination count), the follower's proof applies. Without
+        one, or without proof, the predecessor is unknown: _QUIET_SQL tells how long ago a
+        termination we cannot see may have ended a term of this election (see *Takeover*), and
+        the child waits until ``B`` after that, as after a restart."""
+        until = max(self._owed_until, granted_at + self._restart_debt(age))
+        delay = self.oracle.takeover_delay
+        if delay == 0:  # opted out: lead at once
+            return until
+        with self._state_lock:
+            baseline, self._baseline = self._baseline, None
+            if self._closed:
+                return until  # close() frees the lock anyway
+            self._waiter_stop = False  # there is no waiter now; the proof helpers watch this
+            self._waiter_wakeup.clear()
+        look = granted_at + (_PROOF_WAIT if delay is None else delay)
+        if baseline is not None and self._proven(conn, token, baseline, look):
+            return until
+        (quiet,) = self._execute(_QUIET_SQL, {"tag": self._tag.strip()}, conn)
+        wait = self._restart_debt(quiet)
+        if delay is not None:
+            wait = min(wait, delay)
+        if wait > 0:
+            logger.debug("%s: won the lock without a queued wait; a termination %.3fs ago may have"
+                         " ended the previous term: waiting %.3fs", self.name, quiet, wait)
+        return max(until, time.monotonic() + wait)
 
     def _wait_out(self, conn: psycopg.Connection, until: float) -> bool:
         """Hold the lock without leading until the monotonic instant ``until``, confirming the

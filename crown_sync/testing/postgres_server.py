@@ -67,6 +67,8 @@ class PostgresServer(Server):
         self.settings = dict(settings or {})
         self.fsync = fsync
         self.superuser = user
+        #: The database that :attr:`url` and :meth:`url_for` name (see :meth:`use_database`).
+        self.database = "postgres"
         self._run_as = None
         if os.geteuid() == 0:
             try:
@@ -232,13 +234,15 @@ class PostgresServer(Server):
 
     @property
     def url(self) -> str:
-        return f"postgresql://{self.superuser}@127.0.0.1:{self.port}/postgres"
+        return f"postgresql://{self.superuser}@127.0.0.1:{self.port}/{self.database}"
 
     def url_for(self, user: Optional[str] = None, password: Optional[str] = None,
-                database: str = "postgres", **params: Any) -> str:
-        """A URL for ``user`` (default the superuser), with libpq or oracle ``params``."""
+                database: Optional[str] = None, **params: Any) -> str:
+        """A URL for ``user`` (default the superuser), with libpq or oracle ``params``, naming
+        ``database`` (default :attr:`database`)."""
         import urllib.parse
 
+        database = database or self.database
         userinfo = urllib.parse.quote(user or self.superuser, safe="")
         if password is not None:
             userinfo += ":" + urllib.parse.quote(password, safe="")
@@ -248,10 +252,11 @@ class PostgresServer(Server):
     @property
     def superuser_dsn(self) -> str:
         # Over the unix socket: works while TCP settings are being tested.
-        return f"host={self.tmpdir} port={self.port} user={self.superuser} dbname=postgres"
+        return f"host={self.tmpdir} port={self.port} user={self.superuser} dbname={self.database}"
 
     def sql(self, query: str, params: Sequence[Any] = ()) -> List[tuple]:
-        """Run one statement as the superuser; returns its rows (empty if none)."""
+        """Run one statement as the superuser in :attr:`database`; returns its rows (empty if
+        none)."""
         import psycopg
 
         with psycopg.connect(self.superuser_dsn, connect_timeout=10, autocommit=True) as conn:
@@ -319,6 +324,21 @@ class PostgresServer(Server):
             if time.monotonic() + left > deadline:
                 raise RuntimeError(f"the server did not get {seconds}s old within {timeout}s")
             time.sleep(left + 0.01)
+
+    def use_database(self, name: Optional[str]) -> None:
+        """Make :attr:`url`, :meth:`url_for` and :meth:`sql` use a new, empty database ``name``
+        (created here), or, with None, drop the current one (ending its sessions) and go back to
+        ``postgres``. A new database has counted no terminated sessions
+        (``pg_stat_database.sessions_killed``), which a PostgreSQL oracle's takeover reads."""
+        from psycopg import sql as _sql
+
+        if name is None:
+            old, self.database = self.database, "postgres"
+            if old != "postgres":
+                self.sql(_sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(_sql.Identifier(old)))
+            return
+        self.sql(_sql.SQL("CREATE DATABASE {}").format(_sql.Identifier(name)))
+        self.database = name
 
     def terminate(self, pid: int) -> bool:
         """``pg_terminate_backend(pid)``: end that session (its advisory locks are freed)."""

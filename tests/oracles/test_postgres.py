@@ -60,10 +60,37 @@ def pg():
 APP_USER, APP_PASSWORD = "crown_app", "Pw-of-the-app-7f3"  # an ordinary role, scram auth
 
 
+@pytest.fixture(autouse=True)
+def own_database(request):
+    """A test that uses the module's server gets a new database of its own: a claim that was
+    not queued when the lock was freed reads the database's count of terminated sessions
+    (pg_stat_database.sessions_killed), which the other tests' terminations raise."""
+    servers = [f for f in ("pg", "pg_tls") if f in request.fixturenames]
+    if not servers:
+        yield None
+        return
+    with fresh_database(request.getfixturevalue(servers[0])) as database:
+        yield database
+
+
+@contextlib.contextmanager
+def fresh_database(server):
+    server.use_database("t_" + os.urandom(6).hex())
+    try:
+        yield server.database
+    finally:
+        server.use_database(None)
+
+
 @pytest.fixture(scope="module")
-def app_url(pg):
+def app_role(pg):
+    pg.create_role(APP_USER, APP_PASSWORD)
+
+
+@pytest.fixture
+def app_url(pg, app_role, own_database):
     """A URL for an ordinary (non-superuser) role that must authenticate with its password."""
-    return pg.create_role(APP_USER, APP_PASSWORD)
+    return pg.url_for(APP_USER, APP_PASSWORD)
 
 
 @pytest.fixture
@@ -467,6 +494,8 @@ def test_terminated_session_is_noticed_at_once_and_refresh_says_lost(request, na
     """The socket watcher sees the FATAL message: on_change(lost=True) before any refresh. Over
     TLS it cannot peek at the message type; it lets libpq read, and the read fails all the same."""
     server = request.getfixturevalue("pg" if transport == "tcp" else "pg_tls")
+    database = fresh_database(server)
+    database.__enter__()
     oracle = oracle_for(server) if transport == "tcp" else PostgresOracle.from_url(tls_url(server))
     signals = Signals()
     a = oracle.contender(name, "a", {}, signals)
@@ -479,16 +508,21 @@ def test_terminated_session_is_noticed_at_once_and_refresh_says_lost(request, na
         assert server.terminate(pid)
         signals.wait(lost=True)
         assert a.refresh().won is False
-        second = b.claim()
-        assert second.won and second.token > first.token
+        # b wins the lock with no wait of its queued and no baseline: the database counted a
+        # termination, so it holds the lock without leading for a lease, then leads.
+        assert not b.claim().won
+        second = wait_until(lambda: _won(b.claim), message="b leads a lease later")
+        assert second.token > first.token
         assert encrypted(server, holder_pid(server, oracle, name)) is (transport == "tls")
         b.abdicate()
-        third = a.claim()  # reconnects
-        assert third.won and third.token > second.token
+        # a reconnects: its new session cannot have seen b's release: a lease again.
+        third = wait_until(lambda: _won(a.claim), message="a leads again")
+        assert third.token > second.token
     finally:
         a.close()
         b.close()
         oracle.close()
+        database.__exit__(None, None, None)
 
 
 @pytest.mark.parametrize("end", ["release", "terminate", "sigkill"])
@@ -642,6 +676,41 @@ def test_successor_that_dies_while_waiting_out_the_lease_passes_the_wait_on(pg, 
     report = journal_ok(fleet.journal, name, 2)
     old = [t for t in report.terms if t.token == first.token][0]
     assert second.identity == "c" and old.end < second.start and second.token > first.token
+
+
+def test_every_crown_session_terminated_while_the_leader_is_paused_never_overlaps(pg, name, tmp_path):
+    """A connection killer ends every crown_sync session of the database at once (the leader's
+    and the queued followers'), while the leader's crown process is paused (SIGSTOP, by pid: its
+    command, 1.5 s to honour SIGTERM, runs on). The followers reconnect and one wins with
+    pg_try_advisory_lock: no wait of its was queued when the lock was freed and its new session
+    saw nothing. The database has counted a termination, so it holds its child back for a lease.
+    The command's own journal: no overlap, rising tokens. (It led at once before: overlap.)"""
+    fleet = Fleet(f"{pg.url}?{FAST}", tmp_path, name, child="command", grace=3.0, stop_delay=1.5)
+    oracle = oracle_for(pg)
+    application = f"crown_sync {name}"[:63]
+    sessions = "SELECT pid FROM pg_stat_activity WHERE application_name = %s"
+    for i in range(3):
+        fleet.spawn(f"e{i}")
+    try:
+        before = fleet.wait_for_term()
+        wait_until(lambda: len(pg.sql(sessions, (application,))) == 3, message="3 sessions")
+        leader = holder_pid(pg, oracle, name)
+        fleet.signal(before.identity, signal.SIGSTOP)
+        try:
+            killed_at = time.monotonic()
+            ended = pg.sql("SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity"
+                           " WHERE application_name = %s", (application,))  # in one statement
+            assert leader in {pid for pid, _ in ended} and [e for _, e in ended] == [True] * 3
+            after = fleet.wait_for_term(other_than={before.identity}, after=killed_at)
+        finally:
+            fleet.signal(before.identity, signal.SIGCONT)
+        time.sleep(0.3)
+    finally:
+        fleet.stop_all()
+        oracle.close()
+    report = journal_ok(fleet.journal, name, 2)
+    old = [t for t in report.terms if t.token == before.token][0]
+    assert old.end < after.start and after.token > before.token
 
 
 def test_server_drops_a_silent_leader_no_sooner_than_its_deadline(pg, name):

@@ -78,6 +78,37 @@ at once; a graceful handoff and a crash failover (SIGKILL, a dead host) cost not
 longer (0: it does not look for proof either), an assumption about how fast a told leader stops
 its child; the fencing token is then the only protection.
 
+A claim that was not queued (``pg_try_advisory_lock`` wins: a crown that starts or reconnects,
+one that polls with ``monitor_leader=False``, a follower between two waits; e.g. after a
+connection killer ended every session, followers' included) follows the same rule. A failed
+claim reads, before trying the lock, ``sessions_killed``, then the holder: if the last claim on
+this session failed, that is a baseline like a woken follower's, and the same proof applies.
+Without a baseline (a new session) or proof, the predecessor is unknown, and one more statement
+after the grant (``_QUIET_SQL``) reads how long ago, by the server's clock, a termination we
+cannot see may have ended a term of this election:
+
+* now, while another session of this database may still be exiting from such a term: its last
+  statement carries the election's tag (a leader's confirmations and a follower's lock wait,
+  the only statements after which a session leads, begin with ``/* crown_sync_<key> */``), or
+  cannot be read (another role's, without ``pg_read_all_stats``; ``track_activities`` off). A
+  backend counts its disconnect before it leaves pg_stat_activity, so once none is left, every
+  such end is counted, in the count read next;
+* then, if ``sessions_killed`` is 0: since the database's statistics were reset (never: no
+  termination ever). A leader terminated before the reset had its deadline at most ``B -
+  margin`` after its last confirmation, which preceded the termination, which preceded the
+  reset; else (any termination counted, or ``track_counts = off``): now.
+
+The child then waits until ``B - age`` after that statement's result (as after a restart). A
+session that held the lock without leading (waiting out a debt) carries no tag and needs none:
+its debt came from a term that was terminated (counted, or still exiting and tagged) or from a
+restart (a session younger than the incarnation reads its age: see below). Its ``sessions_fatal``
+(``idle_session_timeout``: the leader was silent for ``B``, so its deadline has passed) and
+``sessions_abandoned`` (the client died; its children die by their parent-death signal or at
+their deadline) cost nothing. Cost: none on a database that never counted a termination; a
+lease after a claim on a new session on one that did, until ``pg_stat_reset()``, after which a
+new session waits only until a lease after the reset. A fast shutdown (``pg_ctl stop -m fast``,
+a restart) terminates the sessions it finds and counts them as killed.
+
 Restarts, crashes and failovers
 -------------------------------
 A server restart, a crash (a crashed backend makes the postmaster end every session and
@@ -200,11 +231,8 @@ Refused, with a clear error
   ``lease``;
 * PostgreSQL older than 14 (no ``idle_session_timeout``).
 
-NOT guaranteed: a crown that wins with ``pg_try_advisory_lock`` (it was not queued when its
-predecessor's session was terminated: it started, reconnected, or polls with
-``monitor_leader=False``) cannot know of a termination before it connected, and leads at once
-(its own debt survives its reconnects); a follower whose lease differs from its predecessor's;
-an explicit ``takeover_delay``. Pass the fencing token to the resource you protect. Failover to a
+NOT guaranteed: a follower whose lease differs from its predecessor's; an explicit
+``takeover_delay``; ``track_counts`` turned off for the terminated leader's session alone. Pass the fencing token to the resource you protect. Failover to a
 old primary that still accepts statements after its standby was promoted (split brain). Key collisions with other applications'
 advisory locks in the same database (see :func:`advisory_key`).
 
@@ -1616,7 +1644,9 @@ class PostgresContender(Contender):
         look = granted_at + (_PROOF_WAIT if delay is None else delay)
         if baseline is not None and self._proven(conn, token, baseline, look):
             return until
-        (quiet,) = self._execute(_QUIET_SQL, {"tag": self._tag.strip()}, conn)
+        quiet = 0.0  # track_counts off: sessions_killed stays 0 and proves nothing
+        if self._counts_terminations:
+            (quiet,) = self._execute(_QUIET_SQL, {"tag": self._tag.strip()}, conn)
         wait = self._restart_debt(quiet)
         if delay is not None:
             wait = min(wait, delay)

@@ -713,6 +713,37 @@ def test_every_crown_session_terminated_while_the_leader_is_paused_never_overlap
     assert old.end < after.start and after.token > before.token
 
 
+@pytest.mark.parametrize("end", ["release", "vanish", "terminate"])
+def test_a_claim_that_was_not_queued_leads_at_once_only_with_proof(pg, name, end):
+    """A crown that polls (as with monitor_leader=False) wins with pg_try_advisory_lock. Its
+    failed claim on the same session saw the holder and the termination count: after a release
+    or a vanished client (sessions_abandoned) it leads at once; after pg_terminate_backend it
+    holds the lock a lease before it leads (the old code led at once)."""
+    oracle = oracle_for(pg)
+    a = oracle.contender(name, "a", {}, Signals())
+    b = oracle.contender(name, "b", {}, Signals())
+    try:
+        first = a.claim()
+        assert first.won
+        assert not b.claim().won  # b's baseline: a holds the lock
+        if end == "release":
+            a.abdicate()
+        elif end == "vanish":
+            postgres_oracle._shutdown(a._conn)  # a's client is gone: not a termination
+        else:
+            assert pg.terminate(holder_pid(pg, oracle, name))
+        wait_until(lambda: holder_pid(pg, oracle, name) is None, message="the lock is free")
+        second = b.claim()
+        if end == "terminate":
+            assert not second.won
+            second = wait_until(lambda: _won(b.claim), message="b leads a lease later")
+        assert second.won and second.token > first.token
+    finally:
+        a.close()
+        b.close()
+        oracle.close()
+
+
 def test_server_drops_a_silent_leader_no_sooner_than_its_deadline(pg, name):
     """idle_session_timeout is the lease: a leader that stops confirming loses its session, but
     only after the deadline it was given."""

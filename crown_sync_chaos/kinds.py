@@ -179,8 +179,10 @@ class PostgresKind(Kind):
     def bound(self) -> float:
         # The server frees a silent session's lock at most `lease` after its last statement; a
         # waiter blocked in pg_advisory_lock gets it at once (wait_timeout only re-queues it).
-        # After a termination, or on a server younger than a lease (a restart: the runner adds
-        # the downtime), the new leader's child waits a lease from its grant.
+        # After a termination (a revocation; a follower that reconnects after its own session
+        # was ended too, in a database that counted one), or on a server younger than a lease
+        # (a restart: the runner adds the downtime), the new leader's child waits a lease from
+        # its grant.
         return self.lease + 1.0 + SLACK
 
     def inject(self, fault, rng, leader, name):

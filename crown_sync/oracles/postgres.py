@@ -231,6 +231,9 @@ Refused, with a clear error
   ``lease``;
 * PostgreSQL older than 14 (no ``idle_session_timeout``).
 
+On PostgreSQL 14 the statistics collector counts disconnects asynchronously, so neither proof
+through ``sessions_killed`` holds: every takeover but a release waits out a lease there.
+
 NOT guaranteed: a follower whose lease differs from its predecessor's; an explicit
 ``takeover_delay``; ``track_counts`` turned off for the terminated leader's session alone. Pass the fencing token to the resource you protect. Failover to a
 old primary that still accepts statements after its standby was promoted (split brain). Key collisions with other applications'
@@ -994,7 +997,11 @@ class PostgresContender(Contender):
             settings = {name: setting for _, _, name, setting in rows}
             self._bound = self._server_bound(settings, conn)
             self._query_limit = int(settings.get("track_activity_query_size", "1024"))
-            self._counts_terminations = settings.get("track_counts") == "on"
+            # PostgreSQL 14's statistics collector counts a disconnect asynchronously (a UDP
+            # message, read back from a file up to 500 ms old, or lost), so a backend gone from
+            # pg_stat_activity may not be counted yet: no termination proof there (a lease).
+            self._counts_terminations = (settings.get("track_counts") == "on"
+                                         and conn.info.server_version >= 150000)
             if settings.get("track_activities") != "on":
                 logger.warning("%s: track_activities is off: find_leader can't read leader records", oracle.description)
             conn.add_notify_handler(self._on_notify)

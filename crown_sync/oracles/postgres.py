@@ -100,11 +100,12 @@ cannot see may have ended a term of this election:
 
 The child then waits until ``B - age`` after that statement's result (as after a restart). A
 session that held the lock without leading (waiting out a debt) carries no tag and needs none:
-its debt came from a term that was terminated (counted, or still exiting and tagged) or from a
-restart (a session younger than the incarnation reads its age: see below). Its ``sessions_fatal``
-(``idle_session_timeout``: the leader was silent for ``B``, so its deadline has passed) and
-``sessions_abandoned`` (the client died; its children die by their parent-death signal or at
-their deadline) cost nothing. Cost: none on a database that never counted a termination; a
+its debt came from a term that was terminated (counted, or still exiting and tagged), from one
+that ended otherwise (nothing to fear), or from a restart (a claim in an incarnation younger than
+a lease reads its age: see below). Sessions ended by ``idle_session_timeout`` (``sessions_fatal``:
+the leader was silent for ``B``, so its deadline has passed) or by a vanished client
+(``sessions_abandoned``: its children die by their parent-death signal or at their deadline) are
+not terminations and cost nothing. Cost: none on a database that never counted a termination; a
 lease after a claim on a new session on one that did, until ``pg_stat_reset()``, after which a
 new session waits only until a lease after the reset. A fast shutdown (``pg_ctl stop -m fast``,
 a restart) terminates the sessions it finds and counts them as killed.

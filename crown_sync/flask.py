@@ -73,7 +73,7 @@ from flask.cli import AppGroup
 import crown_sync
 from . import telemetry
 from .crown import check_name
-from .gunicorn import leader_token
+from ._web import leader_summary, status_body
 from .urls import default_oracle, oracle_from_url
 
 __all__ = ["CrownSync", "leader_only", "elected", "deposed", "new_leader", "crown_cli"]
@@ -276,30 +276,10 @@ def leader_only(view: Callable) -> Callable:
     return wrapper
 
 
-def _leader_dict(leader) -> Optional[Dict[str, Any]]:
-    if leader is None:
-        return None
-    # Identity, token and since only: metadata may hold whatever the leader chose to publish.
-    return {"identity": leader.identity, "token": leader.token, "since": leader.since}
-
-
 def _status_view():
     state = _state()
-    crown = state.crown()
     leading = crown_sync.is_leader(state.name)
-    body: Dict[str, Any] = {
-        "name": state.name,
-        "is_leader": leading,
-        "token": leader_token(state.name) if leading else None,
-        "pid": os.getpid(),
-        "phase": crown.phase if crown is not None else None,
-    }
-    try:
-        body["leader"] = _leader_dict(state.leader())
-    except Exception as exc:
-        body["leader"] = None
-        body["error"] = f"oracle unavailable ({type(exc).__name__})"  # no message: it may name hosts
-    response = flask.jsonify(body)
+    response = flask.jsonify(status_body(state.name, state.crown(), leading, state.leader))
     if flask.request.args.get("require") == "leader" and not leading:
         response.status_code = 503  # for load balancers that route to the leader only
     response.headers["Cache-Control"] = "no-store"
@@ -321,7 +301,7 @@ def _status_command(as_json: bool) -> None:
     oracle = state.config["CROWN_SYNC_ORACLE"]
     leader = crown_sync.find_leader(state.name, oracle=oracle)
     if as_json:
-        click.echo(json.dumps({"name": state.name, "leader": _leader_dict(leader)}))
+        click.echo(json.dumps({"name": state.name, "leader": leader_summary(leader)}))
     elif leader is None:
         click.echo(f"{state.name}: no leader")
     else:

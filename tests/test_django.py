@@ -36,7 +36,7 @@ from crown_sync.testing import journal  # noqa: E402
 from crown_sync.testing.servers import free_port, wait_for_port  # noqa: E402
 
 from tests.wsgi_support import (  # noqa: E402
-    ROOT, Gunicorn, get, journal_terms, parent_of, process_gone, wait_until,
+    ROOT, TwoMastersExample, get, journal_terms, parent_of, wait_until,
 )
 
 pytestmark = pytest.mark.timeout(180)
@@ -420,55 +420,16 @@ def manage_status(env):
 
 
 def test_example_django_scheduler_runs_once_across_two_gunicorn_masters(tmp_path):
-    path = str(tmp_path / "journal")
-    env = {"CROWN_SYNC_ORACLE": f"file://{tmp_path / 'oracle'}", "EXAMPLE_JOURNAL": path, "EXAMPLE_TICK": str(TICK)}
-    # The example's own gunicorn.conf.py, verbatim; the helper adds bind and test settings.
-    config_text = f"exec(open({os.path.join(ROOT, 'examples', 'django_gunicorn', 'gunicorn.conf.py')!r}).read())\n"
-    app = "examples.django_gunicorn.wsgi:application"
-    hosts = [Gunicorn(config_text, env, app_spec=app), Gunicorn(config_text, env, app_spec=app)]
-
-    def ticks():
-        return [e for e in journal.read(path) if e["ev"] == "beat"] if os.path.exists(path) else []
-
-    def scheduler_here(host):
-        answers = [get(host.port, "/") for _ in range(12)]
-        values = {a[2]["scheduler_here"] for a in answers if a is not None and a[0] == 200}
-        return values.pop() if len(values) == 1 else None
-
+    example = TwoMastersExample(tmp_path, "django_gunicorn", "examples.django_gunicorn.wsgi:application", TICK)
     try:
-        for host in hosts:
-            host.start()
-        wait_until(lambda: len(ticks()) >= 6, timeout=60, message="ticks")
-        leading = [h for h in hosts if scheduler_here(h) is True]
-        assert len(leading) == 1
-        survivor = next(h for h in hosts if h not in leading)
-        assert scheduler_here(survivor) is False
-        (first,) = journal_terms(path)
-        assert parent_of(first.pid) == leading[0].pid
-        assert post(leading[0].port, "/run-now")[0] == 200
+        leading, survivor, first = example.start()
+        assert post(leading.port, "/run-now")[0] == 200
         status, headers = post(survivor.port, "/run-now")
         assert status == 503 and headers["Retry-After"] == "5"
-        assert f":{leading[0].pid}:" in manage_status(env)["identity"]
-
-        # The leading master is SIGKILLed: its scheduler dies with it; the other master's goes on.
-        before = len(ticks())
-        leading[0].signal(signal.SIGKILL)
-        wait_until(lambda: process_gone(first.pid), timeout=10, message="the scheduler died with its master")
-        wait_until(lambda: len([t for t in ticks() if t["token"] != first.token]) >= 6, timeout=60,
-                   message="ticks from the other master")
-        assert len(ticks()) > before
-        wait_until(lambda: scheduler_here(survivor) is True, message="the survivor's workers see the scheduler")
+        assert f":{leading.pid}:" in manage_status(example.env)["identity"]
+        example.kill_leading_master(leading, survivor, first)
         assert post(survivor.port, "/run-now")[0] == 200
-        assert f":{survivor.pid}:" in manage_status(env)["identity"]
+        assert f":{survivor.pid}:" in manage_status(example.env)["identity"]
     finally:
-        for host in hosts:
-            host.cleanup()
-
-    report = journal.check(path)
-    assert report.ok, report.summary()
-    assert len(report.terms) == 2
-    # Every tick ran once: no scheduled time twice, none skipped, across the failover too.
-    all_ticks = sorted(t["tick"] for t in ticks())
-    assert len(all_ticks) == len(set(all_ticks))
-    gaps = {round(b - a, 3) for a, b in zip(all_ticks, all_ticks[1:])}
-    assert gaps == {TICK}, gaps
+        example.cleanup()
+    example.assert_one_grid_of_ticks()

@@ -12,11 +12,11 @@ from crown_sync.testing import journal
 
 from tests.wsgi_support import (
     ROOT,
-    Gunicorn,
-    get,
-    journal_terms,
+    TwoMastersExample,
     parent_of,
     process_gone,
+    get,
+    journal_terms,
     wait_until,
 )
 
@@ -49,56 +49,14 @@ TICK = 0.1
 
 
 def test_one_apscheduler_across_two_gunicorn_masters(tmp_path):
-    path = str(tmp_path / "journal")
-    env = {"CROWN_SYNC_ORACLE": f"file://{tmp_path / 'oracle'}", "EXAMPLE_JOURNAL": path, "EXAMPLE_TICK": str(TICK)}
-    # The example's own gunicorn.conf.py, verbatim; the helper adds bind and test settings.
-    config = f"exec(open({os.path.join(EXAMPLES, 'apscheduler_gunicorn', 'gunicorn.conf.py')!r}).read())\n"
-    app = "examples.apscheduler_gunicorn.app:app"
-    hosts = [Gunicorn(config, env, app_spec=app), Gunicorn(config, env, app_spec=app)]
-
-    def ticks():
-        return [e for e in journal.read(path) if e["ev"] == "beat"] if os.path.exists(path) else []
-
-    def scheduler_here(host):
-        answers = [get(host.port, "/") for _ in range(12)]
-        values = {a[2]["scheduler_here"] for a in answers if a is not None and a[0] == 200}
-        return values.pop() if len(values) == 1 else None
-
+    example = TwoMastersExample(tmp_path, "apscheduler_gunicorn", "examples.apscheduler_gunicorn.app:app", TICK)
     try:
-        for host in hosts:
-            host.start()
-        wait_until(lambda: len(ticks()) >= 6, message="ticks")
-        leading = [h for h in hosts if scheduler_here(h) is True]
-        assert len(leading) == 1 and scheduler_here(next(h for h in hosts if h not in leading)) is False
-        (first,) = journal_terms(path)
-        assert parent_of(first.pid) == leading[0].pid
-        assert get(leading[0].port, "/run-now")[0] == 405  # POST only; a GET never reaches the view
-
-        # The leading master is SIGKILLed: its scheduler dies with it; ticks keep coming from the
-        # other master's scheduler.
-        before = len(ticks())
-        leading[0].signal(signal.SIGKILL)
-        wait_until(lambda: process_gone(first.pid), timeout=10, message="the scheduler died with its master")
-        survivor = next(h for h in hosts if h not in leading)
-        wait_until(lambda: len([t for t in ticks() if t["token"] != first.token]) >= 6, timeout=60,
-                   message="ticks from the other master")
-        assert len(ticks()) > before
-        wait_until(lambda: scheduler_here(survivor) is True, message="survivor's workers see the scheduler")
+        leading, survivor, first = example.start()
+        assert get(leading.port, "/run-now")[0] == 405  # POST only; a GET never reaches the view
+        example.kill_leading_master(leading, survivor, first)
     finally:
-        for host in hosts:
-            host.cleanup()
-
-    report = journal.check(path)
-    assert report.ok, report.summary()
-    assert len(report.terms) == 2
-    # Every tick ran exactly once: no scheduled time twice, and none skipped from the first to
-    # the last, across the failover too (the new scheduler caught up on the ticks due meanwhile).
-    all_ticks = sorted(t["tick"] for t in ticks())
-    assert len(all_ticks) == len(set(all_ticks))
-    gaps = {round(b - a, 3) for a, b in zip(all_ticks, all_ticks[1:])}
-    assert gaps == {TICK}, gaps
-    late = [t for t in ticks() if t.get("late")]
-    print(f"{len(late)} ticks caught up after the failover")
+        example.cleanup()
+    example.assert_one_grid_of_ticks()
 
 
 # ------------------------------------------------------------------- a daemon singleton

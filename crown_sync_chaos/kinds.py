@@ -19,8 +19,10 @@ Generic faults, injected by the runner on contender processes (see :mod:`crown_s
   16 bytes), so no hook in the contender process is needed;
 * ``flush`` (memcached): ``flush_all``, which forgets every lease record at once;
 * ``revoke``: the oracle's own way of taking the crown from a live leader, as an administrator
-  would (memcached: another client deletes the leader's key). A kind supports it by listing it
-  in ``faults`` and handling it in ``inject``; the base class refuses it.
+  would (PostgreSQL: ``pg_terminate_backend`` of the leader's session or of every crown_sync
+  session; ZooKeeper: another client deletes the leader's queue node; memcached: another client
+  deletes the leader's key). A kind supports it by listing it in ``faults`` and handling it in
+  ``inject``; the base class refuses it.
 
 The runner's ``pause-restart`` fault restarts the server through :meth:`Kind.restart_server`,
 which reuses the kind's own ``restart``, so every kind with ``restart`` has it.

@@ -267,7 +267,7 @@ import psycopg.errors
 import tenacity
 from psycopg import conninfo as _conninfo
 
-from .. import _forksafe
+from .. import _forksafe, clock
 from ..oracle import Claim, Contender, Leader, OnChange, Oracle
 from ..urls import parse_options, redact, redact_text
 
@@ -1013,7 +1013,7 @@ class PostgresContender(Contender):
             conn.close()
             raise
         self._pid, self._marker = pid, marker
-        self._connected_at = time.monotonic()
+        self._connected_at = clock.monotonic()
         with self._state_lock:
             self._events.clear()  # what happened while we were not listening is unknown
             self._baseline = None
@@ -1189,11 +1189,11 @@ class PostgresContender(Contender):
                 self._baseline = _Baseline(holder_pid, killed, _decode_record(holder_query) is not None)
                 self._leader = self.oracle.leader_from_row(self.name, holder_pid, holder_query)
                 return Claim(won=False, leader=self._leader)
-            until = self._claim_debt(self._conn, int(token), time.monotonic(), age)
+            until = self._claim_debt(self._conn, int(token), clock.monotonic(), age)
         except Exception as exc:
             self._fail(exc)
             raise self._error(exc) from None
-        if until > time.monotonic():
+        if until > clock.monotonic():
             return self._owe(int(token), since, until)
         self._token, self._since = int(token), since
         return self._won()
@@ -1247,7 +1247,7 @@ class PostgresContender(Contender):
         if conn is None or conn.closed:  # a new session could never hold the old one's lock
             self._drop_connection()
             return Claim(won=False, leader=None)
-        started = time.monotonic()
+        started = clock.monotonic()
         announce, self._announced = not self._announced, True  # once, even if it fails
         params = {"hi": self._hi, "lo": self._lo}
         if announce:
@@ -1343,7 +1343,7 @@ class PostgresContender(Contender):
             found = match(events)
             if found is not None:
                 return found
-            remaining = until - time.monotonic()
+            remaining = until - clock.monotonic()
             if remaining <= 0 or stopped():
                 return None
             try:
@@ -1398,7 +1398,7 @@ class PostgresContender(Contender):
                 return False
             if not present:
                 return killed == killed_before
-            remaining = until - time.monotonic()
+            remaining = until - clock.monotonic()
             if remaining <= 0 or self._waiter_wakeup.wait(min(remaining, pause)):
                 return False
             pause = min(pause * 2, 0.01)  # the exit takes a millisecond or two, unless loaded
@@ -1431,7 +1431,7 @@ class PostgresContender(Contender):
                             pass
                         (successor,) = cursor.fetchone()
                         if successor:
-                            self._handoff = (self._token, time.monotonic() + _HANDOFF_LINGER)
+                            self._handoff = (self._token, clock.monotonic() + _HANDOFF_LINGER)
                     else:
                         conn.execute("SELECT pg_advisory_unlock_all()")
                 finally:
@@ -1539,7 +1539,7 @@ class PostgresContender(Contender):
                     if self._waiter_stop:
                         return
                     self._in_wait = True
-                    started = time.monotonic()
+                    started = clock.monotonic()
                     try:
                         row = conn.execute(self._tag + _WAIT_SQL, dict(params, young=self._young())).fetchone()
                     finally:
@@ -1571,8 +1571,8 @@ class PostgresContender(Contender):
         not younger than a lease); otherwise hold the lock without leading until the
         predecessor's deadline has passed (_debt, _wait_out). Then tell the engine, with the
         term ready for claim() to return at once."""
-        until = self._debt(conn, token, baseline, time.monotonic(), age)
-        waited = until > time.monotonic()
+        until = self._debt(conn, token, baseline, clock.monotonic(), age)
+        waited = until > clock.monotonic()
         if waited and not self._wait_out(conn, until):
             return
         self._begin_term(conn, token, since, started, waited)
@@ -1580,7 +1580,7 @@ class PostgresContender(Contender):
     def _young(self) -> bool:
         """Is our session younger than a lease? If not, the server's incarnation is not either,
         and no leader of a previous one can still be running its child (_INCARNATION_AGE)."""
-        return time.monotonic() - self._connected_at < self._bound
+        return clock.monotonic() - self._connected_at < self._bound
 
     def _restart_debt(self, age: Optional[float]) -> float:
         """Seconds our child must wait because the server's incarnation began ``age`` seconds
@@ -1661,7 +1661,7 @@ class PostgresContender(Contender):
         if wait > 0:
             logger.debug("%s: won the lock without a queued wait; a termination %.3fs ago may have"
                          " ended the previous term: waiting %.3fs", self.name, quiet, wait)
-        return max(until, time.monotonic() + wait)
+        return max(until, clock.monotonic() + wait)
 
     def _wait_out(self, conn: psycopg.Connection, until: float) -> bool:
         """Hold the lock without leading until the monotonic instant ``until``, confirming the
@@ -1671,7 +1671,7 @@ class PostgresContender(Contender):
         self._owed_until = max(self._owed_until, until)
         params = {"hi": self._hi, "lo": self._lo}
         while True:
-            remaining = until - time.monotonic()
+            remaining = until - clock.monotonic()
             if remaining <= 0:
                 return True
             if self._waiter_wakeup.wait(min(remaining, self.oracle.confirm_interval)) or self._waiter_stop:
@@ -1695,7 +1695,7 @@ class PostgresContender(Contender):
         leading until ``until`` (as a woken follower does), then tell the engine."""
         conn = self._conn
         logger.info("%s: won the lock with token %s; the previous term may run %.3fs more: waiting",
-                    self.name, token, until - time.monotonic())
+                    self.name, token, until - clock.monotonic())
 
         def owe() -> None:
             if self._wait_out(conn, until):
@@ -1727,7 +1727,7 @@ class PostgresContender(Contender):
         # The wait's result proves the session against the server's timeouts, not against a
         # termination since (the admin who killed our predecessor may be killing us too): lead
         # on it only at once, with nothing unread from the server; else confirm first.
-        if (not waited and deadline - time.monotonic() >= self.oracle.confirm_interval
+        if (not waited and deadline - clock.monotonic() >= self.oracle.confirm_interval
                 and not self._unread(conn)):
             leader = Leader(self.identity, dict(self.metadata), token, since)
             self._leader = leader
@@ -1791,13 +1791,13 @@ class PostgresContender(Contender):
         self._waiter_wakeup.set()
         if waiter.is_alive() and waiter is not threading.current_thread():
             conn = self._conn
-            give_up = time.monotonic() + timeout
-            while waiter.is_alive() and time.monotonic() < give_up:
+            give_up = clock.monotonic() + timeout
+            while waiter.is_alive() and clock.monotonic() < give_up:
                 if self._in_wait and conn is not None and not conn.closed:
                     canceller = threading.Thread(target=self._cancel, args=(conn,), daemon=True)
                     canceller.start()
-                    canceller.join(max(0.0, min(2.0, give_up - time.monotonic())))
-                waiter.join(max(0.0, min(0.2, give_up - time.monotonic())))
+                    canceller.join(max(0.0, min(2.0, give_up - clock.monotonic())))
+                waiter.join(max(0.0, min(0.2, give_up - clock.monotonic())))
             if waiter.is_alive():  # the server doesn't answer: cut the session under it
                 _shutdown(conn)
                 waiter.join(1.0)

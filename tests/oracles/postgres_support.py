@@ -16,6 +16,7 @@ import threading
 import time
 from typing import Callable, Dict, List, Optional
 
+from crown_sync import clock
 from crown_sync.testing import journal
 from crown_sync.testing.servers import free_port
 
@@ -24,8 +25,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def wait_until(predicate: Callable, timeout: float = 30.0, interval: float = 0.01, message: str = "condition"):
     """Poll until predicate() returns something true; fail (never hang) after a generous timeout."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
+    end = clock.monotonic() + timeout
+    while clock.monotonic() < end:
         value = predicate()
         if value:
             return value
@@ -75,7 +76,7 @@ class Fleet:
 
     def running_term(self, fresh: float = 0.25) -> Optional[journal.Term]:
         """The term whose child journaled within ``fresh`` seconds and has not stopped."""
-        now = time.monotonic()
+        now = clock.monotonic()
         running = [t for t in self.terms() if not t.stopped and now - t.end < fresh and t.beats > 0]
         return running[-1] if running else None
 

@@ -24,7 +24,7 @@ import psycopg
 import pytest
 
 import crown_sync
-from crown_sync import telemetry
+from crown_sync import clock, telemetry
 from crown_sync.oracles import postgres as postgres_oracle
 from crown_sync.oracles.postgres import (
     OPTIONS,
@@ -106,7 +106,7 @@ class Signals:
         self.event = threading.Event()
 
     def __call__(self, lost=False):
-        self.calls.append((time.monotonic(), lost))
+        self.calls.append((clock.monotonic(), lost))
         self.event.set()
 
     def wait(self, timeout=30.0, lost=None):
@@ -471,10 +471,10 @@ def test_close_after_a_release_waits_only_for_a_successor_and_only_so_long(pg, n
             waiting.start()
             wait_until(lambda: pg.sql("SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", (other_pid,))
                        == [("Lock",)], message="the plain session waiting on the lock")
-        started = time.monotonic()
+        started = clock.monotonic()
         a.abdicate()
         a.close()
-        took = time.monotonic() - started
+        took = clock.monotonic() - started
         wait_until(lambda: not session_alive(pg, a_pid), message="a's session ended")
         if successor == "none":
             assert took < 30  # far below the 60 s bound: it did not wait (generous: not a speed test)
@@ -630,7 +630,7 @@ def test_terminated_leader_whose_command_is_slow_to_stop_never_overlaps(pg, name
         if crown == "paused":
             fleet.signal(before.identity, signal.SIGSTOP)
         try:
-            killed_at = time.monotonic()
+            killed_at = clock.monotonic()
             assert pg.terminate(pid)
             after = fleet.wait_for_term(other_than={before.identity}, after=killed_at)
         finally:
@@ -662,7 +662,7 @@ def test_successor_that_dies_while_waiting_out_the_lease_passes_the_wait_on(pg, 
         wait_until(lambda: pg.sql(waiting, (f"crown_sync {name}"[:63],)) == [(1,)], message="b queued")
         fleet.spawn("c")
         wait_until(lambda: pg.sql(waiting, (f"crown_sync {name}"[:63],)) == [(2,)], message="c queued")
-        killed_at = time.monotonic()
+        killed_at = clock.monotonic()
         assert pg.terminate(holder_pid(pg, oracle, name))
         wait_until(lambda: holder_pid(pg, oracle, name) == b._pid, message="b granted")
         time.sleep(1.2)  # c's wait has been re-armed (wait_timeout 1 s) since the termination
@@ -697,7 +697,7 @@ def test_every_crown_session_terminated_while_the_leader_is_paused_never_overlap
         leader = holder_pid(pg, oracle, name)
         fleet.signal(before.identity, signal.SIGSTOP)
         try:
-            killed_at = time.monotonic()
+            killed_at = clock.monotonic()
             ended = pg.sql("SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity"
                            " WHERE application_name = %s", (application,))  # in one statement
             assert leader in {pid for pid, _ in ended} and [e for _, e in ended] == [True] * 3
@@ -756,7 +756,7 @@ def test_server_drops_a_silent_leader_no_sooner_than_its_deadline(pg, name):
         assert claim.won
         pid = holder_pid(pg, oracle, name)
         log_before = len(pg.log_tail(10 ** 9))
-        won = wait_until(lambda: b.claim().won and time.monotonic(), timeout=30, message="b wins")
+        won = wait_until(lambda: b.claim().won and clock.monotonic(), timeout=30, message="b wins")
         assert won >= claim.deadline
         assert "idle-session timeout" in pg.log_tail(10 ** 9)[log_before:]
         assert pid not in [r[0] for r in pg.sql("SELECT pid FROM pg_stat_activity")]
@@ -820,9 +820,9 @@ def test_follower_waits_are_bounded_and_close_cancels_them(pg, name):
 
         # The wait is re-armed (a fresh statement, a fresh snapshot) instead of pinning xmin.
         wait_until(waiting_since, timeout=30, interval=0.05, message="two lock waits")
-        started = time.monotonic()
+        started = clock.monotonic()
         b.close()
-        assert time.monotonic() - started < 10  # bounded (generous: not a speed test)
+        assert clock.monotonic() - started < 10  # bounded (generous: not a speed test)
         wait_until(lambda: not pg.sql("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (b_pid,)),
                    message="the follower's session ended")
         assert a.refresh().won
@@ -844,9 +844,9 @@ def test_close_is_bounded_when_the_backend_is_frozen(pg, name):
         wait_until(lambda: pg.sql("SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", (frozen,)) == [("Lock",)],
                    message="follower waiting")
         os.kill(frozen, signal.SIGSTOP)
-        started = time.monotonic()
+        started = clock.monotonic()
         b.close()
-        assert time.monotonic() - started < 15
+        assert clock.monotonic() - started < 15
     finally:
         if frozen:
             os.kill(frozen, signal.SIGCONT)
@@ -959,7 +959,7 @@ def test_failover_to_a_standby_that_missed_wal_keeps_tokens_rising(name, tmp_pat
         fleet.signal(second.identity, signal.SIGSTOP)
         try:
             primary.stop(mode="immediate")
-            failed_at = time.monotonic()
+            failed_at = clock.monotonic()
             assert standby.sql("SELECT pg_promote(true, 60)") == [(True,)]
             third = fleet.wait_for_term(other_than={first.identity, second.identity}, after=failed_at,
                                         timeout=60)
@@ -1052,8 +1052,8 @@ def test_two_crowns_in_one_process_never_both_lead(pg, name, tmp_path):
         for crown in crowns:
             crown.start()
         wait_until(lambda: any(c.is_leader() for c in crowns), message="a leader")
-        end = time.monotonic() + 1.0
-        while time.monotonic() < end:
+        end = clock.monotonic() + 1.0
+        while clock.monotonic() < end:
             both.append(all(c.is_leader() for c in crowns))
             time.sleep(0.005)
         first = next(c for c in crowns if c.is_leader())
@@ -1106,7 +1106,7 @@ def test_pg_terminate_backend_of_the_leader(pg, name, tmp_path):
         fleet.spawn(f"t{i}")
     try:
         before = fleet.wait_for_term()
-        killed_at = time.monotonic()
+        killed_at = clock.monotonic()
         assert pg.terminate(holder_pid(pg, oracle, name))
         after = fleet.wait_for_term(after=killed_at)
         time.sleep(0.2)
@@ -1147,7 +1147,7 @@ def test_tls_fleet_terminate_and_sigkill(pg_tls, name, tmp_path):
         first = fleet.wait_for_term()
         pid = holder_pid(pg_tls, oracle, name)
         assert encrypted(pg_tls, pid)
-        killed_at = time.monotonic()
+        killed_at = clock.monotonic()
         assert pg_tls.terminate(pid)
         second = fleet.wait_for_term(after=killed_at)
         assert encrypted(pg_tls, holder_pid(pg_tls, oracle, name))
@@ -1177,7 +1177,7 @@ def test_terminating_every_session_one_after_another_never_overlaps(pg, name, tm
         for _ in range(4):
             fleet.wait_for_term()
             wait_until(lambda: len(pg.sql(sessions, (f"crown_sync {name}"[:63],))) == 3, message="3 sessions")
-            killed_at = time.monotonic()
+            killed_at = clock.monotonic()
             for (pid,) in pg.sql(sessions, (f"crown_sync {name}"[:63],)):  # the leader's first
                 pg.terminate(pid)
                 time.sleep(0.01)
@@ -1194,7 +1194,7 @@ def test_immediate_server_restart(pg, name, tmp_path):
         fleet.spawn(f"r{i}")
     try:
         before = fleet.wait_for_term()
-        restarted_at = time.monotonic()
+        restarted_at = clock.monotonic()
         pg.restart(mode="immediate")
         after = fleet.wait_for_term(after=restarted_at, timeout=60)
         time.sleep(0.2)
@@ -1219,7 +1219,7 @@ def test_server_restart_while_the_leader_is_paused_never_overlaps(pg, name, tmp_
         before = fleet.wait_for_term()
         fleet.signal(before.identity, signal.SIGSTOP)
         try:
-            restarted_at = time.monotonic()
+            restarted_at = clock.monotonic()
             pg.restart(mode="immediate")
             after = fleet.wait_for_term(other_than={before.identity}, after=restarted_at, timeout=60)
         finally:
@@ -1243,11 +1243,11 @@ def test_paused_leader_is_replaced_after_idle_session_timeout(pg, name, tmp_path
     try:
         paused = fleet.wait_for_term()
         log_before = len(pg.log_tail(10 ** 9))
-        stopped_at = time.monotonic()
+        stopped_at = clock.monotonic()
         fleet.signal(paused.identity, signal.SIGSTOP)  # the crown's process; its child runs on
         try:
             successor = fleet.wait_for_term(other_than={paused.identity}, timeout=30)
-            time.sleep(max(0.0, stopped_at + 3.0 - time.monotonic()))
+            time.sleep(max(0.0, stopped_at + 3.0 - clock.monotonic()))
         finally:
             fleet.signal(paused.identity, signal.SIGCONT)
         time.sleep(1.0)
@@ -1303,9 +1303,9 @@ def _crown_that_cannot_connect(url, name, secret, caplog):
         wait_until(lambda: crown.status().last_error, timeout=30, message="last_error")
         yield crown
     finally:
-        started = time.monotonic()
+        started = clock.monotonic()
         crown.stop()
-        stopped_in = time.monotonic() - started
+        stopped_in = clock.monotonic() - started
         telemetry.detach(handle)
     assert stopped_in < 30
     assert events and not any(secret in e for e in events)
@@ -1383,7 +1383,7 @@ def test_quiet_follower_whose_session_the_server_ended_claims_without_error(pg, 
 
     def record(event, meta):
         with lock:
-            seen.append((time.monotonic(), event, meta.get("identity"), meta.get("error")))
+            seen.append((clock.monotonic(), event, meta.get("identity"), meta.get("error")))
 
     handle = telemetry.attach(record)
     log_before = len(pg.log_tail(10 ** 9))
@@ -1401,7 +1401,7 @@ def test_quiet_follower_whose_session_the_server_ended_claims_without_error(pg, 
         quiet.start()
         # The leader confirms every 0.4 s and never idles: these timeouts are the quiet one's.
         wait_until(idle_timeouts, timeout=30, interval=0.1, message="the quiet follower's session idled out")
-        timed_out_at = time.monotonic()
+        timed_out_at = clock.monotonic()
         wait_until(lambda: [e for e in seen if e[1] == "crown.leadership.rejected" and e[2] == "quiet"
                             and e[0] > timed_out_at],
                    timeout=30, interval=0.05, message="a claim after the timeout")

@@ -19,9 +19,9 @@ Generic faults, injected by the runner on contender processes (see :mod:`crown_s
   16 bytes), so no hook in the contender process is needed;
 * ``flush`` (memcached): ``flush_all``, which forgets every lease record at once;
 * ``revoke``: the oracle's own way of taking the crown from a live leader, as an administrator
-  would (PostgreSQL: ``pg_terminate_backend`` of the leader's session or of every crown_sync
-  session; ZooKeeper: another client deletes the leader's queue node; memcached: another client
-  deletes the leader's key). A kind supports it by listing it in ``faults`` and handling it in
+  would (file: the lock file deleted or replaced; PostgreSQL: ``pg_terminate_backend`` of the
+  leader's session or of every crown_sync session; ZooKeeper: another client deletes the
+  leader's queue node; memcached: another client deletes the leader's key). A kind supports it by listing it in ``faults`` and handling it in
   ``inject``; the base class refuses it.
 
 The runner's ``pause-restart`` fault restarts the server through :meth:`Kind.restart_server`,
@@ -124,7 +124,7 @@ class FileKind(Kind):
 
     name = "file"
     modules = ("crown_sync.oracles.file",)
-    faults = ("sigkill", "sigstop", "dismiss")
+    faults = ("sigkill", "sigstop", "dismiss", "revoke")
     partitionable = False
 
     def start(self) -> None:
@@ -145,7 +145,26 @@ class FileKind(Kind):
         return rng.uniform(1.0, 2.0)
 
     def expects_new_term(self, fault: str, details: Dict[str, Any]) -> bool:
-        return fault != "sigstop" and super().expects_new_term(fault, details)
+        # A paused leader keeps its lock, and one whose lock file was deleted or replaced leads
+        # on (nobody may lead on the new file while the old one is locked).
+        return fault not in ("sigstop", "revoke") and super().expects_new_term(fault, details)
+
+    def inject(self, fault, rng, leader, name):
+        """``revoke``: the lock file deleted (a tmp cleaner, ``rm``) or replaced (``mv`` over it)
+        while the leader holds it, the one way to take a flock away from a live process."""
+        if fault != "revoke":
+            return super().inject(fault, rng, leader, name)
+        path = os.path.join(self.directory, f"{name}.lock")
+        before = os.stat(path).st_ino
+        how = rng.choice(("delete", "replace"))
+        if how == "delete":
+            os.unlink(path)
+        else:
+            with open(path + ".new", "w"):
+                pass
+            os.replace(path + ".new", path)
+        after = os.stat(path).st_ino if os.path.exists(path) else None
+        return {"chosen": how, "downtime": 0.0, "confirmed": after != before}
 
 
 class PostgresKind(Kind):

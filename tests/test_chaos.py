@@ -163,7 +163,7 @@ def test_command_line_prints_the_table(tmp_path):
     output = tmp_path / "results.json"
     env = dict(os.environ, PYTHONPATH=ROOT)
     run = subprocess.run(
-        [sys.executable, "-m", "crown_sync_chaos", "--oracle", "file", "--rounds", "4",
+        [sys.executable, "-m", "crown_sync_chaos", "--oracle", "file", "--rounds", "5",
          "--seed", "7", "--workdir", str(tmp_path / "work"), "--output", str(output),
          "--child", "mixed", "--stop-delay", "0.5"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=170,
@@ -172,9 +172,9 @@ def test_command_line_prints_the_table(tmp_path):
     assert run.returncode == 0, text
     assert "seed 7" in text
     row = next(line for line in text.splitlines() if line.startswith("| file |"))
-    assert "| 4 |" in row, row
+    assert "| 5 |" in row, row
     results = json.loads(output.read_text())["results"]
     assert [r["oracle"] for r in results] == ["file"]
-    assert results[0]["rounds"] == 4 and results[0]["overlaps"] == 0
-    assert sorted(results[0]["faults"]) == ["dismiss", "groupstop", "sigkill", "sigstop"]
+    assert results[0]["rounds"] == 5 and results[0]["overlaps"] == 0
+    assert sorted(results[0]["faults"]) == ["dismiss", "groupstop", "revoke", "sigkill", "sigstop"]
     assert (results[0]["child"], results[0]["stop_delay"]) == ("mixed", 0.5)

@@ -168,42 +168,73 @@ class FileKind(Kind):
 
 
 class PostgresKind(Kind):
-    """Session advisory locks; the server enforces the lease with ``idle_session_timeout``."""
+    """Session advisory locks; the server enforces the lease with ``idle_session_timeout``.
+
+    A primary and an asynchronous hot standby on two fixed ports; every URL lists both
+    (``target_session_attrs=read-write``), so contenders follow whichever is the primary."""
 
     name = "postgres"
     modules = ("crown_sync.oracles.postgres", "crown_sync.testing.postgres_server")
-    faults = ("sigkill", "sigstop", "dismiss", "restart", "terminate", "partition", "revoke")
+    faults = ("sigkill", "sigstop", "dismiss", "restart", "terminate", "partition", "revoke", "promote")
+
+    def __init__(self, lease: float, workdir: str, netns=None):
+        super().__init__(lease, workdir, netns)
+        self.standby = None
+        self.ports: Tuple[int, ...] = ()
+
+    def _settings(self) -> Dict[str, Any]:
+        if self.netns is None:
+            return {}
+        return {"listen_addresses": f"127.0.0.1,{self.netns.host_ip}"}
 
     def start(self) -> None:
         from crown_sync.testing.postgres_server import PostgresServer
 
-        settings = {}
+        self.server = PostgresServer(settings=self._settings(), fsync=False)
         if self.netns is not None:
-            settings["listen_addresses"] = f"127.0.0.1,{self.netns.host_ip}"
-        self.server = PostgresServer(settings=settings, fsync=False)
-        if self.netns is not None:
-            # initdb's pg_hba.conf admits loopback only; admit the namespace's /30 too.
+            # initdb's pg_hba.conf admits loopback only; admit the namespace's /30 too (a
+            # standby's base backup copies it).
             self.server.initdb()
             with open(os.path.join(self.server.datadir, "pg_hba.conf"), "a") as handle:
                 handle.write(f"host all all {self.netns.network} trust\n")
         self.server.start()
+        self.standby = self._new_standby(port=None)
+        self.ports = (self.server.port, self.standby.port)
+
+    def _new_standby(self, port: Optional[int]):
+        """A hot standby of the current primary, started and streaming."""
+        standby = self.server.create_standby(port=port, settings=self._settings())
+        try:
+            standby.start()
+            standby.wait_streaming()
+        except BaseException:
+            standby.cleanup()
+            raise
+        return standby
+
+    def stop(self) -> None:
+        if self.standby is not None:
+            self.standby.cleanup()
+            self.standby = None
+        super().stop()
 
     def url(self, in_netns: bool = False) -> str:
-        url = self.server.url
-        if in_netns:
-            url = url.replace("@127.0.0.1:", f"@{self.netns.host_ip}:")
-        return _with_query(url, lease=self.lease, wait_timeout=1)
+        host = self.netns.host_ip if in_netns else "127.0.0.1"
+        hosts = ",".join(f"{host}:{port}" for port in self.ports)
+        url = f"postgresql://{self.server.superuser}@{hosts}/{self.server.database}"
+        return _with_query(url, target_session_attrs="read-write", lease=self.lease, wait_timeout=1)
 
     def describe(self) -> Dict[str, Any]:
-        return {"lease": self.lease, "note": "PostgresOracle lease (idle_session_timeout)"}
+        return {"lease": self.lease, "note": "PostgresOracle lease (idle_session_timeout); a primary and "
+                                             "an asynchronous hot standby"}
 
     def bound(self) -> float:
         # The server frees a silent session's lock at most `lease` after its last statement; a
         # waiter blocked in pg_advisory_lock gets it at once (wait_timeout only re-queues it).
         # After a termination (a revocation; a follower that reconnects after its own session
         # was ended too, in a database that counted one), or on a server younger than a lease
-        # (a restart: the runner adds the downtime), the new leader's child waits a lease from
-        # its grant.
+        # (a restart or a promotion: the runner adds the downtime, the time without a primary),
+        # the new leader's child waits a lease from its grant.
         return self.lease + 1.0 + SLACK
 
     def inject(self, fault, rng, leader, name):
@@ -230,7 +261,32 @@ class PostgresKind(Kind):
                     "downtime": 0.0, "confirmed": bool(done)}
         if fault == "revoke":
             return self._revoke(rng)
+        if fault == "promote":
+            return self._promote()
         return super().inject(fault, rng, leader, name)
+
+    def _promote(self):
+        """A failover to an asynchronous standby that missed WAL: the standby stops receiving WAL,
+        the primary runs a few transactions it never gets, then crashes (SIGQUIT), and the
+        standby is promoted. Then a new standby of the new primary is built on the old primary's
+        port (base backup, started, streaming), ready for the next failover."""
+        old, new = self.server, self.standby
+        new.stop_wal_receipt()
+        before = old.timeline()
+        for _ in range(5):  # xids the promoted server will hand out again (on a higher timeline)
+            last_xid = int(old.sql("SELECT pg_current_xact_id()")[0][0])
+        t0 = time.monotonic()
+        old.stop(mode="immediate")
+        promoted = new.promote()
+        downtime = time.monotonic() - t0
+        after = new.timeline()
+        primary = new.sql("SELECT pg_is_in_recovery()") == [(False,)]
+        # Roles swap before the rebuild, so that stop() cleans up whatever exists if it fails.
+        self.server, self.standby = new, None
+        old.cleanup()
+        self.standby = self._new_standby(port=old.port)
+        return {"timeline": [before, after], "old_primary_last_xid": last_xid, "downtime": downtime,
+                "confirmed": promoted and primary and after > before}
 
     def _revoke(self, rng):
         """An administrator ends the leader's session (``pg_terminate_backend`` of the backend

@@ -352,9 +352,15 @@ class PostgresServer(Server):
             " WHERE l.locktype = 'advisory' AND l.granted ORDER BY l.pid"
         )
 
-    def create_standby(self) -> "PostgresServer":
-        """A hot standby of this server (``pg_basebackup -R``) on another free port, not started."""
-        standby = PostgresServer(settings={"hot_standby": "on"}, fsync=self.fsync, user=self.superuser)
+    def create_standby(self, port: Optional[int] = None,
+                       settings: Optional[Dict[str, Any]] = None) -> "PostgresServer":
+        """A hot standby of this server (``pg_basebackup -R``) on another free port (or on
+        ``port``, e.g. a crashed old primary's, so that a multi-host URL stays valid), with extra
+        ``settings``, not started."""
+        standby = PostgresServer(settings={"hot_standby": "on", **(settings or {})}, fsync=self.fsync,
+                                 user=self.superuser)
+        if port is not None:
+            standby.port = port
         self._run_basebackup(standby)
         standby._initialized = True
         return standby
@@ -371,3 +377,33 @@ class PostgresServer(Server):
         )
         if result.returncode != 0:
             raise RuntimeError(f"pg_basebackup failed: {result.stdout.decode(errors='replace')[-2000:]}")
+
+    # -- replication -------------------------------------------------------------------------
+
+    def wait_streaming(self, timeout: float = 60.0) -> None:
+        """Wait until this standby's WAL receiver streams from its primary."""
+        self._wait_sql("SELECT count(*) FROM pg_stat_wal_receiver WHERE status = 'streaming'", (1,),
+                       timeout, "the standby streams WAL")
+
+    def stop_wal_receipt(self, timeout: float = 60.0) -> None:
+        """Make this standby stop receiving WAL (``primary_conninfo`` cleared): from now on it
+        misses what its primary writes, as an asynchronous standby that lags does."""
+        self.sql("ALTER SYSTEM SET primary_conninfo = ''")
+        self.sql("SELECT pg_reload_conf()")
+        self._wait_sql("SELECT count(*) FROM pg_stat_wal_receiver", (0,), timeout,
+                       "the standby stopped receiving WAL")
+
+    def promote(self, timeout: int = 60) -> bool:
+        """``pg_promote(true, timeout)``: end recovery; true once this server is a primary."""
+        return bool(self.sql("SELECT pg_promote(true, %s)", (timeout,))[0][0])
+
+    def timeline(self) -> int:
+        """A primary's current timeline (the first 8 hex digits of its current WAL file's name)."""
+        return int(self.sql("SELECT substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)")[0][0], 16)
+
+    def _wait_sql(self, query: str, row: tuple, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while self.sql(query) != [row]:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"timed out waiting until {what}: {self.log_tail()}")
+            time.sleep(0.05)

@@ -262,31 +262,67 @@ class PostgresKind(Kind):
         if fault == "revoke":
             return self._revoke(rng)
         if fault == "promote":
-            return self._promote()
+            return self._promote(rng, leader)
         return super().inject(fault, rng, leader, name)
 
-    def _promote(self):
-        """A failover to an asynchronous standby that missed WAL: the standby stops receiving WAL,
-        the primary runs a few transactions it never gets, then crashes (SIGQUIT), and the
-        standby is promoted. Then a new standby of the new primary is built on the old primary's
-        port (base backup, started, streaming), ready for the next failover."""
+    def _promote(self, rng, leader):
+        """A failover to an asynchronous standby that missed WAL: the standby stops receiving WAL
+        (if it still does), the primary runs a few transactions it never gets, then crashes
+        (SIGQUIT), and the standby is promoted. Then a new standby takes the old primary's port,
+        ready for the next failover: one time in two a base backup of the new primary, streaming;
+        otherwise a copy of the standby taken before the promotion that receives no WAL
+        (replication broken, unnoticed), so that every term until the next failover, the
+        promoted server's first included, takes a token the next promoted server never saw. It
+        is given the timelines' history files (as a ``restore_command`` archive would): a
+        standby that never learnt of a promotion picks the same timeline again when promoted
+        itself, and tokens repeat (the PostgreSQL oracle cannot tell)."""
         old, new = self.server, self.standby
         new.stop_wal_receipt()
+        missed = self._missed(new, leader)  # asked before anyone can use the promoted server
         before = old.timeline()
         for _ in range(5):  # xids the promoted server will hand out again (on a higher timeline)
             last_xid = int(old.sql("SELECT pg_current_xact_id()")[0][0])
+        lagging = rng.random() < 0.5
+        spare = new.create_standby(port=old.port, settings=self._settings(), receive=False) if lagging else None
         t0 = time.monotonic()
         old.stop(mode="immediate")
         promoted = new.promote()
         downtime = time.monotonic() - t0
         after = new.timeline()
         primary = new.sql("SELECT pg_is_in_recovery()") == [(False,)]
+        details = {"timeline": [before, after], "old_primary_last_xid": last_xid,
+                   "leader_xid_missed": missed, "downtime": downtime,
+                   "next_standby": "lagging" if lagging else "streaming",
+                   "confirmed": promoted and primary and after > before}
         # Roles swap before the rebuild, so that stop() cleans up whatever exists if it fails.
         self.server, self.standby = new, None
         old.cleanup()
-        self.standby = self._new_standby(port=old.port)
-        return {"timeline": [before, after], "old_primary_last_xid": last_xid, "downtime": downtime,
-                "confirmed": promoted and primary and after > before}
+        if spare is None:
+            self.standby = self._new_standby(port=old.port)
+        else:
+            try:
+                spare.adopt_history(new)
+                spare.start()
+            except BaseException:
+                spare.cleanup()
+                raise
+            self.standby = spare
+        return details
+
+    @staticmethod
+    def _missed(server, leader) -> Optional[bool]:
+        """Whether the standby ``server`` never received the transaction of the leader's token
+        (its xid, the token's low 48 bits, epoch 0 here, is in its future): once promoted, it
+        hands that xid out again."""
+        import psycopg
+
+        if leader is None or leader.get("token") is None:
+            return None
+        try:
+            server.sql("SELECT pg_xact_status(%s::text::xid8)", (str(leader["token"] & (2 ** 48 - 1)),))
+        except psycopg.errors.InvalidParameterValue:  # "transaction ID ... is in the future"
+            return True
+        return False
 
     def _revoke(self, rng):
         """An administrator ends the leader's session (``pg_terminate_backend`` of the backend

@@ -352,16 +352,21 @@ class PostgresServer(Server):
             " WHERE l.locktype = 'advisory' AND l.granted ORDER BY l.pid"
         )
 
-    def create_standby(self, port: Optional[int] = None,
-                       settings: Optional[Dict[str, Any]] = None) -> "PostgresServer":
+    def create_standby(self, port: Optional[int] = None, settings: Optional[Dict[str, Any]] = None,
+                       receive: bool = True) -> "PostgresServer":
         """A hot standby of this server (``pg_basebackup -R``) on another free port (or on
         ``port``, e.g. a crashed old primary's, so that a multi-host URL stays valid), with extra
-        ``settings``, not started."""
+        ``settings``, not started. ``receive=False``: it will not receive WAL (``primary_conninfo``
+        cleared), it stays as of the backup. This server may itself be a standby."""
         standby = PostgresServer(settings={"hot_standby": "on", **(settings or {})}, fsync=self.fsync,
                                  user=self.superuser)
         if port is not None:
             standby.port = port
         self._run_basebackup(standby)
+        if not receive:
+            # After -R's line in the same file: the last setting wins.
+            with open(os.path.join(standby.datadir, "postgresql.auto.conf"), "a") as handle:
+                handle.write("primary_conninfo = ''\n")
         standby._initialized = True
         return standby
 
@@ -392,6 +397,17 @@ class PostgresServer(Server):
         self.sql("SELECT pg_reload_conf()")
         self._wait_sql("SELECT count(*) FROM pg_stat_wal_receiver", (0,), timeout,
                        "the standby stopped receiving WAL")
+
+    def adopt_history(self, primary: "PostgresServer") -> None:
+        """Copy ``primary``'s timeline history files into this (stopped) standby's pg_wal, as a
+        shared WAL archive would deliver them: the standby then knows every timeline up to the
+        primary's (a promotion looks for them one by one from its own), and picks a higher one."""
+        for source in glob.glob(os.path.join(primary.datadir, "pg_wal", "*.history")):
+            target = os.path.join(self.datadir, "pg_wal", os.path.basename(source))
+            if not os.path.exists(target):
+                shutil.copyfile(source, target)
+                if self._run_as is not None:
+                    os.chown(target, self._run_as.pw_uid, self._run_as.pw_gid)
 
     def promote(self, timeout: int = 60) -> bool:
         """``pg_promote(true, timeout)``: end recovery; true once this server is a primary."""

@@ -22,6 +22,8 @@ printed; the first rounds cover every fault of the oracle once, in random order)
                its lease, then SIGCONT: every time, so it can be chosen on its own.
 ``pause-restart``  SIGSTOP the leader's crown process, restart the server (the kind's own
                ``restart``), wait for a new term, SIGCONT. Only for kinds with ``restart``.
+``pause-promote``  the same around the kind's ``promote`` (a failover to a standby), for kinds
+               with ``promote``.
 ``dismiss``    ``crown_sync.dismiss``: a graceful handoff.
 ``revoke``     the oracle's own revocation of the live leader (see the kind), for kinds that
                list it.
@@ -73,13 +75,15 @@ FRESH = 0.3
 
 #: Faults the runner adds to a kind's own: (fault, the kind's fault it needs, the kind's fault
 #: whose expectations it shares, i.e. whether it must end the term).
-_GENERIC = (("groupstop", "sigstop", "sigstop"), ("pause-restart", "restart", "restart"))
+_GENERIC = (("groupstop", "sigstop", "sigstop"), ("pause-restart", "restart", "restart"),
+            ("pause-promote", "promote", "promote"))
 _CHILDREN = ("process", "command", "thread")
 
 
 def kind_faults(kind_class) -> List[str]:
     """Every fault a run on ``kind_class`` can inject: the kind's own, plus the runner's generic
-    ones that it supports (``groupstop`` with ``sigstop``, ``pause-restart`` with ``restart``)."""
+    ones that it supports (``groupstop`` with ``sigstop``, ``pause-restart`` with ``restart``,
+    ``pause-promote`` with ``promote``)."""
     faults = list(kind_class.faults)
     faults += [fault for fault, needs, _ in _GENERIC if needs in kind_class.faults]
     return faults
@@ -426,14 +430,18 @@ class Runner:
         return {"target": proc.identity, "scope": "process group" if group else "crown process",
                 "pause": pause, "confirmed": confirmed}
 
-    def _pause_restart(self, leader, proc) -> Dict[str, Any]:
-        """SIGSTOP the leader's crown process, restart the server, wait for a new term, SIGCONT:
-        the restart must not let a successor start while the paused leader's child may run."""
+    def _pause_restart(self, leader, proc, fault: str = "pause-restart") -> Dict[str, Any]:
+        """SIGSTOP the leader's crown process, restart the server (or, for ``pause-promote``, fail
+        over to a standby), wait for a new term, SIGCONT: neither may let a successor start while
+        the paused leader's child may run."""
         os.kill(proc.pid, signal.SIGSTOP)
         paused = bool(_wait(lambda: _process_state(proc.pid) == "T", 5))
         anchor = _now()
         try:
-            restart = self.kind.restart_server(self.rng, leader, self.name)
+            if fault == "pause-promote":
+                restart = self.kind.inject("promote", self.rng, leader, self.name)
+            else:
+                restart = self.kind.restart_server(self.rng, leader, self.name)
             downtime = float(restart.get("downtime") or 0.0)
             successor = self._wait_leader(self._recovery_timeout(downtime), after=anchor, exclude=proc.identity)
         finally:
@@ -520,8 +528,8 @@ class Runner:
             return self._sigstop(leader, proc)
         if fault == "groupstop":
             return self._pause(proc, group=True)
-        if fault == "pause-restart":
-            return self._pause_restart(leader, proc)
+        if fault in ("pause-restart", "pause-promote"):
+            return self._pause_restart(leader, proc, fault)
         if fault == "dismiss":
             return self._dismiss(leader, proc)
         if fault == "partition":
@@ -556,7 +564,7 @@ class Runner:
         time.sleep(self.rng.uniform(0.1, 0.6))
         leader = self._poll_leader() or leader
         proc = self._by_identity(leader["identity"])
-        if proc is None and fault in ("sigkill", "sigstop", "groupstop", "pause-restart"):
+        if proc is None and fault in ("sigkill", "sigstop", "groupstop", "pause-restart", "pause-promote"):
             record.update(stalled=True, confirmed=False, details={"error": f"unknown leader {leader['identity']}"})
             return record
         t_inject = _now()

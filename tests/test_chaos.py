@@ -15,7 +15,7 @@ has its test: one whose client library does not import fails (nothing is skipped
 
 A second test per oracle runs one round of each newer fault (a whole-group SIGSTOP, a server
 restart while the leader's crown process is paused, the oracle's own revocation of a live
-leader) with children that take 1.5 s to honour SIGTERM (grace 2 s), process, command and thread
+leader, and on PostgreSQL a failover to a standby while the leader's crown process is paused) with children that take 1.5 s to honour SIGTERM (grace 2 s), process, command and thread
 children by contender.
 
 Set ``CROWN_SYNC_CHAOS_SEED`` to replay a run. Network namespaces need root and ``ip``: without
@@ -42,7 +42,7 @@ IN_CI = os.environ.get("CI", "").lower() == "true"
 #: Rounds after every fault has had its turn (drawn from a second shuffled cycle).
 EXTRA_ROUNDS = 2
 #: The newer faults, run with slow-to-stop children (where the kind supports them).
-NEW_FAULTS = ("groupstop", "pause-restart", "revoke")
+NEW_FAULTS = ("groupstop", "pause-restart", "revoke", "pause-promote")
 #: A daemon slow to honour SIGTERM: it works this long after it, within GRACE.
 STOP_DELAY, GRACE = 1.5, 2.0
 
@@ -119,7 +119,8 @@ def test_fault_rounds_leave_no_overlap(name, tmp_path):
 @pytest.mark.parametrize("name", list(KINDS))
 def test_newer_fault_rounds_with_children_slow_to_stop_leave_no_overlap(name, tmp_path):
     # One round of each: a whole-group SIGSTOP, a server restart while the leader's crown process
-    # is paused, the oracle's own revocation; every child takes 1.5 s to honour SIGTERM.
+    # is paused, the oracle's own revocation, a failover while the leader's crown process is paused
+    # (PostgreSQL); every child takes 1.5 s to honour SIGTERM.
     kind = _kind(name)
     faults = [f for f in NEW_FAULTS if f in kind_faults(kind)]
     result, context = _run(kind, tmp_path, faults, len(faults), child="mixed", stop_delay=STOP_DELAY,

@@ -284,30 +284,27 @@ class PostgresKind(Kind):
             last_xid = int(old.sql("SELECT pg_current_xact_id()")[0][0])
         lagging = rng.random() < 0.5
         spare = new.create_standby(port=old.port, settings=self._settings(), receive=False) if lagging else None
-        t0 = time.monotonic()
-        old.stop(mode="immediate")
-        promoted = new.promote()
-        downtime = time.monotonic() - t0
-        after = new.timeline()
-        primary = new.sql("SELECT pg_is_in_recovery()") == [(False,)]
-        details = {"timeline": [before, after], "old_primary_last_xid": last_xid,
-                   "leader_xid_missed": missed, "downtime": downtime,
-                   "next_standby": "lagging" if lagging else "streaming",
-                   "confirmed": promoted and primary and after > before}
-        # Roles swap before the rebuild, so that stop() cleans up whatever exists if it fails.
-        self.server, self.standby = new, None
-        old.cleanup()
-        if spare is None:
-            self.standby = self._new_standby(port=old.port)
-        else:
-            try:
+        try:
+            t0 = time.monotonic()
+            old.stop(mode="immediate")
+            promoted = new.promote()
+            downtime = time.monotonic() - t0
+            after = new.timeline()
+            primary = new.sql("SELECT pg_is_in_recovery()") == [(False,)]
+            # Roles swap before the rebuild, so that stop() cleans up whatever exists if it fails.
+            self.server, self.standby = new, None
+            old.cleanup()
+            if spare is not None:
                 spare.adopt_history(new)
                 spare.start()
-            except BaseException:
+        except BaseException:
+            if spare is not None:
                 spare.cleanup()
-                raise
-            self.standby = spare
-        return details
+            raise
+        self.standby = spare if spare is not None else self._new_standby(port=old.port)
+        return {"timeline": [before, after], "old_primary_last_xid": last_xid, "leader_xid_missed": missed,
+                "downtime": downtime, "next_standby": "lagging" if lagging else "streaming",
+                "confirmed": promoted and primary and after > before}
 
     @staticmethod
     def _missed(server, leader) -> Optional[bool]:

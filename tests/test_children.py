@@ -381,13 +381,16 @@ def test_command_child_environment(tmp_path, monkeypatch):
     )
     assert running.exitcode == 0
     env = json.loads(out.read_text())
-    assert env == {
+    # What the crown's process had (CROWN_SYNC_ORACLE, say), the child's env, the term's.
+    inherited = {k: v for k, v in os.environ.items() if k.startswith("CROWN_SYNC")}
+    del inherited["CROWN_SYNC_TEST_REMOVED"]
+    assert env == dict(inherited, **{
         "CROWN_SYNC_NAME": "kids",
         "CROWN_SYNC_TOKEN": "7",
         "CROWN_SYNC_IDENTITY": "me@test",
         "CROWN_SYNC_TEST_INHERITED": "yes",
         "CROWN_SYNC_TEST_EXTRA": "x y",
-    }
+    })
     running = run_command(
         [sys.executable, "-c", code, str(out)], term=Term("kids", "other", None, None)
     )

@@ -113,7 +113,8 @@ def _scrub(message: str, url: Optional[str]) -> str:
 def _open_oracle(url: Optional[str]):
     """The oracle for ``url``, or the default one (``$CROWN_SYNC_ORACLE``, else embedded file).
 
-    Bad URLs are usage errors (exit code 2); a missing optional client library is exit code 3.
+    Bad URLs are usage errors (exit code 2); a missing optional client library, or a default
+    file oracle directory that cannot be created, is exit code 3.
     """
     from crown_sync import urls
 
@@ -124,7 +125,7 @@ def _open_oracle(url: Optional[str]):
     except (ValueError, TypeError) as exc:
         message = _scrub(str(exc), url or urls.default_oracle_url())
         raise click.BadParameter(message, param_hint="'--oracle' / CROWN_SYNC_ORACLE") from None
-    except ImportError as exc:
+    except (ImportError, OSError) as exc:
         raise OracleError(_scrub(str(exc), url or urls.default_oracle_url())) from None
 
 

@@ -477,3 +477,19 @@ def test_help_version_and_entry_point():
     assert module.returncode == 0 and "demo" in module.stdout
     with open(os.path.join(REPO, "setup.cfg"), encoding="utf-8") as handle:
         assert "crown-sync = crown_sync.cli:main" in handle.read()
+
+
+@pytest.mark.parametrize("command, code", [(["status", "job"], 3), (["run", "job", "--", "true"], 125)])
+def test_a_default_directory_that_cannot_be_made_is_said_at_once(command, code):
+    """A service account whose home can't hold the default file oracle's directory: one line on
+    stderr saying what to set and the oracle-unusable exit code (run: 125, as env(1), since 3
+    could be the command's own), never a traceback or a silent retry loop."""
+    env = _env()
+    for name in ("STATE_DIRECTORY", "XDG_STATE_HOME"):
+        env.pop(name, None)
+    env["HOME"] = "/proc/1/no-home"
+    result = cli(*command, env=env)
+    assert result.returncode == code, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "/proc/1/no-home/.local/state/crown_sync" in result.stderr
+    assert "CROWN_SYNC_ORACLE" in result.stderr and "STATE_DIRECTORY" in result.stderr

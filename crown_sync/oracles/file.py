@@ -201,9 +201,31 @@ class LockFileReplaced(OSError):
 
 
 def default_directory() -> str:
-    """``$XDG_STATE_HOME/crown_sync``, else ``~/.local/state/crown_sync`` (persistent, per user)."""
+    """``$STATE_DIRECTORY/crown_sync`` (a systemd service's ``StateDirectory=``, the first one if
+    several), else ``$XDG_STATE_HOME/crown_sync``, else ``~/.local/state/crown_sync``: persistent
+    and per user. Never ``$RUNTIME_DIRECTORY``: systemd empties it when the service stops, and the
+    leader record kept here is what makes the next term's token rise."""
+    state = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    if state:
+        return os.path.join(state, "crown_sync")
     base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
     return os.path.join(base, "crown_sync")
+
+
+def _create_default(directory: str) -> None:
+    """Create the default directory now (0700), or raise saying what to set: a service account
+    whose home is missing or not its own (``nobody``, ``www-data`` under /var/www) would
+    otherwise retry for ever, its crowns never leading."""
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise OSError(
+            exc.errno,
+            f"the file oracle's default directory {directory} cannot be created by uid {os.geteuid()} "
+            f"({exc.strerror}; HOME={os.environ.get('HOME')!r}): set $CROWN_SYNC_ORACLE (e.g. "
+            f"file:///var/lib/myapp/crowns, a directory of this user's), $STATE_DIRECTORY (systemd: "
+            f"StateDirectory=) or $XDG_STATE_HOME",
+        ) from None
 
 
 class FileOracle(Oracle):
@@ -216,6 +238,7 @@ class FileOracle(Oracle):
     def __init__(self, directory: Optional[str] = None, check_interval: float = 0.25):
         if directory is None:
             directory = default_directory()
+            _create_default(directory)  # nobody chose it: say now what to set, not in a retry loop
         if not isinstance(directory, (str, os.PathLike)):
             raise TypeError(f"directory must be a path, got {type(directory).__name__}")
         directory = os.fspath(directory)

@@ -19,6 +19,7 @@ import pytest
 
 import crown_sync
 from crown_sync.oracles import FileOracle
+from crown_sync.oracles import file as file_oracle
 from crown_sync.testing import journal
 
 NAME = "billing"
@@ -520,7 +521,6 @@ REFUSED = {"nfs": 0x6969, "nfs4": 0x6969, "cifs": 0xFF534D42, "smb3": 0xFF534D42
 
 
 def test_the_file_system_type_of_every_mount_here_is_read_and_classified():
-    from crown_sync.oracles import file as file_oracle
 
     checked = 0
     for point, fstype in mounts():
@@ -615,3 +615,34 @@ def test_a_leader_whose_lock_file_is_deleted_leads_on_and_says_so(oracle_dir, ca
         wait_until(lambda: "deleted or replaced" in caplog.text)
         assert crown.is_leader() and crown.status().token == token  # its lock still holds
         assert crown_sync.find_leader(NAME, oracle=url).identity == crown.identity
+
+
+def test_the_default_directory_is_systemds_state_directory_when_there_is_one(monkeypatch, tmp_path):
+    monkeypatch.setenv("STATE_DIRECTORY", f"{tmp_path}/state:{tmp_path}/other")
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
+    assert file_oracle.default_directory() == f"{tmp_path}/state/crown_sync"
+    monkeypatch.delenv("STATE_DIRECTORY")
+    assert file_oracle.default_directory() == f"{tmp_path}/xdg/crown_sync"
+    monkeypatch.delenv("XDG_STATE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert file_oracle.default_directory() == f"{tmp_path}/home/.local/state/crown_sync"
+    crown = crown_sync.Crown("job")  # the default oracle: the directory exists from here on
+    assert os.path.isdir(tmp_path / "home" / ".local" / "state" / "crown_sync")
+    crown.stop()
+
+
+def test_a_service_account_without_a_usable_home_is_told_what_to_set(monkeypatch):
+    """Like ``nobody`` (HOME=/nonexistent) or ``www-data`` (a home it may not write): a home in
+    which nobody, root included, can create a directory. The error comes at construction and
+    names the ways out, instead of a crown that retries for ever and never leads."""
+    for name in ("STATE_DIRECTORY", "XDG_STATE_HOME", "CROWN_SYNC_ORACLE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", "/proc/1/no-home")
+    with pytest.raises(OSError) as info:
+        crown_sync.Crown("job")
+    message = str(info.value)
+    assert "/proc/1/no-home/.local/state/crown_sync" in message
+    assert "CROWN_SYNC_ORACLE" in message and "STATE_DIRECTORY" in message
+    with pytest.raises(OSError, match="CROWN_SYNC_ORACLE"):
+        with crown_sync.lead("job"):  # the same default oracle, the same error
+            pass

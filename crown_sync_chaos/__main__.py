@@ -84,7 +84,8 @@ def main(argv=None) -> int:
     parser.add_argument("--faults", default=None,
                         help="comma-separated fault kinds to use (default: all the oracle has): sigkill, "
                              "sigstop, groupstop, dismiss, revoke, restart, pause-restart, terminate, "
-                             "expire, flush, partition (each oracle takes those it supports)")
+                             "expire, flush, promote, pause-promote, partition (each oracle takes those "
+                             "it supports)")
     parser.add_argument("--workdir", default=None, help="keep journals and logs here")
     parser.add_argument("--output", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)

@@ -283,7 +283,9 @@ class PostgresKind(Kind):
         for _ in range(5):  # xids the promoted server will hand out again (on a higher timeline)
             last_xid = int(old.sql("SELECT pg_current_xact_id()")[0][0])
         lagging = rng.random() < 0.5
-        spare = new.create_standby(port=old.port, settings=self._settings(), receive=False) if lagging else None
+        spare = None
+        if lagging:  # copied now, before the promotion it will never hear of
+            spare = new.create_standby(port=old.port, settings=self._settings(), receive=False)
         try:
             t0 = time.monotonic()
             old.stop(mode="immediate")

@@ -13,7 +13,6 @@ import uuid
 
 import pytest
 from kazoo.client import KazooClient
-from kazoo.security import ACL
 
 import crown_sync
 from crown_sync import clock
@@ -717,9 +716,7 @@ def test_processes_contend_through_sigterm_and_sigkill(zk, name, tmp_path):
         assert third.start - killed_at < SESSION + 5
     finally:
         fleet.cleanup()
-    report = assert_safe(fleet.journal, name, min_terms=3)
-    tokens = [t.token for t in report.terms]
-    assert tokens == sorted(tokens) and len(set(tokens)) == len(tokens)
+    assert_safe(fleet.journal, name, min_terms=3)  # no overlap, strictly rising tokens
 
 
 def test_real_session_expiry_ends_the_term(zk, name, tmp_path):
@@ -912,10 +909,8 @@ def test_a_leaders_node_deleted_by_hand_no_overlap(zk, name, tmp_path, paused):
         time.sleep(1.0)
     finally:
         fleet.cleanup()
-    report = assert_safe(fleet.journal, name, min_terms=2)
+    assert_safe(fleet.journal, name, min_terms=2)  # no overlap, strictly rising tokens
     assert second.token > first.token
-    tokens = [t.token for t in report.terms]
-    assert tokens == sorted(tokens) and len(set(tokens)) == len(tokens)
 
 
 def test_an_ensemble_whose_sync_limit_voids_the_deadlines_is_refused(name):
@@ -983,10 +978,8 @@ def test_server_restart_while_the_leaders_crown_process_is_paused_no_overlap(nam
             time.sleep(1.0)
         finally:
             fleet.cleanup()
-        report = assert_safe(fleet.journal, name, min_terms=2)
+        assert_safe(fleet.journal, name, min_terms=2)  # no overlap, strictly rising tokens
         assert second.token > first.token
-        tokens = [t.token for t in report.terms]
-        assert tokens == sorted(tokens) and len(set(tokens)) == len(tokens)
 
 
 @pytest.mark.parametrize("timeout", [20.0, SESSION], ids=["released", "waited-out"])

@@ -34,8 +34,8 @@ Its own exit status is the command's code, or 128+N if the command died of signa
 
 Not guaranteed: a process the command starts in another session or process group escapes the
 group signals; if the supervisor itself is SIGKILLed (by someone, or by its timer while it was
-stopped), the kernel kills only the command (by its parent-death signal), not the rest of its
-group.
+stopped), the kernel kills only the command (by its parent-death signal), and the rest of its
+group lives until the crown's reaper finds this process dead without a report and kills it.
 """
 
 import argparse
@@ -66,7 +66,7 @@ def monotonic() -> float:
 #: The supervisor's parent-death signal once it can act on it (SIGKILL before that).
 PARENT_DIED = signal.SIGUSR1
 #: How long before the deadline a running supervisor SIGKILLs the command's group (seconds).
-KILL_AHEAD = 0.005
+KILL_AHEAD = 0.05
 
 # Resolve prctl when this module is imported (in the crown's process, before any fork): calling
 # dlopen/dlsym in a child forked from a multi-threaded parent could deadlock on the loader lock.
@@ -217,7 +217,7 @@ class _Supervisor:
     def due(self, deadline: float, now: float) -> bool:
         # KILL_AHEAD early, so that a supervisor that is running acts (the whole group, then a
         # report) before its own timer fires (then only the command dies, by its parent-death
-        # signal). Early is the safe side.
+        # signal), with room for a busy host's scheduling delay. Early is the safe side.
         return now >= deadline - KILL_AHEAD
 
     def parent_gone(self) -> bool:
@@ -324,6 +324,8 @@ class _Supervisor:
             self.wait_readable(wakeup_r, min(deadline - KILL_AHEAD - now, 0.05))
 
         self.sweep_group(wakeup_r)
+        if self.timer is not None:
+            self.timer.arm(math.inf)  # the group is gone: let the report out, whatever the hour
         self.report(f"exit {code} {reason}")
         return _exit_status(code)
 

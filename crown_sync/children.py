@@ -51,7 +51,8 @@ What is NOT guaranteed:
   deadline may come too late: the child is killed (the safe side).
 * Processes that a ProcessChild target starts are not signalled by the crown; processes a command
   starts outside its process group escape the group signals; if the supervisor is SIGKILLed (its
-  timer included), the kernel kills the command itself but not the rest of its group.
+  timer included), the kernel kills the command itself, and the rest of its group is killed
+  only when the crown's reaper thread runs (it finds the supervisor dead without a report).
 * With ``start_method="forkserver"`` the child's parent is the fork server, so the parent-death
   signal fires when the fork server exits (which it does when the crown's process dies, unless
   some other process still holds its "alive" pipe): weaker than with "fork" or "spawn".
@@ -820,7 +821,10 @@ class _RunningCommand(RunningChild):
         if self._reported is not None:
             code = self._reported[0]
         else:
-            # The supervisor died without reporting (SIGKILLed, or crashed): its own status.
+            # The supervisor died without reporting (SIGKILLed by someone or by its own timer
+            # while stopped, or crashed): the command died with it, by its parent-death signal,
+            # but not what it started in its group. Do what the supervisor could not.
+            self._kill_command_group()
             code = returncode
             if returncode >= 0 or self.reason is None:
                 logger.warning(
@@ -836,16 +840,18 @@ class _RunningCommand(RunningChild):
         if not self._stopping and self.reason is None:
             self._deadline.set(deadline)
 
-    def _kill_everything(self) -> None:
-        command_pid = self.command_pid
-        if command_pid is not None and not self._finished.is_set():
-            # The supervisor has not been reaped, so the command's group (pgid = command_pid)
-            # either still exists or was swept moments ago: an unrelated process taking over
-            # that pgid in between is not a realistic concern.
+    def _kill_command_group(self) -> None:
+        # pgid = command_pid. Linux hands out no pid that is still some group's id, so while any
+        # member lives the number is theirs; once none does, killpg finds no one.
+        if self.command_pid is not None:
             try:
-                os.killpg(command_pid, signal.SIGKILL)
+                os.killpg(self.command_pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+
+    def _kill_everything(self) -> None:
+        if not self._finished.is_set():
+            self._kill_command_group()
         self._handle.send(signal.SIGKILL)
 
     def stop(self, timeout: Optional[float] = None) -> None:

@@ -668,7 +668,8 @@ def test_children_stop_by_the_deadline_while_the_parent_is_paused(tmp_path, stop
     command's supervisor): each child still stops by the last deadline its parent gave it, and a
     thread child resumed after that deadline does nothing more. A supervisor that is stopped
     itself dies by its kernel timer and takes the command with it, but not the command's helper
-    (the documented limit): the helper is checked only while the supervisor runs."""
+    (the documented limit): that helper dies when the crown's process runs again, by the hand of
+    the command's reaper, which finds the supervisor dead without a report."""
     lease = 0.5
     parent, pids, journals, deadlines_path = start_parent(tmp_path, lease=lease)
     checked = dict(pids)
@@ -695,6 +696,7 @@ def test_children_stop_by_the_deadline_while_the_parent_is_paused(tmp_path, stop
         # pause may have come between the parent's extend of the term and of its children.)
         time.sleep(max(0.0, last_deadline + 0.01 - clock.monotonic()))
         os.killpg(parent.pid, signal.SIGCONT)
+        assert wait_for(lambda: gone(pids["helper"]), 15), "the command's helper outlived its crown's resume"
         time.sleep(0.3)
         assert parent.poll() is None
         for path, slack, in_flight in zip(journals, CHILD_SLACK, IN_FLIGHT):

@@ -120,6 +120,31 @@ def test_bad_oracle_url_check_error_never_shows_its_password():
     assert "s3cr3t-pw" not in error.msg
 
 
+@pytest.fixture
+def no_usable_home(monkeypatch):
+    """The default file oracle's directory can't be created (a service account's home)."""
+    for variable in ("CROWN_SYNC_ORACLE", "STATE_DIRECTORY", "XDG_STATE_HOME"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("HOME", "/proc/1/no-home")
+
+
+def test_options_with_an_unusable_default_oracle_are_a_check_error_not_a_crash(no_usable_home):
+    with override_settings(CROWN_SYNC={"NAME": "x", "OPTIONS": {"monitor_delay": 1}}):
+        (error,) = [e for e in checks.run_checks() if e.id.startswith("crown_sync.")]
+    assert 'CROWN_SYNC["OPTIONS"]' in error.msg and "CROWN_SYNC_ORACLE" in error.msg
+
+
+def test_an_own_crown_that_cannot_be_made_is_logged_once_and_requests_go_on(tmp_path, no_usable_home, caplog,
+                                                                            monkeypatch):
+    monkeypatch.setattr(runtime, "_failed_in", None)
+    with crown_settings(tmp_path, ORACLE=None, START=True):
+        for _ in range(3):  # as Django's handlers send request_started: outside their error handling
+            runtime.start_on_request(sender=None)
+        assert runtime.crown() is None
+    said = [r for r in caplog.records if r.name == "crown_sync.django" and "could not be started" in r.getMessage()]
+    assert len(said) == 1 and "CROWN_SYNC_ORACLE" in said[0].exc_text
+
+
 # ------------------------------------------------------------------------- leader_only
 
 VIEWS = [("/work", "sync", "function"), ("/async-work", "async", "async"), ("/class-work", "sync", "class"),

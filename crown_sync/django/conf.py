@@ -109,7 +109,7 @@ def _options_problem(name: str, oracle: Any, options: Any) -> Optional[str]:
 
     try:
         _probe(name, oracle, options)  # Crown's own validation of every option
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, ImportError, OSError) as exc:  # a check error, never a crash
         return f"{_key('OPTIONS')}: {_redacted(str(exc), oracle)}"
     return None
 

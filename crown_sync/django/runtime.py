@@ -10,6 +10,7 @@ then the crown abdicates.
 """
 
 import atexit
+import logging
 import os
 import threading
 import time
@@ -22,8 +23,11 @@ from .conf import Config, config
 
 __all__ = ["start", "stop", "crown", "leader", "leader_url", "is_leader"]
 
+logger = logging.getLogger("crown_sync.django")
+
 _lock = threading.Lock()
 _own = None  # (pid, Crown)
+_failed_in = None  # the pid whose own crown could not be made (said once, not retried per request)
 _reader = None  # (pid, ORACLE setting, Oracle) for follower reads
 _cached = (-1e18, None, None)  # (monotonic time, Config it was read for, Leader or exception)
 
@@ -79,13 +83,22 @@ def _stop_if_ours(pid: int, running) -> None:
 
 
 def start_on_request(sender=None, **kwargs) -> None:
-    """``request_started`` receiver: the first request a process serves starts its own crown."""
-    if crown() is not None:
+    """``request_started`` receiver: the first request a process serves starts its own crown.
+
+    A crown that cannot be made (its oracle's library missing, the default file oracle's
+    directory impossible to create) is logged once per process and not tried again: Django
+    sends this signal outside its error handling, so raising would fail every request."""
+    global _failed_in
+    if crown() is not None or _failed_in == os.getpid():
         return
     if getattr(sender, "__module__", None) == "django.test.client":
         return  # Django's test client: "manage.py test" is a management command, it never leads
-    if config().start:
-        start()
+    try:
+        if config().start:  # config() too: it checks the settings by making a crown
+            start()
+    except Exception:
+        _failed_in = os.getpid()
+        logger.exception("crown_sync: this process's own crown could not be started; it will not lead")
 
 
 def is_leader() -> bool:

@@ -472,25 +472,23 @@ class ZooKeeperKind(Kind):
     def _revoke(self, leader, name):
         """Another client deletes the leader's queue node (zkCli ``delete``), as an administrator
         might, while the leader's session lives on."""
-        from crown_sync.oracles.zookeeper import ZooKeeperOracle
-
-        path = ZooKeeperOracle.from_url(self.url()).election_path(name)  # no I/O: connects lazily
-        client = self._client()
-        try:
-            target = self._leader_node(client, path, leader)
-            if target is None:
-                return {"confirmed": False, "downtime": 0.0, "error": f"no node under {path}"}
-            node, session_id, how = target
-            client.delete(f"{path}/{node}")
-            gone = client.exists(f"{path}/{node}") is None
-            return {"session": hex(session_id), "node": node, "chosen": how, "downtime": 0.0, "confirmed": gone}
-        finally:
-            client.stop()
-            client.close()
+        return self._end_leaders_node(leader, name, lambda client, node_path, session_id: client.delete(node_path))
 
     def _expire(self, leader, name):
+        return self._end_leaders_node(leader, name, self._close_session)
+
+    def _close_session(self, client, node_path, session_id):
         from kazoo.client import KazooClient
 
+        twin = KazooClient(hosts=self.server.hosts, client_id=(session_id, zookeeper_password(session_id)),
+                           timeout=max(self.lease, 2.0))
+        twin.start(timeout=15)
+        twin.stop()  # sends closeSession: the server ends the session and deletes its nodes
+        twin.close()
+
+    def _end_leaders_node(self, leader, name, end):
+        """Find the leader's queue node, ``end(client, node path, owner session)`` it, and report
+        whether it is gone."""
         from crown_sync.oracles.zookeeper import ZooKeeperOracle
 
         path = ZooKeeperOracle.from_url(self.url()).election_path(name)  # no I/O: connects lazily
@@ -500,11 +498,7 @@ class ZooKeeperKind(Kind):
             if target is None:
                 return {"confirmed": False, "downtime": 0.0, "error": f"no node under {path}"}
             node, session_id, how = target
-            twin = KazooClient(hosts=self.server.hosts, client_id=(session_id, zookeeper_password(session_id)),
-                               timeout=max(self.lease, 2.0))
-            twin.start(timeout=15)
-            twin.stop()  # sends closeSession: the server ends the session and deletes its nodes
-            twin.close()
+            end(client, f"{path}/{node}", session_id)
             gone = client.exists(f"{path}/{node}") is None
             return {"session": hex(session_id), "node": node, "chosen": how, "downtime": 0.0, "confirmed": gone}
         finally:

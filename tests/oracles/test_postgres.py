@@ -139,6 +139,27 @@ def journal_ok(path, name, min_terms):
     return report
 
 
+def successor_verdict(fleet, name, before, after, stopped=False):
+    """From the journal: no overlap, and the term ``before`` (which ``stopped`` by itself, if
+    asked) did its last act before its successor ``after`` began, with a higher token."""
+    report = journal_ok(fleet.journal, name, 2)
+    old = [t for t in report.terms if t.token == before.token][0]
+    assert old.end < after.start and after.token > before.token, report.summary()
+    assert old.stopped or not stopped, report.summary()
+
+
+@contextlib.contextmanager
+def paused(fleet, identity, pause=True):
+    """The contender's crown process SIGSTOPped (by pid: its command child runs on) for the
+    block, SIGCONTed after it whatever happened."""
+    if pause:
+        fleet.signal(identity, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        fleet.signal(identity, signal.SIGCONT)
+
+
 # ----------------------------------------------------------------------- options, no server
 
 
@@ -627,21 +648,15 @@ def test_terminated_leader_whose_command_is_slow_to_stop_never_overlaps(pg, name
     try:
         before = fleet.wait_for_term()
         pid = holder_pid(pg, oracle, name)
-        if crown == "paused":
-            fleet.signal(before.identity, signal.SIGSTOP)
-        try:
+        with paused(fleet, before.identity, pause=crown == "paused"):
             killed_at = clock.monotonic()
             assert pg.terminate(pid)
             after = fleet.wait_for_term(other_than={before.identity}, after=killed_at)
-        finally:
-            fleet.signal(before.identity, signal.SIGCONT)
         time.sleep(0.3)
     finally:
         fleet.stop_all()
         oracle.close()
-    report = journal_ok(fleet.journal, name, 2)
-    old = [t for t in report.terms if t.token == before.token][0]
-    assert old.end < after.start and after.token > before.token
+    successor_verdict(fleet, name, before, after)
 
 
 def test_successor_that_dies_while_waiting_out_the_lease_passes_the_wait_on(pg, name, tmp_path):
@@ -695,22 +710,17 @@ def test_every_crown_session_terminated_while_the_leader_is_paused_never_overlap
         before = fleet.wait_for_term()
         wait_until(lambda: len(pg.sql(sessions, (application,))) == 3, message="3 sessions")
         leader = holder_pid(pg, oracle, name)
-        fleet.signal(before.identity, signal.SIGSTOP)
-        try:
+        with paused(fleet, before.identity):
             killed_at = clock.monotonic()
             ended = pg.sql("SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity"
                            " WHERE application_name = %s", (application,))  # in one statement
             assert leader in {pid for pid, _ in ended} and [e for _, e in ended] == [True] * 3
             after = fleet.wait_for_term(other_than={before.identity}, after=killed_at)
-        finally:
-            fleet.signal(before.identity, signal.SIGCONT)
         time.sleep(0.3)
     finally:
         fleet.stop_all()
         oracle.close()
-    report = journal_ok(fleet.journal, name, 2)
-    old = [t for t in report.terms if t.token == before.token][0]
-    assert old.end < after.start and after.token > before.token
+    successor_verdict(fleet, name, before, after)
 
 
 @pytest.mark.parametrize("end", ["release", "vanish", "terminate"])
@@ -956,15 +966,12 @@ def test_failover_to_a_standby_that_missed_wal_keeps_tokens_rising(name, tmp_pat
             primary.sql("SELECT pg_current_xact_id()")
         fleet.signal(first.identity, signal.SIGTERM)
         second = fleet.wait_for_term(other_than={first.identity})
-        fleet.signal(second.identity, signal.SIGSTOP)
-        try:
+        with paused(fleet, second.identity):
             primary.stop(mode="immediate")
             failed_at = clock.monotonic()
             assert standby.sql("SELECT pg_promote(true, 60)") == [(True,)]
             third = fleet.wait_for_term(other_than={first.identity, second.identity}, after=failed_at,
                                         timeout=60)
-        finally:
-            fleet.signal(second.identity, signal.SIGCONT)
         time.sleep(0.2)
     finally:
         if fleet is not None:
@@ -1113,9 +1120,7 @@ def test_pg_terminate_backend_of_the_leader(pg, name, tmp_path):
     finally:
         fleet.stop_all()
         oracle.close()
-    report = journal_ok(fleet.journal, name, 2)
-    old = [t for t in report.terms if t.token == before.token][0]
-    assert old.stopped and old.end < after.start and after.token > before.token
+    successor_verdict(fleet, name, before, after, stopped=True)
 
 
 @pytest.fixture(scope="module")
@@ -1201,9 +1206,7 @@ def test_immediate_server_restart(pg, name, tmp_path):
     finally:
         fleet.stop_all()
         pg.settle(SETTLED)
-    report = journal_ok(fleet.journal, name, 2)
-    old = [t for t in report.terms if t.token == before.token][0]
-    assert old.end < after.start and after.token > before.token
+    successor_verdict(fleet, name, before, after)
 
 
 def test_server_restart_while_the_leader_is_paused_never_overlaps(pg, name, tmp_path):
@@ -1217,20 +1220,15 @@ def test_server_restart_while_the_leader_is_paused_never_overlaps(pg, name, tmp_
         fleet.spawn(f"r{i}")
     try:
         before = fleet.wait_for_term()
-        fleet.signal(before.identity, signal.SIGSTOP)
-        try:
+        with paused(fleet, before.identity):
             restarted_at = clock.monotonic()
             pg.restart(mode="immediate")
             after = fleet.wait_for_term(other_than={before.identity}, after=restarted_at, timeout=60)
-        finally:
-            fleet.signal(before.identity, signal.SIGCONT)
         time.sleep(0.5)
     finally:
         fleet.stop_all()
         pg.settle(SETTLED)
-    report = journal_ok(fleet.journal, name, 2)
-    old = [t for t in report.terms if t.token == before.token][0]
-    assert old.end < after.start and after.token > before.token
+    successor_verdict(fleet, name, before, after)
 
 
 def test_paused_leader_is_replaced_after_idle_session_timeout(pg, name, tmp_path):
@@ -1241,24 +1239,18 @@ def test_paused_leader_is_replaced_after_idle_session_timeout(pg, name, tmp_path
     for i in range(2):
         fleet.spawn(f"s{i}")
     try:
-        paused = fleet.wait_for_term()
+        before = fleet.wait_for_term()
         log_before = len(pg.log_tail(10 ** 9))
         stopped_at = clock.monotonic()
-        fleet.signal(paused.identity, signal.SIGSTOP)  # the crown's process; its child runs on
-        try:
-            successor = fleet.wait_for_term(other_than={paused.identity}, timeout=30)
+        with paused(fleet, before.identity):  # the crown's process; its child runs on
+            successor = fleet.wait_for_term(other_than={before.identity}, timeout=30)
             time.sleep(max(0.0, stopped_at + 3.0 - clock.monotonic()))
-        finally:
-            fleet.signal(paused.identity, signal.SIGCONT)
         time.sleep(1.0)
-        assert fleet.processes[paused.identity].poll() is None
+        assert fleet.processes[before.identity].poll() is None
         assert "idle-session timeout" in pg.log_tail(10 ** 9)[log_before:]  # the server did it
     finally:
         fleet.stop_all()
-    report = journal_ok(fleet.journal, name, 2)
-    old = [t for t in report.terms if t.token == paused.token][0]
-    new = [t for t in report.terms if t.token == successor.token][0]
-    assert old.end < new.start and new.token > old.token
+    successor_verdict(fleet, name, before, successor)
 
 
 def test_dismiss_makes_the_leader_step_down(pg, name, tmp_path):

@@ -373,8 +373,10 @@ def test_deleting_the_leaders_node_by_hand_ends_its_term(zk, name):
 def test_server_restart_suspends_then_the_same_session_resumes_with_a_higher_token(name):
     with ZooKeeperServer() as server:
         # A long session: a restarting JVM on a busy machine can take seconds to answer the
-        # reconnect, and the session must outlive that for the resume this test is about.
-        oracle = ZooKeeperOracle(server.hosts, session_timeout=20)
+        # reconnect, and a read kazoo sends while it starts may stall for 2/3 of the session
+        # timeout first (seen in CI: 20 s expired); the session must outlive both for the resume
+        # this test is about.
+        oracle = ZooKeeperOracle(server.hosts, session_timeout=40)
         recorder = Recorder()
         seat = oracle.contender(name, "me", {}, recorder)
         try:
@@ -389,7 +391,7 @@ def test_server_restart_suspends_then_the_same_session_resumes_with_a_higher_tok
             with pytest.raises(ZooKeeperUnavailable):
                 seat.claim()
             server.start()
-            resumed = wait_until(lambda: _try_claim(seat), timeout=40, message="claim after restart")
+            resumed = wait_until(lambda: _try_claim(seat), timeout=60, message="claim after restart")
             assert resumed.won
             assert oracle._client.client_id[0] == session, "same session"
             assert resumed.token > first.token, "a new term needs a higher token"

@@ -139,6 +139,7 @@ class Crown:
         metadata: Optional[Dict[str, Any]] = None,
         max_child_restarts: Optional[int] = 0,
         child_backoff: float = 1.0,
+        backoff: Optional[Callable[..., float]] = None,
         on_elected: Optional[Callable[[Term], None]] = None,
         on_deposed: Optional[Callable[[Term, str], None]] = None,
         on_new_leader: Optional[Callable[[Optional[Leader]], None]] = None,
@@ -179,6 +180,7 @@ class Crown:
         ):
             raise ValueError(f"max_child_restarts must be an int >= 0 or None, got {max_child_restarts!r}")
         self.child_backoff = _number("child_backoff", child_backoff, positive=False)
+        self._backoff = _campaign_wait(backoff)
 
         self.name = name
         self.identity = identity
@@ -634,9 +636,12 @@ class Crown:
         Returns the result, or None if interrupted.
         """
         ceiling = max_wait if max_wait is not None else max(0.1, min(self.monitor_delay, 5.0))
+        wait = tenacity.wait_random_exponential(multiplier=0.05, min=0.01, max=ceiling)  # full jitter
+        if max_wait is None and self._backoff is not None:
+            wait = self._backoff  # campaign retries only: a refresh races the term's deadline
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(Exception),
-            wait=tenacity.wait_random_exponential(multiplier=0.05, min=0.01, max=ceiling),  # full jitter
+            wait=wait,
             stop=lambda state: interrupted(),
             sleep=lambda seconds: self._wait(seconds, interrupted),
             before_sleep=lambda state: self._record_error(operation, state.outcome.exception()),
@@ -709,6 +714,28 @@ class Crown:
         self._term = None
         self._cond = threading.Condition(threading.RLock())
         self._phase = "stopped"
+
+
+def _campaign_wait(backoff) -> Optional[Callable[[tenacity.RetryCallState], float]]:
+    """The ``backoff`` option as a tenacity wait: a tenacity wait strategy as it is, a callable
+    ``(attempt) -> seconds`` adapted; None keeps the default. TypeError names the option."""
+    if backoff is None:
+        return None
+    if not callable(backoff):
+        raise TypeError(f"backoff must be a tenacity wait strategy or a callable (attempt) -> seconds, "
+                        f"got {type(backoff).__name__}")
+    strategy = isinstance(backoff, tenacity.wait.wait_base)
+
+    def wait(state: tenacity.RetryCallState) -> float:
+        try:  # the user's code runs in the loop: a bad answer must not end it
+            seconds = _number("backoff", backoff(state) if strategy else backoff(state.attempt_number),
+                              positive=False)
+        except Exception:
+            logger.exception("backoff %r failed; waiting 1 s", backoff)
+            seconds = 1.0
+        return seconds
+
+    return wait
 
 
 def _next_refresh(term: Term, refresh_in: Optional[float]) -> Optional[float]:

@@ -8,20 +8,12 @@ import time
 from pathlib import Path
 
 import pytest
+import tenacity
 
 import crown_sync
 from crown_sync import clock, telemetry
+from crown_sync.testing.fleet import wait_until
 from crown_sync.testing.memory import MemoryOracle
-
-
-def wait_until(predicate, timeout=10.0, interval=0.005):
-    """Poll until predicate() is true; fail (not hang) after a generous timeout."""
-    end = clock.monotonic() + timeout
-    while clock.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout}s")
 
 
 class Recorder:
@@ -79,6 +71,7 @@ def crown(name="job", oracle=None, **options):
         ({"monitor_delay": 1e10, "monitor_timeout": 2e10}, "monitor_delay"),
         ({"claim_delay": 1e12}, "claim_delay"),
         ({"child_backoff": float("inf")}, "child_backoff"),
+        ({"backoff": 0.5}, "backoff"),
     ],
 )
 def test_invalid_options_fail_at_construction_naming_the_option(kwargs, option):
@@ -650,3 +643,70 @@ def test_what_the_oracle_would_refuse_fails_at_construction():
         crown_sync.Crown("job", oracle="zookeeper://127.0.0.1:9/", metadata=big)
     crown_sync.Crown("job", oracle="zookeeper://127.0.0.1:9/", metadata={"blob": "x" * 1000})
     crown_sync.Crown("job", oracle=MemoryOracle(), metadata=big)  # the interface's default accepts
+
+
+# --------------------------------------------------------------------------- backoff
+
+def failing_claims(backoff, failures=4):
+    """A crown whose first ``failures`` claims raise, with its retry waits recorded (the crown's
+    sleep, wrapped: it still waits, so the loop runs as it would). Returns (crown, waits)."""
+    oracle = MemoryOracle()
+    oracle.fail_with = ConnectionError("down")
+    c = crown(oracle=oracle, backoff=backoff)
+    waits, sleep = [], c._wait
+
+    def recording_wait(seconds, predicate):
+        if oracle.fail_with is not None:
+            waits.append(seconds)
+            if len(waits) >= failures:
+                oracle.fail_with = None
+        return sleep(seconds, predicate)
+
+    c._wait = recording_wait
+    return c, waits
+
+
+@pytest.mark.parametrize("backoff, expected", [
+    (lambda attempt: attempt / 1000, [0.001, 0.002, 0.003, 0.004]),
+    (tenacity.wait_fixed(0.003) + tenacity.wait_incrementing(0.001, 0.001), [0.004, 0.005, 0.006, 0.007]),
+], ids=["callable", "tenacity"])
+def test_backoff_sets_the_waits_between_failed_claims(backoff, expected):
+    c, waits = failing_claims(backoff)
+    with c:
+        assert c.wait_for_leadership(10)
+    assert waits == pytest.approx(expected)
+
+
+def test_default_backoff_is_the_jittered_exponential_capped_by_monitor_delay():
+    c, waits = failing_claims(None, failures=8)
+    with c:
+        assert c.wait_for_leadership(10)
+    assert len(waits) == 8 and all(0.01 <= w <= 0.1 for w in waits)  # max(0.1, monitor_delay=0.05)
+    assert len(set(waits)) > 1  # jittered
+
+
+@pytest.mark.parametrize("answer", [-1, "soon", float("nan"), ZeroDivisionError])
+def test_a_bad_backoff_answer_is_logged_and_the_crown_goes_on(answer, caplog):
+    def backoff(attempt):
+        if answer is ZeroDivisionError:
+            return 1 / 0
+        return answer
+    c, waits = failing_claims(backoff, failures=1)
+    with c:
+        assert c.wait_for_leadership(10)
+    assert waits == [1.0] and "backoff" in caplog.text
+
+
+def test_backoff_leaves_the_leaders_refresh_retries_alone():
+    """A leader's failed refreshes retry within a second whatever ``backoff`` says: they race the
+    term's deadline (2 s here); an hour's wait would lose the term."""
+    oracle = MemoryOracle(lease=2.0, refresh_in=0.2)
+    c = crown(oracle=oracle, backoff=lambda attempt: 3600)
+    with c:
+        assert c.wait_for_leadership(10)
+        token = c.status().token
+        oracle.fail_with = ConnectionError("down")
+        wait_until(lambda: oracle.calls.count("refresh") >= 3 and c.status().last_error)
+        oracle.fail_with = None
+        wait_until(lambda: c.status().last_error is None)
+        assert c.is_leader() and c.status().token == token

@@ -1,0 +1,195 @@
+"""A throwaway Redis for tests and benchmarks, from the system's ``redis-server`` binary.
+
+``RedisServer(password="...")`` listens on 127.0.0.1 and a free port, in its own temp dir (its
+config file, log and data), and is stopped by pid (SIGTERM, then SIGKILL). It always requires a
+password: the default user's (``requirepass``) and, with ``user=``, an ACL user of that name.
+``persistence`` chooses what a restart keeps: ``"aof"`` (an append-only file fsynced at every
+write: even a SIGKILL loses nothing), ``"rdb"`` (a snapshot written only at a clean shutdown) or
+``None`` (nothing: a restart comes back empty, as a cache configured ``save ""`` does).
+``restart()`` and ``crash_restart()`` bring it back on the same port with the same data dir;
+``pause()``/``resume()`` freeze it with SIGSTOP/SIGCONT. ``cluster=True`` starts a node in cluster
+mode (no slots assigned), which the oracle must refuse.
+"""
+
+import os
+import signal
+import subprocess
+import time
+from typing import Dict, Optional, Sequence
+
+from .servers import Server, ServerMissing, find_binary, free_port, wait_for_port
+
+__all__ = ["RedisServer", "ServerMissing"]
+
+_PERSISTENCE = {
+    "aof": ["appendonly yes", "appendfsync always", 'save ""'],
+    "rdb": ["appendonly no", "save 3600 1"],  # a clean SHUTDOWN writes the snapshot
+    None: ["appendonly no", 'save ""'],
+}
+
+# Commands that the harness's own measuring connection sends, left out of request_count().
+_NOT_COUNTED = ("info", "auth", "hello", "client|setinfo", "config|get")
+
+
+class RedisServer(Server):
+    """A redis-server process on 127.0.0.1:<free port> that requires a password.
+
+    password: the default user's password (``requirepass``).
+    user: also create this ACL user, with the same password and every right.
+    persistence: ``"aof"``, ``"rdb"`` or ``None`` (see the module docstring).
+    cluster: start in cluster mode (a node of no cluster yet: a single-node oracle must refuse it).
+    extra_config: more ``redis.conf`` lines, e.g. ``["notify-keyspace-events KEA"]``.
+    """
+
+    def __init__(self, password: str = "crown-sync-test-secret", user: Optional[str] = None,
+                 persistence: Optional[str] = "aof", cluster: bool = False,
+                 extra_config: Sequence[str] = ()):
+        if persistence not in _PERSISTENCE:
+            raise ValueError(f"persistence must be 'aof', 'rdb' or None, got {persistence!r}")
+        if not password or any(c.isspace() or c in "\"'" for c in password):
+            raise ValueError("password must be non-empty, without spaces or quotes")
+        self.binary = find_binary(["redis-server", "/usr/bin/redis-server", "/usr/local/bin/redis-server"],
+                                  "redis-server")
+        super().__init__()
+        self.password = password
+        self.user = user
+        self.persistence = persistence
+        self.cluster = cluster
+        self.extra_config = list(extra_config)
+        self.host = "127.0.0.1"
+        self._log_path = os.path.join(self.tmpdir, "redis.log")
+
+    def url(self, db: int = 0, password: Optional[str] = None, **options) -> str:
+        """``redis://[user]:PASSWORD@127.0.0.1:PORT/DB[?options]`` (the ACL user's with ``user``)."""
+        secret = self.password if password is None else password
+        query = "&".join(f"{key}={value}" for key, value in options.items())
+        return f"redis://{self.user or ''}:{secret}@{self.host}:{self.port}/{db}" + (f"?{query}" if query else "")
+
+    @property
+    def address(self):
+        return (self.host, self.port)
+
+    def _config(self) -> str:
+        lines = [
+            f"bind {self.host}",
+            f"port {self.port}",
+            f"dir {self.tmpdir}",
+            f"logfile {self._log_path}",
+            "daemonize no",
+            "protected-mode no",
+            f"requirepass {self.password}",
+            "databases 16",
+        ]
+        if self.user:
+            lines.append(f"user {self.user} on >{self.password} ~* &* +@all")
+        lines += _PERSISTENCE[self.persistence]
+        if self.cluster:
+            lines += [
+                "cluster-enabled yes",
+                f"cluster-config-file {os.path.join(self.tmpdir, 'nodes.conf')}",
+                f"cluster-port {free_port()}",  # the default, port + 10000, may not exist
+            ]
+        path = os.path.join(self.tmpdir, "redis.conf")
+        with open(path, "w") as handle:
+            handle.write("\n".join(lines + self.extra_config) + "\n")
+        return path
+
+    def start(self, timeout: float = 20.0) -> "RedisServer":
+        if self.process is not None and self.process.poll() is None:
+            return self
+        self.process = subprocess.Popen(
+            [self.binary, self._config()],
+            cwd=self.tmpdir,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # a Ctrl-C in the test run is not the server's business
+        )
+        try:
+            wait_for_port(self.port, timeout=timeout, host=self.host)
+            self._wait_loaded(timeout)
+        except (TimeoutError, RuntimeError):
+            code = self.process.poll()
+            self.kill()
+            raise RuntimeError(
+                f"redis-server did not serve on {self.host}:{self.port} (exit code {code}); see {self._log_path}"
+            ) from None
+        return self
+
+    def _wait_loaded(self, timeout: float) -> None:
+        # The port opens before an append-only file is loaded; commands meanwhile get LOADING.
+        deadline = time.monotonic() + timeout
+        while self.info("persistence").get("loading", "0") != "0":
+            if time.monotonic() > deadline:
+                raise RuntimeError("redis-server still loading its data")
+            time.sleep(0.02)
+
+    def restart(self, down_for: float = 0.0) -> "RedisServer":
+        """Stop cleanly (SIGTERM), stay down ``down_for`` seconds, start again on the same port with
+        the same data dir: what comes back depends on ``persistence``."""
+        self.resume()
+        self.stop()
+        if down_for:
+            time.sleep(down_for)
+        return self._start_on_same_port()
+
+    def crash_restart(self, down_for: float = 0.0) -> "RedisServer":
+        """SIGKILL, then start again on the same port (an ``aof`` server keeps every write)."""
+        self.kill()
+        if down_for:
+            time.sleep(down_for)
+        return self._start_on_same_port()
+
+    def _start_on_same_port(self) -> "RedisServer":
+        # The port was ours; a few retries cover a TIME_WAIT or a slow exit.
+        last = None
+        for _ in range(50):
+            try:
+                return self.start()
+            except RuntimeError as exc:
+                last = exc
+                time.sleep(0.1)
+        raise last
+
+    def pause(self) -> None:
+        """Freeze the server (SIGSTOP): connections stay open, nothing is answered."""
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGCONT)
+
+    def kill(self) -> None:
+        self.resume()  # a stopped process dies of SIGKILL too, but only reaps once continued
+        super().kill()
+
+    # ------------------------------------------------------------------ talking to the server
+
+    def client(self, **kwargs):
+        """A redis-py client on the server (default user's password), for tests to act as an
+        administrator would: ``DEL``, ``FLUSHALL``, ``CLIENT KILL``, ..."""
+        import redis
+
+        kwargs.setdefault("socket_timeout", 5.0)
+        return redis.Redis(host=self.host, port=self.port, password=self.password, **kwargs)
+
+    def info(self, section: str) -> Dict[str, str]:
+        """``INFO section`` as a dict of strings."""
+        with self.client(decode_responses=True) as client:
+            return {key: str(value) for key, value in client.info(section).items()}
+
+    def flushall(self) -> None:
+        with self.client() as client:
+            client.flushall()
+
+    def request_count(self) -> int:
+        """Commands the server has answered so far that clients sent on purpose (``INFO`` and the
+        harness's own connection set-up are left out)."""
+        total = 0
+        with self.client(decode_responses=True) as client:
+            for name, stats in client.info("commandstats").items():
+                command = name[len("cmdstat_"):] if name.startswith("cmdstat_") else name
+                if command not in _NOT_COUNTED:
+                    total += int(stats["calls"])
+        return total

@@ -1,134 +1,14 @@
-"""Shared by the PostgreSQL tests and benchmark: contender processes, journal reading, and a
-minimal transaction-pooling proxy (round-robin, or PgBouncer's default most-recently-freed).
-
-Whom to kill is found from the journal (the child's own record of its work), never from the
-oracle's word.
+"""Shared by the PostgreSQL tests and benchmark: a minimal transaction-pooling proxy (round-robin,
+or PgBouncer's default most-recently-freed). The Fleet and wait helper are tests/oracles/support.py's.
 """
 
-import os
 import random
-import signal
 import socket
 import struct
-import subprocess
-import sys
 import threading
-import time
-from typing import Callable, Dict, List, Optional
+from typing import List, Optional
 
-from crown_sync import clock
-from crown_sync.testing import journal
 from crown_sync.testing.servers import free_port
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def wait_until(predicate: Callable, timeout: float = 30.0, interval: float = 0.01, message: str = "condition"):
-    """Poll until predicate() returns something true; fail (never hang) after a generous timeout."""
-    end = clock.monotonic() + timeout
-    while clock.monotonic() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"{message} not met within {timeout}s")
-
-
-def terms(path: str, name: str) -> List[journal.Term]:
-    if not os.path.exists(path):
-        return []
-    return journal._terms(journal.read(path), name)
-
-
-class Fleet:
-    """Contender processes (``python -m crown_sync.testing.contender``), one identity each."""
-
-    def __init__(self, url: str, directory: str, name: str, child: str = "thread", grace: float = 2.0,
-                 interval: float = 0.005, stop_delay: float = 0.0):
-        self.url = url
-        self.name = name
-        self.child = child
-        self.grace = grace
-        self.interval = interval
-        self.stop_delay = stop_delay  # the child works on this long after SIGTERM / its stop
-        self.directory = str(directory)
-        self.journal = os.path.join(self.directory, f"{name}.journal.jsonl")
-        self.events = os.path.join(self.directory, f"{name}.events.jsonl")
-        self.processes: Dict[str, subprocess.Popen] = {}
-
-    def spawn(self, identity: str) -> subprocess.Popen:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-        process = subprocess.Popen(
-            [sys.executable, "-m", "crown_sync.testing.contender", "--name", self.name,
-             "--oracle", self.url, "--journal", self.journal, "--identity", identity,
-             "--child", self.child, "--events", self.events, "--grace", str(self.grace),
-             "--interval", str(self.interval), "--stop-delay", str(self.stop_delay)],
-            cwd=ROOT,
-            env=env,
-            start_new_session=True,  # its own process group: cleanup can reach its children
-        )
-        self.processes[identity] = process
-        return process
-
-    def terms(self) -> List[journal.Term]:
-        return terms(self.journal, self.name)
-
-    def running_term(self, fresh: float = 0.25) -> Optional[journal.Term]:
-        """The term whose child journaled within ``fresh`` seconds and has not stopped."""
-        now = clock.monotonic()
-        running = [t for t in self.terms() if not t.stopped and now - t.end < fresh and t.beats > 0]
-        return running[-1] if running else None
-
-    def wait_for_term(self, other_than=(), min_beats: int = 5, timeout: float = 30.0,
-                      after: float = float("-inf")) -> journal.Term:
-        """A running term of an identity not in ``other_than`` that started after ``after``."""
-        def found():
-            term = self.running_term()
-            if (term is not None and term.identity not in other_than and term.beats >= min_beats
-                    and term.start > after):
-                return term
-            return None
-        return wait_until(found, timeout=timeout, message=f"a running term not of {sorted(other_than)}")
-
-    def signal(self, identity: str, signum: int) -> None:
-        self.processes[identity].send_signal(signum)
-
-    def events_of(self, identity: Optional[str] = None) -> List[dict]:
-        import json
-
-        if not os.path.exists(self.events):
-            return []
-        with open(self.events) as handle:
-            lines = [json.loads(line) for line in handle if line.strip()]
-        return [e for e in lines if identity is None or e.get("identity") == identity]
-
-    def stop_all(self, timeout: float = 30.0) -> None:
-        for process in self.processes.values():
-            if process.poll() is None:
-                try:
-                    os.kill(process.pid, signal.SIGCONT)  # in case a test left one stopped
-                    process.send_signal(signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        for process in self.processes.values():
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        self.kill_all()
-
-    def kill_all(self) -> None:
-        """Last resort: SIGKILL each contender's process group (its children too), by pid."""
-        for process in self.processes.values():
-            try:
-                os.killpg(process.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                pass
 
 
 # ------------------------------------------------------------------ a transaction pooler

@@ -22,17 +22,9 @@ from crown_sync.oracles import FileOracle
 from crown_sync.oracles import file as file_oracle
 from crown_sync.testing import journal
 
+from .support import Fleet, wait_until
+
 NAME = "billing"
-
-
-def wait_until(predicate, timeout=20.0, interval=0.005):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout}s")
 
 
 @pytest.fixture
@@ -47,64 +39,27 @@ def url(oracle_dir):
     return f"file://{oracle_dir}"
 
 
-class Fleet:
-    """Contender processes (crown_sync.testing.contender), one identity each."""
-
-    def __init__(self, url, tmp_path, child="thread"):
-        self.url = url
-        self.journal = str(tmp_path / "journal.jsonl")
-        self.child = child
-        self.processes = {}
-
-    def spawn(self, identity, prefix=()):
-        self.processes[identity] = subprocess.Popen(
-            list(prefix) + [sys.executable, "-m", "crown_sync.testing.contender", "--name", NAME, "--oracle",
-                            self.url, "--journal", self.journal, "--identity", identity, "--child", self.child],
-        )
-
-    def leader(self):
-        found = crown_sync.find_leader(NAME, oracle=self.url)
-        return found.identity if found is not None else None
-
-    def wait_for_leader(self, other_than=None):
-        return wait_until(lambda: (lambda who: who if who and who != other_than else None)(self.leader()))
-
-    def wait_for_work(self, identity):
-        """Until ``identity``'s child has journaled (a child takes a moment to start on a busy host)."""
-        wait_until(lambda: os.path.exists(self.journal)
-                   and any(event["id"] == identity for event in journal.read(self.journal)))
-
-    def stop_all(self):
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in self.processes.values():
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.send_signal(signal.SIGABRT)  # tox sets PYTHONFAULTHANDLER: its threads' stacks
-                process.wait(30)
-                raise
+def leader_identity(url):
+    """The identity find_leader names (the oracle's word: only for what a test checks of it)."""
+    found = crown_sync.find_leader(NAME, oracle=url)
+    return found.identity if found is not None else None
 
 
 def test_leadership_moves_through_sigkill_and_sigterm_with_no_overlap(url, tmp_path):
-    fleet = Fleet(url, tmp_path)
+    fleet = Fleet(url, tmp_path, NAME)
     for i in range(3):
         fleet.spawn(f"c{i}")
     try:
         killed = []
         for round_number, signum in enumerate([signal.SIGKILL, signal.SIGTERM, signal.SIGKILL]):
-            leader = fleet.wait_for_leader(other_than=killed[-1] if killed else None)
-            fleet.wait_for_work(leader)
-            time.sleep(0.1)  # let the leader's child journal some beats
+            leader = fleet.wait_for_term(other_than=killed[-1:]).identity
             fleet.processes[leader].send_signal(signum)
             fleet.processes[leader].wait(30)
             killed.append(leader)
             fleet.spawn(f"c{3 + round_number}")  # keep three contenders
-        fleet.wait_for_work(fleet.wait_for_leader(other_than=killed[-1]))
-        time.sleep(0.1)
+        fleet.wait_for_term(other_than=killed[-1:])
     finally:
-        fleet.stop_all()
+        fleet.stop_all(strict=True)
     report = journal.check(fleet.journal, NAME)
     assert report.ok, report.summary()
     assert len(report.terms) >= 4, report.summary()
@@ -114,23 +69,20 @@ def test_leadership_moves_through_sigkill_and_sigterm_with_no_overlap(url, tmp_p
 
 
 def test_process_children_with_sigkilled_leaders_never_overlap(url, tmp_path):
-    fleet = Fleet(url, tmp_path, child="process")
+    fleet = Fleet(url, tmp_path, NAME, child="process")
     for i in range(3):
         fleet.spawn(f"p{i}")
     try:
         previous = None
         for round_number in range(3):
-            leader = fleet.wait_for_leader(other_than=previous)
-            fleet.wait_for_work(leader)
-            time.sleep(0.15)
+            leader = fleet.wait_for_term(other_than={previous}).identity
             fleet.processes[leader].kill()
             fleet.processes[leader].wait(30)
             previous = leader
             fleet.spawn(f"p{3 + round_number}")
-        fleet.wait_for_work(fleet.wait_for_leader(other_than=previous))
-        time.sleep(0.15)
+        fleet.wait_for_term(other_than={previous})
     finally:
-        fleet.stop_all()
+        fleet.stop_all(strict=True)
     report = journal.check(fleet.journal, NAME)
     assert report.ok, report.summary()
     assert len(report.terms) >= 4, report.summary()
@@ -389,12 +341,11 @@ def test_a_child_that_outlives_abdicate_keeps_the_election_closed(url, tmp_path)
 
 @pytest.mark.parametrize("fault", ["delete", "replace"])
 def test_a_deleted_or_replaced_lock_file_never_yields_a_second_leader(url, oracle_dir, tmp_path, fault):
-    fleet = Fleet(url, tmp_path, child="command")
+    fleet = Fleet(url, tmp_path, NAME, child="command")
     fleet.spawn("old")
     claimant = None
     try:
-        assert fleet.wait_for_leader() == "old"
-        fleet.wait_for_work("old")
+        assert fleet.wait_for_term(min_beats=1).identity == "old"
         fleet.spawn("waiting")  # blocked on the old file: it must not lead on it once unlinked
         lock = oracle_dir / f"{NAME}.lock"
         blocked = f":{lock.stat().st_ino} "
@@ -411,16 +362,16 @@ def test_a_deleted_or_replaced_lock_file_never_yields_a_second_leader(url, oracl
                                                                  args=(fleet.journal, 0.02))).start()
         wait_until(lambda: claimant.is_leader() or "deleted or replaced" in (claimant.status().last_error or ""))
         time.sleep(0.3)
-        early = (claimant.is_leader(), fleet.leader())
+        early = (claimant.is_leader(), leader_identity(url))
         fleet.processes["old"].send_signal(signal.SIGTERM)
         fleet.processes["old"].wait(30)
-        wait_until(lambda: fleet.leader() not in (None, "old"))
+        wait_until(lambda: leader_identity(url) not in (None, "old"))
         wait_until(lambda: len(journal.check(fleet.journal, NAME).terms) >= 2)  # the successor works
         time.sleep(0.1)
     finally:
         if claimant is not None:
             claimant.stop()
-        fleet.stop_all()
+        fleet.stop_all(strict=True)
     report = journal.check(fleet.journal, NAME)
     assert report.ok, report.summary()
     assert len(report.terms) >= 2 and report.terms[0].identity == "old", (report.summary(), report.terms)
@@ -479,11 +430,10 @@ def test_a_claimant_in_another_pid_namespace_never_takes_over_a_deleted_lock_fil
         assert not os.environ.get("CI"), message + " (CI=true: a pid namespace is required)"
         warnings.warn(message)
         return
-    fleet = Fleet(url, tmp_path, child="command")
+    fleet = Fleet(url, tmp_path, NAME, child="command")
     fleet.spawn("host")
     try:
-        assert fleet.wait_for_leader() == "host"
-        fleet.wait_for_work("host")
+        assert fleet.wait_for_term(min_beats=1).identity == "host"
         (oracle_dir / f"{NAME}.lock").unlink()
         fleet.spawn("contained", prefix=contained)
         time.sleep(2.0)  # it claims the new file again and again, and must refuse each time
@@ -496,7 +446,7 @@ def test_a_claimant_in_another_pid_namespace_never_takes_over_a_deleted_lock_fil
         if "contained" in fleet.processes:
             # unshare(1) does not pass SIGTERM on; killed, it SIGTERMs the contender (--kill-child).
             fleet.processes["contained"].kill()
-        fleet.stop_all()
+        fleet.stop_all(strict=True)
     report = journal.check(fleet.journal, NAME)
     assert report.ok, report.summary()
     assert [term.identity for term in report.terms][:2] == ["host", "host-2"], report.summary()

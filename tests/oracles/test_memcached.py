@@ -21,7 +21,8 @@ from crown_sync.testing import journal
 from crown_sync.testing.memcached_server import MemcachedServer
 from crown_sync.testing.servers import free_port
 
-from .memcached_support import FaultProxy, Fleet, wait_until
+from .memcached_support import FaultProxy
+from .support import Fleet, wait_until
 
 NAME = "nightly-report"
 # Short leases keep the suite quick (renewals every 0.5 s, failover ~2.5 s); a whole second of
@@ -833,7 +834,7 @@ def test_a_forked_child_cannot_touch_the_parents_connection(server, name):
     oracle = oracle_for(server)
     a = oracle.contender(name, "a", {}, Signals())
     lead(a)
-    fd = a._connection.socket().fileno()
+    fd = a._store.socket().fileno()
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: everything inherited must be inert

@@ -38,7 +38,8 @@ from crown_sync.testing import journal
 from crown_sync.testing.postgres_server import PostgresServer
 from crown_sync.testing.servers import free_port
 
-from .postgres_support import ROOT, Fleet, TransactionPooler, wait_until
+from .postgres_support import TransactionPooler
+from .support import ROOT, Fleet, wait_until
 
 SECRET = "s3cret-Pa55"
 # Short leases keep the suite quick: lease 2 s -> margin 0.2 s, confirmations every 0.4 s.

@@ -21,7 +21,9 @@ from crown_sync.testing import journal
 from crown_sync.testing.servers import free_port
 from crown_sync.testing.zookeeper_server import ZooKeeperEnsemble, ZooKeeperServer
 
-from .zookeeper_support import Fleet, assert_safe, leader_node, plain_client, terms, wait_until
+from . import support
+from .support import assert_safe, terms, wait_until
+from .zookeeper_support import leader_node, plain_client
 
 SESSION = 3.0  # seconds; the test servers tick every 200 ms
 
@@ -37,6 +39,11 @@ def zk():
 @pytest.fixture
 def name():
     return "t-" + uuid.uuid4().hex[:12]
+
+
+def Fleet(url, directory, name, **options):  # noqa: N802 - stands for the class
+    """A Fleet whose contenders give their children 1 s and monitor every 0.5 s."""
+    return support.Fleet(url, directory, name, **dict(support.ZooKeeperKind.fleet_options, **options))
 
 
 class Recorder:
@@ -717,7 +724,7 @@ def test_processes_contend_through_sigterm_and_sigkill(zk, name, tmp_path):
         # The crash failover waited for the session to expire, no longer (generous bound).
         assert third.start - killed_at < SESSION + 5
     finally:
-        fleet.cleanup()
+        fleet.stop_all()
     assert_safe(fleet.journal, name, min_terms=3)  # no overlap, strictly rising tokens
 
 
@@ -771,7 +778,7 @@ def test_sigstop_leader_past_the_session_timeout_then_sigcont(zk, name, tmp_path
         now = fleet.running_term()
         assert now is not None and now.identity == second.identity
     finally:
-        fleet.cleanup()
+        fleet.stop_all()
     assert_safe(fleet.journal, name, min_terms=2)
 
 
@@ -791,7 +798,7 @@ def test_server_restart_end_to_end(name, tmp_path):
             after = fleet.wait_for_term(after=down_at, timeout=40)
             assert after.token > first.token
         finally:
-            fleet.cleanup()
+            fleet.stop_all()
         report = assert_safe(fleet.journal, name, min_terms=2)
         assert max(t.start for t in report.terms) > down_at
 
@@ -810,7 +817,7 @@ def test_dismiss_end_to_end(zk, name, tmp_path):
         assert second.identity == "b" and second.token > first.token
         assert crown_sync.find_leader(name, oracle=url).identity == "b"
     finally:
-        fleet.cleanup()
+        fleet.stop_all()
     assert_safe(fleet.journal, name, min_terms=2)
 
 
@@ -839,7 +846,7 @@ def test_ensemble_member_of_the_leader_killed(name, tmp_path):
             assert fleet.running_term() is not None
         finally:
             client.stop()
-            fleet.cleanup()
+            fleet.stop_all()
         report = assert_safe(fleet.journal, name, min_terms=2)
         assert after.token > first.token
 
@@ -865,7 +872,7 @@ def test_quorum_loss_ends_every_term_and_nobody_leads_until_it_is_back(name, tmp
             ensemble.wait_quorum()
             after = fleet.wait_for_term(after=restored_at, timeout=40)
         finally:
-            fleet.cleanup()
+            fleet.stop_all()
     report = assert_safe(fleet.journal, name, min_terms=2)  # no overlap, rising tokens
     assert after.token > first.token
     for term in report.terms:
@@ -910,7 +917,7 @@ def test_a_leaders_node_deleted_by_hand_no_overlap(zk, name, tmp_path, paused):
             fleet.signal("a", signal.SIGCONT)
         time.sleep(1.0)
     finally:
-        fleet.cleanup()
+        fleet.stop_all()
     assert_safe(fleet.journal, name, min_terms=2)  # no overlap, strictly rising tokens
     assert second.token > first.token
 
@@ -979,7 +986,7 @@ def test_server_restart_while_the_leaders_crown_process_is_paused_no_overlap(nam
             fleet.signal("a", signal.SIGCONT)
             time.sleep(1.0)
         finally:
-            fleet.cleanup()
+            fleet.stop_all()
         assert_safe(fleet.journal, name, min_terms=2)  # no overlap, strictly rising tokens
         assert second.token > first.token
 

@@ -19,6 +19,7 @@ SCHEMES: Dict[str, tuple] = {
     "postgres": ("crown_sync.oracles.postgres", "PostgresOracle", "postgres"),
     "zookeeper": ("crown_sync.oracles.zookeeper", "ZooKeeperOracle", "zookeeper"),
     "memcached": ("crown_sync.oracles.memcached", "MemcachedOracle", "memcached"),
+    "nats": ("crown_sync.oracles.nats", "NatsOracle", "nats"),
 }
 
 ENV_VAR = "CROWN_SYNC_ORACLE"

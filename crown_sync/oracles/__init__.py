@@ -8,6 +8,7 @@ import importlib
 from ..urls import SCHEMES, missing_library
 
 __all__ = ["FileOracle", "PostgresOracle", "ZooKeeperOracle", "MemcachedOracle"]
+__all__ += ["NatsOracle"]
 
 _WHERE = {cls: (module, extra) for module, cls, extra in SCHEMES.values()}
 

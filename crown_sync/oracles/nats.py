@@ -1,0 +1,524 @@
+"""NATS JetStream KV oracle: a lease record in a KV bucket, claimed with ``create`` and renewed and
+released only by ``update`` with the last revision (compare-and-set).
+
+For fleets that already run NATS with JetStream (Choria's election store). One key per election,
+``<key_prefix><name>`` in the bucket ``bucket`` (default ``crown_sync``), holds a JSON lease
+record; how a lease lives and dies, and why no two terms overlap, is the argument of
+:mod:`crown_sync.oracles._lease`, which this oracle runs on KV ``create`` (only if the key has no
+value: absent, deleted or purged), ``get`` (value and revision) and ``update(last=revision)``.
+
+Why not the issue's first sketch (a key deleted by its holder, a bucket TTL as the lease): a key
+deleted or purged by an administrator, a bucket deleted and recreated, or a record aged out by
+the bucket's ``max_age`` all look exactly like a clean release to whoever finds the key empty,
+while the old leader's child may still run. So the holder's own release is a ``released`` record
+written by CAS, never a delete, and an empty key means "unknown": the claimant holds a
+``pending`` record for one ``ttl`` before it starts (the quarantine of ``_lease``). The bucket's
+``max_age`` (default a day) only collects abandoned records; the lease is timed on the
+contenders' own clocks, never by the server's expiry.
+
+Push: each following contender's connection holds an ordered push consumer on its election's
+subject (headers only, new messages only); every write, delete or purge of the key makes its
+poller read at once, so a graceful release is taken over within a round trip, not a poll.
+
+Fencing tokens: ``max(previous token + 1, created + last_seq + 1)``, where ``created`` is the
+bucket stream's creation time in microseconds (the server's clock) and ``last_seq`` the stream's
+last revision, read when a term is about to start: the token is at most the revision of the write
+that starts the term, offset by the bucket's creation time. Revisions rise across terms and across
+restarts (file storage); a bucket deleted and recreated restarts its revisions at 1, but its
+creation time is later by the old bucket's lifetime, which in microseconds exceeds any number of
+revisions a bucket can have taken. See docs/oracles/nats.rst for the full argument and its one
+assumption (the server's wall clock does not step back across a recreation).
+
+nats-py is asyncio-only: each oracle runs one private event loop in a daemon thread, and every
+call is a coroutine sent to it and waited for with a timeout, so the API stays synchronous. A
+forked child never touches that loop or its sockets: they are recorded with
+:mod:`crown_sync._forksafe` when made (blinded in the child) and a new loop is made on demand.
+nats-py's own reconnection is off: a broken connection is dropped and the next call makes a new
+one (under the fork guard), so no request is queued while disconnected and sent later.
+"""
+
+import asyncio
+import concurrent.futures
+import datetime
+import logging
+import os
+import re
+import threading
+import time
+import urllib.parse
+import weakref
+from typing import Any, Callable, Optional, Tuple
+
+from .. import _forksafe
+from ..urls import parse_options, redact, redact_text
+from ._base import seconds
+from ._lease import LeaseContender, LeaseOracle, LeaseStore
+
+import nats  # the nats extra: crown_sync.urls reports it missing with the pip command
+import nats.errors
+import nats.js.errors
+from nats.js.api import DeliverPolicy, KeyValueConfig, StorageType
+
+__all__ = ["NatsOracle", "NatsError"]
+
+logger = logging.getLogger("crown_sync.oracles.nats")
+
+_OPTIONS = {
+    "bucket": str,
+    "ttl": float,
+    "renew_interval": float,
+    "poll_interval": float,
+    "margin": float,
+    "key_prefix": str,
+    "connect_timeout": float,
+    "timeout": float,
+    "bucket_max_age": float,
+}
+
+# NATS KV: a key is subject tokens of these characters, a bucket a single token.
+_KEY_CHARS = re.compile(r"^[-/_=.a-zA-Z0-9]*$")
+_BUCKET = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+_MICROSECOND = datetime.timedelta(microseconds=1)
+
+
+class NatsError(ConnectionError):
+    """NATS could not be reached, refused us, or answered an error (the message names the server)."""
+
+
+class _Loop:
+    """One private asyncio event loop running in a daemon thread."""
+
+    def __init__(self, name: str):
+        self.loop = asyncio.new_event_loop()
+        self.pid = os.getpid()
+        self.thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self.thread.start()
+
+    def submit(self, coro) -> "concurrent.futures.Future":
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def stop(self) -> None:
+        try:
+            self.submit(self._shutdown())
+        except RuntimeError:  # already closed
+            return
+        if self.thread is not threading.current_thread():
+            self.thread.join(2.0)
+            if not self.thread.is_alive():
+                self.loop.close()
+
+    async def _shutdown(self) -> None:
+        # Connections' closes and nats-py's consumer tasks end here, not as "destroyed pending".
+        tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks, timeout=1.0) if tasks else None
+        self.loop.stop()
+
+
+class _Store(LeaseStore):
+    """One NATS connection (made on demand on the oracle's loop) used by one owner at a time, and
+    optionally a push consumer on one key that calls ``on_push`` for every change."""
+
+    def __init__(self, oracle: "NatsOracle"):
+        self._oracle = oracle
+        self._nc = None  # a nats.aio.client.Client, touched only on the loop
+        self._kv = None
+        self._loop: Optional[_Loop] = None
+        self._inflight: Optional[concurrent.futures.Future] = None
+        self._watch: Optional[Tuple[str, Callable[[], None]]] = None
+        self.server_error: Optional[str] = None  # the server's last asynchronous -ERR, for messages
+        self.closed = False
+
+    # -- the store interface ------------------------------------------------------------------
+
+    def read(self, key: str) -> Tuple[Optional[bytes], Any]:
+        return self._call("read", self._read(key))
+
+    def create(self, key: str, value: bytes, expire: int) -> bool:
+        # expire: the bucket's max_age applies to every key alike (per-key TTLs need 2.11).
+        return self._call("create", self._create(key, value))
+
+    def replace(self, key: str, value: bytes, version: Any, expire: int) -> Optional[bool]:
+        if not version:
+            return None  # update(last=0) would CREATE the key: never
+        return self._call("update", self._update(key, value, version))
+
+    def token_floor(self) -> int:
+        """The bucket's creation time in microseconds plus its last revision plus one."""
+        return self._call("stream info", self._token_floor())
+
+    def watch(self, key: str, on_push: Callable[[], None]) -> None:
+        """From now on, call ``on_push()`` (on the loop) at every write, delete or purge of ``key``;
+        the consumer is (re)made with each connection."""
+        self._watch = (key, on_push)
+        if self._nc is not None:
+            self._call("watch", self._subscribe())
+
+    def interrupt(self) -> None:
+        self.closed = True
+        inflight = self._inflight
+        if inflight is not None:
+            inflight.cancel()  # the waiting thread gets CancelledError at once
+        self._drop()
+
+    def close(self) -> None:
+        self.closed = True
+        self._drop()
+        self._oracle._store_closed(self)
+
+    def after_fork_in_child(self) -> None:
+        # The parent's connection and loop: never touch them (the sockets are blinded).
+        self._nc = self._kv = self._loop = self._inflight = None
+        self.closed = True
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    def _call(self, what: str, coro) -> Any:
+        if self.closed:
+            coro.close()
+            raise RuntimeError("NATS store is closed")
+        oracle = self._oracle
+        submitted = False
+        try:
+            if self._nc is None or self._nc.is_closed or self._loop is not oracle._current_loop():
+                self._connect()
+            self._inflight = future = self._loop.submit(coro)
+            submitted = True
+            try:
+                return future.result(oracle.timeout + 0.5)  # nats-py times out first, at timeout
+            except concurrent.futures.TimeoutError:
+                future.cancel()
+                self._drop()  # a server that does not answer: the next call connects afresh
+                raise asyncio.TimeoutError() from None
+        except NatsError:
+            raise
+        except Exception as exc:
+            if isinstance(exc, (nats.errors.ConnectionClosedError, OSError, asyncio.TimeoutError)):
+                self._drop()
+            raise oracle._error(what, exc, self.server_error) from None
+        finally:
+            self._inflight = None
+            if not submitted:
+                coro.close()  # never awaited (the connection failed): no warning for it
+
+    def _connect(self) -> None:
+        oracle = self._oracle
+        self._drop()
+        loop = oracle._current_loop(make=True)
+        # A fork waits until the socket is made and recorded (crown_sync._forksafe).
+        with _forksafe.opening() as keep:
+            future = loop.submit(oracle._open(self))
+            try:
+                self._nc, self._kv = future.result(oracle.connect_timeout + oracle.timeout + 1.0)
+            except concurrent.futures.TimeoutError:
+                future.cancel()
+                raise asyncio.TimeoutError() from None
+            self._loop = loop
+            sock = _socket_of(self._nc)
+            if sock is not None:
+                keep(sock)
+        if self._watch is not None:
+            self._loop.submit(self._subscribe()).result(oracle.timeout + 0.5)
+            self._watch[1]()  # changes while we were not connected went unheard: look now
+
+    def _drop(self) -> None:
+        nc, loop = self._nc, self._loop
+        self._nc = self._kv = None
+        if nc is not None and loop is not None and loop.pid == os.getpid() and not loop.loop.is_closed():
+            try:
+                loop.submit(_close_quietly(nc))  # not waited for: a frozen server must not hold us
+            except RuntimeError:  # the loop stopped meanwhile
+                pass
+
+    # -- coroutines (run on the loop) ---------------------------------------------------------
+
+    async def _read(self, key: str) -> Tuple[Optional[bytes], Any]:
+        try:
+            entry = await self._kv.get(key)
+        except nats.js.errors.KeyNotFoundError:  # absent, deleted or purged
+            return None, None
+        return entry.value, entry.revision
+
+    async def _create(self, key: str, value: bytes) -> bool:
+        try:
+            await self._kv.create(key, value)
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return False
+        return True
+
+    async def _update(self, key: str, value: bytes, version: int) -> Optional[bool]:
+        try:
+            await self._kv.update(key, value, last=version)
+        except nats.js.errors.KeyWrongLastSequenceError:
+            # Changed since our read, or emptied (a delete or purge leaves a marker revision).
+            value, _ = await self._read(key)
+            return None if value is None else False
+        return True
+
+    async def _token_floor(self) -> int:
+        info = await self._nc.jetstream(timeout=self._oracle.timeout).stream_info(self._oracle.stream)
+        created = info.created or _EPOCH
+        return (created - _EPOCH) // _MICROSECOND + (info.state.last_seq or 0) + 1
+
+    async def _subscribe(self) -> None:
+        key, on_push = self._watch
+
+        async def pushed(msg) -> None:
+            on_push()
+
+        # Ordered push consumer: nats-py remakes it on a gap or missed heartbeats.
+        await self._nc.jetstream(timeout=self._oracle.timeout).subscribe(
+            self._oracle.subject(key), cb=pushed, ordered_consumer=True,
+            deliver_policy=DeliverPolicy.NEW, headers_only=True,
+        )
+
+
+async def _close_quietly(nc) -> None:
+    try:
+        await asyncio.wait_for(nc.close(), 2.0)
+    except Exception:  # closing must never raise
+        pass
+
+
+def _socket_of(nc) -> Optional[int]:
+    """The file descriptor of a connected nats-py client's socket (None if it cannot be found)."""
+    writer = getattr(getattr(nc, "_transport", None), "_io_writer", None)
+    sock = writer.get_extra_info("socket") if writer is not None else None
+    return sock.fileno() if sock is not None else None
+
+
+class NatsOracle(LeaseOracle):
+    """Leases in a NATS JetStream KV bucket (see the module docstring and
+    :mod:`crown_sync.oracles._lease` for the safety argument). Needs nats-server 2.9 or newer
+    with JetStream enabled (``nats-server -js``).
+
+    server: ``"host:port"`` (port 4222 by default) of ONE NATS server.
+    user, password: credentials (``authorization { users = [...] }`` on the server); ``user``
+        alone is a token (``authorization { token: ... }``).
+    bucket: the KV bucket (default ``crown_sync``), created if missing (file storage, history 1,
+        ``max_age`` = ``bucket_max_age``); an existing bucket is used as it is, if its
+        ``max_age`` is 0 (none) or at least ``2 * ttl + 2``.
+    bucket_max_age: the max_age of a bucket this oracle creates (default a day): how long an
+        abandoned record (a released election nobody runs any more) stays. Not the lease: a
+        record that ages out only costs its next claimant a quarantine of one ``ttl``.
+    ttl, margin, renew_interval, connect_timeout, timeout, clock: see
+        :class:`~crown_sync.oracles._lease.LeaseOracle` (ttl default 10 s).
+    poll_interval: how often a follower reads the key when nothing was pushed (default 1 s):
+        releases and takeovers are pushed, so this only bounds how late a lost push is noticed.
+    key_prefix: prepended to the election name to make the key (default none: the bucket is ours).
+    """
+
+    def __init__(
+        self,
+        server: str = "127.0.0.1:4222",
+        user: Optional[str] = None,
+        password: Optional[str] = None,
+        bucket: str = "crown_sync",
+        ttl: float = 10.0,
+        renew_interval: Optional[float] = None,
+        poll_interval: float = 1.0,
+        margin: Optional[float] = None,
+        key_prefix: str = "",
+        connect_timeout: Optional[float] = None,
+        timeout: Optional[float] = None,
+        bucket_max_age: float = 86400.0,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.host, self.port = _parse_server(server)
+        for option, value in (("user", user), ("password", password)):
+            if value is not None and not isinstance(value, str):
+                raise TypeError(f"{option} must be a str, got {type(value).__name__}")
+        if password is not None and not user:
+            raise ValueError("password given without user")
+        self._user, self._password = user or None, password
+        if not isinstance(bucket, str) or not _BUCKET.match(bucket):
+            raise ValueError(f"bucket must be 1 to 64 characters of A-Z a-z 0-9 _ -, got {bucket!r}")
+        self.bucket = bucket
+        self.stream = f"KV_{bucket}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        self._server = f"nats://{host}:{self.port}"
+        self.description = f"{self._server}?bucket={bucket}"  # never the credentials
+        super().__init__(ttl, renew_interval, poll_interval, margin, key_prefix, connect_timeout, timeout, clock)
+        self.bucket_max_age = seconds("bucket_max_age", bucket_max_age)
+        if self.bucket_max_age < self.record_expire:
+            raise ValueError(
+                f"bucket_max_age ({self.bucket_max_age:g}) must be at least 2 * ttl + 2 ({self.record_expire} s): "
+                f"a live leader's record must not age out between its renewals"
+            )
+        self._loop: Optional[_Loop] = None
+        self._loop_lock = threading.Lock()
+        self._stores: "weakref.WeakSet[_Store]" = weakref.WeakSet()
+        self._closed = False
+
+    @classmethod
+    def from_url(cls, url: str) -> "NatsOracle":
+        """``nats://[user:password@]host[:port][?bucket=..&ttl=..&renew_interval=..
+        &poll_interval=..&margin=..&key_prefix=..&connect_timeout=..&timeout=..&bucket_max_age=..]``"""
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme.lower() != "nats":
+            raise ValueError(f"not a nats:// URL: {redact(url)!r}")
+        if "," in parts.netloc:
+            raise ValueError(
+                f"nats:// takes exactly one server, got {len(parts.netloc.split(','))} in {redact(url)!r}: "
+                f"clustered JetStream is not supported here (see the NATS oracle's documentation)"
+            )
+        if parts.path not in ("", "/"):
+            raise ValueError(f"nats:// URL takes no path (the bucket is ?bucket=...), got {parts.path!r}")
+        try:
+            host, port = parts.hostname, parts.port
+        except ValueError as exc:
+            raise ValueError(f"bad nats:// URL {redact(url)!r}: {redact_text(exc)}") from None
+        if not host:
+            raise ValueError(f"nats:// URL needs a host, got {redact(url)!r}")
+        unquote = urllib.parse.unquote
+        user = unquote(parts.username) if parts.username else None
+        password = unquote(parts.password) if parts.password is not None else None
+        return cls(f"{host}:{port or 4222}" if ":" not in host else (host, port or 4222), user=user,
+                   password=password, **parse_options(url, _OPTIONS))
+
+    def check_key(self, text: str, option: str) -> None:
+        # A key is one or more subject tokens: no empty token (leading, trailing or double dots).
+        empty_ok = option == "key_prefix"
+        bad = not _KEY_CHARS.match(text) or text.startswith(".") or ".." in text or len(text) > 255
+        if bad or (not empty_ok and (not text or text.endswith("."))):
+            what = "key_prefix" if empty_ok else f"the key of this {option} ({text!r})"
+            raise ValueError(
+                f"{what} is not a NATS KV key: up to 255 characters of A-Z a-z 0-9 - / _ = . with no "
+                f"dot at either end and no two dots in a row"
+            )
+
+    def subject(self, key: str) -> str:
+        return f"$KV.{self.bucket}.{key}"
+
+    # -- the lease machinery's hooks ----------------------------------------------------------
+
+    def new_store(self) -> _Store:
+        store = _Store(self)
+        self._stores.add(store)
+        return store
+
+    def token_floor(self, store: LeaseStore) -> int:
+        return store.token_floor()
+
+    def watching(self, contender: LeaseContender) -> None:
+        # The contender's own store (its connection) carries the push consumer of its key.
+        contender._store.watch(self.key(contender.name), contender.nudge)
+
+    # -- the loop and connections --------------------------------------------------------------
+
+    def _current_loop(self, make: bool = False) -> Optional[_Loop]:
+        with self._loop_lock:
+            loop = self._loop
+            if loop is not None and loop.pid != os.getpid():
+                loop = self._loop = None  # inherited across a fork without at-fork handlers (uWSGI)
+            if loop is None and make:
+                loop = self._loop = _Loop(f"crown-sync-nats:{self.bucket}")
+            return loop
+
+    async def _open(self, store: _Store):
+        """A new connection for ``store`` and its bucket (created if missing)."""
+
+        async def on_error(exc: Exception) -> None:
+            # nats-py reports the server's asynchronous -ERR (a permissions violation) here, and
+            # would print a traceback by default.
+            store.server_error = redact_text(exc)
+            logger.debug("NATS at %s: %s", self.description, store.server_error)
+
+        options = dict(
+            servers=[self._server], connect_timeout=self.connect_timeout, allow_reconnect=False,
+            max_reconnect_attempts=0, error_cb=on_error, name="crown_sync",
+            # A server that stops answering (paused, cut off) is dropped after two missed pings.
+            ping_interval=max(1.0, self.renew_interval), max_outstanding_pings=2,
+        )
+        if self._password is not None:
+            options.update(user=self._user, password=self._password)
+        elif self._user:
+            options.update(token=self._user)
+        nc = await nats.connect(**options)
+        try:
+            return nc, await self._bucket(nc.jetstream(timeout=self.timeout))
+        except BaseException:
+            await _close_quietly(nc)
+            raise
+
+    async def _bucket(self, js):
+        try:
+            kv = await js.key_value(self.bucket)
+        except nats.js.errors.BucketNotFoundError:
+            config = KeyValueConfig(bucket=self.bucket, history=1, ttl=self.bucket_max_age, storage=StorageType.FILE)
+            try:
+                return await js.create_key_value(config)
+            except nats.js.errors.BadRequestError:  # made by someone else meanwhile
+                kv = await js.key_value(self.bucket)
+        max_age = (await js.stream_info(self.stream)).config.max_age or 0
+        if 0 < max_age < self.record_expire:
+            raise NatsError(
+                f"NATS at {self.description}: bucket {self.bucket!r} has max_age {max_age:g} s, below "
+                f"2 * ttl + 2 ({self.record_expire} s): a leader's record could age out between renewals; "
+                f"use another bucket or recreate this one with a longer max_age"
+            )
+        return kv
+
+    def _error(self, what: str, exc: BaseException, server_said: Optional[str]) -> NatsError:
+        text = redact_text(exc) or type(exc).__name__
+        if isinstance(exc, nats.errors.NoServersError):
+            text = "could not connect (is nats-server running there?)"
+        elif "authorization violation" in text.lower():
+            text = "authorization violation: wrong user, password or token"
+        elif isinstance(exc, (asyncio.TimeoutError, nats.errors.TimeoutError)):
+            text = f"no answer within {self.timeout:g} s"
+        elif isinstance(exc, nats.js.errors.ServiceUnavailableError) or "no responders" in text.lower():
+            text = "JetStream is not enabled on the server (start it with -js)"
+        if server_said:
+            text += f" (the server said: {server_said})"
+        return NatsError(f"NATS at {self.description}: {what} failed: {text}")
+
+    def _store_closed(self, store: _Store) -> None:
+        self._stores.discard(store)
+        if self._closed and not self._stores:
+            self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        with self._loop_lock:
+            loop, self._loop = self._loop, None
+        if loop is not None and loop.pid == os.getpid():
+            loop.stop()
+
+    def close(self) -> None:
+        self._closed = True
+        super().close()
+        if not self._stores:
+            self._stop_loop()
+
+    def _after_fork_in_child(self) -> None:
+        super()._after_fork_in_child()
+        for store in list(self._stores):
+            store.after_fork_in_child()
+        self._stores = weakref.WeakSet()
+        self._loop = None  # the parent's (its thread did not cross the fork): a new one on demand
+        self._loop_lock = threading.Lock()
+
+
+def _parse_server(server: Any) -> Tuple[str, int]:
+    if isinstance(server, tuple) and len(server) == 2:
+        host, port = server
+    elif isinstance(server, str):
+        if "," in server:
+            raise ValueError(f"server must be ONE NATS server, got {server!r}")
+        host, sep, port = server.strip().rpartition(":")
+        if not sep or host.count(":") and not host.startswith("["):
+            host, port = server.strip(), 4222
+        host = host.strip("[]")
+    else:
+        raise TypeError(f"server must be 'host:port' or (host, port), got {type(server).__name__}")
+    if not isinstance(host, str) or not host:
+        raise ValueError(f"server host must be a non-empty string, got {host!r}")
+    try:
+        port = int(port)
+    except (TypeError, ValueError):
+        raise ValueError(f"server port must be an integer, got {port!r}") from None
+    if not 0 < port < 65536:
+        raise ValueError(f"server port must be in 1..65535, got {port!r}")
+    return host, port

@@ -20,6 +20,10 @@ SCHEMES: Dict[str, tuple] = {
     "zookeeper": ("crown_sync.oracles.zookeeper", "ZooKeeperOracle", "zookeeper"),
     "memcached": ("crown_sync.oracles.memcached", "MemcachedOracle", "memcached"),
     "nats": ("crown_sync.oracles.nats", "NatsOracle", "nats"),
+    "redis": ("crown_sync.oracles.redis", "RedisOracle", "redis"),
+    "rediss": ("crown_sync.oracles.redis", "RedisOracle", "redis"),
+    # Refused by RedisOracle.from_url with the reason (Sentinel failover is not tested here).
+    "redis+sentinel": ("crown_sync.oracles.redis", "RedisOracle", "redis"),
 }
 
 ENV_VAR = "CROWN_SYNC_ORACLE"

@@ -9,6 +9,7 @@ from ..urls import SCHEMES, missing_library
 
 __all__ = ["FileOracle", "PostgresOracle", "ZooKeeperOracle", "MemcachedOracle"]
 __all__ += ["NatsOracle"]
+__all__ += ["RedisOracle"]
 
 _WHERE = {cls: (module, extra) for module, cls, extra in SCHEMES.values()}
 

@@ -1,0 +1,484 @@
+"""Redis oracle: a lease record in one key, created with ``SET NX``, replaced only by a Lua
+compare-and-set, with releases and dismissals pushed to the followers over pub/sub.
+
+For apps whose shared service is Redis (Celery's broker, a cache). One key per election,
+``<key_prefix><name>``, holds the JSON lease record of :mod:`crown_sync.oracles._lease`, which
+carries the safety argument: this module only says how to read, create and replace that key on
+Redis, where the fencing tokens come from, and how followers hear of a release at once.
+
+Why not the issue's first sketch (the key's own ``PX`` expiry as the lease, released by a
+compare-and-delete): a key deleted by an administrator, a ``FLUSHALL``, an eviction under
+``maxmemory``, or a restart without persistence all leave the key absent, exactly as a clean
+release would, while the old leader's child may still run. So the holder's release is a
+``released`` record written by compare-and-set (never a delete, blind or not), and an absent key
+means "unknown": the claimant holds a ``pending`` record for one ``ttl`` before it starts (the
+quarantine of ``_lease``). The key's expiry (``2 * ttl + 2`` s for a ``held`` record, a day for
+the others) only collects abandoned records; the lease is timed on the contenders' own clocks.
+
+The primitives: ``read`` is ``GET`` (the version is the value itself: every record carries a
+fresh write id, so the same bytes never come back); ``create`` is ``SET key value NX EX s``;
+``replace`` is one Lua script that compares the stored value with the version and only then
+``SET``\\ s the new one, atomically on the server.
+
+Fencing tokens: ``max(previous token + 1, INCR <key_prefix>:token)``. The counter is one key per
+``key_prefix`` (shared by the elections under it: tokens need only rise per election); when it is
+absent the same script first seeds it from the server's ``TIME`` in microseconds. With
+persistence (``appendonly yes``) the counter survives restarts and tokens rise with no clock
+assumption at all. Without it (or after ``FLUSHALL``, or a delete of the counter), the counter is
+seeded again from the server's clock, which is larger than every earlier token as long as that
+server's wall clock did not step back (earlier tokens are an earlier seed plus one per claim).
+docs/oracles/redis.rst argues this against refusing.
+
+Push: every contender is registered with its oracle's one pub/sub connection (a daemon thread,
+its own socket), subscribed to the channel ``<key_prefix><name>``. A holder that releases or
+vacates its record, and ``dismiss``, ``PUBLISH`` to it right after the write: a watching follower
+reads at once (a graceful handoff is a few round trips, not a poll), and a dismissed leader
+refreshes at once. Pub/sub is not durable (a message sent while the subscriber reconnects is
+lost), so followers still poll every ``poll_interval`` (default 1 s: the requests at rest are one
+``GET`` per second per follower, and one ``GET`` and one script per ``renew_interval`` for the
+leader), and a (re)subscription makes every follower of the channel read at once.
+
+Refused at connection time, with an error naming the problem (shown in ``status().last_error``):
+a Redis Cluster node (``cluster_enabled:1``), a replica (``ROLE`` is ``slave``: writes would fail,
+and a lease on it would mean nothing) and a Sentinel (``ROLE`` is ``sentinel``). ``redis+sentinel``
+URLs are refused at construction: Sentinel failover is not tested here (see the docs for what an
+asynchronous replica's promotion does to a lease).
+
+Fork safety: sockets are opened under :func:`crown_sync._forksafe.opening` and blinded in a forked
+child; redis-py itself never shuts down a socket from a process other than its creator.
+"""
+
+import logging
+import threading
+import time
+import urllib.parse
+import weakref
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import tenacity
+
+from .. import _forksafe
+from ..urls import parse_options, redact_text
+from ._base import Phase
+from ._lease import LeaseContender, LeaseOracle, LeaseStore
+
+try:  # the client library is an extra: a missing one is reported by crown_sync.urls
+    import redis
+    import redis.exceptions
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+except ImportError:  # pragma: no cover - see crown_sync.urls.missing_library
+    raise
+
+__all__ = ["RedisOracle", "RedisOracleError", "RedisRefused"]
+
+logger = logging.getLogger("crown_sync.oracles.redis")
+
+_OPTIONS = {
+    "ttl": float,
+    "renew_interval": float,
+    "poll_interval": float,
+    "margin": float,
+    "key_prefix": str,
+    "connect_timeout": float,
+    "timeout": float,
+    "ssl_ca_certs": str,
+    "ssl_cert_reqs": str,
+    "ssl_check_hostname": bool,
+}
+_CERT_REQS = ("required", "optional", "none")
+
+# KEYS[1]: the lease key. ARGV: the version (value) we read, the new value, seconds to live.
+# 1: replaced; 0: the key holds something else now; -1: the key is absent.
+_REPLACE = """
+local current = redis.call('GET', KEYS[1])
+if not current then return -1 end
+if current ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+return 1
+"""
+
+# KEYS[1]: the token counter. Seeded from the server's clock (microseconds) when absent, so that
+# a counter lost with the data (no persistence, FLUSHALL) starts above every earlier token.
+_NEXT_TOKEN = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  local now = redis.call('TIME')
+  redis.call('SET', KEYS[1], now[1] .. string.format('%06d', tonumber(now[2])), 'NX')
+end
+return redis.call('INCR', KEYS[1])
+"""
+
+_SCRIPTS: Dict[str, str] = {"replace": _REPLACE, "next_token": _NEXT_TOKEN}
+
+
+class RedisOracleError(ConnectionError):
+    """Redis could not be reached or answered an error (the message names the server, never a
+    password)."""
+
+
+class RedisRefused(RedisOracleError):
+    """The server is not a single Redis primary (a Cluster node, a replica, a Sentinel), or it
+    refused our credentials."""
+
+
+class _Refused(redis.exceptions.ConnectionError):
+    """Raised while connecting, so that redis-py drops the connection; becomes RedisRefused."""
+
+
+def _check_server(connection: "redis.connection.Connection") -> None:
+    """Run at every (re)connection, after AUTH/SELECT: a single primary, or refuse it."""
+    connection.on_connect()
+    connection.send_packed_command(connection.pack_commands([("ROLE",), ("INFO", "cluster")]))
+    role = connection.read_response()
+    cluster = connection.read_response()
+    role = role[0] if isinstance(role, (list, tuple)) and role else role
+    role = role.decode() if isinstance(role, bytes) else str(role)
+    cluster = cluster.decode() if isinstance(cluster, bytes) else str(cluster)
+    if "cluster_enabled:1" in cluster:
+        raise _Refused(
+            "the server is a Redis Cluster node (cluster_enabled:1): a lease needs ONE Redis "
+            "server, and Cluster's failover to an asynchronous replica can lose it; give the "
+            "election a single Redis server"
+        )
+    if role == "slave":
+        raise _Refused("the server is a read-only replica (ROLE slave): point the URL at the primary")
+    if role == "sentinel":
+        raise _Refused("the server is a Redis Sentinel, not a Redis server: point the URL at the primary")
+
+
+def _fork_safe(base: type) -> type:
+    class ForkSafe(base):  # type: ignore[misc, valid-type]
+        def _connect(self):
+            # Recorded before a fork can copy it: blinded in a forked child (crown_sync._forksafe).
+            with _forksafe.opening() as keep:
+                sock = super()._connect()
+                keep(sock)
+            return sock
+
+    ForkSafe.__name__ = f"ForkSafe{base.__name__}"
+    return ForkSafe
+
+
+_ForkSafeConnection = _fork_safe(redis.connection.Connection)
+_ForkSafeSSLConnection = _fork_safe(redis.connection.SSLConnection)
+
+
+def _explain(exc: BaseException) -> str:
+    if "NOAUTH" in str(exc):
+        return "the server requires a password: give it in the URL (redis://[user]:PASSWORD@host)"
+    if isinstance(exc, redis.exceptions.AuthenticationError) or "WRONGPASS" in str(exc):
+        return "authentication failed: wrong user or password (the password is not shown)"
+    if "NOPERM" in str(exc):
+        return f"the user may not run a command the oracle needs (GET, SET, EVALSHA, PUBLISH, ...): {exc}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+class RedisStore(LeaseStore):
+    """One contender's connection (one redis-py client on a pool of its own)."""
+
+    def __init__(self, oracle: "RedisOracle"):
+        self._oracle = oracle
+        self._client: Optional["redis.Redis"] = None
+        self._scripts: Dict[str, Any] = {}
+
+    def _redis(self) -> "redis.Redis":
+        if self._client is None:
+            self._client = self._oracle.new_client()
+            self._scripts = {name: self._client.register_script(source) for name, source in _SCRIPTS.items()}
+        return self._client
+
+    def _run(self, what: str, call: Callable[["redis.Redis"], Any], retry_read: bool = False) -> Any:
+        try:
+            if retry_read:
+                # A read on a connection the server closed meanwhile (it restarted) is retried
+                # once on a fresh one: harmless for a read, unlike a write whose fate is unknown.
+                retrying = tenacity.Retrying(
+                    stop=tenacity.stop_after_attempt(2),
+                    retry=tenacity.retry_if_exception_type(redis.exceptions.ConnectionError)
+                    & tenacity.retry_if_not_exception_type(_Refused),
+                    reraise=True,
+                )
+                return retrying(call, self._redis())
+            return call(self._redis())
+        except _Refused as exc:
+            raise RedisRefused(f"redis at {self._oracle.description}: {exc}") from None
+        except (redis.exceptions.RedisError, OSError) as exc:
+            error = RedisRefused if isinstance(exc, redis.exceptions.AuthenticationError) else RedisOracleError
+            raise error(f"redis at {self._oracle.description}: {what} failed: {redact_text(_explain(exc))}") from None
+
+    def read(self, key: str) -> Tuple[Optional[bytes], Any]:
+        value = self._run("GET", lambda client: client.get(key), retry_read=True)
+        return value, value
+
+    def create(self, key: str, value: bytes, expire: int) -> bool:
+        return bool(self._run("SET NX", lambda client: client.set(key, value, nx=True, ex=int(expire))))
+
+    def replace(self, key: str, value: bytes, version: Any, expire: int) -> Optional[bool]:
+        done = self._run(
+            "compare-and-set script",
+            lambda client: self._scripts["replace"](keys=[key], args=[version, value, int(expire)], client=client),
+        )
+        return None if done == -1 else bool(done)
+
+    def next_token(self, counter: str) -> int:
+        return int(self._run("token script", lambda client: self._scripts["next_token"](keys=[counter], client=client)))
+
+    def publish(self, channel: str, message: str) -> None:
+        self._run("PUBLISH", lambda client: client.publish(channel, message))
+
+    def interrupt(self) -> None:
+        client = self._client
+        if client is not None:
+            client.connection_pool.disconnect(inuse_connections=True)  # shuts the socket down
+
+    def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            client.connection_pool.disconnect(inuse_connections=True)
+
+
+class _Push:
+    """The oracle's one pub/sub connection, in a daemon thread that alone touches it.
+
+    Contenders are registered at creation (no I/O); the thread subscribes to their channels within
+    a ``_TICK`` and drops channels whose contenders are all closed. A message, or a confirmation
+    of a (re)subscription, makes each follower of the channel read at once (``nudge``) and, for a
+    dismissal, makes its leader refresh at once.
+    """
+
+    _TICK = 0.2  # seconds between looks at the registrations (no request: a socket wait)
+
+    def __init__(self, oracle: "RedisOracle"):
+        self._oracle = oracle
+        self._lock = threading.Lock()
+        self._members: Dict[str, "weakref.WeakSet[LeaseContender]"] = {}
+        self._thread: Optional[threading.Thread] = None
+        self._closed = False
+        self._pubsub = None
+
+    def add(self, channel: str, contender: LeaseContender) -> None:
+        with self._lock:
+            self._members.setdefault(channel, weakref.WeakSet()).add(contender)
+            if self._thread is None and not self._closed:
+                self._thread = threading.Thread(target=self._run, name="crown-sync-redis-push", daemon=True)
+                self._thread.start()
+
+    def _wanted(self) -> set:
+        with self._lock:
+            for channel, members in list(self._members.items()):
+                if not any(contender.usable for contender in members):
+                    del self._members[channel]
+            return set(self._members)
+
+    def _run(self) -> None:
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(Exception),
+            wait=tenacity.wait_exponential(multiplier=0.05, max=self._oracle.poll_interval),
+            before_sleep=lambda state: logger.debug(
+                "pub/sub on %s failed, reconnecting: %s", self._oracle.description, state.outcome.exception()
+            ),
+        )
+        try:
+            retrying(self._listen)
+        except tenacity.RetryError:  # pragma: no cover - never stops retrying
+            pass
+
+    def _listen(self) -> None:
+        """One pub/sub session: returns when closed, raises on a connection error."""
+        subscribed: set = set()
+        pubsub = self._oracle.new_client().pubsub()
+        self._pubsub = pubsub
+        try:
+            while not self._closed:
+                wanted = self._wanted()
+                if wanted - subscribed:
+                    pubsub.subscribe(*(wanted - subscribed))
+                if subscribed - wanted:
+                    pubsub.unsubscribe(*(subscribed - wanted))
+                subscribed = wanted
+                if not subscribed:
+                    time.sleep(self._TICK)
+                    continue
+                message = pubsub.get_message(timeout=self._TICK)
+                if message is not None:
+                    self._deliver(message)
+        finally:
+            self._pubsub = None
+            pubsub.close()
+
+    def _deliver(self, message: Dict[str, Any]) -> None:
+        kind = message.get("type")
+        if kind not in ("message", "subscribe"):
+            return
+        channel = message.get("channel")
+        channel = channel.decode() if isinstance(channel, bytes) else str(channel)
+        dismissed = message.get("data") in (b"dismissed", "dismissed")
+        with self._lock:
+            members = list(self._members.get(channel, ()))
+        for contender in members:
+            if contender.phase is Phase.LEADING:
+                if dismissed:
+                    contender._notify()  # a refresh is due now: it finds the vacated record
+            else:
+                contender.nudge()
+
+    def close(self) -> None:
+        self._closed = True
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(self._TICK * 2 + self._oracle.timeout)
+
+
+class RedisOracle(LeaseOracle):
+    """Leases on ONE Redis server (see the module docstring, and ``_lease`` for the argument).
+
+    host, port, db: the server and database number.
+    username, password: credentials (an ACL user, or only a password for the default user).
+    tls: connect with TLS (``rediss://``); ``ssl_ca_certs`` (a CA bundle file),
+        ``ssl_cert_reqs`` (``required``, ``optional`` or ``none``) and ``ssl_check_hostname``.
+    ttl: lease length in seconds (>= 1, default 10). Crash failover takes about
+        ``ttl + poll_interval``; after the key was lost, the first claimant waits one ``ttl``.
+    poll_interval: how often a follower reads the key (default 1 s). Releases and dismissals
+        are pushed over pub/sub: this poll only finds crashed leaders and lost messages.
+    margin, renew_interval, connect_timeout, timeout, clock: as for every lease oracle
+        (:class:`crown_sync.oracles._lease.LeaseOracle`).
+    key_prefix: prepended to the election name to make the key and the channel (default
+        ``"crown_sync:"``); the token counter is ``<key_prefix>:token``.
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 6379,
+        db: int = 0,
+        username: Optional[str] = None,
+        password: Optional[str] = None,
+        tls: bool = False,
+        ssl_ca_certs: Optional[str] = None,
+        ssl_cert_reqs: str = "required",
+        ssl_check_hostname: bool = False,
+        ttl: float = 10.0,
+        renew_interval: Optional[float] = None,
+        poll_interval: float = 1.0,
+        margin: Optional[float] = None,
+        key_prefix: str = "crown_sync:",
+        connect_timeout: Optional[float] = None,
+        timeout: Optional[float] = None,
+        clock: Callable[[], float] = time.time,
+    ):
+        if not isinstance(host, str) or not host or "," in host:
+            raise ValueError(f"host must be ONE Redis server's host name or address, got {host!r}")
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+            raise ValueError(f"port must be an integer in 1..65535, got {port!r}")
+        if isinstance(db, bool) or not isinstance(db, int) or db < 0:
+            raise ValueError(f"db must be a database number >= 0, got {db!r}")
+        for option, value in (("username", username), ("password", password), ("ssl_ca_certs", ssl_ca_certs)):
+            if value is not None and not isinstance(value, str):
+                raise TypeError(f"{option} must be a str, got {type(value).__name__}")
+        if ssl_cert_reqs not in _CERT_REQS:
+            raise ValueError(f"ssl_cert_reqs must be one of {', '.join(_CERT_REQS)}, got {ssl_cert_reqs!r}")
+        if not tls and (ssl_ca_certs is not None or ssl_check_hostname):
+            raise ValueError("ssl_ca_certs and ssl_check_hostname need TLS: use a rediss:// URL (tls=True)")
+        self.host, self.port, self.db = host, port, db
+        self.tls = bool(tls)
+        self._credentials = {"username": username or None, "password": password or None}
+        self._tls_options = {"ssl_ca_certs": ssl_ca_certs, "ssl_cert_reqs": ssl_cert_reqs,
+                             "ssl_check_hostname": ssl_check_hostname}
+        shown = f"[{host}]" if ":" in host else host
+        user = f"{urllib.parse.quote(username)}@" if username else ""
+        self.description = f"{'rediss' if tls else 'redis'}://{user}{shown}:{port}/{db}"
+        super().__init__(ttl, renew_interval, poll_interval, margin, key_prefix, connect_timeout, timeout, clock)
+        self._push = _Push(self)
+
+    @classmethod
+    def from_url(cls, url: str) -> "RedisOracle":
+        """``redis://[[user]:password@]host[:port][/db][?ttl=..&poll_interval=..&...]``;
+        ``rediss://`` for TLS. Exactly one server; Sentinel URLs are refused."""
+        parts = urllib.parse.urlsplit(url)
+        scheme = parts.scheme.lower()
+        shown = redact_text(url)
+        if scheme not in ("redis", "rediss"):
+            raise ValueError(
+                f"{scheme}:// is not supported: Redis Sentinel failover is not tested here (a "
+                f"replica promoted after an asynchronous write can lose a lease, see the Redis oracle's "
+                f"docs); give the primary's redis:// URL, got {shown!r}"
+            )
+        if "," in parts.netloc:
+            raise ValueError(f"redis:// takes exactly ONE server, got several in {shown!r}")
+        try:
+            host, port = parts.hostname, parts.port
+        except ValueError as exc:
+            raise ValueError(f"bad redis:// URL {shown!r}: {redact_text(str(exc))}") from None
+        if not host:
+            raise ValueError(f"redis:// URL needs a host, got {shown!r}")
+        path = parts.path.strip("/")
+        if path and not path.isdigit():
+            raise ValueError(f"redis:// URL path must be a database number (/0, /1, ...), got {parts.path!r}")
+        options = parse_options(url, _OPTIONS)
+        if scheme == "redis" and any(key.startswith("ssl_") for key in options):
+            raise ValueError("ssl_* options need TLS: use a rediss:// URL")
+        unquote = urllib.parse.unquote
+        return cls(
+            host, port or 6379, int(path or 0),
+            username=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password else None,
+            tls=scheme == "rediss", **options,
+        )
+
+    # -- what the lease machinery asks ------------------------------------------------------
+
+    def check_key(self, text: str, option: str) -> None:
+        if len(text) > 1000 or not all(33 <= ord(c) < 127 for c in text):
+            raise ValueError(f"{option} must be at most 1000 printable ASCII characters without spaces, got {text!r}")
+
+    def new_client(self) -> "redis.Redis":
+        """A redis-py client on a pool of its own (no I/O until its first command)."""
+        kwargs: Dict[str, Any] = dict(
+            host=self.host, port=self.port, db=self.db,
+            socket_timeout=self.timeout, socket_connect_timeout=self.connect_timeout,
+            # A failed call raises at once: the engine retries, within the term's deadline.
+            retry=Retry(backoff=NoBackoff(), retries=0),
+            redis_connect_func=_check_server,
+            connection_class=_ForkSafeSSLConnection if self.tls else _ForkSafeConnection,
+            **self._credentials,
+        )
+        if self.tls:
+            kwargs.update(self._tls_options)
+        return redis.Redis(connection_pool=redis.ConnectionPool(**kwargs))
+
+    def new_store(self) -> RedisStore:
+        return RedisStore(self)
+
+    def token_floor(self, store: LeaseStore) -> int:
+        """``INCR`` of the counter, seeded from the server's clock when absent (see above)."""
+        return store.next_token(self.key_prefix + ":token")  # type: ignore[attr-defined]
+
+    def contender(self, name: str, identity: str, metadata: Dict[str, Any], on_change) -> LeaseContender:
+        contender = super().contender(name, identity, metadata, on_change)
+        self._push.add(self.key(name), contender)
+        return contender
+
+    def released(self, store: LeaseStore, name: str) -> None:
+        self._publish(store, name, "released")
+
+    def dismiss(self, name: str) -> bool:
+        dismissed = super().dismiss(name)
+        if dismissed:
+            with self._lock:
+                self._publish(self._store, name, "dismissed")
+        return dismissed
+
+    def _publish(self, store: Optional[LeaseStore], name: str, message: str) -> None:
+        # The write is done: a lost message only costs the followers a poll.
+        try:
+            store.publish(self.key(name), message)  # type: ignore[union-attr]
+        except Exception as exc:
+            logger.debug("could not publish %s of %s on %s: %s", message, name, self.description, exc)
+
+    def close(self) -> None:
+        self._push.close()
+        super().close()
+
+    def _forget_after_fork(self) -> None:
+        super()._forget_after_fork()
+        self._push = _Push(self)  # the parent's thread is not in this process

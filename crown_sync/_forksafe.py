@@ -15,15 +15,20 @@ recorded socket that is still the same open socket is pointed at ``/dev/null`` w
 nothing the child does reaches the parent's peer, and the server sees the session end when the
 parent's last descriptor closes. A recorded number that was closed and reused since (another
 inode) is left alone.
+
+The same fork handler then tells every object registered with :func:`track` (oracles, contenders,
+connections) that it now lives in a forked child, so the library registers one at-fork handler,
+here, instead of one per module.
 """
 
 import contextlib
 import logging
 import os
 import threading
+import weakref
 from typing import Callable, Dict, Iterator, Tuple, Union
 
-__all__ = ["opening", "MAX_FORK_WAIT"]
+__all__ = ["opening", "track", "MAX_FORK_WAIT"]
 
 logger = logging.getLogger("crown_sync.forksafe")
 
@@ -34,6 +39,12 @@ _cond = threading.Condition(threading.Lock())
 _opening = 0  # holds in progress
 _forking = 0  # forks waiting or in progress: no new hold starts meanwhile
 _sockets: Dict[int, Tuple[int, int]] = {}  # fd -> (st_dev, st_ino) when recorded
+_tracked: "weakref.WeakSet[object]" = weakref.WeakSet()
+
+
+def track(obj: object) -> None:
+    """Call ``obj._after_fork_in_child()`` in a forked child, after its sockets are blinded."""
+    _tracked.add(obj)
 
 
 def _identity(fd: int):
@@ -94,6 +105,15 @@ def _after_fork_in_child() -> None:
     global _cond, _opening, _forking
     _cond = threading.Condition(threading.Lock())  # other threads' holds did not cross the fork
     _opening = _forking = 0
+    _blind_recorded_sockets()
+    for obj in list(_tracked):
+        try:
+            obj._after_fork_in_child()  # type: ignore[attr-defined]
+        except Exception:  # pragma: no cover - one object's failure must not spare the others
+            logger.exception("after-fork handler of %r failed", obj)
+
+
+def _blind_recorded_sockets() -> None:
     sockets = dict(_sockets)
     _sockets.clear()
     try:

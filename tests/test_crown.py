@@ -66,7 +66,7 @@ def crown(name="job", oracle=None, **options):
         ({"child": 42}, "child"),
         ({"follower_child": "run"}, "follower_child"),
         ({"oracle": 42}, "oracle"),
-        ({"oracle": "redis://localhost"}, "scheme"),
+        ({"oracle": "etcd://localhost"}, "scheme"),
         ({"max_child_restarts": -1}, "max_child_restarts"),
         ({"monitor_delay": 1e10, "monitor_timeout": 2e10}, "monitor_delay"),
         ({"claim_delay": 1e12}, "claim_delay"),
@@ -85,7 +85,7 @@ def test_invalid_options_fail_at_construction_naming_the_option(kwargs, option):
 
 def test_unknown_oracle_url_names_the_accepted_schemes():
     with pytest.raises(ValueError) as info:
-        crown_sync.Crown("job", oracle="redis://u:hunter2@localhost")
+        crown_sync.Crown("job", oracle="etcd://u:hunter2@localhost")
     message = str(info.value)
     assert "postgresql://" in message and "zookeeper://" in message and "file://" in message
     assert "hunter2" not in message

@@ -26,9 +26,9 @@ import logging
 import os
 import threading
 import weakref
-from typing import Callable, Dict, Iterator, Tuple, Union
+from typing import Callable, Dict, Iterator, Optional, Tuple, Union
 
-__all__ = ["opening", "track", "MAX_FORK_WAIT"]
+__all__ = ["opening", "track", "at_fork", "MAX_FORK_WAIT"]
 
 logger = logging.getLogger("crown_sync.forksafe")
 
@@ -42,9 +42,31 @@ _sockets: Dict[int, Tuple[int, int]] = {}  # fd -> (st_dev, st_ino) when recorde
 _tracked: "weakref.WeakSet[object]" = weakref.WeakSet()
 
 
+_hooks: Dict[str, list] = {"before": [], "after_in_parent": [], "after_in_child": []}
+
+
 def track(obj: object) -> None:
     """Call ``obj._after_fork_in_child()`` in a forked child, after its sockets are blinded."""
     _tracked.add(obj)
+
+
+def at_fork(*, before: Optional[Callable[[], None]] = None, after_in_parent: Optional[Callable[[], None]] = None,
+            after_in_child: Optional[Callable[[], None]] = None) -> None:
+    """:func:`os.register_at_fork` for the library's modules, run from its one registration:
+    ``before`` hooks in reverse order of registration, the others in order, as Python does;
+    every ``after_in_child`` hook after the sockets are blinded and before tracked objects."""
+    for when, hook in (("before", before), ("after_in_parent", after_in_parent), ("after_in_child", after_in_child)):
+        if hook is not None:
+            _hooks[when].append(hook)
+
+
+def _run(when: str) -> None:
+    hooks = _hooks[when]
+    for hook in reversed(hooks) if when == "before" else list(hooks):
+        try:
+            hook()
+        except Exception:  # pragma: no cover - one module's failure must not spare the others
+            logger.exception("%s-fork hook %r failed", when, hook)
 
 
 def _identity(fd: int):
@@ -87,6 +109,7 @@ def opening() -> Iterator[Callable[[Union[int, object]], None]]:
 
 def _before_fork() -> None:
     global _forking
+    _run("before")
     with _cond:
         _forking += 1
         if not _cond.wait_for(lambda: not _opening, MAX_FORK_WAIT):
@@ -99,6 +122,7 @@ def _after_fork_in_parent() -> None:
     with _cond:
         _forking -= 1
         _cond.notify_all()
+    _run("after_in_parent")
 
 
 def _after_fork_in_child() -> None:
@@ -106,6 +130,7 @@ def _after_fork_in_child() -> None:
     _cond = threading.Condition(threading.Lock())  # other threads' holds did not cross the fork
     _opening = _forking = 0
     _blind_recorded_sockets()
+    _run("after_in_child")
     for obj in list(_tracked):
         try:
             obj._after_fork_in_child()  # type: ignore[attr-defined]

@@ -81,9 +81,11 @@ import urllib.parse
 import weakref
 from typing import Any, Dict, Iterator, Optional, Set, Tuple
 
-from ..oracle import Claim, Contender, Leader, OnChange, Oracle
+from .. import _forksafe
+from ..oracle import Claim, Leader, OnChange
 from ..terms import fds_kept_across_fork
 from ..urls import parse_options
+from ._base import ContenderBase, OracleBase, Phase
 
 __all__ = ["FileOracle", "default_directory"]
 
@@ -228,7 +230,7 @@ def _create_default(directory: str) -> None:
         ) from None
 
 
-class FileOracle(Oracle):
+class FileOracle(OracleBase):
     """flock-based oracle in ``directory`` (created 0700; symlinks and foreign owners refused).
 
     ``check_interval``: how often this process looks for dismissal requests for the elections
@@ -236,6 +238,7 @@ class FileOracle(Oracle):
     """
 
     def __init__(self, directory: Optional[str] = None, check_interval: float = 0.25):
+        super().__init__()
         if directory is None:
             directory = default_directory()
             _create_default(directory)  # nobody chose it: say now what to set, not in a retry loop
@@ -516,7 +519,7 @@ class _DismissalWatch:
                 continue  # the directory is gone or unreadable: the leaders' locks still hold
             for name in requested.intersection(watched):
                 for contender in watched[name]:
-                    contender._on_change()  # the engine refreshes; refresh() reads the request
+                    contender._notify()  # the engine refreshes; refresh() reads the request
             for contenders in watched.values():
                 for contender in contenders:
                     contender.report_if_moved()
@@ -570,7 +573,7 @@ _waiters_lock = threading.Lock()
 _orphans: Dict[str, _Waiter] = {}  # lock path -> a waiter whose contender closed
 
 
-class FileContender(Contender):
+class FileContender(ContenderBase):
     """One crown's descriptor on ``NAME.lock`` and, while following, its waiter.
 
     Only the loop thread uses ``_fd``; a waiter that gets the lock parks its own descriptor in
@@ -578,63 +581,59 @@ class FileContender(Contender):
     flock() call of its own).
     """
 
+    oracle: "FileOracle"
+
     def __init__(self, oracle: FileOracle, name: str, identity: str, metadata: Dict[str, Any], on_change: OnChange):
-        self._oracle = oracle
-        self._name = name
+        super().__init__(oracle, name, identity, metadata, on_change)
         self._path = oracle._path(name, "lock")
-        self._identity = identity
-        self._metadata = metadata
-        self._on_change = on_change
-        self._mutex = threading.Lock()
         self._fd: Optional[int] = None
         self._granted_fd: Optional[int] = None  # a waiter's descriptor that holds LOCK_EX for us
         self._held = False  # we hold LOCK_EX (by claim or by the waiter)
         self._waiter: Optional[_Waiter] = None
-        self._closed = False
         self._leader: Optional[Leader] = None
-        self._lock: Optional[LockId] = None  # the file our term locked
+        self._term_lock: Optional[LockId] = None  # the file our term locked
         self._moved_reported = False
         _live_contenders.add(self)
 
     def _descriptor(self) -> int:
-        with self._mutex:
-            if self._closed:
-                raise RuntimeError("contender is closed")
+        with self._lock:
+            self._check_open()
             if self._granted_fd is not None:
                 old, self._fd, self._granted_fd = self._fd, self._granted_fd, None
                 if old is not None:
                     os.close(old)
             fd = self._fd
         if fd is None:
-            fd = self._oracle.open_lock(self._name)
-            with self._mutex:
-                if self._closed:
+            fd = self.oracle.open_lock(self.name)
+            with self._lock:
+                if not self.usable:
                     os.close(fd)
-                    raise RuntimeError("contender is closed")
+                    self._check_open()
                 self._fd = fd
         return fd
 
     def claim(self) -> Claim:
         fd = self._locked_descriptor()
         if fd is None:
-            return Claim(won=False, leader=self._oracle.read_record(self._name))
+            return Claim(won=False, leader=self.oracle.read_record(self.name))
         try:
             ours = os.fstat(fd)
             lock = (ours.st_dev, ours.st_ino)
-            with self._oracle._claim_section():
-                previous, previous_lock, namespace = self._oracle._load_record(self._name)
-                self._oracle._check_predecessor(self._name, previous, previous_lock, namespace, lock)
+            with self.oracle._claim_section():
+                previous, previous_lock, namespace = self.oracle._load_record(self.name)
+                self.oracle._check_predecessor(self.name, previous, previous_lock, namespace, lock)
                 token = (previous.token or 0) + 1 if previous is not None else 1
-                leader = Leader(self._identity, dict(self._metadata), token, time.time())
-                self._oracle.dismissal_for(self._name, token)  # a stale request must not hit this term
-                self._oracle.write_record(self._name, leader, lock)
+                leader = Leader(self.identity, dict(self.metadata), token, time.time())
+                self.oracle.dismissal_for(self.name, token)  # a stale request must not hit this term
+                self.oracle.write_record(self.name, leader, lock)
         except BaseException:
             self.abdicate()
             raise
         self._leader = leader
-        self._lock = lock
+        self._term_lock = lock
         self._moved_reported = False
-        _dismissal_watch(self._oracle).add(self._name, self)
+        self._enter(Phase.LEADING)
+        _dismissal_watch(self.oracle).add(self.name, self)
         return Claim(True, leader, token, None, None, (fd,))
 
     def _locked_descriptor(self) -> Optional[int]:
@@ -643,17 +642,17 @@ class FileContender(Contender):
         we or our waiter opened it) is worth nothing to a claimant: drop it, open the new one."""
         for _ in range(_REOPENS):
             fd = self._descriptor()
-            with self._mutex:
+            with self._lock:
                 held = self._held
             if not held:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     return None
-                with self._mutex:
+                with self._lock:
                     self._held = True
             info = os.fstat(fd)
-            if info.st_nlink > 0 and self._oracle.lock_file_now(self._name) == (info.st_dev, info.st_ino):
+            if info.st_nlink > 0 and self.oracle.lock_file_now(self.name) == (info.st_dev, info.st_ino):
                 return fd
             self._drop()
         raise OSError(f"{self._path} was replaced {_REOPENS} times while this process locked it")
@@ -661,31 +660,31 @@ class FileContender(Contender):
     def report_if_moved(self) -> None:
         """From the dismissal watch: say so, once a term, if our lock file left the path. The term
         goes on (its lock still holds); claimants wait until it ends (_check_predecessor)."""
-        lock, leader = self._lock, self._leader
+        lock, leader = self._term_lock, self._leader
         if lock is None or leader is None or self._moved_reported:
             return
-        if self._oracle.lock_file_now(self._name) != lock:
+        if self.oracle.lock_file_now(self.name) != lock:
             self._moved_reported = True
             logger.warning(
                 "%s was deleted or replaced while this process leads %r (token %s) on it: the term goes"
                 " on with the unlinked file, and a successor waits until this term's lock is released",
-                self._path, self._name, leader.token,
+                self._path, self.name, leader.token,
             )
 
     def refresh(self) -> Claim:
         leader = self._leader
-        with self._mutex:
-            held = self._held and not self._closed
+        with self._lock:
+            held = self._held and self.usable
         if not held or leader is None:
             return Claim(False)
-        if self._oracle.dismissal_for(self._name, leader.token):
+        if self.oracle.dismissal_for(self.name, leader.token):
             # Stay out long enough for a waiting follower's thread to be scheduled and lock.
-            return Claim(False, leader=None, yield_for=2 * self._oracle.check_interval)
+            return Claim(False, leader=None, yield_for=2 * self.oracle.check_interval)
         return Claim(True, leader, leader.token, None, None, (self._fd,))
 
     def watch(self, leader: Optional[Leader]) -> bool:
         self._descriptor()  # creates the directory and lock file if needed; swaps in a grant
-        with self._mutex:
+        with self._lock:
             if self._held:
                 return False  # the waiter already got it: claim now
             if self._waiter is not None:
@@ -704,14 +703,14 @@ class FileContender(Contender):
 
     def _granted(self, waiter: _Waiter) -> bool:
         """From the waiter's thread: it holds LOCK_EX for us. False if we no longer want it."""
-        with self._mutex:
+        with self._lock:
             if self._waiter is waiter:
                 self._waiter = None
-            if self._closed or self._held:
+            if not self.usable or self._held:
                 return False
             self._granted_fd = waiter.fd
             self._held = True
-        self._on_change()
+        self._notify()
         return True
 
     def abdicate(self) -> None:
@@ -719,32 +718,34 @@ class FileContender(Contender):
             self._descriptor()  # a lock granted to the waiter is swapped in, then released
         except RuntimeError:
             return  # closed: close() released everything
-        with self._mutex:
-            if not self._held or self._closed:
+        with self._lock:
+            if not self._held or not self.usable:
                 return
-        self._leader = self._lock = None
-        _dismissal_watch(self._oracle).discard(self._name, self)
+            if self.phase is Phase.LEADING:
+                self._enter(Phase.FOLLOWING)
+        self._leader = self._term_lock = None
+        _dismissal_watch(self.oracle).discard(self.name, self)
         self._drop()
 
     def _drop(self) -> None:
         """Close our descriptor, never flock(LOCK_UN) it: the lock belongs to the open file
         description, which the term's child processes share; unlocking would free it under a
         child that still runs. Closing drops our reference; the lock goes with the last one."""
-        with self._mutex:
+        with self._lock:
             fd, self._fd, self._held = self._fd, None, False
         if fd is not None:
             os.close(fd)
 
     def close(self) -> None:
-        with self._mutex:
-            if self._closed:
+        with self._lock:
+            if not self.usable:
                 return
-            self._closed = True
+            self._enter(Phase.CLOSED)
             fds = [fd for fd in (self._fd, self._granted_fd) if fd is not None]
             self._fd = self._granted_fd = None
             self._held = False
             waiter, self._waiter = self._waiter, None
-        _dismissal_watch(self._oracle).discard(self._name, self)
+        _dismissal_watch(self.oracle).discard(self.name, self)
         if waiter is not None:
             with _waiters_lock:
                 if not waiter.granted:
@@ -753,7 +754,7 @@ class FileContender(Contender):
         for fd in fds:
             os.close(fd)  # frees our lock unless a term's child process still holds a copy
 
-    def _after_fork_in_child(self) -> None:
+    def _forget_after_fork(self) -> None:
         keep = fds_kept_across_fork()
         for fd in (self._fd, self._granted_fd):
             if fd is not None and fd not in keep:
@@ -763,9 +764,7 @@ class FileContender(Contender):
                     pass
         self._fd = self._granted_fd = None
         self._waiter = None
-        self._closed = True
         self._held = False
-        self._mutex = threading.Lock()
 
 
 _live_contenders: "weakref.WeakSet[FileContender]" = weakref.WeakSet()
@@ -783,11 +782,9 @@ def _after_fork_in_parent() -> None:
 def _after_fork_in_child() -> None:
     global _waiters_lock, _watches_lock, _section_lock
     _section_lock = threading.Lock()
-    contenders = list(_live_contenders)
-    # The waiters' threads did not cross the fork; their descriptors did: close our copies.
-    waiters = list(_orphans.values()) + [c._waiter for c in contenders if c._waiter is not None]
-    for contender in contenders:
-        contender._after_fork_in_child()
+    # The waiters' threads did not cross the fork; their descriptors did: close our copies (this
+    # runs before the contenders' own after-fork handlers, which forget their waiters).
+    waiters = list(_orphans.values()) + [c._waiter for c in list(_live_contenders) if c._waiter is not None]
     for waiter in waiters:
         try:
             os.close(waiter.fd)
@@ -799,5 +796,4 @@ def _after_fork_in_child() -> None:
     _watches_lock = threading.Lock()
 
 
-os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
-                    after_in_child=_after_fork_in_child)
+_forksafe.at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child)

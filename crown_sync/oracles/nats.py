@@ -128,7 +128,7 @@ class _Store(LeaseStore):
         self._loop: Optional[_Loop] = None
         self._inflight: Optional[concurrent.futures.Future] = None
         self._watch: Optional[Tuple[str, Callable[[], None]]] = None
-        self.server_error: Optional[str] = None  # the server's last asynchronous -ERR, for messages
+        self.last_error: Optional[str] = None  # the last error nats-py reported, for messages
         self.closed = False
 
     # -- the store interface ------------------------------------------------------------------
@@ -181,9 +181,12 @@ class _Store(LeaseStore):
             raise RuntimeError("NATS store is closed")
         oracle = self._oracle
         submitted = False
+        self.last_error = None  # a permissions violation arrives during the call it fails
         try:
             if self._nc is None or self._nc.is_closed or self._loop is not oracle._current_loop():
+                what, op = "connect", what
                 self._connect()
+                what = op
             self._inflight = future = self._loop.submit(coro)
             submitted = True
             try:
@@ -197,7 +200,7 @@ class _Store(LeaseStore):
         except Exception as exc:
             if isinstance(exc, (nats.errors.ConnectionClosedError, OSError, asyncio.TimeoutError)):
                 self._drop()
-            raise oracle._error(what, exc, self.server_error) from None
+            raise oracle._error(what, exc, self.last_error) from None
         finally:
             self._inflight = None
             if not submitted:
@@ -421,14 +424,15 @@ class NatsOracle(LeaseOracle):
         """A new connection for ``store`` and its bucket (created if missing)."""
 
         async def on_error(exc: Exception) -> None:
-            # nats-py reports the server's asynchronous -ERR (a permissions violation) here, and
-            # would print a traceback by default.
-            store.server_error = redact_text(exc)
-            logger.debug("NATS at %s: %s", self.description, store.server_error)
+            # nats-py reports the server's asynchronous -ERR (a permissions violation) and failed
+            # connection attempts here, and would print a traceback by default.
+            store.last_error = redact_text(exc)
+            logger.debug("NATS at %s: %s", self.description, store.last_error)
 
         options = dict(
+            # Two attempts, then NoServersError (0 would mean: try for ever).
             servers=[self._server], connect_timeout=self.connect_timeout, allow_reconnect=False,
-            max_reconnect_attempts=0, error_cb=on_error, name="crown_sync",
+            max_reconnect_attempts=1, reconnect_time_wait=0.1, error_cb=on_error, name="crown_sync",
             # A server that stops answering (paused, cut off) is dropped after two missed pings.
             ping_interval=max(1.0, self.renew_interval), max_outstanding_pings=2,
         )
@@ -461,7 +465,7 @@ class NatsOracle(LeaseOracle):
             )
         return kv
 
-    def _error(self, what: str, exc: BaseException, server_said: Optional[str]) -> NatsError:
+    def _error(self, what: str, exc: BaseException, last_error: Optional[str]) -> NatsError:
         text = redact_text(exc) or type(exc).__name__
         if isinstance(exc, nats.errors.NoServersError):
             text = "could not connect (is nats-server running there?)"
@@ -471,8 +475,8 @@ class NatsOracle(LeaseOracle):
             text = f"no answer within {self.timeout:g} s"
         elif isinstance(exc, nats.js.errors.ServiceUnavailableError) or "no responders" in text.lower():
             text = "JetStream is not enabled on the server (start it with -js)"
-        if server_said:
-            text += f" (the server said: {server_said})"
+        if last_error:
+            text += f" (last error: {last_error})"
         return NatsError(f"NATS at {self.description}: {what} failed: {text}")
 
     def _store_closed(self, store: _Store) -> None:

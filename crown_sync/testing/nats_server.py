@@ -164,3 +164,37 @@ class NatsServer(Server):
                 return f.read()[-chars:]
         except OSError:
             return ""
+
+    # ------------------------------------------------------------------ an administrator's hand
+
+    def admin(self, action: str, bucket: str = "crown_sync", key: Optional[str] = None) -> Any:
+        """Do what an operator would with the ``nats`` CLI, over a short-lived connection:
+        ``delete`` or ``purge`` a key, ``get`` it (an Entry, None if it has no value),
+        ``delete_bucket``, or ``info`` (the bucket stream's StreamInfo)."""
+        import asyncio
+
+        import nats
+        import nats.js.errors
+
+        async def act():
+            nc = await nats.connect(f"nats://{self.host}:{self.port}", user=self.user, password=self.password,
+                                    allow_reconnect=False, connect_timeout=5)
+            try:
+                js = nc.jetstream(timeout=5)
+                if action == "delete_bucket":
+                    return await js.delete_key_value(bucket)
+                if action == "info":
+                    return await js.stream_info(f"KV_{bucket}")
+                kv = await js.key_value(bucket)
+                if action == "get":
+                    try:
+                        return await kv.get(key)
+                    except nats.js.errors.KeyNotFoundError:
+                        return None
+                return await getattr(kv, action)(key)  # delete, purge
+            finally:
+                await nc.close()
+
+        if action not in ("delete", "purge", "get", "delete_bucket", "info"):
+            raise ValueError(f"unknown action {action!r}")
+        return asyncio.run(act())

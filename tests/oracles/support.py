@@ -266,3 +266,28 @@ class MemcachedKind(OracleKind):
 
 #: Every oracle the contract suite runs on. A new oracle: one entry (see the module docstring).
 KINDS: List[OracleKind] = [FileKind(), PostgresKind(), ZooKeeperKind(), MemcachedKind()]
+
+
+class NatsKind(OracleKind):
+    name = "nats"
+    # Renewals every 0.5 s, failover ~2.5 s; changes are pushed, so polls can be rare.
+    fast = {"ttl": 2.5, "margin": 1, "poll_interval": 1}
+    bad_options = {"ttl": -1}
+    wrong_credentials_error = "authorization violation"
+
+    def start(self):
+        from crown_sync.testing.nats_server import NatsServer
+
+        return NatsServer().start()
+
+    def url(self, server, **options) -> str:
+        return with_query(server.url, options)
+
+    def unreachable_url(self, server, secret: str) -> str:
+        return f"nats://crown:{secret}@127.0.0.1:{free_port()}?ttl=2&connect_timeout=0.5"
+
+    def wrong_credentials_url(self, server, secret: str) -> Optional[str]:
+        return server.url_for(password=secret, ttl=2)
+
+
+KINDS.append(NatsKind())

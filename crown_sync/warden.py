@@ -12,10 +12,10 @@ old one comes due and sleeps again if it moved.
 import heapq
 import itertools
 import logging
-import os
 import threading
 from typing import Callable, List, Optional, Tuple
 
+from . import _forksafe
 from .clock import monotonic as _monotonic
 
 __all__ = ["watch", "start"]
@@ -92,4 +92,4 @@ def _after_fork_in_child() -> None:
     _warden = _Warden()  # the old thread does not exist in the child
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+_forksafe.at_fork(after_in_child=_after_fork_in_child)

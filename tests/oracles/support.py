@@ -291,3 +291,28 @@ class NatsKind(OracleKind):
 
 
 KINDS.append(NatsKind())
+
+
+class RedisKind(OracleKind):
+    name = "redis"
+    # Renewals every 0.5 s, failover ~2.5 s; releases are pushed over pub/sub, so polls can be rare.
+    fast = {"ttl": 2.5, "margin": 1, "poll_interval": 1}
+    bad_options = {"ttl": -1}
+    wrong_credentials_error = "wrong user or password"
+
+    def start(self):
+        from crown_sync.testing.redis_server import RedisServer
+
+        return RedisServer(user="crown").start()
+
+    def url(self, server, **options) -> str:
+        return server.url(**options)
+
+    def unreachable_url(self, server, secret: str) -> str:
+        return f"redis://crown:{secret}@127.0.0.1:{free_port()}/0?ttl=2&connect_timeout=0.5"
+
+    def wrong_credentials_url(self, server, secret: str) -> Optional[str]:
+        return server.url(password=secret, ttl=2)
+
+
+KINDS.append(RedisKind())

@@ -1,0 +1,242 @@
+"""The Redis oracle against real redis-server processes (Debian's package, started per module).
+
+Safety is judged from the journal the contenders' children write themselves, never from Redis.
+"""
+
+import json
+import logging
+import os
+import signal
+import time
+
+import pytest
+
+import crown_sync
+from crown_sync import clock
+from crown_sync.oracles.redis import RedisOracle
+from crown_sync.testing.fleet import Fleet, wait_until
+from crown_sync.testing.redis_server import RedisServer
+from crown_sync.testing.servers import free_port
+from crown_sync.urls import oracle_from_url
+
+SECRET = "Redis-Test-Secret-42"
+
+
+@pytest.fixture(scope="module")
+def server():
+    """A server that keeps every write across restarts (appendonly, fsync always)."""
+    with RedisServer(password=SECRET, user="crown", persistence="aof") as redis_server:
+        yield redis_server
+
+
+@pytest.fixture(scope="module")
+def volatile():
+    """A server with no persistence: a restart forgets every key, as a pure cache does."""
+    with RedisServer(password=SECRET, persistence=None) as redis_server:
+        yield redis_server
+
+
+def _released(server, name, token=1):
+    """Write a ``released`` record, as a cleanly stopped election leaves: the first claimant then
+    leads at once instead of waiting out the quarantine of an absent key."""
+    record = {"state": "released", "token": token, "prev": "setup", "identity": "setup", "w": os.urandom(6).hex()}
+    with server.client() as client:
+        client.set(f"crown_sync:{name}", json.dumps(record), ex=3600)
+
+
+# -- construction and URLs (no server) --------------------------------------------------------
+
+
+@pytest.mark.parametrize("url, words", [
+    ("redis+sentinel://:pw@127.0.0.1:26379/mymaster", "Sentinel"),
+    ("redis://a:6379,b:6379/0", "ONE server"),
+    ("redis://127.0.0.1:6379/zero", "database number"),
+    ("redis://127.0.0.1:6379/0?nope=1", "unknown oracle option 'nope'"),
+    ("redis://127.0.0.1:6379/0?ttl=0.5", "ttl"),
+    ("redis://127.0.0.1:6379/0?poll_interval=9&ttl=10", "poll_interval"),
+    ("redis://127.0.0.1:6379/0?ssl_ca_certs=/etc/ca.pem", "rediss://"),
+    ("rediss://127.0.0.1:6379/0?ssl_cert_reqs=maybe", "ssl_cert_reqs"),
+    ("redis://:Sekrit-pw@127.0.0.1:99999/0", "Port"),
+])
+def test_bad_urls_are_clear_errors_naming_the_problem(url, words):
+    with pytest.raises(ValueError) as caught:
+        oracle_from_url(url)
+    assert words in str(caught.value)
+    assert "Sekrit-pw" not in str(caught.value) and ":pw@" not in str(caught.value)
+
+
+def test_url_fields_and_description_without_password():
+    oracle = oracle_from_url("rediss://crown:p%40ss@redis.example:6380/3?ttl=4&poll_interval=0.5&key_prefix=app:")
+    assert (oracle.host, oracle.port, oracle.db, oracle.tls) == ("redis.example", 6380, 3, True)
+    assert (oracle.ttl, oracle.poll_interval, oracle.key_prefix) == (4.0, 0.5, "app:")
+    assert oracle.description == "rediss://crown@redis.example:6380/3"
+    assert oracle.new_client().connection_pool.connection_kwargs["password"] == "p@ss"
+    defaults = RedisOracle()
+    # Requests at rest: a follower reads once per poll_interval, a leader twice per renew_interval.
+    assert defaults.poll_interval <= 1.0 and 2 / defaults.renew_interval <= 1.0
+
+
+# -- the store primitives and tokens on the real server ---------------------------------------
+
+
+def test_store_compare_and_set_never_touches_another_writers_value(server):
+    oracle = oracle_from_url(server.url())
+    store = oracle.new_store()
+    try:
+        assert store.read("prim") == (None, None)
+        assert store.create("prim", b"first", 60) is True
+        assert store.create("prim", b"second", 60) is False  # present: NX refuses
+        value, version = store.read("prim")
+        assert value == b"first"
+        assert store.replace("prim", b"stale-writer", b"not-the-version", 60) is False
+        assert store.read("prim")[0] == b"first"  # a lost CAS leaves the value alone
+        assert store.replace("prim", b"third", version, 60) is True
+        assert store.replace("prim", b"again", version, 60) is False  # that version is gone
+        assert store.replace("absent", b"x", b"y", 60) is None
+        with server.client() as client:
+            assert 0 < client.ttl("prim") <= 60
+            assert client.exists("absent") == 0  # a replace never creates
+    finally:
+        store.close()
+        oracle.close()
+
+
+def test_tokens_rise_across_restarts_and_above_a_lost_counter(server, volatile):
+    oracle = oracle_from_url(server.url())
+    store = oracle.new_store()
+    first = [oracle.token_floor(store) for _ in range(3)]
+    assert first == sorted(set(first)) and first[1] == first[0] + 1  # INCR: one by one
+    server.crash_restart()  # SIGKILL: the append-only file (fsync always) keeps the counter
+    after_crash = oracle.token_floor(store)
+    assert after_crash == first[-1] + 1
+    store.close()
+    oracle.close()
+    # Without persistence a restart loses the counter: it is seeded again from the server's
+    # clock in microseconds, above every token taken before (an earlier seed plus one per claim).
+    oracle = oracle_from_url(volatile.url())
+    store = oracle.new_store()
+    before = oracle.token_floor(store)
+    assert abs(before - time.time() * 1e6) < 600e6  # seeded from TIME (same host's clock)
+    volatile.restart()
+    assert volatile.client().exists("crown_sync::token") == 0
+    assert oracle.token_floor(store) > before
+    store.close()
+    oracle.close()
+
+
+# -- elections of contender processes, judged from their journal ------------------------------
+
+
+def test_exclusive_leadership_and_graceful_handoffs_woken_by_push(server, tmp_path):
+    # Polls every 30 s: a handoff within 10 s, twice, is (but for a ~1% chance) the pub/sub push.
+    name = "push"
+    _released(server, name)
+    fleet = Fleet(server.url(ttl=60, poll_interval=30), tmp_path, name)
+    for identity in ("a", "b", "c"):
+        fleet.spawn(identity)
+    try:
+        first = fleet.wait_for_term()
+        time.sleep(1.0)  # every follower watching its poll schedule
+        ended = []
+        for _ in range(2):
+            leader = fleet.running_term()
+            fleet.signal(leader.identity, signal.SIGTERM)
+            fleet.wait_exit(leader.identity)
+            stopped = [t for t in fleet.terms() if t.identity == leader.identity][-1]
+            assert stopped.stopped
+            successor = fleet.wait_for_term(after=stopped.end, other_than=ended + [leader.identity], timeout=10.0)
+            ended.append(leader.identity)
+            assert successor.token > stopped.token
+        assert first.identity in ended
+    finally:
+        fleet.stop_all()
+    fleet.assert_safe(min_terms=3)
+
+
+def test_crash_failover_without_overlap(server, tmp_path):
+    name = "crash"
+    _released(server, name)
+    fleet = Fleet(server.url(ttl=2, poll_interval=0.5), tmp_path, name, child="process")
+    for identity in ("a", "b", "c"):
+        fleet.spawn(identity)
+    try:
+        leader = fleet.wait_for_term()
+        os.killpg(fleet.processes[leader.identity].pid, signal.SIGKILL)
+        fleet.wait_for_term(other_than={leader.identity}, after=leader.start)
+    finally:
+        fleet.stop_all()
+    fleet.assert_safe(min_terms=2)
+
+
+@pytest.mark.parametrize("fault", ["del", "flushall", "restart"])
+def test_revocation_under_a_paused_leader_waits_out_its_deadline(volatile, tmp_path, fault):
+    """The leader's process group is stopped; its command child (own session) runs on and takes
+    1.5 s to stop. The key is deleted, flushed, or lost in a restart without persistence: a
+    successor must not start while the old command may still run."""
+    name = f"revoke-{fault}"
+    fleet = Fleet(volatile.url(ttl=2, poll_interval=0.5), tmp_path, name, child="command", stop_delay=1.5)
+    for identity in ("a", "b"):
+        fleet.spawn(identity)
+    leader_pid = None
+    try:
+        leader = fleet.wait_for_term(timeout=60)  # first use: a quarantine of one ttl
+        leader_pid = fleet.processes[leader.identity].pid
+        os.killpg(leader_pid, signal.SIGSTOP)
+        paused_at = clock.monotonic()
+        if fault == "del":
+            volatile.client().delete(f"crown_sync:{name}")
+        elif fault == "flushall":
+            volatile.flushall()
+        else:
+            volatile.restart()
+        successor = fleet.wait_for_term(other_than={leader.identity}, after=paused_at, timeout=60)
+        assert successor.token > leader.token
+    finally:
+        if leader_pid is not None:
+            os.killpg(leader_pid, signal.SIGCONT)
+        fleet.stop_all()
+    fleet.assert_safe(min_terms=2)
+
+
+# -- bad servers and credentials --------------------------------------------------------------
+
+
+def _last_error(url, caplog, timeout=30.0):
+    caplog.set_level(logging.DEBUG, logger="crown_sync")
+    crown = crown_sync.Crown("errors", oracle=url, child=lambda term: term.stop_event.wait())
+    crown.start()  # never raises on the oracle
+    try:
+        error = wait_until(lambda: crown.status().last_error, timeout=timeout, message="an oracle error")
+        assert not crown.is_leader()
+        return error
+    finally:
+        crown.stop()
+
+
+def test_wrong_password_is_a_clear_error_without_the_password(server, caplog):
+    error = _last_error(server.url(password="Wrong-Pass-777"), caplog)
+    assert "wrong user or password" in error
+    assert "Wrong-Pass-777" not in caplog.text + error and SECRET not in caplog.text + error
+
+
+def test_missing_password_says_the_server_requires_one(server, caplog):
+    error = _last_error(f"redis://127.0.0.1:{server.port}/0", caplog)
+    assert "requires a password" in error
+
+
+def test_unreachable_server_shows_in_status(caplog):
+    error = _last_error(f"redis://:Unreach-pw-1@127.0.0.1:{free_port()}/0?connect_timeout=0.5", caplog)
+    assert "127.0.0.1" in error and "Unreach-pw-1" not in caplog.text + error
+
+
+def test_a_cluster_node_is_refused(caplog):
+    with RedisServer(password=SECRET, cluster=True, persistence=None) as node:
+        error = _last_error(node.url(), caplog)
+    assert "Redis Cluster node" in error
+
+
+def test_a_replica_is_refused(server, caplog):
+    config = [f"replicaof 127.0.0.1 {server.port}", f"masterauth {SECRET}"]
+    with RedisServer(password=SECRET, persistence=None, extra_config=config) as replica:
+        error = _last_error(replica.url(), caplog)
+    assert "replica" in error

@@ -163,14 +163,15 @@ _ForkSafeConnection = _fork_safe(redis.connection.Connection)
 _ForkSafeSSLConnection = _fork_safe(redis.connection.SSLConnection)
 
 
-def _explain(exc: BaseException) -> str:
-    if "NOAUTH" in str(exc):
+def _explain(exc: BaseException, has_password: bool) -> str:
+    denied = isinstance(exc, redis.exceptions.AuthenticationError) or "NOAUTH" in str(exc)
+    if denied and not has_password:
         return "the server requires a password: give it in the URL (redis://[user]:PASSWORD@host)"
-    if isinstance(exc, redis.exceptions.AuthenticationError) or "WRONGPASS" in str(exc):
+    if denied or "WRONGPASS" in str(exc):
         return "authentication failed: wrong user or password (the password is not shown)"
     if "NOPERM" in str(exc):
-        return f"the user may not run a command the oracle needs (GET, SET, EVALSHA, PUBLISH, ...): {exc}"
-    return f"{type(exc).__name__}: {exc}"
+        return redact_text(f"the user may not run a command the oracle needs (GET, SET, EVALSHA, PUBLISH, ...): {exc}")
+    return redact_text(f"{type(exc).__name__}: {exc}")
 
 
 class RedisStore(LeaseStore):
@@ -204,7 +205,7 @@ class RedisStore(LeaseStore):
             raise RedisRefused(f"redis at {self._oracle.description}: {exc}") from None
         except (redis.exceptions.RedisError, OSError) as exc:
             error = RedisRefused if isinstance(exc, redis.exceptions.AuthenticationError) else RedisOracleError
-            raise error(f"redis at {self._oracle.description}: {what} failed: {redact_text(_explain(exc))}") from None
+            raise error(f"redis at {self._oracle.description}: {what} failed: {_explain(exc, self._oracle.has_password)}") from None
 
     def read(self, key: str) -> Tuple[Optional[bytes], Any]:
         value = self._run("GET", lambda client: client.get(key), retry_read=True)
@@ -382,6 +383,7 @@ class RedisOracle(LeaseOracle):
         self.host, self.port, self.db = host, port, db
         self.tls = bool(tls)
         self._credentials = {"username": username or None, "password": password or None}
+        self.has_password = bool(password)
         self._tls_options = {"ssl_ca_certs": ssl_ca_certs, "ssl_cert_reqs": ssl_cert_reqs,
                              "ssl_check_hostname": ssl_check_hostname}
         shown = f"[{host}]" if ":" in host else host

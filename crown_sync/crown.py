@@ -44,6 +44,7 @@ import os
 import re
 import secrets
 import socket
+import sys
 import threading
 import time
 from typing import Any, Callable, Dict, Optional
@@ -208,6 +209,7 @@ class Crown:
         self._stopping = False
         self._started = False
         self._forked = False
+        self._pid = os.getpid()  # fork safety that needs no at-fork hook (uWSGI forks from C)
         self._thread: Optional[threading.Thread] = None
         self._contender = None
         self._child_run = None
@@ -222,6 +224,10 @@ class Crown:
 
     def start(self) -> "Crown":
         """Start contending in a daemon thread. Never blocks on the oracle. Idempotent."""
+        if "uwsgi" in sys.modules:  # a process uWSGI forks from C: refuse what would leak into workers
+            from .uwsgi import check_fork_safety
+            check_fork_safety("Crown.start()")
+        self._inherited()
         with self._cond:
             if self._started or self._forked:
                 return self
@@ -237,6 +243,7 @@ class Crown:
 
         Waits up to ``timeout`` seconds (None: until done) for that to finish.
         """
+        self._inherited()
         with self._cond:
             if self._forked:
                 return self  # inherited across fork(): nothing here is ours to release
@@ -265,18 +272,19 @@ class Crown:
     def is_leader(self) -> bool:
         """True while this crown holds a term whose deadline has not passed. No I/O, no lock."""
         term = self._term
-        return term is not None and term.is_leader()
+        return term is not None and not self._inherited() and term.is_leader()
 
     def term(self) -> Optional[Term]:
         """The current term (token, exact monotonic ``deadline``, ``stop_event``), or None."""
         term = self._term
-        return term if term is not None and term.is_leader() else None
+        return term if term is not None and not self._inherited() and term.is_leader() else None
 
     def leader(self) -> Optional[Leader]:
         """The current leader as last known to this crown (ourselves while leading)."""
         return self._leader
 
     def status(self) -> Status:
+        self._inherited()  # before the lock: a fork may have copied it held
         with self._cond:
             term = self._term
             leading = term is not None and term.is_leader()  # once: the deadline may pass meanwhile
@@ -300,6 +308,7 @@ class Crown:
         True if a term started during the wait, even one that has already ended (a child that
         returns at once: the term can start and end before this thread gets to look).
         """
+        self._inherited()
         with self._cond:
             terms = self._terms_started
             self._cond.wait_for(
@@ -707,6 +716,12 @@ class Crown:
                 self._oracle.close()
             except Exception as exc:
                 logger.warning("crown %s: closing the oracle failed: %s", self.name, redact_text(str(exc)))
+
+    def _inherited(self) -> bool:
+        """True in a process forked from the one that made this crown, at-fork hook run or not."""
+        if not self._forked and self._pid != os.getpid():
+            self._after_fork_in_child()
+        return self._forked
 
     def _after_fork_in_child(self) -> None:
         # Everything this object holds belongs to the parent: forget it without releasing it.

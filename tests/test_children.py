@@ -19,6 +19,7 @@ import pytest
 
 from crown_sync import clock
 from crown_sync.children import CommandChild, ProcessChild, ThreadChild, as_child
+from crown_sync.children.process import DEFAULT_START_METHOD
 from crown_sync.terms import Term
 from crown_sync.testing import journal
 
@@ -110,9 +111,11 @@ def record_info(info, path):
         time.sleep(0.05)
 
 
-def journal_then_hog_gil(info, path):
+def journal_then_hog_gil(info, path, go):
     j = journal.Journal(path)
     j.write("start", info.name, info.identity, info.token)
+    while not os.path.exists(go):  # the test moves the deadline close first (see the test)
+        time.sleep(0.01)
     # One C call that never releases the GIL: the watchdog thread cannot run, the kernel timer
     # must kill us.
     sum(range(10 ** 12))
@@ -167,6 +170,21 @@ def test_as_child():
 def test_bad_arguments_name_the_argument(make, error, word):
     with pytest.raises(error, match=word):
         make()
+
+
+def test_process_child_default_start_method():
+    """spawn on Python 3.12+ (fork from a process with threads is deprecated there), fork before;
+    a target that spawn cannot pickle is refused at construction, with the way out."""
+    assert DEFAULT_START_METHOD == ("spawn" if sys.version_info >= (3, 12) else "fork")
+    assert ProcessChild(touch).start_method == DEFAULT_START_METHOD
+    assert ProcessChild(touch, start_method=None).start_method == DEFAULT_START_METHOD
+    if DEFAULT_START_METHOD == "fork":
+        assert ProcessChild(lambda info: None).start_method == "fork"
+    else:
+        expected = "start_method='spawn' \\(the default on this Python\\).*module level"
+        with pytest.raises(TypeError, match=expected):
+            ProcessChild(lambda info: None)
+    assert ProcessChild(lambda info: None, start_method="fork").start_method == "fork"
 
 
 # ------------------------------------------------------------------------------------------
@@ -297,6 +315,57 @@ def test_process_child_inherits_term_fds(tmp_path, method):
         os.close(fd)
 
 
+CROWN_SCRIPT = textwrap.dedent(
+    """
+    import logging, os, sys, time
+    import crown_sync
+
+    def work(info, path):
+        with open(path + ".tmp", "w") as handle:
+            handle.write(str(info.token))
+        os.rename(path + ".tmp", path)
+        time.sleep(60)
+
+    if __name__ == "__main__":  # a spawned child imports this module again: the crown runs here only
+        logging.basicConfig(level=logging.WARNING)
+        directory, path = sys.argv[1:3]
+        child = crown_sync.ProcessChild(work, args=(path,), grace=1)
+        crown = crown_sync.Crown("threaded", oracle="file://" + directory, child=child)
+        crown.start()
+        end = time.monotonic() + 60
+        while not os.path.exists(path) and time.monotonic() < end:
+            time.sleep(0.02)
+        if not os.path.exists(path):
+            print("no child ran:", crown.status(), file=sys.stderr)
+        crown.stop()
+        print(child.start_method)
+    """
+)
+
+
+def test_process_child_of_a_threaded_crown_starts_without_a_deprecation_warning(tmp_path):
+    """A crown's process always has threads, and Python 3.12+ deprecates fork() there (a
+    DeprecationWarning; a lock another thread held at the fork stays held in the child): the
+    default start method must not fork it. With warnings as errors, the child of a real crown
+    must still run and nothing may warn. (Below Python 3.12 the default is fork, which is silent
+    there: the test then checks that the child ran.) "-W always", not "-W error": Python 3.13
+    drops the error that the fork's warning would raise, and nothing would show."""
+    script = tmp_path / "crowned.py"
+    script.write_text(CROWN_SCRIPT)
+    out = tmp_path / "ran"
+    (tmp_path / "crowns").mkdir(mode=0o700)
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run(
+        [sys.executable, "-W", "always::DeprecationWarning", str(script), str(tmp_path / "crowns"), str(out)],
+        env=env, capture_output=True, text=True, timeout=90,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "DeprecationWarning" not in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert out.exists() and out.read_text().isdigit(), result.stderr  # the target ran, with the term's token
+    expected = "spawn" if sys.version_info >= (3, 12) else "fork"
+    assert result.stdout.split() == [expected]
+
+
 def test_process_child_with_deadline_in_the_past_never_runs(tmp_path):
     path, exits = str(tmp_path / "ran"), Exits()
     running = ProcessChild(touch, args=(path,)).start(make_term(-1.0), exits)
@@ -327,9 +396,15 @@ def test_process_child_killed_at_deadline(tmp_path):
 
 
 def test_process_child_deadline_holds_while_target_holds_the_gil(tmp_path):
-    path, exits = str(tmp_path / "journal"), Exits()
-    term = make_term(0.5)
-    running = ProcessChild(journal_then_hog_gil, args=(path,)).start(term, exits)
+    """The deadline is moved close only once the child runs (a spawned child may take longer to
+    start than a close deadline leaves), and the target holds the GIL only after the watchdog has
+    had time to re-arm the kernel timer to it: then only that timer can kill it."""
+    path, go, exits = str(tmp_path / "journal"), tmp_path / "go", Exits()
+    term = make_term(60)
+    running = ProcessChild(journal_then_hog_gil, args=(path, str(go))).start(term, exits)
+    pull_in_deadline_once_working(term, running, path, lines=1, deadline_in=1.0)
+    time.sleep(0.3)  # the watchdog re-reads the deadline every 50 ms
+    go.touch()
     assert exits.wait(timeout=20)[0][1] == -signal.SIGKILL
     assert [e["ev"] for e in journal.read(path)] == ["start"]
     assert running.exitcode == -signal.SIGKILL
@@ -552,44 +627,50 @@ PARENT_SCRIPT = textwrap.dedent(
     from crown_sync.children import CommandChild, ProcessChild, ThreadChild
     from crown_sync.testing import journal
 
-    out, lease = sys.argv[1], float(sys.argv[2])
-    process_journal, command_journal, thread_journal, helper_journal = sys.argv[3:7]
-    deadlines = os.open(out + ".deadlines", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    def main(out, lease, process_journal, command_journal, thread_journal, helper_journal, method):
+        deadlines = os.open(out + ".deadlines", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
 
-    def note(deadline):
-        # Written BEFORE the children see the deadline: the file's last line bounds theirs.
-        os.write(deadlines, ("%r\\n" % deadline).encode())
-        return deadline
+        def note(deadline):
+            # Written BEFORE the children see the deadline: the file's last line bounds theirs.
+            os.write(deadlines, ("%r\\n" % deadline).encode())
+            return deadline
 
-    term = Term("paused", "parent", 11, note(clock.monotonic() + lease))
-    exits = []
-    process = ProcessChild(journal.journaled_process, args=(process_journal, 0.002), grace=1)
-    # The command starts a helper in its own process group (a worker, as daemons do), then works.
-    work = sys.executable + ' -m crown_sync.testing.journal "$1" 0.002'
-    command = CommandChild(
-        ["sh", "-c", work.replace("$1", "$2") + " & exec " + work, "sh", command_journal, helper_journal],
-        grace=1,
-    )
-    thread = ThreadChild(journal.journaled_work, args=(thread_journal, 0.002), grace=1)
-    running = [process.start(term, exits.append), command.start(term, exits.append),
-               thread.start(term, exits.append)]
-    while running[1].command_pid is None:
-        time.sleep(0.01)
-    with open(out + ".tmp", "w") as handle:
-        json.dump({"process": running[0].pid, "supervisor": running[1].pid,
-                   "command": running[1].command_pid}, handle)
-    os.rename(out + ".tmp", out)
-    while True:
-        deadline = note(clock.monotonic() + lease)
-        term.extend(deadline)
-        for child in running:
-            child.extend(deadline)
-        time.sleep(0.05)
+        term = Term("paused", "parent", 11, note(clock.monotonic() + lease))
+        exits = []
+        process = ProcessChild(journal.journaled_process, args=(process_journal, 0.002), grace=1,
+                               start_method=None if method == "default" else method)
+        # The command starts a helper in its own process group (a worker, as daemons do), then works.
+        work = sys.executable + ' -m crown_sync.testing.journal "$1" 0.002'
+        command = CommandChild(
+            ["sh", "-c", work.replace("$1", "$2") + " & exec " + work, "sh", command_journal, helper_journal],
+            grace=1,
+        )
+        thread = ThreadChild(journal.journaled_work, args=(thread_journal, 0.002), grace=1)
+        running = [process.start(term, exits.append), command.start(term, exits.append),
+                   thread.start(term, exits.append)]
+        while running[1].command_pid is None:
+            time.sleep(0.01)
+        with open(out + ".tmp", "w") as handle:
+            json.dump({"process": running[0].pid, "supervisor": running[1].pid,
+                       "command": running[1].command_pid}, handle)
+        os.rename(out + ".tmp", out)
+        while True:
+            deadline = note(clock.monotonic() + lease)
+            term.extend(deadline)
+            for child in running:
+                child.extend(deadline)
+            time.sleep(0.05)
+
+    if __name__ == "__main__":  # a spawned process child imports this module again
+        main(sys.argv[1], float(sys.argv[2]), *sys.argv[3:8])
     """
 )
 
 
 CHILD_KINDS = ("process", "command", "thread", "command's helper")
+# The process child's start method that this Python does not use by default, so that the tests of
+# parent death and pauses cover both fork and spawn on every Python.
+OTHER_START_METHOD = "fork" if DEFAULT_START_METHOD == "spawn" else "spawn"
 # A journal line may be stamped just before the kill lands (process: the kernel timer; command:
 # the supervisor or, when it is stopped too, its kernel timer).
 CHILD_SLACK = (PROCESS_SLACK, COMMAND_SLACK, 0.0, COMMAND_SLACK)
@@ -599,14 +680,14 @@ CHILD_SLACK = (PROCESS_SLACK, COMMAND_SLACK, 0.0, COMMAND_SLACK)
 IN_FLIGHT = (0, 0, 1, 0)
 
 
-def start_parent(tmp_path, lease):
+def start_parent(tmp_path, lease, method="default"):
     script = tmp_path / "parent.py"
     script.write_text(PARENT_SCRIPT)
     out = tmp_path / "pids.json"
     journals = tuple(str(tmp_path / f"{kind.replace(' ', '_')}.journal") for kind in CHILD_KINDS)
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     parent = subprocess.Popen(  # its own process group, as a service or a shell job has
-        [sys.executable, str(script), str(out), str(lease), *journals], env=env, start_new_session=True
+        [sys.executable, str(script), str(out), str(lease), *journals, method], env=env, start_new_session=True
     )
     try:
         assert wait_for(lambda: out.exists() or parent.poll() is not None, 30)
@@ -636,10 +717,11 @@ def end_parent(parent, pids):
     parent.wait()
 
 
-def test_children_die_with_their_parent_process(tmp_path):
+@pytest.mark.parametrize("method", ["default", OTHER_START_METHOD])
+def test_children_die_with_their_parent_process(tmp_path, method):
     """SIGKILL of the crown's process: every child process goes, the command's helper too (the
     supervisor, told by its parent-death signal, kills the command's whole process group)."""
-    parent, pids, journals, _ = start_parent(tmp_path, lease=30.0)
+    parent, pids, journals, _ = start_parent(tmp_path, lease=30.0, method=method)
     try:
         for pid in pids.values():
             assert not gone(pid)
@@ -662,8 +744,11 @@ def process_state(pid):
         return handle.read().rsplit(")", 1)[1].split()[0]
 
 
-@pytest.mark.parametrize("stopped", ["parent", "parent's group", "parent's group and supervisor"])
-def test_children_stop_by_the_deadline_while_the_parent_is_paused(tmp_path, stopped):
+@pytest.mark.parametrize("stopped, method", [
+    ("parent", "default"), ("parent", OTHER_START_METHOD), ("parent's group", "default"),
+    ("parent's group and supervisor", "default"),
+])
+def test_children_stop_by_the_deadline_while_the_parent_is_paused(tmp_path, stopped, method):
     """Nothing of the crown runs but the children themselves (and, unless it is stopped too, the
     command's supervisor): each child still stops by the last deadline its parent gave it, and a
     thread child resumed after that deadline does nothing more. A supervisor that is stopped
@@ -671,7 +756,7 @@ def test_children_stop_by_the_deadline_while_the_parent_is_paused(tmp_path, stop
     (the documented limit): that helper dies when the crown's process runs again, by the hand of
     the command's reaper, which finds the supervisor dead without a report."""
     lease = 0.5
-    parent, pids, journals, deadlines_path = start_parent(tmp_path, lease=lease)
+    parent, pids, journals, deadlines_path = start_parent(tmp_path, lease=lease, method=method)
     checked = dict(pids)
     if stopped == "parent's group and supervisor":
         journals = journals[:3]

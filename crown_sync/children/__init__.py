@@ -55,7 +55,12 @@ What is NOT guaranteed:
   only when the crown's reaper thread runs (it finds the supervisor dead without a report).
 * With ``start_method="forkserver"`` the child's parent is the fork server, so the parent-death
   signal fires when the fork server exits (which it does when the crown's process dies, unless
-  some other process still holds its "alive" pipe): weaker than with "fork" or "spawn".
+  some other process still holds its "alive" pipe): weaker than with "fork" or "spawn" (the
+  default on Python 3.12+, where fork from a process with threads is deprecated; see
+  ``crown_sync.children.process.DEFAULT_START_METHOD``).
+* A spawned ProcessChild imports the crown's main module before its parent-death signal and
+  deadline checks run (``multiprocessing`` does that first): the target never runs before them,
+  but module-level code does, hence ``if __name__ == "__main__":`` around the crown.
 * Timing is bounded by the scheduler: on a badly overloaded host the supervisor may act a few
   milliseconds after the deadline.
 

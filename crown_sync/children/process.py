@@ -6,6 +6,7 @@ import multiprocessing
 import multiprocessing.process
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Callable, Optional
@@ -20,6 +21,37 @@ from .base import (KILL_WAIT, Child, RunningChild, _callable_name, _check_args, 
 
 #: How often children re-read a deadline that the parent may move (seconds).
 DEADLINE_POLL = 0.05
+#: ProcessChild's start method when none is given. A crown's process always has threads, and
+#: Python 3.12+ deprecates fork() there (it warns; a lock that another thread held at the fork
+#: stays held in the child), so there a child is a fresh interpreter: "spawn", whose parent is
+#: still the crown's process (the parent-death signal holds, unlike with "forkserver"). Before
+#: 3.12, "fork" as ever: no pickling and no second import of the main module, which existing
+#: programs may not be ready for.
+DEFAULT_START_METHOD = "spawn" if sys.version_info >= (3, 12) else "fork"
+
+
+def _check_start_method(start_method: Optional[str]) -> str:
+    if start_method is None:
+        return DEFAULT_START_METHOD
+    methods = multiprocessing.get_all_start_methods()
+    if not isinstance(start_method, str):
+        raise TypeError(f"start_method must be a str or None, not {type(start_method).__name__}")
+    if start_method not in methods:
+        raise ValueError(f"start_method must be one of {methods} or None, got {start_method!r}")
+    return start_method
+
+
+def _check_picklable(target, args, kwargs, start_method: str, by_default: bool) -> None:
+    from multiprocessing.reduction import ForkingPickler
+
+    try:
+        ForkingPickler.dumps((target, args, kwargs))
+    except Exception as exc:
+        default = " (the default on this Python)" if by_default else ""
+        raise TypeError(
+            f"target, args and kwargs must be picklable with start_method={start_method!r}{default}: "
+            f"{exc}; define the target at module level, or pass start_method='fork'"
+        ) from None
 
 
 def _die() -> None:
@@ -101,37 +133,28 @@ class ProcessChild(Child):
     the term's deadline even if the crown's process is paused, and by the kernel if the crown's
     process dies. SIGINT is ignored in the child (the crown decides when it stops).
 
-    ``start_method`` is a :mod:`multiprocessing` start method. "fork" (the default) runs the
-    target in a copy of the crown's process: nothing needs to be picklable, but only the forking
-    thread exists in the copy, and Python 3.12+ warns about forking a multi-threaded process.
-    "spawn" starts a fresh interpreter: the target and arguments must be picklable (checked at
-    construction). The term's lock descriptors reach the child either way. "forkserver" makes the
-    parent-death guarantee weaker (see the module docstring).
+    ``start_method`` is a :mod:`multiprocessing` start method; None (the default) is "spawn" on
+    Python 3.12+ and "fork" before. "fork" runs the target in a copy of the crown's process:
+    nothing needs to be picklable, but only the forking thread exists in the copy, and Python
+    3.12+ warns about forking a multi-threaded process (a crown's always is). "spawn" starts a
+    fresh interpreter, which imports the main module again (as ``__mp_main__``): the target and
+    arguments must be picklable (checked at construction) and the crown must be started under
+    ``if __name__ == "__main__":``. The term's lock descriptors reach the child either way.
+    "forkserver" makes the parent-death guarantee weaker (see the module docstring). The
+    ``start_method`` attribute holds the method in use.
     """
 
     kind = "process"
 
-    def __init__(self, target, args=(), kwargs=None, grace: float = 5.0, start_method: str = "fork"):
+    def __init__(self, target, args=(), kwargs=None, grace: float = 5.0,
+                 start_method: Optional[str] = None):
         super().__init__(grace)
         self.target = _check_target(target)
         self.args = _check_args(args)
         self.kwargs = _check_kwargs(kwargs)
-        methods = multiprocessing.get_all_start_methods()
-        if not isinstance(start_method, str):
-            raise TypeError(f"start_method must be a str, not {type(start_method).__name__}")
-        if start_method not in methods:
-            raise ValueError(f"start_method must be one of {methods}, got {start_method!r}")
-        self.start_method = start_method
-        if start_method != "fork":
-            from multiprocessing.reduction import ForkingPickler
-
-            try:
-                ForkingPickler.dumps((self.target, self.args, self.kwargs))
-            except Exception as exc:
-                raise TypeError(
-                    f"target, args and kwargs must be picklable with start_method="
-                    f"{start_method!r}: {exc}"
-                ) from None
+        self.start_method = _check_start_method(start_method)
+        if self.start_method != "fork":
+            _check_picklable(self.target, self.args, self.kwargs, self.start_method, start_method is None)
 
     def start(self, term, on_exit) -> "RunningChild":
         context = multiprocessing.get_context(self.start_method)

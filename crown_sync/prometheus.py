@@ -24,10 +24,14 @@ import os
 import threading
 from typing import Dict, Optional, Tuple
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, multiprocess
-from prometheus_client import make_wsgi_app as _make_wsgi_app
-
 from . import clock, telemetry
+
+try:
+    from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, multiprocess
+    from prometheus_client import make_wsgi_app as _make_wsgi_app
+except ImportError as exc:  # an optional extra: say which
+    raise ImportError(f"crown_sync.prometheus needs prometheus_client: pip install 'crown_sync[prometheus]' "
+                      f"({exc})") from exc
 
 __all__ = ["Metrics", "enable", "disable", "scrape_registry", "make_wsgi_app", "child_exit", "TAKEOVER_BUCKETS"]
 

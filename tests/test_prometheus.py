@@ -143,18 +143,21 @@ def test_gunicorn_multiprocess_scrape_matches_the_journal(tmp_path):
 
     def running_term(after=0):
         """The journal's current term (after token ``after``), run by a live worker of ``host``,
-        once the scrape agrees that someone leads."""
+        once the scrape shows one leader (the master's child_exit of a killed worker, which
+        drops its gauges, may come after the successor's first beats)."""
         def find():
             terms = [t for t in journal_terms(path, name) if t.token > after and t.beats and not t.stopped
                      and not process_gone(t.pid) and parent_of(t.pid) == host.pid]
-            return terms[-1] if terms and value(scrape(), "crown_sync_terms_won_total") == len(journal_terms(path)) \
-                else None
-        return wait_until(find, timeout=60, message=f"a running term after token {after}")
+            return terms[-1] if terms and value(scrape(), "crown_sync_is_leader") == 1 else None
+        return wait_until(find, timeout=60, message=f"a running term after token {after}, and one leader")
 
     try:
         host.start()
         first = running_term()
         assert_matches_journal(scrape(), journal_terms(path), leading=True)
+        # Both other workers follow (wait on the lock) before the handoff, so one of them takes
+        # over, and times it, rather than the worker Gunicorn starts in the leader's place.
+        wait_until(lambda: value(scrape(), "crown_sync_campaigns_total", result="lost") >= 2, message="followers")
 
         os.kill(first.pid, signal.SIGTERM)  # graceful: the worker's crown stops its job, abdicates
         second = running_term(first.token)

@@ -198,8 +198,9 @@ class _Store(LeaseStore):
         except NatsError:
             raise
         except Exception as exc:
-            if isinstance(exc, (nats.errors.ConnectionClosedError, OSError, asyncio.TimeoutError)):
-                self._drop()
+            # Whatever failed (a closed connection, a bucket deleted under us: no stream answers),
+            # the next call starts afresh: a new connection finds or recreates the bucket.
+            self._drop()
             raise oracle._error(what, exc, self.last_error) from None
         finally:
             self._inflight = None
@@ -473,8 +474,8 @@ class NatsOracle(LeaseOracle):
             text = "authorization violation: wrong user, password or token"
         elif isinstance(exc, (asyncio.TimeoutError, nats.errors.TimeoutError)):
             text = f"no answer within {self.timeout:g} s"
-        elif isinstance(exc, nats.js.errors.ServiceUnavailableError) or "no responders" in text.lower():
-            text = "JetStream is not enabled on the server (start it with -js)"
+        elif isinstance(exc, (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError)):
+            text = "no JetStream answered (is nats-server started with -js? was the bucket deleted?)"
         if last_error:
             text += f" (last error: {last_error})"
         return NatsError(f"NATS at {self.description}: {what} failed: {text}")

@@ -170,8 +170,13 @@ def test_a_release_is_pushed_to_the_follower_long_before_its_next_poll(server, n
 # --------------------------------------------------------------------- processes and faults
 
 def fleet_for(srv, tmp_path, name, **options):
-    url = srv.url_for(**FAST)
-    return Fleet(url, tmp_path, name, **options)
+    """A Fleet on a key left as a clean stop leaves it: the first leader waits no quarantine."""
+    oracle = oracle_for(srv)
+    try:
+        released(oracle, name)
+    finally:
+        oracle.close()
+    return Fleet(srv.url_for(**FAST), tmp_path, name, **options)
 
 
 def test_contention_and_graceful_handoffs_between_processes(server, tmp_path, name):
@@ -218,15 +223,16 @@ def test_sigkill_of_the_leader_fails_over_after_its_lease(server, tmp_path, name
     print(f"crash failover: {after.start - killed_at:.3f} s")
 
 
-@pytest.mark.parametrize("fault", ["delete", "purge", "restart"])
+@pytest.mark.parametrize("fault", ["delete", "purge", "delete_bucket", "restart"])
 def test_a_fault_while_the_leaders_group_is_stopped_never_overlaps(fresh_server, tmp_path, name, fault):
     # The leader's whole process group is stopped (Ctrl-Z); its command runs on in its own
     # session, held to the term's deadline by its supervisor, and would work 1.5 s after SIGTERM.
-    # Meanwhile an administrator deletes or purges the key (a claimant finds it empty and waits a
-    # ttl of quarantine), or the server restarts (the record survives in the file store and is
-    # taken over once unchanged for a ttl). Either way the successor starts after the old child.
+    # Meanwhile an administrator deletes or purges the key, or deletes the whole bucket (a
+    # claimant finds the key empty, recreating the bucket, and waits a ttl of quarantine), or the
+    # server restarts (the record survives in the file store and is taken over once unchanged for
+    # a ttl). Either way the successor starts after the old child's last line.
     fleet = fleet_for(fresh_server, tmp_path, name, child="command", grace=2.0, stop_delay=1.5)
-    for i in range(3):
+    for i in range(2):
         fleet.spawn(f"p{i}")
     try:
         before = fleet.wait_for_term()
@@ -239,7 +245,7 @@ def test_a_fault_while_the_leaders_group_is_stopped_never_overlaps(fresh_server,
                 fresh_server.restart(down_for=0.2)
             else:
                 assert fresh_server.admin("get", key=name) is not None  # the lease was there
-                fresh_server.admin(fault, key=name)
+                fresh_server.admin(fault, key=None if fault == "delete_bucket" else name)
             after = fleet.wait_for_term(other_than={before.identity}, after=faulted_at, timeout=40)
         finally:
             os.killpg(group, signal.SIGCONT)
@@ -331,6 +337,7 @@ def test_unreachable_server_never_raises_from_start_and_shows_in_status(name):
 def test_close_is_bounded_while_the_server_is_paused(fresh_server, name):
     oracle = oracle_for(fresh_server, timeout=0.5)
     contender = oracle.contender(name, "me", {}, Signals())
+    released(oracle, name)
     lead(contender)
     fresh_server.pause()
     try:
@@ -347,6 +354,7 @@ def test_close_is_bounded_while_the_server_is_paused(fresh_server, name):
 def test_a_forked_child_never_touches_the_parents_connection(server, name):
     oracle = oracle_for(server)
     contender = oracle.contender(name, "parent", {}, Signals())
+    released(oracle, name)
     lead(contender)
     read, write = os.pipe()
     pid = os.fork()

@@ -8,7 +8,7 @@ import importlib
 import os
 import re
 import urllib.parse
-from typing import Any, Callable, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 __all__ = ["oracle_from_url", "redact", "redact_text", "parse_options", "default_oracle_url", "SCHEMES"]
 
@@ -103,6 +103,30 @@ def parse_options(url: str, accepted: Mapping[str, Any]) -> Dict[str, Any]:
                 f"oracle option {key!r} must be {getattr(kind, '__name__', kind)}, got {raw!r}"
             ) from None
     return options
+
+
+def one_server(url: str, scheme: str, default_port: int, why: str) -> Tuple[str, int, Optional[str], Optional[str]]:
+    """(host, port, user, password) of a ``scheme://`` URL that names exactly one server and no
+    path, user and password percent-decoded; else a ValueError naming the problem (never the
+    password). ``why`` says why one server only."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme.lower() != scheme:
+        raise ValueError(f"not a {scheme}:// URL: {redact(url)!r}")
+    if "," in parts.netloc:
+        count = len(parts.netloc.split(","))
+        raise ValueError(f"{scheme}:// takes exactly one server, got {count} in {redact(url)!r}: {why}")
+    if parts.path not in ("", "/"):
+        raise ValueError(f"{scheme}:// URL takes no path, got {parts.path!r}")
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError as exc:
+        raise ValueError(f"bad {scheme}:// URL {redact(url)!r}: {redact_text(exc)}") from None
+    if not host:
+        raise ValueError(f"{scheme}:// URL needs a host, got {redact(url)!r}")
+    unquote = urllib.parse.unquote
+    user = unquote(parts.username) if parts.username else None
+    password = unquote(parts.password) if parts.password is not None else None
+    return host, port or default_port, user, password
 
 
 def missing_library(what: str, exc: ImportError, extra: Optional[str]) -> ImportError:

@@ -45,12 +45,11 @@ import os
 import re
 import threading
 import time
-import urllib.parse
 import weakref
 from typing import Any, Callable, Optional, Tuple
 
 from .. import _forksafe
-from ..urls import parse_options, redact, redact_text
+from ..urls import one_server, parse_options, redact_text
 from ._base import seconds
 from ._lease import LeaseContender, LeaseOracle, LeaseStore
 
@@ -360,27 +359,9 @@ class NatsOracle(LeaseOracle):
     def from_url(cls, url: str) -> "NatsOracle":
         """``nats://[user:password@]host[:port][?bucket=..&ttl=..&renew_interval=..
         &poll_interval=..&margin=..&key_prefix=..&connect_timeout=..&timeout=..&bucket_max_age=..]``"""
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme.lower() != "nats":
-            raise ValueError(f"not a nats:// URL: {redact(url)!r}")
-        if "," in parts.netloc:
-            raise ValueError(
-                f"nats:// takes exactly one server, got {len(parts.netloc.split(','))} in {redact(url)!r}: "
-                f"clustered JetStream is not supported here (see the NATS oracle's documentation)"
-            )
-        if parts.path not in ("", "/"):
-            raise ValueError(f"nats:// URL takes no path (the bucket is ?bucket=...), got {parts.path!r}")
-        try:
-            host, port = parts.hostname, parts.port
-        except ValueError as exc:
-            raise ValueError(f"bad nats:// URL {redact(url)!r}: {redact_text(exc)}") from None
-        if not host:
-            raise ValueError(f"nats:// URL needs a host, got {redact(url)!r}")
-        unquote = urllib.parse.unquote
-        user = unquote(parts.username) if parts.username else None
-        password = unquote(parts.password) if parts.password is not None else None
-        return cls(f"{host}:{port or 4222}" if ":" not in host else (host, port or 4222), user=user,
-                   password=password, **parse_options(url, _OPTIONS))
+        host, port, user, password = one_server(
+            url, "nats", 4222, "clustered JetStream is not supported here (see the NATS oracle's documentation)")
+        return cls((host, port), user=user, password=password, **parse_options(url, _OPTIONS))
 
     def check_key(self, text: str, option: str) -> None:
         # A key is one or more subject tokens: no empty token (leading, trailing or double dots).
@@ -507,23 +488,16 @@ class NatsOracle(LeaseOracle):
 
 
 def _parse_server(server: Any) -> Tuple[str, int]:
-    if isinstance(server, tuple) and len(server) == 2:
-        host, port = server
-    elif isinstance(server, str):
-        if "," in server:
-            raise ValueError(f"server must be ONE NATS server, got {server!r}")
-        host, sep, port = server.strip().rpartition(":")
-        if not sep or host.count(":") and not host.startswith("["):
-            host, port = server.strip(), 4222
-        host = host.strip("[]")
-    else:
+    if isinstance(server, str):
+        host, port, user, _ = one_server(f"nats://{server.strip()}", "nats", 4222, "give one server")
+        if user is not None:
+            raise ValueError("server takes no user or password: pass user= and password=")
+        return host, port
+    if not (isinstance(server, tuple) and len(server) == 2):
         raise TypeError(f"server must be 'host:port' or (host, port), got {type(server).__name__}")
+    host, port = server
     if not isinstance(host, str) or not host:
         raise ValueError(f"server host must be a non-empty string, got {host!r}")
-    try:
-        port = int(port)
-    except (TypeError, ValueError):
-        raise ValueError(f"server port must be an integer, got {port!r}") from None
-    if not 0 < port < 65536:
-        raise ValueError(f"server port must be in 1..65535, got {port!r}")
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise ValueError(f"server port must be an integer in 1..65535, got {port!r}")
     return host, port

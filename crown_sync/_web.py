@@ -3,10 +3,11 @@
 import os
 from typing import Any, Callable, Dict, Optional
 
-from .gunicorn import leader_token
+from . import registry
+from .gunicorn import leader_token, master_view
 from .oracle import Leader
 
-__all__ = ["leader_summary", "status_body"]
+__all__ = ["leader_summary", "status_body", "local_crown"]
 
 
 def leader_summary(leader: Optional[Leader]) -> Optional[Dict[str, Any]]:
@@ -16,17 +17,38 @@ def leader_summary(leader: Optional[Leader]) -> Optional[Dict[str, Any]]:
     return {"identity": leader.identity, "token": leader.token, "since": leader.since}
 
 
+def local_crown(name: str, own_crown=None):
+    """``own_crown`` (the integration's own), else a crown of ``name`` started in this process
+    (a Gunicorn worker's, one of the program's: the leading one if any), else None."""
+    if own_crown is not None:
+        return own_crown
+    crowns = registry.crowns(name)
+    return next((crown for crown in crowns if crown.is_leader()), crowns[-1] if crowns else None)
+
+
 def status_body(name: str, own_crown, leading: bool, read_leader: Callable[[], Optional[Leader]]) -> Dict[str, Any]:
-    """``name``, ``is_leader``, ``token``, ``pid``, ``phase`` (of ``own_crown``, this process's
-    own crown, or None) and ``leader`` read by ``read_leader`` (None and an ``error`` naming only
-    the exception's type when the oracle can't be read: its message may name hosts)."""
+    """``name``, ``is_leader``, ``token``, ``pid``, ``phase`` and ``leader``.
+
+    ``phase`` is that of the crown in this process (``own_crown``, else any of that name), else,
+    in a Gunicorn worker whose master runs the crown, the master's; ``leader`` is then the one
+    the master knows (shared memory: no I/O); otherwise ``read_leader()``'s. ``error`` names the
+    type of the oracle's error only (its message may name hosts), with ``leader`` None when the
+    oracle could not be read.
+    """
+    crown = local_crown(name, own_crown)
+    master = master_view(name) if crown is None else None
     body: Dict[str, Any] = {
         "name": name,
         "is_leader": leading,
         "token": leader_token(name) if leading else None,
         "pid": os.getpid(),
-        "phase": own_crown.phase if own_crown is not None else None,
+        "phase": crown.phase if crown is not None else (master.phase if master is not None else None),
     }
+    if master is not None:
+        body["leader"] = leader_summary(master.leader)
+        if master.error is not None:
+            body["error"] = f"oracle unavailable ({master.error})"
+        return body
     try:
         body["leader"] = leader_summary(read_leader())
     except Exception as exc:

@@ -24,10 +24,14 @@ They run in the crown's loop thread, one at a time and in the order of the event
 short (a slow callback delays the crown's next step, never the deadline, which the warden and
 the children enforce on their own). An exception is logged (logger ``crown_sync.callbacks``)
 and the crown goes on.
+
+:meth:`Crown.add_callbacks <crown_sync.Crown.add_callbacks>` adds more of them to a crown after
+its construction (an integration's, to a crown it did not make); they run after the earlier ones.
 """
 
 import logging
-from typing import Any, Callable, Optional
+import threading
+from typing import Any, Callable, Dict, Optional, Tuple
 
 __all__ = ["Callbacks", "NAMES"]
 
@@ -37,24 +41,39 @@ NAMES = ("on_elected", "on_deposed", "on_new_leader", "on_campaign")
 
 
 class Callbacks:
-    """The callbacks of one crown, validated at construction (a TypeError names the option)."""
+    """The callbacks of one crown, validated when given (a TypeError names the option).
+
+    Several may be given per event (:meth:`add`): they are called in the order they were added.
+    """
 
     def __init__(self, crown_name: str, **callbacks: Optional[Callable[..., Any]]):
         self.crown_name = crown_name
-        for name in NAMES:
-            callback = callbacks.pop(name, None)
+        self._sets: Tuple[Dict[str, Callable[..., Any]], ...] = ()
+        self._lock = threading.Lock()  # two add() at once must not lose one
+        self.add(**callbacks)
+
+    def add(self, **callbacks: Optional[Callable[..., Any]]) -> None:
+        """Add callbacks (None ones are ignored); safe from any thread, while the crown runs."""
+        checked = {}
+        for name, callback in callbacks.items():
+            if name not in NAMES:
+                raise TypeError(f"unknown callback {name!r}; the callbacks are {', '.join(NAMES)}")
             if callback is not None and not callable(callback):
                 raise TypeError(f"{name} must be callable or None, not {type(callback).__name__}")
-            setattr(self, name, callback)
-        if callbacks:
-            raise TypeError(f"unknown callback {sorted(callbacks)[0]!r}; the callbacks are {', '.join(NAMES)}")
+            if callback is not None:
+                checked[name] = callback
+        if checked:
+            with self._lock:
+                # A new tuple, never one changed in place: the loop thread may be iterating the old.
+                self._sets = self._sets + (checked,)
 
     def call(self, name: str, *args: Any) -> None:
-        """Call callback ``name`` if set; log what it raises, never let it reach the loop."""
-        callback = getattr(self, name)
-        if callback is None:
-            return
-        try:
-            callback(*args)
-        except Exception:
-            logger.exception("%s callback of crown %r failed", name, self.crown_name)
+        """Call every callback ``name``; log what one raises, never let it reach the loop."""
+        for callbacks in self._sets:
+            callback = callbacks.get(name)
+            if callback is None:
+                continue
+            try:
+                callback(*args)
+            except Exception:
+                logger.exception("%s callback of crown %r failed", name, self.crown_name)

@@ -36,6 +36,8 @@ from typing import Any, Dict, List, Optional
 
 import click
 
+from .children import CommandChild
+
 __all__ = ["main"]
 
 #: Exit code of ``run`` when crown-sync itself fails (as ``env``/``timeout`` use 125).
@@ -319,26 +321,24 @@ def run(name, command, oracle_url, grace, restart, restart_delay, identity, meta
     COMMAND gets CROWN_SYNC_NAME, CROWN_SYNC_TOKEN (the fencing token) and
     CROWN_SYNC_IDENTITY in its environment.
     """
-    from crown_sync import telemetry
-
     metadata = _parse_metadata(metadata_items)
     argv = _resolve_command(list(command))
     _setup_logging(verbose)
-    crown = _run_crown(name, oracle_url, argv, grace, restart, restart_delay, identity, metadata)
-    watcher = _RunWatcher(crown, name, oracle_url, restart, no_wait)
+    child = _RecordedCommand(argv, grace=grace)
+    crown = _run_crown(name, oracle_url, child, restart, restart_delay, identity, metadata)
+    watcher = _RunWatcher(crown, child, name, oracle_url, restart, no_wait)
     previous = {signum: signal.signal(signum, watcher.on_signal) for signum in STOP_SIGNALS}
-    handle = telemetry.attach(watcher.on_event, prefixes=("crown.",))
     give_up_at = None if wait_timeout is None else time.monotonic() + wait_timeout
     try:
         crown.start()
         # Short waits so the signal handler gets to run promptly in the main thread.
         while not watcher.wake.wait(0.2):
+            watcher.poll()
             if give_up_at is not None and time.monotonic() >= give_up_at:
                 watcher.give_up(f"leadership of {name} not won within {wait_timeout:g} s")
     finally:
         # stop(): the command first (SIGTERM, SIGKILL after grace), then abdicate, then close.
         crown.stop()
-        telemetry.detach(handle)
         _close_quietly(crown.oracle)
 
     if watcher.received:
@@ -350,7 +350,7 @@ def run(name, command, oracle_url, grace, restart, restart_delay, identity, meta
     sys.exit(exit_status(watcher.exitcode))
 
 
-def _run_crown(name, oracle_url, argv, grace, restart, restart_delay, identity, metadata):
+def _run_crown(name, oracle_url, child, restart, restart_delay, identity, metadata):
     """The Crown that ``run`` drives; bad options are usage errors, a missing library is 125."""
     import crown_sync
 
@@ -365,13 +365,13 @@ def _run_crown(name, oracle_url, argv, grace, restart, restart_delay, identity, 
         options.update(max_child_restarts=None, child_backoff=restart_delay)
     else:
         # On exit the engine abdicates and waits monitor_delay before contending again; we stop
-        # the crown in that window (on the crown.child.exited event), so the command never reruns.
+        # the crown in that window (on_deposed, "child_exited"), so the command never reruns.
         options.update(max_child_restarts=0)
     try:
         return crown_sync.Crown(
             name,
             oracle=oracle,
-            child=crown_sync.CommandChild(argv, grace=grace),
+            child=child,
             identity=identity,
             metadata=metadata or None,
             **options,
@@ -393,23 +393,40 @@ def _die_of(signum: int) -> None:
     sys.exit(128 + signum)
 
 
-class _RunWatcher:
-    """What ``run`` learns from its crown's events: the command's exit, whether it led, and the
-    oracle's state, which it reports on stderr once per change (errors are otherwise logged at
-    debug level only, and an unreachable oracle would look like a silent hang)."""
+class _RecordedCommand(CommandChild):
+    """The command, keeping the last run it started: its exit code is ``run``'s own when the
+    command ends by itself. (Set before the crown can hear of the exit: the crown holds its lock
+    while it starts a child, and takes it to hear of an exit.)"""
 
-    def __init__(self, crown, name: str, url: Optional[str], restart: bool, no_wait: bool):
-        self.crown, self.name, self.url = crown, name, url
+    last_run = None
+
+    def start(self, term, on_exit):
+        run = self.last_run = super().start(term, on_exit)
+        return run
+
+
+class _RunWatcher:
+    """What ``run`` learns from its crown's callbacks (the command's exit, whether it led, who
+    leads) and from its status (the oracle's state, reported on stderr once per change: errors
+    are otherwise logged at debug level only, and an unreachable oracle would look like a
+    silent hang)."""
+
+    def __init__(self, crown, child: _RecordedCommand, name: str, url: Optional[str], restart: bool,
+                 no_wait: bool):
+        self.crown, self.child, self.name, self.url = crown, child, name, url
         self.identity = crown.status().identity
         self.restart, self.no_wait = restart, no_wait
         self.wake = threading.Event()
         self.received: List[int] = []
         self.exitcode: Optional[int] = None
         self.led = self.gave_up = False
+        self.campaigns = 0
         self.oracle_failing = False
         self.shown_leader: Optional[str] = None
         self.terminal = sys.stderr.isatty()
         self.lock = threading.Lock()
+        crown.add_callbacks(on_campaign=self.on_campaign, on_elected=self.on_elected,
+                            on_deposed=self.on_deposed, on_new_leader=self.on_new_leader)
 
     def say(self, message: str) -> None:
         click.echo(f"crown-sync: {message}", err=True)
@@ -431,46 +448,56 @@ class _RunWatcher:
         self.say(f"{why}: giving up (exit {EXIT_NOT_LEADING})")
         self.wake.set()
 
-    def on_event(self, event: str, metadata: dict) -> None:
-        # Only our own crown counts (other crowns may live in this process).
-        if metadata.get("name") != self.name or metadata.get("identity") != self.identity:
-            return
-        if event == "crown.oracle.error":
-            self._oracle_state(True, metadata.get("error"))
-            return
-        if event in ("crown.leadership.claimed", "crown.leadership.rejected", "crown.monitor.started"):
-            self._oracle_state(False, None)
-        if event == "crown.leadership.claimed":
-            with self.lock:
-                if not self.gave_up:
-                    self.led = True
-            if self.terminal and not self.gave_up:
-                self.say(f"leading {self.name} (token {metadata.get('token')})")
-            self.shown_leader = None
-        elif event in ("crown.leadership.rejected", "crown.monitor.started"):
-            self._following(metadata.get("leader"))
-        elif event == "crown.child.exited" and metadata.get("kind", "leader") == "leader":
-            if not self.restart and self.exitcode is None:
-                self.exitcode = metadata.get("exitcode")
-                self.wake.set()
-
-    def _following(self, leader: Optional[str]) -> None:
-        if self.no_wait and not self.led:
+    def poll(self) -> None:
+        """From the main thread, every 0.2 s: the oracle's state; with --no-wait, a first claim
+        refused without a leader named (the crown follows, or contends a second time)."""
+        self.check_oracle()
+        if self.no_wait and not self.led and (self.campaigns > 1 or self.crown.phase == "following"):
+            leader = self.crown.leader()
             # A claim can also be refused while the oracle waits out a lease nobody holds now.
-            why = f"is led by {leader}" if leader else "was not won at once (no leader named yet)"
+            why = f"is led by {leader.identity}" if leader else "was not won at once (no leader named yet)"
             self.give_up(f"{self.name} {why}")
-            return
-        if self.terminal and leader and leader != self.shown_leader:
-            self.shown_leader = leader
-            self.say(f"waiting: {self.name} is led by {leader}")
 
-    def _oracle_state(self, failing: bool, error: Optional[str]) -> None:
-        if failing == self.oracle_failing:
+    def on_campaign(self, status) -> None:
+        self.campaigns += 1
+        if self.no_wait and self.campaigns > 1:
+            self.poll()  # at once: the second claim must not be made
+
+    def on_elected(self, term) -> None:
+        self.check_oracle()
+        with self.lock:
+            if not self.gave_up:
+                self.led = True
+        if self.terminal and not self.gave_up:
+            self.say(f"leading {self.name} (token {term.token})")
+        self.shown_leader = None
+
+    def on_deposed(self, term, reason: str) -> None:
+        if reason == "child_exited" and not self.restart and self.exitcode is None:
+            self.exitcode = self.child.last_run.exitcode
+            self.wake.set()
+
+    def on_new_leader(self, leader) -> None:
+        if leader is None or leader.identity == self.identity:
             return
-        self.oracle_failing = failing
+        self.check_oracle()
+        if self.no_wait and not self.led:
+            self.give_up(f"{self.name} is led by {leader.identity}")
+            return
+        if self.terminal and leader.identity != self.shown_leader:
+            self.shown_leader = leader.identity
+            self.say(f"waiting: {self.name} is led by {leader.identity}")
+
+    def check_oracle(self) -> None:
+        """Say when the oracle starts failing and when it answers again (its crown's status)."""
+        error = self.crown.status().last_error
+        with self.lock:
+            if (error is not None) == self.oracle_failing:
+                return
+            self.oracle_failing = error is not None
         label = _oracle_label(self.crown.oracle)
-        if failing:
-            error = " ".join(str(error).split())  # psycopg's messages span several lines
+        if error is not None:
+            error = " ".join(error.split())  # psycopg's messages span several lines
             self.say(f"{self.name}: oracle {label} failed, retrying: {_scrub(error, self.url)}")
         else:
             self.say(f"{self.name}: oracle {label} answers again")

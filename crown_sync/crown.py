@@ -317,6 +317,13 @@ class Crown:
             )
             return self._terms_started > terms or self.is_leader()
 
+    def add_callbacks(self, **callbacks: Optional[Callable[..., Any]]) -> "Crown":
+        """Add ``on_elected``, ``on_deposed``, ``on_new_leader`` or ``on_campaign`` callbacks
+        (see :mod:`crown_sync.callbacks`), e.g. an integration's to a crown it did not construct.
+        They run after those given earlier, from the next event on. A TypeError names a bad one."""
+        self._callbacks.add(**callbacks)
+        return self
+
     @property
     def phase(self) -> str:
         return self._phase

@@ -45,9 +45,11 @@ Configuration (``app.config``), read by ``init_app``:
 ``CROWN_SYNC_STATUS_URL``      None (default: no endpoint) or a path such as ``"/_crown_sync"``
 
 Signals (blinker, as Flask's own): :data:`elected`, :data:`deposed`, :data:`new_leader`, sent with
-the app as sender, from the crown's thread, for crowns of ``CROWN_SYNC_NAME`` *running in this
-process* (thin sugar over :mod:`crown_sync.telemetry`). With the crown in the Gunicorn master they
-fire in the master, not in workers.
+the app as sender, from the crown's thread, through that crown's callbacks
+(:mod:`crown_sync.callbacks`): for the extension's own crown, for the crown that
+:mod:`crown_sync.gunicorn`'s hooks start for ``CROWN_SYNC_NAME`` in a process where they find
+this app loaded (a worker; the master with ``preload_app``), and for any crown you give
+``state.callbacks_for(name)`` (``app.extensions["crown_sync"]``) with ``Crown.add_callbacks``.
 
 Connection loss: nothing here blocks a request on the oracle except a follower's redirect and
 the status endpoint, which read the leader from the oracle at most once per
@@ -71,19 +73,22 @@ from blinker import Namespace
 from flask.cli import AppGroup
 
 import crown_sync
-from . import telemetry
 from .crown import check_name
-from ._web import leader_summary, status_body
+from .gunicorn import master_view
+from ._web import leader_summary, local_crown, status_body
 from .urls import default_oracle, oracle_from_url
 
 __all__ = ["CrownSync", "leader_only", "elected", "deposed", "new_leader", "crown_cli"]
 
 _signals = Namespace()
-#: Sent when a crown of the app's election in this process starts a term (``token=``).
+#: Sent when a crown of the app's election in this process starts a term (``name=``, ``token=``,
+#: ``identity=``, ``term=``); its child runs.
 elected = _signals.signal("crown-sync-elected")
-#: Sent when that term ends, for any reason (``token=``, ``reason=``, ``lost=``).
+#: Sent when that term ended, for any reason (also ``reason=``: see :mod:`crown_sync.callbacks`;
+#: ``lost=``: True unless it was given up, by ``stop()`` or a child that exited).
 deposed = _signals.signal("crown-sync-deposed")
-#: Sent when the leader known to a crown in this process changes (``leader=`` identity).
+#: Sent when the leader known to such a crown changes to another one (``leader=``: its identity;
+#: ``token=``).
 new_leader = _signals.signal("crown-sync-new-leader")
 
 DEFAULTS: Dict[str, Any] = {
@@ -134,27 +139,32 @@ class _State:
         self._crown = None  # (pid, Crown) of the own crown
         self._oracle = None  # (pid, Oracle) for follower reads
         self._cached = (0.0, None)  # (monotonic time, Leader)
-        self._last_leader = None
-        self._handle = telemetry.attach(self._on_event)
 
     # -- signals --------------------------------------------------------------------------
-    def _on_event(self, event: str, metadata: dict) -> None:
-        app = self._app()
-        if app is None:
-            telemetry.detach(self._handle)  # the app is gone: so is this bridge
-            return
-        if metadata.get("name") != self.name:
-            return
-        token = metadata.get("token")
-        if event == "crown.leadership.claimed":
-            elected.send(app, name=self.name, token=token, identity=metadata.get("identity"))
-        elif event in ("crown.leadership.lost", "crown.leadership.abdicated"):
-            deposed.send(app, name=self.name, token=token, identity=metadata.get("identity"),
-                         reason=metadata.get("reason"), lost=event.endswith("lost"))
-        leader = metadata.get("leader")
-        if leader is not None and leader != self._last_leader:
-            self._last_leader = leader
-            new_leader.send(app, name=self.name, leader=leader)
+    def callbacks_for(self, name: str) -> Dict[str, Callable]:
+        """The callbacks that send this app's signals, for a crown of ``name`` (none for another
+        name). They hold the app weakly: once it is gone they send nothing."""
+        if name != self.name:
+            return {}
+        app_ref = self._app
+
+        def on_elected(term) -> None:
+            app = app_ref()
+            if app is not None:
+                elected.send(app, name=name, token=term.token, identity=term.identity, term=term)
+
+        def on_deposed(term, reason: str) -> None:
+            app = app_ref()
+            if app is not None:
+                deposed.send(app, name=name, token=term.token, identity=term.identity, term=term,
+                             reason=reason, lost=reason not in ("stop", "child_exited"))
+
+        def on_new_leader(leader) -> None:
+            app = app_ref()
+            if app is not None and leader is not None:  # "none known" is not a new leader
+                new_leader.send(app, name=name, leader=leader.identity, token=leader.token)
+
+        return {"on_elected": on_elected, "on_deposed": on_deposed, "on_new_leader": on_new_leader}
 
     # -- the own crown ----------------------------------------------------------------------
     def crown(self):
@@ -175,6 +185,7 @@ class _State:
                 metadata=self.config["CROWN_SYNC_METADATA"],
                 **(self.config["CROWN_SYNC_OPTIONS"] or {}),
             )
+            crown.add_callbacks(**self.callbacks_for(self.name))  # after any of CROWN_SYNC_OPTIONS
             self._crown = (os.getpid(), crown)
             atexit.register(_stop_if_ours, os.getpid(), crown)
         return crown.start()
@@ -198,12 +209,16 @@ class _State:
         return current[1]
 
     def leader(self):
-        """The current leader (Leader or None): from a crown in this process, else the oracle
-        (cached for CROWN_SYNC_LEADER_CACHE seconds). Raises if the oracle can't be read."""
+        """The current leader (Leader or None): from a crown in this process, else from the
+        Gunicorn master that runs the crown (shared memory), else the oracle (read at most once
+        per CROWN_SYNC_LEADER_CACHE seconds). Raises if the oracle can't be read."""
         crown = self.crown()
         local = crown.leader() if crown is not None else crown_sync.known_leaders().get(self.name)
         if local is not None:
             return local
+        master = master_view(self.name) if local_crown(self.name, crown) is None else None
+        if master is not None:
+            return master.leader
         when, cached = self._cached
         if time.monotonic() - when < self.config["CROWN_SYNC_LEADER_CACHE"]:
             if isinstance(cached, Exception):
@@ -264,13 +279,15 @@ def _follower_response(state: _State):
 
 def leader_only(view: Callable) -> Callable:
     """Run the view only where :func:`crown_sync.is_leader` is True for the app's election;
-    elsewhere answer 503 + ``Retry-After``, or redirect (307) to the leader's URL."""
+    elsewhere answer 503 + ``Retry-After``, or redirect (307) to the leader's URL. An ``async
+    def`` view runs as Flask runs one (``ensure_sync``; needs ``flask[async]``)."""
 
     @functools.wraps(view)
     def wrapper(*args, **kwargs):
         state = _state()
         if crown_sync.is_leader(state.name):
-            return view(*args, **kwargs)
+            # ensure_sync: an ``async def`` view runs (Flask's async support, flask[async]).
+            return flask.current_app.ensure_sync(view)(*args, **kwargs)
         return _follower_response(state)
 
     return wrapper
@@ -294,12 +311,25 @@ crown_cli = AppGroup("crown", help="crown_sync: who leads this app's election.")
 @crown_cli.command("status")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def _status_command(as_json: bool) -> None:
-    """Print the current leader of CROWN_SYNC_NAME (exit 1 if there is none)."""
+    """Print the current leader of CROWN_SYNC_NAME, read from the oracle.
+
+    Exit code 0 if it has a leader, 1 if it has none, 3 if the oracle could not be asked (as
+    ``crown-sync status``).
+    """
     import json
 
+    from . import cli
+
     state = _state()
-    oracle = state.config["CROWN_SYNC_ORACLE"]
-    leader = crown_sync.find_leader(state.name, oracle=oracle)
+    configured = state.config["CROWN_SYNC_ORACLE"]
+    # The CLI's own helpers: bad URL exit 2, unreachable exit 3, never a password in the message.
+    oracle = configured if isinstance(configured, crown_sync.Oracle) else cli._open_oracle(configured)
+    oracle_url = configured if isinstance(configured, str) else None
+    try:
+        leader = cli._find_leader(state.name, oracle, oracle_url)
+    finally:
+        if oracle is not configured:  # ours to close, not the app's
+            cli._close_quietly(oracle)
     if as_json:
         click.echo(json.dumps({"name": state.name, "leader": leader_summary(leader)}))
     elif leader is None:
@@ -309,8 +339,7 @@ def _status_command(as_json: bool) -> None:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(leader.since)) if leader.since else "?"
         click.echo(f"{state.name}: led by {leader.identity} (token {leader.token}, since {since})"
                    + (f" at {url}" if url else ""))
-    if leader is None:
-        raise SystemExit(1)
+    raise SystemExit(0 if leader is not None else 1)
 
 
 # ------------------------------------------------------------------------------ the extension

@@ -16,8 +16,9 @@ a :class:`~crown_sync.ProcessChild` (a callable or ``"module:function"``, forked
 with Gunicorn's signal handlers and listening sockets dropped) or a
 :class:`~crown_sync.CommandChild`; a thread in the master is refused. The master's crown writes
 its term's deadline (a :mod:`crown_sync.clock` value, one clock for every process on the host) and
-fencing token into the shared memory whenever the term starts, is renewed or ends, and a small
-thread re-checks it every 50 ms. Every worker (and the job) answers
+fencing token into the shared memory from its callbacks (a term's start and end, a new leader)
+and from a small thread that re-publishes every 50 ms and wakes at once when a term ends, with
+what the crown knows (its phase, the leader: :func:`master_view`). Every worker (and the job) answers
 :func:`crown_sync.is_leader` from that memory through a leadership provider
 (:func:`crown_sync.registry.add_provider`): True only while the deadline is in the future *and*
 the process that wrote it is still its parent. So a worker sees False once the deadline passes
@@ -51,7 +52,8 @@ a worker is created in that worker, after the fork.
 
 Not guaranteed: with the master placement, a worker's True can outlive the master's own term by
 the time the master takes to publish an end that is not a deadline (a stop, an oracle's "lost"
-signal): at most ~50 ms, and never past the deadline. The fencing token (``leader_token(name)``)
+signal): the time its publishing thread takes to wake on the term's end (it re-publishes every
+50 ms anyway), never past the deadline. The fencing token (``leader_token(name)``)
 is the last line of defence for work done on the strength of an ``is_leader`` answer. HUP
 re-reads ``gunicorn.conf.py`` but keeps the running crown: a changed ``child`` or oracle takes
 effect on a restart (or USR2), not on HUP. Gunicorn's arbiter reaps every child process of the
@@ -60,6 +62,7 @@ CommandChild where the job's exit code matters.
 """
 
 import importlib
+import json
 import logging
 import math
 import mmap
@@ -69,9 +72,10 @@ import struct
 import threading
 from typing import Any, Callable, Dict, NamedTuple, Optional
 
-from . import clock, registry, telemetry
+from . import clock, registry
 from .children import CommandChild, ProcessChild, ThreadChild, as_child
 from .crown import Crown
+from .oracle import Leader
 
 __all__ = [
     "crown_in_master",
@@ -81,6 +85,8 @@ __all__ = [
     "MasterHooks",
     "WorkerHooks",
     "leader_token",
+    "master_view",
+    "MasterView",
     "running_crown",
 ]
 
@@ -94,50 +100,79 @@ PUBLISH_INTERVAL = 0.05
 
 
 class _Slot:
-    """24 bytes of anonymous shared memory, created in the master before fork.
+    """Anonymous shared memory, created in the master before fork.
 
     Layout: sequence (int64, odd while being written), deadline (double: -inf not leading, +inf
-    leading with no deadline), token (int64, -1 for none). A seqlock: readers retry while a write
-    is in progress, so they never see a deadline with another term's token.
+    leading with no deadline), token (int64, -1 for none), then the master's view (uint32 length
+    and that many bytes of JSON: its crown's phase, the leader it knows, its last error's type).
+    A seqlock: readers retry while a write is in progress, so they never see a deadline with
+    another term's token, nor half a view. The mapping is sized for the largest leader record an
+    oracle accepts; the kernel gives it pages only as they are written.
     """
 
     _FORMAT = "qdq"
+    _VIEW_AT = struct.calcsize("qdqI")
+    _VIEW_MAX = 1024 * 1024
 
     def __init__(self):
         self.owner = os.getpid()  # the master: workers trust the slot only while it is their parent
-        self._map = mmap.mmap(-1, struct.calcsize(self._FORMAT))  # MAP_SHARED | MAP_ANONYMOUS
-        self._lock = threading.Lock()  # writers: the loop thread's events and the publisher
+        self._map = mmap.mmap(-1, self._VIEW_AT + self._VIEW_MAX)  # MAP_SHARED | MAP_ANONYMOUS
+        self._lock = threading.Lock()  # writers: the crown's callbacks and the publisher
         self._seq = 0
-        self._store(-math.inf, -1)
+        self._store(-math.inf, -1, b"")
 
-    def _store(self, deadline: float, token: int) -> None:
+    def _store(self, deadline: float, token: int, view: Optional[bytes] = None) -> None:
+        """Write the term's deadline and token, and ``view`` if given (None: keep the last)."""
         self._seq += 1
         struct.pack_into("q", self._map, 0, self._seq)  # odd: write in progress
         struct.pack_into("dq", self._map, 8, deadline, token)
+        if view is not None:
+            struct.pack_into("I", self._map, self._VIEW_AT - 4, len(view))
+            self._map[self._VIEW_AT:self._VIEW_AT + len(view)] = view
         self._seq += 1
         struct.pack_into("q", self._map, 0, self._seq)
 
-    def read(self):
-        """(deadline, token) as last published; (-inf, None) if it can't get a stable read."""
+    def _stable(self, read: Callable[[], Any], failed: Any) -> Any:
+        """``read()`` of a state no write was under way in (seqlock); ``failed`` if none came."""
         for _ in range(1000):
             before = struct.unpack_from("q", self._map, 0)[0]
             if before % 2:
                 continue
-            deadline, token = struct.unpack_from("dq", self._map, 8)
+            value = read()
             if struct.unpack_from("q", self._map, 0)[0] == before:
-                return deadline, (None if token < 0 else token)
-        return -math.inf, None
+                return value
+        return failed
+
+    def read(self):
+        """(deadline, token) as last published; (-inf, None) if it can't get a stable read."""
+        deadline, token = self._stable(lambda: struct.unpack_from("dq", self._map, 8), (-math.inf, -1))
+        return deadline, (None if token < 0 else token)
+
+    def read_view(self) -> bytes:
+        """The master's view as last published (b"" before the first, or without a stable read)."""
+        def read() -> bytes:
+            (length,) = struct.unpack_from("I", self._map, self._VIEW_AT - 4)
+            return self._map[self._VIEW_AT:self._VIEW_AT + min(length, self._VIEW_MAX)]
+        return self._stable(read, b"")
 
 
 _slots: Dict[str, _Slot] = {}
 
 
-def _slot_answer(name: str):
-    """(leading, token) as this process may see it from the master's shared memory."""
+def _trusted_slot(name: str) -> Optional[_Slot]:
+    """The master's shared memory for ``name``, if this process may believe it."""
     slot = _slots.get(name)
     if slot is None or os.getpid() == slot.owner or os.getppid() != slot.owner:
         # No slot; or we are the master (its own crown answers); or our master is gone (orphaned
         # worker after a master SIGKILL): never trust what a dead master last wrote.
+        return None
+    return slot
+
+
+def _slot_answer(name: str):
+    """(leading, token) as this process may see it from the master's shared memory."""
+    slot = _trusted_slot(name)
+    if slot is None:
         return False, None
     deadline, token = slot.read()
     if clock.monotonic() < deadline:
@@ -147,6 +182,46 @@ def _slot_answer(name: str):
 
 def _provider(name: str) -> bool:
     return _slot_answer(name)[0]
+
+
+class MasterView(NamedTuple):
+    """What the Gunicorn master's crown knows, as a worker reads it (:func:`master_view`)."""
+
+    #: The master crown's phase ("claiming", "leading", "following", ...).
+    phase: str
+    #: The leader it knows of (itself while leading), or None.
+    leader: Optional[Leader]
+    #: The type of its last oracle error (e.g. "OperationalError"), None while the oracle answers.
+    error: Optional[str]
+
+
+def master_view(name: str) -> Optional[MasterView]:
+    """In a worker (or the job) of a master that runs the crown for ``name``: that crown's phase,
+    the leader it knows and its oracle error, from the master's shared memory. No I/O. None in
+    any other process, and in a worker whose master is gone."""
+    slot = _trusted_slot(name)
+    view = slot.read_view() if slot is not None else b""
+    if not view:
+        return None
+    data = json.loads(view)
+    leader = data["leader"]
+    if leader is not None:
+        leader = Leader(leader["identity"], leader["metadata"], leader["token"], leader["since"])
+    return MasterView(data["phase"], leader, data["error"])
+
+
+def _view_bytes(status) -> bytes:
+    """The master crown's :class:`MasterView` as JSON, for the shared memory."""
+    leader = status.leader
+    record = None if leader is None else {
+        "identity": leader.identity, "token": leader.token, "since": leader.since, "metadata": leader.metadata}
+    # The exception's type only: the rest of the message may name hosts.
+    error = status.last_error.split(": ")[1] if status.last_error and ": " in status.last_error else None
+    view = json.dumps({"phase": status.phase, "leader": record, "error": error}).encode()
+    if len(view) > _Slot._VIEW_MAX and record is not None:
+        record["metadata"] = {}  # larger than any oracle's record: share who leads, not what it says
+        view = json.dumps({"phase": status.phase, "leader": record, "error": error}).encode()
+    return view
 
 
 def leader_token(name: str) -> Optional[int]:
@@ -234,6 +309,15 @@ def _forked_job(child: ProcessChild) -> ProcessChild:
     )
 
 
+def _add_app_callbacks(crown: Crown, app) -> None:
+    """Give ``crown`` the callbacks the loaded app offers for its name: the Flask extension's
+    signals (a Flask app as Gunicorn loaded it, not wrapped in a middleware)."""
+    extensions = getattr(app, "extensions", None)
+    offer = getattr(extensions.get("crown_sync"), "callbacks_for", None) if isinstance(extensions, dict) else None
+    if offer is not None:
+        crown.add_callbacks(**offer(crown.name))
+
+
 def _probe(name: str, oracle, options: Dict[str, Any]) -> None:
     """Validate the crown's options now (config load), not when Gunicorn is already up."""
     Crown(name, oracle=oracle, **options).stop()
@@ -249,35 +333,42 @@ class MasterHooks(NamedTuple):
 
 
 class _Running:
-    """The master's crown for one name and the thread that publishes its state."""
+    """The master's crown for one name and what publishes its state to the workers: its
+    callbacks (a term's start, its end, a new leader) and a thread that re-publishes every 50 ms
+    and, while a term runs, wakes at once when it ends (``stop_event``), before its job is even
+    stopped."""
 
     def __init__(self, crown: Crown, slot: _Slot):
         self.crown = crown
         self.slot = slot
         self.pid = os.getpid()
         self._stopped = threading.Event()
-        self._handle = telemetry.attach(self._on_event)
+        self._view = None  # the view bytes last written
+        published = lambda *args: self.publish()  # noqa: E731
+        crown.add_callbacks(on_elected=published, on_deposed=published, on_new_leader=published)
         self._thread = threading.Thread(target=self._run, name=f"crown-sync-gunicorn:{crown.name}", daemon=True)
         self._thread.start()
 
     def publish(self) -> None:
         # Under the slot's lock the last write always reflects a read made after any earlier one.
         with self.slot._lock:
+            status = self.crown.status()
             term = self.crown.term()
+            view = _view_bytes(status)
+            view, self._view = (None if view == self._view else view), view
             if term is not None and not self._stopped.is_set():
                 deadline = term.deadline
                 self.slot._store(math.inf if deadline is None else deadline,
-                                 -1 if term.token is None else term.token)
+                                 -1 if term.token is None else term.token, view)
             else:
-                self.slot._store(-math.inf, -1)
-
-    def _on_event(self, event: str, metadata: dict) -> None:
-        if metadata.get("name") == self.crown.name and metadata.get("identity") == self.crown.identity:
-            self.publish()
+                self.slot._store(-math.inf, -1, view)
 
     def _run(self) -> None:
-        while not self._stopped.wait(PUBLISH_INTERVAL):
+        while not self._stopped.is_set():
             self.publish()
+            term = self.crown.term()
+            # A term's end sets its stop_event: the workers hear of it at once, not 50 ms later.
+            (term.stop_event if term is not None else self._stopped).wait(PUBLISH_INTERVAL)
 
     def stop(self, timeout: Optional[float]) -> None:
         self._stopped.set()  # workers see False from now on, before the job is even stopped
@@ -285,7 +376,6 @@ class _Running:
         try:
             self.crown.stop(timeout)
         finally:
-            telemetry.detach(self._handle)
             self.publish()
 
 
@@ -358,6 +448,8 @@ class MasterCrown:
         if server is not None:
             _listeners[:] = list(getattr(server, "LISTENERS", []) or [])
         crown = Crown(self.name, oracle=self.oracle, child=self._job(), **self.crown_options)
+        # The app is loaded in the master only with preload_app (never load it here otherwise).
+        _add_app_callbacks(crown, getattr(getattr(server, "app", None), "callable", None))
         _running[self.name] = _Running(crown, slot)
         crown.start()
         logger.info("crown %s started in the Gunicorn master (pid %s)", self.name, os.getpid())
@@ -440,6 +532,7 @@ class WorkerCrown:
             _die_with_parent(getattr(worker, "ppid", None))
         _listeners[:] = list(getattr(worker, "sockets", []) or [])
         crown = Crown(self.name, oracle=self.oracle, child=self._job(), **self.crown_options)
+        _add_app_callbacks(crown, getattr(worker, "wsgi", None))
         _worker_crowns[self.name] = (os.getpid(), crown)
         crown.start()
 

@@ -36,7 +36,7 @@ from crown_sync.testing import journal  # noqa: E402
 from crown_sync.testing.servers import free_port, wait_for_port  # noqa: E402
 
 from tests.wsgi_support import (  # noqa: E402
-    ROOT, TwoMastersExample, get, journal_terms, parent_of, wait_until,
+    ROOT, TwoMastersExample, get, journal_terms, leader_elsewhere, parent_of, stop_gracefully, wait_until,
 )
 
 pytestmark = pytest.mark.timeout(180)
@@ -183,26 +183,15 @@ def test_leader_only_refuses_what_is_not_a_view():
 def test_redirect_to_the_leader_url_from_its_metadata(tmp_path):
     """The leader is another process (``crown-sync run`` publishing its URL as metadata)."""
     oracle = f"file://{tmp_path / 'oracle'}"
-    leader = subprocess.Popen(
-        [sys.executable, "-m", "crown_sync", "run", "django-redirect", "--oracle", oracle,
-         "-m", "url=http://127.0.0.1:9/base", "--", sys.executable, "-c", "import time; time.sleep(120)"],
-        cwd=ROOT, start_new_session=True,
-    )
-    try:
-        wait_until(lambda: crown_sync.find_leader("django-redirect", oracle=oracle), message="the other process leads")
+    with leader_elsewhere("django-redirect", oracle) as leader:
         with crown_settings(tmp_path, "django-redirect", FOLLOWER="redirect", LEADER_CACHE=0):
             for path, client, _ in VIEWS[:2]:
                 response = fetch(path + "?x=1", client)
                 assert response.status_code == 307, path
                 assert response["Location"] == f"http://127.0.0.1:9/base{path}?x=1"
-            os.killpg(leader.pid, signal.SIGTERM)
-            leader.wait(30)
+            stop_gracefully(leader)
             # No leader any more: a follower falls back to 503.
             assert fetch("/work").status_code == 503
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(leader.pid, signal.SIGKILL)
-        leader.wait(30)
 
 
 # ------------------------------------------------------------------------- the status view

@@ -1,12 +1,14 @@
 """crown_sync.flask: the extension's conventions in-process (real Flask, real crowns on the file
 oracle), then real servers: Flask's reloader (``flask run --debug``) and Gunicorn over HTTP."""
 
+import asyncio
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import types
 
 import flask
 import pytest
@@ -16,7 +18,9 @@ from crown_sync.flask import CrownSync, deposed, elected, leader_only, new_leade
 from crown_sync.testing import journal
 from crown_sync.testing.servers import free_port, wait_for_port
 
-from tests.wsgi_support import ROOT, Gunicorn, get, journal_terms, unanimous, wait_until
+from tests.wsgi_support import (
+    ROOT, Gunicorn, get, journal_terms, leader_elsewhere, stop_gracefully, unanimous, wait_until,
+)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -162,28 +166,92 @@ def test_flask_crown_status_command(tmp_path):
         assert data["leader"]["identity"] == crown.identity and data["leader"]["token"] >= 1
 
 
+def test_flask_crown_status_exit_code_3_when_the_oracle_cannot_be_asked(tmp_path):
+    secret = "s3cr3t-pw"
+    app = make_app(tmp_path, "flask-cli",
+                   CROWN_SYNC_ORACLE=f"postgresql://user:{secret}@127.0.0.1:1/db?connect_timeout=2")
+    CrownSync(app)
+    result = app.test_cli_runner().invoke(args=["crown", "status"])
+    assert result.exit_code == 3, result.output
+    assert "cannot read the leader of 'flask-cli'" in result.output and secret not in result.output
+    app = make_app(tmp_path, "flask-cli", CROWN_SYNC_ORACLE="nope://x")
+    CrownSync(app)
+    assert app.test_cli_runner().invoke(args=["crown", "status"]).exit_code == 2  # a usage error
+
+
+def test_leader_only_on_an_async_view(tmp_path):
+    app = make_app(tmp_path, "flask-async")
+    CrownSync(app)
+
+    @app.get("/async-work")
+    @leader_only
+    async def async_work():
+        await asyncio.sleep(0)
+        return {"done": "async"}
+
+    client = app.test_client()
+    assert client.get("/async-work").status_code == 503
+    with crown_sync.lead("flask-async", oracle=app.config["CROWN_SYNC_ORACLE"]) as crown:
+        assert crown.wait_for_leadership(30)
+        response = client.get("/async-work")
+        assert response.status_code == 200 and response.get_json() == {"done": "async"}
+
+
+def test_signals_for_a_crown_the_extension_did_not_make(tmp_path):
+    """The Gunicorn worker hooks give the crown they start the loaded app's signals; any other
+    crown gets them with ``add_callbacks(**state.callbacks_for(name))``."""
+    from crown_sync.gunicorn import WorkerCrown
+
+    app = make_app(tmp_path, "flask-hooks")
+    CrownSync(app)
+    received = []
+    for signal_ in (elected, deposed, new_leader):
+        signal_.connect(lambda sender, _s=signal_, **kw: received.append((_s.name, kw)), sender=app, weak=False)
+    hooks = WorkerCrown("flask-hooks", child=lambda term: term.stop_event.wait(), die_with_master=False,
+                        oracle=app.config["CROWN_SYNC_ORACLE"])
+    worker = types.SimpleNamespace(wsgi=app, ppid=os.getppid(), sockets=[])
+    try:
+        hooks.post_worker_init(worker)
+        wait_until(lambda: crown_sync.is_leader("flask-hooks"), message="the worker's crown leads")
+        wait_until(lambda: [kw for name, kw in received if name == "crown-sync-elected"], message="elected")
+        hooks.worker_exit(None, worker)
+        wait_until(lambda: [kw for name, kw in received if name == "crown-sync-deposed"], message="deposed")
+        mine = crown_sync.Crown("flask-hooks", oracle=app.config["CROWN_SYNC_ORACLE"])
+        with pytest.raises(TypeError, match="on_elected"):
+            mine.add_callbacks(on_elected="not callable")
+        with pytest.raises(TypeError, match="on_won"):
+            mine.add_callbacks(on_won=print)
+        assert app.extensions["crown_sync"].callbacks_for("another-name") == {}
+        mine.add_callbacks(**app.extensions["crown_sync"].callbacks_for("flask-hooks")).start()
+        assert mine.wait_for_leadership(30)
+        wait_until(lambda: len([n for n, _ in received if n == "crown-sync-elected"]) == 2, message="elected again")
+        mine.stop(30)
+    finally:
+        for signal_ in (elected, deposed, new_leader):
+            signal_.receivers.clear()
+    elected_kw = [kw for name, kw in received if name == "crown-sync-elected"]
+    deposed_kw = [kw for name, kw in received if name == "crown-sync-deposed"]
+    assert [kw["token"] for kw in deposed_kw] == [kw["token"] for kw in elected_kw]
+    assert elected_kw[0]["token"] < elected_kw[1]["token"]
+    assert [(kw["reason"], kw["lost"]) for kw in deposed_kw] == [("stop", False), ("stop", False)]
+    assert elected_kw[1]["identity"] == mine.identity
+    leaders = [kw["leader"] for name, kw in received if name == "crown-sync-new-leader"]
+    assert leaders[-1] == mine.identity
+
+
 def test_redirect_to_the_leader_url_from_its_metadata(tmp_path):
     """The leader is another process (``crown-sync run`` publishing its URL as metadata)."""
     oracle = f"file://{tmp_path / 'oracle'}"
-    leader = subprocess.Popen(
-        [sys.executable, "-m", "crown_sync", "run", "flask-redirect", "--oracle", oracle,
-         "-m", "url=http://127.0.0.1:9/base", "--", sys.executable, "-c", "import time; time.sleep(120)"],
-        cwd=ROOT, start_new_session=True,
-    )
-    try:
-        wait_until(lambda: crown_sync.find_leader("flask-redirect", oracle=oracle), message="the other process leads")
-        app = make_app(tmp_path, "flask-redirect", CROWN_SYNC_FOLLOWER="redirect")
+    with leader_elsewhere("flask-redirect", oracle) as leader:
+        app = make_app(tmp_path, "flask-redirect", CROWN_SYNC_FOLLOWER="redirect", CROWN_SYNC_LEADER_CACHE=0)
         CrownSync(app)
         add_views(app)
         response = app.test_client().get("/work?x=1")
         assert response.status_code == 307
         assert response.headers["Location"] == "http://127.0.0.1:9/base/work?x=1"
-    finally:
-        os.killpg(leader.pid, signal.SIGTERM)
-        leader.wait(30)
-    # No leader any more: a follower falls back to 503 (after the cache expires).
-    time.sleep(1.2)
-    assert app.test_client().get("/work").status_code == 503
+        stop_gracefully(leader)
+        # No leader any more: a follower falls back to 503.
+        assert app.test_client().get("/work").status_code == 503
 
 
 # ------------------------------------------------------------------------- Flask's reloader
@@ -268,3 +336,48 @@ def test_leader_only_and_status_over_http_with_gunicorn(tmp_path, follower):
     finally:
         leader.cleanup()
         other.cleanup()
+
+
+HOOKS_ORACLE_CONF = """
+import os, crown_sync.gunicorn
+on_starting, when_ready, on_exit = crown_sync.gunicorn.crown_in_master(
+    "flask-master-status", child="tests.wsgi_support:master_job", monitor_delay=0.2,
+    oracle=os.environ["CROWN_TEST_ORACLE"])
+"""
+
+
+def test_status_in_the_workers_of_the_master_placement_says_who_leads(tmp_path):
+    """The oracle is given to the hooks only (the app's own, CROWN_SYNC_ORACLE, is another, where
+    nobody contends): every worker's status shows its master crown's phase and the leader that
+    crown knows, which is the one the job's journal names, on both hosts and after a handoff."""
+    path = str(tmp_path / "journal")
+    env = {"CROWN_TEST_NAME": "flask-master-status", "CROWN_TEST_JOURNAL": path,
+           "CROWN_TEST_ORACLE": f"file://{tmp_path / 'oracle'}",
+           "CROWN_SYNC_ORACLE": f"file://{tmp_path / 'not-the-oracle'}"}
+    hosts = [Gunicorn(HOOKS_ORACLE_CONF, env), Gunicorn(HOOKS_ORACLE_CONF, env)]
+
+    def say(host, phase, term):
+        """Every worker that answers: ``phase``, and ``term``'s identity and token as the leader."""
+        bodies = [answer[2] for answer in (get(host.port, "/_crown_sync") for _ in range(8)) if answer]
+        return bodies and all(body["phase"] == phase and body["leader"] is not None
+                              and (body["leader"]["identity"], body["leader"]["token"]) == (term.identity, term.token)
+                              for body in bodies)
+
+    try:
+        hosts[0].start()
+        wait_until(lambda: unanimous(hosts[0]) is True, message="the first host leads")
+        hosts[1].start()
+        wait_until(lambda: unanimous(hosts[1]) is False, message="the second host follows")
+        (first,) = wait_until(lambda: journal_terms(path), message="the job's term")
+        wait_until(lambda: say(hosts[0], "leading", first), message="the leading host's workers say it")
+        wait_until(lambda: say(hosts[1], "following", first), message="the following host's workers name the leader")
+
+        hosts[0].signal(signal.SIGTERM)
+        assert hosts[0].wait_exit(60) == 0
+        second = wait_until(lambda: [t for t in journal_terms(path) if t.token != first.token], message="handoff")[0]
+        wait_until(lambda: say(hosts[1], "leading", second), message="the new leader's workers say it")
+    finally:
+        for host in hosts:
+            host.cleanup()
+    report = journal.check(path)
+    assert report.ok and len(report.terms) == 2, report.summary()

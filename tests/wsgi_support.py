@@ -6,6 +6,7 @@ oracle of every crown). Leadership is observed two ways: by HTTP requests to ``/
 ``crown_sync.is_leader`` says in the worker that answered) and by the job's own journal.
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -155,6 +156,31 @@ def get(port: int, path: str, timeout: float = 5.0):
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, *args, **kwargs):
         return None
+
+
+@contextlib.contextmanager
+def leader_elsewhere(name: str, oracle: str, url: str = "http://127.0.0.1:9/base"):
+    """Another process leads ``name`` (``crown-sync run``, publishing ``url`` as its metadata)
+    for the block; yields its Popen (:func:`stop_gracefully` ends it in the block). Killed by
+    process group at the end."""
+    leader = subprocess.Popen(
+        [sys.executable, "-m", "crown_sync", "run", name, "--oracle", oracle,
+         "-m", f"url={url}", "--", sys.executable, "-c", "import time; time.sleep(120)"],
+        cwd=ROOT, start_new_session=True,
+    )
+    try:
+        wait_until(lambda: crown_sync.find_leader(name, oracle=oracle), message="the other process leads")
+        yield leader
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(leader.pid, signal.SIGKILL)
+        leader.wait(30)
+
+
+def stop_gracefully(process: subprocess.Popen) -> None:
+    """SIGTERM to ``process``'s group (a ``crown-sync run``: its command stops, it abdicates)."""
+    os.killpg(process.pid, signal.SIGTERM)
+    process.wait(30)
 
 
 def journal_terms(path: str, name: str = None) -> List[journal.Term]:

@@ -19,7 +19,6 @@ processes: ``livesum`` for "is leader" (how many live processes of this host lea
 would be an overlap), ``livemax`` for the token.
 """
 
-import logging
 import os
 import threading
 from typing import Dict, Optional, Tuple
@@ -34,8 +33,6 @@ except ImportError as exc:  # an optional extra: say which
                       f"({exc})") from exc
 
 __all__ = ["Metrics", "enable", "disable", "scrape_registry", "make_wsgi_app", "child_exit", "TAKEOVER_BUCKETS"]
-
-logger = logging.getLogger("crown_sync.prometheus")
 
 #: Seconds: from a few milliseconds (a local handoff) to minutes (a monitor_timeout, a lease).
 TAKEOVER_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)

@@ -113,7 +113,7 @@ def test_oracle_errors_are_counted_by_operation_without_the_password():
 
 # ------------------------------------------------------------------------- Gunicorn, multiprocess mode
 
-GUNICORN_CONF = """
+WORKER_CONF = """
 import crown_sync.gunicorn, crown_sync.prometheus
 from crown_sync.prometheus import child_exit
 crown_sync.prometheus.enable()
@@ -122,60 +122,111 @@ post_worker_init, worker_exit = crown_sync.gunicorn.crown_per_worker(
 max_requests = 1000
 """
 
+MASTER_CONF = """
+import crown_sync.gunicorn, crown_sync.prometheus
+from crown_sync.prometheus import child_exit
+crown_sync.prometheus.enable()
+on_starting, when_ready, on_exit = crown_sync.gunicorn.crown_in_master(
+    {name!r}, child="tests.wsgi_support:master_job", monitor_delay=0.2, stop_timeout=15)
+"""
 
-def test_gunicorn_multiprocess_scrape_matches_the_journal(tmp_path):
+
+class MeteredHost(Gunicorn):
+    """A Gunicorn "host" in multiprocess mode (a metrics directory of its own) serving only
+    crown_sync.prometheus's /metrics; its crowns journal to ``path``."""
+
+    def __init__(self, tmp_path, conf: str, name: str, workers: int):
+        self.path, self.name = str(tmp_path / "journal"), name
+        env = {"CROWN_TEST_NAME": name, "CROWN_TEST_JOURNAL": self.path,
+               "CROWN_SYNC_ORACLE": f"file://{tmp_path / 'oracle'}"}
+        super().__init__(conf.format(name=name), env, app_spec="crown_sync.prometheus:make_wsgi_app()",
+                         workers=workers)
+        self.env["PROMETHEUS_MULTIPROC_DIR"] = os.path.join(self.tmpdir, "prometheus")
+        os.mkdir(self.env["PROMETHEUS_MULTIPROC_DIR"])
+
+    def scrape(self) -> dict:
+        result = get(self.port, "/metrics")
+        assert result is not None and result[0] == 200, result
+        return samples(result[2])
+
+    def running_term(self, after: int = 0):
+        """The journal's current term (after token ``after``), run by a live child of this
+        master, once the scrape shows one leader (the master's child_exit of a killed worker,
+        which drops its gauges, may come after the successor's first beats)."""
+        def find():
+            terms = [t for t in journal_terms(self.path, self.name) if t.token > after and t.beats
+                     and not t.stopped and not process_gone(t.pid) and parent_of(t.pid) == self.pid]
+            return terms[-1] if terms and value(self.scrape(), "crown_sync_is_leader") == 1 else None
+        return wait_until(find, timeout=60, message=f"a running term after token {after} on :{self.port}")
+
+    def following(self, count: int) -> None:
+        """Wait until ``count`` claims here were refused: crowns that wait for the leader to go."""
+        wait_until(lambda: value(self.scrape(), "crown_sync_campaigns_total", result="lost") >= count,
+                   message="followers")
+
+
+@pytest.fixture
+def metered(tmp_path):
+    hosts = []
+
+    def make(conf, name, workers=2):
+        hosts.append(MeteredHost(tmp_path, conf, name, workers))
+        return hosts[-1].start()
+
+    yield make
+    for host in hosts:
+        print(f"---- gunicorn :{host.port} log tail ----\n{host.log()}")  # shown when the test failed
+        host.cleanup()
+
+
+def test_gunicorn_multiprocess_scrape_matches_the_journal(metered):
     """Three workers, one crown each, one /metrics that adds up every worker's files: after a
     graceful handoff (the leading worker is told to exit) and a SIGKILLed leader, the scrape
     shows one leader with the journal's current token, as many terms won as the journal has, the
     loss the stopped worker counted (the killed one could count nothing), and a takeover time
     within the journal's gap."""
-    name, path = "metered-gunicorn", str(tmp_path / "journal")
-    os.mkdir(tmp_path / "prometheus")
-    env = {"CROWN_TEST_NAME": name, "CROWN_TEST_JOURNAL": path, "CROWN_SYNC_ORACLE": f"file://{tmp_path / 'oracle'}",
-           "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prometheus")}
-    host = Gunicorn(GUNICORN_CONF.format(name=name), env, app_spec="crown_sync.prometheus:make_wsgi_app()",
-                    workers=3)
+    host = metered(WORKER_CONF, "metered-workers", workers=3)
+    first = host.running_term()
+    assert_matches_journal(host.scrape(), journal_terms(host.path), leading=True)
+    # Both other workers follow (wait on the lock) before the handoff, so one of them takes
+    # over, and times it, rather than the worker Gunicorn starts in the leader's place.
+    host.following(2)
 
-    def scrape():
-        result = get(host.port, "/metrics")
-        assert result is not None and result[0] == 200, result
-        return samples(result[2])
+    os.kill(first.pid, signal.SIGTERM)  # graceful: the worker's crown stops its job, abdicates
+    second = host.running_term(first.token)
+    terms, now = journal_terms(host.path), host.scrape()
+    assert_matches_journal(now, terms, leading=True)
+    assert value(now, "crown_sync_terms_lost_total", reason="stop") == 1
+    assert value(now, "crown_sync_takeover_seconds_count") == 1
+    assert 0 <= value(now, "crown_sync_takeover_seconds_sum") <= takeover_gaps(terms)[-1]
 
-    def running_term(after=0):
-        """The journal's current term (after token ``after``), run by a live worker of ``host``,
-        once the scrape shows one leader (the master's child_exit of a killed worker, which
-        drops its gauges, may come after the successor's first beats)."""
-        def find():
-            terms = [t for t in journal_terms(path, name) if t.token > after and t.beats and not t.stopped
-                     and not process_gone(t.pid) and parent_of(t.pid) == host.pid]
-            return terms[-1] if terms and value(scrape(), "crown_sync_is_leader") == 1 else None
-        return wait_until(find, timeout=60, message=f"a running term after token {after}, and one leader")
+    os.kill(second.pid, signal.SIGKILL)  # its gauges must leave with it (child_exit)
+    host.running_term(second.token)
+    now = host.scrape()
+    assert_matches_journal(now, journal_terms(host.path), leading=True)
+    assert value(now, "crown_sync_terms_lost_total", sum_over=True) == 1
+    assert journal.check(host.path, host.name).ok
 
-    try:
-        host.start()
-        first = running_term()
-        assert_matches_journal(scrape(), journal_terms(path), leading=True)
-        # Both other workers follow (wait on the lock) before the handoff, so one of them takes
-        # over, and times it, rather than the worker Gunicorn starts in the leader's place.
-        wait_until(lambda: value(scrape(), "crown_sync_campaigns_total", result="lost") >= 2, message="followers")
 
-        os.kill(first.pid, signal.SIGTERM)  # graceful: the worker's crown stops its job, abdicates
-        second = running_term(first.token)
-        terms = journal_terms(path)
-        now = scrape()
-        assert_matches_journal(now, terms, leading=True)
-        assert value(now, "crown_sync_terms_lost_total", reason="stop") == 1
-        assert value(now, "crown_sync_takeover_seconds_count") == 1
-        assert 0 <= value(now, "crown_sync_takeover_seconds_sum") <= takeover_gaps(terms)[-1]
+def test_gunicorn_crown_in_master_scrapes_match_the_journal(metered):
+    """Two hosts, the crown in each master: the workers' scrape shows the master's values.
+    After the leading host's graceful shutdown the other host's scrape shows its own term, with
+    the journal's token, and the takeover within the journal's gap."""
+    a = metered(MASTER_CONF, "metered-master")
+    first = a.running_term()
+    assert_matches_journal(a.scrape(), journal_terms(a.path), leading=True)
+    b = metered(MASTER_CONF, "metered-master")
+    b.following(1)
+    assert value(b.scrape(), "crown_sync_is_leader") == 0 and value(b.scrape(), "crown_sync_token") == 0
+    beats = first.beats  # the leader works on a while (a takeover timed from b's arrival would show)
+    wait_until(lambda: journal_terms(a.path)[0].beats > beats + 25, message="the leader's beats")
 
-        os.kill(second.pid, signal.SIGKILL)  # its gauges must leave with it (child_exit)
-        running_term(second.token)
-        now = scrape()
-        assert_matches_journal(now, journal_terms(path), leading=True)
-        assert value(now, "crown_sync_terms_lost_total", sum_over=True) == 1
-    except BaseException:
-        print(host.log())
-        raise
-    finally:
-        host.cleanup()
-    assert journal.check(path, name).ok
+    a.signal(signal.SIGTERM)
+    assert a.wait_exit(60) == 0
+    second = b.running_term(first.token)
+    terms, now = journal_terms(b.path), b.scrape()
+    assert [t.token for t in terms] == [first.token, second.token]
+    assert_matches_journal(now, terms[1:], leading=True)  # the terms this host won
+    assert value(now, "crown_sync_takeover_seconds_count") == 1
+    assert 0 <= value(now, "crown_sync_takeover_seconds_sum") <= takeover_gaps(terms)[-1]
+    assert journal.check(b.path, b.name).ok

@@ -88,6 +88,43 @@ def test_metrics_of_a_handoff_match_the_journal(tmp_path):
     assert 0 <= value(now, "crown_sync_takeover_seconds_sum") <= takeover_gaps(terms)[0]
 
 
+def test_terms_lost_by_reason_match_the_crowns_own_account(tmp_path):
+    """Terms ended three ways (the child exits by itself, an operator's dismissal, stop()): the
+    journal has one term per term won, and the reasons counted are those the crown gave its own
+    on_deposed."""
+    registry = CollectorRegistry()
+    exported = metrics.enable(registry)
+    path, oracle = str(tmp_path / "journal"), f"file://{tmp_path / 'oracle'}"
+    ends, lives = [], iter([True, True, False])  # two terms whose child exits, then one that works on
+
+    def work(term):
+        if next(lives, False):
+            record = journal.Journal(path)
+            record.write("start", term.name, term.identity, term.token)
+            record.write("stop", term.name, term.identity, term.token)
+            record.close()
+        else:
+            journaled_work(term, path)
+
+    crown = crown_sync.Crown("reasons", oracle=oracle, child=work, monitor_delay=0.05,
+                             on_deposed=lambda term, reason: ends.append(reason))
+    try:
+        crown.start()
+        wait_until(lambda: len(journal_terms(path)) == 3 and journal_terms(path)[-1].beats > 2, message="terms")
+        assert crown_sync.dismiss("reasons", oracle=oracle)
+        wait_until(lambda: len(journal_terms(path)) == 4 and crown.is_leader(), message="a term after the dismissal")
+    finally:
+        crown.stop(30)
+        exported.detach()
+    scrape = samples(generate_latest(registry).decode())
+    terms = journal.check(path, "reasons").terms
+    assert_matches_journal(scrape, terms, leading=False)
+    assert ends[:2] == ["child_exited", "child_exited"] and ends[-1] == "stop" and len(ends) == len(terms)
+    for reason in set(ends):
+        assert value(scrape, "crown_sync_terms_lost_total", reason=reason) == ends.count(reason), reason
+    assert value(scrape, "crown_sync_terms_lost_total", sum_over=True) == len(terms)
+
+
 def test_oracle_errors_are_counted_by_operation_without_the_password():
     registry = CollectorRegistry()
     exported = metrics.enable(registry)

@@ -42,7 +42,7 @@ _TERM_ENDS = ("crown.leadership.lost", "crown.leadership.abdicated")
 # Signs, before the crown abdicates, that its term is over (stop() ends it at once; the leader's
 # child is stopped only at a term's end): "is leader" drops then, before a successor can start.
 _OVER = ("crown.process.terminating", "crown.child.stopped")
-_EVENTS = ("crown.leadership.", "crown.monitor.leader_down", "crown.oracle.error") + _OVER
+_EVENTS = ("crown.leadership.", "crown.monitor.leader_down", "crown.oracle.error", "crown.process.stopped") + _OVER
 
 
 class Metrics:
@@ -106,6 +106,9 @@ class Metrics:
         elif event == "crown.monitor.leader_down":
             with self._lock:
                 self._gone_at.setdefault(crown, now)
+        elif event == "crown.process.stopped":
+            with self._lock:
+                self._gone_at.pop(crown, None)  # stopped before it claimed: nothing left to time
         elif event == "crown.oracle.error":
             self.oracle_errors.labels(name, metadata.get("operation") or "unknown").inc()
 

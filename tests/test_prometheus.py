@@ -125,6 +125,23 @@ def test_terms_lost_by_reason_match_the_crowns_own_account(tmp_path):
     assert value(scrape, "crown_sync_terms_lost_total", sum_over=True) == len(terms)
 
 
+def test_a_term_that_began_before_enable_is_not_counted(tmp_path):
+    """enable() while a crown leads: its term's end is neither a loss nor a leader less
+    (which would leave the gauge at -1 and the losses above the wins)."""
+    crown = crown_sync.Crown("early", oracle=f"file://{tmp_path / 'oracle'}", monitor_delay=0.2)
+    registry = CollectorRegistry()
+    try:
+        crown.start()
+        assert crown.wait_for_leadership(30)
+        exported = metrics.enable(registry)
+    finally:
+        crown.stop(30)
+    exported.detach()
+    scrape = samples(generate_latest(registry).decode())
+    assert value(scrape, "crown_sync_is_leader") == 0
+    assert value(scrape, "crown_sync_terms_lost_total", sum_over=True) == 0
+
+
 def test_oracle_errors_are_counted_by_operation_without_the_password():
     registry = CollectorRegistry()
     exported = metrics.enable(registry)

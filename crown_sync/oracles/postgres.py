@@ -259,7 +259,6 @@ import threading
 import time
 import urllib.parse
 import uuid
-import weakref
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import psycopg
@@ -268,8 +267,9 @@ import tenacity
 from psycopg import conninfo as _conninfo
 
 from .. import _forksafe, clock
-from ..oracle import Claim, Contender, Leader, OnChange, Oracle
+from ..oracle import Claim, Leader, OnChange
 from ..urls import parse_options, redact, redact_text
+from ._base import ContenderBase, OracleBase, Phase, leader_of, record_of, seconds_between
 
 __all__ = [
     "PostgresOracle",
@@ -360,15 +360,6 @@ def _lease_ms(lease: float) -> int:
     every session). The epsilon keeps float noise (``1.1 * 1000 = 1100.0000000000002``) from
     adding a millisecond."""
     return math.ceil(lease * 1000 - 1e-6)
-
-
-def _seconds_option(option: str, value: Any, low: float, high: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{option} must be a number of seconds, got {type(value).__name__}")
-    value = float(value)
-    if not (low <= value <= high):  # also rejects NaN
-        raise ValueError(f"{option} must be between {low:g} and {high:g} seconds, got {value!r}")
-    return value
 
 
 # -------------------------------------------------------------------------------- SQL
@@ -539,22 +530,12 @@ def _decode_record(query: Optional[str]) -> Optional[Dict[str, Any]]:
 
 # ------------------------------------------------------------------------------ fork safety
 
-_live: "weakref.WeakSet[Any]" = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for obj in list(_live):
-        try:
-            obj._after_fork_in_child()
-        except Exception:  # never let a fork handler raise
-            pass
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
-
 
 def _blind(conn: Optional[psycopg.Connection]) -> None:
-    """In a forked child: point the inherited socket at /dev/null, so any goodbye goes nowhere."""
+    """In a forked child: point the inherited socket at /dev/null, so any goodbye goes nowhere.
+    _forksafe already did so after a fork that ran Python's at-fork handlers; a fork from C
+    (uWSGI), found by the pid check, did not, and dropping the connection unblinded would send
+    psycopg's goodbye on the parent's session (and free its lock under its running child)."""
     if conn is None:
         return
     try:
@@ -598,7 +579,7 @@ def _shutdown(conn: Optional[psycopg.Connection]) -> None:
 # ---------------------------------------------------------------------------------- oracle
 
 
-class PostgresOracle(Oracle):
+class PostgresOracle(OracleBase):
     """Session advisory locks on one PostgreSQL database (14 or newer).
 
     dsn: a libpq URL (``postgresql://`` or ``postgres://``) or ``key=value`` string. Every libpq
@@ -634,21 +615,22 @@ class PostgresOracle(Oracle):
         wait_timeout: float = 5.0,
         takeover_delay: Optional[float] = None,
     ):
+        super().__init__()
         if not isinstance(dsn, str):
             raise TypeError(f"dsn must be a str, got {type(dsn).__name__}")
         if not isinstance(namespace, str):
             raise TypeError(f"namespace must be a str, got {type(namespace).__name__}")
         if not namespace or len(namespace) > 128 or not namespace.isprintable():
             raise ValueError("namespace must be 1-128 printable characters")
-        self.lease = _seconds_option("lease", lease, 1.0, 3600.0)
+        self.lease = seconds_between("lease", lease, 1.0, 3600.0)
         if margin is None:
             margin = max(0.2, self.lease / 10)
-        self.margin = _seconds_option("margin", margin, 0.001, 3600.0)
+        self.margin = seconds_between("margin", margin, 0.001, 3600.0)
         if self.margin >= self.lease / 2:
             raise ValueError(f"margin ({self.margin:g}) must be less than lease / 2 ({self.lease / 2:g})")
         if confirm_interval is None:
             confirm_interval = self.lease / 5
-        self.confirm_interval = _seconds_option("confirm_interval", confirm_interval, 0.01, 3600.0)
+        self.confirm_interval = seconds_between("confirm_interval", confirm_interval, 0.01, 3600.0)
         limit = (self.lease - self.margin) / 2
         if self.confirm_interval > limit + 1e-9:
             raise ValueError(
@@ -656,11 +638,11 @@ class PostgresOracle(Oracle):
                 f" = {limit:g}, so that a failed confirmation can be retried before the term's"
                 f" deadline (lease {self.lease:g}, margin {self.margin:g})"
             )
-        self.connect_timeout = _seconds_option("connect_timeout", connect_timeout, 0.1, 3600.0)
-        self.wait_timeout = _seconds_option("wait_timeout", wait_timeout, 0.05, 3600.0)
+        self.connect_timeout = seconds_between("connect_timeout", connect_timeout, 0.1, 3600.0)
+        self.wait_timeout = seconds_between("wait_timeout", wait_timeout, 0.05, 3600.0)
         self.takeover_delay: Optional[float] = None
         if takeover_delay is not None:
-            self.takeover_delay = _seconds_option("takeover_delay", takeover_delay, 0.0, 60.0)
+            self.takeover_delay = seconds_between("takeover_delay", takeover_delay, 0.0, 60.0)
             # The woken follower's session sends nothing while it waits an explicit delay, and
             # idle_session_timeout (= lease) would end it. Same rule as confirm_interval.
             if self.takeover_delay > limit + 1e-9:
@@ -687,7 +669,6 @@ class PostgresOracle(Oracle):
         self._reader_lock = threading.Lock()
         self._forked = False
         self._closed = False
-        _live.add(self)
 
     @classmethod
     def from_url(cls, url: str) -> "PostgresOracle":
@@ -747,6 +728,7 @@ class PostgresOracle(Oracle):
 
     def connect(self, application_name: Optional[str] = None) -> psycopg.Connection:
         """A new autocommit connection (no prepared statements: records change per term)."""
+        self._check_process()
         if self._forked:
             raise PostgresOracleError("this oracle was inherited across fork(); create a new one")
         kwargs = dict(self._defaults)
@@ -763,6 +745,7 @@ class PostgresOracle(Oracle):
     def _read(self, query: str, params: Dict[str, Any]):
         """Run a read on the shared reader connection (find_leader, dismiss); one retry on a
         broken connection."""
+        self._check_process()
         if self._closed:
             raise PostgresOracleError("oracle is closed")
         with self._reader_lock:
@@ -790,6 +773,7 @@ class PostgresOracle(Oracle):
         return advisory_key(self.namespace, name)
 
     def contender(self, name: str, identity: str, metadata: Dict[str, Any], on_change: OnChange) -> "PostgresContender":
+        self._check_process()
         if self._forked:
             raise PostgresOracleError("this oracle was inherited across fork(); create a new one")
         return PostgresContender(self, name, identity, metadata, on_change)
@@ -805,12 +789,7 @@ class PostgresOracle(Oracle):
             return None
         record = _decode_record(query)
         if record and record.get("ns") == self.namespace and record.get("name") == name:
-            return Leader(
-                identity=str(record.get("identity", "")),
-                metadata=dict(record.get("metadata") or {}),
-                token=record.get("token"),
-                since=record.get("since"),
-            )
+            return leader_of(record)
         return Leader(identity=f"(unknown: backend pid {pid})", metadata={}, token=None, since=None)
 
     def find_leader(self, name: str) -> Optional[Leader]:
@@ -829,6 +808,7 @@ class PostgresOracle(Oracle):
         return True
 
     def close(self) -> None:
+        self._check_process()
         self._closed = True
         with self._reader_lock:
             conn, self._reader = self._reader, None
@@ -838,7 +818,7 @@ class PostgresOracle(Oracle):
             except Exception:
                 pass
 
-    def _after_fork_in_child(self) -> None:
+    def _forget_after_fork(self) -> None:
         self._forked = True
         _blind(self._reader)
         self._reader = None
@@ -858,23 +838,24 @@ def _keepalives(lease: float) -> Tuple[int, int, int]:
 # ------------------------------------------------------------------------------- contender
 
 
-class PostgresContender(Contender):
-    """One crown's dedicated session. See the module docstring."""
+class PostgresContender(ContenderBase):
+    """One crown's dedicated session. See the module docstring.
+
+    Its phase (:class:`~crown_sync.oracles._base.Phase`): FOLLOWING, PENDING while it holds the
+    lock but waits out a predecessor's lease (_wait_out), LEADING, CLOSED or FORKED."""
+
+    oracle: "PostgresOracle"
 
     def __init__(self, oracle: PostgresOracle, name: str, identity: str, metadata: Dict[str, Any], on_change: OnChange):
-        self.oracle = oracle
-        self.name = name
-        self.identity = identity
-        self.metadata = dict(metadata or {})
+        super().__init__(oracle, name, identity, metadata, on_change)
         self.key = oracle.key(name)
         self._hi, self._lo = _key_parts(self.key)
         self._channel = _channel(self.key)
         # Leads the text of every statement after which this session may lead (a leader's
         # confirmations, a follower's lock wait): _QUIET_SQL looks for it in pg_stat_activity.
         self._tag = f"/* {self._channel} */ "
-        self._on_change = on_change
         self._conn: Optional[psycopg.Connection] = None
-        self._pid: Optional[int] = None
+        self._backend_pid: Optional[int] = None  # our session's (the base's _pid is our process's)
         self._marker: Optional[str] = None
         self._bound: float = oracle.lease  # server-side lease B, read back at connect
         self._query_limit = 1024
@@ -887,15 +868,11 @@ class PostgresContender(Contender):
         # the baseline of a later claim's proof (_claim_debt).
         self._baseline: Optional[_Baseline] = None
         self._io_lock = threading.Lock()  # held while a statement is in flight on _conn
-        self._state_lock = threading.Lock()
-        self._closed = False
-        self._forked = False
         # leadership
         self._token: Optional[int] = None
         self._since: Optional[float] = None
         self._record_comment: Optional[str] = None
         self._announced = False  # this term's "leading:<token>" was sent
-        self._leading = False
         self._dismissed = False
         self._session_lost = False  # the socket watcher heard a goodbye (FATAL, EOF)
         self._statements = 0  # bumped after every statement: the socket watcher's progress mark
@@ -926,15 +903,21 @@ class PostgresContender(Contender):
             stop=tenacity.stop_after_attempt(2),
             reraise=True,
         )
-        _live.add(self)
 
     # -- connection ---------------------------------------------------------------------------
 
-    def _check_usable(self) -> None:
-        if self._forked:
-            raise PostgresOracleError("this contender was inherited across fork()")
-        if self._closed:
-            raise PostgresOracleError("contender is closed")
+    def _check_open(self) -> None:
+        try:
+            super()._check_open()
+        except RuntimeError as exc:  # closed or forked: this module's error, as it always was
+            raise PostgresOracleError(str(exc)) from None
+
+    def _move(self, phase: Phase) -> None:
+        """Enter ``phase`` unless closed or forked meanwhile (close() may run in another thread
+        while a claim or the waiter finishes: it wins)."""
+        with self._lock:
+            if self.usable:
+                self._enter(phase)
 
     def _ensure_connected(self) -> psycopg.Connection:
         conn = self._conn
@@ -942,10 +925,10 @@ class PostgresContender(Contender):
             return conn
         self._drop_connection()
         conn = self._retrying(self._connect)
-        with self._state_lock:
-            if self._closed:
+        with self._lock:
+            if not self.usable:
                 conn.close()
-                raise PostgresOracleError("contender is closed")
+                self._check_open()
             self._conn = conn
         return conn
 
@@ -1012,9 +995,9 @@ class PostgresContender(Contender):
         except BaseException:
             conn.close()
             raise
-        self._pid, self._marker = pid, marker
+        self._backend_pid, self._marker = pid, marker
         self._connected_at = clock.monotonic()
-        with self._state_lock:
+        with self._lock:
             self._events.clear()  # what happened while we were not listening is unknown
             self._baseline = None
         logger.debug("%s: connected, backend pid %s, server lease bound %.3fs", self.name, pid, self._bound)
@@ -1089,9 +1072,9 @@ class PostgresContender(Contender):
         return bound
 
     def _drop_connection(self) -> None:
-        with self._state_lock:
+        with self._lock:
             conn, self._conn = self._conn, None
-            self._pid = self._marker = None
+            self._backend_pid = self._marker = None
         if conn is not None:
             try:
                 conn.close()
@@ -1109,8 +1092,8 @@ class PostgresContender(Contender):
                 self._statements += 1
 
     def _check_session(self, pid: int, marker: Optional[str], in_recovery: bool) -> None:
-        if pid != self._pid or marker != self._marker:
-            raise self._pooling(self._pid, pid)
+        if pid != self._backend_pid or marker != self._marker:
+            raise self._pooling(self._backend_pid, pid)
         if in_recovery:
             raise StandbyRefused(f"{self.oracle.description} is now a standby (in recovery)")
 
@@ -1130,10 +1113,8 @@ class PostgresContender(Contender):
     # -- claim / refresh -------------------------------------------------------------------------
 
     def _record(self) -> Dict[str, Any]:
-        return {
-            "v": 1, "ns": self.oracle.namespace, "name": self.name, "identity": self.identity,
-            "metadata": self.metadata, "token": self._token, "since": self._since,
-        }
+        return dict(record_of(self.identity, self.metadata, self._token, self._since),
+                    v=1, ns=self.oracle.namespace, name=self.name)
 
     def _make_record_comment(self) -> str:
         """Our leader record, as the SQL comment that leads each of the term's confirm statements
@@ -1152,15 +1133,15 @@ class PostgresContender(Contender):
         return comment
 
     def claim(self) -> Claim:
-        self._check_usable()
+        self._check_open()
         waiter = self._waiter
         if waiter is not None:
-            with self._state_lock:
+            with self._lock:
                 granted, error = self._granted, self._waiter_error
             if granted is None and error is None and waiter.is_alive():
                 # Queued on the lock: the server would have woken us if it were free.
                 return Claim(won=False, leader=self._leader)
-            with self._state_lock:
+            with self._lock:
                 prepared = self._prepared
                 # The waiter may have stayed on as the term's socket watcher (see _take_over).
                 adopted = granted is not None and waiter is self._watcher
@@ -1235,7 +1216,7 @@ class PostgresContender(Contender):
         return self._lead(claim)
 
     def _lead(self, claim: Claim, watching: bool = False) -> Claim:
-        self._leading = True
+        self._move(Phase.LEADING)
         if not watching:
             self._start_watcher()
         logger.info("%s: %s leads with token %s", self.name, self.identity, self._token)
@@ -1279,7 +1260,7 @@ class PostgresContender(Contender):
         if self._dismissed:
             logger.info("%s: dismissed; stepping down", self.name)
             return Claim(won=False, leader=None)
-        leader = Leader(self.identity, dict(self.metadata), self._token, self._since)
+        leader = self._me(self._token, self._since)
         self._leader = leader
         return Claim(
             won=True,
@@ -1290,12 +1271,12 @@ class PostgresContender(Contender):
         )
 
     def refresh(self) -> Claim:
-        self._check_usable()
-        if not self._leading or self._record_comment is None:
+        self._check_open()
+        if self.phase is not Phase.LEADING or self._record_comment is None:
             return Claim(won=False, leader=None)
         claim = self._confirm()
         if not claim.won:
-            self._leading = False
+            self._move(Phase.FOLLOWING)
             self._stop_watcher()
         return claim
 
@@ -1307,11 +1288,11 @@ class PostgresContender(Contender):
         kind, _, rest = notify.payload.partition(":")
         if kind == "dismiss":
             pid, _, token = rest.partition(":")
-            if self._leading and pid == str(self._pid) and (not token or token == str(self._token)):
+            if self.phase is Phase.LEADING and pid == str(self._backend_pid) and (not token or token == str(self._token)):
                 self._dismissed = True
             return
         if kind in ("claimed", "released", "leading") and rest.isdigit():
-            with self._state_lock:
+            with self._lock:
                 self._events.append((kind, int(rest), notify.pid))
 
     def _read_notifications(self, pgconn) -> None:
@@ -1338,7 +1319,7 @@ class PostgresContender(Contender):
                     self._read_notifications(pgconn)
             except Exception:
                 return None
-            with self._state_lock:
+            with self._lock:
                 events = list(self._events)
             found = match(events)
             if found is not None:
@@ -1362,7 +1343,7 @@ class PostgresContender(Contender):
 
         def decide(events):
             for index, (kind, event_token, pid) in enumerate(events):
-                if kind == "claimed" and event_token == token and pid == self._pid:
+                if kind == "claimed" and event_token == token and pid == self._backend_pid:
                     before = events[:index]
                     claims = [i for i, e in enumerate(before) if e[0] == "claimed"]
                     if not claims:  # earlier terms had ended when we started listening
@@ -1412,7 +1393,7 @@ class PostgresContender(Contender):
         note it: close() then lets that successor lead before ending our session."""
         self._handoff = None
         was_leading = self._record_comment is not None and self._token is not None
-        self._leading = False
+        self._move(Phase.FOLLOWING)
         self._record_comment = None
         self._watch_generation += 1  # the socket watcher goes inert now; joined after the unlock
         conn = self._conn
@@ -1447,20 +1428,17 @@ class PostgresContender(Contender):
             self._stop_watcher()
 
     def abdicate(self) -> None:
-        if self._forked or self._closed:
+        if not self.usable:
             return
         self._stop_waiter()
         self._release()
         self._token = self._since = None
 
     def close(self) -> None:
-        with self._state_lock:
-            if self._closed:
+        with self._lock:
+            if not self.usable:  # closed already, or a copy inherited across fork: never act
                 return
-            self._closed = True
-        if self._forked:
-            return
-        self._leading = False
+            self._enter(Phase.CLOSED)
         self._stop_watcher()
         self._stop_waiter(timeout=2.0)
         self._await_successor()
@@ -1494,29 +1472,27 @@ class PostgresContender(Contender):
             return
         released_token, until = handoff
         self._read_events_until(conn, until, lambda events: any(
-            kind == "leading" and token > released_token and pid != self._pid
+            kind == "leading" and token > released_token and pid != self._backend_pid
             for kind, token, pid in events) or None)
 
-    def _after_fork_in_child(self) -> None:
-        self._forked = True
+    def _forget_after_fork(self) -> None:
         _blind(self._conn)
         self._conn = None
         self._waiter = self._watcher = None
         self._io_lock = threading.Lock()
-        self._state_lock = threading.Lock()
 
     # -- follower: the waiter ---------------------------------------------------------------------
 
     def watch(self, leader: Optional[Leader]) -> bool:
-        self._check_usable()
+        self._check_open()
         waiter = self._waiter
         if waiter is not None and waiter.is_alive():
-            with self._state_lock:
+            with self._lock:
                 return self._granted is None and self._waiter_error is None
         if waiter is not None:
             self._stop_waiter()
         self._ensure_connected()
-        with self._state_lock:
+        with self._lock:
             self._waiter_stop = False
             self._waiter_wakeup.clear()
             self._forget_waiter()
@@ -1555,10 +1531,10 @@ class PostgresContender(Contender):
             except Exception as exc:
                 if self._waiter_stop:
                     return
-                with self._state_lock:
+                with self._lock:
                     self._waiter_error = exc
                 logger.debug("%s: lock wait failed: %s", self.name, self.oracle.safe_error(exc))
-                self._signal()
+                self._notify()
                 return
             baseline = _Baseline(holder, killed, _decode_record(query) is not None)
             self._take_over(conn, int(token), since, started, baseline, age)
@@ -1643,9 +1619,9 @@ class PostgresContender(Contender):
         delay = self.oracle.takeover_delay
         if delay == 0:  # opted out: lead at once
             return until
-        with self._state_lock:
+        with self._lock:
             baseline, self._baseline = self._baseline, None
-            if self._closed:
+            if self.phase is Phase.CLOSED:
                 return until  # close() frees the lock anyway
             self._waiter_stop = False  # there is no waiter now; the proof helpers watch this
             self._waiter_wakeup.clear()
@@ -1669,6 +1645,18 @@ class PostgresContender(Contender):
         False if stopped or the session failed (the waiter reports the error and the engine
         claims again; the debt stays in _owed_until, for a claim on a new session)."""
         self._owed_until = max(self._owed_until, until)
+        with self._lock:
+            if self.phase is Phase.FOLLOWING:
+                self._enter(Phase.PENDING)
+        if self._hold_until(conn, until):
+            return True
+        with self._lock:
+            if self.phase is Phase.PENDING:
+                self._enter(Phase.FOLLOWING)
+        return False
+
+    def _hold_until(self, conn: psycopg.Connection, until: float) -> bool:
+        """_wait_out's loop: confirm the session every ``confirm_interval`` until ``until``."""
         params = {"hi": self._hi, "lo": self._lo}
         while True:
             remaining = until - clock.monotonic()
@@ -1684,9 +1672,9 @@ class PostgresContender(Contender):
             except Exception as exc:
                 logger.debug("%s: waiting out the predecessor's lease failed: %s", self.name,
                              self.oracle.safe_error(exc))
-                with self._state_lock:
+                with self._lock:
                     self._waiter_error = exc
-                self._signal()
+                self._notify()
                 return False
 
     def _owe(self, token: int, since: float, until: float) -> Claim:
@@ -1701,7 +1689,7 @@ class PostgresContender(Contender):
             if self._wait_out(conn, until):
                 self._begin_term(conn, token, since, until, waited=True)
 
-        with self._state_lock:
+        with self._lock:
             self._waiter_stop = False
             self._waiter_wakeup.clear()
             self._forget_waiter()
@@ -1729,7 +1717,7 @@ class PostgresContender(Contender):
         # on it only at once, with nothing unread from the server; else confirm first.
         if (not waited and deadline - clock.monotonic() >= self.oracle.confirm_interval
                 and not self._unread(conn)):
-            leader = Leader(self.identity, dict(self.metadata), token, since)
+            leader = self._me(token, since)
             self._leader = leader
             prepared = Claim(won=True, leader=leader, token=token, deadline=deadline, refresh_in=0.0)
         else:
@@ -1738,16 +1726,16 @@ class PostgresContender(Contender):
             except Exception as exc:
                 logger.debug("%s: confirming the new term failed: %s", self.name, self.oracle.safe_error(exc))
         generation = None
-        with self._state_lock:
+        with self._lock:
             self._granted = (token, since)
             self._prepared = prepared
-            if prepared is not None and prepared.won and not self._waiter_stop:
+            if prepared is not None and prepared.won and not self._waiter_stop and self.usable:
                 # This thread stays on as the term's socket watcher: starting a thread (which
                 # waits for it to run) would sit on the handoff's critical path.
-                self._leading = True
+                self._enter(Phase.LEADING)
                 generation = self._begin_watch()
                 self._watcher = threading.current_thread()
-        self._signal()
+        self._notify()
         if generation is not None:
             self._watch_socket(conn, generation)
 
@@ -1768,15 +1756,7 @@ class PostgresContender(Contender):
         old = self._leader
         if leader is not None and (old is None or (old.identity, old.token) != (leader.identity, leader.token)):
             self._leader = leader
-            self._signal()
-
-    def _signal(self, lost: bool = False) -> None:
-        if self._closed or self._forked:
-            return
-        try:
-            self._on_change(lost=True) if lost else self._on_change()
-        except Exception:
-            logger.exception("%s: on_change raised", self.name)
+            self._notify()
 
     def _stop_waiter(self, timeout: float = 5.0) -> None:
         """Stop the waiter thread, cancelling its blocking lock wait (bounded in time).
@@ -1801,7 +1781,7 @@ class PostgresContender(Contender):
             if waiter.is_alive():  # the server doesn't answer: cut the session under it
                 _shutdown(conn)
                 waiter.join(1.0)
-        with self._state_lock:
+        with self._lock:
             self._forget_waiter()
 
     @staticmethod
@@ -1813,7 +1793,7 @@ class PostgresContender(Contender):
             return True
 
     def _forget_waiter(self) -> None:
-        """Drop the waiter and what it obtained (the caller holds _state_lock)."""
+        """Drop the waiter and what it obtained (the caller holds _lock)."""
         self._waiter = None
         self._granted = None
         self._prepared = None
@@ -1906,7 +1886,7 @@ class PostgresContender(Contender):
             if lost or dismissed:
                 logger.debug("%s: unsolicited message from the server (lost=%s, dismissed=%s)",
                              self.name, lost, dismissed)
-                self._signal(lost=lost)
+                self._notify(lost=lost)
 
     @staticmethod
     def _peek_fatal(conn: psycopg.Connection, fd: int) -> bool:

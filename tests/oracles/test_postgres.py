@@ -424,7 +424,7 @@ def test_old_leaders_session_ends_only_after_its_successor_leads(pg, name, monke
         assert a.claim().won
         a_pid = holder_pid(pg, oracle, name)
         assert b.claim().won is False and b.watch(None)
-        wait_until(lambda: pg.sql("SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", (b._pid,))
+        wait_until(lambda: pg.sql("SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", (b._backend_pid,))
                    == [("Lock",)], message="b waiting on the lock")
         a.abdicate()
         closer = threading.Thread(target=a.close)
@@ -432,7 +432,7 @@ def test_old_leaders_session_ends_only_after_its_successor_leads(pg, name, monke
         signals.wait()
         claim = b.claim()
         assert claim.won and claim.refresh_in == 0
-        assert holder_pid(pg, oracle, name) == b._pid
+        assert holder_pid(pg, oracle, name) == b._backend_pid
         # b holds the lock but has not confirmed (announced) yet: a's session is still there.
         time.sleep(0.3)
         assert closer.is_alive() and session_alive(pg, a_pid)
@@ -466,7 +466,7 @@ def test_handoff_with_sockets_above_descriptor_1023(pg, name, fds_above_1023):
         claim = b.claim()
         assert claim.won and claim.refresh_in == 0  # led on the wait's result: the fast path
         assert b.refresh().won
-        pg.sql("SELECT pg_terminate_backend(%s)", (b._pid,))
+        pg.sql("SELECT pg_terminate_backend(%s)", (b._backend_pid,))
         signals.wait(lost=True)  # the socket watcher heard the goodbye
     finally:
         a.close()
@@ -568,7 +568,7 @@ def test_takeover_waits_only_when_the_predecessor_may_have_been_terminated(pg, n
             assert first.won
             first_token = first.token
         assert not b.claim().won and b.watch(None)
-        wait_until(lambda: pg.sql("SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", (b._pid,)) == [("Lock",)],
+        wait_until(lambda: pg.sql("SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", (b._backend_pid,)) == [("Lock",)],
                    message="b waiting")
         if end == "release":
             a.abdicate()
@@ -680,7 +680,7 @@ def test_successor_that_dies_while_waiting_out_the_lease_passes_the_wait_on(pg, 
         wait_until(lambda: pg.sql(waiting, (f"crown_sync {name}"[:63],)) == [(2,)], message="c queued")
         killed_at = clock.monotonic()
         assert pg.terminate(holder_pid(pg, oracle, name))
-        wait_until(lambda: holder_pid(pg, oracle, name) == b._pid, message="b granted")
+        wait_until(lambda: holder_pid(pg, oracle, name) == b._backend_pid, message="b granted")
         time.sleep(1.2)  # c's wait has been re-armed (wait_timeout 1 s) since the termination
         postgres_oracle._shutdown(b._conn)  # b's client vanishes: its session ends, not killed
         second = fleet.wait_for_term(other_than={"a"}, after=killed_at)
@@ -820,7 +820,7 @@ def test_follower_waits_are_bounded_and_close_cancels_them(pg, name):
         assert a.claim().won
         assert b.claim().won is False
         assert b.watch(None)
-        b_pid = b._pid
+        b_pid = b._backend_pid
         starts = set()
 
         def waiting_since():
@@ -851,7 +851,7 @@ def test_close_is_bounded_when_the_backend_is_frozen(pg, name):
     try:
         assert a.claim().won
         assert b.claim().won is False and b.watch(None)
-        frozen = b._pid
+        frozen = b._backend_pid
         wait_until(lambda: pg.sql("SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", (frozen,)) == [("Lock",)],
                    message="follower waiting")
         os.kill(frozen, signal.SIGSTOP)

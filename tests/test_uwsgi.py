@@ -8,6 +8,7 @@ process holds a connection to the oracle, by /proc. Faults are real signals to u
 import ctypes
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -25,7 +26,7 @@ from crown_sync.testing.memcached_server import MemcachedServer
 from crown_sync.testing.memory import MemoryOracle
 from crown_sync.testing.servers import Server
 
-from tests.wsgi_support import Gunicorn, get, journal_terms, process_gone, wait_until
+from tests.wsgi_support import ROOT, Gunicorn, journal_terms, process_gone, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -71,16 +72,21 @@ class UWSGI(Gunicorn):
     """A real uWSGI master (its own process group) on a free loopback port, with ``options``
     (ini lines) added to the base config; the Gunicorn helper's answers/workers/cleanup apply."""
 
-    def __init__(self, env: Dict[str, str], options: str = "", processes: int = 2):
+    def __init__(self, env: Dict[str, str], options: str = "", processes: int = 2, example: Optional[str] = None):
         Server.__init__(self)
         for filename, text in (("crown_conf.py", CROWN_CONF), ("app.py", APP)):
             with open(os.path.join(self.tmpdir, filename), "w") as handle:
                 handle.write(text)
+        if example is None:
+            base = (f"[uwsgi]\nmaster = true\nprocesses = {processes}\nchdir = {self.tmpdir}\n"
+                    f"pythonpath = {self.tmpdir}\nwsgi-file = app.py\nenable-threads = true\n")
+        else:  # an example's own ini, run from the repository's root on this port
+            with open(os.path.join(ROOT, example)) as handle:
+                base = handle.read().replace("http-socket = 127.0.0.1:8000", "") + f"\nchdir = {ROOT}\n"
         self.config_path = os.path.join(self.tmpdir, "uwsgi.ini")
         with open(self.config_path, "w") as handle:
-            handle.write(f"[uwsgi]\nhttp-socket = 127.0.0.1:{self.port}\nmaster = true\nprocesses = {processes}\n"
-                         f"chdir = {self.tmpdir}\npythonpath = {self.tmpdir}\nwsgi-file = app.py\n"
-                         "enable-threads = true\nmin-worker-lifetime = 0\nworker-reload-mercy = 20\n"
+            handle.write(f"{base}\nhttp-socket = 127.0.0.1:{self.port}\n"
+                         "min-worker-lifetime = 0\nworker-reload-mercy = 20\n"
                          # pyuwsgi re-execs the base interpreter on a reload, outside the venv: this one instead
                          f"binary-path = {sys.executable}\n"
                          f"{options}\n")
@@ -140,8 +146,8 @@ def _assert_one_leading_worker(host: UWSGI, oracle) -> None:
     wait_until(settled, 30, message="exactly the leader's worker says it leads")
 
 
-def _assert_journal(path: str, min_terms: int) -> List[journal.Term]:
-    report = journal.check(path, NAME)
+def _assert_journal(path: str, min_terms: int, name: Optional[str] = NAME) -> List[journal.Term]:
+    report = journal.check(path, name)
     assert report.ok, report.summary()
     assert len(report.terms) >= min_terms, report.summary()
     return report.terms
@@ -234,32 +240,15 @@ def test_crown_per_worker_recycling_kill_and_reload(tmp_path, lazy):
 
 # ----------------------------------------------------------------------------- the crown in the master
 
-def _oracle_sockets(pid: int, port: int) -> int:
-    """How many established TCP connections to ``port`` process ``pid`` holds (per /proc)."""
-    inodes = set()
-    try:
-        fds = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return 0
-    for fd in fds:
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    count = 0
-    for table in (f"/proc/{pid}/net/tcp", f"/proc/{pid}/net/tcp6"):
-        try:
-            with open(table) as handle:
-                rows = handle.read().splitlines()[1:]
-        except OSError:
-            continue
-        for row in rows:
-            fields = row.split()
-            if fields[3] == "01" and int(fields[2].rsplit(":", 1)[1], 16) == port and fields[9] in inodes:
-                count += 1
-    return count
+def _oracle_holders(port: int) -> Dict[int, int]:
+    """pid -> how many established TCP connections to 127.0.0.1:``port`` it holds, as the kernel
+    tells ``ss`` (iproute2): every process that has a copy of a socket is listed with it."""
+    output = subprocess.run(["ss", "-tnpH", "state", "established", "dst", f"127.0.0.1:{port}"],
+                            capture_output=True, text=True, check=True).stdout
+    holders: Dict[int, int] = {}
+    for pid in re.findall(r"pid=(\d+)", output):
+        holders[int(pid)] = holders.get(int(pid), 0) + 1
+    return holders
 
 
 @pytest.fixture(scope="module")
@@ -294,10 +283,11 @@ def test_crown_in_master_two_instances_master_sigkill(tmp_path, memcached, lazy)
             os.kill(victim, signal.SIGKILL)
             wait_until(lambda: victim not in host.workers(path) and len(host.workers(path)) == 3, 30,
                        message="a worker respawned")
+        holders = _oracle_holders(memcached.port)
         for host in hosts:
-            assert _oracle_sockets(host.process.pid, memcached.port) >= 1, host.log()
+            assert holders.get(host.process.pid, 0) >= 1, (holders, host.log())
             for worker in host.workers(path):
-                assert _oracle_sockets(worker, memcached.port) == 0, f"worker {worker} kept the master's connection"
+                assert worker not in holders, f"worker {worker} kept the master's connection"
 
         # SIGKILL of the leading master: its job dies with it, the other instance takes over
         leading.signal(signal.SIGKILL)
@@ -313,3 +303,28 @@ def test_crown_in_master_two_instances_master_sigkill(tmp_path, memcached, lazy)
         for host in hosts:
             host.cleanup()
         oracle.close()
+
+
+# ----------------------------------------------------------------------------- the example
+
+@pytest.mark.parametrize("ini, every_worker", [("uwsgi.ini", False), ("uwsgi-master.ini", True)])
+def test_example(tmp_path, ini, every_worker):
+    """examples/uwsgi_app as docs/uwsgi.rst shows it: one job, stopped at shutdown."""
+    path = str(tmp_path / "journal")
+    host = UWSGI({"CROWN_SYNC_ORACLE": f"file://{tmp_path / 'oracle'}", "EXAMPLE_JOURNAL": path},
+                 example=f"examples/uwsgi_app/{ini}")
+    try:
+        host.start()
+        wait_until(lambda: journal_terms(path), 60, message="the job started")
+        answers = wait_until(lambda: [a for a in host.answers(8) if a["job_here"]], 30, message="a worker leads")
+        if every_worker:
+            assert all(a["token"] == journal_terms(path)[0].token for a in answers)
+        host.signal(signal.SIGINT)
+        host.wait_exit(60)
+        terms = _assert_journal(path, 1, None)
+        assert len(terms) == 1, terms
+        # uWSGI runs no Python exit handler in its master: the master's job is killed with it (it
+        # must not outlive the master: the oracle may free the lease at the master's death)
+        assert terms[0].stopped != every_worker and process_gone(terms[0].pid), terms
+    finally:
+        host.cleanup()

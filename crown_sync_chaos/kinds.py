@@ -21,7 +21,8 @@ Generic faults, injected by the runner on contender processes (see :mod:`crown_s
 * ``revoke``: the oracle's own way of taking the crown from a live leader, as an administrator
   would (file: the lock file deleted or replaced; PostgreSQL: ``pg_terminate_backend`` of the
   leader's session or of every crown_sync session; ZooKeeper: another client deletes the
-  leader's queue node; memcached: another client deletes the leader's key). A kind supports it by listing it in ``faults`` and handling it in
+  leader's queue node; memcached: another client deletes the leader's key; NATS: an operator
+  deletes or purges the leader's key). A kind supports it by listing it in ``faults`` and handling it in
   ``inject``; the base class refuses it.
 
 The runner's ``pause-restart`` fault restarts the server through :meth:`Kind.restart_server`,
@@ -575,7 +576,68 @@ class MemcachedKind(Kind):
         return {"key": key, "holder": holder, "downtime": 0.0, "confirmed": bool(deleted) and matches}
 
 
+class NatsKind(Kind):
+    """A lease record in a JetStream KV bucket, renewed by CAS on its revision; changes pushed."""
+
+    name = "nats"
+    modules = ("crown_sync.oracles.nats", "crown_sync.testing.nats_server", "nats")
+    faults = ("sigkill", "sigstop", "dismiss", "restart", "revoke")
+    partitionable = False  # the test server listens on loopback only
+
+    def start(self) -> None:
+        from crown_sync.testing.nats_server import NatsServer
+
+        self.server = NatsServer().start()
+
+    def url(self, in_netns: bool = False) -> str:
+        return self.server.url_for(ttl=self.lease, poll_interval=0.5)
+
+    def describe(self) -> Dict[str, Any]:
+        return {"lease": self.lease, "note": "NatsOracle ttl, poll_interval 0.5 s (releases are pushed)"}
+
+    def bound(self) -> float:
+        # As memcached: a silent leader's record is taken over once unchanged for a ttl; an
+        # emptied key costs a ttl of quarantine.
+        return 2 * self.lease + 0.5 + SLACK
+
+    def expects_new_term(self, fault: str, details: Dict[str, Any]) -> bool:
+        # The record survives a restart (file storage): a leader that renews again before its
+        # deadline leads on.
+        return fault != "restart" and super().expects_new_term(fault, details)
+
+    def inject(self, fault, rng, leader, name):
+        if fault == "restart":  # file storage: the record survives
+            crash = rng.random() < 0.5
+            down = round(rng.uniform(0.0, 1.0), 2)
+            old = self.server.pid
+            t0 = time.monotonic()
+            self.server.restart(down_for=down, crash=crash)
+            return {"mode": "kill" if crash else "stop", "down": down, "downtime": time.monotonic() - t0,
+                    "confirmed": self.server.pid != old and self.server.pid is not None}
+        if fault == "revoke":
+            return self._revoke(rng, leader, name)
+        return super().inject(fault, rng, leader, name)
+
+    def _revoke(self, rng, leader, name):
+        """An administrator deletes or purges the leader's key (``nats kv del`` / ``purge``)."""
+        from crown_sync.oracles.nats import NatsOracle
+
+        oracle = NatsOracle.from_url(self.url())  # no I/O: only for the bucket and key
+        key, how = oracle.key(name), rng.choice(["delete", "purge"])
+        entry = self.server.admin("get", bucket=oracle.bucket, key=key)
+        try:
+            holder = json.loads(entry.value).get("identity") if entry is not None else None
+        except ValueError:
+            holder = None
+        if entry is not None:
+            self.server.admin(how, bucket=oracle.bucket, key=key)
+        # Confirmed: the key had a value naming the journal's leader when it was emptied.
+        matches = leader is None or holder == leader["identity"]
+        return {"key": key, "how": how, "holder": holder, "downtime": 0.0, "confirmed": entry is not None and matches}
+
+
 KINDS: List[type] = [FileKind, PostgresKind, ZooKeeperKind, MemcachedKind]
+KINDS.append(NatsKind)
 
 
 def available_kinds() -> Dict[str, type]:

@@ -223,11 +223,13 @@ def test_sigkill_of_the_leader_fails_over_after_its_lease(server, tmp_path, name
     print(f"crash failover: {after.start - killed_at:.3f} s")
 
 
-@pytest.mark.parametrize("fault", ["delete", "purge", "delete_bucket", "restart"])
+# A purge takes the path of a delete (both leave a marker that reads as an empty key: see the
+# primitives test above); the chaos runs purge at random.
+@pytest.mark.parametrize("fault", ["delete", "delete_bucket", "restart"])
 def test_a_fault_while_the_leaders_group_is_stopped_never_overlaps(fresh_server, tmp_path, name, fault):
     # The leader's whole process group is stopped (Ctrl-Z); its command runs on in its own
     # session, held to the term's deadline by its supervisor, and would work 1.5 s after SIGTERM.
-    # Meanwhile an administrator deletes or purges the key, or deletes the whole bucket (a
+    # Meanwhile an administrator deletes the key, or deletes the whole bucket (a
     # claimant finds the key empty, recreating the bucket, and waits a ttl of quarantine), or the
     # server restarts (the record survives in the file store and is taken over once unchanged for
     # a ttl). Either way the successor starts after the old child's last line.

@@ -238,6 +238,31 @@ def test_crown_per_worker_recycling_kill_and_reload(tmp_path, lazy):
         host.cleanup()
 
 
+def test_crown_per_worker_master_sigkill(tmp_path):
+    """Two instances, a crown per worker: the leading worker's master is SIGKILLed. The kernel
+    sends its workers SIGTERM (die_with_master), the leading one stops its job and abdicates in
+    uWSGI's atexit, and a worker of the other instance takes over."""
+    oracle = FileOracle(str(tmp_path / "oracle"))
+    hosts = [UWSGI(_env(tmp_path, f"file://{tmp_path / 'oracle'}", "worker")) for _ in range(2)]
+    path = str(tmp_path / "journal")
+    try:
+        for host in hosts:
+            host.start()
+        first = _new_leader(oracle, set())
+        leading = next(h for h in hosts if _pid_of(first.identity) in h.workers())
+        other = hosts[1 - hosts.index(leading)]
+        orphans = leading.workers()
+        leading.signal(signal.SIGKILL)
+        wait_until(lambda: all(process_gone(pid) for pid in orphans), 30, message="the orphaned workers exited")
+        second = _new_leader(oracle, {first.token})
+        assert _pid_of(second.identity) in other.workers()
+        terms = _assert_journal(path, 2)
+        assert terms[0].stopped, "the orphaned leading worker did not stop its job"
+    finally:
+        for host in hosts:
+            host.cleanup()
+
+
 # ----------------------------------------------------------------------------- the crown in the master
 
 def _oracle_holders(port: int) -> Dict[int, int]:

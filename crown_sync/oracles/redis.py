@@ -48,6 +48,7 @@ Fork safety: sockets are opened under :func:`crown_sync._forksafe.opening` and b
 child; redis-py itself never shuts down a socket from a process other than its creator.
 """
 
+import json
 import logging
 import threading
 import time
@@ -60,7 +61,7 @@ import tenacity
 from .. import _forksafe
 from ..urls import parse_options, redact_text
 from ._base import Phase
-from ._lease import LeaseContender, LeaseOracle, LeaseStore
+from ._lease import RELEASED, VACATED, LeaseContender, LeaseOracle, LeaseStore, decode
 
 try:  # the client library is an extra: a missing one is reported by crown_sync.urls
     import redis
@@ -88,27 +89,46 @@ _OPTIONS = {
 }
 _CERT_REQS = ("required", "optional", "none")
 
-# KEYS[1]: the lease key. ARGV: the version (value) we read, the new value, seconds to live.
-# 1: replaced; 0: the key holds something else now; -1: the key is absent.
-_REPLACE = """
+# Which server incarnation holds our keys: run_id is new at every start of redis-server (and
+# another on a promoted replica). The hash <key_prefix>:server remembers, per lease key, the
+# run_id of the server that ran the last compare-and-set of it, and the run_id the token counter
+# was last checked on.
+_RUN = "local run = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)')\n"
+
+# KEYS[1]: the lease key, KEYS[2]: the server hash. The value, and 1 if this incarnation of the
+# server wrote it (0: it came from before a restart, or from a snapshot; see RedisStore.read).
+_READ = _RUN + """
+return {redis.call('GET', KEYS[1]), redis.call('HGET', KEYS[2], KEYS[1]) == run and 1 or 0}
+"""
+
+# KEYS[1]: the lease key, KEYS[2]: the server hash. ARGV: the version (value) we read, the new
+# value, seconds to live. 1: replaced; 0: the key holds something else now; -1: it is absent.
+_REPLACE = _RUN + """
 local current = redis.call('GET', KEYS[1])
 if not current then return -1 end
 if current ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+redis.call('HSET', KEYS[2], KEYS[1], run)
 return 1
 """
 
-# KEYS[1]: the token counter. Seeded from the server's clock (microseconds) when absent, so that
-# a counter lost with the data (no persistence, FLUSHALL) starts above every earlier token.
-_NEXT_TOKEN = """
-if redis.call('EXISTS', KEYS[1]) == 0 then
+# KEYS[1]: the token counter, KEYS[2]: the server hash. On a server incarnation not seen before
+# (a restart, with or without its data, or from an older snapshot; a promoted replica), the
+# counter first rises to the server's clock in microseconds: above every token taken before, as
+# long as that clock did not step back, even when the counter came back older or not at all.
+_NEXT_TOKEN = _RUN + """
+if redis.call('HGET', KEYS[2], 'token_run') ~= run then
   local now = redis.call('TIME')
-  redis.call('SET', KEYS[1], now[1] .. string.format('%06d', tonumber(now[2])), 'NX')
+  local clock = now[1] .. string.format('%06d', tonumber(now[2]))
+  if tonumber(redis.call('GET', KEYS[1]) or '0') < tonumber(clock) then
+    redis.call('SET', KEYS[1], clock)
+  end
+  redis.call('HSET', KEYS[2], 'token_run', run)
 end
 return redis.call('INCR', KEYS[1])
 """
 
-_SCRIPTS: Dict[str, str] = {"replace": _REPLACE, "next_token": _NEXT_TOKEN}
+_SCRIPTS: Dict[str, str] = {"read": _READ, "replace": _REPLACE, "next_token": _NEXT_TOKEN}
 
 
 class RedisOracleError(ConnectionError):
@@ -208,7 +228,19 @@ class RedisStore(LeaseStore):
             raise error(f"redis at {self._oracle.description}: {what} failed: {_explain(exc, self._oracle.has_password)}") from None
 
     def read(self, key: str) -> Tuple[Optional[bytes], Any]:
-        value = self._run("GET", lambda client: client.get(key), retry_read=True)
+        value, current = self._run(
+            "read script",
+            lambda client: self._scripts["read"](keys=[key, self._oracle.server_key], client=client),
+            retry_read=True,
+        )
+        if value is not None and not current:
+            record = decode(value)
+            if record is not None and record.get("state") == RELEASED:
+                # Written before the server (re)started: a restart from an older snapshot (RDB, or
+                # an append-only file not yet fsynced) can bring back a release whose taker still
+                # leads. Shown as vacated: taken over only once unchanged for a ttl (stale).
+                record.update(state=VACATED, prev_state=RELEASED, by="restart")
+                return json.dumps(record, sort_keys=True).encode(), value
         return value, value
 
     def create(self, key: str, value: bytes, expire: int) -> bool:
@@ -217,12 +249,14 @@ class RedisStore(LeaseStore):
     def replace(self, key: str, value: bytes, version: Any, expire: int) -> Optional[bool]:
         done = self._run(
             "compare-and-set script",
-            lambda client: self._scripts["replace"](keys=[key], args=[version, value, int(expire)], client=client),
+            lambda client: self._scripts["replace"](
+                keys=[key, self._oracle.server_key], args=[version, value, int(expire)], client=client),
         )
         return None if done == -1 else bool(done)
 
-    def next_token(self, counter: str) -> int:
-        return int(self._run("token script", lambda client: self._scripts["next_token"](keys=[counter], client=client)))
+    def next_token(self) -> int:
+        keys = [self._oracle.key_prefix + ":token", self._oracle.server_key]
+        return int(self._run("token script", lambda client: self._scripts["next_token"](keys=keys, client=client)))
 
     def publish(self, channel: str, message: str) -> None:
         self._run("PUBLISH", lambda client: client.publish(channel, message))
@@ -390,6 +424,8 @@ class RedisOracle(LeaseOracle):
         user = f"{urllib.parse.quote(username)}@" if username else ""
         self.description = f"{'rediss' if tls else 'redis'}://{user}{shown}:{port}/{db}"
         super().__init__(ttl, renew_interval, poll_interval, margin, key_prefix, connect_timeout, timeout, clock)
+        #: The hash of server incarnations (see the scripts); ":" cannot start an election name.
+        self.server_key = self.key_prefix + ":server"
         self._push = _Push(self)
 
     @classmethod
@@ -453,7 +489,7 @@ class RedisOracle(LeaseOracle):
 
     def token_floor(self, store: LeaseStore) -> int:
         """``INCR`` of the counter, seeded from the server's clock when absent (see above)."""
-        return store.next_token(self.key_prefix + ":token")  # type: ignore[attr-defined]
+        return store.next_token()  # type: ignore[attr-defined]
 
     def contender(self, name: str, identity: str, metadata: Dict[str, Any], on_change) -> LeaseContender:
         contender = super().contender(name, identity, metadata, on_change)

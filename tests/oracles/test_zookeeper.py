@@ -16,6 +16,7 @@ from kazoo.client import KazooClient
 
 import crown_sync
 from crown_sync import clock
+from crown_sync.oracles._base import Phase
 from crown_sync.oracles.zookeeper import LEASE_FRACTION, ZooKeeperOracle, ZooKeeperUnavailable
 from crown_sync.testing import journal
 from crown_sync.testing.servers import free_port
@@ -244,15 +245,15 @@ def test_next_in_line_takes_over_without_a_round_trip(zk, name):
         assert seats[0].claim().won
         assert not seats[1].claim().won and not seats[2].claim().won
         assert seats[1].watch(None) and seats[2].watch(None)
-        assert seats[1]._next_in_line is not None and seats[2]._next_in_line is None
+        assert seats[1]._successor.next_in_line is not None and seats[2]._successor.next_in_line is None
         for recorder in recorders:
             recorder.reset()
         seats[0].abdicate()
         wait_until(recorders[1].event.is_set, timeout=10, message="successor woken")
-        assert seats[1]._fast is not None
+        assert seats[1]._successor.fast is not None
         before = clock.monotonic()
         claim = seats[1].claim()
-        assert claim.won and seats[1]._fast is None
+        assert claim.won and seats[1]._successor.fast is None
         node, stat = leader_node(client, f"/crown_sync/{name}")
         assert claim.token == stat.czxid and node == seats[1]._node
         # the deadline runs from the session's last answered request, at most T/3 old
@@ -261,7 +262,7 @@ def test_next_in_line_takes_over_without_a_round_trip(zk, name):
         # Its first refresh publishes since; the third sees the change, finds it leads, and
         # becomes next in line.
         assert seats[1].refresh().won
-        wait_until(lambda: seats[2]._next_in_line is not None, timeout=10, message="third next in line")
+        wait_until(lambda: seats[2]._successor.next_in_line is not None, timeout=10, message="third next in line")
         recorders[2].reset()
         seats[1].abdicate()
         wait_until(recorders[2].event.is_set, timeout=10, message="third woken")
@@ -437,7 +438,7 @@ def test_a_suspension_just_before_the_win_fails_the_claim(name):
             _suspend_before_the_win(seats[0], oracles[0], server)
             with pytest.raises(ZooKeeperUnavailable, match="dropped"):
                 seats[0].claim()
-            assert not seats[0]._leading
+            assert seats[0].phase is not Phase.LEADING
             # No loss signal was sent (the contender did not lead when SUSPENDED came): a won
             # claim here would have started a term that nothing ends.
             assert not recorders[0].lost()
@@ -449,11 +450,11 @@ def test_a_suspension_just_before_the_win_fails_the_claim(name):
             recorders[1].reset()
             seats[0].abdicate()
             wait_until(recorders[1].event.is_set, timeout=10, message="successor woken")
-            assert seats[1]._fast is not None, "the fast path is armed"
+            assert seats[1]._successor.fast is not None, "the fast path is armed"
             _suspend_before_the_win(seats[1], oracles[1], server)
             with pytest.raises(ZooKeeperUnavailable, match="dropped"):
                 seats[1].claim()
-            assert not seats[1]._leading and not recorders[1].lost()
+            assert seats[1].phase is not Phase.LEADING and not recorders[1].lost()
             server.start()
             second = wait_until(lambda: _try_claim(seats[1]), timeout=20, message="claim after restart")
             assert second.won and second.token > first.token
@@ -1011,7 +1012,7 @@ def test_a_successor_holds_back_while_a_revoked_leaders_guard_remains(zk, name, 
         held = seats[1].claim()
         assert not held.won and held.leader.identity == "c0"
         assert seats[1].watch(None) is True  # it waits to be woken, it does not spin
-        assert client.exists(f"/crown_sync/{name}/{seats[0]._guard}") is not None
+        assert client.exists(f"/crown_sync/{name}/{seats[0]._guard.name}") is not None
         recorders[1].reset()
         if timeout > SESSION:
             seats[0].abdicate()  # the old child stopped: the guard goes, the successor is woken

@@ -414,7 +414,7 @@ def session_alive(pg, pid):
 
 def test_old_leaders_session_ends_only_after_its_successor_leads(pg, name, monkeypatch):
     # A long bound, so that only the successor's announcement can end the wait.
-    monkeypatch.setattr(postgres_oracle, "_HANDOFF_LINGER", 60.0)
+    monkeypatch.setattr(postgres_oracle._contender, "_HANDOFF_LINGER", 60.0)
     oracle = oracle_for(pg)
     signals = Signals()
     a = oracle.contender(name, "a", {}, Signals())
@@ -479,7 +479,7 @@ def test_close_after_a_release_waits_only_for_a_successor_and_only_so_long(pg, n
     """Nobody queued: close() does not wait at all. A queued session that never announces
     (not a crown: a plain pg_advisory_lock): close() waits out the bound, no longer."""
     bound = 60.0 if successor == "none" else 1.0
-    monkeypatch.setattr(postgres_oracle, "_HANDOFF_LINGER", bound)
+    monkeypatch.setattr(postgres_oracle._contender, "_HANDOFF_LINGER", bound)
     oracle = oracle_for(pg)
     a = oracle.contender(name, "a", {}, Signals())
     other = None

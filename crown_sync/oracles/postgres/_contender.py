@@ -1,0 +1,453 @@
+"""PostgresContender: one crown's dedicated session, its claims, confirmations and release; the
+follower's waiter (_waiter), the takeover proof (_takeover) and the leader's socket watcher
+(_watcher) are its parts."""
+
+import collections
+import math
+import threading
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
+
+import psycopg
+import tenacity
+
+from ... import clock
+from ...oracle import Claim, Leader, OnChange
+from .._base import ContenderBase, Phase, record_of
+from ._common import (PostgresOracleError, StandbyRefused, _Baseline, _blind, _channel, _decode_record,
+                      _encode_record, _key_parts, _SessionGone, _shutdown, logger)
+from ._session import open_session, pooling
+from ._sql import _ANNOUNCING_CONFIRM_SQL, _CONFIRM_SQL, _TRY_SQL, _release_sql
+from ._takeover import Takeover
+from ._waiter import Waiter
+from ._watcher import SocketWatcher
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ._oracle import PostgresOracle
+
+# close() after a graceful release waits at most this long for the successor to lead (see
+# Takeover.await_successor); normally it takes a few milliseconds.
+_HANDOFF_LINGER = 0.05
+
+
+class PostgresContender(ContenderBase):
+    """One crown's dedicated session. See the package docstring.
+
+    Its phase (:class:`~crown_sync.oracles._base.Phase`): FOLLOWING, PENDING while it holds the
+    lock but waits out a predecessor's lease (Takeover.wait_out), LEADING, CLOSED or FORKED.
+    Its parts: ``_waiting`` (the follower's waiter thread and what it obtained), ``_takeover``
+    (the proof and the debt) and ``_watch`` (the leader's socket watcher)."""
+
+    oracle: "PostgresOracle"
+
+    def __init__(self, oracle: "PostgresOracle", name: str, identity: str, metadata: Dict[str, Any], on_change: OnChange):
+        super().__init__(oracle, name, identity, metadata, on_change)
+        self.key = oracle.key(name)
+        self._hi, self._lo = _key_parts(self.key)
+        self._channel = _channel(self.key)
+        # Leads the text of every statement after which this session may lead (a leader's
+        # confirmations, a follower's lock wait): _QUIET_SQL looks for it in pg_stat_activity.
+        self._tag = f"/* {self._channel} */ "
+        self._conn: Optional[psycopg.Connection] = None
+        self._backend_pid: Optional[int] = None  # our session's (the base's _pid is our process's)
+        self._marker: Optional[str] = None
+        self._bound: float = oracle.lease  # server-side lease B, read back at connect
+        self._query_limit = 1024
+        self._counts_terminations = False  # track_counts: pg_stat_database counts terminations
+        self._connected_at = -math.inf  # monotonic time our session was known to exist
+        self._io_lock = threading.Lock()  # held while a statement is in flight on _conn
+        # leadership
+        self._token: Optional[int] = None
+        self._since: Optional[float] = None
+        self._record_comment: Optional[str] = None
+        self._announced = False  # this term's "leading:<token>" was sent
+        self._dismissed = False
+        self._session_lost = False  # the socket watcher heard a goodbye (FATAL, EOF)
+        self._statements = 0  # bumped after every statement: the socket watcher's progress mark
+        self._events: "collections.deque" = collections.deque(maxlen=64)  # (kind, token, pid)
+        self._handoff: Optional[Tuple[int, float]] = None  # (released token, linger until): close()
+        self._leader: Optional[Leader] = None
+        self._waiting = Waiter(self)
+        self._takeover = Takeover(self)
+        self._watch = SocketWatcher(self)
+        self._retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(ConnectionError),
+            wait=tenacity.wait_exponential(multiplier=0.05, max=0.5) + tenacity.wait_random(0, 0.05),
+            stop=tenacity.stop_after_attempt(3) | tenacity.stop_after_delay(oracle.connect_timeout),
+            reraise=True,
+        )
+        # One more attempt when the claim finds its session already ended (see _try_lock).
+        self._claim_retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(_SessionGone),
+            stop=tenacity.stop_after_attempt(2),
+            reraise=True,
+        )
+
+    # -- connection ---------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        try:
+            super()._check_open()
+        except RuntimeError as exc:  # closed or forked: this module's error, as it always was
+            raise PostgresOracleError(str(exc)) from None
+
+    def _move(self, phase: Phase) -> None:
+        """Enter ``phase`` unless closed or forked meanwhile (close() may run in another thread
+        while a claim or the waiter finishes: it wins)."""
+        with self._lock:
+            if self.usable:
+                self._enter(phase)
+
+    def _ensure_connected(self) -> psycopg.Connection:
+        conn = self._conn
+        if conn is not None and not conn.closed:
+            return conn
+        self._drop_connection()
+        conn = self._retrying(self._connect)
+        with self._lock:
+            if not self.usable:
+                conn.close()
+                self._check_open()
+            self._conn = conn
+        return conn
+
+    def _connect(self) -> psycopg.Connection:
+        conn, session = open_session(self.oracle, self.name, self._channel, self._on_notify)
+        self._backend_pid, self._marker = session.pid, session.marker
+        self._bound, self._query_limit = session.bound, session.query_limit
+        self._counts_terminations = session.counts_terminations
+        self._connected_at = clock.monotonic()
+        with self._lock:
+            self._events.clear()  # what happened while we were not listening is unknown
+            self._takeover.baseline = None
+        logger.debug("%s: connected, backend pid %s, server lease bound %.3fs", self.name, session.pid, session.bound)
+        return conn
+
+    def _drop_connection(self) -> None:
+        with self._lock:
+            conn, self._conn = self._conn, None
+            self._backend_pid = self._marker = None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:
+                pass
+
+    def _execute(self, query: str, params: Dict[str, Any], conn: Optional[psycopg.Connection] = None):
+        """One statement on our session, under the I/O lock; returns the first row."""
+        if conn is None:
+            conn = self._ensure_connected()
+        with self._io_lock:
+            try:
+                return conn.execute(query, params).fetchone()
+            finally:
+                self._statements += 1
+
+    def _check_session(self, pid: int, marker: Optional[str], in_recovery: bool) -> None:
+        if pid != self._backend_pid or marker != self._marker:
+            raise pooling(self.oracle, self._backend_pid, pid)
+        if in_recovery:
+            raise StandbyRefused(f"{self.oracle.description} is now a standby (in recovery)")
+
+    def _fail(self, exc: BaseException) -> None:
+        """After a failed claim: end the session. The statement may have failed after the lock
+        was granted (session locks survive errors), and a refusal (standby, pooler) means the
+        session is not one to keep; closing it releases whatever it holds."""
+        self._drop_connection()
+
+    def _error(self, exc: BaseException) -> Exception:
+        if isinstance(exc, _SessionGone):  # internal type: users see a plain ConnectionError
+            return ConnectionError(str(exc))
+        if isinstance(exc, (PostgresOracleError, ConnectionError)):
+            return exc
+        return PostgresOracleError(self.oracle.safe_error(exc))
+
+    # -- claim / refresh -------------------------------------------------------------------------
+
+    def _record(self) -> Dict[str, Any]:
+        return dict(record_of(self.identity, self.metadata, self._token, self._since),
+                    v=1, ns=self.oracle.namespace, name=self.name)
+
+    def _make_record_comment(self) -> str:
+        """Our leader record, as the SQL comment that leads each of the term's confirm statements
+        (the first of which announces the term)."""
+        self._announced = False
+        record = self._record()
+        comment = self._tag + _encode_record(record)
+        if len(comment.encode()) >= self._query_limit:
+            record["metadata"] = {}
+            record["metadata_dropped"] = True
+            comment = self._tag + _encode_record(record)
+            logger.warning(
+                "%s: leader metadata does not fit track_activity_query_size (%d bytes); published without it",
+                self.name, self._query_limit,
+            )
+        return comment
+
+    def claim(self) -> Claim:
+        self._check_open()
+        waiting = self._waiting
+        waiter = waiting.thread
+        if waiter is not None:
+            with self._lock:
+                granted, error = waiting.granted, waiting.error
+            if granted is None and error is None and waiter.is_alive():
+                # Queued on the lock: the server would have woken us if it were free.
+                return Claim(won=False, leader=self._leader)
+            with self._lock:
+                prepared = waiting.prepared
+                # The waiter may have stayed on as the term's socket watcher (see Waiter._begin_term).
+                adopted = granted is not None and waiter is self._watch.thread
+                if adopted:
+                    waiting.forget()
+            if adopted:
+                self._token, self._since = granted
+                if self._session_lost:  # its watcher heard a goodbye before the engine asked
+                    self._release(quietly=True)
+                    self._token = self._since = None
+                    return Claim(won=False, leader=None)
+                return self._lead(prepared, watching=True)
+            if granted is not None:
+                waiter.join(5.0)  # it is ending
+            waiting.stop()
+            if granted is not None:
+                self._token, self._since = granted
+                if prepared is not None and prepared.won:
+                    return self._lead(prepared)
+                return self._won()
+        try:
+            row = self._claim_retrying(self._try_lock)
+            locked, token, _, since, pid, marker, in_recovery, holder_pid, holder_query, age, killed = row
+            self._check_session(pid, marker, in_recovery)
+            if not locked:
+                self._takeover.baseline = _Baseline(holder_pid, killed, _decode_record(holder_query) is not None)
+                self._leader = self.oracle.leader_from_row(self.name, holder_pid, holder_query)
+                return Claim(won=False, leader=self._leader)
+            until = self._takeover.claim_debt(self._conn, int(token), clock.monotonic(), age)
+        except Exception as exc:
+            self._fail(exc)
+            raise self._error(exc) from None
+        if until > clock.monotonic():
+            waiting.owe(self._conn, int(token), since, until)
+            return Claim(won=False, leader=None)
+        self._token, self._since = int(token), since
+        return self._won()
+
+    def _try_lock(self):
+        """The claiming statement. A session the server ended while we were quiet (a follower
+        with monitor_leader=False idles for monitor_delay, which may exceed the lease, and the
+        server's idle_session_timeout ends it) only shows when we use it: then reconnect and try
+        again (once, through _claim_retrying) instead of failing the claim. Safe: if the old
+        session were somehow alive and holding the lock, the new one would simply lose."""
+        conn = self._ensure_connected()
+        try:
+            return self._execute(
+                _TRY_SQL,
+                {"key": self.key, "hi": self._hi, "lo": self._lo, "msg": self.name,
+                 "channel": self._channel, "young": self._takeover.young()},
+                conn,
+            )
+        except psycopg.OperationalError as exc:
+            if conn.broken or conn.closed:
+                logger.debug("%s: session gone before the claim (%s); reconnecting", self.name,
+                             self.oracle.safe_error(exc))
+                self._drop_connection()
+                raise _SessionGone(f"connection to {self.oracle.description} lost:"
+                                   f" {self.oracle.safe_error(exc)}") from None
+            raise
+
+    def _new_term(self, token: Optional[int], since: Optional[float]) -> None:
+        """A term begins on our session: its record, and nothing heard about it yet."""
+        self._token, self._since = token, since
+        self._record_comment = self._make_record_comment()
+        self._dismissed = False
+        self._session_lost = False
+
+    def _won(self) -> Claim:
+        self._new_term(self._token, self._since)
+        try:
+            claim = self._confirm()
+        except Exception:
+            self._release(quietly=True)
+            raise
+        if not claim.won:
+            self._release(quietly=True)
+            return claim
+        return self._lead(claim)
+
+    def _lead(self, claim: Claim, watching: bool = False) -> Claim:
+        self._move(Phase.LEADING)
+        if not watching:
+            self._watch.start(self._conn)
+        logger.info("%s: %s leads with token %s", self.name, self.identity, self._token)
+        return claim
+
+    def _confirm(self) -> Claim:
+        """Run the confirm statement (which carries our leader record)."""
+        conn = self._conn
+        if conn is None or conn.closed:  # a new session could never hold the old one's lock
+            self._drop_connection()
+            return Claim(won=False, leader=None)
+        started = clock.monotonic()
+        announce, self._announced = not self._announced, True  # once, even if it fails
+        params = {"hi": self._hi, "lo": self._lo}
+        if announce:
+            params.update(channel=self._channel, leading=f"leading:{self._token}")
+        try:
+            row = self._execute(
+                self._record_comment + (_ANNOUNCING_CONFIRM_SQL if announce else _CONFIRM_SQL), params, conn
+            )
+            pid, marker, held, in_recovery = row[:4]
+            self._check_session(pid, marker, in_recovery)
+        except psycopg.OperationalError as exc:
+            conn = self._conn
+            if conn is None or conn.closed:  # the session is gone, and our lock with it
+                logger.warning("%s: connection lost while leading: %s", self.name, self.oracle.safe_error(exc))
+                self._drop_connection()
+                return Claim(won=False, leader=None)
+            raise self._error(exc) from None
+        except PostgresOracleError as exc:
+            # A pooler or a standby under us: whatever the lock's state, it is not ours to trust.
+            logger.error("%s: %s", self.name, exc)
+            self._drop_connection()
+            return Claim(won=False, leader=None)
+        except psycopg.Error as exc:
+            raise self._error(exc) from None
+        if not held:
+            logger.warning("%s: our session no longer holds the advisory lock", self.name)
+            self._token = None  # nothing of ours to announce as released
+            return Claim(won=False, leader=None)
+        if self._dismissed:
+            logger.info("%s: dismissed; stepping down", self.name)
+            return Claim(won=False, leader=None)
+        leader = self._me(self._token, self._since)
+        self._leader = leader
+        return Claim(
+            won=True,
+            leader=leader,
+            token=self._token,
+            deadline=started + self._bound - self.oracle.margin,
+            refresh_in=self.oracle.confirm_interval,
+        )
+
+    def refresh(self) -> Claim:
+        self._check_open()
+        if self.phase is not Phase.LEADING or self._record_comment is None:
+            return Claim(won=False, leader=None)
+        claim = self._confirm()
+        if not claim.won:
+            self._move(Phase.FOLLOWING)
+            self._watch.stop()
+        return claim
+
+    def _on_notify(self, notify) -> None:
+        """Every notification on our channel, in commit order (psycopg calls this while it reads
+        our connection; Takeover.read_events_until reads them itself)."""
+        if notify.channel != self._channel:
+            return
+        kind, _, rest = notify.payload.partition(":")
+        if kind == "dismiss":
+            pid, _, token = rest.partition(":")
+            if self.phase is Phase.LEADING and pid == str(self._backend_pid) and (not token or token == str(self._token)):
+                self._dismissed = True
+            return
+        if kind in ("claimed", "released", "leading") and rest.isdigit():
+            with self._lock:
+                self._events.append((kind, int(rest), notify.pid))
+
+    def _read_notifications(self, pgconn) -> None:
+        """Read what the server sent; our channel's notifications go to _on_notify. Raises if the
+        connection is broken. Callers hold _io_lock (or own the connection)."""
+        pgconn.consume_input()
+        while True:
+            raw = pgconn.notifies()
+            if raw is None:
+                return
+            self._on_notify(psycopg.Notify(raw.relname.decode(), raw.extra.decode(), raw.be_pid))
+
+    # -- abdicate / close -------------------------------------------------------------------------
+
+    def _release(self, quietly: bool = False) -> None:
+        """Unlock, announcing it first ("released:<token>"), so the follower woken by it knows
+        we let go (our child already stopped) rather than died. If a session waits for the lock,
+        note it: close() then lets that successor lead before ending our session."""
+        self._handoff = None
+        was_leading = self._record_comment is not None and self._token is not None
+        self._move(Phase.FOLLOWING)
+        self._record_comment = None
+        self._watch.generation += 1  # the socket watcher goes inert now; joined after the unlock
+        conn = self._conn
+        if conn is None or conn.closed:
+            self._drop_connection()
+            self._watch.stop()
+            return
+        try:
+            with self._io_lock:
+                try:
+                    if was_leading:
+                        # One round trip: the NOTIFY commits before the unlock, so it precedes
+                        # the next claim's.
+                        cursor = conn.execute(_release_sql(self._channel, self._token, self._hi, self._lo))
+                        while cursor.nextset():  # BEGIN, NOTIFY, COMMIT: the unlock's row is last
+                            pass
+                        (successor,) = cursor.fetchone()
+                        if successor:
+                            self._handoff = (self._token, clock.monotonic() + _HANDOFF_LINGER)
+                    else:
+                        conn.execute("SELECT pg_advisory_unlock_all()")
+                finally:
+                    self._statements += 1
+        except Exception as exc:
+            # Can't say "unlock": end the session instead, which releases the lock. A session
+            # the server already ended (the usual case after a lost term) is not news.
+            if not quietly and not conn.broken:
+                logger.warning("%s: unlock failed (%s); closing the session", self.name, self.oracle.safe_error(exc))
+            _shutdown(conn)
+            self._drop_connection()
+        finally:
+            self._watch.stop()
+
+    def abdicate(self) -> None:
+        if not self.usable:
+            return
+        self._waiting.stop()
+        self._release()
+        self._token = self._since = None
+
+    def close(self) -> None:
+        with self._lock:
+            if not self.usable:  # closed already, or a copy inherited across fork: never act
+                return
+            self._enter(Phase.CLOSED)
+        self._watch.stop()
+        self._waiting.stop(timeout=2.0)
+        handoff, self._handoff = self._handoff, None
+        self._takeover.await_successor(self._conn, handoff)
+        conn = self._conn
+        if conn is not None:
+            # Polite close if no statement is in flight, else cut the socket (bounded).
+            if not self._io_lock.acquire(timeout=1.0):
+                _shutdown(conn)
+            else:
+                self._io_lock.release()
+        self._drop_connection()
+        self._watch.close()
+
+    def _forget_after_fork(self) -> None:
+        _blind(self._conn)  # see _blind: a fork from C was not blinded by _forksafe
+        self._conn = None
+        self._waiting.thread = self._watch.thread = None
+        self._io_lock = threading.Lock()
+
+    # -- follower ----------------------------------------------------------------------------------
+
+    def watch(self, leader: Optional[Leader]) -> bool:
+        self._check_open()
+        waiting = self._waiting
+        waiter = waiting.thread
+        if waiter is not None and waiter.is_alive():
+            return waiting.waiting()
+        if waiter is not None:
+            waiting.stop()
+        self._ensure_connected()
+        waiting.start(waiting.loop, "wait")
+        return True

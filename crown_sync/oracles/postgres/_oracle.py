@@ -1,0 +1,269 @@
+"""PostgresOracle: options, URL, connections and the reads that need no contender."""
+
+import sys
+import threading
+import urllib.parse
+from typing import Any, Dict, Optional
+
+import psycopg
+from psycopg import conninfo as _conninfo
+
+from ... import _forksafe
+from ...oracle import Leader, OnChange
+from ...urls import parse_options, redact, redact_text
+from .._base import OracleBase, leader_of, seconds_between
+from ._common import (OPTIONS, PostgresOracleError, StandbyRefused, _blind, _channel, _decode_record,
+                      _keepalives, _key_parts, _lease_ms, advisory_key, logger)
+from ._contender import PostgresContender
+from ._sql import _HOLDER_SQL
+
+
+class PostgresOracle(OracleBase):
+    """Session advisory locks on one PostgreSQL database (14 or newer).
+
+    dsn: a libpq URL (``postgresql://`` or ``postgres://``) or ``key=value`` string. Every libpq
+        parameter (``sslmode``, ``sslrootcert``, ``target_session_attrs``, several hosts, ...)
+        passes through. The connection parameters ``connect_timeout``, ``keepalives*``,
+        ``tcp_user_timeout`` and ``fallback_application_name`` are set from our options unless
+        the DSN sets them.
+    namespace: separates elections of different applications in one database (part of the key).
+    lease: seconds the server keeps a silent session (and its lock) alive; a paused or
+        partitioned leader is replaced after about this long. 1 to 3600.
+    confirm_interval: seconds between a leader's confirmations; default ``lease / 5``. Must be at
+        most ``(lease - margin) / 2``.
+    margin: seconds taken off every deadline; default ``max(0.2, lease / 10)``; below lease / 2.
+    connect_timeout: seconds to connect (libpq counts whole seconds, at least 2).
+    wait_timeout: seconds one blocking lock wait of a follower lasts before it is re-armed.
+    takeover_delay: None (the default): a successor that cannot prove how its predecessor's
+        term ended (a graceful release, or a session that ended otherwise than by
+        ``pg_terminate_backend``) holds the lock without leading until the predecessor's
+        deadline has certainly passed, ``lease`` after its grant (see *Takeover*). A number
+        OPTS OUT of that guarantee: the successor waits only that long (0: not at all, and
+        without looking for proof), an assumption about how fast a told leader stops its child.
+        0 to 60 and at most ``(lease - margin) / 2`` (the session is idle meanwhile).
+    """
+
+    #: Metadata that does not fit ``track_activity_query_size`` is left out of the published
+    #: record (a warning), not refused: no size limit at construction.
+    max_record = sys.maxsize
+
+    def __init__(
+        self,
+        dsn: str,
+        namespace: str = "crown_sync",
+        lease: float = 10.0,
+        confirm_interval: Optional[float] = None,
+        margin: Optional[float] = None,
+        connect_timeout: float = 5.0,
+        wait_timeout: float = 5.0,
+        takeover_delay: Optional[float] = None,
+    ):
+        super().__init__()
+        if not isinstance(dsn, str):
+            raise TypeError(f"dsn must be a str, got {type(dsn).__name__}")
+        if not isinstance(namespace, str):
+            raise TypeError(f"namespace must be a str, got {type(namespace).__name__}")
+        if not namespace or len(namespace) > 128 or not namespace.isprintable():
+            raise ValueError("namespace must be 1-128 printable characters")
+        self.lease = seconds_between("lease", lease, 1.0, 3600.0)
+        if margin is None:
+            margin = max(0.2, self.lease / 10)
+        self.margin = seconds_between("margin", margin, 0.001, 3600.0)
+        if self.margin >= self.lease / 2:
+            raise ValueError(f"margin ({self.margin:g}) must be less than lease / 2 ({self.lease / 2:g})")
+        if confirm_interval is None:
+            confirm_interval = self.lease / 5
+        self.confirm_interval = seconds_between("confirm_interval", confirm_interval, 0.01, 3600.0)
+        limit = (self.lease - self.margin) / 2
+        if self.confirm_interval > limit + 1e-9:
+            raise ValueError(
+                f"confirm_interval ({self.confirm_interval:g}) must be at most (lease - margin) / 2"
+                f" = {limit:g}, so that a failed confirmation can be retried before the term's"
+                f" deadline (lease {self.lease:g}, margin {self.margin:g})"
+            )
+        self.connect_timeout = seconds_between("connect_timeout", connect_timeout, 0.1, 3600.0)
+        self.wait_timeout = seconds_between("wait_timeout", wait_timeout, 0.05, 3600.0)
+        self.takeover_delay: Optional[float] = None
+        if takeover_delay is not None:
+            self.takeover_delay = seconds_between("takeover_delay", takeover_delay, 0.0, 60.0)
+            # The woken follower's session sends nothing while it waits an explicit delay, and
+            # idle_session_timeout (= lease) would end it. Same rule as confirm_interval.
+            if self.takeover_delay > limit + 1e-9:
+                raise ValueError(
+                    f"takeover_delay ({self.takeover_delay:g}) must be at most (lease - margin) / 2"
+                    f" = {limit:g}: the woken follower's session is idle while it waits, and the"
+                    f" server ends a session idle for lease seconds (lease {self.lease:g}, margin"
+                    f" {self.margin:g}); leave it unset to wait out the predecessor's lease safely"
+                )
+        self.namespace = namespace
+        try:
+            params = _conninfo.conninfo_to_dict(dsn)
+        except psycopg.Error as exc:
+            raise ValueError(
+                f"dsn is not a valid libpq connection string ({redact_text(str(exc)).strip()}); oracle"
+                f" options ({', '.join(sorted(OPTIONS))}) go in keyword arguments or in"
+                f" PostgresOracle.from_url()"
+            ) from None
+        self._dsn = dsn
+        self._password = params.get("password") or None
+        self._defaults = self._connection_defaults(params)
+        self.description = redact(dsn) if "://" in dsn else redact_text(dsn)
+        self._reader: Optional[psycopg.Connection] = None
+        self._reader_lock = threading.Lock()
+        self._forked = False
+        self._closed = False
+
+    @classmethod
+    def from_url(cls, url: str) -> "PostgresOracle":
+        """``postgresql://user:pw@host:port/db?lease=10&sslmode=require``: our options
+        (:data:`OPTIONS`) are taken out of the query string; every other parameter is libpq's."""
+        if not isinstance(url, str):
+            raise TypeError(f"url must be a str, got {type(url).__name__}")
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme.lower() not in ("postgresql", "postgres"):
+            raise ValueError(f"not a postgresql:// or postgres:// URL: {redact(url)!r}")
+        # Split the raw query without decoding libpq's part: libpq has its own URI decoding
+        # (no '+' for space), so its parameters are passed on byte for byte.
+        ours, theirs = [], []
+        for piece in parts.query.split("&") if parts.query else []:
+            key = urllib.parse.unquote(piece.partition("=")[0])
+            (ours if key in OPTIONS else theirs).append(piece)
+        options = parse_options("?" + "&".join(ours), OPTIONS)
+        dsn = url
+        if ours:
+            dsn = urllib.parse.urlunsplit(
+                (parts.scheme, parts.netloc, parts.path, "&".join(theirs), parts.fragment)
+            )
+        try:
+            _conninfo.conninfo_to_dict(dsn)
+        except psycopg.Error as exc:
+            raise ValueError(
+                f"invalid PostgreSQL URL {redact(url)!r}: {redact_text(str(exc)).strip()}; oracle options"
+                f" are {', '.join(sorted(OPTIONS))}, other query parameters must be libpq's"
+            ) from None
+        oracle = cls(dsn, **options)
+        oracle.description = redact(url)
+        return oracle
+
+    def _connection_defaults(self, params: Dict[str, Any]) -> Dict[str, Any]:
+        """libpq parameters we set unless the DSN does: the client-side half of the lease
+        (so a follower blocked on a dead server notices) and the connect timeout."""
+        keepalive_idle, keepalive_interval, keepalive_count = _keepalives(self.lease)
+        defaults = {
+            "connect_timeout": str(max(2, int(-(-self.connect_timeout // 1)))),
+            "keepalives": "1",
+            "keepalives_idle": str(keepalive_idle),
+            "keepalives_interval": str(keepalive_interval),
+            "keepalives_count": str(keepalive_count),
+            "tcp_user_timeout": str(_lease_ms(self.lease)),
+            "fallback_application_name": "crown_sync",
+        }
+        return {k: v for k, v in defaults.items() if k not in params}
+
+    # -- connections ------------------------------------------------------------------------
+
+    def safe_error(self, exc: BaseException) -> str:
+        """``exc`` as text with any password masked."""
+        text = redact_text(f"{type(exc).__name__}: {exc}".strip())
+        if self._password:
+            text = text.replace(self._password, "***")
+        return text
+
+    def connect(self, application_name: Optional[str] = None) -> psycopg.Connection:
+        """A new autocommit connection (no prepared statements: records change per term)."""
+        self._check_process()
+        if self._forked:
+            raise PostgresOracleError("this oracle was inherited across fork(); create a new one")
+        kwargs = dict(self._defaults)
+        if application_name and "fallback_application_name" in kwargs:
+            kwargs["fallback_application_name"] = application_name[:63]
+        try:
+            with _forksafe.opening() as keep:  # a fork meanwhile must not copy a socket nobody knows
+                conn = psycopg.connect(self._dsn, autocommit=True, prepare_threshold=None, **kwargs)
+                keep(conn.pgconn.socket)
+        except psycopg.Error as exc:
+            raise ConnectionError(f"cannot connect to {self.description}: {self.safe_error(exc)}") from None
+        return conn
+
+    def _read(self, query: str, params: Dict[str, Any]):
+        """Run a read on the shared reader connection (find_leader, dismiss); one retry on a
+        broken connection."""
+        self._check_process()
+        if self._closed:
+            raise PostgresOracleError("oracle is closed")
+        with self._reader_lock:
+            for attempt in (1, 2):
+                conn = self._reader
+                if conn is None or conn.closed:
+                    conn = self._reader = self.connect("crown_sync reader")
+                    row = conn.execute("SELECT pg_is_in_recovery(), current_setting('server_version_num')::int").fetchone()
+                    if row[0]:
+                        self._reader = None
+                        conn.close()
+                        raise StandbyRefused(f"{self.description} is a standby (in recovery)")
+                try:
+                    return conn.execute(query, params).fetchall()
+                except psycopg.OperationalError as exc:
+                    if conn.broken and attempt == 1:
+                        self._reader = None
+                        continue
+                    raise PostgresOracleError(self.safe_error(exc)) from None
+        raise AssertionError("unreachable")
+
+    # -- Oracle API ------------------------------------------------------------------------
+
+    def key(self, name: str) -> int:
+        return advisory_key(self.namespace, name)
+
+    def contender(self, name: str, identity: str, metadata: Dict[str, Any], on_change: OnChange) -> PostgresContender:
+        self._check_process()
+        if self._forked:
+            raise PostgresOracleError("this oracle was inherited across fork(); create a new one")
+        return PostgresContender(self, name, identity, metadata, on_change)
+
+    def _holder(self, name: str):
+        hi, lo = _key_parts(self.key(name))
+        rows = self._read(_HOLDER_SQL, {"hi": hi, "lo": lo})
+        return rows[0] if rows else None
+
+    def leader_from_row(self, name: str, pid: Optional[int], query: Optional[str]) -> Optional[Leader]:
+        """The Leader that holds the lock, from its pid and last statement text."""
+        if pid is None:
+            return None
+        record = _decode_record(query)
+        if record and record.get("ns") == self.namespace and record.get("name") == name:
+            return leader_of(record)
+        return Leader(identity=f"(unknown: backend pid {pid})", metadata={}, token=None, since=None)
+
+    def find_leader(self, name: str) -> Optional[Leader]:
+        row = self._holder(name)
+        return self.leader_from_row(name, row[0], row[1]) if row else None
+
+    def dismiss(self, name: str) -> bool:
+        """Ask the leader of ``name`` to step down (NOTIFY; see the module docstring)."""
+        row = self._holder(name)
+        if not row or row[0] is None:
+            return False
+        record = _decode_record(row[1]) or {}
+        payload = f"dismiss:{row[0]}:{record.get('token', '')}"
+        self._read("SELECT pg_notify(%(channel)s, %(payload)s)", {"channel": _channel(self.key(name)), "payload": payload})
+        logger.info("dismissed the leader of %s (backend pid %s)", name, row[0])
+        return True
+
+    def close(self) -> None:
+        self._check_process()
+        self._closed = True
+        with self._reader_lock:
+            conn, self._reader = self._reader, None
+        if conn is not None and not self._forked:
+            try:
+                conn.close()
+            except Exception:
+                pass
+
+    def _forget_after_fork(self) -> None:
+        self._forked = True
+        _blind(self._reader)
+        self._reader = None
+        self._reader_lock = threading.Lock()
+

@@ -1,0 +1,238 @@
+"""A follower's waiter thread: blocking lock waits on the contender's session (the server wakes
+the first waiter the instant the lock is free), the takeover once granted, and what it obtained
+for the next claim() (see *How it works* and *Takeover* in the package docstring)."""
+
+import threading
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple
+
+import psycopg
+import psycopg.errors
+
+from ... import clock
+from ...oracle import Claim
+from .._base import Phase
+from ._common import _Baseline, _decode_record, _readable, _shutdown, logger
+from ._sql import _HOLDER_SQL, _WAIT_SQL
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ._contender import PostgresContender
+
+
+class Waiter:
+    """The contender's waiter thread (one at a time) and its outcome: ``granted`` (token, since)
+    once the server gave us the lock, ``prepared`` (the term's first Claim, if ready), or
+    ``error``. The thread waits, takes over, and, once leading, stays on as the term's socket
+    watcher. It also runs the wait of a claim that won the lock but owes a lease (owe())."""
+
+    def __init__(self, contender: "PostgresContender"):
+        self.contender = contender
+        self.thread: Optional[threading.Thread] = None
+        self.stopping = False  # stop() asked: the thread and the proof helpers give up
+        self.wakeup = threading.Event()  # set by stop(): cuts short the helpers' sleeps
+        self.granted: Optional[Tuple[int, float]] = None
+        self.prepared: Optional[Claim] = None
+        self.error: Optional[BaseException] = None
+        self.in_wait = False  # inside the wait statement: only then may stop() cancel it
+
+    def ready(self) -> None:
+        """Clear a previous stop (the caller holds the contender's lock)."""
+        self.stopping = False
+        self.wakeup.clear()
+
+    def forget(self) -> None:
+        """Drop the thread and what it obtained (the caller holds the contender's lock)."""
+        self.thread = None
+        self.granted = None
+        self.prepared = None
+        self.error = None
+
+    def start(self, target: Callable[[], None], kind: str) -> None:
+        with self.contender._lock:
+            self.ready()
+            self.forget()
+            self.thread = threading.Thread(target=target, name=f"crown-sync-pg-{kind}:{self.contender.name}",
+                                           daemon=True)
+            self.thread.start()
+
+    def waiting(self) -> bool:
+        """Alive and still queued: nothing granted, no error."""
+        with self.contender._lock:
+            return self.granted is None and self.error is None
+
+    def failed(self, exc: BaseException) -> None:
+        """Report ``exc`` to the next claim() and wake the engine."""
+        with self.contender._lock:
+            self.error = exc
+        self.contender._notify()
+
+    def loop(self) -> None:
+        """Blocking lock waits (each bounded by lock_timeout), until granted, stopped or broken."""
+        contender = self.contender
+        holder_params = {"hi": contender._hi, "lo": contender._lo}
+        params = {"key": contender.key, "msg": contender.name, "channel": contender._channel, **holder_params}
+        while not self.stopping:
+            conn = contender._conn
+            try:
+                if conn is None or conn.closed:
+                    raise ConnectionError("connection closed")
+                with contender._io_lock:
+                    if self.stopping:
+                        return
+                    self.in_wait = True
+                    started = clock.monotonic()
+                    try:
+                        young = contender._takeover.young()
+                        row = conn.execute(contender._tag + _WAIT_SQL, dict(params, young=young)).fetchone()
+                    finally:
+                        self.in_wait = False
+                        contender._statements += 1
+                token, _, since, pid, marker, in_recovery, holder, killed, query, age = row
+                contender._check_session(pid, marker, in_recovery)
+            except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled):
+                if self.stopping:
+                    return
+                self._refresh_leader(conn, holder_params)
+                continue
+            except Exception as exc:
+                if self.stopping:
+                    return
+                logger.debug("%s: lock wait failed: %s", contender.name, contender.oracle.safe_error(exc))
+                self.failed(exc)
+                return
+            baseline = _Baseline(holder, killed, _decode_record(query) is not None)
+            self._take_over(conn, int(token), since, started, baseline, age)
+            return
+
+    def _take_over(self, conn: psycopg.Connection, token: int, since: float, started: float,
+                   baseline: _Baseline, age: Optional[float]) -> None:
+        """The server granted us the lock (in the waiter thread). Lead at once if the predecessor
+        released it or certainly did not lose it to ``pg_terminate_backend`` (and the server is
+        not younger than a lease); otherwise hold the lock without leading until the
+        predecessor's deadline has passed (Takeover.debt, Takeover.wait_out). Then tell the
+        engine, with the term ready for claim() to return at once."""
+        takeover = self.contender._takeover
+        until = takeover.debt(conn, token, baseline, clock.monotonic(), age)
+        waited = until > clock.monotonic()
+        if waited and not takeover.wait_out(conn, until):
+            return
+        self._begin_term(conn, token, since, started, waited)
+
+    def owe(self, conn: Optional[psycopg.Connection], token: int, since: float, until: float) -> None:
+        """A claim won on a server younger than a lease, or on a new session of a contender
+        that was waiting out a predecessor's lease: hold the lock in a waiter thread without
+        leading until ``until`` (as a woken follower does), then tell the engine."""
+        contender = self.contender
+        logger.info("%s: won the lock with token %s; the previous term may run %.3fs more: waiting",
+                    contender.name, token, until - clock.monotonic())
+
+        def owe() -> None:
+            if contender._takeover.wait_out(conn, until):
+                self._begin_term(conn, token, since, until, waited=True)
+
+        self.start(owe, "owe")
+
+    def _begin_term(self, conn: psycopg.Connection, token: int, since: float, started: float,
+                    waited: bool) -> None:
+        """Make the term the waiter obtained ready for claim(). The wait statement itself proves
+        the session: it returned, so the lock was granted after it ``started``, and every way
+        the server can end the session counts from a moment after that (see the safety
+        arithmetic). So the term's deadline counts from ``started``, and the leader record is
+        published by the first refresh, which the claim asks for at once (the engine starts the
+        child first). After a wait, or when little of that lease is left, it confirms here
+        instead, for a fresh deadline."""
+        contender = self.contender
+        contender._new_term(token, since)
+        deadline = started + contender._bound - contender.oracle.margin
+        prepared: Optional[Claim] = None
+        # The wait's result proves the session against the server's timeouts, not against a
+        # termination since (the admin who killed our predecessor may be killing us too): lead
+        # on it only at once, with nothing unread from the server; else confirm first.
+        if (not waited and deadline - clock.monotonic() >= contender.oracle.confirm_interval
+                and not _unread(conn)):
+            leader = contender._me(token, since)
+            contender._leader = leader
+            prepared = Claim(won=True, leader=leader, token=token, deadline=deadline, refresh_in=0.0)
+        else:
+            try:
+                prepared = contender._confirm()
+            except Exception as exc:
+                logger.debug("%s: confirming the new term failed: %s", contender.name,
+                             contender.oracle.safe_error(exc))
+        generation = None
+        watch = contender._watch
+        with contender._lock:
+            self.granted = (token, since)
+            self.prepared = prepared
+            if prepared is not None and prepared.won and not self.stopping and contender.usable:
+                # This thread stays on as the term's socket watcher: starting a thread (which
+                # waits for it to run) would sit on the handoff's critical path.
+                contender._enter(Phase.LEADING)
+                generation = watch.begin()
+                watch.thread = threading.current_thread()
+        contender._notify()
+        if generation is not None:
+            watch.watch(conn, generation)
+
+    def _refresh_leader(self, conn: psycopg.Connection, params: Dict[str, Any]) -> None:
+        """Between waits: read who holds the lock; tell the engine if it changed."""
+        contender = self.contender
+        try:
+            with contender._io_lock:
+                if self.stopping:
+                    return
+                try:
+                    pid, query, mypid, marker, in_recovery = conn.execute(_HOLDER_SQL, params).fetchone()
+                finally:
+                    contender._statements += 1
+            contender._check_session(mypid, marker, in_recovery)
+        except Exception:
+            return  # the next wait will fail the same way and report it
+        leader = contender.oracle.leader_from_row(contender.name, pid, query)
+        old = contender._leader
+        if leader is not None and (old is None or (old.identity, old.token) != (leader.identity, leader.token)):
+            contender._leader = leader
+            contender._notify()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the waiter thread, cancelling its blocking lock wait (bounded in time).
+
+        A cancel request is sent only while the waiter is inside its wait statement: one that
+        arrived late could otherwise cancel our next statement instead.
+        """
+        waiter = self.thread
+        if waiter is None:
+            return
+        self.stopping = True
+        self.wakeup.set()
+        if waiter.is_alive() and waiter is not threading.current_thread():
+            conn = self.contender._conn
+            give_up = clock.monotonic() + timeout
+            while waiter.is_alive() and clock.monotonic() < give_up:
+                if self.in_wait and conn is not None and not conn.closed:
+                    canceller = threading.Thread(target=self._cancel, args=(conn,), daemon=True)
+                    canceller.start()
+                    canceller.join(max(0.0, min(2.0, give_up - clock.monotonic())))
+                waiter.join(max(0.0, min(0.2, give_up - clock.monotonic())))
+            if waiter.is_alive():  # the server doesn't answer: cut the session under it
+                _shutdown(conn)
+                waiter.join(1.0)
+        with self.contender._lock:
+            self.forget()
+
+    def _cancel(self, conn: psycopg.Connection) -> None:
+        contender = self.contender
+        try:
+            if hasattr(conn, "cancel_safe"):  # psycopg >= 3.2
+                conn.cancel_safe(timeout=2.0)
+            else:
+                conn.cancel()
+        except Exception as exc:
+            logger.debug("%s: cancel failed: %s", contender.name, contender.oracle.safe_error(exc))
+
+
+def _unread(conn: psycopg.Connection) -> bool:
+    """Has the server sent something not read yet (a goodbye, a notification)?"""
+    try:
+        return _readable(conn.pgconn.socket, 0)
+    except (OSError, ValueError, psycopg.Error):
+        return True

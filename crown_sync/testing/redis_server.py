@@ -36,11 +36,13 @@ class RedisServer(Server):
     user: also create this ACL user, with the same password and every right.
     persistence: ``"aof"``, ``"rdb"`` or ``None`` (see the module docstring).
     cluster: start in cluster mode (a node of no cluster yet: a single-node oracle must refuse it).
+    tls: serve TLS only, with a self-signed certificate for 127.0.0.1 made by ``openssl``
+        (``certificate``: the file a client trusts); ``url()`` is then ``rediss://``.
     extra_config: more ``redis.conf`` lines, e.g. ``["notify-keyspace-events KEA"]``.
     """
 
     def __init__(self, password: str = "crown-sync-test-secret", user: Optional[str] = None,
-                 persistence: Optional[str] = "aof", cluster: bool = False,
+                 persistence: Optional[str] = "aof", cluster: bool = False, tls: bool = False,
                  extra_config: Sequence[str] = ()):
         if persistence not in _PERSISTENCE:
             raise ValueError(f"persistence must be 'aof', 'rdb' or None, got {persistence!r}")
@@ -53,6 +55,8 @@ class RedisServer(Server):
         self.user = user
         self.persistence = persistence
         self.cluster = cluster
+        self.tls = tls
+        self.certificate = os.path.join(self.tmpdir, "server.crt")
         self.extra_config = list(extra_config)
         self.host = "127.0.0.1"
         self._log_path = os.path.join(self.tmpdir, "redis.log")
@@ -61,7 +65,8 @@ class RedisServer(Server):
         """``redis://[user]:PASSWORD@127.0.0.1:PORT/DB[?options]`` (the ACL user's with ``user``)."""
         secret = self.password if password is None else password
         query = "&".join(f"{key}={value}" for key, value in options.items())
-        return f"redis://{self.user or ''}:{secret}@{self.host}:{self.port}/{db}" + (f"?{query}" if query else "")
+        scheme = "rediss" if self.tls else "redis"
+        return f"{scheme}://{self.user or ''}:{secret}@{self.host}:{self.port}/{db}" + (f"?{query}" if query else "")
 
     @property
     def address(self):
@@ -70,7 +75,7 @@ class RedisServer(Server):
     def _config(self) -> str:
         lines = [
             f"bind {self.host}",
-            f"port {self.port}",
+            *self._listen(),
             f"dir {self.tmpdir}",
             f"logfile {self._log_path}",
             "daemonize no",
@@ -91,6 +96,20 @@ class RedisServer(Server):
         with open(path, "w") as handle:
             handle.write("\n".join(lines + self.extra_config) + "\n")
         return path
+
+    def _listen(self) -> list:
+        if not self.tls:
+            return [f"port {self.port}"]
+        if not os.path.exists(self.certificate):
+            key = os.path.join(self.tmpdir, "server.key")
+            subprocess.run(
+                [find_binary(["openssl"], "openssl"), "req", "-x509", "-newkey", "rsa:2048", "-nodes",
+                 "-days", "2", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                 "-keyout", key, "-out", self.certificate],
+                check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+        return ["port 0", f"tls-port {self.port}", f"tls-cert-file {self.certificate}",
+                f"tls-key-file {os.path.join(self.tmpdir, 'server.key')}", "tls-auth-clients no"]
 
     def start(self, timeout: float = 20.0) -> "RedisServer":
         if self.process is not None and self.process.poll() is None:
@@ -170,6 +189,8 @@ class RedisServer(Server):
         import redis
 
         kwargs.setdefault("socket_timeout", 5.0)
+        if self.tls:
+            kwargs.update(ssl=True, ssl_ca_certs=self.certificate)
         return redis.Redis(host=self.host, port=self.port, password=self.password, **kwargs)
 
     def info(self, section: str) -> Dict[str, str]:

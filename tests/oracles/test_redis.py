@@ -263,6 +263,20 @@ def test_unreachable_server_shows_in_status(caplog):
     assert "127.0.0.1" in error and "Unreach-pw-1" not in caplog.text + error
 
 
+def test_tls_with_the_servers_certificate_and_a_clear_error_without_it(caplog):
+    with RedisServer(password=SECRET, persistence=None, tls=True) as server:
+        url = server.url(ssl_ca_certs=server.certificate, ssl_check_hostname="true", ttl=2)
+        _released(server, "tls")
+        crown = crown_sync.Crown("tls", oracle=url, child=lambda term: term.stop_event.wait())
+        crown.start()
+        try:
+            wait_until(crown.is_leader, timeout=30, message="leading over TLS")
+        finally:
+            crown.stop()
+        error = _last_error(server.url(), caplog)  # the system's CAs do not know this certificate
+    assert "CERTIFICATE_VERIFY_FAILED" in error and SECRET not in caplog.text + error
+
+
 def test_a_cluster_node_is_refused(caplog):
     with RedisServer(password=SECRET, cluster=True, persistence=None) as node:
         error = _last_error(node.url(), caplog)

@@ -142,8 +142,17 @@ def percentile(values, q):
 
 
 def summary(values):
-    return {"n": len(values), "p50_ms": _ms(percentile(values, 0.5)), "p90_ms": _ms(percentile(values, 0.9)),
-            "max_ms": _ms(max(values) if values else None)}
+    return {"n": len(values), "p50_ms": _ms(percentile(values, 0.5)), "p95_ms": _ms(percentile(values, 0.95)),
+            "max_ms": _ms(max(values) if values else None), "samples_ms": [_ms(v) for v in values]}
+
+
+def scenarios(results):
+    """The rows as benchmarks/run.py reads a script's results: one item per scenario."""
+    items = []
+    for row in results:
+        for scenario in ("graceful", "crash"):
+            items.append(dict(row[scenario], system=row["system"], contenders=row["contenders"], scenario=scenario))
+    return items
 
 
 def _ms(value):
@@ -220,9 +229,9 @@ def main(argv=None) -> int:
                 print(json.dumps(result), flush=True)
                 results.append(result)
         version = server.version()
-    saved = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    saved = {"benchmark": "nats", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
              "host": platform.node(), "load_average": os.getloadavg(), "nats_server": version,
-             "ttl": args.ttl, "results": results}
+             "ttl": args.ttl, "rows": results, "results": scenarios(results)}
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
     with open(args.output, "w") as handle:
         json.dump(saved, handle, indent=1)

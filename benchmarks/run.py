@@ -58,16 +58,19 @@ if ROOT not in sys.path:
 from crown_sync import clock  # noqa: E402  (the clock of the journal's and the deadlines' times)
 
 ORACLES = ("file", "postgres", "zookeeper", "memcached")
+ORACLES += ("nats",)
 PEER_SCRIPTS = {
     "postgres": "bench_postgres.py",
     "zookeeper": "bench_zookeeper.py",
     "memcached": "bench_memcached.py",
+    "nats": "bench_nats.py",
 }
 #: Smaller sample counts for --quick, by script (flags each script accepts).
 QUICK_PEER_ARGS = {
     "postgres": ["--graceful", "3", "--crash", "3", "--rest", "5"],
     "zookeeper": ["--sizes", "3", "--graceful-samples", "3", "--crash-samples", "2"],
     "memcached": ["--graceful", "3", "--crash", "2", "--rest", "5"],
+    "nats": ["--contenders", "3", "--graceful", "3", "--crash", "2", "--rest", "5"],
 }
 #: The oracle settings crown_sync runs with here: the same as in the per-oracle scripts.
 SETTINGS = {
@@ -75,6 +78,7 @@ SETTINGS = {
     "postgres": {},  # PostgresOracle defaults: lease 10 s
     "zookeeper": {"session_timeout": 4},
     "memcached": {"ttl": 5},
+    "nats": {"ttl": 5},
 }
 
 
@@ -161,6 +165,7 @@ def machine() -> Dict[str, Any]:
     except Exception:
         pass
     versions["memcached"] = _first_line(["memcached", "-V"])
+    versions["nats-server"] = _first_line(["nats-server", "--version"])
     java = _first_line(["java", "-version"])
     versions["java"] = java
     try:
@@ -192,6 +197,7 @@ class Servers:
         self.oracles = oracles
         self.workdir = workdir
         self.postgres = self.zookeeper = self.memcached = None
+        self.nats = None
 
     def __enter__(self):
         if "postgres" in self.oracles:
@@ -210,12 +216,16 @@ class Servers:
 
             self.memcached = MemcachedServer(memory_mb=64)
             self.memcached.start()
+        if "nats" in self.oracles:
+            from crown_sync.testing.nats_server import NatsServer
+
+            self.nats = NatsServer().start()
         self.file_dir = os.path.join(self.workdir, "file-oracle")
         os.makedirs(self.file_dir, mode=0o700, exist_ok=True)
         return self
 
     def __exit__(self, *exc):
-        for server in (self.postgres, self.zookeeper, self.memcached):
+        for server in (self.postgres, self.zookeeper, self.memcached, self.nats):
             if server is not None:
                 server.cleanup()
 
@@ -231,6 +241,8 @@ class Servers:
         """The server's running count of requests from clients (None: not countable)."""
         if oracle == "memcached":
             return self.memcached.request_count()
+        if oracle == "nats":
+            return self.nats.request_count()  # messages received (/varz in_msgs)
         if oracle == "zookeeper":
             from crown_sync.testing.zookeeper_server import four_letter_word
 
@@ -856,6 +868,8 @@ TARGETS = {
     "memcached": [("graceful_signal", 100.0, "graceful handoff p50 <= 100 ms"),
                   ("crash", SETTINGS["memcached"]["ttl"] * 1000 + 250.0, "crash failover p50 <= ttl + 250 ms"),
                   ("requests_per_s_per_contender", 5.0, "<= 5 requests/s per contender at rest")],
+    "nats": [("graceful_signal", 5.0, "graceful handoff p50 <= 5 ms"),
+             ("crash", SETTINGS["nats"]["ttl"] * 1000 + 250.0, "crash failover p50 <= ttl + 250 ms")],
 }
 
 

@@ -16,8 +16,8 @@ from the journal and the server, and each journal is checked for overlapping ter
   from the signal to the new term's first journal line, and the leaderless gap (the old term's
   last line to the new term's first).
 * crash failover: SIGKILL to the leader's process group; from the kill to the new term's first line.
-* requests/s at rest: commands the server ran (``INFO commandstats``) over a quiet window, per
-  contender.
+* requests/s at rest: commands clients sent (``MONITOR``, which leaves out what scripts run inside
+  the server) over a quiet window, per contender.
 
 Results are printed and saved to ``benchmarks/results/redis.json`` (with the host's load average:
 on a busy machine the tails grow).
@@ -123,21 +123,26 @@ def _fleet(system, server, ttl, directory, name):
 # ---------------------------------------------------------------------------------- measuring
 
 def _stats(seconds):
+    """The layout benchmarks/run.py reads: n, p50_ms, p95_ms, max_ms, samples_ms."""
     ordered = sorted(seconds)
     pick = (lambda q: round(ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))] * 1000, 1))
-    return {"n": len(ordered), "p50_ms": pick(0.5), "p90_ms": pick(0.9), "max_ms": pick(1.0)} if ordered else None
+    if not ordered:
+        return None
+    return {"n": len(ordered), "p50_ms": pick(0.5), "p95_ms": pick(0.95), "max_ms": pick(1.0),
+            "samples_ms": [round(value * 1000, 1) for value in seconds]}
 
 
-def _settle(fleet, identity):
-    """Wait until a new contender takes part: a crown says so in its telemetry; a peer, which has
-    none, gets 2 s to start. A round that signals the leader before its replacement runs would
-    measure Python's start-up, not the handoff."""
+def _settle(fleet, identities):
+    """Wait until new contenders take part: a crown says so in its telemetry; peers, which have
+    none, get 2 s to start (and a little more when many start at once). A round that signals the
+    leader before its replacement runs would measure Python's start-up, not the handoff."""
     if isinstance(fleet, PeerFleet):
-        time.sleep(2.0)
+        time.sleep(2.0 + 0.1 * len(identities))
         return
     started = ("crown.monitor.started", "crown.leadership.claimed", "crown.leadership.rejected")
-    wait_until(lambda: any(e["event"] in started for e in fleet.events_of(identity)), timeout=180,
-               message=f"{identity} contending")
+    for identity in identities:
+        wait_until(lambda: any(e["event"] in started for e in fleet.events_of(identity)), timeout=180,
+                   message=f"{identity} contending")
 
 
 def _rounds(fleet, signum, rounds, spawn):
@@ -155,7 +160,7 @@ def _rounds(fleet, signum, rounds, spawn):
         ended = [t for t in fleet.terms() if (t.identity, t.token) == (leader.identity, leader.token)][0]
         latencies.append(successor.start - at)
         gaps.append(successor.start - ended.end)
-        _settle(fleet, spawn())
+        _settle(fleet, [spawn()])
     return latencies, gaps
 
 
@@ -171,12 +176,13 @@ def measure(system, server, ttl, count, args, directory):
 
     result = {"system": system, "contenders": count}
     try:
-        for identity in [spawn() for _ in range(count)]:
-            _settle(fleet, identity)
+        _settle(fleet, [spawn() for _ in range(count)])
         fleet.wait_for_term(timeout=180)
-        counts = server.count_requests(args.rest)
-        result["requests_per_s_per_contender"] = round(sum(counts.values()) / args.rest / count, 3)
-        result["requests_at_rest"] = counts
+        before, started = server.request_counts(), clock.monotonic()
+        time.sleep(args.rest)
+        counts = {k: v - before.get(k, 0) for k, v in server.request_counts().items() if v > before.get(k, 0)}
+        rate = sum(counts.values()) / (clock.monotonic() - started) / count
+        result["requests_per_s_per_contender"], result["requests_at_rest"] = round(rate, 3), counts
         for kind, signum, rounds in (("graceful", signal.SIGTERM, args.graceful),
                                      ("crash", signal.SIGKILL, args.crash)):
             latencies, gaps = _rounds(fleet, signum, rounds, spawn)
@@ -232,9 +238,12 @@ def main(argv=None) -> int:
                 print(json.dumps(result), flush=True)
                 results.append(result)
         version = subprocess.run([server.binary, "--version"], stdout=subprocess.PIPE, text=True).stdout.strip()
-    saved = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    # "results": one item per (system, contenders, scenario), as benchmarks/run.py reads them.
+    scenarios = [dict(row[kind], system=row["system"], contenders=row["contenders"], scenario=kind)
+                 for row in results for kind in ("graceful", "crash") if row.get(kind)]
+    saved = {"benchmark": "redis", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
              "host": platform.node(), "load_average": os.getloadavg(), "redis_server": version,
-             "ttl": args.ttl, "results": results}
+             "ttl": args.ttl, "rows": results, "results": scenarios}
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
     with open(args.output, "w") as handle:
         json.dump(saved, handle, indent=1)

@@ -58,11 +58,13 @@ if ROOT not in sys.path:
 from crown_sync import clock  # noqa: E402  (the clock of the journal's and the deadlines' times)
 
 ORACLES = ("file", "postgres", "zookeeper", "memcached")
+ORACLES += ("redis",)
 ORACLES += ("nats",)
 PEER_SCRIPTS = {
     "postgres": "bench_postgres.py",
     "zookeeper": "bench_zookeeper.py",
     "memcached": "bench_memcached.py",
+    "redis": "bench_redis.py",
     "nats": "bench_nats.py",
 }
 #: Smaller sample counts for --quick, by script (flags each script accepts).
@@ -70,6 +72,7 @@ QUICK_PEER_ARGS = {
     "postgres": ["--graceful", "3", "--crash", "3", "--rest", "5"],
     "zookeeper": ["--sizes", "3", "--graceful-samples", "3", "--crash-samples", "2"],
     "memcached": ["--graceful", "3", "--crash", "2", "--rest", "5"],
+    "redis": ["--contenders", "3", "--graceful", "3", "--crash", "2", "--rest", "5"],
     "nats": ["--contenders", "3", "--graceful", "3", "--crash", "2", "--rest", "5"],
 }
 #: The oracle settings crown_sync runs with here: the same as in the per-oracle scripts.
@@ -78,6 +81,7 @@ SETTINGS = {
     "postgres": {},  # PostgresOracle defaults: lease 10 s
     "zookeeper": {"session_timeout": 4},
     "memcached": {"ttl": 5},
+    "redis": {"ttl": 5},
     "nats": {"ttl": 5},
 }
 
@@ -165,6 +169,7 @@ def machine() -> Dict[str, Any]:
     except Exception:
         pass
     versions["memcached"] = _first_line(["memcached", "-V"])
+    versions["redis-server"] = _first_line(["redis-server", "--version"])
     versions["nats-server"] = _first_line(["nats-server", "--version"])
     java = _first_line(["java", "-version"])
     versions["java"] = java
@@ -197,6 +202,7 @@ class Servers:
         self.oracles = oracles
         self.workdir = workdir
         self.postgres = self.zookeeper = self.memcached = None
+        self.redis = None
         self.nats = None
 
     def __enter__(self):
@@ -216,6 +222,10 @@ class Servers:
 
             self.memcached = MemcachedServer(memory_mb=64)
             self.memcached.start()
+        if "redis" in self.oracles:
+            from crown_sync.testing.redis_server import RedisServer
+
+            self.redis = RedisServer(persistence="aof").start()
         if "nats" in self.oracles:
             from crown_sync.testing.nats_server import NatsServer
 
@@ -228,19 +238,23 @@ class Servers:
         for server in (self.postgres, self.zookeeper, self.memcached, self.nats):
             if server is not None:
                 server.cleanup()
+        if self.redis is not None:
+            self.redis.cleanup()
 
     def url(self, oracle: str) -> str:
         options = "&".join(f"{k}={v}" for k, v in SETTINGS[oracle].items())
         if oracle == "file":
             base = f"file://{self.file_dir}"
         else:
-            base = getattr(self, oracle).url
+            base = self.redis.url() if oracle == "redis" else getattr(self, oracle).url
         return base + (f"?{options}" if options else "")
 
     def requests(self, oracle: str) -> Optional[int]:
         """The server's running count of requests from clients (None: not countable)."""
         if oracle == "memcached":
             return self.memcached.request_count()
+        if oracle == "redis":
+            return self.redis.request_count()  # commands clients sent (MONITOR: not a script's own)
         if oracle == "nats":
             return self.nats.request_count()  # messages received (/varz in_msgs)
         if oracle == "zookeeper":
@@ -868,6 +882,9 @@ TARGETS = {
     "memcached": [("graceful_signal", 100.0, "graceful handoff p50 <= 100 ms"),
                   ("crash", SETTINGS["memcached"]["ttl"] * 1000 + 250.0, "crash failover p50 <= ttl + 250 ms"),
                   ("requests_per_s_per_contender", 5.0, "<= 5 requests/s per contender at rest")],
+    # <= 1 request/s per contender at rest is a target of the defaults (ttl 10), not of ttl 5 here.
+    "redis": [("graceful_signal", 5.0, "graceful handoff p50 <= 5 ms"),
+              ("crash", SETTINGS["redis"]["ttl"] * 1000 + 250.0, "crash failover p50 <= ttl + 250 ms")],
     "nats": [("graceful_signal", 5.0, "graceful handoff p50 <= 5 ms"),
              ("crash", SETTINGS["nats"]["ttl"] * 1000 + 250.0, "crash failover p50 <= ttl + 250 ms")],
 }

@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 from typing import Dict, Optional, Sequence
 
@@ -60,6 +61,8 @@ class RedisServer(Server):
         self.extra_config = list(extra_config)
         self.host = "127.0.0.1"
         self._log_path = os.path.join(self.tmpdir, "redis.log")
+        self._monitor: Optional[threading.Thread] = None
+        self._counts: Dict[str, int] = {}
 
     def url(self, db: int = 0, password: Optional[str] = None, **options) -> str:
         """``redis://[user]:PASSWORD@127.0.0.1:PORT/DB[?options]`` (the ACL user's with ``user``)."""
@@ -202,31 +205,57 @@ class RedisServer(Server):
         with self.client() as client:
             client.flushall()
 
-    def count_requests(self, seconds: float) -> Dict[str, int]:
-        """Commands clients send during the next ``seconds``, by name, seen through ``MONITOR``.
+    def request_count(self) -> int:
+        """Commands clients have sent since this method was first called, seen through ``MONITOR``
+        (in a thread of its own from that first call on; counts go on across restarts).
 
-        ``INFO commandstats`` would also count the commands a Lua script runs inside the server
-        (one ``EVALSHA`` shows as an ``evalsha``, a ``get`` and a ``set``); ``MONITOR`` tells those
-        apart (their client is ``lua``) and counts only what came over the network.
+        ``INFO``'s counters (``commandstats``, ``total_commands_processed``) also count the
+        commands a Lua script runs inside the server (one ``EVALSHA`` shows as an ``evalsha``, a
+        ``get`` and a ``set``); ``MONITOR`` tells those apart (their client is ``lua``) and counts
+        only what came over the network.
         """
-        counts: Dict[str, int] = {}
-        end = time.monotonic() + seconds
-        with socket.create_connection((self.host, self.port), timeout=0.2) as sock:
-            sock.sendall(f"AUTH {self.password}\r\nMONITOR\r\n".encode())
-            buffer = b""
-            while time.monotonic() < end:
-                try:
-                    chunk = sock.recv(65536)
-                except socket.timeout:
-                    continue  # quiet for a moment: look at the clock again
-                if not chunk:
-                    break
-                buffer += chunk
-                *lines, buffer = buffer.split(b"\r\n")
-                for line in lines:
-                    # +1796622592.123456 [0 127.0.0.1:40000] "GET" "key"; a script's: [0 lua]
-                    head, _, command = line.decode(errors="replace").partition("] ")
-                    if command and not head.endswith(" lua"):
-                        name = command.split(" ", 1)[0].strip('"').lower()
-                        counts[name] = counts.get(name, 0) + 1
-        return counts
+        return sum(self.request_counts().values())
+
+    def request_counts(self) -> Dict[str, int]:
+        """:meth:`request_count` by command name."""
+        if self._monitor is None or not self._monitor.is_alive():
+            ready = threading.Event()
+            self._monitor = threading.Thread(target=self._count, args=(ready,), daemon=True,
+                                             name="redis-server-monitor")
+            self._monitor.start()
+            ready.wait(5.0)
+        return dict(self._counts)
+
+    def _count(self, ready: threading.Event) -> None:
+        replies = 0
+        try:
+            with socket.create_connection((self.host, self.port), timeout=0.5) as sock:
+                sock.sendall(f"AUTH {self.password}\r\nMONITOR\r\n".encode())
+                buffer = b""
+                while self.process is not None:
+                    try:
+                        chunk = sock.recv(65536)
+                    except socket.timeout:
+                        continue
+                    if not chunk:
+                        return  # the server went away: the next request_count() starts anew
+                    buffer += chunk
+                    *lines, buffer = buffer.split(b"\r\n")
+                    for line in lines:
+                        if line == b"+OK":
+                            replies += 1
+                            if replies == 2:
+                                ready.set()  # AUTH's and MONITOR's replies: counting from here
+                        else:
+                            self._tally(line.decode(errors="replace"))
+        except OSError:
+            pass
+        finally:
+            ready.set()
+
+    def _tally(self, line: str) -> None:
+        # +1796622592.123456 [0 127.0.0.1:40000] "GET" "key"; a script's: [0 lua] "get" ...
+        head, _, command = line.partition("] ")
+        if command and not head.endswith(" lua"):
+            name = command.split(" ", 1)[0].strip('"').lower()
+            self._counts[name] = self._counts.get(name, 0) + 1

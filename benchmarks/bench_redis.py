@@ -206,13 +206,10 @@ def _table(results) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ttl", type=float, default=5.0)
-    parser.add_argument("--contenders", default="3,50")
-    parser.add_argument("--graceful", type=int, default=10)
-    parser.add_argument("--crash", type=int, default=3)
-    parser.add_argument("--rest", type=float, default=10.0)
-    parser.add_argument("--systems", default=",".join(SYSTEMS))
-    parser.add_argument("--output", default=RESULTS)
+    for option, kind, default in (("--ttl", float, 5.0), ("--contenders", str, "3,50"), ("--graceful", int, 10),
+                                  ("--crash", int, 3), ("--rest", float, 10.0),
+                                  ("--systems", str, ",".join(SYSTEMS)), ("--output", str, RESULTS)):
+        parser.add_argument(option, type=kind, default=default)
     parser.add_argument("--peer", choices=SYSTEMS[1:], help=argparse.SUPPRESS)
     for option in ("--url", "--name", "--journal", "--identity"):
         parser.add_argument(option, help=argparse.SUPPRESS)

@@ -19,6 +19,7 @@ import threading
 import time
 from typing import Dict, Optional, Sequence
 
+from .memcached_server import MemcachedServer
 from .servers import Server, ServerMissing, find_binary, free_port, wait_for_port
 
 __all__ = ["RedisServer", "ServerMissing"]
@@ -148,28 +149,12 @@ class RedisServer(Server):
         """Stop cleanly (SIGTERM), stay down ``down_for`` seconds, start again on the same port with
         the same data dir: what comes back depends on ``persistence``."""
         self.resume()
-        self.stop()
-        if down_for:
-            time.sleep(down_for)
-        return self._start_on_same_port()
+        return MemcachedServer.restart(self, down_for)
 
-    def crash_restart(self, down_for: float = 0.0) -> "RedisServer":
-        """SIGKILL, then start again on the same port (an ``aof`` server keeps every write)."""
-        self.kill()
-        if down_for:
-            time.sleep(down_for)
-        return self._start_on_same_port()
-
-    def _start_on_same_port(self) -> "RedisServer":
-        # The port was ours; a few retries cover a TIME_WAIT or a slow exit.
-        last = None
-        for _ in range(50):
-            try:
-                return self.start()
-            except RuntimeError as exc:
-                last = exc
-                time.sleep(0.1)
-        raise last
+    # As memcached's: SIGKILL (kill() resumes a paused server first), stay down, start on the same
+    # port, retrying a while; here the data dir stays, so an ``aof`` server keeps every write.
+    crash_restart = MemcachedServer.crash_restart
+    _start_on_same_port = MemcachedServer._start_on_same_port
 
     def pause(self) -> None:
         """Freeze the server (SIGSTOP): connections stay open, nothing is answered."""

@@ -29,6 +29,20 @@ if TYPE_CHECKING:  # pragma: no cover
 _HANDOFF_LINGER = 0.05
 
 
+class _Term:
+    """A term of ours: the leader record its confirmations carry, and what happened to it since
+    it began: its first confirmation announced it (``leading:<token>``), a dismissal named it,
+    or the socket watcher heard the server's goodbye (FATAL, EOF) before the engine asked."""
+
+    __slots__ = ("record", "announced", "dismissed", "lost")
+
+    def __init__(self, record: str):
+        self.record = record
+        self.announced = False
+        self.dismissed = False
+        self.lost = False
+
+
 class PostgresContender(ContenderBase):
     """One crown's dedicated session. See the package docstring.
 
@@ -55,13 +69,10 @@ class PostgresContender(ContenderBase):
         self._counts_terminations = False  # track_counts: pg_stat_database counts terminations
         self._connected_at = -math.inf  # monotonic time our session was known to exist
         self._io_lock = threading.Lock()  # held while a statement is in flight on _conn
-        # leadership
+        # leadership: the token and start of the term we hold or are about to lead
         self._token: Optional[int] = None
         self._since: Optional[float] = None
-        self._record_comment: Optional[str] = None
-        self._announced = False  # this term's "leading:<token>" was sent
-        self._dismissed = False
-        self._session_lost = False  # the socket watcher heard a goodbye (FATAL, EOF)
+        self._term: Optional[_Term] = None  # from the term's start to its release
         self._statements = 0  # bumped after every statement: the socket watcher's progress mark
         self._events: "collections.deque" = collections.deque(maxlen=64)  # (kind, token, pid)
         self._handoff: Optional[Tuple[int, float]] = None  # (released token, linger until): close()
@@ -170,7 +181,6 @@ class PostgresContender(ContenderBase):
     def _make_record_comment(self) -> str:
         """Our leader record, as the SQL comment that leads each of the term's confirm statements
         (the first of which announces the term)."""
-        self._announced = False
         record = self._record()
         comment = self._tag + _encode_record(record)
         if len(comment.encode()) >= self._query_limit:
@@ -185,35 +195,11 @@ class PostgresContender(ContenderBase):
 
     def claim(self) -> Claim:
         self._check_open()
-        waiting = self._waiting
-        waiter = waiting.thread
+        waiter = self._waiting.thread
         if waiter is not None:
-            with self._lock:
-                granted, error = waiting.granted, waiting.error
-            if granted is None and error is None and waiter.is_alive():
-                # Queued on the lock: the server would have woken us if it were free.
-                return Claim(won=False, leader=self._leader)
-            with self._lock:
-                prepared = waiting.prepared
-                # The waiter may have stayed on as the term's socket watcher (see Waiter._begin_term).
-                adopted = granted is not None and waiter is self._watch.thread
-                if adopted:
-                    waiting.forget()
-            if adopted:
-                self._token, self._since = granted
-                if self._session_lost:  # its watcher heard a goodbye before the engine asked
-                    self._release(quietly=True)
-                    self._token = self._since = None
-                    return Claim(won=False, leader=None)
-                return self._lead(prepared, watching=True)
-            if granted is not None:
-                waiter.join(5.0)  # it is ending
-            waiting.stop()
-            if granted is not None:
-                self._token, self._since = granted
-                if prepared is not None and prepared.won:
-                    return self._lead(prepared)
-                return self._won()
+            collected = self._collect(waiter)
+            if collected is not None:
+                return collected
         try:
             row = self._claim_retrying(self._try_lock)
             locked, token, _, since, pid, marker, in_recovery, holder_pid, holder_query, age, killed = row
@@ -227,10 +213,44 @@ class PostgresContender(ContenderBase):
             self._fail(exc)
             raise self._error(exc) from None
         if until > clock.monotonic():
-            waiting.owe(self._conn, int(token), since, until)
+            self._waiting.owe(self._conn, int(token), since, until)
             return Claim(won=False, leader=None)
         self._token, self._since = int(token), since
         return self._won()
+
+    def _collect(self, waiter: threading.Thread) -> Optional[Claim]:
+        """What the waiter obtained, for claim(): "lost" while it is queued, the term it got
+        (adopted, or confirmed now), or None when it failed or ended without the lock (claim
+        afresh)."""
+        waiting = self._waiting
+        with self._lock:
+            granted, error = waiting.granted, waiting.error
+        if granted is None and error is None and waiter.is_alive():
+            # Queued on the lock: the server would have woken us if it were free.
+            return Claim(won=False, leader=self._leader)
+        with self._lock:
+            prepared = waiting.prepared
+            # The waiter may have stayed on as the term's socket watcher (see Waiter._begin_term).
+            adopted = granted is not None and waiter is self._watch.thread
+            if adopted:
+                waiting.forget()
+        if adopted:
+            self._token, self._since = granted
+            term = self._term
+            if term is not None and term.lost:  # its watcher heard a goodbye before the engine asked
+                self._release(quietly=True)
+                self._token = self._since = None
+                return Claim(won=False, leader=None)
+            return self._lead(prepared, watching=True)
+        if granted is not None:
+            waiter.join(5.0)  # it is ending
+        waiting.stop()
+        if granted is not None:
+            self._token, self._since = granted
+            if prepared is not None and prepared.won:
+                return self._lead(prepared)
+            return self._won()
+        return None
 
     def _try_lock(self):
         """The claiming statement. A session the server ended while we were quiet (a follower
@@ -258,9 +278,7 @@ class PostgresContender(ContenderBase):
     def _new_term(self, token: Optional[int], since: Optional[float]) -> None:
         """A term begins on our session: its record, and nothing heard about it yet."""
         self._token, self._since = token, since
-        self._record_comment = self._make_record_comment()
-        self._dismissed = False
-        self._session_lost = False
+        self._term = _Term(self._make_record_comment())
 
     def _won(self) -> Claim:
         self._new_term(self._token, self._since)
@@ -288,13 +306,14 @@ class PostgresContender(ContenderBase):
             self._drop_connection()
             return Claim(won=False, leader=None)
         started = clock.monotonic()
-        announce, self._announced = not self._announced, True  # once, even if it fails
+        term = self._term
+        announce, term.announced = not term.announced, True  # once, even if it fails
         params = {"hi": self._hi, "lo": self._lo}
         if announce:
             params.update(channel=self._channel, leading=f"leading:{self._token}")
         try:
             row = self._execute(
-                self._record_comment + (_ANNOUNCING_CONFIRM_SQL if announce else _CONFIRM_SQL), params, conn
+                term.record + (_ANNOUNCING_CONFIRM_SQL if announce else _CONFIRM_SQL), params, conn
             )
             pid, marker, held, in_recovery = row[:4]
             self._check_session(pid, marker, in_recovery)
@@ -316,7 +335,7 @@ class PostgresContender(ContenderBase):
             logger.warning("%s: our session no longer holds the advisory lock", self.name)
             self._token = None  # nothing of ours to announce as released
             return Claim(won=False, leader=None)
-        if self._dismissed:
+        if term.dismissed:
             logger.info("%s: dismissed; stepping down", self.name)
             return Claim(won=False, leader=None)
         leader = self._me(self._token, self._since)
@@ -331,7 +350,7 @@ class PostgresContender(ContenderBase):
 
     def refresh(self) -> Claim:
         self._check_open()
-        if self.phase is not Phase.LEADING or self._record_comment is None:
+        if self.phase is not Phase.LEADING or self._term is None:
             return Claim(won=False, leader=None)
         claim = self._confirm()
         if not claim.won:
@@ -347,8 +366,10 @@ class PostgresContender(ContenderBase):
         kind, _, rest = notify.payload.partition(":")
         if kind == "dismiss":
             pid, _, token = rest.partition(":")
-            if self.phase is Phase.LEADING and pid == str(self._backend_pid) and (not token or token == str(self._token)):
-                self._dismissed = True
+            term = self._term
+            if (term is not None and self.phase is Phase.LEADING and pid == str(self._backend_pid)
+                    and (not token or token == str(self._token))):
+                term.dismissed = True
             return
         if kind in ("claimed", "released", "leading") and rest.isdigit():
             with self._lock:
@@ -371,9 +392,9 @@ class PostgresContender(ContenderBase):
         we let go (our child already stopped) rather than died. If a session waits for the lock,
         note it: close() then lets that successor lead before ending our session."""
         self._handoff = None
-        was_leading = self._record_comment is not None and self._token is not None
+        was_leading = self._term is not None and self._token is not None
         self._move(Phase.FOLLOWING)
-        self._record_comment = None
+        self._term = None
         self._watch.generation += 1  # the socket watcher goes inert now; joined after the unlock
         conn = self._conn
         if conn is None or conn.closed:

@@ -105,9 +105,10 @@ class SocketWatcher:
                         contender._read_notifications(conn.pgconn)
                     except Exception:
                         lost = True
-                dismissed = contender._dismissed
-                if lost:
-                    contender._session_lost = True  # read by claim(), for a term not yet begun
+                term = contender._term
+                dismissed = term is not None and term.dismissed
+                if lost and term is not None:
+                    term.lost = True  # read by claim(), for a term not yet begun
                 if lost or dismissed:
                     signalled = contender._statements
             if lost or dismissed:

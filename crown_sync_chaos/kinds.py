@@ -636,8 +636,62 @@ class NatsKind(Kind):
         return {"key": key, "how": how, "holder": holder, "downtime": 0.0, "confirmed": entry is not None and matches}
 
 
+class RedisKind(Kind):
+    """A lease record replaced by a Lua compare-and-set, on a Redis without persistence (a
+    restart forgets every lease, as FLUSHALL does); releases pushed over pub/sub."""
+
+    name = "redis"
+    modules = ("crown_sync.oracles.redis", "crown_sync.testing.redis_server", "redis")
+    faults = ("sigkill", "sigstop", "dismiss", "restart", "flush", "partition", "revoke")
+
+    def start(self) -> None:
+        from crown_sync.testing.redis_server import RedisServer
+
+        extra = [f"bind 127.0.0.1 {self.netns.host_ip}"] if self.netns is not None else []
+        self.server = RedisServer(persistence=None, extra_config=extra).start()
+
+    def url(self, in_netns: bool = False) -> str:
+        url = self.server.url(ttl=self.lease, poll_interval=0.5)
+        return url.replace("@127.0.0.1:", f"@{self.netns.host_ip}:") if in_netns else url
+
+    def describe(self) -> Dict[str, Any]:
+        return {"lease": self.lease, "note": "RedisOracle ttl, poll_interval 0.5 s, no persistence"}
+
+    def bound(self) -> float:
+        # As memcached: a silent leader's record is taken over once unchanged for a ttl; a lost
+        # record (restart, FLUSHALL, DEL) costs a ttl of quarantine.
+        return 2 * self.lease + 0.5 + SLACK
+
+    def inject(self, fault, rng, leader, name):
+        if fault == "restart":
+            crash = rng.random() < 0.5
+            down = round(rng.uniform(0.0, 1.0), 2)
+            old, t0 = self.server.pid, time.monotonic()
+            (self.server.crash_restart if crash else self.server.restart)(down_for=down)
+            return {"mode": "kill" if crash else "stop", "down": down, "downtime": time.monotonic() - t0,
+                    "confirmed": self.server.pid != old and self.server.pid is not None}
+        if fault in ("flush", "revoke"):
+            return self._erase(fault, leader, name)
+        return super().inject(fault, rng, leader, name)
+
+    def _erase(self, fault, leader, name):
+        """``FLUSHALL``, or (revoke) an administrator's ``DEL`` of the leader's lease key."""
+        key = f"crown_sync:{name}"
+        with self.server.client() as client:
+            value = client.get(key)
+            try:
+                holder = json.loads(value).get("identity") if value else None
+            except ValueError:
+                holder = None
+            erased = client.flushall() if fault == "flush" else client.delete(key) == 1
+        # Confirmed: the key named the journal's leader when it was erased.
+        matches = leader is None or holder == leader["identity"]
+        return {"key": key, "holder": holder, "downtime": 0.0, "confirmed": bool(erased) and matches}
+
+
 KINDS: List[type] = [FileKind, PostgresKind, ZooKeeperKind, MemcachedKind]
 KINDS.append(NatsKind)
+KINDS.append(RedisKind)
 
 
 def available_kinds() -> Dict[str, type]:

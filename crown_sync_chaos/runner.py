@@ -55,6 +55,8 @@ import time
 from typing import Any, Callable, Dict, List, Optional
 
 from crown_sync.clock import monotonic as _now  # the journal's clock: compare its times with it
+from crown_sync.testing.fleet import poll as _wait
+from crown_sync.testing.fleet import process_state as _process_state
 
 from . import kinds as kinds_module
 from .netns import Netns, NetnsUnavailable, netns_problem
@@ -208,25 +210,6 @@ class Contender:
             return ""
 
 
-def _process_state(pid: int) -> Optional[str]:
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return None
-
-
-def _wait(predicate: Callable[[], Any], timeout: float, step: float = 0.02):
-    deadline = _now() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if _now() >= deadline:
-            return value
-        time.sleep(step)
-
-
 class Runner:
     """One run of rounds against one oracle kind. ``run()`` returns the result dict."""
 
@@ -347,7 +330,7 @@ class Runner:
             self.events.poll()
             return all(p.identity in self.events.ready or not p.alive() for p in spawned)
 
-        if spawned and not _wait(ready, 60, step=0.05):
+        if spawned and not _wait(ready, 60, interval=0.05):
             late = [p.identity for p in spawned if p.identity not in self.events.ready]
             self._say(f"contenders {late} have not contended after 60 s")
 

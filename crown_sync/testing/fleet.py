@@ -26,7 +26,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, TypeVar
 from crown_sync import clock
 from crown_sync.testing import journal
 
-__all__ = ["ROOT", "Fleet", "wait_until", "terms", "assert_safe"]
+__all__ = ["ROOT", "Fleet", "poll", "wait_until", "process_state", "terms", "assert_safe"]
 
 #: The repository (or site-packages) directory holding ``crown_sync``: the contenders' cwd.
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -34,18 +34,33 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 T = TypeVar("T")
 
 
+def poll(predicate: Callable[[], T], timeout: float, interval: float = 0.01) -> T:
+    """``predicate()``'s first true value within ``timeout`` seconds, else its last (false) one."""
+    end = clock.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or clock.monotonic() > end:
+            return value
+        time.sleep(interval)
+
+
 def wait_until(predicate: Callable[[], T], timeout: float = 30.0, interval: float = 0.01,
                message: str = "condition") -> T:
     """Poll until ``predicate()`` returns something true and return it; fail (never hang) after a
     generous ``timeout`` with an AssertionError naming ``message``."""
-    end = clock.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if clock.monotonic() > end:
-            raise AssertionError(f"{message} not met within {timeout}s")
-        time.sleep(interval)
+    value = poll(predicate, timeout, interval)
+    if not value:
+        raise AssertionError(f"{message} not met within {timeout}s")
+    return value
+
+
+def process_state(pid: int) -> Optional[str]:
+    """The one-letter state of ``pid`` from /proc (``T``: stopped), None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
 
 
 def terms(path: str, name: str) -> List[journal.Term]:

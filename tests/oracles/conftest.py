@@ -20,10 +20,16 @@ def pytest_generate_tests(metafunc):
         return
     needs = [need for marker in metafunc.definition.iter_markers("needs") for need in marker.args]
     kinds = [kind for kind in KINDS if all(kind.has(need) for need in needs)]
-    params = [pytest.param(kind, id=kind.name, marks=[pytest.mark.server_oracle] if kind.server else [])
-              for kind in kinds]
+    params = [pytest.param(kind, id=kind.name, marks=_marks(kind, metafunc.function.__name__)) for kind in kinds]
     # Session scope: one server per kind for the whole run, however many tests use it.
     metafunc.parametrize("served", params, indirect=True, scope="session")
+
+
+def _marks(kind, test: str) -> list:
+    marks = [pytest.mark.server_oracle] if kind.server else []
+    if test in kind.known_bugs:
+        marks.append(pytest.mark.xfail(strict=True, reason=f"known bug of {kind.name}: {kind.known_bugs[test]}"))
+    return marks
 
 
 @pytest.fixture(scope="session")

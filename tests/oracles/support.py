@@ -1,7 +1,8 @@
 """What every oracle test shares: the one Fleet and wait helper, and the registry of oracle kinds.
 
-``Fleet``, ``wait_until``, ``terms`` and ``assert_safe`` live in :mod:`crown_sync.testing.fleet`
-(the benchmarks and the chaos runner can use them too) and are re-exported here.
+``Fleet``, ``wait_until``, ``process_state``, ``terms`` and ``assert_safe`` live in
+:mod:`crown_sync.testing.fleet` (the benchmarks and the chaos runner can use them too) and are
+re-exported here.
 
 An **oracle kind** is what the contract suite (``test_contract.py``) needs to know about an
 oracle: how to start its server from the system's binaries, the URLs to use (fast options for
@@ -43,14 +44,15 @@ import os
 import shutil
 import signal
 import tempfile
+import textwrap
 import urllib.parse
 from typing import Any, Dict, List, Optional
 
-from crown_sync.testing.fleet import ROOT, Fleet, assert_safe, terms, wait_until
+from crown_sync.testing.fleet import ROOT, Fleet, assert_safe, process_state, terms, wait_until
 from crown_sync.testing.servers import free_port
 
 __all__ = ["ROOT", "Fleet", "wait_until", "terms", "assert_safe", "OracleKind", "Served", "KINDS",
-           "with_query", "process_state"]
+           "with_query", "process_state", "FORK_SCRIPT"]
 
 
 def with_query(url: str, options: Dict[str, Any]) -> str:
@@ -60,10 +62,38 @@ def with_query(url: str, options: Dict[str, Any]) -> str:
     return url + ("&" if "?" in url else "?") + urllib.parse.urlencode(options)
 
 
-def process_state(pid: int) -> str:
-    """The one-letter state of ``pid`` from /proc (``T``: stopped)."""
-    with open(f"/proc/{pid}/stat") as handle:
-        return handle.read().rsplit(")", 1)[1].split()[0]
+#: ``python FORK_SCRIPT URL NAME wait|linger``: a crown leads, then the process forks. The child
+#: checks that its inherited crown is not leader and stops it. ``wait``: the parent reaps the child
+#: and prints child-exit, parent-leads and still-leads lines. ``linger``: each prints its role and
+#: pid and sleeps (a test kills them).
+FORK_SCRIPT = textwrap.dedent(
+    """
+    import os, sys, time
+    import crown_sync
+    url, name, mode = sys.argv[1:4]
+    crown = crown_sync.Crown(name, oracle=url).start()
+    assert crown.wait_for_leadership(30), crown.status().last_error
+    pid = os.fork()
+    if pid == 0:
+        # Inherited crown: not ours. stop() must not release the parent's crown.
+        ok = (not crown.is_leader()) and not crown_sync.is_leader(name)
+        crown.stop()
+        if mode == "linger":
+            os.write(1, b"child %d\\n" % os.getpid())  # one write: the parent prints meanwhile
+            time.sleep(60)
+        os._exit(0 if ok else 3)
+    if mode == "linger":
+        os.write(1, b"parent %d\\n" % os.getpid())
+        time.sleep(60)
+    _, code = os.waitpid(pid, 0)
+    print("child-exit", os.waitstatus_to_exitcode(code), flush=True)
+    print("parent-leads", crown.is_leader(), flush=True)
+    time.sleep(0.5)
+    found = crown_sync.find_leader(name, oracle=url)
+    print("still-leads", crown.is_leader(), found is not None and found.identity == crown.identity, flush=True)
+    crown.stop()
+    """
+)
 
 
 def _descendants(pid: int) -> List[int]:
@@ -89,6 +119,11 @@ class OracleKind:
     fleet_options: Dict[str, Any] = {}
     #: Option values its constructor must refuse with a ValueError or TypeError naming the option.
     bad_options: Dict[str, Any] = {}
+    #: Words of ``status().last_error`` when the credentials are wrong (kinds that have them).
+    wrong_credentials_error = ""
+    #: Contract tests this oracle fails today, by test function name -> the bug: they run as
+    #: strict xfails (so a fix shows as XPASS, a failure: remove the entry then).
+    known_bugs: Dict[str, str] = {}
 
     def start(self) -> Any:
         """Start a server (once per session); what it returns is handed to the other methods."""
@@ -200,6 +235,13 @@ class PostgresKind(OracleKind):
     # lease 2 s -> margin 0.2 s, confirmations every 0.4 s
     fast = {"lease": 2, "wait_timeout": 1}
     bad_options = {"lease": 0}
+    wrong_credentials_error = "password authentication failed"
+    known_bugs = {
+        "test_stop_while_leading_is_bounded_when_the_server_is_frozen":
+            "the leader's refresh query on a frozen backend has no client-side bound (no statement"
+            " or TCP timeout): the crown's loop thread waits in psycopg's execute() and stop() times"
+            " out with the crown still 'leading' (the term's deadline still stops the child)",
+    }
     settled = 3.0  # a claim on a server younger than the longest lease here waits it out
 
     def start(self):

@@ -22,7 +22,7 @@ from crown_sync.oracles import FileOracle
 from crown_sync.oracles import file as file_oracle
 from crown_sync.testing import journal
 
-from .support import Fleet, wait_until
+from .support import FORK_SCRIPT, Fleet, wait_until
 
 NAME = "billing"
 
@@ -45,49 +45,6 @@ def leader_identity(url):
     return found.identity if found is not None else None
 
 
-def test_leadership_moves_through_sigkill_and_sigterm_with_no_overlap(url, tmp_path):
-    fleet = Fleet(url, tmp_path, NAME)
-    for i in range(3):
-        fleet.spawn(f"c{i}")
-    try:
-        killed = []
-        for round_number, signum in enumerate([signal.SIGKILL, signal.SIGTERM, signal.SIGKILL]):
-            leader = fleet.wait_for_term(other_than=killed[-1:]).identity
-            fleet.processes[leader].send_signal(signum)
-            fleet.processes[leader].wait(30)
-            killed.append(leader)
-            fleet.spawn(f"c{3 + round_number}")  # keep three contenders
-        fleet.wait_for_term(other_than=killed[-1:])
-    finally:
-        fleet.stop_all(strict=True)
-    report = journal.check(fleet.journal, NAME)
-    assert report.ok, report.summary()
-    assert len(report.terms) >= 4, report.summary()
-    assert all(term.beats > 0 for term in report.terms), report.summary()
-    # SIGTERMed and finally stopped leaders stopped their child cleanly; SIGKILLed ones could not.
-    assert sum(term.stopped for term in report.terms) >= 2
-
-
-def test_process_children_with_sigkilled_leaders_never_overlap(url, tmp_path):
-    fleet = Fleet(url, tmp_path, NAME, child="process")
-    for i in range(3):
-        fleet.spawn(f"p{i}")
-    try:
-        previous = None
-        for round_number in range(3):
-            leader = fleet.wait_for_term(other_than={previous}).identity
-            fleet.processes[leader].kill()
-            fleet.processes[leader].wait(30)
-            previous = leader
-            fleet.spawn(f"p{3 + round_number}")
-        fleet.wait_for_term(other_than={previous})
-    finally:
-        fleet.stop_all(strict=True)
-    report = journal.check(fleet.journal, NAME)
-    assert report.ok, report.summary()
-    assert len(report.terms) >= 4, report.summary()
-
-
 def test_tokens_rise_and_survive_a_new_oracle_object(oracle_dir):
     url = f"file://{oracle_dir}"
     tokens = []
@@ -97,33 +54,6 @@ def test_tokens_rise_and_survive_a_new_oracle_object(oracle_dir):
             tokens.append(crown.status().token)
     assert tokens == sorted(tokens) and len(set(tokens)) == 3
     assert crown_sync.find_leader(NAME, oracle=url) is None  # record remains, lock is free
-
-
-def test_find_leader_status_and_dismiss(url):
-    with crown_sync.Crown(NAME, oracle=url, metadata={"url": "http://10.0.0.1:8000"}) as crown:
-        assert crown.wait_for_leadership(10)
-        found = crown_sync.find_leader(NAME, oracle=url)
-        assert found.identity == crown.identity
-        assert found.metadata == {"url": "http://10.0.0.1:8000"}
-        assert found.token == crown.status().token and found.since <= time.time()
-        first_token = found.token
-        assert crown_sync.dismiss(NAME, oracle=url)
-        wait_until(lambda: crown.status().token not in (None, first_token))  # stepped down, won again
-    assert not crown_sync.dismiss(NAME, oracle=url)
-
-
-def test_a_dismissed_leader_yields_to_a_waiting_follower(url):
-    for _ in range(3):  # a race lost now and then would show up as the same leader again
-        first = crown_sync.Crown(NAME, oracle=url, identity="first").start()
-        assert first.wait_for_leadership(10)
-        second = crown_sync.Crown(NAME, oracle=url, identity="second").start()
-        try:
-            wait_until(lambda: second.phase == "following")
-            assert crown_sync.dismiss(NAME, oracle=url)
-            assert second.wait_for_leadership(10)
-        finally:
-            first.stop()
-            second.stop()
 
 
 def test_a_torn_leader_record_is_refused_rather_than_restarting_tokens(url, oracle_dir):
@@ -165,22 +95,6 @@ def test_stopped_followers_leave_no_waiting_threads_behind(url):
     assert crown_sync.find_leader(NAME, oracle=url) is None
 
 
-def test_two_crowns_in_one_process_never_both_lead(url):
-    first = crown_sync.Crown(NAME, oracle=url, identity="one").start()
-    second = crown_sync.Crown(NAME, oracle=url, identity="two").start()
-    try:
-        assert first.wait_for_leadership(10) or second.wait_for_leadership(10)
-        for _ in range(200):
-            assert not (first.is_leader() and second.is_leader())
-            time.sleep(0.001)
-        leader, follower = (first, second) if first.is_leader() else (second, first)
-        leader.stop()
-        assert follower.wait_for_leadership(10)
-    finally:
-        first.stop()
-        second.stop()
-
-
 def test_directory_checks(tmp_path):
     target = tmp_path / "real"
     target.mkdir(mode=0o700)
@@ -207,59 +121,11 @@ def test_bad_file_urls(bad):
         assert "check_interval" in str(info.value)  # names the accepted options
 
 
-def test_unusable_directory_never_raises_from_start(tmp_path):
-    blocker = tmp_path / "file-not-dir"
-    blocker.write_text("x")
-    crown = crown_sync.Crown(NAME, oracle=f"file://{blocker}/sub", monitor_delay=0.1)
-    assert crown.start() is crown
-    try:
-        wait_until(lambda: crown.status().last_error)
-        assert not crown.is_leader()
-    finally:
-        crown.stop()
-
-
-FORK_SCRIPT = textwrap.dedent(
-    """
-    import os, sys, time, signal
-    import crown_sync
-    crown = crown_sync.Crown("billing", oracle=sys.argv[1]).start()
-    assert crown.wait_for_leadership(10)
-    pid = os.fork()
-    if pid == 0:
-        # Inherited crown: not ours. stop() must not release the parent's lock.
-        ok = (not crown.is_leader()) and not crown_sync.is_leader("billing")
-        crown.stop()
-        if sys.argv[2] == "linger":
-            os.write(1, b"child %d\\n" % os.getpid())  # one write: the parent prints meanwhile
-            time.sleep(60)
-        os._exit(0 if ok else 3)
-    if sys.argv[2] == "linger":
-        os.write(1, b"parent %d\\n" % os.getpid())
-        time.sleep(60)
-    _, code = os.waitpid(pid, 0)
-    print("child-exit", os.waitstatus_to_exitcode(code), flush=True)
-    print("parent-leads", crown.is_leader(), flush=True)
-    time.sleep(0.2)
-    print("still-leads", crown.is_leader(), flush=True)
-    crown.stop()
-    """
-)
-
-
-def test_fork_inherited_crown_is_not_leader_and_does_not_release(url, tmp_path):
-    script = tmp_path / "fork_script.py"
-    script.write_text(FORK_SCRIPT)
-    out = subprocess.run([sys.executable, str(script), url, "wait"], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    assert "child-exit 0" in out.stdout
-    assert "parent-leads True" in out.stdout and "still-leads True" in out.stdout
-
-
 def test_a_forked_process_does_not_keep_the_lock_after_the_parent_dies(url, tmp_path):
     script = tmp_path / "fork_script.py"
     script.write_text(FORK_SCRIPT)
-    process = subprocess.Popen([sys.executable, str(script), url, "linger"], stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen([sys.executable, str(script), url, NAME, "linger"], stdout=subprocess.PIPE,
+                               text=True)
     pids = {}
     try:
         while len(pids) < 2:

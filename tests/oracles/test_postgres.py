@@ -36,7 +36,6 @@ from crown_sync.oracles.postgres import (
 )
 from crown_sync.testing import journal
 from crown_sync.testing.postgres_server import PostgresServer
-from crown_sync.testing.servers import free_port
 
 from .postgres_support import TransactionPooler
 from .support import ROOT, Fleet, wait_until
@@ -1046,67 +1045,6 @@ def test_pgbouncer_default_pooling_is_refused_even_on_one_reused_session(pg, nam
 # ------------------------------------------------------------------------- crowns, end to end
 
 
-def test_two_crowns_in_one_process_never_both_lead(pg, name, tmp_path):
-    path = str(tmp_path / "journal")
-    shared = oracle_for(pg)
-    child = crown_sync.ThreadChild(journal.journaled_work, args=(path,))
-    crowns = [
-        crown_sync.Crown(name, oracle=shared, child=child, identity="shared-oracle"),
-        crown_sync.Crown(name, oracle=pg.url_for(password=SECRET, lease=2, wait_timeout=1),
-                         child=child, identity="own-oracle"),
-    ]
-    both = []
-    try:
-        for crown in crowns:
-            crown.start()
-        wait_until(lambda: any(c.is_leader() for c in crowns), message="a leader")
-        end = clock.monotonic() + 1.0
-        while clock.monotonic() < end:
-            both.append(all(c.is_leader() for c in crowns))
-            time.sleep(0.005)
-        first = next(c for c in crowns if c.is_leader())
-        other = next(c for c in crowns if c is not first)
-        first.stop()
-        assert other.wait_for_leadership(30)
-        assert other.status().token > 0 and SECRET not in other.status().oracle
-        time.sleep(0.2)
-    finally:
-        for crown in crowns:
-            crown.stop()
-        shared.close()
-    assert not any(both)
-    report = journal_ok(path, name, 2)
-    assert [t.identity for t in report.terms][:2] == [first.identity, other.identity]
-
-
-@pytest.mark.parametrize("child", ["process", "command"])
-def test_contention_between_processes_sigterm_and_sigkill(pg, name, tmp_path, child):
-    """The children are processes that journal on their own: a SIGKILLed crown's child is killed
-    by the kernel (parent-death signal), not with its crown, and the woken follower, seeing no
-    release, waits takeover_delay; an overlap here would show in the journal."""
-    fleet = Fleet(f"{pg.url}?{FAST}", tmp_path, name, child=child)
-    for i in range(3):
-        fleet.spawn(f"p{i}")
-    try:
-        first = fleet.wait_for_term()
-        fleet.signal(first.identity, signal.SIGTERM)
-        second = fleet.wait_for_term(other_than={first.identity})
-        fleet.signal(second.identity, signal.SIGKILL)
-        third = fleet.wait_for_term(other_than={first.identity, second.identity})
-        time.sleep(0.2)
-    finally:
-        fleet.stop_all()
-    report = journal_ok(fleet.journal, name, 3)
-    assert first.token < second.token < third.token
-    assert fleet.processes[first.identity].returncode == 0  # SIGTERM: a clean stop
-    killed = [t for t in report.terms if t.token == second.token][0]
-    # The journal of the killed term was written by a process of its own, which the SIGKILL did
-    # not reach directly (so its end, before the successor's start, is a real result)...
-    assert killed.pid != fleet.processes[second.identity].pid
-    # ...and which was stopped without the chance to say so.
-    assert not killed.stopped and killed.end < third.start
-
-
 def test_pg_terminate_backend_of_the_leader(pg, name, tmp_path):
     fleet = Fleet(f"{pg.url}?{FAST}", tmp_path, name)
     oracle = oracle_for(pg)
@@ -1254,66 +1192,6 @@ def test_paused_leader_is_replaced_after_idle_session_timeout(pg, name, tmp_path
     successor_verdict(fleet, name, before, successor)
 
 
-def test_dismiss_makes_the_leader_step_down(pg, name, tmp_path):
-    path = str(tmp_path / "journal")
-    url = f"{pg.url}?{FAST}"
-    child = crown_sync.ThreadChild(journal.journaled_work, args=(path,))
-    crowns = [crown_sync.Crown(name, oracle=url, child=child, identity=f"d{i}") for i in range(2)]
-    seen = []
-    handle = telemetry.attach(lambda event, meta: seen.append((event, meta.get("identity"), meta.get("token"))),
-                              prefixes=["crown.leadership"])
-    try:
-        assert crown_sync.dismiss(name, oracle=url) is False  # nobody to dismiss yet
-        for crown in crowns:
-            crown.start()
-        wait_until(lambda: any(c.is_leader() for c in crowns), message="a leader")
-        first = next(c for c in crowns if c.is_leader())
-        token = first.status().token
-        assert crown_sync.find_leader(name, oracle=url).identity == first.identity
-        assert crown_sync.dismiss(name, oracle=url) is True
-        wait_until(lambda: any(c.is_leader() and c.status().token > token for c in crowns),
-                   message="a new term after dismissal")
-        time.sleep(0.2)
-    finally:
-        telemetry.detach(handle)
-        for crown in crowns:
-            crown.stop()
-    assert ("crown.leadership.lost", first.identity, token) in seen
-    journal_ok(path, name, 2)
-
-
-@contextlib.contextmanager
-def _crown_that_cannot_connect(url, name, secret, caplog):
-    """A started crown (start() must not raise) whose oracle refuses it, yielded once last_error
-    is set. Afterwards stop() must have returned in bounded time, and ``secret`` must have shown
-    in no telemetry event and no log record."""
-    caplog.set_level(logging.DEBUG, logger="crown_sync")
-    events = []
-    handle = telemetry.attach(lambda event, meta: events.append(repr((event, meta))))
-    crown = crown_sync.Crown(name, oracle=url)
-    try:
-        assert crown.start() is crown
-        wait_until(lambda: crown.status().last_error, timeout=30, message="last_error")
-        yield crown
-    finally:
-        started = clock.monotonic()
-        crown.stop()
-        stopped_in = clock.monotonic() - started
-        telemetry.detach(handle)
-    assert stopped_in < 30
-    assert events and not any(secret in e for e in events)
-    assert not any(secret in r.getMessage() for r in caplog.records)
-
-
-def test_unreachable_server_never_raises_from_start(name, caplog):
-    url = f"postgresql://app:{SECRET}@127.0.0.1:{free_port()}/app?connect_timeout=1&lease=2"
-    with _crown_that_cannot_connect(url, name, SECRET, caplog) as crown:
-        status = crown.status()
-        assert not crown.is_leader() and status.phase in ("claiming", "following")
-        assert "connect" in status.last_error
-        assert SECRET not in status.last_error and SECRET not in status.oracle
-
-
 def test_ordinary_role_with_a_password_leads_and_the_password_never_shows(pg, app_url, name, caplog):
     """scram-sha-256 over TCP, as a role without any privilege: it leads, its record is readable
     by its own role, another ordinary role sees only "(unknown: backend pid N)" (docs), one with
@@ -1351,19 +1229,6 @@ def test_ordinary_role_with_a_password_leads_and_the_password_never_shows(pg, ap
     assert events and not any(APP_PASSWORD in e for e in events)
     assert any("crown.leadership.lost" in e for e in events)  # the termination was seen
     assert not any(APP_PASSWORD in r.getMessage() for r in caplog.records)
-
-
-def test_wrong_password_never_raises_and_says_why_without_the_password(pg, app_url, name, caplog):
-    wrong = "Wr0ng-Pa55-9c1"
-    url = pg.url_for(APP_USER, wrong, lease=2, connect_timeout=2)
-    with _crown_that_cannot_connect(url, name, wrong, caplog) as crown:
-        time.sleep(0.5)
-        status = crown.status()
-        assert not crown.is_leader() and status.token is None
-        assert "password authentication failed" in status.last_error, status.last_error
-        assert wrong not in status.last_error and wrong not in status.oracle
-        assert wrong not in repr(status)
-    assert holder_pid(pg, PostgresOracle(pg.url), name) is None
 
 
 def test_quiet_follower_whose_session_the_server_ended_claims_without_error(pg, name):

@@ -112,7 +112,8 @@ class _Loop:
         tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
         for task in tasks:
             task.cancel()
-        await asyncio.wait(tasks, timeout=1.0) if tasks else None
+        if tasks:
+            await asyncio.wait(tasks, timeout=1.0)
         self.loop.stop()
 
 
@@ -164,7 +165,7 @@ class _Store(LeaseStore):
 
     def close(self) -> None:
         self.closed = True
-        self._drop()
+        self._drop(wait=0.5)  # a clean goodbye if the server answers soon; never longer
         self._oracle._store_closed(self)
 
     def after_fork_in_child(self) -> None:
@@ -226,13 +227,17 @@ class _Store(LeaseStore):
             self._loop.submit(self._subscribe()).result(oracle.timeout + 0.5)
             self._watch[1]()  # changes while we were not connected went unheard: look now
 
-    def _drop(self) -> None:
+    def _drop(self, wait: float = 0.0) -> None:
         nc, loop = self._nc, self._loop
         self._nc = self._kv = None
         if nc is not None and loop is not None and loop.pid == os.getpid() and not loop.loop.is_closed():
             try:
-                loop.submit(_close_quietly(nc))  # not waited for: a frozen server must not hold us
+                closing = loop.submit(_close_quietly(nc))  # a frozen server must not hold us long
             except RuntimeError:  # the loop stopped meanwhile
+                return
+            try:
+                closing.result(wait)
+            except Exception:  # still closing in the background, or failed: either way, gone
                 pass
 
     # -- coroutines (run on the loop) ---------------------------------------------------------

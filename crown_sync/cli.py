@@ -401,6 +401,7 @@ class _RecordedCommand(CommandChild):
     last_run = None
 
     def start(self, term, on_exit):
+        self.last_run = None  # a start that raises leaves no earlier run's exit code behind
         run = self.last_run = super().start(term, on_exit)
         return run
 
@@ -419,7 +420,7 @@ class _RunWatcher:
         self.wake = threading.Event()
         self.received: List[int] = []
         self.exitcode: Optional[int] = None
-        self.led = self.gave_up = False
+        self.led = self.gave_up = self.exited = False
         self.campaigns = 0
         self.oracle_failing = False
         self.shown_leader: Optional[str] = None
@@ -473,8 +474,9 @@ class _RunWatcher:
         self.shown_leader = None
 
     def on_deposed(self, term, reason: str) -> None:
-        if reason == "child_exited" and not self.restart and self.exitcode is None:
-            self.exitcode = self.child.last_run.exitcode
+        if reason == "child_exited" and not self.restart and not self.exited:
+            run = self.child.last_run  # None if the command could not be started: exit 1
+            self.exitcode, self.exited = (run.exitcode if run is not None else None), True
             self.wake.set()
 
     def on_new_leader(self, leader) -> None:

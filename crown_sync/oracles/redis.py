@@ -15,27 +15,31 @@ means "unknown": the claimant holds a ``pending`` record for one ``ttl`` before 
 quarantine of ``_lease``). The key's expiry (``2 * ttl + 2`` s for a ``held`` record, a day for
 the others) only collects abandoned records; the lease is timed on the contenders' own clocks.
 
-The primitives: ``read`` is ``GET`` (the version is the value itself: every record carries a
-fresh write id, so the same bytes never come back); ``create`` is ``SET key value NX EX s``;
-``replace`` is one Lua script that compares the stored value with the version and only then
-``SET``\\ s the new one, atomically on the server.
+The primitives: ``read`` is a script returning ``GET`` of the key (the version is the value
+itself: every record carries a fresh write id, so the same bytes never come back); ``create`` is
+``SET key value NX EX s``; ``replace`` is one Lua script that compares the stored value with the
+version and only then ``SET``\\ s the new one, atomically on the server. Every replace also stamps
+the key with the server's ``run_id`` (new at each start of redis-server) in the hash
+``<key_prefix>:server``; a ``released`` record that the running server did not write (it came
+back from an RDB snapshot or an append-only file older than what the contenders saw: a successor
+may have taken it over since) reads as ``vacated``, so it is taken over only once stale.
 
 Fencing tokens: ``max(previous token + 1, INCR <key_prefix>:token)``. The counter is one key per
-``key_prefix`` (shared by the elections under it: tokens need only rise per election); when it is
-absent the same script first seeds it from the server's ``TIME`` in microseconds. With
-persistence (``appendonly yes``) the counter survives restarts and tokens rise with no clock
-assumption at all. Without it (or after ``FLUSHALL``, or a delete of the counter), the counter is
-seeded again from the server's clock, which is larger than every earlier token as long as that
-server's wall clock did not step back (earlier tokens are an earlier seed plus one per claim).
-docs/oracles/redis.rst argues this against refusing.
+``key_prefix`` (shared by the elections under it: tokens need only rise per election). On a
+server ``run_id`` it has not been checked on (first use, any restart, a promoted replica), the
+same script first lifts it to the server's ``TIME`` in microseconds if lower. So tokens rise by
+one per term within a run of the server with no assumption at all, and across a restart, a
+``FLUSHALL`` or a snapshot older than the last tokens, as long as the server's wall clock did not
+step back (earlier tokens are an earlier lift plus one per claim). docs/oracles/redis.rst argues
+this against refusing a server without persistence.
 
 Push: every contender is registered with its oracle's one pub/sub connection (a daemon thread,
 its own socket), subscribed to the channel ``<key_prefix><name>``. A holder that releases or
-vacates its record, and ``dismiss``, ``PUBLISH`` to it right after the write: a watching follower
+vacates its record, and ``dismiss``, ``PUBLISH`` to it in the script of that write: a watching follower
 reads at once (a graceful handoff is a few round trips, not a poll), and a dismissed leader
 refreshes at once. Pub/sub is not durable (a message sent while the subscriber reconnects is
 lost), so followers still poll every ``poll_interval`` (default 1 s: the requests at rest are one
-``GET`` per second per follower, and one ``GET`` and one script per ``renew_interval`` for the
+read per second per follower, and a read and a compare-and-set per ``renew_interval`` for the
 leader), and a (re)subscription makes every follower of the channel read at once.
 
 Refused at connection time, with an error naming the problem (shown in ``status().last_error``):
@@ -102,13 +106,16 @@ return {redis.call('GET', KEYS[1]), redis.call('HGET', KEYS[2], KEYS[1]) == run 
 """
 
 # KEYS[1]: the lease key, KEYS[2]: the server hash. ARGV: the version (value) we read, the new
-# value, seconds to live. 1: replaced; 0: the key holds something else now; -1: it is absent.
+# value, seconds to live, and what to publish on the channel named as the key (nothing if empty):
+# in the same step as the write, so a follower woken by it always reads the new record.
+# 1: replaced; 0: the key holds something else now; -1: it is absent.
 _REPLACE = _RUN + """
 local current = redis.call('GET', KEYS[1])
 if not current then return -1 end
 if current ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
 redis.call('HSET', KEYS[2], KEYS[1], run)
+if ARGV[4] ~= '' then redis.call('PUBLISH', KEYS[1], ARGV[4]) end
 return 1
 """
 
@@ -247,19 +254,20 @@ class RedisStore(LeaseStore):
         return bool(self._run("SET NX", lambda client: client.set(key, value, nx=True, ex=int(expire))))
 
     def replace(self, key: str, value: bytes, version: Any, expire: int) -> Optional[bool]:
+        record = decode(value)
+        # A release, a dismissal or a vacating close is pushed to the followers (and a dismissal to
+        # its leader); a renewal or a takeover is not: nobody waits for those.
+        news = record.get("by") or record["state"] if record and record["state"] in (RELEASED, VACATED) else ""
         done = self._run(
             "compare-and-set script",
             lambda client: self._scripts["replace"](
-                keys=[key, self._oracle.server_key], args=[version, value, int(expire)], client=client),
+                keys=[key, self._oracle.server_key], args=[version, value, int(expire), news], client=client),
         )
         return None if done == -1 else bool(done)
 
     def next_token(self) -> int:
         keys = [self._oracle.key_prefix + ":token", self._oracle.server_key]
         return int(self._run("token script", lambda client: self._scripts["next_token"](keys=keys, client=client)))
-
-    def publish(self, channel: str, message: str) -> None:
-        self._run("PUBLISH", lambda client: client.publish(channel, message))
 
     def interrupt(self) -> None:
         client = self._client
@@ -347,7 +355,7 @@ class _Push:
             return
         channel = message.get("channel")
         channel = channel.decode() if isinstance(channel, bytes) else str(channel)
-        dismissed = message.get("data") in (b"dismissed", "dismissed")
+        dismissed = message.get("data") in (b"dismiss", "dismiss")
         with self._lock:
             members = list(self._members.get(channel, ()))
         for contender in members:
@@ -495,23 +503,6 @@ class RedisOracle(LeaseOracle):
         contender = super().contender(name, identity, metadata, on_change)
         self._push.add(self.key(name), contender)
         return contender
-
-    def released(self, store: LeaseStore, name: str) -> None:
-        self._publish(store, name, "released")
-
-    def dismiss(self, name: str) -> bool:
-        dismissed = super().dismiss(name)
-        if dismissed:
-            with self._lock:
-                self._publish(self._store, name, "dismissed")
-        return dismissed
-
-    def _publish(self, store: Optional[LeaseStore], name: str, message: str) -> None:
-        # The write is done: a lost message only costs the followers a poll.
-        try:
-            store.publish(self.key(name), message)  # type: ignore[union-attr]
-        except Exception as exc:
-            logger.debug("could not publish %s of %s on %s: %s", message, name, self.description, exc)
 
     def close(self) -> None:
         self._push.close()

@@ -156,6 +156,20 @@ def test_exclusive_leadership_and_graceful_handoffs_woken_by_push(server, tmp_pa
     fleet.assert_safe(min_terms=3)
 
 
+def test_a_dismissal_is_pushed_to_the_leader(server):
+    # Renewals every 3 minutes: a leader that steps down within seconds was told, not polling.
+    _released(server, "dismissed")
+    url = server.url(ttl=600)
+    crown = crown_sync.Crown("dismissed", oracle=url, child=lambda term: term.stop_event.wait())
+    crown.start()
+    try:
+        wait_until(crown.is_leader, timeout=30, message="leading")
+        assert crown_sync.dismiss("dismissed", oracle=url)
+        wait_until(lambda: not crown.is_leader(), timeout=10, message="the dismissed leader stepping down")
+    finally:
+        crown.stop()
+
+
 def test_crash_failover_without_overlap(server, tmp_path):
     name = "crash"
     _released(server, name)

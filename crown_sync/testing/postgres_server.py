@@ -187,18 +187,7 @@ class PostgresServer(Server):
 
     def stop(self, timeout: float = 30.0, mode: str = "fast") -> None:
         """Stop the postmaster by pid with one of pg_ctl's modes (smart, fast, immediate)."""
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            try:
-                os.kill(self.process.pid, _MODES[mode])
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.kill(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-            except ProcessLookupError:
-                pass
-        self.process = None
+        super().stop(timeout, signum=_MODES[mode])
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -211,13 +200,6 @@ class PostgresServer(Server):
         if down:
             time.sleep(down)
         self.start()
-
-    def pause(self) -> None:
-        """SIGSTOP the postmaster (not its backends)."""
-        os.kill(self.process.pid, signal.SIGSTOP)
-
-    def resume(self) -> None:
-        os.kill(self.process.pid, signal.SIGCONT)
 
     def cleanup(self) -> None:
         self.stop(mode="immediate")

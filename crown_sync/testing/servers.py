@@ -63,12 +63,13 @@ class Server:
     def pid(self) -> Optional[int]:
         return self.process.pid if self.process else None
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = 10.0, signum: int = signal.SIGTERM) -> None:
+        """Send ``signum`` (SIGTERM: a clean stop), wait up to ``timeout``, then SIGKILL."""
         if self.process is None:
             return
         if self.process.poll() is None:
             try:
-                os.kill(self.process.pid, signal.SIGTERM)
+                os.kill(self.process.pid, signum)
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
                 os.kill(self.process.pid, signal.SIGKILL)
@@ -76,6 +77,15 @@ class Server:
             except ProcessLookupError:
                 pass
         self.process = None
+
+    def pause(self) -> None:
+        """SIGSTOP the server process (it stops answering but keeps its sockets)."""
+        if self.process is not None:
+            os.kill(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.process is not None:
+            os.kill(self.process.pid, signal.SIGCONT)
 
     def kill(self) -> None:
         """SIGKILL the server (a crash), keeping its data directory."""

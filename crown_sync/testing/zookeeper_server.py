@@ -18,12 +18,11 @@ Nothing here is mocked: these are the real server processes, stopped by pid.
 
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 from .servers import Server, ServerMissing, find_binary, free_port
 
@@ -258,15 +257,6 @@ class ZooKeeperServer(Server):
     def restart(self) -> None:
         self.stop()
         self.start()
-
-    def pause(self) -> None:
-        """SIGSTOP the server (it stops answering but keeps its sockets)."""
-        if self.process is not None:
-            os.kill(self.process.pid, signal.SIGSTOP)
-
-    def resume(self) -> None:
-        if self.process is not None:
-            os.kill(self.process.pid, signal.SIGCONT)
 
     def sessions(self) -> List[int]:
         """Session ids of the clients connected to this server (from ``cons``)."""

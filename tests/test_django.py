@@ -36,7 +36,8 @@ from crown_sync.testing import journal  # noqa: E402
 from crown_sync.testing.servers import free_port, wait_for_port  # noqa: E402
 
 from tests.wsgi_support import (  # noqa: E402
-    ROOT, TwoMastersExample, get, journal_terms, leader_elsewhere, parent_of, stop_gracefully, wait_until,
+    ROOT, TwoMastersExample, check_reloader, journal_terms, leader_elsewhere, parent_of, seen,
+    stop_gracefully, wait_until,
 )
 
 pytestmark = pytest.mark.timeout(180)
@@ -326,13 +327,6 @@ def test_manage_py_crown_sync_exit_code_and_output_from_the_command_line(tmp_pat
 # ------------------------------------------------------------------------- runserver
 
 
-def seen(port):
-    """What the process that answered /leader sees, or None (refused, or not a 200 while the
-    server restarts)."""
-    answer = get(port, "/leader")
-    return answer[2] if answer is not None and answer[0] == 200 and isinstance(answer[2], dict) else None
-
-
 def test_runserver_autoreloader_leads_only_in_the_serving_process(tmp_path):
     """The autoreloader's watcher sets Django up too but never serves, so it never leads; a reload
     stops the old serving process's job and abdicates at exit; the new one leads."""
@@ -344,32 +338,8 @@ def test_runserver_autoreloader_leads_only_in_the_serving_process(tmp_path):
                      PYTHONPATH=f"{ROOT}{os.pathsep}{tmp_path}")
     server = subprocess.Popen([sys.executable, "-m", "django", "runserver", f"127.0.0.1:{port}"], cwd=ROOT,
                               env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for_port(port, timeout=60)
-        time.sleep(0.5)
-        assert journal_terms(path, NAME) == []  # no request yet: nobody contends
-        first = wait_until(lambda: seen(port), message="first answer")
-        assert first["pid"] != server.pid  # the serving child, not the watcher
-        wait_until(lambda: (seen(port) or {}).get("is_leader"), message="the serving process leads")
-        (term,) = wait_until(lambda: journal_terms(path, NAME), message="the job started")
-        assert term.pid == first["pid"]
-
-        time.sleep(1.1)  # the stat reloader compares mtimes once a second
-        watched.write_text("from tests.django_project.settings import *  # noqa: reloaded\n")
-
-        def reloaded():
-            answer = seen(port)
-            return answer is not None and answer["pid"] != first["pid"] and answer["is_leader"]
-        wait_until(reloaded, timeout=60, message="the reloaded process leads")
-        terms = wait_until(lambda: len(journal_terms(path, NAME)) == 2 and journal_terms(path, NAME),
-                           message="second term")
-        assert terms[0].stopped  # the old process stopped its job and abdicated on its way out
-        assert terms[1].pid != terms[0].pid and terms[1].token > terms[0].token
-        assert server.pid not in {t.pid for t in terms}
-    finally:
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait(10)
-    assert journal.check(path).ok
+    check_reloader(server, port, path, NAME,
+                   lambda: watched.write_text("from tests.django_project.settings import *  # noqa: reloaded\n"))
 
 
 # ------------------------------------------------------------------------- an ASGI server

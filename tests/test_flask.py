@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import types
 
 import flask
@@ -16,10 +15,10 @@ import pytest
 import crown_sync
 from crown_sync.flask import CrownSync, deposed, elected, leader_only, new_leader
 from crown_sync.testing import journal
-from crown_sync.testing.servers import free_port, wait_for_port
+from crown_sync.testing.servers import free_port
 
 from tests.wsgi_support import (
-    ROOT, Gunicorn, get, journal_terms, leader_elsewhere, stop_gracefully, unanimous, wait_until,
+    ROOT, Gunicorn, check_reloader, get, journal_terms, leader_elsewhere, stop_gracefully, unanimous, wait_until,
 )
 
 pytestmark = pytest.mark.timeout(180)
@@ -272,31 +271,7 @@ def test_flask_run_debug_reloader_leads_only_in_the_serving_process(tmp_path):
          "run", "--debug", "--port", str(port), "--extra-files", str(touched)],
         cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
-    try:
-        wait_for_port(port, timeout=60)
-        time.sleep(0.5)
-        assert journal_terms(path, "flask-reloader") == []  # no request yet: nobody contends
-        first = wait_until(lambda: get(port, "/leader"), message="first answer")[2]
-        assert first["pid"] != server.pid  # the serving child, not the watcher
-        wait_until(lambda: get(port, "/leader")[2]["is_leader"], message="serving process leads")
-        (term,) = wait_until(lambda: journal_terms(path, "flask-reloader"), message="job started")
-        assert term.pid == first["pid"]
-
-        time.sleep(1.1)  # the stat reloader compares mtimes once a second
-        touched.write_text("1")
-        def reloaded():
-            answer = get(port, "/leader")
-            return answer is not None and answer[2]["pid"] != first["pid"] and answer[2]["is_leader"]
-        wait_until(reloaded, timeout=60, message="the reloaded process leads")
-        terms = wait_until(lambda: len(journal_terms(path, "flask-reloader")) == 2 and journal_terms(path, "flask-reloader"),
-                           message="second term")
-        assert terms[0].stopped  # the old process stopped its job and abdicated on its way out
-        assert terms[1].pid != terms[0].pid and terms[1].token > terms[0].token
-        assert server.pid not in {t.pid for t in terms}
-    finally:
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait(10)
-    assert journal.check(path).ok
+    check_reloader(server, port, path, "flask-reloader", lambda: touched.write_text("1"))
 
 
 # ------------------------------------------------------------------------- Gunicorn over HTTP

@@ -183,6 +183,46 @@ def stop_gracefully(process: subprocess.Popen) -> None:
     process.wait(30)
 
 
+def seen(port: int) -> Optional[dict]:
+    """What the process that answered /leader sees, or None (refused, or not a 200 while the
+    server restarts)."""
+    answer = get(port, "/leader")
+    return answer[2] if answer is not None and answer[0] == 200 and isinstance(answer[2], dict) else None
+
+
+def check_reloader(server: subprocess.Popen, port: int, path: str, name: str, touch: Callable[[], None]) -> None:
+    """A development server with a reloader (``flask run --debug``, ``runserver``) whose app
+    journals its job to ``path``: nobody contends before the first request; the serving child,
+    never the watcher, leads; after ``touch()`` (a change the reloader watches) the old serving
+    process stops its job and abdicates on its way out and the new one leads. Kills the server."""
+    try:
+        wait_for_port(port, timeout=60)
+        time.sleep(0.5)
+        assert journal_terms(path, name) == []  # no request yet: nobody contends
+        first = wait_until(lambda: seen(port), message="first answer")
+        assert first["pid"] != server.pid  # the serving child, not the watcher
+        wait_until(lambda: (seen(port) or {}).get("is_leader"), message="the serving process leads")
+        (term,) = wait_until(lambda: journal_terms(path, name), message="the job started")
+        assert term.pid == first["pid"]
+
+        time.sleep(1.1)  # the stat reloader compares mtimes once a second
+        touch()
+
+        def reloaded():
+            answer = seen(port)
+            return answer is not None and answer["pid"] != first["pid"] and answer["is_leader"]
+        wait_until(reloaded, timeout=60, message="the reloaded process leads")
+        terms = wait_until(lambda: len(journal_terms(path, name)) == 2 and journal_terms(path, name),
+                           message="second term")
+        assert terms[0].stopped  # the old process stopped its job and abdicated on its way out
+        assert terms[1].pid != terms[0].pid and terms[1].token > terms[0].token
+        assert server.pid not in {t.pid for t in terms}
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(10)
+    assert journal.check(path).ok
+
+
 def journal_terms(path: str, name: str = None) -> List[journal.Term]:
     if not os.path.exists(path):
         return []

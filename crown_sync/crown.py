@@ -38,12 +38,8 @@ matter, but a host whose clock *rate* is badly off weakens the margin.
 """
 
 import dataclasses
-import json
 import logging
 import os
-import re
-import secrets
-import socket
 import sys
 import threading
 import time
@@ -51,7 +47,8 @@ from typing import Any, Callable, Dict, Optional
 
 import tenacity
 
-from . import clock, registry, telemetry, warden
+from . import _forksafe, clock, registry, telemetry, warden
+from ._options import CrownOptions, check_name
 from .callbacks import Callbacks
 from .children import as_child
 from .oracle import Claim, Leader, Oracle
@@ -63,7 +60,15 @@ __all__ = ["Crown", "Status", "PHASES"]
 logger = logging.getLogger("crown_sync.crown")
 
 PHASES = ("init", "claiming", "leading", "following", "finishing", "stopped")
-_NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")
+# The only moves between phases (any phase but "stopped" may also move to "finishing").
+_MOVES = {
+    "init": {"claiming", "stopped"},
+    "claiming": {"leading", "following"},
+    "leading": set(),
+    "following": {"claiming", "following"},
+    "finishing": {"claiming", "following", "stopped"},
+    "stopped": set(),
+}
 _monotonic = clock.monotonic
 
 
@@ -80,36 +85,6 @@ class Status:
     child_alive: bool
     oracle: str
     last_error: Optional[str]
-
-
-def check_name(name: Any, option: str = "name") -> str:
-    """``name`` if it is a valid election name; else TypeError/ValueError naming ``option``.
-
-    Names become file names, keys and node paths in the oracles, so nothing else is accepted.
-    """
-    if not isinstance(name, str):
-        raise TypeError(f"{option} must be a str, got {type(name).__name__}")
-    if not _NAME.fullmatch(name) or name in (".", ".."):
-        # '.' and '..' are path elements: no file or node can be named after them
-        raise ValueError(f"{option} must be 1-128 characters of [A-Za-z0-9._-] (not '.' or '..'), got {name!r}")
-    return name
-
-
-def _default_identity() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
-
-
-def _number(option: str, value: Any, *, positive: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{option} must be a number of seconds, got {type(value).__name__}")
-    value = float(value)
-    if value != value or value in (float("inf"), float("-inf")):
-        raise ValueError(f"{option} must be finite, got {value}")
-    if value < 0 or (positive and value == 0):
-        raise ValueError(f"{option} must be {'> 0' if positive else '>= 0'}, got {value}")
-    if value > threading.TIMEOUT_MAX:  # a longer wait would make every wait() raise OverflowError
-        raise ValueError(f"{option} must be at most {threading.TIMEOUT_MAX:g} seconds, got {value}")
-    return value
 
 
 class Crown:
@@ -149,60 +124,30 @@ class Crown:
         check_name(name)
         self._callbacks = Callbacks(name, on_elected=on_elected, on_deposed=on_deposed,
                                     on_new_leader=on_new_leader, on_campaign=on_campaign)
-        self.claim_delay = _number("claim_delay", claim_delay, positive=False)
-        self.monitor_delay = _number("monitor_delay", monitor_delay, positive=True)
-        self.monitor_timeout = _number("monitor_timeout", monitor_timeout, positive=True)
-        if self.monitor_timeout < self.monitor_delay:
-            raise ValueError(
-                f"monitor_timeout ({self.monitor_timeout}) must be >= monitor_delay "
-                f"({self.monitor_delay}): the crown retries finding the leader every monitor_delay "
-                f"until monitor_timeout"
-            )
-        if not isinstance(monitor_leader, bool):
-            raise TypeError(f"monitor_leader must be a bool, got {type(monitor_leader).__name__}")
-        if identity is None:
-            identity = _default_identity()
-        elif not isinstance(identity, str):
-            raise TypeError(f"identity must be a str, got {type(identity).__name__}")
-        elif not identity or len(identity) > 255 or not identity.isprintable():
-            raise ValueError("identity must be 1-255 printable characters")
-        if metadata is None:
-            metadata = {}
-        if not isinstance(metadata, dict):
-            raise TypeError(f"metadata must be a dict, got {type(metadata).__name__}")
-        try:
-            metadata = json.loads(json.dumps(metadata))  # a private, JSON-clean copy
-        except (TypeError, ValueError) as exc:
-            raise TypeError(f"metadata must be JSON-serialisable: {exc}") from None
-        if max_child_restarts is not None and (
-            isinstance(max_child_restarts, bool)
-            or not isinstance(max_child_restarts, int)
-            or max_child_restarts < 0
-        ):
-            raise ValueError(f"max_child_restarts must be an int >= 0 or None, got {max_child_restarts!r}")
-        self.child_backoff = _number("child_backoff", child_backoff, positive=False)
-        self._backoff = _campaign_wait(backoff)
-
+        options = CrownOptions.check(claim_delay, monitor_delay, monitor_timeout, monitor_leader, identity,
+                                     metadata, max_child_restarts, child_backoff, backoff)
         self.name = name
-        self.identity = identity
-        self.metadata = metadata
-        self.monitor_leader = monitor_leader
-        self.max_child_restarts = max_child_restarts
-        self._child = as_child(child, argument="child")
-        self._follower_child = as_child(follower_child, argument="follower_child")
-        self._oracle, self._owns_oracle = self._resolve_oracle(oracle)
+        self.identity = options.identity
+        self.metadata = options.metadata
+        self.claim_delay = options.claim_delay
+        self.monitor_delay = options.monitor_delay
+        self.monitor_timeout = options.monitor_timeout
+        self.monitor_leader = options.monitor_leader
+        self.max_child_restarts = options.max_child_restarts
+        self.child_backoff = options.child_backoff
+        self._backoff = options.backoff
+        self._children = _Children(self, child, follower_child)
+        self._seat = _OracleSeat(self, oracle)
         try:  # what the oracle would refuse (a record too big to publish) fails here, not in the loop
-            self._oracle.check_contender(name, identity, metadata)
+            self._seat.oracle.check_contender(name, self.identity, self.metadata)
         except BaseException:
-            self._close_oracle()
+            self._seat.close_oracle()
             raise
-        self._oracle_description = redact_text(getattr(self._oracle, "description", "") or repr(self._oracle))
 
         self._cond = threading.Condition(threading.RLock())
         self._phase = "init"
         self._term: Optional[Term] = None
         self._leader: Optional[Leader] = None
-        self._last_error: Optional[str] = None
         self._changed = False  # the oracle asked us to look (on_change)
         self._lost_signal = False  # the oracle said our leadership is gone (on_change(lost=True))
         self._child_exited = False
@@ -211,14 +156,9 @@ class Crown:
         self._forked = False
         self._pid = os.getpid()  # fork safety that needs no at-fork hook (uWSGI forks from C)
         self._thread: Optional[threading.Thread] = None
-        self._contender = None
-        self._child_run = None
-        self._follower_run = None
-        self._follower_term: Optional[Term] = None
-        self._runs_stopping: list = []  # children being stopped: still alive for status()
         self._terms_started = 0  # so a waiter sees a term that began and ended while it slept
         self._announced: Optional[Leader] = None  # the leader last given to on_new_leader
-        _live_crowns.add(self)
+        _forksafe.track(self)
 
     # ----------------------------------------------------------------------------- public API
 
@@ -249,8 +189,8 @@ class Crown:
                 return self  # inherited across fork(): nothing here is ours to release
             if not self._started:
                 self._started = self._stopping = True
-                self._phase = "stopped"
-                self._close_oracle()
+                self._set_phase("stopped")
+                self._seat.close_oracle()
                 self._cond.notify_all()
                 return self
             first = not self._stopping
@@ -259,12 +199,11 @@ class Crown:
                 self._term.end()  # the child sees stop_event now, before the loop gets to it
             self._cond.notify_all()
         if first:
-            self._emit("crown.process.terminating", reason="stop")
+            _emit(self, "crown.process.terminating", reason="stop")
         current = threading.current_thread()
         with self._cond:
             # A thread child that calls stop() must not wait for the loop, which waits for it.
-            runs = (self._child_run, self._follower_run, *self._runs_stopping)
-            child_threads = [getattr(run, "thread", None) for run in runs]
+            child_threads = self._children.threads()
         if self._thread is not None and current is not self._thread and current not in child_threads:
             self._thread.join(timeout)
         return self
@@ -288,8 +227,7 @@ class Crown:
         with self._cond:
             term = self._term
             leading = term is not None and term.is_leader()  # once: the deadline may pass meanwhile
-            run = self._child_run if term is not None else self._follower_run
-            runs = [run, *self._runs_stopping]
+            runs = self._children.runs(leading=term is not None)
             return Status(
                 name=self.name,
                 phase=self._phase,
@@ -298,8 +236,8 @@ class Crown:
                 leader=self._leader,
                 token=term.token if leading else None,
                 child_alive=any(run is not None and run.alive() for run in runs),
-                oracle=self._oracle_description,
-                last_error=self._last_error,
+                oracle=self._seat.description,
+                last_error=self._seat.last_error,
             )
 
     def wait_for_leadership(self, timeout: Optional[float] = None) -> bool:
@@ -330,7 +268,7 @@ class Crown:
 
     @property
     def oracle(self) -> Oracle:
-        return self._oracle
+        return self._seat.oracle
 
     def __enter__(self) -> "Crown":
         return self.start()
@@ -339,17 +277,17 @@ class Crown:
         self.stop()
 
     def __repr__(self) -> str:
-        return f"<Crown {self.name} {self._phase} identity={self.identity} oracle={self._oracle_description}>"
+        return f"<Crown {self.name} {self._phase} identity={self.identity} oracle={self._seat.description}>"
 
     # ---------------------------------------------------------------------------- the loop
 
     def _run(self) -> None:
         try:
-            self._emit("crown.process.initialized")
-            self._contender = self._retry("contender", self._stopping_now, lambda: self._oracle.contender(
+            _emit(self, "crown.process.initialized")
+            self._seat.contender = self._seat.retry("contender", self._stopping_now, lambda: self._seat.oracle.contender(
                 self.name, self.identity, dict(self.metadata), self._on_change))
-            if self._contender is not None:
-                self._start_follower_child()
+            if self._seat.contender is not None:
+                self._children.start_follower()
                 if self.claim_delay:
                     self._wait(self.claim_delay, self._stopping_now)
                 backoff = 0.0
@@ -374,14 +312,14 @@ class Crown:
         with self._cond:
             self._lost_signal = False
             self._changed = False
-        claim = self._retry("claim", self._stopping_now, self._contender.claim)
+        claim = self._seat.retry("claim", self._stopping_now, self._seat.contender.claim)
         if claim is not None:
-            self._clear_error()
+            self._seat.clear_error()
         return claim
 
     def _lead(self, claim: Claim) -> float:
         """Hold one term. Returns how long to wait before contending again."""
-        self._stop_child("_follower_run", "follower")
+        self._children.stop("follower")
         term = Term(self.name, self.identity, claim.token, claim.deadline, fds=claim.fds)
         leader = claim.leader or Leader(self.identity, dict(self.metadata), claim.token, time.time())
         with self._cond:
@@ -390,33 +328,23 @@ class Crown:
             self._child_exited = False
             if self._lost_signal or self._stopping:
                 term.end()
-            self._phase = "leading"
+            self._set_phase("leading")
             self._terms_started += 1
             self._cond.notify_all()
-        self._emit("crown.leadership.claimed", token=term.token, deadline_in=_seconds(term.remaining()))
+        _emit(self, "crown.leadership.claimed", token=term.token, deadline_in=_seconds(term.remaining()))
         restarts = 0
         if not term.ended:
-            self._start_leader_child(term, restarts)
+            self._children.start_leader(term, restarts)
         # After the child starts (waking the warden's thread would compete with it for the CPU);
         # a deadline already past fires at once, and the child checks its own deadline anyway.
-        warden.watch(term, self._on_deadline)
+        warden.watch(term, self._children.on_deadline)
         self._announce_leader()
         self._callbacks.call("on_elected", term)  # for every term, so on_deposed always pairs
         next_refresh = _next_refresh(term, claim.refresh_in)
 
         reason, lost, backoff = "stop", False, 0.0
         while True:
-            with self._cond:
-                while not (self._stopping or term.ended or self._child_exited or self._changed
-                           or (next_refresh is not None and _monotonic() >= next_refresh)):
-                    timeouts = [term.remaining()]
-                    if next_refresh is not None:
-                        timeouts.append(next_refresh - _monotonic())
-                    timeout = min(timeouts)
-                    self._cond.wait(None if timeout == float("inf") else max(0.0, timeout))
-                child_exited, self._child_exited = self._child_exited, False
-                self._changed = False
-                lost_signal = self._lost_signal
+            child_exited, lost_signal = self._await_event(term, next_refresh)
             if self._stopping:
                 reason = "stop"
                 break
@@ -424,17 +352,10 @@ class Crown:
                 reason, lost = ("oracle" if lost_signal else "deadline"), True
                 break
             if child_exited:
-                exitcode = getattr(self._child_run, "exitcode", None)
-                self._emit("crown.child.exited", kind="leader", exitcode=exitcode, token=term.token)
-                if self.max_child_restarts is None or restarts < self.max_child_restarts:
-                    restarts += 1
-                    self._wait(self.child_backoff, lambda: self._stopping or term.ended)
-                    if not (self._stopping or term.ended):
-                        self._start_leader_child(term, restarts)
+                restarts = self._restart_child(term, restarts)
+                if restarts is not None:
                     continue
                 reason, backoff = "child_exited", self.monitor_delay
-                with self._cond:
-                    self._child_run = None  # reported as exited, not to be reported as stopped
                 break
             refreshed = self._refresh(term)
             if refreshed is None:
@@ -444,22 +365,51 @@ class Crown:
                 break
             if not term.extend(refreshed.deadline):
                 continue  # the deadline passed while the refresh was under way: the term is over
-            run = self._child_run
+            run = self._children.leader_run
             if run is not None:
                 run.extend(refreshed.deadline)
             if refreshed.leader is not None:
                 self._leader = refreshed.leader
                 self._announce_leader()
-            self._emit("crown.leadership.refreshed", token=term.token, deadline_in=_seconds(term.remaining()))
+            _emit(self, "crown.leadership.refreshed", token=term.token, deadline_in=_seconds(term.remaining()))
             next_refresh = _next_refresh(term, refreshed.refresh_in)
         self._end_term(term, reason, lost)
         return backoff
 
+    def _await_event(self, term: Term, next_refresh: Optional[float]):
+        """Sleep until something needs the leader's attention. Returns (child exited, lost signal)."""
+        with self._cond:
+            while not (self._stopping or term.ended or self._child_exited or self._changed
+                       or (next_refresh is not None and _monotonic() >= next_refresh)):
+                timeouts = [term.remaining()]
+                if next_refresh is not None:
+                    timeouts.append(next_refresh - _monotonic())
+                timeout = min(timeouts)
+                self._cond.wait(None if timeout == float("inf") else max(0.0, timeout))
+            child_exited, self._child_exited = self._child_exited, False
+            self._changed = False
+            return child_exited, self._lost_signal
+
+    def _restart_child(self, term: Term, restarts: int) -> Optional[int]:
+        """The leader's child ended by itself: restart it in place (returns the new count), or
+        None when ``max_child_restarts`` is used up and the term must end."""
+        exitcode = getattr(self._children.leader_run, "exitcode", None)
+        _emit(self, "crown.child.exited", kind="leader", exitcode=exitcode, token=term.token)
+        if self.max_child_restarts is not None and restarts >= self.max_child_restarts:
+            with self._cond:
+                self._children.leader_run = None  # reported as exited, not to be reported as stopped
+            return None
+        restarts += 1
+        self._wait(self.child_backoff, lambda: self._stopping or term.ended)
+        if not (self._stopping or term.ended):
+            self._children.start_leader(term, restarts)
+        return restarts
+
     def _refresh(self, term: Term) -> Optional[Claim]:
         interrupted = lambda: self._stopping or term.ended or self._child_exited  # noqa: E731
-        claim = self._retry("refresh", interrupted, self._contender.refresh, max_wait=1.0)
+        claim = self._seat.retry("refresh", interrupted, self._seat.contender.refresh, max_wait=1.0)
         if claim is not None:
-            self._clear_error()
+            self._seat.clear_error()
         return claim
 
     def _end_term(self, term: Term, reason: str, lost: bool) -> None:
@@ -467,32 +417,32 @@ class Crown:
         with self._cond:
             term.end()
             self._cond.notify_all()
-        self._stop_child("_child_run", "leader", token=term.token)
+        self._children.stop("leader", token=term.token)
         if lost:
-            self._emit("crown.leadership.lost", token=term.token, reason=reason)
+            _emit(self, "crown.leadership.lost", token=term.token, reason=reason)
         try:  # after the child is gone, never before: otherwise two children could overlap
-            self._contender.abdicate()
+            self._seat.contender.abdicate()
         except Exception as exc:
-            self._record_error("abdicate", exc)
+            self._seat.record_error("abdicate", exc)
         with self._cond:
             self._term = None
             if self._leader is not None and self._leader.identity == self.identity:
                 self._leader = None
             self._cond.notify_all()
         if not lost:
-            self._emit("crown.leadership.abdicated", token=term.token, reason=reason)
+            _emit(self, "crown.leadership.abdicated", token=term.token, reason=reason)
         self._callbacks.call("on_deposed", term, reason)
         self._announce_leader()
         if not self._stopping:
-            self._start_follower_child()
+            self._children.start_follower()
 
     def _follow(self, claim: Claim) -> float:
         with self._cond:
             self._leader = claim.leader
         self._set_phase("following")
-        self._emit("crown.leadership.rejected")
+        _emit(self, "crown.leadership.rejected")
         self._announce_leader()
-        self._start_follower_child()
+        self._children.start_follower()
         if not self.monitor_leader:
             self._wait(self.monitor_delay, self._stopping_now)
             return 0.0
@@ -501,23 +451,23 @@ class Crown:
             with self._cond:
                 self._changed = False
             try:
-                watching = self._contender.watch(self._leader)
+                watching = self._seat.contender.watch(self._leader)
             except Exception as exc:
-                self._record_error("watch", exc)
-                self._emit("crown.monitor.failed", error=self._last_error)
+                self._seat.record_error("watch", exc)
+                _emit(self, "crown.monitor.failed", error=self._seat.last_error)
                 if _monotonic() >= give_up:
-                    self._emit("crown.monitor.timeout")
+                    _emit(self, "crown.monitor.timeout")
                     return 0.0
                 self._wait(min(self.monitor_delay, max(0.0, give_up - _monotonic())), self._stopping_now)
                 continue
             if not watching:
-                self._emit("crown.monitor.leader_down")
+                _emit(self, "crown.monitor.leader_down")
                 return 0.0
-            self._emit("crown.monitor.started")
+            _emit(self, "crown.monitor.started")
             changed = self._wait(self.monitor_timeout, lambda: self._stopping or self._changed)
             if self._stopping:
                 return 0.0
-            self._emit("crown.monitor.leader_down" if changed else "crown.monitor.timeout")
+            _emit(self, "crown.monitor.leader_down" if changed else "crown.monitor.timeout")
             return 0.0
         return 0.0
 
@@ -526,92 +476,16 @@ class Crown:
             term = self._term
         if term is not None:  # only if the loop died mid-term
             self._end_term(term, "stop", False)
-        self._stop_child("_follower_run", "follower")
+        self._children.stop("follower")
         self._set_phase("finishing")
-        contender, self._contender = self._contender, None
-        if contender is not None:
-            try:
-                contender.close()
-            except Exception as exc:
-                self._record_error("close", exc)
-        self._close_oracle()
+        self._seat.close_contender()
+        self._seat.close_oracle()
         registry.unregister(self)
         with self._cond:
-            self._phase = "stopped"
+            self._set_phase("stopped")
             self._leader = None
-            self._cond.notify_all()
         self._announce_leader()
-        self._emit("crown.process.stopped")
-
-    # ---------------------------------------------------------------------------- children
-
-    def _start_leader_child(self, term: Term, restarts: int) -> None:
-        if self._child is None:
-            return
-        # Under the lock, so that a child calling stop() or exiting at once finds itself stored.
-        with self._cond:
-            try:
-                run = self._child.start(term, self._on_child_exit)
-            except Exception as exc:
-                logger.exception("crown %s: starting the child failed", self.name)
-                self._record_error("child", exc)
-                self._child_run = None
-                self._child_exited = True
-                self._cond.notify_all()
-                return
-            self._child_run = run
-            if not run.alive():  # it ended before we stored it: its on_exit was not recognised
-                self._child_exited = True
-                self._cond.notify_all()
-        self._emit("crown.child.started", kind="leader", pid=run.pid, restarts=restarts, token=term.token)
-
-    def _start_follower_child(self) -> None:
-        if self._follower_child is None or self._stopping:
-            return
-        with self._cond:
-            if self._follower_run is not None and self._follower_run.alive():
-                return
-        term = Term(self.name, self.identity, None, None, leading=False)
-        # Under the lock, as for the leader's child: one that calls stop() at once finds itself.
-        with self._cond:
-            try:
-                run = self._follower_child.start(term, self._on_follower_exit)
-            except Exception as exc:
-                logger.exception("crown %s: starting the follower child failed", self.name)
-                self._record_error("follower_child", exc)
-                return
-            self._follower_run = run
-            self._follower_term = term
-        self._emit("crown.child.started", kind="follower", pid=run.pid, restarts=0)
-
-    def _stop_child(self, attribute: str, kind: str, **extra) -> None:
-        with self._cond:
-            run = getattr(self, attribute)
-            setattr(self, attribute, None)
-            if kind == "follower" and run is not None:
-                self._follower_term.end()
-            if run is not None:
-                self._runs_stopping.append(run)
-        if run is None:
-            return
-        try:
-            run.stop()
-        finally:
-            with self._cond:
-                self._runs_stopping.remove(run)
-        self._emit("crown.child.stopped", kind=kind, exitcode=run.exitcode, **extra)
-
-    def _on_child_exit(self, run) -> None:
-        with self._cond:
-            if run is self._child_run and self._term is not None and not self._term.ended:
-                self._child_exited = True
-                self._cond.notify_all()
-
-    def _on_follower_exit(self, run) -> None:
-        with self._cond:
-            mine = run is self._follower_run
-        if mine and not self._stopping:
-            self._emit("crown.child.exited", kind="follower", exitcode=run.exitcode)
+        _emit(self, "crown.process.stopped")
 
     # ------------------------------------------------------------------ signals from other threads
 
@@ -625,17 +499,6 @@ class Crown:
             self._changed = True
             self._cond.notify_all()
 
-    def _on_deadline(self, term: Term) -> None:
-        """The warden: the term's deadline passed while it was still on. Kill, don't ask."""
-        with self._cond:
-            current = term is self._term
-            run = self._child_run if current else None
-            term.end()
-            self._cond.notify_all()
-        if run is not None:
-            run.kill()
-        logger.warning("crown %s: term %s passed its deadline before it was renewed", self.name, term.token)
-
     # ---------------------------------------------------------------------------- helpers
 
     def _stopping_now(self) -> bool:
@@ -646,33 +509,6 @@ class Crown:
         with self._cond:
             return bool(self._cond.wait_for(predicate, seconds))
 
-    def _retry(self, operation: str, interrupted, call, max_wait: Optional[float] = None):
-        """Call the oracle, retrying errors with backoff until it works or ``interrupted()``.
-
-        Returns the result, or None if interrupted.
-        """
-        ceiling = max_wait if max_wait is not None else max(0.1, min(self.monitor_delay, 5.0))
-        wait = tenacity.wait_random_exponential(multiplier=0.05, min=0.01, max=ceiling)  # full jitter
-        if max_wait is None and self._backoff is not None:
-            wait = self._backoff  # campaign retries only: a refresh races the term's deadline
-        retrying = tenacity.Retrying(
-            retry=tenacity.retry_if_exception_type(Exception),
-            wait=wait,
-            stop=lambda state: interrupted(),
-            sleep=lambda seconds: self._wait(seconds, interrupted),
-            before_sleep=lambda state: self._record_error(operation, state.outcome.exception()),
-            reraise=False,
-        )
-        if interrupted():
-            return None
-        try:
-            return retrying(call)
-        except tenacity.RetryError as exc:
-            error = exc.last_attempt.exception()
-            if error is not None:
-                self._record_error(operation, error)
-            return None
-
     def _announce_leader(self) -> None:
         """on_new_leader, if the leader (identity and token) differs from the one last told."""
         leader, told = self._leader, self._announced
@@ -680,49 +516,14 @@ class Crown:
             self._announced = leader
             self._callbacks.call("on_new_leader", leader)
 
-    def _record_error(self, operation: str, exc: BaseException) -> None:
-        message = redact_text(f"{operation}: {type(exc).__name__}: {exc}")
-        with self._cond:
-            self._last_error = message
-        logger.debug("crown %s: %s", self.name, message)
-        self._emit("crown.oracle.error", operation=operation, error=message)
-
-    def _clear_error(self) -> None:
-        with self._cond:
-            self._last_error = None
-
     def _set_phase(self, phase: str) -> None:
+        """Move to ``phase``: only along _MOVES (a bug shows at once, and ends the loop safely)."""
         with self._cond:
+            current = self._phase
+            if phase != current and phase not in _MOVES[current] and not (phase == "finishing" and current != "stopped"):
+                raise RuntimeError(f"crown {self.name}: no move from {current} to {phase}")
             self._phase = phase
             self._cond.notify_all()
-
-    def _emit(self, event: str, **extra) -> None:
-        leader = self._leader
-        metadata = {
-            "name": self.name,
-            "identity": self.identity,
-            "phase": self._phase,
-            "oracle": self._oracle_description,
-            "leader": leader.identity if leader is not None else None,
-        }
-        metadata.update(extra)
-        telemetry.emit(event, metadata)
-
-    def _resolve_oracle(self, oracle):
-        if oracle is None:
-            return default_oracle(), True
-        if isinstance(oracle, str):
-            return oracle_from_url(oracle), True
-        if isinstance(oracle, Oracle):
-            return oracle, False
-        raise TypeError(f"oracle must be an Oracle, an oracle URL or None, got {type(oracle).__name__}")
-
-    def _close_oracle(self) -> None:
-        if self._owns_oracle:
-            try:
-                self._oracle.close()
-            except Exception as exc:
-                logger.warning("crown %s: closing the oracle failed: %s", self.name, redact_text(str(exc)))
 
     def _inherited(self) -> bool:
         """True in a process forked from the one that made this crown, at-fork hook run or not."""
@@ -738,28 +539,6 @@ class Crown:
         self._phase = "stopped"
 
 
-def _campaign_wait(backoff) -> Optional[Callable[[tenacity.RetryCallState], float]]:
-    """The ``backoff`` option as a tenacity wait: a tenacity wait strategy as it is, a callable
-    ``(attempt) -> seconds`` adapted; None keeps the default. TypeError names the option."""
-    if backoff is None:
-        return None
-    if not callable(backoff):
-        raise TypeError(f"backoff must be a tenacity wait strategy or a callable (attempt) -> seconds, "
-                        f"got {type(backoff).__name__}")
-    strategy = isinstance(backoff, tenacity.wait.wait_base)
-
-    def wait(state: tenacity.RetryCallState) -> float:
-        try:  # the user's code runs in the loop: a bad answer must not end it
-            seconds = _number("backoff", backoff(state) if strategy else backoff(state.attempt_number),
-                              positive=False)
-        except Exception:
-            logger.exception("backoff %r failed; waiting 1 s", backoff)
-            seconds = 1.0
-        return seconds
-
-    return wait
-
-
 def _next_refresh(term: Term, refresh_in: Optional[float]) -> Optional[float]:
     """When to refresh: as the oracle asks, but by half the time left at the latest, since the
     oracle's interval was counted from the start of its call and the crown has spent some of it
@@ -767,6 +546,20 @@ def _next_refresh(term: Term, refresh_in: Optional[float]) -> Optional[float]:
     if refresh_in is None:
         return None
     return _monotonic() + min(refresh_in, max(0.0, term.remaining() / 2))
+
+
+def _emit(crown: Crown, event: str, **extra) -> None:
+    """Tell telemetry (the observation surface) what ``crown`` just did."""
+    leader = crown._leader
+    metadata = {
+        "name": crown.name,
+        "identity": crown.identity,
+        "phase": crown._phase,
+        "oracle": crown._seat.description,
+        "leader": leader.identity if leader is not None else None,
+    }
+    metadata.update(extra)
+    telemetry.emit(event, metadata)
 
 
 def _leader_key(leader: Optional[Leader]):
@@ -777,21 +570,181 @@ def _seconds(value: float) -> Optional[float]:
     return None if value == float("inf") else round(value, 3)
 
 
-class _LiveCrowns:
-    """Every Crown object in the process (weakly held), for the fork handler."""
+class _Children:
+    """A crown's two children: the leader's (one per term, restarted in place) and the follower's.
 
-    def __init__(self):
-        import weakref
+    Every run is stored under the crown's lock as it starts, so that a child that calls
+    ``stop()`` or exits at once finds itself; runs being stopped still count as alive for
+    ``status()``.
+    """
 
-        self._crowns = weakref.WeakSet()
+    def __init__(self, crown: "Crown", child, follower_child):
+        self.crown = crown
+        self.child = as_child(child, argument="child")
+        self.follower_child = as_child(follower_child, argument="follower_child")
+        self.leader_run = None
+        self.follower_run = None
+        self.follower_term: Optional[Term] = None
+        self.stopping: list = []  # runs being stopped
 
-    def add(self, crown) -> None:
-        self._crowns.add(crown)
+    def runs(self, leading: bool) -> list:
+        return [self.leader_run if leading else self.follower_run, *self.stopping]
 
-    def after_fork_in_child(self) -> None:
-        for crown in list(self._crowns):
-            crown._after_fork_in_child()
+    def threads(self) -> list:
+        return [getattr(run, "thread", None) for run in (self.leader_run, self.follower_run, *self.stopping)]
+
+    def start_leader(self, term: Term, restarts: int) -> None:
+        crown = self.crown
+        if self.child is None:
+            return
+        with crown._cond:
+            try:
+                run = self.child.start(term, self._on_leader_exit)
+            except Exception as exc:
+                logger.exception("crown %s: starting the child failed", crown.name)
+                crown._seat.record_error("child", exc)
+                self.leader_run = None
+                crown._child_exited = True
+                crown._cond.notify_all()
+                return
+            self.leader_run = run
+            if not run.alive():  # it ended before we stored it: its on_exit was not recognised
+                crown._child_exited = True
+                crown._cond.notify_all()
+        _emit(crown, "crown.child.started", kind="leader", pid=run.pid, restarts=restarts, token=term.token)
+
+    def start_follower(self) -> None:
+        crown = self.crown
+        if self.follower_child is None or crown._stopping:
+            return
+        with crown._cond:
+            if self.follower_run is not None and self.follower_run.alive():
+                return
+            term = Term(crown.name, crown.identity, None, None, leading=False)
+            try:
+                run = self.follower_child.start(term, self._on_follower_exit)
+            except Exception as exc:
+                logger.exception("crown %s: starting the follower child failed", crown.name)
+                crown._seat.record_error("follower_child", exc)
+                return
+            self.follower_run = run
+            self.follower_term = term
+        _emit(crown, "crown.child.started", kind="follower", pid=run.pid, restarts=0)
+
+    def stop(self, kind: str, **extra) -> None:
+        """Stop the leader's or the follower's run (if any) and wait until it is gone."""
+        crown = self.crown
+        attribute = "leader_run" if kind == "leader" else "follower_run"
+        with crown._cond:
+            run = getattr(self, attribute)
+            setattr(self, attribute, None)
+            if run is None:
+                return
+            if kind == "follower":
+                self.follower_term.end()
+            self.stopping.append(run)
+        try:
+            run.stop()
+        finally:
+            with crown._cond:
+                self.stopping.remove(run)
+        _emit(crown, "crown.child.stopped", kind=kind, exitcode=run.exitcode, **extra)
+
+    def on_deadline(self, term: Term) -> None:
+        """The warden: the term's deadline passed while it was still on. Kill, don't ask."""
+        crown = self.crown
+        with crown._cond:
+            run = self.leader_run if term is crown._term else None
+            term.end()
+            crown._cond.notify_all()
+        if run is not None:
+            run.kill()
+        logger.warning("crown %s: term %s passed its deadline before it was renewed", crown.name, term.token)
+
+    def _on_leader_exit(self, run) -> None:
+        crown = self.crown
+        with crown._cond:
+            if run is self.leader_run and crown._term is not None and not crown._term.ended:
+                crown._child_exited = True
+                crown._cond.notify_all()
+
+    def _on_follower_exit(self, run) -> None:
+        crown = self.crown
+        with crown._cond:
+            mine = run is self.follower_run
+        if mine and not crown._stopping:
+            _emit(crown, "crown.child.exited", kind="follower", exitcode=run.exitcode)
 
 
-_live_crowns = _LiveCrowns()
-os.register_at_fork(after_in_child=_live_crowns.after_fork_in_child)
+class _OracleSeat:
+    """A crown's side of its oracle: the oracle (closed with the crown when the crown made it
+    from a URL), the contender, the last error, and the retries of failed calls."""
+
+    def __init__(self, crown: "Crown", oracle):
+        self.crown = crown
+        if oracle is None:
+            self.oracle, self.owned = default_oracle(), True
+        elif isinstance(oracle, str):
+            self.oracle, self.owned = oracle_from_url(oracle), True
+        elif isinstance(oracle, Oracle):
+            self.oracle, self.owned = oracle, False
+        else:
+            raise TypeError(f"oracle must be an Oracle, an oracle URL or None, got {type(oracle).__name__}")
+        self.description = redact_text(getattr(self.oracle, "description", "") or repr(self.oracle))
+        self.contender = None
+        self.last_error: Optional[str] = None
+
+    def retry(self, operation: str, interrupted, call, max_wait: Optional[float] = None):
+        """Call the oracle, retrying errors with backoff until it works or ``interrupted()``.
+
+        Returns the result, or None if interrupted.
+        """
+        crown = self.crown
+        ceiling = max_wait if max_wait is not None else max(0.1, min(crown.monitor_delay, 5.0))
+        wait = tenacity.wait_random_exponential(multiplier=0.05, min=0.01, max=ceiling)  # full jitter
+        if max_wait is None and crown._backoff is not None:
+            wait = crown._backoff  # campaign retries only: a refresh races the term's deadline
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(Exception),
+            wait=wait,
+            stop=lambda state: interrupted(),
+            sleep=lambda seconds: crown._wait(seconds, interrupted),
+            before_sleep=lambda state: self.record_error(operation, state.outcome.exception()),
+            reraise=False,
+        )
+        if interrupted():
+            return None
+        try:
+            return retrying(call)
+        except tenacity.RetryError as exc:
+            error = exc.last_attempt.exception()
+            if error is not None:
+                self.record_error(operation, error)
+            return None
+
+    def record_error(self, operation: str, exc: BaseException) -> None:
+        crown = self.crown
+        message = redact_text(f"{operation}: {type(exc).__name__}: {exc}")
+        with crown._cond:
+            self.last_error = message
+        logger.debug("crown %s: %s", crown.name, message)
+        _emit(crown, "crown.oracle.error", operation=operation, error=message)
+
+    def clear_error(self) -> None:
+        with self.crown._cond:
+            self.last_error = None
+
+    def close_contender(self) -> None:
+        contender, self.contender = self.contender, None
+        if contender is not None:
+            try:
+                contender.close()
+            except Exception as exc:
+                self.record_error("close", exc)
+
+    def close_oracle(self) -> None:
+        if self.owned:
+            try:
+                self.oracle.close()
+            except Exception as exc:
+                logger.warning("crown %s: closing the oracle failed: %s", self.crown.name, redact_text(str(exc)))

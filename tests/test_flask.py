@@ -317,16 +317,17 @@ HOOKS_ORACLE_CONF = """
 import os, crown_sync.gunicorn
 on_starting, when_ready, on_exit = crown_sync.gunicorn.crown_in_master(
     "flask-master-status", child="tests.wsgi_support:master_job", monitor_delay=0.2,
-    oracle=os.environ["CROWN_TEST_ORACLE"])
+    oracle=os.environ["CROWN_TEST_ORACLE"], metadata={"url": "http://127.0.0.1:@PORT@"})
 """
 
 
 def test_status_in_the_workers_of_the_master_placement_says_who_leads(tmp_path):
     """The oracle is given to the hooks only (the app's own, CROWN_SYNC_ORACLE, is another, where
     nobody contends): every worker's status shows its master crown's phase and the leader that
-    crown knows, which is the one the job's journal names, on both hosts and after a handoff."""
+    crown knows, which is the one the job's journal names, on both hosts and after a handoff; a
+    follower's leader_only redirects to the URL in that leader's metadata."""
     path = str(tmp_path / "journal")
-    env = {"CROWN_TEST_NAME": "flask-master-status", "CROWN_TEST_JOURNAL": path,
+    env = {"CROWN_TEST_NAME": "flask-master-status", "CROWN_TEST_JOURNAL": path, "CROWN_TEST_FOLLOWER": "redirect",
            "CROWN_TEST_ORACLE": f"file://{tmp_path / 'oracle'}",
            "CROWN_SYNC_ORACLE": f"file://{tmp_path / 'not-the-oracle'}"}
     hosts = [Gunicorn(HOOKS_ORACLE_CONF, env), Gunicorn(HOOKS_ORACLE_CONF, env)]
@@ -346,6 +347,9 @@ def test_status_in_the_workers_of_the_master_placement_says_who_leads(tmp_path):
         (first,) = wait_until(lambda: journal_terms(path), message="the job's term")
         wait_until(lambda: say(hosts[0], "leading", first), message="the leading host's workers say it")
         wait_until(lambda: say(hosts[1], "following", first), message="the following host's workers name the leader")
+        for _ in range(4):
+            status, headers, _ = get(hosts[1].port, "/only-leader")
+            assert status == 307 and headers["Location"] == f"http://127.0.0.1:{hosts[0].port}/only-leader"
 
         hosts[0].signal(signal.SIGTERM)
         assert hosts[0].wait_exit(60) == 0

@@ -17,6 +17,8 @@ import os
 import threading
 from typing import Callable, List
 
+from . import _forksafe
+
 _lock = threading.Lock()
 _crowns: List[object] = []
 _providers: List[Callable[[str], bool]] = []
@@ -86,4 +88,4 @@ def _after_fork_in_child() -> None:
     _pid = os.getpid()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+_forksafe.at_fork(after_in_child=_after_fork_in_child)

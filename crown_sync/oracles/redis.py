@@ -79,18 +79,10 @@ __all__ = ["RedisOracle", "RedisOracleError", "RedisRefused"]
 
 logger = logging.getLogger("crown_sync.oracles.redis")
 
-_OPTIONS = {
-    "ttl": float,
-    "renew_interval": float,
-    "poll_interval": float,
-    "margin": float,
-    "key_prefix": str,
-    "connect_timeout": float,
-    "timeout": float,
-    "ssl_ca_certs": str,
-    "ssl_cert_reqs": str,
-    "ssl_check_hostname": bool,
-}
+# The lease's options (as every lease oracle's), then TLS's.
+_SECONDS = ("ttl", "renew_interval", "poll_interval", "margin", "connect_timeout", "timeout")
+_OPTIONS: Dict[str, Any] = dict.fromkeys(_SECONDS, float)
+_OPTIONS.update(key_prefix=str, ssl_ca_certs=str, ssl_cert_reqs=str, ssl_check_hostname=bool)
 _CERT_REQS = ("required", "optional", "none")
 
 # Which server incarnation holds our keys: run_id is new at every start of redis-server (and
@@ -232,7 +224,8 @@ class RedisStore(LeaseStore):
             raise RedisRefused(f"redis at {self._oracle.description}: {exc}") from None
         except (redis.exceptions.RedisError, OSError) as exc:
             error = RedisRefused if isinstance(exc, redis.exceptions.AuthenticationError) else RedisOracleError
-            raise error(f"redis at {self._oracle.description}: {what} failed: {_explain(exc, self._oracle.has_password)}") from None
+            why = _explain(exc, self._oracle.has_password)
+            raise error(f"redis at {self._oracle.description}: {what} failed: {why}") from None
 
     def read(self, key: str) -> Tuple[Optional[bytes], Any]:
         value, current = self._run(

@@ -4,7 +4,7 @@
 127.0.0.1 and a free port, with a file store in that dir (so ``restart()`` keeps every KV bucket
 and revision, as a real restart does) and two users: ``crown`` (every right) and ``reader`` (may
 subscribe and ask JetStream's API, may not publish into KV buckets). Stopped by pid (SIGTERM, then
-SIGKILL); ``pause()``/``resume()`` SIGSTOP/SIGCONT it. ``varz()`` reads the monitoring endpoint
+SIGKILL); ``pause()``/``resume()`` (the base's) SIGSTOP/SIGCONT it. ``varz()`` reads the monitoring endpoint
 (messages in and out: the requests the clients made).
 """
 
@@ -127,18 +127,9 @@ class NatsServer(Server):
                 time.sleep(0.1)
         raise last
 
-    def pause(self) -> None:
-        """SIGSTOP the server: it keeps its sockets and answers nothing."""
-        if self.process is not None:
-            os.kill(self.process.pid, signal.SIGSTOP)
-
-    def resume(self) -> None:
-        if self.process is not None:
-            os.kill(self.process.pid, signal.SIGCONT)
-
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = 10.0, signum: int = signal.SIGTERM) -> None:
         self.resume()  # a paused server cannot act on SIGTERM
-        super().stop(timeout)
+        super().stop(timeout, signum)
 
     def _monitor(self, path: str) -> Dict[str, Any]:
         with urllib.request.urlopen(f"http://{self.host}:{self.http_port}/{path}", timeout=5) as reply:

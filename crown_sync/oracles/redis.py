@@ -290,7 +290,6 @@ class _Push:
         self._members: Dict[str, "weakref.WeakSet[LeaseContender]"] = {}
         self._thread: Optional[threading.Thread] = None
         self._closed = False
-        self._pubsub = None
 
     def add(self, channel: str, contender: LeaseContender) -> None:
         with self._lock:
@@ -323,7 +322,6 @@ class _Push:
         """One pub/sub session: returns when closed, raises on a connection error."""
         subscribed: set = set()
         pubsub = self._oracle.new_client().pubsub()
-        self._pubsub = pubsub
         try:
             while not self._closed:
                 wanted = self._wanted()
@@ -339,7 +337,6 @@ class _Push:
                 if message is not None:
                     self._deliver(message)
         finally:
-            self._pubsub = None
             pubsub.close()
 
     def _deliver(self, message: Dict[str, Any]) -> None:

@@ -9,6 +9,7 @@ import ctypes
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import subprocess
@@ -26,7 +27,7 @@ from crown_sync.testing.memcached_server import MemcachedServer
 from crown_sync.testing.memory import MemoryOracle
 from crown_sync.testing.servers import Server
 
-from tests.wsgi_support import ROOT, Gunicorn, journal_terms, process_gone, wait_until
+from tests.wsgi_support import ROOT, Gunicorn, get, journal_terms, process_gone, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -72,9 +73,10 @@ class UWSGI(Gunicorn):
     """A real uWSGI master (its own process group) on a free loopback port, with ``options``
     (ini lines) added to the base config; the Gunicorn helper's answers/workers/cleanup apply."""
 
-    def __init__(self, env: Dict[str, str], options: str = "", processes: int = 2, example: Optional[str] = None):
+    def __init__(self, env: Dict[str, str], options: str = "", processes: int = 2, example: Optional[str] = None,
+                 app: str = APP):
         Server.__init__(self)
-        for filename, text in (("crown_conf.py", CROWN_CONF), ("app.py", APP)):
+        for filename, text in (("crown_conf.py", CROWN_CONF), ("app.py", app)):
             with open(os.path.join(self.tmpdir, filename), "w") as handle:
                 handle.write(text)
         if example is None:
@@ -101,7 +103,8 @@ class UWSGI(Gunicorn):
                                             start_new_session=True)
         self.pgid = self.process.pid
         if wait:
-            wait_until(lambda: self.answers(1) or self.process.poll() is not None, 60, message="uWSGI serving")
+            wait_until(lambda: get(self.port, "/") is not None or self.process.poll() is not None, 60,
+                       message="uWSGI serving")
             assert self.process.poll() is None, f"uWSGI exited; log:\n{self.log()}"
         return self
 
@@ -163,7 +166,9 @@ def test_a_process_forked_without_at_fork_hooks_sees_no_leadership(tmp_path):
         assert crown.wait_for_leadership(10)
         assert crown.is_leader() and crown_sync.is_leader(NAME)
         read, write = os.pipe()
-        pid = ctypes.CDLL(None).fork()  # libc's fork: no os.register_at_fork handler runs
+        # libc's fork, no os.register_at_fork handler run; PyDLL keeps the GIL over the call, as uWSGI
+        # does (CDLL would drop it, and a thread that takes it meanwhile would hold it in the child)
+        pid = ctypes.PyDLL(None).fork()
         if pid == 0:
             try:
                 seen = {"is_leader": crown.is_leader(), "term": crown.term() is not None,
@@ -175,6 +180,8 @@ def test_a_process_forked_without_at_fork_hooks_sees_no_leadership(tmp_path):
                 os._exit(0)
         os.close(write)
         with os.fdopen(read) as handle:
+            if not select.select([handle], [], [], 60)[0]:  # a copy stuck on a lock: fail, don't hang
+                os.kill(pid, signal.SIGKILL)
             seen = json.loads(handle.read() or "{}")
         os.waitpid(pid, 0)
         assert seen == {"is_leader": False, "term": False, "status": False, "api": False, "registry": 0,
@@ -261,6 +268,37 @@ def test_crown_per_worker_master_sigkill(tmp_path):
     finally:
         for host in hosts:
             host.cleanup()
+
+
+DJANGO_APP = """
+from django.core.wsgi import get_wsgi_application
+application = get_wsgi_application()
+"""
+
+
+def test_django_own_crown_per_worker(tmp_path):
+    """A Django app with CROWN_SYNC["START"] under uWSGI (app loaded in the master): ready() in
+    the master starts nothing, each worker's first request starts its crown, the job runs in one
+    worker; a recycled worker (max-requests) hands over, and shutdown stops the job."""
+    oracle = FileOracle(str(tmp_path / "oracle"))
+    env = {"PYTHONPATH": ROOT, "DJANGO_SETTINGS_MODULE": "tests.django_project.settings", "CROWN_TEST_NAME": NAME,
+           "CROWN_SYNC_ORACLE": f"file://{tmp_path / 'oracle'}", "CROWN_TEST_JOURNAL": str(tmp_path / "journal"),
+           "CROWN_TEST_START": "1"}
+    host = UWSGI(env, "max-requests = 30", app=DJANGO_APP)
+    try:
+        host.start()
+        first = _new_leader(oracle, set())
+        assert _pid_of(first.identity) in host.workers()
+        host.answers(80, "/leader")  # every worker recycled at least once
+        second = _new_leader(oracle, {first.token})
+        wait_until(lambda: any(a["is_leader"] for a in host.answers(4, "/leader")), 30, message="a worker leads")
+        assert _pid_of(second.identity) in host.workers()
+        host.signal(signal.SIGINT)
+        host.wait_exit(60)
+        terms = _assert_journal(str(tmp_path / "journal"), 2)
+        assert terms[-1].stopped, "shutdown did not stop the leading worker's job"
+    finally:
+        host.cleanup()
 
 
 # ----------------------------------------------------------------------------- the crown in the master

@@ -21,7 +21,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, TypeVar
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, TypeVar
 
 from crown_sync import clock
 from crown_sync.testing import journal
@@ -127,6 +127,11 @@ class Fleet:
         self.processes[identity] = process
         return process
 
+    def spawn_many(self, count: int, prefix: str) -> None:
+        """Start contenders ``prefix0`` ... ``prefix{count-1}``."""
+        for i in range(count):
+            self.spawn(f"{prefix}{i}")
+
     def terms(self) -> List[journal.Term]:
         return terms(self.journal, self.name)
 
@@ -153,6 +158,24 @@ class Fleet:
     def wait_for_new_term(self, after: float, timeout: float = 30.0, min_beats: int = 5) -> journal.Term:
         """A running term that started after monotonic time ``after``."""
         return self.wait_for_term(after=after, min_beats=min_beats, timeout=timeout)
+
+    def term_across(self, fault: Callable[[], object],
+                    timeout: float = 40.0) -> Tuple[journal.Term, journal.Term]:
+        """(the running term, the running term begun after ``fault()`` was called)."""
+        before = self.wait_for_term()
+        at = clock.monotonic()
+        fault()
+        return before, self.wait_for_term(after=at, timeout=timeout)
+
+    def assert_succeeded(self, before: journal.Term, after: journal.Term,
+                         stopped: bool = False) -> journal.Report:
+        """From the journal: safe, and the term ``before`` (which ``stopped`` by itself, if asked)
+        did its last act before its successor ``after`` began, with a higher token."""
+        report = self.assert_safe(min_terms=2)
+        old = [t for t in report.terms if t.token == before.token][0]
+        assert old.end < after.start and after.token > before.token, report.summary()
+        assert old.stopped or not stopped, report.summary()
+        return report
 
     def signal(self, identity: str, signum: int) -> None:
         self.processes[identity].send_signal(signum)

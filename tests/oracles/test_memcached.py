@@ -65,14 +65,6 @@ def oracle_for(srv, **options):
     return MemcachedOracle(srv.address, **options)
 
 
-def assert_journal_ok(fleet, min_terms):
-    report = journal.check(fleet.journal, fleet.name)
-    assert report.ok, report.summary()
-    assert len(report.terms) >= min_terms, report.summary()
-    assert all(term.beats > 0 for term in report.terms), report.summary()
-    return report
-
-
 class Signals:
     """on_change callbacks received by a contender."""
 
@@ -122,7 +114,7 @@ def test_contention_and_graceful_handoffs_between_processes(server, tmp_path, na
         fleet.wait_for_term(other_than=set(done[-1:]))
     finally:
         fleet.stop_all()
-    report = assert_journal_ok(fleet, 4)
+    report = fleet.assert_safe(min_terms=4, all_worked=True)
     assert sum(term.stopped for term in report.terms) >= 4, report.summary()
     assert len({term.identity for term in report.terms}) >= 4
     for (identity, token), at in signalled.items():
@@ -149,7 +141,7 @@ def test_sigkill_of_the_leader_fails_over_without_overlap(server, tmp_path, name
         survivor = fleet.wait_for_term(other_than=set(killed))
     finally:
         fleet.stop_all()
-    report = assert_journal_ok(fleet, 3)
+    report = fleet.assert_safe(min_terms=3, all_worked=True)
     assert survivor.identity not in killed
     # The killed leaders never wrote "stop": their terms simply ended, and others followed.
     assert [t.identity for t in report.terms if not t.stopped][:2] == killed
@@ -181,50 +173,25 @@ def test_sigstop_past_the_lease_then_sigcont_never_overlaps(server, tmp_path, na
         assert fleet.processes[paused.identity].poll() is None
     finally:
         fleet.stop_all()
-    report = assert_journal_ok(fleet, 2)
-    old = [t for t in report.terms if t.identity == paused.identity and t.token == paused.token][0]
-    new = [t for t in report.terms if t.identity == successor.identity and t.token == successor.token][0]
-    assert old.end < new.start, report.summary()  # the paused leader's child stopped first
-    assert new.token > old.token
+    fleet.assert_succeeded(paused, successor)  # the paused leader's child stopped first
 
 
-def test_memcached_restart_ends_the_term_and_a_later_one_starts(fresh_server, tmp_path, name):
+@pytest.mark.parametrize("restart, down_for", [("restart", 0.5), ("crash_restart", 1.0)])
+def test_memcached_restart_ends_the_term_and_a_later_one_starts(fresh_server, tmp_path, name, restart, down_for):
+    """SIGTERM (or SIGKILL), down a while, up again empty on the same port."""
     fleet = Fleet(f"{fresh_server.url}?{FAST}", tmp_path, name)
-    for i in range(3):
-        fleet.spawn(f"r{i}")
+    fleet.spawn_many(3, "r")
     try:
-        before = fleet.wait_for_term()
-        restarted_at = clock.monotonic()
-        fresh_server.restart(down_for=0.5)  # SIGTERM, down, up again empty on the same port
-        after = fleet.wait_for_new_term(after=restarted_at, timeout=40)
+        before, after = fleet.term_across(lambda: getattr(fresh_server, restart)(down_for=down_for))
         time.sleep(0.2)
     finally:
         fleet.stop_all()
-    report = assert_journal_ok(fleet, 2)
-    assert after.token > before.token
-    old = [t for t in report.terms if t.token == before.token][0]
-    assert old.end < after.start
-
-
-def test_memcached_crash_restart_too(fresh_server, tmp_path, name):
-    fleet = Fleet(f"{fresh_server.url}?{FAST}", tmp_path, name)
-    for i in range(2):
-        fleet.spawn(f"x{i}")
-    try:
-        before = fleet.wait_for_term()
-        crashed_at = clock.monotonic()
-        fresh_server.crash_restart(down_for=1.0)
-        after = fleet.wait_for_new_term(after=crashed_at, timeout=40)
-    finally:
-        fleet.stop_all()
-    assert_journal_ok(fleet, 2)
-    assert after.token > before.token
+    fleet.assert_succeeded(before, after)
 
 
 def test_flush_all_ends_the_term_and_a_later_one_starts(server, tmp_path, name):
     fleet = Fleet(f"{server.url}?{FAST}", tmp_path, name)
-    for i in range(3):
-        fleet.spawn(f"f{i}")
+    fleet.spawn_many(3, "f")
     try:
         before = fleet.wait_for_term()
         flushed_at = clock.monotonic()
@@ -233,12 +200,9 @@ def test_flush_all_ends_the_term_and_a_later_one_starts(server, tmp_path, name):
         time.sleep(0.2)
     finally:
         fleet.stop_all()
-    report = assert_journal_ok(fleet, 2)
-    assert after.token > before.token
-    old = [t for t in report.terms if t.token == before.token][0]
     # The key vanished while the leader ran: the next term began only after the old one ended
     # (at the leader's next renewal) and after the claimant's quarantine.
-    assert old.end < after.start
+    fleet.assert_succeeded(before, after)
     assert after.start - flushed_at >= TTL - 0.1  # quarantine: one ttl after the add
 
 
@@ -253,7 +217,7 @@ def slow_fleet(srv, tmp_path, name):
 def assert_replaced_without_overlap(fleet, before, after, faulted_at):
     """The journal's verdict on one leader replaced after a fault: the old term's last line comes
     before the new term's first, tokens rise. Returns (old term, the successor's wait)."""
-    report = assert_journal_ok(fleet, 2)
+    report = fleet.assert_safe(min_terms=2, all_worked=True)
     old = [t for t in report.terms if (t.identity, t.token) == (before.identity, before.token)][0]
     assert old.end < after.start, report.summary()
     assert after.token > before.token, report.summary()
@@ -348,7 +312,7 @@ def test_eviction_of_the_lease_ends_the_term_safely(tmp_path, name):
         finally:
             client.close()
             fleet.stop_all()
-        report = assert_journal_ok(fleet, 2)
+        report = fleet.assert_safe(min_terms=2, all_worked=True)
         assert after.token > before.token
         old = [t for t in report.terms if t.token == before.token][0]
         assert old.end < after.start

@@ -139,15 +139,6 @@ def journal_ok(path, name, min_terms):
     return report
 
 
-def successor_verdict(fleet, name, before, after, stopped=False):
-    """From the journal: no overlap, and the term ``before`` (which ``stopped`` by itself, if
-    asked) did its last act before its successor ``after`` began, with a higher token."""
-    report = journal_ok(fleet.journal, name, 2)
-    old = [t for t in report.terms if t.token == before.token][0]
-    assert old.end < after.start and after.token > before.token, report.summary()
-    assert old.stopped or not stopped, report.summary()
-
-
 @contextlib.contextmanager
 def paused(fleet, identity, pause=True):
     """The contender's crown process SIGSTOPped (by pid: its command child runs on) for the
@@ -656,7 +647,7 @@ def test_terminated_leader_whose_command_is_slow_to_stop_never_overlaps(pg, name
     finally:
         fleet.stop_all()
         oracle.close()
-    successor_verdict(fleet, name, before, after)
+    fleet.assert_succeeded(before, after)
 
 
 def test_successor_that_dies_while_waiting_out_the_lease_passes_the_wait_on(pg, name, tmp_path):
@@ -720,7 +711,7 @@ def test_every_crown_session_terminated_while_the_leader_is_paused_never_overlap
     finally:
         fleet.stop_all()
         oracle.close()
-    successor_verdict(fleet, name, before, after)
+    fleet.assert_succeeded(before, after)
 
 
 @pytest.mark.parametrize("end", ["release", "vanish", "terminate"])
@@ -1048,18 +1039,14 @@ def test_pgbouncer_default_pooling_is_refused_even_on_one_reused_session(pg, nam
 def test_pg_terminate_backend_of_the_leader(pg, name, tmp_path):
     fleet = Fleet(f"{pg.url}?{FAST}", tmp_path, name)
     oracle = oracle_for(pg)
-    for i in range(2):
-        fleet.spawn(f"t{i}")
+    fleet.spawn_many(2, "t")
     try:
-        before = fleet.wait_for_term()
-        killed_at = clock.monotonic()
-        assert pg.terminate(holder_pid(pg, oracle, name))
-        after = fleet.wait_for_term(after=killed_at)
+        before, after = fleet.term_across(lambda: pg.terminate(holder_pid(pg, oracle, name)), timeout=30)
         time.sleep(0.2)
     finally:
         fleet.stop_all()
         oracle.close()
-    successor_verdict(fleet, name, before, after, stopped=True)
+    fleet.assert_succeeded(before, after, stopped=True)
 
 
 @pytest.fixture(scope="module")
@@ -1134,18 +1121,14 @@ def test_terminating_every_session_one_after_another_never_overlaps(pg, name, tm
 
 def test_immediate_server_restart(pg, name, tmp_path):
     fleet = Fleet(f"{pg.url}?{FAST}", tmp_path, name)
-    for i in range(2):
-        fleet.spawn(f"r{i}")
+    fleet.spawn_many(2, "r")
     try:
-        before = fleet.wait_for_term()
-        restarted_at = clock.monotonic()
-        pg.restart(mode="immediate")
-        after = fleet.wait_for_term(after=restarted_at, timeout=60)
+        before, after = fleet.term_across(lambda: pg.restart(mode="immediate"), timeout=60)
         time.sleep(0.2)
     finally:
         fleet.stop_all()
         pg.settle(SETTLED)
-    successor_verdict(fleet, name, before, after)
+    fleet.assert_succeeded(before, after)
 
 
 def test_server_restart_while_the_leader_is_paused_never_overlaps(pg, name, tmp_path):
@@ -1167,7 +1150,7 @@ def test_server_restart_while_the_leader_is_paused_never_overlaps(pg, name, tmp_
     finally:
         fleet.stop_all()
         pg.settle(SETTLED)
-    successor_verdict(fleet, name, before, after)
+    fleet.assert_succeeded(before, after)
 
 
 def test_paused_leader_is_replaced_after_idle_session_timeout(pg, name, tmp_path):
@@ -1189,7 +1172,7 @@ def test_paused_leader_is_replaced_after_idle_session_timeout(pg, name, tmp_path
         assert "idle-session timeout" in pg.log_tail(10 ** 9)[log_before:]  # the server did it
     finally:
         fleet.stop_all()
-    successor_verdict(fleet, name, before, successor)
+    fleet.assert_succeeded(before, successor)
 
 
 def test_ordinary_role_with_a_password_leads_and_the_password_never_shows(pg, app_url, name, caplog):

@@ -20,6 +20,7 @@ SCHEMES: Dict[str, tuple] = {
     "zookeeper": ("crown_sync.oracles.zookeeper", "ZooKeeperOracle", "zookeeper"),
     "memcached": ("crown_sync.oracles.memcached", "MemcachedOracle", "memcached"),
     "nats": ("crown_sync.oracles.nats", "NatsOracle", "nats"),
+    "tls": ("crown_sync.oracles.nats", "NatsOracle", "nats"),  # NATS over TLS, as nats-py spells it
     "redis": ("crown_sync.oracles.redis", "RedisOracle", "redis"),
     "rediss": ("crown_sync.oracles.redis", "RedisOracle", "redis"),
     # Refused by RedisOracle.from_url with the reason (Sentinel failover is not tested here).

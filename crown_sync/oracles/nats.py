@@ -43,6 +43,7 @@ import datetime
 import logging
 import os
 import re
+import ssl
 import threading
 import time
 import weakref
@@ -72,6 +73,9 @@ _OPTIONS = {
     "connect_timeout": float,
     "timeout": float,
     "bucket_max_age": float,
+    "tls_ca": str,
+    "tls_cert": str,
+    "tls_key": str,
 }
 
 # NATS KV: a key is subject tokens of these characters, a bucket a single token.
@@ -333,8 +337,13 @@ class NatsOracle(LeaseOracle):
         timeout: Optional[float] = None,
         bucket_max_age: float = 86400.0,
         clock: Callable[[], float] = time.time,
+        tls: bool = False,
+        tls_ca: Optional[str] = None,
+        tls_cert: Optional[str] = None,
+        tls_key: Optional[str] = None,
     ):
         self.host, self.port = _parse_server(server)
+        self._tls = _tls_context(tls, tls_ca, tls_cert, tls_key)
         for option, value in (("user", user), ("password", password)):
             if value is not None and not isinstance(value, str):
                 raise TypeError(f"{option} must be a str, got {type(value).__name__}")
@@ -346,7 +355,7 @@ class NatsOracle(LeaseOracle):
         self.bucket = bucket
         self.stream = f"KV_{bucket}"
         host = f"[{self.host}]" if ":" in self.host else self.host
-        self._server = f"nats://{host}:{self.port}"
+        self._server = f"{'tls' if tls else 'nats'}://{host}:{self.port}"
         self.description = f"{self._server}?bucket={bucket}"  # never the credentials
         super().__init__(ttl, renew_interval, poll_interval, margin, key_prefix, connect_timeout, timeout, clock)
         self.bucket_max_age = seconds("bucket_max_age", bucket_max_age)
@@ -363,10 +372,13 @@ class NatsOracle(LeaseOracle):
     @classmethod
     def from_url(cls, url: str) -> "NatsOracle":
         """``nats://[user:password@]host[:port][?bucket=..&ttl=..&renew_interval=..
-        &poll_interval=..&margin=..&key_prefix=..&connect_timeout=..&timeout=..&bucket_max_age=..]``"""
+        &poll_interval=..&margin=..&key_prefix=..&connect_timeout=..&timeout=..&bucket_max_age=..]``,
+        or ``tls://`` for TLS (``&tls_ca=..&tls_cert=..&tls_key=..``)."""
+        tls = url[:6].lower() == "tls://"
         host, port, user, password = one_server(
-            url, "nats", 4222, "clustered JetStream is not supported here (see the NATS oracle's documentation)")
-        return cls((host, port), user=user, password=password, **parse_options(url, _OPTIONS))
+            url, "tls" if tls else "nats", 4222,
+            "clustered JetStream is not supported here (see the NATS oracle's documentation)")
+        return cls((host, port), user=user, password=password, tls=tls, **parse_options(url, _OPTIONS))
 
     def check_key(self, text: str, option: str) -> None:
         # A key is one or more subject tokens: no empty token (leading, trailing or double dots).
@@ -423,6 +435,8 @@ class NatsOracle(LeaseOracle):
             # A server that stops answering (paused, cut off) is dropped after two missed pings.
             ping_interval=max(1.0, self.renew_interval), max_outstanding_pings=2,
         )
+        if self._tls is not None:
+            options.update(tls=self._tls)
         if self._password is not None:
             options.update(user=self._user, password=self._password)
         elif self._user:
@@ -462,7 +476,7 @@ class NatsOracle(LeaseOracle):
             text = f"no answer within {self.timeout:g} s"
         elif isinstance(exc, (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError)):
             text = "no JetStream answered (is nats-server started with -js? was the bucket deleted?)"
-        if last_error:
+        if last_error and last_error not in text:
             text += f" (last error: {last_error})"
         return NatsError(f"NATS at {self.description}: {what} failed: {text}")
 
@@ -490,6 +504,28 @@ class NatsOracle(LeaseOracle):
         self._stores = weakref.WeakSet()
         self._loop = None  # the parent's (its thread did not cross the fork): a new one on demand
         self._loop_lock = threading.Lock()
+
+
+def _tls_context(tls: bool, ca: Optional[str], cert: Optional[str], key: Optional[str]) -> Optional[ssl.SSLContext]:
+    """The client's TLS context (the server's certificate always verified), or None without TLS;
+    a ValueError naming the option whose file cannot be used."""
+    if not tls:
+        given = [name for name, value in (("tls_ca", ca), ("tls_cert", cert), ("tls_key", key)) if value]
+        if given:
+            raise ValueError(f"{', '.join(given)} given without TLS: use a tls:// URL (or tls=True)")
+        return None
+    if key and not cert:
+        raise ValueError("tls_key given without tls_cert")
+    try:
+        context = ssl.create_default_context(cafile=ca or None)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"tls_ca {ca!r} cannot be used: {exc}") from None
+    if cert:
+        try:
+            context.load_cert_chain(cert, key or None)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"tls_cert {cert!r} / tls_key {key!r} cannot be used: {exc}") from None
+    return context
 
 
 def _parse_server(server: Any) -> Tuple[str, int]:

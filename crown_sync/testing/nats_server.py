@@ -12,6 +12,7 @@ import json
 import os
 import secrets
 import signal
+import ssl
 import subprocess
 import time
 import urllib.request
@@ -40,13 +41,25 @@ authorization {{
 """
 
 
+_TLS = """\
+tls {{
+  cert_file: "{cert}"
+  key_file: "{key}"
+}}
+"""
+
+
 class NatsServer(Server):
-    """``nats-server -js`` on 127.0.0.1:<free port> with a file store in its temp dir."""
+    """``nats-server -js`` on 127.0.0.1:<free port> with a file store in its temp dir.
+
+    tls: clients must speak TLS (``tls://`` URLs); the server's self-signed certificate for
+        127.0.0.1 is :attr:`certificate` (made with ``openssl``).
+    """
 
     user = "crown"
     reader = "reader"
 
-    def __init__(self):
+    def __init__(self, tls: bool = False):
         self.binary = find_binary(["nats-server", "/usr/sbin/nats-server", "/usr/bin/nats-server"], "nats-server")
         super().__init__()
         self.host = "127.0.0.1"
@@ -57,17 +70,31 @@ class NatsServer(Server):
         self.store = os.path.join(self.tmpdir, "jetstream")
         self.config = os.path.join(self.tmpdir, "nats.conf")
         self.log_path = os.path.join(self.tmpdir, "nats.log")
+        self.scheme = "tls" if tls else "nats"
+        self.certificate = os.path.join(self.tmpdir, "server.crt") if tls else None
+        config = _CONFIG.format(host=self.host, port=self.port, http_port=self.http_port, store=self.store,
+                                password=self.password, reader_password=self.reader_password)
+        if tls:
+            key = os.path.join(self.tmpdir, "server.key")
+            subprocess.run([
+                find_binary(["openssl"], "openssl"), "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                "-keyout", key, "-out", self.certificate,
+            ], check=True, capture_output=True)
+            config += _TLS.format(cert=self.certificate, key=key)
         with open(self.config, "w") as f:
-            f.write(_CONFIG.format(host=self.host, port=self.port, http_port=self.http_port, store=self.store,
-                                   password=self.password, reader_password=self.reader_password))
+            f.write(config)
 
     def url_for(self, user: Optional[str] = None, password: Optional[str] = None, **options: Any) -> str:
-        """``nats://user:password@127.0.0.1:PORT?options`` (the ``crown`` user by default)."""
+        """``nats://user:password@127.0.0.1:PORT?options`` (the ``crown`` user by default; with
+        TLS, ``tls://`` and the server's certificate as ``tls_ca``)."""
         user = self.user if user is None else user
         if password is None:
             password = self.reader_password if user == self.reader else self.password
+        if self.certificate is not None:
+            options.setdefault("tls_ca", self.certificate)
         query = "&".join(f"{k}={v}" for k, v in options.items())
-        return f"nats://{user}:{password}@{self.host}:{self.port}" + (f"?{query}" if query else "")
+        return f"{self.scheme}://{user}:{password}@{self.host}:{self.port}" + (f"?{query}" if query else "")
 
     @property
     def url(self) -> str:
@@ -168,8 +195,9 @@ class NatsServer(Server):
         import nats.js.errors
 
         async def act():
-            nc = await nats.connect(f"nats://{self.host}:{self.port}", user=self.user, password=self.password,
-                                    allow_reconnect=False, connect_timeout=5)
+            tls = ssl.create_default_context(cafile=self.certificate) if self.certificate else None
+            nc = await nats.connect(f"{self.scheme}://{self.host}:{self.port}", user=self.user,
+                                    password=self.password, allow_reconnect=False, connect_timeout=5, tls=tls)
             try:
                 js = nc.jetstream(timeout=5)
                 if action == "delete_bucket":

@@ -276,6 +276,9 @@ def test_a_fault_while_the_leaders_group_is_stopped_never_overlaps(fresh_server,
     ("nats://127.0.0.1?key_prefix=.x", ["key_prefix"]),
     ("nats://127.0.0.1?ttl=10&bucket_max_age=5", ["bucket_max_age"]),
     ("nats://127.0.0.1?ttl=0.5", ["ttl"]),
+    ("nats://127.0.0.1?tls_ca=/etc/hostname", ["tls_ca", "tls://"]),
+    ("tls://127.0.0.1?tls_ca=/nonexistent/ca.pem", ["tls_ca"]),
+    ("tls://127.0.0.1?tls_key=/nonexistent/key.pem", ["tls_key", "tls_cert"]),
 ])
 def test_bad_urls_are_value_errors_naming_the_problem(url, words):
     with pytest.raises(ValueError) as info:
@@ -309,6 +312,28 @@ def test_wrong_password_is_a_clear_error_and_never_shown(server, name, caplog):
         oracle.close()
     shown = [str(info.value), repr(oracle), status.last_error, str(status)] + [r.getMessage() for r in caplog.records]
     assert not [text for text in shown if secret in text]
+
+
+def test_tls_leads_with_the_servers_certificate_and_refuses_a_server_it_cannot_verify(name):
+    srv = NatsServer(tls=True).start()
+    try:
+        oracle = crown_sync.urls.oracle_from_url(srv.url_for(**FAST))  # tls://...&tls_ca=<its cert>
+        contender = oracle.contender(name, "me", {}, Signals())
+        try:
+            released(oracle, name)
+            assert lead(contender, timeout=10).won
+            assert oracle.find_leader(name).identity == "me"
+        finally:
+            contender.close()
+            oracle.close()
+        unverified = crown_sync.urls.oracle_from_url(srv.url_for(**FAST).split("&tls_ca=")[0])
+        try:
+            with pytest.raises(NatsError, match="certificate verify failed"):
+                unverified.find_leader(name)
+        finally:
+            unverified.close()
+    finally:
+        srv.cleanup()
 
 
 def test_a_user_without_publish_rights_hears_the_servers_reason(server, name):

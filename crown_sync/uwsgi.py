@@ -66,10 +66,12 @@ def _module():
     return uwsgi if hasattr(uwsgi, "opt") else None
 
 
-def _required_module(what: str):
+def _server(what: str):
+    """The uwsgi module; None (said once in the log) where the app module is imported outside
+    uWSGI (tests, a management command, another server): then nothing is started."""
     uwsgi = _module()
     if uwsgi is None:
-        raise RuntimeError(f"{what} runs only inside uWSGI (the uwsgi module is not importable here)")
+        logger.warning("crown_sync.uwsgi.%s: not running under uWSGI, no crown started here", what)
     return uwsgi
 
 
@@ -174,7 +176,9 @@ def crown_in_master(name: str, child, oracle=None, **options) -> _gunicorn.Maste
     :class:`crown_sync.gunicorn.MasterCrown`. Returns it (its ``on_exit()`` stops the crown).
     """
     master = _MasterCrown(name, child, oracle=oracle, **options)  # bad options fail first, anywhere
-    uwsgi = _required_module("crown_in_master")
+    uwsgi = _server("crown_in_master")
+    if uwsgi is None:
+        return master
     if not forks_this_process():
         raise RuntimeError(
             "crown_in_master must run in the uWSGI master, before it forks the workers; this is "
@@ -196,7 +200,9 @@ def crown_per_worker(name: str, child, oracle=None, **options) -> _gunicorn.Work
     in the leading worker. Call it once, in the WSGI module (``lazy-apps`` on or off).
     """
     worker = _gunicorn.WorkerCrown(name, child, oracle=oracle, **options)
-    uwsgi = _required_module("crown_per_worker")
+    uwsgi = _server("crown_per_worker")
+    if uwsgi is None:
+        return worker
     _require_master(uwsgi, "crown_per_worker")
 
     def start() -> None:
@@ -215,14 +221,18 @@ def crown_per_worker(name: str, child, oracle=None, **options) -> _gunicorn.Work
 def _after_fork(uwsgi, function) -> None:
     """Run ``function`` in every process uWSGI forks from now on, through uwsgidecorators' chain
     when it is there (importing it replaces ``uwsgi.post_fork_hook`` with its own chain)."""
+    previous = getattr(uwsgi, "post_fork_hook", None)
     try:
         import uwsgidecorators
     except ImportError:
         uwsgidecorators = None
     if uwsgidecorators is not None:
+        chain = uwsgidecorators.postfork_chain_hook
+        if previous not in (None, chain):
+            uwsgidecorators.postfork(previous)  # a hook set outside the chain: keep it, in the chain
         uwsgidecorators.postfork(function)
+        uwsgi.post_fork_hook = chain
         return
-    previous = getattr(uwsgi, "post_fork_hook", None)
 
     def chained():
         if previous is not None:

@@ -20,6 +20,7 @@ from typing import Dict, List, Optional
 import pytest
 
 import crown_sync
+import crown_sync.uwsgi
 from crown_sync import registry
 from crown_sync.oracles.file import FileOracle
 from crown_sync.testing import journal
@@ -191,11 +192,28 @@ def test_a_process_forked_without_at_fork_hooks_sees_no_leadership(tmp_path):
         crown.stop(10)
 
 
+def test_bad_options_fail_at_the_call_and_outside_uwsgi_nothing_starts(caplog):
+    with pytest.raises(TypeError, match="child"):
+        crown_sync.uwsgi.crown_per_worker(NAME, child=None)
+    with pytest.raises(TypeError, match="thread"):
+        crown_sync.uwsgi.crown_in_master(NAME, child=crown_sync.ThreadChild(print))
+    with pytest.raises(ValueError, match="name"):
+        crown_sync.uwsgi.crown_per_worker("no spaces", child=print)
+    with pytest.raises(ValueError, match="monitor_timeout"):
+        crown_sync.uwsgi.crown_in_master(NAME, child=print, monitor_delay=5, monitor_timeout=1)
+    crown_sync.uwsgi.crown_per_worker(NAME, child=print, oracle=MemoryOracle())  # a test importing the app
+    crown_sync.uwsgi.crown_in_master(NAME, child=print, oracle=MemoryOracle())
+    assert registry.crowns(NAME) == [] and crown_sync.uwsgi.running_crown(NAME) is None
+    assert "not running under uWSGI" in caplog.text
+    crown_sync.uwsgi.check_fork_safety()  # outside uWSGI: nothing to refuse
+
+
 # ----------------------------------------------------------------------------- refusals
 
-@pytest.mark.parametrize("placement", ["master", "bare"])
-def test_a_crown_in_the_master_without_fork_hooks_is_refused(tmp_path, placement):
-    host = UWSGI(_env(tmp_path, f"file://{tmp_path / 'oracle'}", placement), "need-app = true")
+@pytest.mark.parametrize("placement, options", [("master", ""), ("bare", ""),
+                                                ("master", "py-call-uwsgi-fork-hooks = false")])
+def test_a_crown_in_the_master_without_fork_hooks_is_refused(tmp_path, placement, options):
+    host = UWSGI(_env(tmp_path, f"file://{tmp_path / 'oracle'}", placement), f"need-app = true\n{options}")
     try:
         host.start(wait=False)
         assert host.wait_exit(60) != 0

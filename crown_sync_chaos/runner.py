@@ -49,12 +49,12 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from typing import Any, Callable, Dict, List, Optional
 
 from crown_sync.clock import monotonic as _now  # the journal's clock: compare its times with it
+from crown_sync.testing.fleet import contender_command, contender_environment
 from crown_sync.testing.fleet import poll as _wait
 from crown_sync.testing.fleet import process_state as _process_state
 
@@ -283,30 +283,18 @@ class Runner:
         child = self.child
         if child == "mixed":
             child = _CHILDREN[slot % len(_CHILDREN)]
-        argv = [
-            sys.executable, "-m", "crown_sync.testing.contender",
-            "--name", self.name,
-            "--oracle", self.kind.url(in_netns=in_netns),
-            "--journal", self.journals[-1],
-            "--child", child,
-            "--interval", str(self.interval),
-            "--identity", identity,
-            "--monitor-delay", "1",
-            "--grace", str(self.grace),
-            "--stop-delay", str(self.stop_delay),
-            "--events", self.events.path,
-        ]
+        argv = contender_command(self.name, self.kind.url(in_netns=in_netns), self.journals[-1], identity,
+                                 child, self.events.path, self.grace, self.interval, self.stop_delay,
+                                 monitor_delay=1)
         level = os.environ.get("CROWN_SYNC_CHAOS_LOGLEVEL")
         if level:  # debugging aid: the contender's own logging into its log file
             argv[1:3] = ["-c", _LOGGING_MAIN.replace("LEVEL", repr(level.upper()))]
         if in_netns:
             argv = self.netns.command(argv)
         log = os.path.join(self.workdir, f"{identity}.log")
-        env = dict(os.environ)
-        env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         with open(log, "ab") as handle:
-            popen = subprocess.Popen(argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=handle,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+            popen = subprocess.Popen(argv, cwd=ROOT, env=contender_environment(), stdin=subprocess.DEVNULL,
+                                     stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
         proc = Contender(slot, identity, popen, in_netns, log, child=child)
         self.procs[slot] = proc
         return proc

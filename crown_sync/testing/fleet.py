@@ -26,7 +26,8 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Ty
 from crown_sync import clock
 from crown_sync.testing import journal
 
-__all__ = ["ROOT", "Fleet", "poll", "wait_until", "process_state", "terms", "assert_safe"]
+__all__ = ["ROOT", "Fleet", "poll", "wait_until", "process_state", "terms", "assert_safe",
+           "contender_command", "contender_environment"]
 
 #: The repository (or site-packages) directory holding ``crown_sync``: the contenders' cwd.
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -61,6 +62,28 @@ def process_state(pid: int) -> Optional[str]:
             return handle.read().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
         return None
+
+
+def contender_command(name: str, url: str, journal_path: str, identity: str, child: str = "thread",
+                      events: Optional[str] = None, grace: float = 2.0, interval: float = 0.005,
+                      stop_delay: float = 0.0, monitor_delay: Optional[float] = None) -> List[str]:
+    """The argv of one ``python -m crown_sync.testing.contender`` process."""
+    argv = [sys.executable, "-m", "crown_sync.testing.contender", "--name", name, "--oracle", url,
+            "--journal", journal_path, "--identity", identity, "--child", child, "--grace", str(grace),
+            "--interval", str(interval), "--stop-delay", str(stop_delay)]
+    if events is not None:
+        argv += ["--events", events]
+    if monitor_delay is not None:
+        argv += ["--monitor-delay", str(monitor_delay)]
+    return argv
+
+
+def contender_environment() -> Dict[str, str]:
+    """This process's environment, with ``ROOT`` first on PYTHONPATH (a contender imports the same
+    crown_sync as the test, checkout or not)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
 
 
 def terms(path: str, name: str) -> List[journal.Term]:
@@ -106,22 +129,15 @@ class Fleet:
         self.processes: Dict[str, subprocess.Popen] = {}
 
     def command(self, identity: str) -> List[str]:
-        argv = [sys.executable, "-m", "crown_sync.testing.contender", "--name", self.name,
-                "--oracle", self.url, "--journal", self.journal, "--identity", identity,
-                "--child", self.child, "--events", self.events, "--grace", str(self.grace),
-                "--interval", str(self.interval), "--stop-delay", str(self.stop_delay)]
-        if self.monitor_delay is not None:
-            argv += ["--monitor-delay", str(self.monitor_delay)]
-        return argv
+        return contender_command(self.name, self.url, self.journal, identity, self.child, self.events,
+                                 self.grace, self.interval, self.stop_delay, self.monitor_delay)
 
     def spawn(self, identity: str, prefix: Sequence[str] = ()) -> subprocess.Popen:
         """Start contender ``identity`` (its command run through ``prefix``, e.g. ``unshare``)."""
-        env = dict(os.environ)
-        env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
         process = subprocess.Popen(
             list(prefix) + self.command(identity),
             cwd=ROOT,
-            env=env,
+            env=contender_environment(),
             start_new_session=True,  # its own process group: cleanup can reach its children
         )
         self.processes[identity] = process

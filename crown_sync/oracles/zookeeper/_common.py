@@ -9,6 +9,8 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 from kazoo.client import KazooClient
 from kazoo.exceptions import BadVersionError, NoNodeError
 
+from .._base import Phase
+
 logger = logging.getLogger("crown_sync.oracles.zookeeper")
 
 _OPTIONS = {
@@ -42,6 +44,9 @@ _NODE = re.compile(r"^([0-9a-f]{32})-(\d{10})$")
 _GUARD = re.compile(r"^([0-9a-f]{32})-guard$")
 _HOST = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)(?::(\d{1,5}))?$")
 _ELECTION = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+
+#: The phases in which a contender never acts again.
+_ENDED = (Phase.CLOSED, Phase.FORKED)
 
 
 class ZooKeeperUnavailable(ConnectionError):

@@ -8,7 +8,7 @@ from kazoo.client import KazooClient
 from kazoo.exceptions import NoNodeError
 
 from .._base import Phase
-from ._common import CLOSE_TIMEOUT, _release_node, logger
+from ._common import _ENDED, CLOSE_TIMEOUT, _release_node, logger
 
 if TYPE_CHECKING:  # pragma: no cover
     from .contender import ZooKeeperContender
@@ -87,7 +87,7 @@ class _Release:
         c = self._c
         with c._lock:
             node = self.stale
-            if node is None or c.phase in (Phase.CLOSED, Phase.FORKED):
+            if node is None or c.phase in _ENDED:
                 return
             if node != c._node or not c._won_on_node or c.phase is Phase.LEADING:
                 self.stale = None  # already dealt with (a claim deleted it, or it expired)

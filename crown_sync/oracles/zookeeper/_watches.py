@@ -7,13 +7,10 @@ from kazoo.exceptions import NoNodeError
 from kazoo.protocol.states import EventType, WatchedEvent
 
 from ...clock import monotonic as _monotonic
-from .._base import Phase
-from ._common import _NODE, _guard_of, _is_dismissed, _parse_record, _sequence, logger
+from ._common import _ENDED, _NODE, _guard_of, _is_dismissed, _parse_record, _sequence, logger
 
 if TYPE_CHECKING:  # pragma: no cover
     from .contender import ZooKeeperContender
-
-_ENDED = (Phase.CLOSED, Phase.FORKED)
 
 
 class _OwnNodeWatch:

@@ -14,6 +14,7 @@ from ...clock import monotonic as _monotonic
 from ...oracle import Claim, Leader, OnChange
 from .._base import ContenderBase, Phase
 from ._common import (
+    _ENDED,
     _NODE,
     CLAIM_CONNECT_WAIT,
     PUBLISH_DELAY,
@@ -89,7 +90,7 @@ class ZooKeeperContender(ContenderBase):
 
     def _connection_changed(self, state: str) -> None:
         with self._lock:
-            if self.phase in (Phase.CLOSED, Phase.FORKED):
+            if self.phase in _ENDED:
                 return
             leading = self.phase is Phase.LEADING
             if state != KazooState.CONNECTED:
@@ -297,7 +298,7 @@ class ZooKeeperContender(ContenderBase):
         oracle = self.oracle
         since = time.time()
         with self._lock:
-            if self.phase in (Phase.CLOSED, Phase.FORKED):
+            if self.phase in _ENDED:
                 raise RuntimeError("the ZooKeeper contender is closed")
             # The caller checked the connection epoch before calling us, but SUSPENDED may have
             # come since: _connection_changed then saw no term running and sent no loss signal,

@@ -88,11 +88,11 @@ class ZooKeeperOracle(OracleBase):
         self.description = (
             f"zookeeper://{userinfo}{self.hosts}{self.chroot or ''}?" + urllib.parse.urlencode(query, safe="/")
         )
-        super().__init__()
         self._session = _SharedSession(
             self.hosts + (self.chroot or ""), self.session_timeout, self.connect_timeout, self._auth, self.acl,
             self.description, self.path_prefix,
         )
+        super().__init__()  # after the session: from here a fork's handler may forget it
 
     def _build_acl(self, acl) -> List[ACL]:
         if acl is None:

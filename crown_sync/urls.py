@@ -30,43 +30,76 @@ SCHEMES: Dict[str, tuple] = {
 ENV_VAR = "CROWN_SYNC_ORACLE"
 
 _SECRET_PARAMS = re.compile(r"(password|passwd|secret|auth|sslpassword|token)", re.I)
+#: Schemes whose userinfo without a colon is itself a secret (a NATS token: nats://TOKEN@host).
+_TOKEN_SCHEMES = ("nats", "tls")
+_DSN_SECRET = re.compile(r"(\b\w*pass\w*\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.I)
+
+
+def _mask_userinfo(scheme: str, userinfo: str) -> str:
+    # A user name cannot hold an unencoded ':', so the password is everything after the first.
+    user, colon, _ = userinfo.partition(":")
+    if colon:
+        return f"{user}:***"
+    return "***" if scheme.lower() in _TOKEN_SCHEMES else userinfo
+
+
+def _split_userinfo(rest: str) -> Tuple[str, str]:
+    """(userinfo, remainder) of a URL's part after ``scheme://``; userinfo "" when there is none.
+
+    The authority ends at the first '/', '?' or '#' after its '@', but an unencoded password may
+    hold any of those and '@' too; so the userinfo ends at the LAST '@' of the URL unless the
+    stdlib's reading is unambiguous (an '@' in the authority and none after it). A URL whose path
+    or query also holds an '@' is thus masked up to that '@': too much, never too little."""
+    netloc = re.match(r"[^/?#]*", rest).group(0)
+    if "@" in netloc and "@" not in rest[len(netloc):]:
+        userinfo, _, hostport = netloc.rpartition("@")
+        return userinfo, hostport + rest[len(netloc):]
+    userinfo, at, remainder = rest.rpartition("@")
+    return (userinfo, remainder) if at else ("", rest)
 
 
 def redact(url: str) -> str:
-    """``url`` with any password (userinfo or query parameter) replaced by ``***``.
+    """``url`` with any password (userinfo or query parameter) replaced by ``***``; a NATS token
+    (``nats://TOKEN@host``) too.
 
-    Also handles libpq key/value DSNs (``host=... password=...``).
+    Also handles libpq key/value DSNs (``host=... password=...``). Passwords may be unencoded and
+    hold '@', ':', '/', '?', '#' or any unicode character.
     """
     if not isinstance(url, str):
         return repr(type(url))
     if "://" not in url:
-        # libpq keyword/value form: password=secret or password='se cret'
-        return re.sub(
-            r"(\b\w*pass\w*\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", url, flags=re.I
-        )
-    parts = urllib.parse.urlsplit(url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, hostport = netloc.rpartition("@")
-        if ":" in userinfo:
-            user = userinfo.split(":", 1)[0]
-            netloc = f"{user}:***@{hostport}"
+        return _DSN_SECRET.sub(r"\1***", url)
+    scheme, _, rest = url.partition("://")
+    userinfo, remainder = _split_userinfo(rest)
+    if userinfo:
+        rest = f"{_mask_userinfo(scheme, userinfo)}@{remainder}"
+    parts = urllib.parse.urlsplit(f"{scheme}://{rest}")
     query = parts.query
     if query:
         pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
         query = "&".join(
             f"{k}={'***' if _SECRET_PARAMS.search(k) else v}" for k, v in pairs
         )
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    # No oracle URL has a fragment: one can only be the tail of a query password holding a '#'.
+    fragment = parts.fragment and "***"
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, query, fragment))
 
 
-_URL_USERINFO = re.compile(r"(\w[\w+.-]*://[^:/@\s]*):[^@\s]*@")
-_KEY_VALUE_SECRET = re.compile(r"(\b\w*(?:pass|secret)\w*\s*[=:]\s*)('(?:[^'\\]|\\.)*'|[^\s&,;]+)", re.I)
+# A URL in free text runs to the next whitespace; its userinfo ends at the last '@' before that.
+_URL_WITH_USERINFO = re.compile(r"\b([A-Za-z][\w+.-]*)://(\S*)@")
+_QUERY_SECRET = re.compile(r"([?&][^=\s&#]*(?:pass|secret|token|auth)[^=\s&#]*=)[^&\s#'\"]*", re.I)
+# key=value / key: value outside a query string (a libpq DSN, a message); a quoted value may
+# hold spaces, an unquoted one runs to whitespace (a libpq password may hold '&' or ';').
+_KEY_VALUE_SECRET = re.compile(
+    r"((?<![?&/\w])\w*(?:pass|secret)\w*\s*[=:]\s*)('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|\S+)", re.I
+)
 
 
 def redact_text(text: str) -> str:
-    """Any free text (an error message, a DSN) with URL passwords and ``password=...`` masked."""
-    text = _URL_USERINFO.sub(r"\1:***@", str(text))
+    """Any free text (an error message, a DSN) with URL passwords, NATS tokens, secret query
+    parameters and ``password=...`` masked."""
+    text = _URL_WITH_USERINFO.sub(lambda m: f"{m.group(1)}://{_mask_userinfo(m.group(1), m.group(2))}@", str(text))
+    text = _QUERY_SECRET.sub(r"\1***", text)
     return _KEY_VALUE_SECRET.sub(r"\1***", text)
 
 

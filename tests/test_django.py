@@ -195,6 +195,25 @@ def test_redirect_to_the_leader_url_from_its_metadata(tmp_path):
             assert fetch("/work").status_code == 503
 
 
+def test_redirect_in_a_gunicorn_worker_follows_the_masters_crown(tmp_path, monkeypatch):
+    """A worker whose master runs the crown (crown_in_master) redirects to the leader that crown
+    knows, from the master's shared memory, not to what Django's own ORACLE setting reads (an
+    oracle with no leader here). The slot is the real one; only its owner is made this process's
+    parent, as a worker's master is."""
+    import crown_sync.gunicorn as cg
+
+    leader = crown_sync.Leader("master-host:1:abc", {"url": "http://10.0.0.9:8000/app"}, 7, time.time())
+    status = crown_sync.Status("django-master", "following", False, "me", leader, None, False, "file", None)
+    slot = cg._Slot()
+    slot.owner = os.getppid()
+    slot._store(float("-inf"), -1, cg._view_bytes(status))
+    monkeypatch.setitem(cg._slots, "django-master", slot)
+    with crown_settings(tmp_path, "django-master", FOLLOWER="redirect", LEADER_CACHE=0):
+        assert runtime.leader_url() == "http://10.0.0.9:8000/app"
+        response = fetch("/work?x=1")
+        assert response.status_code == 307 and response["Location"] == "http://10.0.0.9:8000/app/work?x=1"
+
+
 # ------------------------------------------------------------------------- the status view
 
 

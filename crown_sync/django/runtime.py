@@ -18,6 +18,8 @@ from typing import Optional
 
 import crown_sync
 
+from .._web import local_crown
+from ..gunicorn import master_view
 from . import signals
 from .conf import Config, config
 
@@ -120,14 +122,19 @@ def _oracle_for_reads(settings: Config):
 
 def leader():
     """The current leader of ``CROWN_SYNC["NAME"]`` (a :class:`crown_sync.Leader`) or None: from a
-    crown in this process, else read from the oracle at most once per ``LEADER_CACHE`` seconds.
-    Raises what the oracle raised (that is cached too)."""
+    crown in this process, else from the Gunicorn master that runs the crown (shared memory), else
+    read from the oracle at most once per ``LEADER_CACHE`` seconds. Raises what the oracle raised
+    (that is cached too)."""
     global _cached
     settings = config()
     own = crown()
     local = own.leader() if own is not None else crown_sync.known_leaders().get(settings.name)
     if local is not None:
         return local
+    # A worker whose Gunicorn master runs the crown: what that crown knows, not the ORACLE setting's.
+    master = master_view(settings.name) if local_crown(settings.name, own) is None else None
+    if master is not None:
+        return master.leader
     when, cached_for, cached = _cached
     if cached_for == settings and time.monotonic() - when < settings.leader_cache:
         if isinstance(cached, Exception):

@@ -1,0 +1,197 @@
+"""crown_sync.celery.LeaderScheduler with two real ``celery beat`` processes on a real Redis broker.
+
+Two "hosts" run ``celery beat -S crown_sync.celery:LeaderScheduler`` with one schedule entry
+every 0.5 s, electing through the file oracle. What was sent is judged from outside the
+scheduler: Celery's own ``before_task_publish`` signal, in each beat, journals every send
+(crown_sync.testing.journal) with the token the message carries; the broker's queue says what
+arrived; a real worker runs the tasks and writes down the token each one read from its request.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import celery
+import pytest
+
+import crown_sync
+from crown_sync import registry
+from crown_sync.celery import LeaderScheduler
+from crown_sync.testing import journal
+from crown_sync.testing.fleet import contender_environment, wait_until
+from crown_sync.testing.redis_server import RedisServer
+
+pytestmark = pytest.mark.timeout(120)
+
+NAME = "beat-test"
+INTERVAL = 0.5
+
+APP = """
+import json
+import os
+from celery import Celery
+from celery.signals import before_task_publish
+from crown_sync.testing.journal import Journal
+
+app = Celery("beatapp", broker=os.environ["BEAT_BROKER"])
+app.conf.update(
+    beat_schedule={{"tick": {{"task": "beatapp.tick", "schedule": {interval}}}}},
+    beat_scheduler="crown_sync.celery:LeaderScheduler",
+    beat_enable_remote_control=False,
+    crown_sync_name={name!r},
+    crown_sync_oracle=os.environ["BEAT_ORACLE"],
+    crown_sync_options={{"monitor_delay": 0.2}},
+    broker_connection_retry_on_startup=True,
+)
+journal = Journal(os.environ["BEAT_JOURNAL"])
+
+
+@before_task_publish.connect
+def journal_send(sender=None, headers=None, **_):
+    # The beat's own record of each send, with the token the message carries.
+    journal.write("beat", {name!r}, "beat-%d" % os.getpid(), headers.get("crown_sync_token"), task_id=headers["id"])
+
+
+@app.task(name="beatapp.tick", bind=True)
+def tick(self):
+    with open(os.environ["BEAT_RAN"], "a") as ran:
+        ran.write(json.dumps([self.request.id, self.request.get("crown_sync_token")]) + "\\n")
+
+"""
+
+
+@pytest.fixture(scope="module")
+def broker():
+    with RedisServer(persistence=None) as server:
+        yield server
+
+
+def _celery(tmp_path, broker, *args):
+    env = contender_environment()
+    env.update(BEAT_BROKER=broker.url(), BEAT_ORACLE=f"file://{tmp_path}/locks",
+               BEAT_JOURNAL=str(tmp_path / "journal"), BEAT_RAN=str(tmp_path / "ran"))
+    env["PYTHONPATH"] = f"{tmp_path}{os.pathsep}{env['PYTHONPATH']}"
+    log = open(tmp_path / f"{args[0]}-{len(list(tmp_path.glob('*.log')))}.log", "wb")
+    with log:
+        return subprocess.Popen([sys.executable, "-m", "celery", "-A", "beatapp", *args, "-l", "info"],
+                                cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _sends(tmp_path):
+    path = tmp_path / "journal"
+    return sorted(journal.read(str(path)), key=lambda e: e["t"]) if path.exists() else []
+
+
+def _queued(broker):
+    import redis
+
+    client = redis.Redis.from_url(broker.url())
+    try:
+        return [json.loads(raw)["headers"] for raw in client.lrange("celery", 0, -1)]
+    finally:
+        client.close()
+
+
+def _stop(process):
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def _logs(tmp_path):
+    return "\n".join(f"---- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(tmp_path.glob("*.log")))
+
+
+def test_beat_sends_once_across_a_kill_of_the_leader(tmp_path, broker):
+    (tmp_path / "beatapp.py").write_text(textwrap.dedent(APP.format(interval=INTERVAL, name=NAME)))
+    beats = [_celery(tmp_path, broker, "beat", "-s", str(tmp_path / f"schedule-{i}")) for i in range(2)]
+    try:
+        wait_until(lambda: len(_sends(tmp_path)) >= 4, timeout=60, message="4 sends")
+        leader_pid = _sends(tmp_path)[-1]["pid"]
+        os.kill(leader_pid, signal.SIGKILL)
+        killed_at = crown_sync.clock.monotonic()
+        survivor = next(b for b in beats if b.pid != leader_pid)
+        wait_until(lambda: sum(e["pid"] == survivor.pid for e in _sends(tmp_path)) >= 4, timeout=60,
+                   message="4 sends by the other beat")
+    finally:
+        for beat in beats:
+            _stop(beat)
+    sends = _sends(tmp_path)
+    context = _logs(tmp_path) + "\n" + json.dumps(sends)
+
+    # Two terms, one beat each, never at once, tokens rising; the follower sent nothing while it
+    # followed; every message carries its term's token.
+    report = journal.check(sends, NAME)
+    assert report.ok and len(report.terms) == 2, report.summary() + context
+    assert [t.pid for t in report.terms] == [leader_pid, survivor.pid], context
+    assert all(e["t"] > killed_at for e in sends if e["pid"] == survivor.pid), context
+    # One continuous grid: a slot every INTERVAL within a term (bounds generous for a loaded
+    # machine), and across the handoff no gap beyond the failover plus one interval.
+    for term in report.terms:
+        times = [e["t"] for e in sends if e["pid"] == term.pid]
+        gaps = [b - a for a, b in zip(times, times[1:])]
+        assert all(INTERVAL * 0.8 < gap < INTERVAL + 2.0 for gap in gaps), (gaps, context)
+    first_after = next(e["t"] for e in sends if e["pid"] == survivor.pid)
+    assert first_after - killed_at < INTERVAL + 10.0, context
+    print(f"kill to the survivor's first send: {first_after - killed_at:.3f} s; {report.summary()}")
+
+    # The broker holds what the journal says was sent (the killed beat may have journaled its
+    # last send and died before publishing it), with the journal's tokens.
+    queued = {h["id"]: h.get("crown_sync_token") for h in _queued(broker)}
+    journaled = {e["task_id"]: e["token"] for e in sends}
+    assert queued.items() <= journaled.items(), context
+    assert set(journaled) - set(queued) <= {[e for e in sends if e["pid"] == leader_pid][-1]["task_id"]}, context
+
+    # A real worker runs them, and each task reads its term's token from its request.
+    worker = _celery(tmp_path, broker, "worker", "--pool", "solo", "--concurrency", "1")
+    ran_path = tmp_path / "ran"
+    try:
+        wait_until(lambda: ran_path.exists() and len(ran_path.read_text().splitlines()) >= len(queued),
+                   timeout=60, message="the worker ran every task")
+    finally:
+        _stop(worker)
+    ran = dict(json.loads(line) for line in ran_path.read_text().splitlines())
+    assert ran == queued, _logs(tmp_path)
+
+
+@pytest.mark.parametrize("settings, error, word", [
+    ({"crown_sync_name": "bad/name"}, ValueError, "name"),
+    ({"crown_sync_oracle": "nope://x"}, ValueError, "scheme"),
+    ({"crown_sync_oracle": 42}, TypeError, "crown_sync_oracle"),
+    ({"crown_sync_options": ["monitor_delay"]}, TypeError, "crown_sync_options"),
+    ({"crown_sync_options": {"monitr_delay": 1}}, ValueError, "monitr_delay"),
+    ({"crown_sync_options": {"child": print}}, ValueError, "child"),
+    ({"crown_sync_options": {"monitor_delay": -1}}, ValueError, "monitor_delay"),
+    ({"crown_sync_token_header": ""}, TypeError, "crown_sync_token_header"),
+])
+def test_bad_settings_fail_at_construction(tmp_path, settings, error, word):
+    app = celery.Celery("bad", broker="memory://", set_as_current=False)
+    app.conf.update({"crown_sync_oracle": f"file://{tmp_path}", **settings})
+    with pytest.raises(error, match=word):
+        LeaderScheduler(app, schedule_filename=str(tmp_path / "schedule"))
+    assert not [c for c in registry.crowns() if c.name == "celery-beat"]  # nothing started
+
+
+def test_unreachable_oracle_never_raises_and_sends_nothing(tmp_path):
+    from crown_sync.testing.servers import free_port
+
+    app = celery.Celery("unreachable", broker="memory://", set_as_current=False)
+    app.conf.update(crown_sync_name="beat-unreachable", crown_sync_oracle=f"redis://:secret@127.0.0.1:{free_port()}",
+                    beat_schedule={"tick": {"task": "tick", "schedule": 0.1}})
+    scheduler = LeaderScheduler(app, schedule_filename=str(tmp_path / "schedule"))
+    try:
+        wait_until(lambda: scheduler.crown.status().last_error, timeout=30, message="an oracle error shown")
+        assert "secret" not in scheduler.crown.status().last_error + scheduler.info
+        entry = scheduler.schedule["tick"]
+        assert scheduler.apply_async(entry) is None  # not leading: nothing sent
+        assert scheduler.schedule["tick"].total_run_count == entry.total_run_count + 1  # the slot is skipped
+    finally:
+        scheduler.close()
+    assert scheduler.crown.phase == "stopped"

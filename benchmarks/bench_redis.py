@@ -16,6 +16,8 @@ from the journal and the server, and each journal is checked for overlapping ter
   from the signal to the new term's first journal line, and the leaderless gap (the old term's
   last line to the new term's first).
 * crash failover: SIGKILL to the leader's process group; from the kill to the new term's first line.
+* pause: the leader's whole process group stopped (SIGSTOP) for twice the lease, then continued;
+  the overlaps its journal shows afterwards (``pause_overlaps``).
 * requests/s at rest: commands clients sent (``MONITOR``, which leaves out what scripts run inside
   the server) over a quiet window, per contender.
 
@@ -23,7 +25,7 @@ Results are printed and saved to ``benchmarks/results/redis.json`` (with the hos
 on a busy machine the tails grow).
 
 Usage: ``python benchmarks/bench_redis.py [--ttl 5] [--contenders 3,50] [--graceful 10] [--crash 3]
-[--rest 10] [--systems crown_sync,redis-lock,tooz]``
+[--pause 1] [--rest 10] [--systems crown_sync,redis-lock,tooz]``
 """
 
 import argparse
@@ -187,6 +189,10 @@ def measure(system, server, ttl, count, args, directory):
                                      ("crash", signal.SIGKILL, args.crash)):
             latencies, gaps = _rounds(fleet, signum, rounds, spawn)
             result[kind], result[f"{kind}_gap"] = _stats(latencies), _stats(gaps)
+        before = len(journal.check(fleet.journal, name).overlaps)
+        for _ in range(args.pause):
+            _pause(fleet, ttl)
+        result["pause_overlaps"] = len(journal.check(fleet.journal, name).overlaps) - before
     finally:
         fleet.stop_all()
     report = journal.check(fleet.journal, name)
@@ -195,19 +201,33 @@ def measure(system, server, ttl, count, args, directory):
     return result
 
 
+def _pause(fleet, ttl):
+    """SIGSTOP the leader's whole process group for twice the lease, then SIGCONT: a successor
+    takes over meanwhile; does the resumed leader's work go on beside it (an overlap)?"""
+    leader = fleet.wait_for_term(timeout=120)
+    group = fleet.processes[leader.identity].pid
+    os.killpg(group, signal.SIGSTOP)
+    try:
+        fleet.wait_for_term(other_than={leader.identity}, after=leader.start, min_beats=1, timeout=120)
+        time.sleep(max(0.0, 2 * ttl - (clock.monotonic() - leader.end)))
+    finally:
+        os.killpg(group, signal.SIGCONT)
+    time.sleep(ttl)  # time for the resumed one to notice, or not
+
+
 def _table(results) -> None:
     print(f"{'system':<12} {'n':>3} {'graceful p50':>13} {'(gap)':>10} {'crash p50':>10} "
-          f"{'req/s each':>11} {'overlaps':>9}")
+          f"{'req/s each':>11} {'overlaps':>9} (after a pause)")
     for r in results:
         graceful, gap, crash = (r[k]["p50_ms"] if r.get(k) else None for k in ("graceful", "graceful_gap", "crash"))
         print(f"{r['system']:<12} {r['contenders']:>3} {graceful!s:>10} ms {gap!s:>7} ms {crash!s:>7} ms "
-              f"{r['requests_per_s_per_contender']:>11} {r['overlaps']:>9}")
+              f"{r['requests_per_s_per_contender']:>11} {r['overlaps']:>9} ({r.get('pause_overlaps')})")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for option, kind, default in (("--ttl", float, 5.0), ("--contenders", str, "3,50"), ("--graceful", int, 10),
-                                  ("--crash", int, 3), ("--rest", float, 10.0),
+                                  ("--crash", int, 3), ("--rest", float, 10.0), ("--pause", int, 1),
                                   ("--systems", str, ",".join(SYSTEMS)), ("--output", str, RESULTS)):
         parser.add_argument(option, type=kind, default=default)
     parser.add_argument("--peer", choices=SYSTEMS[1:], help=argparse.SUPPRESS)

@@ -301,6 +301,21 @@ def _job_main(term_info, target, args, kwargs):
     _resolve(target)(term_info, *args, **kwargs)
 
 
+def _configure(hooks, name: str, child, oracle, stop_timeout, crown_options: Dict[str, Any]) -> None:
+    """What both placements check and keep: the job's spec, ``stop_timeout``, and (a probe
+    that makes no request) that the crown could be built from these options."""
+    _check_spec(child)
+    if stop_timeout is not None and (isinstance(stop_timeout, bool) or not isinstance(
+            stop_timeout, (int, float)) or stop_timeout < 0):
+        raise ValueError(f"stop_timeout must be a number of seconds >= 0 or None, got {stop_timeout!r}")
+    _probe(name, oracle, crown_options)
+    hooks.name = name
+    hooks.child = child
+    hooks.oracle = oracle
+    hooks.stop_timeout = stop_timeout
+    hooks.crown_options = crown_options
+
+
 def _forked_job(child: ProcessChild) -> ProcessChild:
     if child.start_method != "fork":
         return child  # a fresh interpreter inherits neither handlers nor sockets
@@ -414,16 +429,7 @@ class MasterCrown:
                 f"(run in a process forked from the master), not {type(child).__name__}: a thread "
                 "in the Gunicorn master could not be killed at the end of a term"
             )
-        _check_spec(child)
-        if stop_timeout is not None and (isinstance(stop_timeout, bool) or not isinstance(
-                stop_timeout, (int, float)) or stop_timeout < 0):
-            raise ValueError(f"stop_timeout must be a number of seconds >= 0 or None, got {stop_timeout!r}")
-        _probe(name, oracle, crown_options)
-        self.name = name
-        self.child = child
-        self.oracle = oracle
-        self.stop_timeout = stop_timeout
-        self.crown_options = crown_options
+        _configure(self, name, child, oracle, stop_timeout, crown_options)
 
     def _job(self):
         child = self.child
@@ -501,19 +507,10 @@ class WorkerCrown:
             raise TypeError("child is required: the job the leading worker runs")
         if not isinstance(child, str):
             as_child(child)  # raises TypeError naming "child" for anything unusable
-        _check_spec(child)
         if not isinstance(die_with_master, bool):
             raise TypeError(f"die_with_master must be a bool, got {type(die_with_master).__name__}")
-        if stop_timeout is not None and (isinstance(stop_timeout, bool) or not isinstance(
-                stop_timeout, (int, float)) or stop_timeout < 0):
-            raise ValueError(f"stop_timeout must be a number of seconds >= 0 or None, got {stop_timeout!r}")
-        _probe(name, oracle, crown_options)
-        self.name = name
-        self.child = child
-        self.oracle = oracle
-        self.stop_timeout = stop_timeout
         self.die_with_master = die_with_master
-        self.crown_options = crown_options
+        _configure(self, name, child, oracle, stop_timeout, crown_options)
 
     def _job(self):
         child = self.child

@@ -156,6 +156,26 @@ def test_exclusive_leadership_and_graceful_handoffs_woken_by_push(server, tmp_pa
     fleet.assert_safe(min_terms=3)
 
 
+def test_the_push_outlives_a_server_restart(server, tmp_path):
+    # Polls every 30 s: after the restart, the follower's pub/sub connection must be made again
+    # and subscribed, or the release waits for the poll.
+    name = "push-restart"
+    _released(server, name)
+    fleet = Fleet(server.url(ttl=60, poll_interval=30), tmp_path, name)
+    for identity in ("a", "b"):
+        fleet.spawn(identity)
+    try:
+        leader = fleet.wait_for_term()
+        server.restart()  # appendonly: the lease survives, every connection breaks
+        time.sleep(2.0)  # the pub/sub thread's reconnection (its backoff is under a second)
+        fleet.signal(leader.identity, signal.SIGTERM)
+        fleet.wait_exit(leader.identity)
+        fleet.wait_for_term(other_than={leader.identity}, after=leader.start, timeout=10.0)
+    finally:
+        fleet.stop_all()
+    fleet.assert_safe(min_terms=2)
+
+
 def test_a_dismissal_is_pushed_to_the_leader(server):
     # Renewals every 3 minutes: a leader that steps down within seconds was told, not polling.
     _released(server, "dismissed")

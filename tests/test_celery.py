@@ -1,10 +1,11 @@
 """crown_sync.celery.LeaderScheduler with two real ``celery beat`` processes on a real Redis broker.
 
 Two "hosts" run ``celery beat -S crown_sync.celery:LeaderScheduler`` with one schedule entry
-every 0.5 s, electing through the file oracle. What was sent is judged from outside the
-scheduler: Celery's own ``before_task_publish`` signal, in each beat, journals every send
-(crown_sync.testing.journal) with the token the message carries; the broker's queue says what
-arrived; a real worker runs the tasks and writes down the token each one read from its request.
+every 0.5 s (the app of examples/celery_beat), electing through the file oracle. What was sent is
+judged from outside the scheduler: Celery's own ``before_task_publish`` signal, in each beat,
+journals every send (crown_sync.testing.journal) with the token the message carries; the broker's
+queue says what arrived; a real worker runs the tasks, whose ledger shows the token each one read
+from its request and fenced with.
 """
 
 import json
@@ -29,37 +30,22 @@ pytestmark = pytest.mark.timeout(120)
 NAME = "beat-test"
 INTERVAL = 0.5
 
+# The example app (examples/celery_beat), with a journal of its beats' sends.
 APP = """
-import json
 import os
-from celery import Celery
 from celery.signals import before_task_publish
 from crown_sync.testing.journal import Journal
+from examples.celery_beat.app import app
 
-app = Celery("beatapp", broker=os.environ["BEAT_BROKER"])
-app.conf.update(
-    beat_schedule={{"tick": {{"task": "beatapp.tick", "schedule": {interval}}}}},
-    beat_scheduler="crown_sync.celery:LeaderScheduler",
-    beat_enable_remote_control=False,
-    crown_sync_name={name!r},
-    crown_sync_oracle=os.environ["BEAT_ORACLE"],
-    crown_sync_options={{"monitor_delay": 0.2}},
-    broker_connection_retry_on_startup=True,
-)
+app.conf.update(crown_sync_name={name!r}, crown_sync_options={{"monitor_delay": 0.2}})
 journal = Journal(os.environ["BEAT_JOURNAL"])
 
 
 @before_task_publish.connect
 def journal_send(sender=None, headers=None, **_):
     # The beat's own record of each send, with the token the message carries.
-    journal.write("beat", {name!r}, "beat-%d" % os.getpid(), headers.get("crown_sync_token"), task_id=headers["id"])
-
-
-@app.task(name="beatapp.tick", bind=True)
-def tick(self):
-    with open(os.environ["BEAT_RAN"], "a") as ran:
-        ran.write(json.dumps([self.request.id, self.request.get("crown_sync_token")]) + "\\n")
-
+    token = headers.get("crown_sync_token")
+    journal.write("beat", {name!r}, "beat-%d" % os.getpid(), token, task_id=headers["id"])
 """
 
 
@@ -71,8 +57,8 @@ def broker():
 
 def _celery(tmp_path, broker, *args):
     env = contender_environment()
-    env.update(BEAT_BROKER=broker.url(), BEAT_ORACLE=f"file://{tmp_path}/locks",
-               BEAT_JOURNAL=str(tmp_path / "journal"), BEAT_RAN=str(tmp_path / "ran"))
+    env.update(CELERY_BROKER_URL=broker.url(), CROWN_SYNC_ORACLE=f"file://{tmp_path}/locks",
+               EXAMPLE_EVERY=str(INTERVAL), EXAMPLE_LEDGER=str(tmp_path / "ledger"), BEAT_JOURNAL=str(tmp_path / "journal"))
     env["PYTHONPATH"] = f"{tmp_path}{os.pathsep}{env['PYTHONPATH']}"
     log = open(tmp_path / f"{args[0]}-{len(list(tmp_path.glob('*.log')))}.log", "wb")
     with log:
@@ -110,7 +96,7 @@ def _logs(tmp_path):
 
 
 def test_beat_sends_once_across_a_kill_of_the_leader(tmp_path, broker):
-    (tmp_path / "beatapp.py").write_text(textwrap.dedent(APP.format(interval=INTERVAL, name=NAME)))
+    (tmp_path / "beatapp.py").write_text(textwrap.dedent(APP.format(name=NAME)))
     beats = [_celery(tmp_path, broker, "beat", "-s", str(tmp_path / f"schedule-{i}")) for i in range(2)]
     try:
         wait_until(lambda: len(_sends(tmp_path)) >= 4, timeout=60, message="4 sends")
@@ -149,16 +135,20 @@ def test_beat_sends_once_across_a_kill_of_the_leader(tmp_path, broker):
     assert queued.items() <= journaled.items(), context
     assert set(journaled) - set(queued) <= {[e for e in sends if e["pid"] == leader_pid][-1]["task_id"]}, context
 
-    # A real worker runs them, and each task reads its term's token from its request.
-    worker = _celery(tmp_path, broker, "worker", "--pool", "solo", "--concurrency", "1")
-    ran_path = tmp_path / "ran"
+    # A real worker runs them; each task reads its term's token from its request and fences with
+    # it: a message of an older term, delivered last, is refused.
+    with celery.Celery("stale", broker=broker.url(), set_as_current=False) as sender:
+        stale = sender.send_task("examples.celery_beat.app.report", headers={"crown_sync_token": 0}).id
+    worker = _celery(tmp_path, broker, "worker", "--pool", "solo")
+    ledger_path = tmp_path / "ledger"
     try:
-        wait_until(lambda: ran_path.exists() and len(ran_path.read_text().splitlines()) >= len(queued),
+        wait_until(lambda: ledger_path.exists() and len(ledger_path.read_text().splitlines()) > len(queued),
                    timeout=60, message="the worker ran every task")
     finally:
         _stop(worker)
-    ran = dict(json.loads(line) for line in ran_path.read_text().splitlines())
-    assert ran == queued, _logs(tmp_path)
+    ledger = {r["id"]: r for r in map(json.loads, ledger_path.read_text().splitlines())}
+    assert {i: r["token"] for i, r in ledger.items() if r["accepted"]} == queued, _logs(tmp_path)
+    assert ledger[stale] == {"id": stale, "token": 0, "accepted": False}, _logs(tmp_path)
 
 
 @pytest.mark.parametrize("settings, error, word", [

@@ -33,6 +33,9 @@ while the term's deadline is ahead and the master is still the worker's parent).
 Python exit handler in the master, so a master that exits (shutdown, reload) does not abdicate:
 its job dies with it by its parent-death signal, and the next leader takes over when the oracle
 sees the process gone (file lock, PostgreSQL session) or its lease expire (memcached, ZooKeeper).
+
+Outside uWSGI (a test or a command that imports the app module) both check their options and
+start nothing.
 """
 
 import logging

@@ -1,8 +1,9 @@
 """crown_sync.uwsgi with real uWSGI (the pyuwsgi wheel) serving a WSGI app over loopback HTTP.
 
 Leadership is judged from outside: by HTTP answers (``crown_sync.is_leader(name)`` in the worker
-that served the request), by the job's own journal (crown_sync.testing.journal) and, for which
-process holds a connection to the oracle, by /proc. Faults are real signals to uWSGI's processes.
+that served the request), by the job's own journal (crown_sync.testing.journal), by the oracle's
+find_leader and, for which process holds a connection to the oracle, by the kernel's socket table
+(``ss``). Faults are real signals to uWSGI's processes.
 """
 
 import ctypes

@@ -78,6 +78,26 @@ def test_url_fields_and_description_without_password():
     assert defaults.poll_interval <= 1.0 and 2 / defaults.renew_interval <= 1.0
 
 
+def test_requests_at_rest_stay_near_one_per_second_per_contender_by_default(volatile):
+    # Defaults (ttl 10): a follower reads once a second, the leader reads and renews every 3 s.
+    # Counted with MONITOR: what the three crowns sent, not what their scripts ran inside Redis.
+    _released(volatile, "rest")
+    crowns = [crown_sync.Crown("rest", oracle=volatile.url(), child=lambda term: term.stop_event.wait())
+              for _ in range(3)]
+    for crown in crowns:
+        crown.start()
+    try:
+        wait_until(lambda: any(crown.is_leader() for crown in crowns), timeout=30, message="a leader")
+        time.sleep(1.5)  # past every crown's first claim and watch
+        before, started = volatile.request_count(), clock.monotonic()
+        time.sleep(6.0)
+        rate = (volatile.request_count() - before) / (clock.monotonic() - started) / len(crowns)
+    finally:
+        for crown in crowns:
+            crown.stop()
+    assert 0.3 < rate <= 1.2, rate  # (2 x 1 + 2/3) / 3 = 0.89 expected; a poll at 5/s would be 3.5
+
+
 # -- the store primitives and tokens on the real server ---------------------------------------
 
 

@@ -28,7 +28,7 @@ import threading
 import weakref
 from typing import Callable, Dict, Iterator, Optional, Tuple, Union
 
-__all__ = ["opening", "track", "at_fork", "MAX_FORK_WAIT"]
+__all__ = ["opening", "track", "at_fork", "check_process", "MAX_FORK_WAIT"]
 
 logger = logging.getLogger("crown_sync.forksafe")
 
@@ -40,6 +40,7 @@ _opening = 0  # holds in progress
 _forking = 0  # forks waiting or in progress: no new hold starts meanwhile
 _sockets: Dict[int, Tuple[int, int]] = {}  # fd -> (st_dev, st_ino) when recorded
 _tracked: "weakref.WeakSet[object]" = weakref.WeakSet()
+_pid = os.getpid()  # the process the handlers last ran for
 
 
 _hooks: Dict[str, list] = {"before": [], "after_in_parent": [], "after_in_child": []}
@@ -48,6 +49,16 @@ _hooks: Dict[str, list] = {"before": [], "after_in_parent": [], "after_in_child"
 def track(obj: object) -> None:
     """Call ``obj._after_fork_in_child()`` in a forked child, after its sockets are blinded."""
     _tracked.add(obj)
+
+
+def check_process() -> bool:
+    """In a process forked without Python's at-fork handlers (uWSGI forks its workers from C),
+    run them now, once: blind the recorded sockets, run the hooks, tell the tracked objects.
+    True if that happened. Call it before using anything a parent process could have made."""
+    if os.getpid() == _pid:
+        return False
+    _after_fork_in_child()
+    return True
 
 
 def at_fork(*, before: Optional[Callable[[], None]] = None, after_in_parent: Optional[Callable[[], None]] = None,
@@ -126,7 +137,8 @@ def _after_fork_in_parent() -> None:
 
 
 def _after_fork_in_child() -> None:
-    global _cond, _opening, _forking
+    global _cond, _opening, _forking, _pid
+    _pid = os.getpid()
     _cond = threading.Condition(threading.Lock())  # other threads' holds did not cross the fork
     _opening = _forking = 0
     _blind_recorded_sockets()

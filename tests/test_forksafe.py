@@ -80,3 +80,44 @@ def test_a_reused_descriptor_number_is_left_alone():
             other.close()
     finally:
         listener.close()
+
+
+class _Tracked:
+    forked = False
+
+    def _after_fork_in_child(self) -> None:
+        self.forked = True
+
+
+def test_a_fork_without_pythons_handlers_is_caught_up_by_check_process():
+    """uWSGI forks from C: no at-fork handler runs. The first check_process() in the child runs
+    them all: recorded sockets blinded, tracked objects told; in the parent it does nothing."""
+    import ctypes
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    with _forksafe.opening() as keep:
+        sock = socket.create_connection(listener.getsockname())
+        keep(sock)
+    tracked = _Tracked()
+    _forksafe.track(tracked)
+    read_end, write_end = os.pipe()
+    pid = ctypes.CDLL(None, use_errno=True).fork()  # libc's fork: Python's handlers do not run
+    if pid == 0:
+        try:
+            before = stat.S_ISSOCK(os.fstat(sock.fileno()).st_mode) and not tracked.forked
+            caught = _forksafe.check_process()
+            after = not stat.S_ISSOCK(os.fstat(sock.fileno()).st_mode) and tracked.forked
+            again = _forksafe.check_process()
+            os.write(write_end, b"%d%d%d%d" % (before, caught, after, again))
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    try:
+        assert os.read(read_end, 4) == b"1110"
+        assert not _forksafe.check_process() and not tracked.forked
+        assert stat.S_ISSOCK(os.fstat(sock.fileno()).st_mode)
+    finally:
+        os.close(read_end)
+        os.waitpid(pid, 0)
+        sock.close()
+        listener.close()

@@ -125,7 +125,8 @@ class OracleBase(Oracle):
     def _check_process(self) -> None:
         """Call before using a shared connection: in a process forked without Python's at-fork
         handlers (uWSGI), forget the parent's connections first."""
-        if os.getpid() != self._pid:
+        _forksafe.check_process()  # runs every after-fork step of the library, once
+        if os.getpid() != self._pid:  # made before check_process last ran
             self._after_fork_in_child()
 
     def _after_fork_in_child(self) -> None:
@@ -167,8 +168,9 @@ class ContenderBase(Contender):
     @property
     def usable(self) -> bool:
         """Not closed, and in the process that made it."""
+        _forksafe.check_process()  # forked without Python's at-fork handlers (uWSGI): run them
         if self.phase is not Phase.FORKED and os.getpid() != self._pid:
-            self._after_fork_in_child()  # forked without Python's at-fork handlers (uWSGI)
+            self._after_fork_in_child()
         return self.phase not in (Phase.CLOSED, Phase.FORKED)
 
     def _check_open(self) -> None:

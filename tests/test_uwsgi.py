@@ -343,7 +343,7 @@ def memcached():
 
 
 @pytest.mark.parametrize("lazy", [False, True])
-def test_crown_in_master_two_instances_master_sigkill(tmp_path, memcached, lazy):
+def test_crown_in_master_two_instances_master_sigkill_and_reload(tmp_path, memcached, lazy):
     url = f"{memcached.url}?ttl=2&key_prefix=uwsgi-{int(lazy)}-{os.getpid()}-"
     oracle = crown_sync.urls.oracle_from_url(url)
     options = "py-call-uwsgi-fork-hooks = true\n" + ("lazy-apps = true\nshared-import = crown_conf" if lazy else "")
@@ -377,10 +377,18 @@ def test_crown_in_master_two_instances_master_sigkill(tmp_path, memcached, lazy)
         assert _pid_of(second.identity) == other.process.pid
         wait_until(lambda: all(a["is_leader"] for a in other.answers(12)), 30, message="the survivor's workers lead")
         assert not any(a["is_leader"] for a in leading.answers(6))  # orphans still serving (if any) say no
+
+        # graceful reload: uWSGI re-executes the master (same pid); its job dies with the old
+        # image and the new image's crown leads again once the lease is free
+        job = journal_terms(path, NAME)[-1].pid
+        other.signal(signal.SIGHUP)
+        third = _new_leader(oracle, {first.token, second.token})
+        assert _pid_of(third.identity) == other.process.pid and process_gone(job)
+        wait_until(lambda: all(a["is_leader"] for a in other.answers(12)), 30, message="the reloaded workers lead")
         time.sleep(0.5)
         other.signal(signal.SIGINT)
         other.wait_exit(60)
-        _assert_journal(path, 2)
+        _assert_journal(path, 3)
     finally:
         for host in hosts:
             host.cleanup()

@@ -81,6 +81,7 @@ class LeaderScheduler(PersistentScheduler):
         if header is not None and not (isinstance(header, str) and header):
             raise TypeError(f"crown_sync_token_header must be a non-empty str or None, got {header!r}")
         self.token_header: Optional[str] = header
+        self._last_error: Optional[str] = None
         # Made before the base class's __init__, which runs setup_schedule() (where it starts).
         self.crown = crown_from_config(app.conf)
         try:
@@ -97,8 +98,17 @@ class LeaderScheduler(PersistentScheduler):
         if self.crown.term() is None:
             # tick() has already advanced the entry: a follower skips the slot, never saves it up.
             logger.debug("crown_sync: not leading, %s skipped", entry.name)
+            self._log_oracle_error()
             return
         super().apply_entry(entry, producer=producer)
+
+    def _log_oracle_error(self) -> None:
+        """Say once why the oracle cannot be used (the crown itself logs it at debug only)."""
+        error = self.crown.status().last_error  # passwords already redacted
+        if error != self._last_error:
+            self._last_error = error
+            if error is not None:
+                logger.warning("crown_sync: %s: oracle unavailable, not leading: %s", self.crown.name, error)
 
     def apply_async(self, entry, producer=None, advance=True, **kwargs):
         if advance:

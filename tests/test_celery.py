@@ -169,7 +169,7 @@ def test_bad_settings_fail_at_construction(tmp_path, settings, error, word):
     assert not [c for c in registry.crowns() if c.name == "celery-beat"]  # nothing started
 
 
-def test_unreachable_oracle_never_raises_and_sends_nothing(tmp_path):
+def test_unreachable_oracle_never_raises_and_sends_nothing(tmp_path, caplog):
     from crown_sync.testing.servers import free_port
 
     app = celery.Celery("unreachable", broker="memory://", set_as_current=False)
@@ -182,6 +182,9 @@ def test_unreachable_oracle_never_raises_and_sends_nothing(tmp_path):
         entry = scheduler.schedule["tick"]
         assert scheduler.apply_async(entry) is None  # not leading: nothing sent
         assert scheduler.schedule["tick"].total_run_count == entry.total_run_count + 1  # the slot is skipped
+        with caplog.at_level("WARNING", logger="crown_sync.celery"):
+            scheduler.apply_entry(entry)
+        assert "oracle unavailable" in caplog.text and "secret" not in caplog.text
     finally:
         scheduler.close()
     assert scheduler.crown.phase == "stopped"

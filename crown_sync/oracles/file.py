@@ -57,6 +57,13 @@ orphan that the next follower of the same election in this process adopts (start
 followers never piles up threads); an orphan nobody adopts closes its descriptor when the lock
 comes, which frees the lock again at once.
 
+Hostile neighbours: every open is relative to a descriptor of the directory reached from ``/``
+one component at a time (``O_DIRECTORY|O_NOFOLLOW``, each checked: owned by root or us, not
+writable by others unless root-owned and sticky like /tmp; see open_directory), walked afresh for
+each operation, and files are opened ``O_NOFOLLOW`` and checked (regular, ours or root's, not
+open to others): a symlink swapped in later, a foreign-owned parent or a file planted by another
+user is refused with an error naming it, never followed.
+
 Refused: a directory on a network or FUSE file system (NFS, SMB/CIFS, FUSE, 9p, Ceph, AFS, Coda,
 NCP, Lustre, VirtualBox shared folders: ``statfs`` ``f_type``, see ``REFUSED_FILE_SYSTEMS``) is an
 ``OSError`` naming the type and the directory at first use: flock there is emulated, per client
@@ -70,6 +77,7 @@ still holds its own reference), except those a term's child process is meant to 
 
 import contextlib
 import ctypes
+import errno
 import fcntl
 import json
 import logging
@@ -197,6 +205,129 @@ def _lock_is_still_held(lock: LockId, held: Optional[Set[int]] = None) -> bool:
     return not _in_initial_pid_namespace() and _open_in_some_process(lock)
 
 
+_DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _trusted(uid: int) -> bool:
+    """Root or us: nobody else may own a directory on the way or a file of the oracle."""
+    return uid in (0, os.geteuid())
+
+
+def _check_component(path: str, info: os.stat_result, last: bool) -> None:
+    """Refuse a directory on the way to (``last``: or being) the oracle's directory that someone
+    else could replace or fill. Accepted on the way: owned by root or us, and not writable by group
+    or others unless root-owned and sticky (``/tmp``: others may add entries there but never rename
+    or remove ours). The oracle's directory itself: ours, writable by nobody else."""
+    if last:
+        if info.st_uid != os.geteuid():
+            raise PermissionError(f"{path} belongs to uid {info.st_uid}, not to us (uid {os.geteuid()})")
+        if info.st_mode & 0o022:
+            raise PermissionError(f"{path} is writable by others (mode {oct(info.st_mode & 0o777)})")
+        return
+    if not _trusted(info.st_uid):
+        raise PermissionError(
+            f"{path}, on the way to the file oracle's directory, belongs to uid {info.st_uid}: that"
+            f" user could swap what is under it; refused (accepted: owned by root or uid {os.geteuid()})"
+        )
+    sticky_root = info.st_uid == 0 and info.st_mode & stat.S_ISVTX
+    if info.st_mode & 0o022 and not sticky_root:
+        raise PermissionError(
+            f"{path}, on the way to the file oracle's directory, is writable by others (mode"
+            f" {oct(info.st_mode & 0o7777)}) and not a sticky root-owned directory like /tmp: refused"
+        )
+
+
+def _open_component(parent: int, part: str, path: str, create: bool) -> int:
+    """``part`` of the directory ``parent``, opened as a directory and never through a symlink."""
+    for _ in range(2):
+        try:
+            return os.open(part, _DIRECTORY_FLAGS, dir_fd=parent)
+        except FileNotFoundError:
+            if not create:
+                raise
+            with contextlib.suppress(FileExistsError):  # another process made it meanwhile
+                os.mkdir(part, 0o700, dir_fd=parent)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):  # O_NOFOLLOW met a symlink, or a file
+                raise PermissionError(
+                    f"{path} is a symlink or not a directory: refused (the file oracle's path is never"
+                    f" followed through a symlink)"
+                ) from None
+            raise
+    return os.open(part, _DIRECTORY_FLAGS, dir_fd=parent)
+
+
+def open_directory(directory: str, create: bool = False) -> int:
+    """A descriptor of ``directory`` (absolute, normalised) reached from ``/`` one component at a
+    time, each opened ``O_DIRECTORY|O_NOFOLLOW`` relative to the one before and checked (see
+    _check_component): a component swapped for a symlink or for someone else's directory is
+    refused, never followed. ``create``: make missing components (0700, ours)."""
+    parts = [part for part in directory.split("/") if part]
+    fd = os.open("/", _DIRECTORY_FLAGS)
+    path = "/"
+    try:
+        _check_component(path, os.fstat(fd), not parts)
+        for index, part in enumerate(parts):
+            path = os.path.join(path, part)
+            child = _open_component(fd, part, path, create)
+            os.close(fd)
+            fd = child
+            _check_component(path, os.fstat(fd), index == len(parts) - 1)
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _check_file(fd: int, path: str, directory: int, private: bool) -> None:
+    """Refuse a file of the oracle that someone else planted or may write; ``private`` (a lock
+    file): or may open, through a directory they may enter (whoever opens it can flock it)."""
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or not _trusted(info.st_uid):
+        raise PermissionError(
+            f"{path} is not a regular file of uid {os.geteuid()} or root (uid {info.st_uid}): planted by"
+            f" someone else? refused; remove it if no crown of this directory made it"
+        )
+    refused = 0o022
+    if private and os.fstat(directory).st_mode & 0o011:  # others may reach it: reading is enough
+        refused = 0o066
+    if info.st_mode & refused:
+        raise PermissionError(f"{path} is open to others (mode {oct(info.st_mode & 0o777)}): refused")
+
+
+def _open_file(directory: int, path: str, flags: int, private: bool) -> int:
+    """``path``'s file in the directory ``directory`` (a descriptor), never through a symlink,
+    checked (see _check_file)."""
+    name = os.path.basename(path)
+    try:
+        fd = os.open(name, flags | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600, dir_fd=directory)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise PermissionError(f"{path} is a symlink: refused, never followed") from None
+        raise
+    try:
+        _check_file(fd, path, directory, private)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _write_atomically(directory: int, path: str, data: bytes) -> None:
+    """``data`` as ``path`` in the directory ``directory``: written, fsynced and renamed over it."""
+    name = os.path.basename(path)
+    temporary = f"{name}.{os.getpid()}.{threading.get_ident()}.tmp"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600,
+                 dir_fd=directory)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)  # the token must not go back after a power loss
+    finally:
+        os.close(fd)
+    os.replace(temporary, name, src_dir_fd=directory, dst_dir_fd=directory)
+    os.fsync(directory)
+
+
 class LockFileReplaced(OSError):
     """A claim found that the lock file was deleted or replaced while a term held it, and that
     term's lock is still held: the claimant waits (the engine retries) until it is released."""
@@ -231,7 +362,8 @@ def _create_default(directory: str) -> None:
 
 
 class FileOracle(OracleBase):
-    """flock-based oracle in ``directory`` (created 0700; symlinks and foreign owners refused).
+    """flock-based oracle in ``directory`` (created 0700; symlinks and foreign owners refused, on
+    the whole way from /).
 
     ``check_interval``: how often this process looks for dismissal requests for the elections
     it leads (one directory listing per interval, however many crowns lead).
@@ -271,19 +403,30 @@ class FileOracle(OracleBase):
     def _path(self, name: str, suffix: str) -> str:
         return os.path.join(self.directory, f"{name}.{suffix}")
 
+    @contextlib.contextmanager
+    def _at(self, directory: Optional[int] = None) -> Iterator[int]:
+        """A descriptor of the directory: ``directory`` if given, else one walked from / afresh
+        (open_directory), so that a component swapped since the last call is refused, not used."""
+        if directory is not None:
+            yield directory
+            return
+        self.ensure_directory()
+        fd = open_directory(self.directory)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
     def ensure_directory(self) -> None:
-        """Create the directory (0700) if needed and refuse one that others could tamper with."""
+        """Create the directory (0700) if needed and refuse one that others could tamper with, or
+        whose way from / they could (see open_directory)."""
         if self._checked:
             return
-        os.makedirs(self.directory, mode=0o700, exist_ok=True)
-        info = os.lstat(self.directory)
-        if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
-            raise PermissionError(f"{self.directory} is not a plain directory (symlinks are refused)")
-        if info.st_uid != os.geteuid():
-            raise PermissionError(f"{self.directory} belongs to uid {info.st_uid}, not to us")
-        if info.st_mode & 0o022:
-            raise PermissionError(f"{self.directory} is writable by others (mode {oct(info.st_mode & 0o777)})")
-        kind = refused_file_system(file_system_type(self.directory))
+        fd = open_directory(self.directory, create=True)
+        try:
+            kind = refused_file_system(file_system_type(f"/proc/self/fd/{fd}"))  # the one we walked to
+        finally:
+            os.close(fd)
         if kind is not None:
             raise OSError(
                 f"{self.directory} is on a {kind} file system, where flock() is not one lock among"
@@ -292,19 +435,19 @@ class FileOracle(OracleBase):
         self._checked = True
 
     def open_lock(self, name: str) -> int:
-        self.ensure_directory()
-        return os.open(
-            self._path(name, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600
-        )
+        with self._at() as directory:
+            return _open_file(directory, self._path(name, "lock"), os.O_RDWR | os.O_CREAT, private=True)
 
     def read_record(self, name: str) -> Optional[Leader]:
         return self._load_record(name)[0]
 
-    def _load_record(self, name: str) -> Tuple[Optional[Leader], Optional[LockId], Optional[int]]:
+    def _load_record(self, name: str, directory: Optional[int] = None
+                     ) -> Tuple[Optional[Leader], Optional[LockId], Optional[int]]:
         """The leader record, the lock file its term locked and the pid namespace the term ran in
         (None for either in a record without them)."""
         try:
-            fd = os.open(self._path(name, "leader"), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            with self._at(directory) as at:
+                fd = _open_file(at, self._path(name, "leader"), os.O_RDONLY, private=False)
         except FileNotFoundError:
             return None, None, None
         try:
@@ -327,37 +470,27 @@ class FileOracle(OracleBase):
                 f" remove it only if no process still holds an older term's token"
             ) from None
 
-    def write_record(self, name: str, leader: Leader, lock: Optional[LockId] = None) -> None:
-        final = self._path(name, "leader")
-        temporary = f"{final}.{os.getpid()}.{threading.get_ident()}.tmp"
+    def write_record(self, name: str, leader: Leader, lock: Optional[LockId] = None,
+                     directory: Optional[int] = None) -> None:
         record = leader.to_dict()
         if lock is not None:  # which file this term locked, and from where: see _check_predecessor
             record.update(lock=list(lock), pid_namespace=_pid_namespace())
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-        try:
-            os.write(fd, json.dumps(record).encode())
-            os.fsync(fd)  # the token must not go back after a power loss
-        finally:
-            os.close(fd)
-        os.replace(temporary, final)
-        directory = os.open(self.directory, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        with self._at(directory) as at:
+            _write_atomically(at, self._path(name, "leader"), json.dumps(record).encode())
 
     # -- a lock file deleted or replaced ---------------------------------------------------
 
     def lock_file_now(self, name: str) -> Optional[LockId]:
         """(device, inode) of the file at ``NAME.lock`` now, None if there is none."""
         try:
-            info = os.lstat(self._path(name, "lock"))
+            with self._at() as directory:
+                info = os.stat(f"{name}.lock", dir_fd=directory, follow_symlinks=False)
         except FileNotFoundError:
             return None
         return info.st_dev, info.st_ino
 
     @contextlib.contextmanager
-    def _claim_section(self) -> Iterator[None]:
+    def _claim_section(self, directory: int) -> Iterator[None]:
         """One claim at a time in the directory, across processes: flock on the directory.
 
         Claimants check the record and write theirs inside it, so that a lock file replaced
@@ -365,7 +498,8 @@ class FileOracle(OracleBase):
         while it runs (see _before_fork), so no child ever holds a copy of the locked directory.
         """
         with _section_lock:
-            fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            # An open file description of its own (flock belongs to it), of the walked directory.
+            fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=directory)
             try:
                 give_up = time.monotonic() + SECTION_WAIT
                 while True:
@@ -424,7 +558,8 @@ class FileOracle(OracleBase):
 
     def _lock_is_held(self, name: str) -> bool:
         try:
-            fd = os.open(self._path(name, "lock"), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            with self._at() as directory:
+                fd = _open_file(directory, self._path(name, "lock"), os.O_RDONLY, private=True)
         except FileNotFoundError:
             return False
         try:
@@ -449,29 +584,28 @@ class FileOracle(OracleBase):
         leader = self.find_leader(name)
         if leader is None:
             return False
-        final = self._path(name, "dismiss")
-        temporary = f"{final}.{os.getpid()}.tmp"
-        with open(temporary, "w", encoding="utf-8") as handle:
-            json.dump({"token": leader.token, "at": time.time()}, handle)
-        os.replace(temporary, final)
+        with self._at() as directory:
+            request = json.dumps({"token": leader.token, "at": time.time()}).encode()
+            _write_atomically(directory, self._path(name, "dismiss"), request)
         return True
 
-    def dismissal_for(self, name: str, token: Optional[int]) -> bool:
+    def dismissal_for(self, name: str, token: Optional[int], directory: Optional[int] = None) -> bool:
         """True if a dismissal names the term ``token``. The request is consumed either way: one
         naming another term is stale (that term is over) and must not wake the leader again."""
         path = self._path(name, "dismiss")
-        try:
-            with open(path, "r", encoding="utf-8") as handle:
-                request = json.load(handle)
-        except FileNotFoundError:
-            return False
-        except ValueError:
-            request = {}  # torn by hand: not a request for anyone
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        return request.get("token") == token
+        with self._at(directory) as at:
+            try:
+                fd = _open_file(at, path, os.O_RDONLY, private=False)
+            except FileNotFoundError:
+                return False
+            try:
+                with os.fdopen(fd, "r", encoding="utf-8") as handle:
+                    request = json.load(handle)
+            except ValueError:
+                request = {}  # torn by hand: not a request for anyone
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.basename(path), dir_fd=at)
+        return isinstance(request, dict) and request.get("token") == token
 
 
 class _DismissalWatch:
@@ -482,8 +616,8 @@ class _DismissalWatch:
     ``check_interval`` together, and nothing at all while none of them leads.
     """
 
-    def __init__(self, directory: str, interval: float):
-        self.directory = directory
+    def __init__(self, oracle: FileOracle, interval: float):
+        self.oracle = oracle
         self.interval = interval
         self._leaders: Dict[str, set] = {}  # election name -> contenders leading it here
         self._cond = threading.Condition()
@@ -513,10 +647,11 @@ class _DismissalWatch:
                 self._cond.wait(self.interval)
                 watched = {name: list(leaders) for name, leaders in self._leaders.items()}
             try:
-                requested = {entry[: -len(".dismiss")] for entry in os.listdir(self.directory)
-                             if entry.endswith(".dismiss")}
+                with self.oracle._at() as directory:
+                    entries = os.listdir(directory)
             except OSError:
-                continue  # the directory is gone or unreadable: the leaders' locks still hold
+                continue  # the directory is gone or refused: the leaders' locks still hold
+            requested = {entry[: -len(".dismiss")] for entry in entries if entry.endswith(".dismiss")}
             for name in requested.intersection(watched):
                 for contender in watched[name]:
                     contender._notify()  # the engine refreshes; refresh() reads the request
@@ -533,7 +668,7 @@ def _dismissal_watch(oracle: FileOracle) -> _DismissalWatch:
     with _watches_lock:
         watch = _watches.get(oracle.directory)
         if watch is None:
-            watch = _watches[oracle.directory] = _DismissalWatch(oracle.directory, oracle.check_interval)
+            watch = _watches[oracle.directory] = _DismissalWatch(oracle, oracle.check_interval)
         watch.interval = min(watch.interval, oracle.check_interval)
         return watch
 
@@ -619,13 +754,14 @@ class FileContender(ContenderBase):
         try:
             ours = os.fstat(fd)
             lock = (ours.st_dev, ours.st_ino)
-            with self.oracle._claim_section():
-                previous, previous_lock, namespace = self.oracle._load_record(self.name)
+            with self.oracle._at() as directory, self.oracle._claim_section(directory):
+                previous, previous_lock, namespace = self.oracle._load_record(self.name, directory)
                 self.oracle._check_predecessor(self.name, previous, previous_lock, namespace, lock)
                 token = (previous.token or 0) + 1 if previous is not None else 1
                 leader = Leader(self.identity, dict(self.metadata), token, time.time())
-                self.oracle.dismissal_for(self.name, token)  # a stale request must not hit this term
-                self.oracle.write_record(self.name, leader, lock)
+                # A stale request must not hit this term.
+                self.oracle.dismissal_for(self.name, token, directory)
+                self.oracle.write_record(self.name, leader, lock, directory)
         except BaseException:
             self.abdicate()
             raise
@@ -695,7 +831,7 @@ class FileContender(ContenderBase):
                     waiter.owner = self
             if waiter is None:
                 # Its own open file description: the lock it gets is handed to us whole.
-                fd = os.open(self._path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+                fd = self.oracle.open_lock(self.name)
                 waiter = _Waiter(self._path, fd, self)
                 waiter.thread.start()
             self._waiter = waiter

@@ -4,6 +4,7 @@ import contextlib
 import ctypes
 import errno
 import os
+import pathlib
 import shutil
 import signal
 import stat
@@ -462,3 +463,145 @@ def test_a_service_account_without_a_usable_home_is_told_what_to_set(monkeypatch
     with pytest.raises(OSError, match="CROWN_SYNC_ORACLE"):
         with crown_sync.lead("job"):  # the same default oracle, the same error
             pass
+
+
+# ------------------------------------------------------------------ hostile neighbours (issue #17)
+
+
+def journaled_crown(url, path, identity):
+    child = crown_sync.ThreadChild(journal.journaled_work, args=(path, 0.02))
+    return crown_sync.Crown(NAME, oracle=url, identity=identity, monitor_delay=0.2, child=child).start()
+
+
+def refused(crown, words):
+    """Wait until ``crown`` says it is refused (last_error holding ``words``); it must not lead."""
+    wait_until(lambda: crown.is_leader() or words in (crown.status().last_error or ""), timeout=60)
+    time.sleep(0.5)  # a few more tries
+    return not crown.is_leader() and words in (crown.status().last_error or "")
+
+
+def test_a_parent_swapped_for_a_symlink_later_is_refused_never_followed(tmp_path):
+    # The swap needs write access to a directory on the way, which open_directory grants to root
+    # and to us only: so the swapper here is this uid (a cleaner, a deploy script gone wrong).
+    base = tmp_path / "base"
+    (base / "mid" / "crowns").mkdir(parents=True, mode=0o700)
+    (base / "evil" / "crowns").mkdir(parents=True, mode=0o700)  # where the symlink would lead
+    url, work = f"file://{base / 'mid' / 'crowns'}", str(tmp_path / "journal.jsonl")
+    leader = journaled_crown(url, work, "leader")
+    claimant = None
+    try:
+        assert leader.wait_for_leadership(30), leader.status().last_error
+        os.rename(base / "mid", base / "mid.real")
+        os.symlink(base / "evil", base / "mid")
+        claimant = journaled_crown(url, work, "claimant")
+        assert refused(claimant, "symlink"), claimant.status()
+        assert str(base / "mid") in claimant.status().last_error
+        assert leader.is_leader()  # its lock, on the directory it walked to, still holds
+    finally:
+        for crown in (claimant, leader):
+            if crown is not None:
+                crown.stop()
+    report = journal.check(work, NAME)
+    assert report.ok and [term.identity for term in report.terms] == ["leader"], report.summary()
+    assert not os.listdir(base / "evil" / "crowns")  # nothing was ever made through the symlink
+
+
+def nobody():
+    import pwd
+
+    return pwd.getpwnam("nobody")
+
+
+def run_as_nobody(script, *args):
+    """Start ``script`` as uid/gid nobody: a co-tenant with only its own rights (the system's
+    Python: the test's may live where nobody may not read)."""
+    python = shutil.which("python3", path="/usr/bin:/bin") or sys.executable
+    return subprocess.Popen([python, "-c", textwrap.dedent(script), *map(str, args)], cwd="/",
+                            user=nobody().pw_uid, group=nobody().pw_gid, extra_groups=[],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0, reason="a second uid needs root to start it (see docs/sharing.rst)"
+)
+
+
+@pytest.fixture
+def shared_tmp():
+    """A directory in /tmp that a co-tenant may enter (pytest's tmp_path is under a 0700 one)."""
+    import tempfile
+
+    directory = tempfile.mkdtemp(prefix="crown-sync-hostile-", dir="/tmp")
+    os.chmod(directory, 0o755)
+    yield pathlib.Path(directory)
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@needs_root
+def test_a_directory_under_a_foreign_owned_parent_is_refused(tmp_path):
+    # nobody makes a directory of its own in /tmp, which it may change at will later.
+    helper = run_as_nobody("import os, tempfile; d = tempfile.mkdtemp(dir='/tmp'); os.chmod(d, 0o755); print(d)")
+    out, err = helper.communicate(timeout=30)
+    assert helper.returncode == 0, err
+    theirs = pathlib.Path(out.strip())
+    try:
+        url, work = f"file://{theirs / 'crowns'}", str(tmp_path / "journal.jsonl")
+        crown = journaled_crown(url, work, "victim")
+        try:
+            assert refused(crown, "belongs to uid"), crown.status()
+            assert str(theirs) in crown.status().last_error
+        finally:
+            crown.stop()
+        assert not os.path.exists(theirs / "crowns")  # refused before making anything there
+    finally:
+        shutil.rmtree(theirs, ignore_errors=True)
+    assert not os.path.exists(work)  # no term ever began
+
+
+PLANTER = """
+    import fcntl, json, os, sys, time
+    directory = sys.argv[1]
+    lock = os.open(os.path.join(directory, "billing.lock"), os.O_RDWR | os.O_CREAT, 0o666)
+    os.fchmod(lock, 0o666)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # held for as long as we like: no crown leads meanwhile
+    with open(os.path.join(directory, "billing.leader"), "w") as record:
+        json.dump({"identity": "mallory", "metadata": {}, "token": 10 ** 15, "since": 0}, record)
+    print("planted", flush=True)
+    time.sleep(120)
+"""
+
+
+@needs_root
+def test_a_lock_and_record_planted_by_another_user_are_refused_and_reported(shared_tmp):
+    tmp_path = shared_tmp
+    directory = tmp_path / "crowns"
+    directory.mkdir()
+    directory.chmod(0o777)  # a careless moment: anyone could plant files
+    planter = run_as_nobody(PLANTER, directory)
+    try:
+        assert planter.stdout.readline().strip() == "planted", planter.stderr.read()
+        directory.chmod(0o700)  # fixed, but the planted files (and the held lock) are still there
+        work = str(tmp_path / "journal.jsonl")
+        crown = journaled_crown(f"file://{directory}", work, "victim")
+        try:
+            # Not a silent follower of mallory's lock: refused, saying why.
+            assert refused(crown, "planted by someone else"), crown.status()
+            assert f"uid {nobody().pw_uid})" in crown.status().last_error and "billing." in crown.status().last_error
+        finally:
+            crown.stop()
+    finally:
+        planter.kill()
+        planter.wait(30)
+    assert not os.path.exists(work)  # no term ever began
+
+
+def test_a_lock_file_planted_as_a_symlink_is_refused(oracle_dir, url, tmp_path):
+    target = tmp_path / "precious"
+    target.write_text("keep me")
+    os.symlink(target, oracle_dir / f"{NAME}.lock")
+    crown = journaled_crown(url, str(tmp_path / "journal.jsonl"), "victim")
+    try:
+        assert refused(crown, "symlink"), crown.status()
+    finally:
+        crown.stop()
+    assert target.read_text() == "keep me"

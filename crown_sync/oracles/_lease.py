@@ -87,7 +87,7 @@ from ..clock import monotonic as _monotonic  # the clock of every deadline (coun
 from ..oracle import Claim, Leader, OnChange
 from ._base import ContenderBase, OracleBase, Phase, bounded, leader_of, record_of, seconds
 
-__all__ = ["LeaseStore", "LeaseOracle", "LeaseContender", "default_margin", "MIN_MARGIN_RATIO"]
+__all__ = ["LeaseStore", "LeaseOracle", "LeaseContender", "default_margin", "MIN_MARGIN_RATIO", "URL_OPTIONS"]
 
 logger = logging.getLogger("crown_sync.oracles.lease")
 
@@ -98,6 +98,17 @@ _RELEASED_EXPIRE = 86400  # keeps the token and the "free now" mark of a cleanly
 # monitor_leader=False), so it must not expire between them: that would restart the quarantine
 # at every claim. A crashed claimant's pending record is taken over as stale after a ttl anyway.
 _PENDING_EXPIRE = 86400
+
+#: The query options of every lease oracle's URL (a module adds its own), for urls.parse_options.
+URL_OPTIONS: Dict[str, Any] = {
+    "ttl": float,
+    "renew_interval": float,
+    "poll_interval": float,
+    "margin": float,
+    "key_prefix": str,
+    "connect_timeout": float,
+    "timeout": float,
+}
 
 #: The smallest margin allowed, as a fraction of ttl: ten times the worst rate difference of two
 #: hosts' clocks under NTP (each may be slewed by up to 500 ppm: 0.1% between two).
@@ -282,9 +293,10 @@ class LeaseOracle(OracleBase):
         """The lowest token a new term may take: the wall clock in microseconds."""
         return int(self.clock() * 1_000_000)
 
-    def watching(self, contender: "LeaseContender") -> None:
-        """A contender started following: a server that can push changes arranges to call
-        ``contender.nudge()`` when the election's key changes. Called once per contender."""
+    def watching(self, contender: "LeaseContender", store: LeaseStore) -> None:
+        """A contender started following: a server that can push changes arranges (on the
+        contender's own ``store``, if it likes) to call ``contender.nudge()`` when the election's
+        key changes. Called once per contender."""
 
     def released(self, store: LeaseStore, name: str) -> None:
         """A record of ``name`` became ``released`` or ``vacated`` (by ``store``'s owner): a
@@ -618,7 +630,7 @@ class LeaseContender(ContenderBase):
                 return False
             was_watching, self._watching = self._watching, True
             if self._thread is None:
-                self.oracle.watching(self)
+                self.oracle.watching(self, self._store)
                 self._thread = threading.Thread(
                     target=self._poll_loop, name=f"crown-sync-lease:{self.name}", daemon=True
                 )

@@ -52,7 +52,7 @@ from typing import Any, Callable, Optional, Tuple
 from .. import _forksafe
 from ..urls import one_server, parse_options, redact_text
 from ._base import seconds
-from ._lease import LeaseContender, LeaseOracle, LeaseStore
+from ._lease import URL_OPTIONS, LeaseContender, LeaseOracle, LeaseStore
 
 import nats  # the nats extra: crown_sync.urls reports it missing with the pip command
 import nats.errors
@@ -63,20 +63,7 @@ __all__ = ["NatsOracle", "NatsError"]
 
 logger = logging.getLogger("crown_sync.oracles.nats")
 
-_OPTIONS = {
-    "bucket": str,
-    "ttl": float,
-    "renew_interval": float,
-    "poll_interval": float,
-    "margin": float,
-    "key_prefix": str,
-    "connect_timeout": float,
-    "timeout": float,
-    "bucket_max_age": float,
-    "tls_ca": str,
-    "tls_cert": str,
-    "tls_key": str,
-}
+_OPTIONS = dict(URL_OPTIONS, bucket=str, bucket_max_age=float, tls_ca=str, tls_cert=str, tls_key=str)
 
 # NATS KV: a key is subject tokens of these characters, a bucket a single token.
 _KEY_CHARS = re.compile(r"^[-/_=.a-zA-Z0-9]*$")
@@ -404,9 +391,9 @@ class NatsOracle(LeaseOracle):
     def token_floor(self, store: LeaseStore) -> int:
         return store.token_floor()
 
-    def watching(self, contender: LeaseContender) -> None:
+    def watching(self, contender: LeaseContender, store: LeaseStore) -> None:
         # The contender's own store (its connection) carries the push consumer of its key.
-        contender._store.watch(self.key(contender.name), contender.nudge)
+        store.watch(self.key(contender.name), contender.nudge)
 
     # -- the loop and connections --------------------------------------------------------------
 

@@ -65,7 +65,7 @@ import tenacity
 from .. import _forksafe
 from ..urls import parse_options, redact_text
 from ._base import Phase
-from ._lease import RELEASED, VACATED, LeaseContender, LeaseOracle, LeaseStore, decode
+from ._lease import RELEASED, URL_OPTIONS, VACATED, LeaseContender, LeaseOracle, LeaseStore, decode
 
 try:  # the client library is an extra: a missing one is reported by crown_sync.urls
     import redis
@@ -80,9 +80,7 @@ __all__ = ["RedisOracle", "RedisOracleError", "RedisRefused"]
 logger = logging.getLogger("crown_sync.oracles.redis")
 
 # The lease's options (as every lease oracle's), then TLS's.
-_SECONDS = ("ttl", "renew_interval", "poll_interval", "margin", "connect_timeout", "timeout")
-_OPTIONS: Dict[str, Any] = dict.fromkeys(_SECONDS, float)
-_OPTIONS.update(key_prefix=str, ssl_ca_certs=str, ssl_cert_reqs=str, ssl_check_hostname=bool)
+_OPTIONS: Dict[str, Any] = dict(URL_OPTIONS, ssl_ca_certs=str, ssl_cert_reqs=str, ssl_check_hostname=bool)
 _CERT_REQS = ("required", "optional", "none")
 
 # Which server incarnation holds our keys: run_id is new at every start of redis-server (and

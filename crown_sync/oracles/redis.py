@@ -63,7 +63,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import tenacity
 
 from .. import _forksafe
-from ..urls import parse_options, redact_text
+from ..urls import one_server, parse_options, redact_text
 from ._base import Phase
 from ._lease import RELEASED, URL_OPTIONS, VACATED, LeaseContender, LeaseOracle, LeaseStore, decode
 
@@ -437,27 +437,19 @@ class RedisOracle(LeaseOracle):
                 f"replica promoted after an asynchronous write can lose a lease, see the Redis oracle's "
                 f"docs); give the primary's redis:// URL, got {shown!r}"
             )
-        if "," in parts.netloc:
-            raise ValueError(f"redis:// takes exactly ONE server, got several in {shown!r}")
-        try:
-            host, port = parts.hostname, parts.port
-        except ValueError as exc:
-            raise ValueError(f"bad redis:// URL {shown!r}: {redact_text(str(exc))}") from None
-        if not host:
-            raise ValueError(f"redis:// URL needs a host, got {shown!r}")
         path = parts.path.strip("/")
         if path and not path.isdigit():
             raise ValueError(f"redis:// URL path must be a database number (/0, /1, ...), got {parts.path!r}")
+        # The database number checked, the rest is one server's URL like any other's.
+        host, port, username, password = one_server(
+            urllib.parse.urlunsplit(parts._replace(path="")), scheme, 6379,
+            "a lease lives on ONE Redis server (a Cluster or a set of replicas is refused)",
+        )
         options = parse_options(url, _OPTIONS)
         if scheme == "redis" and any(key.startswith("ssl_") for key in options):
             raise ValueError("ssl_* options need TLS: use a rediss:// URL")
-        unquote = urllib.parse.unquote
-        return cls(
-            host, port or 6379, int(path or 0),
-            username=unquote(parts.username) if parts.username else None,
-            password=unquote(parts.password) if parts.password else None,
-            tls=scheme == "rediss", **options,
-        )
+        return cls(host, port, int(path or 0), username=username, password=password or None,
+                   tls=scheme == "rediss", **options)
 
     # -- what the lease machinery asks ------------------------------------------------------
 

@@ -51,7 +51,7 @@ def _released(server, name, token=1):
 
 @pytest.mark.parametrize("url, words", [
     ("redis+sentinel://:pw@127.0.0.1:26379/mymaster", "Sentinel"),
-    ("redis://a:6379,b:6379/0", "ONE server"),
+    ("redis://a:6379,b:6379/0", "exactly one server"),
     ("redis://127.0.0.1:6379/zero", "database number"),
     ("redis://127.0.0.1:6379/0?nope=1", "unknown oracle option 'nope'"),
     ("redis://127.0.0.1:6379/0?ttl=0.5", "ttl"),

@@ -58,7 +58,8 @@ def crown_from_config(conf) -> crown_sync.Crown:
     if oracle is not None and not isinstance(oracle, str):
         raise TypeError(f"crown_sync_oracle must be an oracle URL (str), got {type(oracle).__name__}")
     crown = crown_sync.Crown(name, oracle=oracle or None, **_options(conf.get("crown_sync_options")))
-    crown.add_callbacks(on_elected=_on_elected, on_deposed=_on_deposed)
+    crown.add_callbacks(on_elected=_on_elected, on_deposed=_on_deposed,
+                        on_new_leader=lambda leader: _on_new_leader(crown, leader))
     return crown
 
 
@@ -68,6 +69,11 @@ def _on_elected(term) -> None:
 
 def _on_deposed(term, reason) -> None:
     logger.info("crown_sync: this beat no longer leads %s (%s): due tasks are skipped", term.name, reason)
+
+
+def _on_new_leader(crown, leader) -> None:
+    if leader is not None and leader.identity != crown.identity:
+        logger.info("crown_sync: %s is led by %s: this beat skips due tasks", crown.name, leader.identity)
 
 
 class LeaderScheduler(PersistentScheduler):

@@ -58,7 +58,8 @@ def broker():
 def _celery(tmp_path, broker, *args):
     env = contender_environment()
     env.update(CELERY_BROKER_URL=broker.url(), CROWN_SYNC_ORACLE=f"file://{tmp_path}/locks",
-               EXAMPLE_EVERY=str(INTERVAL), EXAMPLE_LEDGER=str(tmp_path / "ledger"), BEAT_JOURNAL=str(tmp_path / "journal"))
+               EXAMPLE_EVERY=str(INTERVAL), EXAMPLE_LEDGER=str(tmp_path / "ledger"),
+               BEAT_JOURNAL=str(tmp_path / "journal"))
     env["PYTHONPATH"] = f"{tmp_path}{os.pathsep}{env['PYTHONPATH']}"
     log = open(tmp_path / f"{args[0]}-{len(list(tmp_path.glob('*.log')))}.log", "wb")
     with log:
@@ -95,45 +96,61 @@ def _logs(tmp_path):
     return "\n".join(f"---- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(tmp_path.glob("*.log")))
 
 
-def test_beat_sends_once_across_a_kill_of_the_leader(tmp_path, broker):
-    (tmp_path / "beatapp.py").write_text(textwrap.dedent(APP.format(name=NAME)))
+def _sends_of(tmp_path, pid):
+    return [e for e in _sends(tmp_path) if e["pid"] == pid]
+
+
+def _beats_across_a_kill_and_a_stop(tmp_path, broker):
+    """Beats A and B; the leader SIGKILLed; beat C started; the survivor SIGTERMed. Returns
+    (killed pid, survivor pid, C's pid, monotonic time of the kill)."""
     beats = [_celery(tmp_path, broker, "beat", "-s", str(tmp_path / f"schedule-{i}")) for i in range(2)]
     try:
         wait_until(lambda: len(_sends(tmp_path)) >= 4, timeout=60, message="4 sends")
-        leader_pid = _sends(tmp_path)[-1]["pid"]
-        os.kill(leader_pid, signal.SIGKILL)
+        killed = _sends(tmp_path)[-1]["pid"]
+        os.kill(killed, signal.SIGKILL)
         killed_at = crown_sync.clock.monotonic()
-        survivor = next(b for b in beats if b.pid != leader_pid)
-        wait_until(lambda: sum(e["pid"] == survivor.pid for e in _sends(tmp_path)) >= 4, timeout=60,
-                   message="4 sends by the other beat")
+        survivor = next(b for b in beats if b.pid != killed)
+        wait_until(lambda: len(_sends_of(tmp_path, survivor.pid)) >= 4, timeout=60, message="4 sends by the survivor")
+        beats.append(_celery(tmp_path, broker, "beat", "-s", str(tmp_path / "schedule-2")))
+        wait_until(lambda: "is led by" in (tmp_path / "beat-2.log").read_text(), timeout=60, message="C follows")
+        _stop(survivor)  # SIGTERM: its crown stops and abdicates, C takes over at once
+        wait_until(lambda: len(_sends_of(tmp_path, beats[2].pid)) >= 2, timeout=60, message="2 sends by C")
     finally:
         for beat in beats:
             _stop(beat)
+    return killed, survivor.pid, beats[2].pid, killed_at
+
+
+def test_beat_sends_once_across_a_kill_and_a_stop_of_the_leader(tmp_path, broker):
+    (tmp_path / "beatapp.py").write_text(textwrap.dedent(APP.format(name=NAME)))
+    killed, survivor, third, killed_at = _beats_across_a_kill_and_a_stop(tmp_path, broker)
     sends = _sends(tmp_path)
     context = _logs(tmp_path) + "\n" + json.dumps(sends)
 
-    # Two terms, one beat each, never at once, tokens rising; the follower sent nothing while it
+    # Three terms, one beat each, never at once, tokens rising; a follower sent nothing while it
     # followed; every message carries its term's token.
     report = journal.check(sends, NAME)
-    assert report.ok and len(report.terms) == 2, report.summary() + context
-    assert [t.pid for t in report.terms] == [leader_pid, survivor.pid], context
-    assert all(e["t"] > killed_at for e in sends if e["pid"] == survivor.pid), context
+    assert report.ok and [t.pid for t in report.terms] == [killed, survivor, third], report.summary() + context
+    assert all(e["t"] > killed_at for e in sends if e["pid"] == survivor), context
     # One continuous grid: a slot every INTERVAL within a term (bounds generous for a loaded
-    # machine), and across the handoff no gap beyond the failover plus one interval.
+    # machine), and across each handoff no gap beyond the failover plus one interval.
     for term in report.terms:
         times = [e["t"] for e in sends if e["pid"] == term.pid]
         gaps = [b - a for a, b in zip(times, times[1:])]
         assert all(INTERVAL * 0.8 < gap < INTERVAL + 2.0 for gap in gaps), (gaps, context)
-    first_after = next(e["t"] for e in sends if e["pid"] == survivor.pid)
+    first_after = next(e["t"] for e in sends if e["pid"] == survivor)
     assert first_after - killed_at < INTERVAL + 10.0, context
-    print(f"kill to the survivor's first send: {first_after - killed_at:.3f} s; {report.summary()}")
+    handoff = report.terms[2].start - report.terms[1].end
+    assert handoff < INTERVAL + 10.0, context
+    print(f"kill to the survivor's first send: {first_after - killed_at:.3f} s; "
+          f"graceful handoff, last send to first: {handoff:.3f} s; {report.summary()}")
 
-    # The broker holds what the journal says was sent (the killed beat may have journaled its
-    # last send and died before publishing it), with the journal's tokens.
+    # The broker holds what the journal says was sent, with the journal's tokens (a beat killed or
+    # stopped during a send may have journaled its last one and not published it).
     queued = {h["id"]: h.get("crown_sync_token") for h in _queued(broker)}
     journaled = {e["task_id"]: e["token"] for e in sends}
     assert queued.items() <= journaled.items(), context
-    assert set(journaled) - set(queued) <= {[e for e in sends if e["pid"] == leader_pid][-1]["task_id"]}, context
+    assert set(journaled) - set(queued) <= {_sends_of(tmp_path, t.pid)[-1]["task_id"] for t in report.terms}, context
 
     # A real worker runs them; each task reads its term's token from its request and fences with
     # it: a message of an older term, delivered last, is refused.

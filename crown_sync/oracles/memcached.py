@@ -32,7 +32,12 @@ What is NOT guaranteed
   land after a successor started: pass ``term.token`` to the resource and let it reject stale
   tokens.
 * Monotonic clocks must run at about the same rate on every host (they do; NTP slews).
-* Anyone who can write to the memcached server can break everything (no authentication here).
+* Anyone who can write to the memcached server can write the lease, unless the server requires a
+  TLS client certificate (``tls_cert``; SASL needs the binary protocol, which pymemcache does not
+  speak). A delete or a foreign record only ends the term (the quarantine and the deadline hold),
+  but a forged ``released`` record lets a follower start while the leader's child still runs,
+  until the leader's next renewal: keep memcached on a trusted network or require client
+  certificates. Said once per server as a warning; see docs/sharing.rst.
 
 Connection loss: every call has ``timeout``; a failed call raises (the engine retries until the
 deadline, then stops the child). pymemcache reconnects on the next call.
@@ -61,14 +66,26 @@ from pymemcache.client.base import Client
 from pymemcache.exceptions import MemcacheError, MemcacheUnexpectedCloseError
 
 from .. import _forksafe
+from ._tls import client_context
 from ..urls import parse_options, redact
-from ._lease import MIN_MARGIN_RATIO, URL_OPTIONS, LeaseContender, LeaseOracle, LeaseStore, default_margin
+from ._lease import MIN_MARGIN_RATIO, LeaseContender, LeaseOracle, LeaseStore, default_margin
 
 __all__ = ["MemcachedOracle", "MemcachedContender", "MemcachedError", "default_margin", "MIN_MARGIN_RATIO"]
 
 logger = logging.getLogger("crown_sync.oracles.memcached")
 
-_OPTIONS = URL_OPTIONS
+_OPTIONS = {
+    "ttl": float,
+    "renew_interval": float,
+    "poll_interval": float,
+    "margin": float,
+    "key_prefix": str,
+    "connect_timeout": float,
+    "timeout": float,
+}
+
+#: TLS (memcached -Z): see MemcachedOracle.
+_TLS_OPTIONS = {"tls": bool, "tls_ca": str, "tls_cert": str, "tls_key": str}
 
 #: memcached's own limit on a key's length (bytes).
 _MAX_KEY = 250
@@ -219,6 +236,10 @@ class MemcachedOracle(LeaseOracle):
         :class:`~crown_sync.oracles._lease.LeaseOracle` (ttl default 10 s).
     poll_interval: how often a follower reads the key (default 0.2 s: at most 5 requests/s).
     key_prefix: prepended to the election name to make the key (default ``"crown_sync:"``).
+    tls: speak TLS (memcached ``-Z``), the server's certificate verified against ``tls_ca`` (a
+        file) or the system's store; ``tls_cert``/``tls_key``: a client certificate, for a server
+        that requires one (``ssl_verify_mode=2``): the only way memcached can keep other clients
+        out (see docs/sharing.rst).
     """
 
     def __init__(
@@ -232,16 +253,24 @@ class MemcachedOracle(LeaseOracle):
         connect_timeout: Optional[float] = None,
         timeout: Optional[float] = None,
         clock: Callable[[], float] = time.time,
+        tls: bool = False,
+        tls_ca: Optional[str] = None,
+        tls_cert: Optional[str] = None,
+        tls_key: Optional[str] = None,
     ):
         self.host, self.port = _parse_server(server)
+        self._tls = client_context(tls, tls_ca, tls_cert, tls_key, "tls=true (memcached://host?tls=true)")
+        #: A client certificate given: the server presumably requires one, which keeps others out.
+        self.authenticated = bool(tls_cert)
         host = f"[{self.host}]" if ":" in self.host else self.host
-        self.description = redact(f"memcached://{host}:{self.port}")
+        self.description = redact(f"memcached://{host}:{self.port}" + ("?tls=true" if tls else ""))
         super().__init__(ttl, renew_interval, poll_interval, margin, key_prefix, connect_timeout, timeout, clock)
 
     @classmethod
     def from_url(cls, url: str) -> "MemcachedOracle":
         """``memcached://host[:port][?ttl=..&renew_interval=..&poll_interval=..&margin=..
-        &key_prefix=..&connect_timeout=..&timeout=..]``; exactly one server."""
+        &key_prefix=..&connect_timeout=..&timeout=..&tls=true&tls_ca=..&tls_cert=..&tls_key=..]``;
+        exactly one server."""
         parts = urllib.parse.urlsplit(url)
         if parts.scheme.lower() != "memcached":
             raise ValueError(f"not a memcached:// URL: {redact(url)!r}")
@@ -262,7 +291,7 @@ class MemcachedOracle(LeaseOracle):
             raise ValueError(f"bad memcached:// URL {redact(url)!r}: {exc}") from None
         if not host:
             raise ValueError(f"memcached:// URL needs a host, got {redact(url)!r}")
-        return cls((host, port or 11211), **parse_options(url, _OPTIONS))
+        return cls((host, port or 11211), **parse_options(url, {**_OPTIONS, **_TLS_OPTIONS}))
 
     def check_key(self, text: str, option: str) -> None:
         # memcached's text protocol: printable ASCII, no spaces, at most 250 bytes per key.
@@ -272,6 +301,7 @@ class MemcachedOracle(LeaseOracle):
             raise ValueError(f"{what} must be at most {limit} printable ASCII characters without spaces")
 
     def new_store(self) -> _Connection:
+        _say_once_if_open(self)
         return _Connection(self)
 
     def _new_client(self) -> Client:
@@ -282,5 +312,23 @@ class MemcachedOracle(LeaseOracle):
             no_delay=True,
             default_noreply=False,  # add() would otherwise say True whatever happened
             socket_module=_fork_safe_sockets,
+            tls_context=self._tls,
         )
+
+
+_said_open: set = set()
+
+
+def _say_once_if_open(oracle: MemcachedOracle) -> None:
+    """Warn once per server and process that any client of it can overwrite or delete the lease:
+    memcached has no authentication pymemcache speaks (SASL needs the binary protocol) other than
+    TLS client certificates."""
+    if oracle.authenticated or oracle.description in _said_open:
+        return
+    _said_open.add(oracle.description)
+    logger.warning(
+        "%s: any client that reaches this memcached can overwrite or delete a crown's lease (no"
+        " client certificate, tls_cert): keep it on a trusted network (docs: Sharing a server)",
+        oracle.description,
+    )
 

@@ -4,10 +4,15 @@
 stopped by pid (SIGTERM, then SIGKILL). ``restart()`` brings it back on the same port with an
 empty cache, which is exactly what a real memcached restart does. ``flush_all()`` and ``stats()``
 talk to it over a short-lived connection of their own.
+
+``MemcachedServer(tls=True)`` serves TLS only (``-Z``) with a self-signed certificate for
+127.0.0.1; ``client_certificates=True`` also requires a client certificate (``ssl_verify_mode=2``),
+:attr:`client_certificate`/:attr:`client_key`, the only way memcached keeps other clients out.
 """
 
 import os
 import socket
+import ssl
 import subprocess
 import time
 from typing import Dict, Iterable, Optional, Sequence
@@ -25,7 +30,8 @@ class MemcachedServer(Server):
         of memcached 1.4 that evicts a busy key as readily as an idle one.
     """
 
-    def __init__(self, memory_mb: int = 16, extra_args: Sequence[str] = ()):
+    def __init__(self, memory_mb: int = 16, extra_args: Sequence[str] = (), tls: bool = False,
+                 client_certificates: bool = False):
         if isinstance(memory_mb, bool) or not isinstance(memory_mb, int) or memory_mb < 2:
             raise ValueError(f"memory_mb must be an int >= 2, got {memory_mb!r}")
         self.binary = find_binary(["memcached", "/usr/bin/memcached", "/usr/local/bin/memcached"], "memcached")
@@ -34,11 +40,41 @@ class MemcachedServer(Server):
         self.extra_args = list(extra_args)
         self.host = "127.0.0.1"
         self._log = None
+        self.tls = tls or client_certificates
+        #: With TLS: the server's certificate (for ``tls_ca``); with client certificates, the one
+        #: the server accepts and its key (for ``tls_cert``/``tls_key``).
+        self.certificate = self._self_signed("server") if self.tls else None
+        self.client_certificate = self._self_signed("client") if client_certificates else None
+        self.client_key = os.path.join(self.tmpdir, "client.key") if client_certificates else None
+
+    def _self_signed(self, role: str) -> str:
+        certificate = os.path.join(self.tmpdir, f"{role}.crt")
+        subprocess.run([
+            find_binary(["openssl"], "openssl"), "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+            "-keyout", os.path.join(self.tmpdir, f"{role}.key"), "-out", certificate,
+        ], check=True, capture_output=True)
+        return certificate
 
     @property
     def url(self) -> str:
-        """``memcached://127.0.0.1:PORT`` (add ``?ttl=...`` etc. yourself)."""
-        return f"memcached://{self.host}:{self.port}"
+        """``memcached://127.0.0.1:PORT`` (add ``?ttl=...`` etc. yourself; with TLS the query
+        already names the certificates: add ``&ttl=...``)."""
+        url = f"memcached://{self.host}:{self.port}"
+        if self.tls:
+            url += f"?tls=true&tls_ca={self.certificate}"
+        if self.client_certificate:
+            url += f"&tls_cert={self.client_certificate}&tls_key={self.client_key}"
+        return url
+
+    def tls_context(self, client_certificate: bool = True) -> Optional[ssl.SSLContext]:
+        """A client's context for this server (None without TLS)."""
+        if not self.tls:
+            return None
+        context = ssl.create_default_context(cafile=self.certificate)
+        if client_certificate and self.client_certificate:
+            context.load_cert_chain(self.client_certificate, self.client_key)
+        return context
 
     @property
     def address(self):
@@ -56,6 +92,11 @@ class MemcachedServer(Server):
         ]
         if os.geteuid() == 0:
             argv += ["-u", "root"]  # memcached refuses to run as root without -u
+        if self.tls:
+            tls = f"ssl_chain_cert={self.certificate},ssl_key={os.path.join(self.tmpdir, 'server.key')}"
+            if self.client_certificate:
+                tls += f",ssl_ca_cert={self.client_certificate},ssl_verify_mode=2"  # 2: required
+            argv += ["-Z", "-o", tls]
         return argv + self.extra_args
 
     def start(self, timeout: float = 20.0) -> "MemcachedServer":
@@ -116,7 +157,9 @@ class MemcachedServer(Server):
     # ------------------------------------------------------------------ talking to the server
 
     def _request(self, line: bytes, until: Iterable[bytes], timeout: float = 5.0) -> bytes:
-        with socket.create_connection((self.host, self.port), timeout=timeout) as sock:
+        with socket.create_connection((self.host, self.port), timeout=timeout) as raw:
+            context = self.tls_context()
+            sock = context.wrap_socket(raw, server_hostname=self.host) if context else raw
             sock.sendall(line)
             data = b""
             while not any(data.endswith(end) for end in until):

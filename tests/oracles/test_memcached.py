@@ -5,6 +5,8 @@ Safety is judged by the independent journal that the leaders' children write the
 SIGSTOP past the lease, memcached restart, ``flush_all`` and LRU eviction.
 """
 
+import json
+import logging
 import os
 import signal
 import stat
@@ -13,6 +15,7 @@ import time
 
 import pytest
 from pymemcache.client.base import Client
+from pymemcache.exceptions import MemcacheError
 
 import crown_sync
 from crown_sync import clock
@@ -789,3 +792,96 @@ def test_a_forked_child_cannot_touch_the_parents_connection(server, name):
     a.close()
     oracle.close()
 
+
+
+# --------------------------------------------------------------------------- hostile neighbours (#17)
+
+
+def test_a_co_tenant_overwriting_the_lease_ends_the_term_without_overlap(server, tmp_path, name):
+    # Any client of a plain memcached can write the key: here it forges a "held" record of its own
+    # (the leader's, with another identity and nonce) while the leader's command would work 1.5 s
+    # past SIGTERM. The leader's next renewal sees the record replaced and ends the term (its
+    # deadline cuts the command short); followers take the forged record over only once they
+    # have seen it unchanged for a whole ttl. The leader says so: crown.leadership.lost.
+    fleet = slow_fleet(server, tmp_path, name)
+    fleet.spawn_many(3, "v")
+    client = Client(server.address, default_noreply=False)
+    try:
+        before = fleet.wait_for_term()
+        key = "crown_sync:" + name
+        record = json.loads(client.get(key))
+        record.update(identity="mallory", nonce="forged-by-a-co-tenant")
+        faulted_at = clock.monotonic()
+        assert client.set(key, json.dumps(record).encode(), noreply=False)
+        after = fleet.wait_for_new_term(after=faulted_at, timeout=40)
+        time.sleep(0.2)
+    finally:
+        client.close()
+        fleet.stop_all()
+    assert_replaced_without_overlap(fleet, before, after, faulted_at)
+    lost = [e for e in fleet.events_of(before.identity) if e["event"] == "crown.leadership.lost"]
+    assert [e["token"] for e in lost][:1] == [before.token], lost
+
+
+@pytest.fixture(scope="module")
+def tls_server():
+    srv = MemcachedServer(memory_mb=16, client_certificates=True)
+    srv.start()
+    yield srv
+    srv.cleanup()
+
+
+def test_with_client_certificates_a_co_tenant_cannot_touch_the_lease(tls_server, tmp_path, name):
+    fleet = Fleet(f"{tls_server.url}&{FAST}", tmp_path, name)
+    fleet.spawn_many(2, "c")
+    try:
+        before = fleet.wait_for_term()
+        # Plain, and TLS without a certificate: both turned away before any command runs.
+        for context in (None, tls_server.tls_context(client_certificate=False)):
+            intruder = Client(tls_server.address, tls_context=context, default_noreply=False,
+                              connect_timeout=5, timeout=5)
+            with pytest.raises((OSError, MemcacheError)):
+                intruder.delete("crown_sync:" + name, noreply=False)
+            intruder.close()
+        time.sleep(TTL + 1)  # had the delete landed, the term would have ended by now
+        assert fleet.running_term().identity == before.identity
+    finally:
+        fleet.stop_all()
+    report = fleet.assert_safe(all_worked=True)
+    assert [(t.identity, t.token) for t in report.terms] == [(before.identity, before.token)], report.summary()
+
+
+def test_tls_verifies_the_servers_certificate(tls_server, name):
+    client_cert = {"tls_cert": tls_server.client_certificate, "tls_key": tls_server.client_key}
+    trusting = MemcachedOracle(tls_server.address, ttl=1.0, tls=True, tls_ca=tls_server.certificate, **client_cert)
+    unverified = MemcachedOracle(tls_server.address, ttl=1.0, tls=True, **client_cert)  # the system's CAs
+    try:
+        assert trusting.find_leader(name) is None  # a round trip over TLS
+        with pytest.raises(MemcachedError, match="CERTIFICATE_VERIFY_FAILED"):
+            unverified.find_leader(name)
+    finally:
+        trusting.close()
+        unverified.close()
+
+
+@pytest.mark.parametrize("options, words", [
+    ({"tls_ca": "/etc/hostname"}, "tls_ca given without TLS"),
+    ({"tls": True, "tls_ca": "/nonexistent/ca.pem"}, "tls_ca '/nonexistent/ca.pem' cannot be used"),
+    ({"tls": True, "tls_key": "/nonexistent/key.pem"}, "tls_key given without tls_cert"),
+])
+def test_bad_tls_options_are_value_errors_naming_the_option(options, words):
+    with pytest.raises(ValueError, match=words):
+        MemcachedOracle("127.0.0.1:11211", **options)
+
+
+def test_an_open_server_is_said_once_and_one_with_client_certificates_not_at_all(server, tls_server, name, caplog):
+    from crown_sync.oracles import memcached
+
+    memcached._said_open.clear()
+    caplog.set_level(logging.WARNING, logger="crown_sync.oracles.memcached")
+    for srv in (server, server, tls_server):
+        oracle = crown_sync.oracle_from_url(f"{srv.url}{'&' if srv.tls else '?'}ttl=1")
+        oracle.find_leader(name)
+        oracle.close()
+    said = [r.getMessage() for r in caplog.records if "trusted network" in r.getMessage()]
+    assert len(said) == 1 and f"127.0.0.1:{server.port}:" in said[0], said

@@ -2,6 +2,7 @@
 can do to a crown. The file oracle's and memcached's own attacks are in their test modules."""
 
 import logging
+import time
 import urllib.parse
 
 import pytest
@@ -47,3 +48,44 @@ def test_an_awkward_password_shows_in_no_status_event_or_log_of_a_failing_oracle
         telemetry.detach(handle)
     assert events and all(_never_shown(event) for event in events)
     assert all(_never_shown(record.getMessage()) for record in caplog.records)
+
+
+# What a dedicated Redis ACL user needs (docs/sharing.rst shows this line), and a co-tenant kept
+# to its own keys and channels.
+CROWN_ACL = ("user crown on >{pw} resetkeys ~crown_sync:* resetchannels &crown_sync:* -@all +evalsha"
+             " +script|load +set +subscribe +unsubscribe +ping +role +info +hello +auth"
+             " +get +incr +hget +hset +publish +time")
+OTHER_ACL = "user other on >{pw} ~other:* &other:* +@all"
+
+
+def test_redis_a_co_tenant_kept_to_its_own_keys_cannot_touch_a_crown(tmp_path):
+    from redis import Redis
+    from redis.exceptions import NoPermissionError
+
+    from crown_sync.testing.redis_server import RedisServer
+
+    from .oracles.support import Fleet
+
+    server = RedisServer(extra_config=[CROWN_ACL.format(pw="crown-pw-1"), OTHER_ACL.format(pw="other-pw-1")])
+    name = "billing"
+    url = f"redis://crown:crown-pw-1@127.0.0.1:{server.port}/0?ttl=2.5&margin=1&poll_interval=0.05"
+    fleet = Fleet(url, tmp_path, name)
+    intruder = Redis(host="127.0.0.1", port=server.port, username="other", password="other-pw-1")
+    try:
+        server.start()
+        fleet.spawn_many(2, "c")
+        before = fleet.wait_for_term(timeout=60)
+        key = f"crown_sync:{name}"
+        attacks = [lambda: intruder.delete(key), lambda: intruder.set(key, b'{"state": "released"}'),
+                   lambda: intruder.publish(key, "dismiss"), lambda: intruder.get(key)]
+        for attack in attacks:
+            with pytest.raises(NoPermissionError):
+                attack()
+        time.sleep(3.5)  # longer than the ttl: a landed delete or forged release would show by now
+        assert fleet.running_term().identity == before.identity
+    finally:
+        intruder.close()
+        fleet.stop_all()
+        server.cleanup()
+    report = fleet.assert_safe(all_worked=True)
+    assert [(t.identity, t.token) for t in report.terms] == [(before.identity, before.token)], report.summary()

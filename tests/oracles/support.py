@@ -37,6 +37,8 @@ Adding an oracle is ONE entry: write a subclass of :class:`OracleKind` and add i
 an error, never a skip. ``pid(server)`` (default ``server.pid``) is the process that
 :meth:`Served.frozen` stops with its descendants; a kind without a server process returns None.
 Kinds with ``server = True`` are deselected in tox's py39/py313 envs (``-m "not server_oracle"``).
+A contract case the oracle fails today goes in its ``known_bugs`` (test name -> the bug): it runs
+as a strict xfail, so the fix shows up as an XPASS that asks for the entry's removal.
 """
 
 import contextlib
@@ -236,12 +238,6 @@ class PostgresKind(OracleKind):
     fast = {"lease": 2, "wait_timeout": 1}
     bad_options = {"lease": 0}
     wrong_credentials_error = "password authentication failed"
-    known_bugs = {
-        "test_stop_while_leading_is_bounded_when_the_server_is_frozen":
-            "the leader's refresh query on a frozen backend has no client-side bound (no statement"
-            " or TCP timeout): the crown's loop thread waits in psycopg's execute() and stop() times"
-            " out with the crown still 'leading' (the term's deadline still stops the child)",
-    }
     settled = 3.0  # a claim on a server younger than the longest lease here waits it out
 
     def start(self):

@@ -46,8 +46,7 @@ def test_leadership_moves_through_sigterm_and_sigkill_one_term_at_a_time(served,
     one's child is killed by the kernel, not with its crown, and its successor must wait for
     that: an overlap, or a token that does not rise, shows in the journal."""
     fleet = served.fleet(tmp_path, name, child="process")
-    for i in range(3):
-        fleet.spawn(f"p{i}")
+    fleet.spawn_many(3, "p")
     try:
         first = fleet.wait_for_term()
         fleet.signal(first.identity, signal.SIGTERM)

@@ -1,4 +1,4 @@
-"""A cron job that must run once per period across the fleet, under ``crown-sync run``.
+r"""A cron job that must run once per period across the fleet, under ``crown-sync run``.
 
 Every host's crontab runs the same line at the same time::
 

@@ -119,7 +119,7 @@ class LeaderScheduler(PersistentScheduler):
     def apply_async(self, entry, producer=None, advance=True, **kwargs):
         if advance:
             entry = self.reserve(entry)  # before the header is added: the schedule keeps no token
-        term = self.crown.term()  # right before the send: none leaves after the term's deadline
+        term = self.crown.term()  # right before the send: none starts after the term's deadline
         if term is None:
             logger.info("crown_sync: no longer leading, %s not sent", entry.name)
             return None

@@ -650,7 +650,7 @@ class _DismissalWatch:
                 with self.oracle._at() as directory:
                     entries = os.listdir(directory)
             except OSError:
-                continue  # the directory is gone or refused: the leaders' locks still hold
+                entries = []  # gone or refused: the leaders' locks still hold (each says so below)
             requested = {entry[: -len(".dismiss")] for entry in entries if entry.endswith(".dismiss")}
             for name in requested.intersection(watched):
                 for contender in watched[name]:
@@ -799,7 +799,17 @@ class FileContender(ContenderBase):
         lock, leader = self._term_lock, self._leader
         if lock is None or leader is None or self._moved_reported:
             return
-        if self.oracle.lock_file_now(self.name) != lock:
+        try:
+            now = self.oracle.lock_file_now(self.name)
+        except OSError as exc:  # the way to the directory is refused now (a symlink swapped in)
+            self._moved_reported = True
+            logger.warning(
+                "%s while this process leads %r (token %s): the term goes on with its lock, but no"
+                " dismissal or claim can reach this directory until that is repaired",
+                exc, self.name, leader.token,
+            )
+            return
+        if now != lock:
             self._moved_reported = True
             logger.warning(
                 "%s was deleted or replaced while this process leads %r (token %s) on it: the term goes"

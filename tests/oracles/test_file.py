@@ -480,7 +480,7 @@ def refused(crown, words):
     return not crown.is_leader() and words in (crown.status().last_error or "")
 
 
-def test_a_parent_swapped_for_a_symlink_later_is_refused_never_followed(tmp_path):
+def test_a_parent_swapped_for_a_symlink_later_is_refused_never_followed(tmp_path, caplog):
     # The swap needs write access to a directory on the way, which open_directory grants to root
     # and to us only: so the swapper here is this uid (a cleaner, a deploy script gone wrong).
     base = tmp_path / "base"
@@ -497,6 +497,8 @@ def test_a_parent_swapped_for_a_symlink_later_is_refused_never_followed(tmp_path
         assert refused(claimant, "symlink"), claimant.status()
         assert str(base / "mid") in claimant.status().last_error
         assert leader.is_leader()  # its lock, on the directory it walked to, still holds
+        # Its process says so (the dismissal watch, which must live on).
+        wait_until(lambda: any("symlink" in r.getMessage() and "leads" in r.getMessage() for r in caplog.records))
     finally:
         for crown in (claimant, leader):
             if crown is not None:

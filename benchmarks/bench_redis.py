@@ -190,8 +190,7 @@ def measure(system, server, ttl, count, args, directory):
             latencies, gaps = _rounds(fleet, signum, rounds, spawn)
             result[kind], result[f"{kind}_gap"] = _stats(latencies), _stats(gaps)
         before = len(journal.check(fleet.journal, name).overlaps)
-        for _ in range(args.pause):
-            _pause(fleet, ttl)
+        result["pause_without_successor"] = sum(not _pause(fleet, ttl) for _ in range(args.pause))
         result["pause_overlaps"] = len(journal.check(fleet.journal, name).overlaps) - before
     finally:
         fleet.stop_all()
@@ -203,16 +202,21 @@ def measure(system, server, ttl, count, args, directory):
 
 def _pause(fleet, ttl):
     """SIGSTOP the leader's whole process group for twice the lease, then SIGCONT: a successor
-    takes over meanwhile; does the resumed leader's work go on beside it (an overlap)?"""
+    takes over meanwhile; does the resumed leader's work go on beside it (an overlap)? False if
+    no successor came within three leases (the peers' elections can stall)."""
     leader = fleet.wait_for_term(timeout=120)
     group = fleet.processes[leader.identity].pid
     os.killpg(group, signal.SIGSTOP)
     try:
-        fleet.wait_for_term(other_than={leader.identity}, after=leader.start, min_beats=1, timeout=120)
+        fleet.wait_for_term(other_than={leader.identity}, after=leader.start, min_beats=1, timeout=3 * ttl)
         time.sleep(max(0.0, 2 * ttl - (clock.monotonic() - leader.end)))
+        succeeded = True
+    except AssertionError:
+        succeeded = False
     finally:
         os.killpg(group, signal.SIGCONT)
     time.sleep(ttl)  # time for the resumed one to notice, or not
+    return succeeded
 
 
 def _table(results) -> None:

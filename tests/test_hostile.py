@@ -8,7 +8,7 @@ import urllib.parse
 import pytest
 
 import crown_sync
-from crown_sync import telemetry
+from crown_sync import clock, telemetry
 from crown_sync.testing.fleet import wait_until
 from crown_sync.testing.servers import free_port
 
@@ -58,6 +58,13 @@ CROWN_ACL = ("user crown on >{pw} resetkeys ~crown_sync:* resetchannels &crown_s
 OTHER_ACL = "user other on >{pw} ~other:* &other:* +@all"
 
 
+def assert_one_term_until(fleet, before, stopping):
+    """No overlap, and no term but ``before`` began until ``stopping`` (the teardown may hand over)."""
+    report = fleet.assert_safe()
+    begun = [(t.identity, t.token) for t in report.terms if t.start < stopping]
+    assert begun == [(before.identity, before.token)], report.summary()
+
+
 def test_redis_a_co_tenant_kept_to_its_own_keys_cannot_touch_a_crown(tmp_path):
     from redis import Redis
     from redis.exceptions import NoPermissionError
@@ -83,9 +90,89 @@ def test_redis_a_co_tenant_kept_to_its_own_keys_cannot_touch_a_crown(tmp_path):
                 attack()
         time.sleep(3.5)  # longer than the ttl: a landed delete or forged release would show by now
         assert fleet.running_term().identity == before.identity
+        stopping = clock.monotonic()
     finally:
         intruder.close()
         fleet.stop_all()
         server.cleanup()
-    report = fleet.assert_safe(all_worked=True)
-    assert [(t.identity, t.token) for t in report.terms] == [(before.identity, before.token)], report.summary()
+    assert_one_term_until(fleet, before, stopping)
+
+
+# NATS: the crowns' user with the permissions docs/sharing.rst shows, and a co-tenant of the same
+# account denied the crowns' bucket (its stream API subjects and the bucket's own subjects).
+NATS_AUTHORIZATION = """
+authorization {
+  users = [
+    {user: "crown", password: "%(crown)s", permissions: {
+       publish: ["$KV.crown_sync.>", "$JS.API.>", "$JS.FC.>"], subscribe: ["_INBOX.>"]}}
+    {user: "other", password: "%(other)s", permissions: {
+       publish: {deny: ["$KV.crown_sync.>", "$JS.API.*.*.KV_crown_sync", "$JS.API.*.*.KV_crown_sync.>",
+                        "$JS.API.*.*.*.KV_crown_sync", "$JS.API.*.*.*.KV_crown_sync.>"]},
+       subscribe: {deny: ["$KV.crown_sync.>"]}}}
+  ]
+}
+"""
+
+
+def _nats_attacks(url, key):
+    """What the co-tenant tries, each over its own connection: the names of those that worked."""
+    import asyncio
+
+    import nats
+
+    async def attempt(what):
+        nc = await nats.connect(url, allow_reconnect=False, connect_timeout=5, error_cb=_ignore)
+        try:
+            js = nc.jetstream(timeout=2)
+            if what == "delete stream":
+                await js.delete_stream("KV_crown_sync")
+            elif what == "purge stream":
+                await js.purge_stream("KV_crown_sync")
+            elif what == "read the record":
+                await js.get_last_msg("KV_crown_sync", f"$KV.crown_sync.{key}")
+            else:
+                headers = {"KV-Operation": "DEL"} if what == "delete key" else None
+                await js.publish(f"$KV.crown_sync.{key}", b'{"state": "released"}', headers=headers)
+            return what
+        except Exception:  # a permissions violation: the request gets no answer, or an error
+            return None
+        finally:
+            await nc.close()
+
+    attacks = ["delete stream", "purge stream", "read the record", "delete key", "forge a release"]
+    return [done for done in (asyncio.run(attempt(what)) for what in attacks) if done]
+
+
+async def _ignore(_error):
+    pass
+
+
+def test_nats_a_co_tenant_denied_the_bucket_cannot_touch_a_crown(tmp_path):
+    import secrets
+
+    from crown_sync.testing.nats_server import NatsServer
+
+    from .oracles.support import Fleet
+
+    server = NatsServer()
+    other = "other-" + secrets.token_hex(6)
+    with open(server.config) as handle:
+        config = handle.read()
+    head = config[: config.index("authorization {")]
+    with open(server.config, "w") as handle:
+        handle.write(head + NATS_AUTHORIZATION % {"crown": server.password, "other": other})
+    name = "billing"
+    base = f"127.0.0.1:{server.port}"
+    fleet = Fleet(f"nats://crown:{server.password}@{base}?ttl=2.5&margin=1&poll_interval=0.05", tmp_path, name)
+    try:
+        server.start()
+        fleet.spawn_many(2, "c")
+        before = fleet.wait_for_term(timeout=60)
+        assert _nats_attacks(f"nats://other:{other}@{base}", name) == []
+        time.sleep(3.5)  # longer than the ttl: a landed delete or forged release would show by now
+        assert fleet.running_term().identity == before.identity
+        stopping = clock.monotonic()
+    finally:
+        fleet.stop_all()
+        server.cleanup()
+    assert_one_term_until(fleet, before, stopping)

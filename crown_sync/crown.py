@@ -47,13 +47,13 @@ from typing import Any, Callable, Dict, Optional
 
 import tenacity
 
-from . import _forksafe, clock, registry, telemetry, warden
+from . import _forksafe, _shared, clock, registry, telemetry, warden
 from ._options import CrownOptions, check_name
 from .callbacks import Callbacks
 from .children import as_child
 from .oracle import Claim, Leader, Oracle
 from .terms import Term
-from .urls import default_oracle, oracle_from_url, redact_text
+from .urls import redact_text
 
 __all__ = ["Crown", "Status", "PHASES"]
 
@@ -677,17 +677,17 @@ class _Children:
 
 
 class _OracleSeat:
-    """A crown's side of its oracle: the oracle (closed with the crown when the crown made it
-    from a URL), the contender, the last error, and the retries of failed calls."""
+    """A crown's side of its oracle: the oracle (from a URL or the default: the process's shared
+    one, released with the crown, see :mod:`._shared`), the contender, the last error, and the
+    retries of failed calls."""
 
     def __init__(self, crown: "Crown", oracle):
         self.crown = crown
-        if oracle is None:
-            self.oracle, self.owned = default_oracle(), True
-        elif isinstance(oracle, str):
-            self.oracle, self.owned = oracle_from_url(oracle), True
+        self.shared_key = None  # set while this crown holds a reference to a shared oracle
+        if oracle is None or isinstance(oracle, str):
+            self.shared_key, self.oracle = _shared.acquire(oracle)
         elif isinstance(oracle, Oracle):
-            self.oracle, self.owned = oracle, False
+            self.oracle = oracle  # the user's: never closed by the crown
         else:
             raise TypeError(f"oracle must be an Oracle, an oracle URL or None, got {type(oracle).__name__}")
         self.description = redact_text(getattr(self.oracle, "description", "") or repr(self.oracle))
@@ -743,8 +743,9 @@ class _OracleSeat:
                 self.record_error("close", exc)
 
     def close_oracle(self) -> None:
-        if self.owned:
+        key, self.shared_key = self.shared_key, None  # one release per crown, however often called
+        if key is not None:
             try:
-                self.oracle.close()
+                _shared.release(key, self.oracle)  # closes it only with its last crown
             except Exception as exc:
                 logger.warning("crown %s: closing the oracle failed: %s", self.crown.name, redact_text(str(exc)))

@@ -62,7 +62,8 @@ one component at a time (``O_DIRECTORY|O_NOFOLLOW``, each checked: owned by root
 writable by others unless root-owned and sticky like /tmp; see open_directory), walked afresh for
 each operation, and files are opened ``O_NOFOLLOW`` and checked (regular, ours or root's, not
 open to others): a symlink swapped in later, a foreign-owned parent or a file planted by another
-user is refused with an error naming it, never followed.
+user is refused with an error naming it, never followed. Only root's symlinks on the way (the
+system's layout: /var/lock -> /run/lock) are resolved, once per oracle (resolve_trusted_symlinks).
 
 Refused: a directory on a network or FUSE file system (NFS, SMB/CIFS, FUSE, 9p, Ceph, AFS, Coda,
 NCP, Lustre, VirtualBox shared folders: ``statfs`` ``f_type``, see ``REFUSED_FILE_SYSTEMS``) is an
@@ -279,6 +280,37 @@ def open_directory(directory: str, create: bool = False) -> int:
         raise
 
 
+def resolve_trusted_symlinks(directory: str) -> str:
+    """``directory`` with the root-owned symlinks on its way resolved (the system's layout:
+    ``/var/lock`` -> ``/run/lock``, ``/home`` -> ``/var/home``), each in a directory that passes
+    _check_component; any other symlink, ours included, is refused. Done once per oracle; the
+    resolved path is then walked with O_NOFOLLOW every time, so a symlink swapped in later is
+    refused, never followed."""
+    pending = [part for part in directory.split("/") if part]
+    resolved, hops = "/", 0
+    while pending:
+        part = pending.pop(0)
+        if part in (".", ".."):
+            resolved = os.path.dirname(resolved) if part == ".." else resolved
+            continue
+        candidate = os.path.join(resolved, part)
+        try:
+            info = os.lstat(candidate)
+        except FileNotFoundError:
+            return os.path.join(candidate, *pending)  # made (0700, ours) by the walk
+        if not stat.S_ISLNK(info.st_mode):
+            resolved = candidate
+            continue
+        hops += 1
+        _check_component(resolved, os.lstat(resolved), last=False)  # nobody else may re-point it
+        if info.st_uid != 0 or hops > 40:
+            raise PermissionError(f"{candidate} is a symlink of uid {info.st_uid}: refused, never followed")
+        target = os.readlink(candidate)
+        resolved = "/" if target.startswith("/") else resolved
+        pending = [piece for piece in target.split("/") if piece] + pending
+    return resolved
+
+
 def _check_file(fd: int, path: str, directory: int, private: bool) -> None:
     """Refuse a file of the oracle that someone else planted or may write; ``private`` (a lock
     file): or may open, through a directory they may enter (whoever opens it can flock it)."""
@@ -387,6 +419,7 @@ class FileOracle(OracleBase):
         self.check_interval = float(check_interval)
         self.description = "file://" + self.directory
         self._checked = False
+        self._walked = self.directory  # the path walked from /: see resolve_trusted_symlinks
 
     @classmethod
     def from_url(cls, url: str) -> "FileOracle":
@@ -411,7 +444,7 @@ class FileOracle(OracleBase):
             yield directory
             return
         self.ensure_directory()
-        fd = open_directory(self.directory)
+        fd = open_directory(self._walked)
         try:
             yield fd
         finally:
@@ -422,7 +455,8 @@ class FileOracle(OracleBase):
         whose way from / they could (see open_directory)."""
         if self._checked:
             return
-        fd = open_directory(self.directory, create=True)
+        self._walked = resolve_trusted_symlinks(self.directory)
+        fd = open_directory(self._walked, create=True)
         try:
             kind = refused_file_system(file_system_type(f"/proc/self/fd/{fd}"))  # the one we walked to
         finally:

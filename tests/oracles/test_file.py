@@ -96,11 +96,19 @@ def test_stopped_followers_leave_no_waiting_threads_behind(url):
     assert crown_sync.find_leader(NAME, oracle=url) is None
 
 
+def not_roots_symlink(target, link):
+    """A symlink that the oracle must never follow: only root's are (resolved once, see
+    resolve_trusted_symlinks); run as root, the test gives it to nobody."""
+    os.symlink(target, link)
+    if os.geteuid() == 0:
+        os.lchown(link, nobody().pw_uid, nobody().pw_gid)
+
+
 def test_directory_checks(tmp_path):
     target = tmp_path / "real"
     target.mkdir(mode=0o700)
     link = tmp_path / "link"
-    link.symlink_to(target)
+    not_roots_symlink(target, link)
     with pytest.raises(PermissionError):
         FileOracle(str(link)).find_leader(NAME)
     shared = tmp_path / "shared"
@@ -492,7 +500,7 @@ def test_a_parent_swapped_for_a_symlink_later_is_refused_never_followed(tmp_path
     try:
         assert leader.wait_for_leadership(30), leader.status().last_error
         os.rename(base / "mid", base / "mid.real")
-        os.symlink(base / "evil", base / "mid")
+        not_roots_symlink(base / "evil", base / "mid")
         claimant = journaled_crown(url, work, "claimant")
         assert refused(claimant, "symlink"), claimant.status()
         assert str(base / "mid") in claimant.status().last_error
@@ -595,6 +603,22 @@ def test_a_lock_and_record_planted_by_another_user_are_refused_and_reported(shar
         planter.kill()
         planter.wait(30)
     assert not os.path.exists(work)  # no term ever began
+
+
+@needs_root
+def test_a_root_owned_symlink_on_the_way_is_resolved_once_and_a_later_swap_refused(tmp_path):
+    # The system's layout (/var/lock -> /run/lock): root's symlinks are followed when the oracle
+    # is first used, and the path they lead to is walked without symlinks from then on.
+    (tmp_path / "real" / "crowns").mkdir(parents=True, mode=0o700)
+    os.symlink(tmp_path / "real", tmp_path / "system-link")
+    oracle = FileOracle(str(tmp_path / "system-link" / "crowns"))
+    with crown_sync.Crown(NAME, oracle=oracle) as crown:
+        assert crown.wait_for_leadership(30), crown.status().last_error
+        assert (tmp_path / "real" / "crowns" / f"{NAME}.lock").exists()
+        os.rename(tmp_path / "real", tmp_path / "real.old")
+        os.symlink(tmp_path / "real.old", tmp_path / "real")  # a swap, even by root: not followed
+        with pytest.raises(PermissionError, match="symlink"):
+            oracle.find_leader(NAME)
 
 
 def test_a_lock_file_planted_as_a_symlink_is_refused(oracle_dir, url, tmp_path):

@@ -126,10 +126,8 @@ def test_a_forked_child_starts_with_an_empty_registry(tmp_path, name):
 
 @pytest.fixture(scope="module")
 def zk():
-    server = ZooKeeperServer()
-    server.start()
-    yield server
-    server.cleanup()
+    with ZooKeeperServer() as server:
+        yield server
 
 
 def test_twenty_crowns_from_one_url_hold_one_zookeeper_session(zk, name, tmp_path):

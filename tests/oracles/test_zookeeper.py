@@ -699,10 +699,11 @@ def test_processes_contend_through_sigterm_and_sigkill(zk, name, tmp_path):
 
 def test_real_session_expiry_ends_the_term(zk, name, tmp_path):
     path = str(tmp_path / "journal.jsonl")
-    url = f"{zk.url}?session_timeout={SESSION}"
-    first = crown_sync.Crown(name, oracle=url, identity="first",
+    # A session each (crowns on one URL would share one, and both lose it when it expires).
+    oracles = [ZooKeeperOracle(zk.hosts, session_timeout=SESSION) for _ in range(2)]
+    first = crown_sync.Crown(name, oracle=oracles[0], identity="first",
                              child=crown_sync.ThreadChild(journal.journaled_work, args=(path,)))
-    second = crown_sync.Crown(name, oracle=url, identity="second",
+    second = crown_sync.Crown(name, oracle=oracles[1], identity="second",
                               child=crown_sync.ThreadChild(journal.journaled_work, args=(path,)))
     try:
         first.start()
@@ -726,6 +727,8 @@ def test_real_session_expiry_ends_the_term(zk, name, tmp_path):
     finally:
         first.stop()
         second.stop()
+        for oracle in oracles:
+            oracle.close()
     report = assert_safe(path, name, min_terms=2)
     assert [t.identity for t in report.terms][:2] == ["first", "second"]
 

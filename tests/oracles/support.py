@@ -238,12 +238,6 @@ class PostgresKind(OracleKind):
     fast = {"lease": 2, "wait_timeout": 1}
     bad_options = {"lease": 0}
     wrong_credentials_error = "password authentication failed"
-    known_bugs = {
-        "test_stop_while_leading_is_bounded_when_the_server_is_frozen":
-            "the leader's refresh query on a frozen backend has no client-side bound (no statement"
-            " or TCP timeout): the crown's loop thread waits in psycopg's execute() and stop() times"
-            " out with the crown still 'leading' (the term's deadline still stops the child)",
-    }
     settled = 3.0  # a claim on a server younger than the longest lease here waits it out
 
     def start(self):

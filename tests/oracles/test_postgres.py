@@ -856,6 +856,44 @@ def test_close_is_bounded_when_the_backend_is_frozen(pg, name):
         oracle.close()
 
 
+@contextlib.contextmanager
+def sigstopped(pid):
+    """The process ``pid`` (a backend) SIGSTOPped for the block."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield pid
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def test_a_claim_on_a_frozen_backend_fails_in_bounded_time_and_ends_its_session(pg, name):
+    """A frozen server's kernel still ACKs, so nothing but our own bound ends a statement it
+    never answers: a follower's claim (here its backend alone is SIGSTOPped) raises a
+    ConnectionError about lease seconds later instead of blocking the crown's loop (and its
+    stop()) for good, and its session is cut; the leader is undisturbed."""
+    oracle = oracle_for(pg)
+    a, b = (oracle.contender(name, identity, {}, Signals()) for identity in ("a", "b"))
+    try:
+        assert a.claim().won and b.claim().won is False
+        outcome = []
+        with sigstopped(b._backend_pid) as frozen:
+            claimer = threading.Thread(target=lambda: outcome.append(_try(b.claim) or "raised"), daemon=True)
+            claimer.start()
+            give_up = clock.monotonic() + 30  # generous: the bound is the lease (2 s)
+            while claimer.is_alive() and clock.monotonic() < give_up:
+                assert a.refresh().won  # the leader confirms as its crown would
+                claimer.join(0.3)
+            assert not claimer.is_alive(), "the claim on a frozen backend never returned"
+        assert outcome == ["raised"]
+        wait_until(lambda: not pg.sql("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (frozen,)),
+                   message="the cut session ended")
+        assert b.claim().won is False  # on a new session: the leader still holds the lock
+        assert a.refresh().won
+    finally:
+        for each in (a, b, oracle):
+            each.close()
+
+
 def test_fork_child_does_not_disturb_the_parents_session(pg, name):
     oracle = oracle_for(pg)
     leader = oracle.contender(name, "parent", {}, Signals())

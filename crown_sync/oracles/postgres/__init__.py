@@ -158,6 +158,17 @@ bytes on the socket, since the wait proves nothing against a termination that ca
 construction checks ``confirm_interval <= (lease - margin) / 2`` so that one failed
 confirmation can be retried before the deadline, and connecting checks ``B >= lease``.
 
+A frozen server (SIGSTOP, a hung VM) answers nothing while its kernel still ACKs, so no TCP
+timeout fires and libpq would wait for good. So every statement of a contender is bounded on the
+client too (``_common.bounded``: the process's warden thread shuts the socket down if it is still
+in flight at its bound; the call then fails and the session is lost): a leader's confirmation at
+``t0 + B`` of the previous confirmation, after the term's deadline, when ``idle_session_timeout``
+could have ended the session anyway; any other statement (claim, first confirmation, lock wait
+after ``wait_timeout``, release) ``B`` after it started, while no child of ours runs on the
+session's lock (the release comes after the child stopped). A cut session ends like a vanished
+client's (``sessions_abandoned``), and the argument above holds for it: nothing of ours runs on
+its lock any more, so a successor may lead at once.
+
 Lost lock without notice (``pg_terminate_backend``, a server restart, ``idle_session_timeout``,
 a pooler's connection lifetime): while leading, a watcher thread polls the connection's socket
 between our statements. Unsolicited bytes from an idle server are a goodbye (a FATAL message,

@@ -3,6 +3,7 @@ record's encoding and the socket helpers."""
 
 import base64
 import collections
+import contextlib
 import hashlib
 import json
 import logging
@@ -11,9 +12,13 @@ import os
 import re
 import select
 import socket
-from typing import Any, Dict, Optional, Tuple
+import threading
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import psycopg
+
+from ... import clock, warden
+from ...terms import Term
 
 logger = logging.getLogger("crown_sync.oracles.postgres")
 
@@ -47,6 +52,11 @@ class StandbyRefused(PostgresOracleError):
 
 class _SessionGone(ConnectionError):
     """Our session had ended (by the server) before a statement we sent reached it."""
+
+
+class _Unanswered(ConnectionError):
+    """A statement got no answer within its bound (a frozen server: its kernel still ACKs, so no
+    TCP timeout fires), and we cut the session under it (see :func:`bounded`)."""
 
 
 class _Baseline(collections.namedtuple("_Baseline", "holder killed led")):
@@ -165,6 +175,58 @@ def _shutdown(conn: Optional[psycopg.Connection]) -> None:
         pass
     finally:
         sock.close()
+
+
+class _Flight:
+    """One statement in flight on ``conn``; :func:`bounded` cuts the socket if it is still in
+    flight at its bound. The lock closes the race between the cut and the statement's end (the
+    next statement on the same connection must never be the one cut)."""
+
+    def __init__(self, conn: psycopg.Connection, on_cut: Callable[[], None]):
+        self._lock = threading.Lock()
+        self._conn = conn
+        self._on_cut = on_cut
+        self.done = False
+        self.cut = False
+
+    def expire(self, _statement: Term) -> None:
+        with self._lock:
+            if self.done:
+                return
+            self.cut = True
+            _shutdown(self._conn)
+        self._on_cut()  # outside the lock: it may call on_change
+
+    def finish(self) -> None:
+        with self._lock:
+            self.done = True
+
+
+@contextlib.contextmanager
+def bounded(conn: psycopg.Connection, until: float, on_cut: Callable[[], None] = lambda: None,
+            server: str = "the server") -> Iterator[_Flight]:
+    """Run the body (one statement, or a few in a row) with a client-side bound: if it is still
+    in flight at the monotonic instant ``until``, the warden's thread shuts the socket down (the
+    statement then fails at once, the session is lost), calls ``on_cut()``, and the body's
+    psycopg error becomes :class:`_Unanswered`. libpq has no statement timeout of its own, and
+    a stopped server's kernel keeps the TCP connection up. The caller must make sure that
+    ending the session at ``until`` is safe (see its comment)."""
+    flight = _Flight(conn, on_cut)
+    started = clock.monotonic()
+    # The warden (one thread per process, a heap of deadlines) serves statements as it serves
+    # terms: a term here is just "this statement, due at until".
+    statement = Term("statement", "", None, until, leading=False)
+    warden.watch(statement, flight.expire)
+    try:
+        yield flight
+    except psycopg.Error:
+        if flight.cut:
+            raise _Unanswered(f"{server} did not answer within {max(0.0, until - started):.3g}s;"
+                              f" session closed") from None
+        raise
+    finally:
+        flight.finish()
+        statement.end()  # the warden drops it when it comes due
 
 
 def _keepalives(lease: float) -> Tuple[int, int, int]:

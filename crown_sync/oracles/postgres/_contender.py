@@ -14,7 +14,7 @@ from ... import clock
 from ...oracle import Claim, Leader, OnChange
 from .._base import ContenderBase, Phase, record_of
 from ._common import (PostgresOracleError, StandbyRefused, _Baseline, _blind, _channel, _decode_record,
-                      _encode_record, _key_parts, _SessionGone, _shutdown, logger)
+                      _encode_record, _key_parts, _SessionGone, _shutdown, _Unanswered, bounded, logger)
 from ._session import open_session, pooling
 from ._sql import _ANNOUNCING_CONFIRM_SQL, _CONFIRM_SQL, _TRY_SQL, _release_sql
 from ._takeover import Takeover
@@ -73,6 +73,7 @@ class PostgresContender(ContenderBase):
         self._token: Optional[int] = None
         self._since: Optional[float] = None
         self._term: Optional[_Term] = None  # from the term's start to its release
+        self._lease_end = -math.inf  # last confirmation's start + B: a refresh is cut there
         self._statements = 0  # bumped after every statement: the socket watcher's progress mark
         self._events: "collections.deque" = collections.deque(maxlen=64)  # (kind, token, pid)
         self._handoff: Optional[Tuple[int, float]] = None  # (released token, linger until): close()
@@ -143,15 +144,30 @@ class PostgresContender(ContenderBase):
             except Exception:
                 pass
 
-    def _execute(self, query: str, params: Dict[str, Any], conn: Optional[psycopg.Connection] = None):
-        """One statement on our session, under the I/O lock; returns the first row."""
+    def _execute(self, query: str, params: Dict[str, Any], conn: Optional[psycopg.Connection] = None,
+                 until: Optional[float] = None):
+        """One statement on our session, under the I/O lock, bounded (see _in_flight); returns
+        the first row."""
         if conn is None:
             conn = self._ensure_connected()
-        with self._io_lock:
+        with self._io_lock, self._in_flight(conn, until):
             try:
                 return conn.execute(query, params).fetchone()
             finally:
                 self._statements += 1
+
+    def _in_flight(self, conn: psycopg.Connection, until: Optional[float] = None):
+        """Cut our session if a statement (under the I/O lock) is unanswered at ``until`` (default
+        B from now): safe, since a refresh passes _lease_end, after the term's deadline, and the
+        other statements run while no child of ours does (see the package docstring)."""
+        bound = clock.monotonic() + self._bound if until is None else until
+        return bounded(conn, bound, self._on_cut, self.oracle.description)
+
+    def _on_cut(self) -> None:
+        """In the warden's thread, after a statement's session was cut (see _in_flight)."""
+        logger.warning("%s: no answer from %s in time; closed the session", self.name, self.oracle.description)
+        if self.phase is Phase.LEADING:
+            self._notify(lost=True)  # the session is gone, and the lock with it once the server sees it
 
     def _check_session(self, pid: int, marker: Optional[str], in_recovery: bool) -> None:
         if pid != self._backend_pid or marker != self._marker:
@@ -266,7 +282,7 @@ class PostgresContender(ContenderBase):
                  "channel": self._channel, "young": self._takeover.young()},
                 conn,
             )
-        except psycopg.OperationalError as exc:
+        except psycopg.OperationalError as exc:  # not _Unanswered: a frozen server is not retried at once
             if conn.broken or conn.closed:
                 logger.debug("%s: session gone before the claim (%s); reconnecting", self.name,
                              self.oracle.safe_error(exc))
@@ -299,8 +315,9 @@ class PostgresContender(ContenderBase):
         logger.info("%s: %s leads with token %s", self.name, self.identity, self._token)
         return claim
 
-    def _confirm(self) -> Claim:
-        """Run the confirm statement (which carries our leader record)."""
+    def _confirm(self, until: Optional[float] = None) -> Claim:
+        """Run the confirm statement (which carries our leader record), cut at ``until`` if
+        unanswered (default: B after it starts; see _in_flight)."""
         conn = self._conn
         if conn is None or conn.closed:  # a new session could never hold the old one's lock
             self._drop_connection()
@@ -313,13 +330,13 @@ class PostgresContender(ContenderBase):
             params.update(channel=self._channel, leading=f"leading:{self._token}")
         try:
             row = self._execute(
-                term.record + (_ANNOUNCING_CONFIRM_SQL if announce else _CONFIRM_SQL), params, conn
+                term.record + (_ANNOUNCING_CONFIRM_SQL if announce else _CONFIRM_SQL), params, conn, until
             )
             pid, marker, held, in_recovery = row[:4]
             self._check_session(pid, marker, in_recovery)
-        except psycopg.OperationalError as exc:
+        except (psycopg.OperationalError, _Unanswered) as exc:
             conn = self._conn
-            if conn is None or conn.closed:  # the session is gone, and our lock with it
+            if isinstance(exc, _Unanswered) or conn is None or conn.closed:  # gone, and our lock with it
                 logger.warning("%s: connection lost while leading: %s", self.name, self.oracle.safe_error(exc))
                 self._drop_connection()
                 return Claim(won=False, leader=None)
@@ -340,6 +357,7 @@ class PostgresContender(ContenderBase):
             return Claim(won=False, leader=None)
         leader = self._me(self._token, self._since)
         self._leader = leader
+        self._lease_end = started + self._bound
         return Claim(
             won=True,
             leader=leader,
@@ -352,7 +370,7 @@ class PostgresContender(ContenderBase):
         self._check_open()
         if self.phase is not Phase.LEADING or self._term is None:
             return Claim(won=False, leader=None)
-        claim = self._confirm()
+        claim = self._confirm(until=self._lease_end)
         if not claim.won:
             self._move(Phase.FOLLOWING)
             self._watch.stop()
@@ -402,7 +420,8 @@ class PostgresContender(ContenderBase):
             self._watch.stop()
             return
         try:
-            with self._io_lock:
+            # Cut if unanswered: safe, as the child has stopped (abdicate comes after it).
+            with self._io_lock, self._in_flight(conn):
                 try:
                     if was_leading:
                         # One round trip: the NOTIFY commits before the unlock, so it precedes

@@ -8,12 +8,12 @@ from typing import Any, Dict, Optional
 import psycopg
 from psycopg import conninfo as _conninfo
 
-from ... import _forksafe
+from ... import _forksafe, clock
 from ...oracle import Leader, OnChange
 from ...urls import parse_options, redact, redact_text
 from .._base import OracleBase, leader_of, seconds_between
 from ._common import (OPTIONS, PostgresOracleError, StandbyRefused, _blind, _channel, _decode_record,
-                      _keepalives, _key_parts, _lease_ms, advisory_key, logger)
+                      _keepalives, _key_parts, _lease_ms, _Unanswered, advisory_key, bounded, logger)
 from ._contender import PostgresContender
 from ._sql import _HOLDER_SQL
 
@@ -196,19 +196,31 @@ class PostgresOracle(OracleBase):
                 conn = self._reader
                 if conn is None or conn.closed:
                     conn = self._reader = self.connect("crown_sync reader")
-                    row = conn.execute("SELECT pg_is_in_recovery(), current_setting('server_version_num')::int").fetchone()
-                    if row[0]:
-                        self._reader = None
-                        conn.close()
-                        raise StandbyRefused(f"{self.description} is a standby (in recovery)")
+                    fresh = True
+                else:
+                    fresh = False
+                # A frozen server answers nothing: cut the reader (it holds no lock) after a lease.
                 try:
-                    return conn.execute(query, params).fetchall()
+                    with bounded(conn, clock.monotonic() + self.lease, server=self.description):
+                        return self._read_on(conn, fresh, query, params)
+                except _Unanswered as exc:
+                    self._reader = None
+                    raise PostgresOracleError(str(exc)) from None
                 except psycopg.OperationalError as exc:
                     if conn.broken and attempt == 1:
                         self._reader = None
                         continue
                     raise PostgresOracleError(self.safe_error(exc)) from None
         raise AssertionError("unreachable")
+
+    def _read_on(self, conn: psycopg.Connection, fresh: bool, query: str, params: Dict[str, Any]):
+        if fresh:
+            row = conn.execute("SELECT pg_is_in_recovery(), current_setting('server_version_num')::int").fetchone()
+            if row[0]:
+                self._reader = None
+                conn.close()
+                raise StandbyRefused(f"{self.description} is a standby (in recovery)")
+        return conn.execute(query, params).fetchall()
 
     # -- Oracle API ------------------------------------------------------------------------
 

@@ -8,8 +8,9 @@ from typing import TYPE_CHECKING, Callable, Dict, Optional, Tuple
 
 import psycopg
 
+from ... import clock
 from ._common import (_MARKER, _MIN_VERSION, _SETTINGS, PoolingDetected, PostgresOracleError, StandbyRefused,
-                      _keepalives, _lease_ms, logger)
+                      _keepalives, _lease_ms, bounded, logger)
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._oracle import PostgresOracle
@@ -25,37 +26,45 @@ def open_session(oracle: "PostgresOracle", name: str, channel: str,
                  on_notify: Callable[[psycopg.Notify], None]) -> Tuple[psycopg.Connection, Session]:
     """A new session for the contender of election ``name``, LISTENing on ``channel``."""
     conn = oracle.connect(f"crown_sync {name}")
+    # A frozen server answers nothing: cut the new session if setting it up takes longer than
+    # a lease (safe: it holds no lock yet).
     try:
-        pid, marker = _configure(oracle, conn)
-        # Three statements in a row must reach the same session: a transaction pooler
-        # usually gives itself away here already (every later statement checks again).
-        _same_session(oracle, conn, pid, marker)
-        conn.execute("LISTEN " + channel)
-        rows = conn.execute(
-            "SELECT pg_backend_pid(), current_setting(%(m)s, true), name, setting"
-            " FROM pg_settings WHERE name = ANY(%(names)s)",
-            {"m": _MARKER, "names": list(_SETTINGS)},
-        ).fetchall()
-        if not rows or rows[0][0] != pid or rows[0][1] != marker:
-            raise pooling(oracle, pid, rows[0][0] if rows else None)
-        settings = {name: setting for _, _, name, setting in rows}
-        session = Session(
-            pid, marker, server_bound(oracle, settings), int(settings.get("track_activity_query_size", "1024")),
-            # PostgreSQL 14's statistics collector counts a disconnect asynchronously (a UDP
-            # message, read back from a file up to 500 ms old, or lost), so a backend gone from
-            # pg_stat_activity may not be counted yet: no termination proof there (a lease).
-            settings.get("track_counts") == "on" and conn.info.server_version >= 150000,
-        )
-        if settings.get("track_activities") != "on":
-            logger.warning("%s: track_activities is off: find_leader can't read leader records", oracle.description)
-        conn.add_notify_handler(on_notify)
+        with bounded(conn, clock.monotonic() + oracle.lease, server=oracle.description):
+            return conn, _set_up(oracle, conn, channel, on_notify)
     except psycopg.Error as exc:
         conn.close()
         raise ConnectionError(f"setting up a session on {oracle.description}: {oracle.safe_error(exc)}") from None
-    except BaseException:
+    except BaseException:  # _Unanswered (a ConnectionError) included
         conn.close()
         raise
-    return conn, session
+
+
+def _set_up(oracle: "PostgresOracle", conn: psycopg.Connection, channel: str,
+            on_notify: Callable[[psycopg.Notify], None]) -> Session:
+    pid, marker = _configure(oracle, conn)
+    # Three statements in a row must reach the same session: a transaction pooler
+    # usually gives itself away here already (every later statement checks again).
+    _same_session(oracle, conn, pid, marker)
+    conn.execute("LISTEN " + channel)
+    rows = conn.execute(
+        "SELECT pg_backend_pid(), current_setting(%(m)s, true), name, setting"
+        " FROM pg_settings WHERE name = ANY(%(names)s)",
+        {"m": _MARKER, "names": list(_SETTINGS)},
+    ).fetchall()
+    if not rows or rows[0][0] != pid or rows[0][1] != marker:
+        raise pooling(oracle, pid, rows[0][0] if rows else None)
+    settings = {name: setting for _, _, name, setting in rows}
+    session = Session(
+        pid, marker, server_bound(oracle, settings), int(settings.get("track_activity_query_size", "1024")),
+        # PostgreSQL 14's statistics collector counts a disconnect asynchronously (a UDP
+        # message, read back from a file up to 500 ms old, or lost), so a backend gone from
+        # pg_stat_activity may not be counted yet: no termination proof there (a lease).
+        settings.get("track_counts") == "on" and conn.info.server_version >= 150000,
+    )
+    if settings.get("track_activities") != "on":
+        logger.warning("%s: track_activities is off: find_leader can't read leader records", oracle.description)
+    conn.add_notify_handler(on_notify)
+    return session
 
 
 def _configure(oracle: "PostgresOracle", conn: psycopg.Connection) -> Tuple[int, str]:

@@ -80,9 +80,12 @@ class Waiter:
                         return
                     self.in_wait = True
                     started = clock.monotonic()
+                    # The server ends the wait after lock_timeout; beyond that and B it is frozen.
+                    until = started + contender.oracle.wait_timeout + contender._bound
                     try:
                         young = contender._takeover.young()
-                        row = conn.execute(contender._tag + _WAIT_SQL, dict(params, young=young)).fetchone()
+                        with contender._in_flight(conn, until):
+                            row = conn.execute(contender._tag + _WAIT_SQL, dict(params, young=young)).fetchone()
                     finally:
                         self.in_wait = False
                         contender._statements += 1
@@ -143,6 +146,7 @@ class Waiter:
         contender = self.contender
         contender._new_term(token, since)
         deadline = started + contender._bound - contender.oracle.margin
+        contender._lease_end = started + contender._bound  # the first refresh's bound
         prepared: Optional[Claim] = None
         # The wait's result proves the session against the server's timeouts, not against a
         # termination since (the admin who killed our predecessor may be killing us too): lead
@@ -181,7 +185,8 @@ class Waiter:
                 if self.stopping:
                     return
                 try:
-                    pid, query, mypid, marker, in_recovery = conn.execute(_HOLDER_SQL, params).fetchone()
+                    with contender._in_flight(conn):
+                        pid, query, mypid, marker, in_recovery = conn.execute(_HOLDER_SQL, params).fetchone()
                 finally:
                     contender._statements += 1
             contender._check_session(mypid, marker, in_recovery)

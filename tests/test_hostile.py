@@ -58,8 +58,21 @@ CROWN_ACL = ("user crown on >{pw} resetkeys ~crown_sync:* resetchannels &crown_s
 OTHER_ACL = "user other on >{pw} ~other:* &other:* +@all"
 
 
-def assert_one_term_until(fleet, before, stopping):
-    """No overlap, and no term but ``before`` began until ``stopping`` (the teardown may hand over)."""
+def assert_the_term_survives(server, fleet, attack):
+    """Start ``server`` and two crowns, run ``attack()`` while one leads: its term must run on
+    past a ttl (2.5 s here), no other term begin before the teardown (which may hand over), and
+    the journal show no overlap."""
+    try:
+        server.start()
+        fleet.spawn_many(2, "c")
+        before = fleet.wait_for_term(timeout=60)
+        attack()
+        time.sleep(3.5)  # longer than the ttl: a landed delete or forged release would show by now
+        assert fleet.running_term().identity == before.identity
+        stopping = clock.monotonic()
+    finally:
+        fleet.stop_all()
+        server.cleanup()
     report = fleet.assert_safe()
     begun = [(t.identity, t.token) for t in report.terms if t.start < stopping]
     assert begun == [(before.identity, before.token)], report.summary()
@@ -76,26 +89,16 @@ def test_redis_a_co_tenant_kept_to_its_own_keys_cannot_touch_a_crown(tmp_path):
     server = RedisServer(extra_config=[CROWN_ACL.format(pw="crown-pw-1"), OTHER_ACL.format(pw="other-pw-1")])
     name = "billing"
     url = f"redis://crown:crown-pw-1@127.0.0.1:{server.port}/0?ttl=2.5&margin=1&poll_interval=0.05"
-    fleet = Fleet(url, tmp_path, name)
-    intruder = Redis(host="127.0.0.1", port=server.port, username="other", password="other-pw-1")
-    try:
-        server.start()
-        fleet.spawn_many(2, "c")
-        before = fleet.wait_for_term(timeout=60)
-        key = f"crown_sync:{name}"
-        attacks = [lambda: intruder.delete(key), lambda: intruder.set(key, b'{"state": "released"}'),
-                   lambda: intruder.publish(key, "dismiss"), lambda: intruder.get(key)]
-        for attack in attacks:
-            with pytest.raises(NoPermissionError):
-                attack()
-        time.sleep(3.5)  # longer than the ttl: a landed delete or forged release would show by now
-        assert fleet.running_term().identity == before.identity
-        stopping = clock.monotonic()
-    finally:
-        intruder.close()
-        fleet.stop_all()
-        server.cleanup()
-    assert_one_term_until(fleet, before, stopping)
+    key = f"crown_sync:{name}"
+
+    def attack():
+        with Redis(host="127.0.0.1", port=server.port, username="other", password="other-pw-1") as intruder:
+            for step in (lambda: intruder.delete(key), lambda: intruder.set(key, b'{"state": "released"}'),
+                         lambda: intruder.publish(key, "dismiss"), lambda: intruder.get(key)):
+                with pytest.raises(NoPermissionError):
+                    step()
+
+    assert_the_term_survives(server, Fleet(url, tmp_path, name), attack)
 
 
 # NATS: the crowns' user with the permissions docs/sharing.rst shows, and a co-tenant of the same
@@ -164,15 +167,8 @@ def test_nats_a_co_tenant_denied_the_bucket_cannot_touch_a_crown(tmp_path):
     name = "billing"
     base = f"127.0.0.1:{server.port}"
     fleet = Fleet(f"nats://crown:{server.password}@{base}?ttl=2.5&margin=1&poll_interval=0.05", tmp_path, name)
-    try:
-        server.start()
-        fleet.spawn_many(2, "c")
-        before = fleet.wait_for_term(timeout=60)
+
+    def attack():
         assert _nats_attacks(f"nats://other:{other}@{base}", name) == []
-        time.sleep(3.5)  # longer than the ttl: a landed delete or forged release would show by now
-        assert fleet.running_term().identity == before.identity
-        stopping = clock.monotonic()
-    finally:
-        fleet.stop_all()
-        server.cleanup()
-    assert_one_term_until(fleet, before, stopping)
+
+    assert_the_term_survives(server, fleet, attack)

@@ -23,6 +23,8 @@ URL_FORMS = [
     "redis://:{pw}@127.0.0.1:{port}/0?connect_timeout=1",
     "nats://app:{pw}@127.0.0.1:{port}?connect_timeout=1",
     "nats://{pw}@127.0.0.1:{port}?connect_timeout=1",
+    "rediss://app:{pw}@127.0.0.1:{port}/0?connect_timeout=1",
+    "tls://app:{pw}@127.0.0.1:{port}?connect_timeout=1",
 ]
 
 
@@ -48,6 +50,13 @@ def test_an_awkward_password_shows_in_no_status_event_or_log_of_a_failing_oracle
         telemetry.detach(handle)
     assert events and all(_never_shown(event) for event in events)
     assert all(_never_shown(record.getMessage()) for record in caplog.records)
+
+
+@pytest.mark.parametrize("password", [ENCODED, AWKWARD])
+def test_a_memcached_url_with_a_password_is_refused_without_showing_it(password):
+    with pytest.raises(ValueError) as refused:
+        crown_sync.Crown("awkward", oracle=f"memcached://app:{password}@127.0.0.1:11211")
+    assert "no user or password" in str(refused.value) and _never_shown(str(refused.value))
 
 
 # What a dedicated Redis ACL user needs (docs/sharing.rst shows this line), and a co-tenant kept

@@ -68,21 +68,13 @@ from pymemcache.exceptions import MemcacheError, MemcacheUnexpectedCloseError
 from .. import _forksafe
 from ._tls import client_context
 from ..urls import parse_options, redact
-from ._lease import MIN_MARGIN_RATIO, LeaseContender, LeaseOracle, LeaseStore, default_margin
+from ._lease import MIN_MARGIN_RATIO, URL_OPTIONS, LeaseContender, LeaseOracle, LeaseStore, default_margin
 
 __all__ = ["MemcachedOracle", "MemcachedContender", "MemcachedError", "default_margin", "MIN_MARGIN_RATIO"]
 
 logger = logging.getLogger("crown_sync.oracles.memcached")
 
-_OPTIONS = {
-    "ttl": float,
-    "renew_interval": float,
-    "poll_interval": float,
-    "margin": float,
-    "key_prefix": str,
-    "connect_timeout": float,
-    "timeout": float,
-}
+_OPTIONS = URL_OPTIONS
 
 #: TLS (memcached -Z): see MemcachedOracle.
 _TLS_OPTIONS = {"tls": bool, "tls_ca": str, "tls_cert": str, "tls_key": str}

@@ -35,9 +35,11 @@ class _Warden:
         if deadline is None:
             return
         with self._cond:
-            heapq.heappush(self._heap, (deadline, next(self._seq), term, on_expiry))
+            entry = (deadline, next(self._seq), term, on_expiry)
+            heapq.heappush(self._heap, entry)
             self._ensure_thread()
-            self._cond.notify()
+            if self._heap[0] is entry:  # else the thread already sleeps until an earlier deadline
+                self._cond.notify()
 
     def start(self) -> None:
         with self._cond:

@@ -43,7 +43,6 @@ import datetime
 import logging
 import os
 import re
-import ssl
 import threading
 import time
 import weakref
@@ -53,6 +52,7 @@ from .. import _forksafe
 from ..urls import one_server, parse_options, redact_text
 from ._base import seconds
 from ._lease import URL_OPTIONS, LeaseContender, LeaseOracle, LeaseStore
+from ._tls import client_context
 
 import nats  # the nats extra: crown_sync.urls reports it missing with the pip command
 import nats.errors
@@ -330,7 +330,7 @@ class NatsOracle(LeaseOracle):
         tls_key: Optional[str] = None,
     ):
         self.host, self.port = _parse_server(server)
-        self._tls = _tls_context(tls, tls_ca, tls_cert, tls_key)
+        self._tls = client_context(tls, tls_ca, tls_cert, tls_key, "a tls:// URL (or tls=True)")
         for option, value in (("user", user), ("password", password)):
             if value is not None and not isinstance(value, str):
                 raise TypeError(f"{option} must be a str, got {type(value).__name__}")
@@ -491,28 +491,6 @@ class NatsOracle(LeaseOracle):
         self._stores = weakref.WeakSet()
         self._loop = None  # the parent's (its thread did not cross the fork): a new one on demand
         self._loop_lock = threading.Lock()
-
-
-def _tls_context(tls: bool, ca: Optional[str], cert: Optional[str], key: Optional[str]) -> Optional[ssl.SSLContext]:
-    """The client's TLS context (the server's certificate always verified), or None without TLS;
-    a ValueError naming the option whose file cannot be used."""
-    if not tls:
-        given = [name for name, value in (("tls_ca", ca), ("tls_cert", cert), ("tls_key", key)) if value]
-        if given:
-            raise ValueError(f"{', '.join(given)} given without TLS: use a tls:// URL (or tls=True)")
-        return None
-    if key and not cert:
-        raise ValueError("tls_key given without tls_cert")
-    try:
-        context = ssl.create_default_context(cafile=ca or None)
-    except (OSError, ssl.SSLError) as exc:
-        raise ValueError(f"tls_ca {ca!r} cannot be used: {exc}") from None
-    if cert:
-        try:
-            context.load_cert_chain(cert, key or None)
-        except (OSError, ssl.SSLError) as exc:
-            raise ValueError(f"tls_cert {cert!r} / tls_key {key!r} cannot be used: {exc}") from None
-    return context
 
 
 def _parse_server(server: Any) -> Tuple[str, int]:

@@ -48,7 +48,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Optional
+from typing import Optional, Tuple
 
 __all__ = ["set_parent_death_signal", "KillTimer", "CLOCK_ID", "monotonic", "main"]
 
@@ -253,6 +253,25 @@ class _Supervisor:
 
     # -- main loop ---------------------------------------------------------------------------
     def run(self, argv) -> int:
+        wakeup_r = self.install_signals()
+        if self.due(self.deadline(), monotonic()) or self.terminating or self.parent_gone():
+            # The term ended (or the crown died) before the command could start: never start it.
+            reason = "deadline" if not self.terminating else "stopped"
+            self.report(f"exit {-signal.SIGKILL} {reason}-before-start")
+            return _exit_status(-signal.SIGKILL)
+        failed = self.start(argv)
+        if failed is not None:
+            return failed
+        self.report(f"pid {self.proc.pid}")
+        code, reason = self.watch(wakeup_r)
+        self.sweep_group(wakeup_r)
+        if self.timer is not None:
+            self.timer.arm(math.inf)  # the group is gone: let the report out, whatever the hour
+        self.report(f"exit {code} {reason}")
+        return _exit_status(code)
+
+    def install_signals(self) -> int:
+        """Signal handlers that only wake the loop (through the returned descriptor)."""
         wakeup_r, wakeup_w = os.pipe()
         os.set_blocking(wakeup_r, False)
         os.set_blocking(wakeup_w, False)
@@ -274,13 +293,10 @@ class _Supervisor:
         # killed), and must not read as "stop gracefully".
         signal.signal(PARENT_DIED, lambda signum, frame: None)
         set_parent_death_signal(PARENT_DIED)
+        return wakeup_r
 
-        if self.due(self.deadline(), monotonic()) or self.terminating or self.parent_gone():
-            # The term ended (or the crown died) before the command could start: never start it.
-            reason = "deadline" if not self.terminating else "stopped"
-            self.report(f"exit {-signal.SIGKILL} {reason}-before-start")
-            return _exit_status(-signal.SIGKILL)
-
+    def start(self, argv) -> Optional[int]:
+        """Start the command in a session of its own; an exit status if it could not start."""
         me = os.getpid()
 
         def preexec():
@@ -302,8 +318,10 @@ class _Supervisor:
         except (OSError, subprocess.SubprocessError, ValueError) as exc:
             self.report(f"error 126 cannot start {argv[0]!r}: {exc}")
             return 126
-        self.report(f"pid {self.proc.pid}")
+        return None
 
+    def watch(self, wakeup_r: int) -> Tuple[int, str]:
+        """Until the command exits, is stopped, passes its deadline or loses its crown."""
         reason = "exited"
         while True:
             code = self.proc.poll()
@@ -322,12 +340,7 @@ class _Supervisor:
                 break
             # Poll the deadline at least every 50 ms: the crown may move it either way.
             self.wait_readable(wakeup_r, min(deadline - KILL_AHEAD - now, 0.05))
-
-        self.sweep_group(wakeup_r)
-        if self.timer is not None:
-            self.timer.arm(math.inf)  # the group is gone: let the report out, whatever the hour
-        self.report(f"exit {code} {reason}")
-        return _exit_status(code)
+        return code, reason
 
     def terminate(self, wakeup_r: int) -> int:
         """SIGTERM the group, wait up to grace (watching the deadline), then SIGKILL it."""

@@ -6,6 +6,7 @@ token and a lease deadline so that no two terms overlap.
 """
 
 from .api import dismiss, find_leader, is_leader, known_leaders, lead, status
+from .api import Election, ListingUnsupported, list_elections
 from .children import CommandChild, ProcessChild, ThreadChild
 from .crown import PHASES, Crown, Status
 from .oracle import Claim, Contender, Leader, Oracle
@@ -34,6 +35,7 @@ __all__ = [
     "find_leader",
     "dismiss",
     "known_leaders",
+    "list_elections", "Election", "ListingUnsupported",
     "oracle_from_url",
     "telemetry",
 ]

@@ -1,14 +1,16 @@
 """Process-wide functions of the public API: lead(), is_leader(name), status(name), ..."""
 
 import contextlib
-from typing import Dict, Iterator, Optional
+from typing import Dict, Iterator, List, Optional
 
 from . import registry
 from .crown import Crown, Status, check_name
 from .oracle import Leader, Oracle
+from .oracles._base import Election, ListingUnsupported
 from .urls import default_oracle, oracle_from_url
 
-__all__ = ["lead", "is_leader", "status", "find_leader", "dismiss", "known_leaders"]
+__all__ = ["lead", "is_leader", "status", "find_leader", "dismiss", "known_leaders", "list_elections", "Election",
+           "ListingUnsupported"]
 
 
 @contextlib.contextmanager
@@ -82,3 +84,15 @@ def dismiss(name: str, oracle=None) -> bool:
     check_name(name)
     with _oracle_for(oracle) as instance:
         return instance.dismiss(name)
+
+
+def list_elections(oracle=None) -> List[Election]:
+    """Every election on the oracle (an Oracle, a URL, or None for the default), sorted by name,
+    with its leader and, where the oracle can tell, how many contenders it has: the fleet view
+    (evel's ``known_leaders``, for a whole oracle rather than one process). Raises
+    :class:`ListingUnsupported` when the oracle cannot list (see ``OracleBase.elections``)."""
+    with _oracle_for(oracle) as instance:
+        listing = getattr(instance, "elections", None)
+        if listing is None:  # an Oracle written outside this library, without the fleet view
+            raise ListingUnsupported(f"{type(instance).__name__} cannot list its elections (no elections())")
+        return sorted(listing(), key=lambda election: election.name)

@@ -646,6 +646,62 @@ def dismiss(name, oracle_url, as_json, verbose):
     sys.exit(0 if dismissed else 1)
 
 
+# --------------------------------------------------------------------------------------- list
+
+
+def _election_rows(elections) -> List[List[str]]:
+    rows = [["NAME", "LEADER", "TOKEN", "SINCE", "CONTENDERS", "METADATA"]]
+    for election in elections:
+        leader = election.leader
+        contenders = "?" if election.contenders is None else str(election.contenders)  # can't tell
+        if leader is None:
+            rows.append([election.name, "-", "-", "-", contenders, "-"])
+            continue
+        since = "-" if leader.since is None else _format_age(time.time() - leader.since)
+        metadata = json.dumps(leader.metadata, sort_keys=True, default=str) if leader.metadata else "-"
+        token = "-" if leader.token is None else str(leader.token)
+        rows.append([election.name, leader.identity, token, since, contenders, metadata])
+    return rows
+
+
+@main.command("list", context_settings=CONTEXT_SETTINGS, short_help="List every election on the oracle.")
+@oracle_option
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object, an entry per election.")
+@verbose_option
+def list_command(oracle_url, as_json, verbose):
+    """List every election on the oracle with its leader, token, since, metadata and (where the
+    oracle can tell: ZooKeeper, PostgreSQL) its number of contenders, the leader included.
+
+    Exit code 0 when listed (even if empty), 3 if the oracle could not be asked or cannot list.
+    """
+    import crown_sync
+
+    _setup_logging(verbose)
+    oracle = _open_oracle(oracle_url)
+    try:
+        elections = crown_sync.list_elections(oracle)
+    except Exception as exc:  # unreachable, broken, or unable to list: say so without a traceback
+        raise OracleError(
+            f"cannot list the elections on {_oracle_label(oracle)}: "
+            f"{type(exc).__name__}: {_scrub(str(exc), oracle_url)}"
+        ) from None
+    finally:
+        _close_quietly(oracle)
+    label = _oracle_label(oracle)
+    if as_json:
+        entries = [{"name": election.name, "leader": leader_as_dict(election.leader),
+                    "contenders": election.contenders} for election in elections]
+        click.echo(json.dumps({"oracle": label, "elections": entries}, indent=2, sort_keys=True, default=str))
+        return
+    if not elections:
+        click.echo(f"no elections on {label}")
+        return
+    rows = _election_rows(elections)
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]) - 1)]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
+
+
 # --------------------------------------------------------------------------------------- demo
 
 

@@ -364,6 +364,44 @@ def test_status_text_and_json_with_and_without_leader(tmp_path, url, runs):
     assert cli("status", "job", "--oracle", url).returncode == 1
 
 
+# ----------------------------------------------------------------------------------- list
+
+
+def test_list_text_and_json_show_each_election_and_its_leader(tmp_path, url, runs):
+    assert cli("list", "--oracle", url).stdout.strip() == f"no elections on {url}"
+    path = tmp_path / "journal.jsonl"
+    old = start_run(runs, tmp_path, "old-job", url, journal_command(path), "web-0")
+    wait_until(lambda: started(path, "web-0"), "the first command to start")
+    old.signal(signal.SIGTERM)
+    old.wait()
+    start_run(runs, tmp_path, "job", url, journal_command(path), "web-1", "-m", "role=cron")
+    wait_until(lambda: started(path, "web-1"), "the command to start")
+    token = term_of(path, "web-1")[0].token
+
+    text = cli("list", "--oracle", url)
+    assert text.returncode == 0, text.stderr
+    lines = text.stdout.splitlines()
+    assert lines[0].split() == ["NAME", "LEADER", "TOKEN", "SINCE", "CONTENDERS", "METADATA"]
+    assert lines[1].split()[:3] == ["job", "web-1", str(token)] and '"role": "cron"' in lines[1]
+    assert lines[2].split() == ["old-job", "-", "-", "-", "?", "-"]  # nobody leads it now
+
+    as_json = cli("list", "--oracle", url, "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    document = json.loads(as_json.stdout)
+    assert [entry["name"] for entry in document["elections"]] == ["job", "old-job"]
+    job, old_job = document["elections"]
+    assert job["leader"]["identity"] == "web-1" and job["leader"]["token"] == token
+    assert job["leader"]["metadata"] == {"role": "cron"} and job["contenders"] is None
+    assert old_job["leader"] is None
+
+
+def test_list_on_an_unreachable_oracle_exits_3_without_the_password():
+    result = cli("list", "--oracle", "postgresql://admin:hunter2@127.0.0.1:1/db", "--json")
+    assert result.returncode == 3, (result.stdout, result.stderr)
+    assert "cannot list the elections" in result.stderr and "Traceback" not in result.stderr
+    assert "hunter2" not in result.stdout + result.stderr
+
+
 # -------------------------------------------------------------------------------- dismiss
 
 

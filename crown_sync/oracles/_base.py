@@ -19,13 +19,14 @@ at-fork handler (:func:`crown_sync._forksafe.track`), and by comparing the pid t
 made in, for servers that fork from C without running Python's at-fork handlers (uWSGI).
 """
 
+import dataclasses
 import enum
 import json
 import logging
 import math
 import os
 import threading
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from .. import _forksafe
 from ..oracle import Contender, Leader, OnChange, Oracle
@@ -39,6 +40,8 @@ __all__ = [
     "leader_of",
     "record_of",
     "bounded",
+    "Election",
+    "ListingUnsupported",
 ]
 
 logger = logging.getLogger("crown_sync.oracles")
@@ -99,6 +102,26 @@ def leader_of(record: Optional[Dict[str, Any]]) -> Optional[Leader]:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class Election:
+    """One election as :meth:`OracleBase.elections` lists it.
+
+    ``leader``: None when nobody leads now; ``contenders``: how many contenders (the leader
+    included) wait on the oracle, None when the oracle cannot tell.
+    """
+
+    name: str
+    leader: Optional[Leader] = None
+    contenders: Optional[int] = None
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class ListingUnsupported(NotImplementedError):
+    """This oracle (or its server, as configured) cannot list its elections; the message says why."""
+
+
 class OracleBase(Oracle):
     """An oracle with the shared plumbing. Subclasses set :attr:`description` and may override
     :meth:`_forget_after_fork` and :attr:`max_record`."""
@@ -121,6 +144,27 @@ class OracleBase(Oracle):
             raise ValueError(
                 f"metadata too large for a leader record on {self.description} ({size} bytes > {self.max_record})"
             )
+
+    def elections(self) -> List[Election]:
+        """Every election on the oracle (the fleet view), read without contending, in one round
+        trip or a few. What each oracle lists, in one place:
+
+        ==========  =================================================================  ===========
+        oracle      how                                                                contenders
+        ==========  =================================================================  ===========
+        file        the directory's ``*.lock`` files and their leader records          no (None)
+        memcached   ``lru_crawler metadump hash``: keys with the prefix; one ``get``   no (None)
+        Redis       ``SCAN MATCH <prefix>*`` and one ``MGET``                          no (None)
+        NATS KV     the last value of every key of the bucket (one watcher)            no (None)
+        ZooKeeper   children of ``path_prefix`` and each election's queue              yes
+        PostgreSQL  our advisory locks in ``pg_locks`` (held and awaited)              yes
+        ==========  =================================================================  ===========
+
+        A lease oracle lists every record (``released`` ones with no leader); PostgreSQL knows
+        an election's name only from its holder's record, so it lists led elections only.
+        Raises :class:`ListingUnsupported` (naming why) when the oracle cannot list.
+        """
+        raise ListingUnsupported(f"{type(self).__name__} ({self.description}) cannot list its elections")
 
     def _check_process(self) -> None:
         """Call before using a shared connection: in a process forked without Python's at-fork

@@ -79,13 +79,14 @@ import logging
 import math
 import secrets
 import threading
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import tenacity
 
 from ..clock import monotonic as _monotonic  # the clock of every deadline (counts a suspend)
 from ..oracle import Claim, Leader, OnChange
-from ._base import ContenderBase, OracleBase, Phase, bounded, leader_of, record_of, seconds
+from ._base import (ContenderBase, Election, ListingUnsupported, OracleBase, Phase, bounded, leader_of,
+                    record_of, seconds)
 
 __all__ = ["LeaseStore", "LeaseOracle", "LeaseContender", "default_margin", "MIN_MARGIN_RATIO", "URL_OPTIONS"]
 
@@ -142,6 +143,11 @@ class LeaseStore(abc.ABC):
     def replace(self, key: str, value: bytes, version: Any, expire: int) -> Optional[bool]:
         """Write ``value`` only if the key still has ``version``: True if done, False if the key
         changed meanwhile, None if it is absent."""
+
+    def entries(self, prefix: str) -> Dict[str, Optional[bytes]]:
+        """{key: value} of every key that starts with ``prefix``, in one round trip or a few (the
+        fleet view); a value may be None (gone meanwhile, or not a plain value)."""
+        raise ListingUnsupported(f"{type(self).__name__} cannot list keys")
 
     def interrupt(self) -> None:
         """Unblock a call in progress in another thread (close() that cannot wait for it)."""
@@ -355,6 +361,16 @@ class LeaseOracle(OracleBase):
                 logger.info("dismissed %s (token %s) on %s", record.get("identity"), record.get("token"), self.description)
                 return True
         return False  # pragma: no cover - tenacity reraises
+
+    def elections(self) -> List[Election]:
+        """Every record under ``key_prefix`` (see :meth:`OracleBase.elections`); a key that holds
+        something other than a lease record (a Redis token counter) is not an election."""
+        found = []
+        for key, value in sorted(self._shared("entries", self.key_prefix).items()):
+            record = decode(value)
+            if record is not None:
+                found.append(Election(key[len(self.key_prefix):], held_leader(record)))
+        return found
 
     def close(self) -> None:
         with self._lock:

@@ -88,13 +88,13 @@ import threading
 import time
 import urllib.parse
 import weakref
-from typing import Any, Dict, Iterator, Optional, Set, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
 
 from .. import _forksafe
 from ..oracle import Claim, Leader, OnChange
 from ..terms import fds_kept_across_fork
 from ..urls import parse_options
-from ._base import ContenderBase, OracleBase, Phase
+from ._base import ContenderBase, Election, OracleBase, Phase
 
 __all__ = ["FileOracle", "default_directory"]
 
@@ -640,6 +640,25 @@ class FileOracle(OracleBase):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.basename(path), dir_fd=at)
         return isinstance(request, dict) and request.get("token") == token
+
+    # -- the fleet view (Oracle.elections) ----------------------------------------------------
+
+    def elections(self) -> List[Election]:
+        """Every ``NAME.lock`` in the directory that is a regular file (a symlink is skipped,
+        never followed), with :meth:`find_leader`'s answer. Contenders: None (/proc/locks shows
+        waiters, but not those of processes in other pid namespaces)."""
+        names = []
+        with self._at() as directory:
+            for entry in os.listdir(directory):
+                if not entry.endswith(".lock") or entry == ".lock":
+                    continue
+                try:
+                    info = os.stat(entry, dir_fd=directory, follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if stat.S_ISREG(info.st_mode):
+                    names.append(entry[: -len(".lock")])
+        return [Election(name, self.find_leader(name)) for name in sorted(names)]
 
 
 class _DismissalWatch:

@@ -59,7 +59,7 @@ import logging
 import socket
 import time
 import urllib.parse
-from typing import Any, Callable, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import tenacity
 from pymemcache.client.base import Client
@@ -68,6 +68,7 @@ from pymemcache.exceptions import MemcacheError, MemcacheUnexpectedCloseError
 from .. import _forksafe
 from ._tls import client_context
 from ..urls import parse_options, redact
+from ._base import ListingUnsupported
 from ._lease import MIN_MARGIN_RATIO, URL_OPTIONS, LeaseContender, LeaseOracle, LeaseStore, default_margin
 
 __all__ = ["MemcachedOracle", "MemcachedContender", "MemcachedError", "default_margin", "MIN_MARGIN_RATIO"]
@@ -164,6 +165,31 @@ class _Connection(LeaseStore):
 
     def replace(self, key: str, value: bytes, version: Any, expire: int) -> Optional[bool]:
         return self.call("cas", key, value, version, expire=expire, noreply=False)
+
+    def entries(self, prefix: str) -> Dict[str, Optional[bytes]]:
+        # memcached cannot list keys except by its LRU crawler's metadump (on unless started
+        # with -o no_lru_crawler): one line per item, its key URL-encoded. "hash" walks the hash
+        # table (1.6+): a renewal replaces an item in its own bucket, whereas a walk of the LRUs
+        # ("all") misses a record renewed into a list it has already walked.
+        retrying = tenacity.Retrying(  # BUSY: another client's crawl runs; it ends soon
+            stop=tenacity.stop_after_attempt(20),
+            wait=tenacity.wait_fixed(0.05),
+            retry=tenacity.retry_if_result(lambda dump: dump.startswith(b"BUSY")),
+            retry_error_callback=lambda state: state.outcome.result(),
+        )
+        # Its lines end in a bare \n, the dump in END\r\n, an error in \r\n: read to the first \r\n.
+        dump = retrying(self.call, "raw_command", b"lru_crawler metadump hash", b"\r\n")
+        if not dump.endswith(b"END"):
+            why = dump.decode("ascii", "replace").strip()
+            raise ListingUnsupported(f"memcached at {self._oracle.description} cannot list its keys"
+                                     f" (lru_crawler metadump answered {why!r})")
+        keys = []
+        for line in dump.splitlines():
+            if line.startswith(b"key="):
+                key = urllib.parse.unquote(line.split(b" ", 1)[0][4:].decode("ascii"))
+                if key.startswith(prefix):
+                    keys.append(key)
+        return self.call("get_many", keys) if keys else {}
 
     def call(self, method: str, *args, **kwargs):
         if self.closed:

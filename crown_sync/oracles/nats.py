@@ -46,7 +46,7 @@ import re
 import threading
 import time
 import weakref
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from .. import _forksafe
 from ..urls import one_server, parse_options, redact_text
@@ -135,6 +135,9 @@ class _Store(LeaseStore):
         if not version:
             return None  # update(last=0) would CREATE the key: never
         return self._call("update", self._update(key, value, version))
+
+    def entries(self, prefix: str) -> Dict[str, Optional[bytes]]:
+        return self._call("list", self._entries(prefix))
 
     def token_floor(self) -> int:
         """The bucket's creation time in microseconds plus its last revision plus one."""
@@ -239,6 +242,20 @@ class _Store(LeaseStore):
         except nats.js.errors.KeyNotFoundError:  # absent, deleted or purged
             return None, None
         return entry.value, entry.revision
+
+    async def _entries(self, prefix: str) -> Dict[str, Optional[bytes]]:
+        # One ordered consumer delivers the last value of every key, then None: the bucket at once.
+        watcher = await self._kv.watchall(ignore_deletes=True)
+        found = {}
+        try:
+            async for entry in watcher:
+                if entry is None:
+                    break
+                if entry.key.startswith(prefix):
+                    found[entry.key] = entry.value
+        finally:
+            await watcher.stop()
+        return found
 
     async def _create(self, key: str, value: bytes) -> bool:
         try:

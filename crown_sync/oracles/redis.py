@@ -54,6 +54,7 @@ child; redis-py itself never shuts down a socket from a process other than its c
 
 import json
 import logging
+import re
 import threading
 import time
 import urllib.parse
@@ -255,6 +256,17 @@ class RedisStore(LeaseStore):
                 keys=[key, self._oracle.server_key], args=[version, value, int(expire), news], client=client),
         )
         return None if done == -1 else bool(done)
+
+    def entries(self, prefix: str) -> Dict[str, Optional[bytes]]:
+        # SCAN's MATCH is a glob: the prefix's own * ? [ ] and backslash must match only themselves.
+        pattern = re.sub(r"([*?\[\]\\])", r"\\\1", prefix) + "*"
+
+        def listing(client: "redis.Redis") -> Dict[str, Optional[bytes]]:
+            keys = sorted(set(client.scan_iter(match=pattern, count=1000)))  # SCAN may repeat a key
+            names = [key.decode("utf-8", "replace") for key in keys]
+            return dict(zip(names, client.mget(keys))) if keys else {}  # MGET: nil for a hash
+
+        return self._run("SCAN and MGET", listing, retry_read=True)
 
     def next_token(self) -> int:
         keys = [self._oracle.key_prefix + ":token", self._oracle.server_key]

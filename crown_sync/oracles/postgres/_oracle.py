@@ -3,7 +3,7 @@
 import sys
 import threading
 import urllib.parse
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import psycopg
 from psycopg import conninfo as _conninfo
@@ -11,11 +11,11 @@ from psycopg import conninfo as _conninfo
 from ... import _forksafe, clock
 from ...oracle import Leader, OnChange
 from ...urls import parse_options, redact, redact_text
-from .._base import OracleBase, leader_of, seconds_between
+from .._base import Election, OracleBase, leader_of, seconds_between
 from ._common import (OPTIONS, PostgresOracleError, StandbyRefused, _blind, _channel, _decode_record,
                       _keepalives, _key_parts, _lease_ms, _Unanswered, advisory_key, bounded, logger)
 from ._contender import PostgresContender
-from ._sql import _HOLDER_SQL
+from ._sql import _HOLDER_SQL, _LIST_SQL
 
 
 class PostgresOracle(OracleBase):
@@ -250,6 +250,27 @@ class PostgresOracle(OracleBase):
     def find_leader(self, name: str) -> Optional[Leader]:
         row = self._holder(name)
         return self.leader_from_row(name, row[0], row[1]) if row else None
+
+    def elections(self) -> List[Election]:
+        """The elections of our namespace whose lock a session holds, in one query: the name is
+        read from the holder's record, so a lock only waited on (or held by a successor that has
+        not confirmed yet) is not listed. Contenders: the holder and the sessions waiting."""
+        locks: Dict[Tuple[int, int], list] = {}
+        for hi, lo, granted, pid, query in self._read(_LIST_SQL, {}):
+            entry = locks.setdefault((hi, lo), [0, None])
+            entry[0] += 1
+            if granted:
+                entry[1] = (pid, query)
+        found = []
+        for parts, (count, holder) in locks.items():
+            record = _decode_record(holder[1]) if holder else None
+            name = record.get("name") if record else None
+            # Another application's advisory lock, or another namespace's: not ours to list.
+            if (not isinstance(name, str) or record.get("ns") != self.namespace
+                    or _key_parts(self.key(name)) != parts):
+                continue
+            found.append(Election(name, self.leader_from_row(name, *holder), count))
+        return found
 
     def dismiss(self, name: str) -> bool:
         """Ask the leader of ``name`` to step down (NOTIFY; see the module docstring)."""

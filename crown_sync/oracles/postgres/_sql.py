@@ -118,6 +118,14 @@ _HOLDER_SQL = (
     " ON l.pid <> pg_backend_pid() AND " + _HOLDER + " LIMIT 1"
 )
 
+# The fleet view: every session's 64-bit advisory lock in this database, held or awaited, with the
+# session's last statement (a leader's carries its record, which names the election).
+_LIST_SQL = (
+    "SELECT l.classid::bigint, l.objid::bigint, l.granted, l.pid, a.query FROM pg_locks l"
+    " LEFT JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory'"
+    " AND l.database = " + _DATABASE_OID + " AND l.objsubid = 1 AND l.pid <> pg_backend_pid()"
+)
+
 # Preceded by the leader record comment when leading.
 _CONFIRM_SQL = (
     "SELECT pg_backend_pid(), current_setting('" + _MARKER + "', true),"

@@ -1,6 +1,7 @@
 """The oracle: options, the leader's record as others read it, ``find_leader`` and ``dismiss``;
 its contenders share one kazoo session (:mod:`._session`)."""
 
+import contextlib
 import json
 import urllib.parse
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -11,7 +12,7 @@ from kazoo.security import ACL, CREATOR_ALL_ACL, OPEN_ACL_UNSAFE, READ_ACL_UNSAF
 
 from ...oracle import Leader, OnChange
 from ...urls import parse_options
-from .._base import OracleBase, seconds_between
+from .._base import Election, OracleBase, seconds_between
 from ._common import (
     _ELECTION,
     _NODE,
@@ -195,6 +196,10 @@ class ZooKeeperOracle(OracleBase):
             data, stat = client.get_async(f"{election}/{node}").get(self._op_timeout())
         except NoNodeError:
             return None
+        return self._leader_from(data, stat)
+
+    @staticmethod
+    def _leader_from(data: bytes, stat) -> Leader:
         record = _parse_record(data)
         since = record.get("since")
         return Leader(
@@ -222,6 +227,36 @@ class ZooKeeperOracle(OracleBase):
         except KazooException as exc:
             raise _unavailable("reading the leader", exc) from exc
         return None
+
+    def elections(self) -> List[Election]:
+        """The children of ``path_prefix``, each with its queue (contenders: its live nodes) and
+        the record of the first: three pipelined rounds of requests, whatever the count."""
+        client, _epoch, _session = self._connection()
+        timeout = self._op_timeout()
+        try:
+            try:
+                names = client.get_children_async(self.path_prefix).get(timeout)
+            except NoNodeError:
+                return []
+            asked = {name: client.get_children_async(self.election_path(name))
+                     for name in names if _ELECTION.match(name)}
+            queues = {}
+            for name, pending in asked.items():
+                with contextlib.suppress(NoNodeError):  # removed meanwhile: no election
+                    children = pending.get(timeout)
+                    queues[name] = sorted((c for c in children if _NODE.match(c)), key=_sequence)
+            heads = {name: client.get_async(f"{self.election_path(name)}/{queue[0]}")
+                     for name, queue in queues.items() if queue}
+            found = []
+            for name, queue in sorted(queues.items()):
+                try:
+                    leader = self._leader_from(*heads[name].get(timeout)) if queue else None
+                except NoNodeError:  # the leader left meanwhile: ask as find_leader does
+                    leader = self.find_leader(name)
+                found.append(Election(name, leader, len(queue)))
+            return found
+        except KazooException as exc:
+            raise _unavailable("listing the elections", exc) from exc
 
     def dismiss(self, name: str) -> bool:
         """Ask the leader to step down: write a dismissal request into its node.

@@ -39,10 +39,12 @@ BEAT = 0.02
 #: The placement module; the app imports it (with lazy-apps and the master placement, uWSGI's
 #: shared-import loads it in the master first, and the workers find it already imported).
 CROWN_CONF = """
-import os, crown_sync, crown_sync.uwsgi
+import logging, os, crown_sync, crown_sync.uwsgi
 from crown_sync.testing import journal
 NAME, PATH, PLACEMENT = os.environ["CROWN_TEST_NAME"], os.environ["CROWN_TEST_JOURNAL"], os.environ["CROWN_TEST_PLACEMENT"]
 options = dict(oracle=os.environ["CROWN_TEST_ORACLE"], monitor_delay=0.2, stop_timeout=15)
+# as docs/uwsgi.rst advises: the master's threads log to a file, not through sys.stderr
+logging.basicConfig(filename=PATH + ".log", level=logging.INFO, format="%%(process)d %%(name)s %%(message)s")
 if PLACEMENT == "worker":
     crown_sync.uwsgi.crown_per_worker(NAME, child=crown_sync.ThreadChild(journal.journaled_work, args=(PATH, %(beat)r)), **options)
 elif PLACEMENT == "master":
@@ -90,7 +92,10 @@ class UWSGI(Gunicorn):
         self.config_path = os.path.join(self.tmpdir, "uwsgi.ini")
         with open(self.config_path, "w") as handle:
             handle.write(f"{base}\nhttp-socket = 127.0.0.1:{self.port}\n"
-                         "min-worker-lifetime = 0\nworker-reload-mercy = 20\n"
+                         "min-worker-lifetime = 0\n"
+                         # generous for a loaded host; bounds a worker stuck at exit on a stdio lock a
+                         # master thread held at the fork (docs/uwsgi.rst)
+                         "worker-reload-mercy = 20\n"
                          # pyuwsgi re-execs the base interpreter on a reload, outside the venv: this one instead
                          f"binary-path = {sys.executable}\n"
                          f"{options}\n")
@@ -344,7 +349,7 @@ def memcached():
 
 @pytest.mark.parametrize("lazy", [False, True])
 def test_crown_in_master_two_instances_master_sigkill_and_reload(tmp_path, memcached, lazy):
-    url = f"{memcached.url}?ttl=2&key_prefix=uwsgi-{int(lazy)}-{os.getpid()}-"
+    url = f"{memcached.url}?ttl=3&key_prefix=uwsgi-{int(lazy)}-{os.getpid()}-"
     oracle = crown_sync.urls.oracle_from_url(url)
     options = "py-call-uwsgi-fork-hooks = true\n" + ("lazy-apps = true\nshared-import = crown_conf" if lazy else "")
     hosts = [UWSGI(_env(tmp_path, url, "master"), options, processes=3) for _ in range(2)]
@@ -411,10 +416,11 @@ def test_example(tmp_path, ini, every_worker):
             assert all(a["token"] == journal_terms(path)[0].token for a in answers)
         host.signal(signal.SIGINT)
         host.wait_exit(60)
+        # (per worker, a worker that is still serving may win the crown while the others exit)
         terms = _assert_journal(path, 1, None)
-        assert len(terms) == 1, terms
+        assert all(process_gone(term.pid) for term in terms), terms
         # uWSGI runs no Python exit handler in its master: the master's job is killed with it (it
         # must not outlive the master: the oracle may free the lease at the master's death)
-        assert terms[0].stopped != every_worker and process_gone(terms[0].pid), terms
+        assert terms[-1].stopped != every_worker, terms
     finally:
         host.cleanup()

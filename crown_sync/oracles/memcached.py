@@ -63,7 +63,7 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import tenacity
 from pymemcache.client.base import Client
-from pymemcache.exceptions import MemcacheError, MemcacheUnexpectedCloseError
+from pymemcache.exceptions import MemcacheClientError, MemcacheError, MemcacheUnexpectedCloseError
 
 from .. import _forksafe
 from ._tls import client_context
@@ -178,7 +178,12 @@ class _Connection(LeaseStore):
             retry_error_callback=lambda state: state.outcome.result(),
         )
         # Its lines end in a bare \n, the dump in END\r\n, an error in \r\n: read to the first \r\n.
-        dump = retrying(self.call, "raw_command", b"lru_crawler metadump hash", b"\r\n")
+        try:
+            dump = retrying(self.call, "raw_command", b"lru_crawler metadump hash", b"\r\n")
+        except MemcachedError as exc:
+            if not isinstance(exc.__cause__, MemcacheClientError):  # unreachable: not a refusal
+                raise
+            dump = str(exc.__cause__).encode()  # "lru crawler disabled" (-o no_lru_crawler)
         if not dump.endswith(b"END"):
             why = dump.decode("ascii", "replace").strip()
             raise ListingUnsupported(f"memcached at {self._oracle.description} cannot list its keys"

@@ -76,3 +76,14 @@ def test_an_unreachable_oracle_raises_without_the_password(served):
     with pytest.raises(Exception) as caught:
         crown_sync.list_elections(url)
     assert "List-secret-9" not in str(caught.value)
+
+
+def test_a_memcached_without_its_lru_crawler_cannot_list_and_says_why():
+    from crown_sync.testing.memcached_server import MemcachedServer
+
+    server = MemcachedServer(memory_mb=8, extra_args=["-o", "no_lru_crawler"]).start()
+    try:
+        with pytest.raises(crown_sync.ListingUnsupported, match="lru crawler disabled"):
+            crown_sync.list_elections(server.url)
+    finally:
+        server.cleanup()

@@ -78,6 +78,7 @@ def test_an_unreachable_oracle_raises_without_the_password(served):
     assert "List-secret-9" not in str(caught.value)
 
 
+@pytest.mark.server_oracle  # starts a server: deselected with the server kinds (tox's py39/py313)
 def test_a_memcached_without_its_lru_crawler_cannot_list_and_says_why():
     from crown_sync.testing.memcached_server import MemcachedServer
 

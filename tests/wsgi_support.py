@@ -7,6 +7,7 @@ oracle of every crown). Leadership is observed two ways: by HTTP requests to ``/
 """
 
 import contextlib
+import http.client
 import json
 import os
 import signal
@@ -145,8 +146,8 @@ def get(port: int, path: str, timeout: float = 5.0):
             status, headers = response.status, dict(response.headers)
     except urllib.error.HTTPError as error:
         body, status, headers = error.read(), error.code, dict(error.headers)
-    except (urllib.error.URLError, ConnectionError, OSError):
-        return None
+    except (urllib.error.URLError, ConnectionError, OSError, http.client.HTTPException):
+        return None  # refused, or cut short (IncompleteRead) by a server restarting
     try:
         return status, headers, json.loads(body)
     except ValueError:

@@ -47,6 +47,7 @@ def test_crowns_from_one_url_share_one_oracle_closed_with_the_last(tmp_path, nam
     closed = closes(oracle)
     other = crown_sync.Crown(name + "-x", oracle=url + "?check_interval=2")  # other options: another oracle
     mine = FileOracle(str(tmp_path / "mine"))
+    users_closed = closes(mine)
     users = crown_sync.Crown(name + "-y", oracle=mine)
     try:
         assert other.oracle is not oracle and users.oracle is mine
@@ -73,7 +74,21 @@ def test_crowns_from_one_url_share_one_oracle_closed_with_the_last(tmp_path, nam
     finally:
         for crown in crowns + [other, users]:
             crown.stop()
+    assert not users_closed  # the user's oracle is the user's to close
     assert_safe(path, name, min_terms=5)
+
+
+def test_the_default_oracle_is_shared_like_its_url(tmp_path, name, monkeypatch):
+    url = f"file://{tmp_path / 'oracle'}"
+    monkeypatch.setenv("CROWN_SYNC_ORACLE", url)
+    crowns = [crown_sync.Crown(name), crown_sync.Crown(name), crown_sync.Crown(name, oracle=url)]
+    oracle = crowns[0].oracle
+    try:
+        assert crowns[1].oracle is oracle and crowns[2].oracle is oracle
+    finally:
+        for crown in crowns:
+            crown.stop()
+    assert all(shared is not oracle for shared, _refs in _shared.shared())
 
 
 def journal_beats(path, name, crown):

@@ -17,7 +17,7 @@ import subprocess
 import time
 from typing import Dict, Iterable, Optional, Sequence
 
-from .servers import Server, ServerMissing, find_binary, wait_for_port
+from .servers import Server, ServerMissing, find_binary
 
 __all__ = ["MemcachedServer", "ServerMissing"]
 
@@ -104,23 +104,8 @@ class MemcachedServer(Server):
             return self
         if self._log is None:
             self._log = open(os.path.join(self.tmpdir, "memcached.log"), "ab")
-        self.process = subprocess.Popen(
-            self.command(),
-            cwd=self.tmpdir,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # a Ctrl-C in the test run is not memcached's business
-        )
-        try:
-            wait_for_port(self.port, timeout=timeout, host=self.host)
-        except TimeoutError:
-            code = self.process.poll()
-            self.kill()
-            raise RuntimeError(
-                f"memcached did not listen on {self.host}:{self.port} (exit code {code}); "
-                f"see {os.path.join(self.tmpdir, 'memcached.log')}"
-            ) from None
+        self.spawn(self.command(), f"memcached did not listen on {self.host}:{self.port}",
+                   os.path.join(self.tmpdir, "memcached.log"), timeout, output=self._log)
         return self
 
     def restart(self, down_for: float = 0.0) -> "MemcachedServer":

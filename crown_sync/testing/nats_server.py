@@ -18,7 +18,7 @@ import time
 import urllib.request
 from typing import Any, Dict, Optional
 
-from .servers import Server, ServerMissing, find_binary, free_port, wait_for_port
+from .servers import Server, ServerMissing, find_binary, free_port
 
 __all__ = ["NatsServer", "ServerMissing"]
 
@@ -107,24 +107,8 @@ class NatsServer(Server):
     def start(self, timeout: float = 30.0) -> "NatsServer":
         if self.process is not None and self.process.poll() is None:
             return self
-        self.process = subprocess.Popen(
-            self.command(),
-            cwd=self.tmpdir,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,  # a Ctrl-C in the test run is not the server's business
-        )
-        try:
-            wait_for_port(self.port, timeout=timeout, host=self.host)
-            self._wait_jetstream(timeout)
-        except TimeoutError:
-            code = self.process.poll()
-            self.kill()
-            raise RuntimeError(
-                f"nats-server did not serve JetStream on {self.host}:{self.port} (exit code {code}); "
-                f"see {self.log_path}:\n{self.log_tail()}"
-            ) from None
+        self.spawn(self.command(), f"nats-server did not serve JetStream on {self.host}:{self.port}",
+                   self.log_path, timeout, ready=self._wait_jetstream)
         return self
 
     def _wait_jetstream(self, timeout: float) -> None:

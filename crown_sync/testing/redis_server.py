@@ -20,7 +20,7 @@ import time
 from typing import Dict, Optional, Sequence
 
 from .memcached_server import MemcachedServer
-from .servers import Server, ServerMissing, find_binary, free_port, wait_for_port
+from .servers import Server, ServerMissing, find_binary, free_port
 
 __all__ = ["RedisServer", "ServerMissing"]
 
@@ -118,23 +118,8 @@ class RedisServer(Server):
     def start(self, timeout: float = 20.0) -> "RedisServer":
         if self.process is not None and self.process.poll() is None:
             return self
-        self.process = subprocess.Popen(
-            [self.binary, self._config()],
-            cwd=self.tmpdir,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,  # a Ctrl-C in the test run is not the server's business
-        )
-        try:
-            wait_for_port(self.port, timeout=timeout, host=self.host)
-            self._wait_loaded(timeout)
-        except (TimeoutError, RuntimeError):
-            code = self.process.poll()
-            self.kill()
-            raise RuntimeError(
-                f"redis-server did not serve on {self.host}:{self.port} (exit code {code}); see {self._log_path}"
-            ) from None
+        self.spawn([self.binary, self._config()], f"redis-server did not serve on {self.host}:{self.port}",
+                   self._log_path, timeout, ready=self._wait_loaded)
         return self
 
     def _wait_loaded(self, timeout: float) -> None:

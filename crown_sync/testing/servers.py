@@ -12,7 +12,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from typing import List, Optional
+from typing import IO, Callable, List, Optional, Union
 
 __all__ = ["ServerMissing", "free_port", "wait_for_port", "find_binary", "Server"]
 
@@ -107,3 +107,23 @@ class Server:
 
     def start(self) -> None:
         raise NotImplementedError
+
+    def spawn(self, argv: List[str], what: str, see: str, timeout: float,
+              ready: Optional[Callable[[float], None]] = None,
+              output: Union[int, IO[bytes]] = subprocess.DEVNULL) -> None:
+        """Start ``argv`` in the server's directory, in a session of its own (a Ctrl-C in the test
+        run is not the server's business), and wait for its port and then ``ready(timeout)``; a
+        RuntimeError saying ``what`` did not happen and where to look (``see``) otherwise."""
+        self.process = subprocess.Popen(
+            argv, cwd=self.tmpdir, stdin=subprocess.DEVNULL, stdout=output,
+            stderr=subprocess.DEVNULL if output == subprocess.DEVNULL else subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            wait_for_port(self.port, timeout=timeout, host=getattr(self, "host", "127.0.0.1"))
+            if ready is not None:
+                ready(timeout)
+        except (TimeoutError, RuntimeError):
+            code = self.process.poll()
+            self.kill()
+            raise RuntimeError(f"{what} (exit code {code}); see {see}") from None

@@ -39,8 +39,12 @@ _cond = threading.Condition(threading.Lock())
 _opening = 0  # holds in progress
 _forking = 0  # forks waiting or in progress: no new hold starts meanwhile
 _sockets: Dict[int, Tuple[int, int]] = {}  # fd -> (st_dev, st_ino) when recorded
-_tracked: "weakref.WeakSet[object]" = weakref.WeakSet()
+# Tracked object -> the pid it was made (or last told of a fork) in: a catch-up in a process
+# forked from C must not treat objects made in that process since as inherited.
+_tracked: "weakref.WeakKeyDictionary[object, int]" = weakref.WeakKeyDictionary()
 _pid = os.getpid()  # the process the handlers last ran for
+_catching_up: Dict[int, threading.Lock] = {}  # pid -> the lock of its catch-up (never inherited)
+_in_catch_up: Optional[Tuple[int, int]] = None  # (pid, thread) running the after-fork steps now
 
 
 _hooks: Dict[str, list] = {"before": [], "after_in_parent": [], "after_in_child": []}
@@ -48,16 +52,24 @@ _hooks: Dict[str, list] = {"before": [], "after_in_parent": [], "after_in_child"
 
 def track(obj: object) -> None:
     """Call ``obj._after_fork_in_child()`` in a forked child, after its sockets are blinded."""
-    _tracked.add(obj)
+    check_process()  # first catch up with a fork from C: obj is this process's own
+    _tracked[obj] = os.getpid()
 
 
 def check_process() -> bool:
     """In a process forked without Python's at-fork handlers (uWSGI forks its workers from C),
-    run them now, once: blind the recorded sockets, run the hooks, tell the tracked objects.
-    True if that happened. Call it before using anything a parent process could have made."""
-    if os.getpid() == _pid:
-        return False
-    _after_fork_in_child()
+    run them now, once: blind the recorded sockets, run the hooks, tell the tracked objects
+    made in another process. True if that happened here. Call it before using anything a parent
+    process could have made (making a tracked object calls it)."""
+    pid = os.getpid()
+    if pid == _pid or _in_catch_up == (pid, threading.get_ident()):
+        return False  # nothing to do, or called from one of the after-fork steps themselves
+    # One thread catches up; the others wait for it. The lock is this pid's own: a lock copied
+    # from the parent could have been held by one of its threads.
+    with _catching_up.setdefault(pid, threading.Lock()):
+        if _pid == pid:
+            return False  # another thread did it meanwhile
+        _after_fork_in_child()
     return True
 
 
@@ -137,13 +149,26 @@ def _after_fork_in_parent() -> None:
 
 
 def _after_fork_in_child() -> None:
-    global _cond, _opening, _forking, _pid
-    _pid = os.getpid()
+    global _pid, _in_catch_up
+    pid = os.getpid()
+    _in_catch_up = (pid, threading.get_ident())
+    try:
+        _catch_up(pid)
+    finally:
+        _in_catch_up = None
+        _pid = pid  # last: a thread that finds it set finds the catch-up done
+
+
+def _catch_up(pid: int) -> None:
+    global _cond, _opening, _forking
     _cond = threading.Condition(threading.Lock())  # other threads' holds did not cross the fork
     _opening = _forking = 0
     _blind_recorded_sockets()
     _run("after_in_child")
-    for obj in list(_tracked):
+    for obj, made_in in list(_tracked.items()):
+        if made_in == pid:
+            continue  # made in this process (after a fork from C, before this catch-up)
+        _tracked[obj] = pid
         try:
             obj._after_fork_in_child()  # type: ignore[attr-defined]
         except Exception:  # pragma: no cover - one object's failure must not spare the others

@@ -115,11 +115,11 @@ class Crown:
         metadata: Optional[Dict[str, Any]] = None,
         max_child_restarts: Optional[int] = 0,
         child_backoff: float = 1.0,
-        backoff: Optional[Callable[..., float]] = None,
         on_elected: Optional[Callable[[Term], None]] = None,
         on_deposed: Optional[Callable[[Term, str], None]] = None,
         on_new_leader: Optional[Callable[[Optional[Leader]], None]] = None,
         on_campaign: Optional[Callable[["Status"], None]] = None,
+        backoff: Optional[Callable[..., float]] = None,
     ):
         check_name(name)
         self._callbacks = Callbacks(name, on_elected=on_elected, on_deposed=on_deposed,

@@ -26,7 +26,8 @@ _pid = os.getpid()  # the process _crowns belongs to
 
 
 def _mine() -> None:
-    if _pid != os.getpid():  # forked without our at-fork hook: checked before taking the lock
+    _forksafe.check_process()  # forked without the at-fork hooks: catch up before the lock
+    if _pid != os.getpid():
         _after_fork_in_child()
 
 

@@ -121,3 +121,33 @@ def test_a_fork_without_pythons_handlers_is_caught_up_by_check_process():
         os.waitpid(pid, 0)
         sock.close()
         listener.close()
+
+
+def test_what_a_process_forked_from_c_makes_itself_is_its_own(tmp_path):
+    """A uWSGI worker (forked from C, no at-fork handler run) makes its crown with an oracle object
+    its master made: the catch-up treats the oracle as inherited, never the crown made since."""
+    import ctypes
+
+    from crown_sync import Crown
+    from crown_sync.oracles.file import FileOracle
+
+    directory = tmp_path / "oracle"
+    directory.mkdir(mode=0o700)
+    oracle = FileOracle(str(directory))  # the master's
+    read_end, write_end = os.pipe()
+    pid = ctypes.CDLL(None, use_errno=True).fork()
+    if pid == 0:
+        try:
+            crown = Crown("worker-job", oracle=oracle, child=lambda term: term.stop_event.wait())
+            crown.start()
+            led = crown.wait_for_leadership(20) and crown.is_leader()
+            crown.stop(20)
+            os.write(write_end, b"%d%d" % (led, crown.status().phase == "stopped"))
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    try:
+        assert os.read(read_end, 2) == b"11"
+    finally:
+        os.close(read_end)
+        os.waitpid(pid, 0)

@@ -523,7 +523,12 @@ class LeaseContender(ContenderBase):
                 oracle = self.oracle
                 if prewon.deadline - _monotonic() > oracle.renew_interval + oracle.margin:
                     return prewon
-                renewed = self._refresh_locked()
+                try:
+                    renewed = self._refresh_locked()
+                except Exception:
+                    # No child ran on it: forget the term; the next claim finds our own record.
+                    self._lose("its renewal failed before the term began")
+                    raise
                 if renewed.won:
                     return renewed
             for _ in range(5):
@@ -644,9 +649,10 @@ class LeaseContender(ContenderBase):
             self._check_open()
             if not self._may_watch():
                 return False
+            if self._thread is None:
+                self.oracle.watching(self, self._store)  # before we count as watching: it may raise
             was_watching, self._watching = self._watching, True
             if self._thread is None:
-                self.oracle.watching(self, self._store)
                 self._thread = threading.Thread(
                     target=self._poll_loop, name=f"crown-sync-lease:{self.name}", daemon=True
                 )
@@ -808,7 +814,8 @@ class LeaseContender(ContenderBase):
 
     def _interrupt(self) -> None:
         self._store.interrupt()  # a call is stuck in another thread: cut it short
-        self._closed_now()
+        self._enter(Phase.CLOSED)  # that thread holds the lock: leave the rest of its state to it
+        self._watching = False
 
     def _closed_now(self) -> None:
         self._enter(Phase.CLOSED)

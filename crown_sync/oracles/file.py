@@ -84,6 +84,7 @@ import json
 import logging
 import os
 import stat
+import sys
 import threading
 import time
 import urllib.parse
@@ -400,6 +401,9 @@ class FileOracle(OracleBase):
     ``check_interval``: how often this process looks for dismissal requests for the elections
     it leads (one directory listing per interval, however many crowns lead).
     """
+
+    #: A local file holds a leader record of any size (the base's limit is for servers).
+    max_record = sys.maxsize
 
     def __init__(self, directory: Optional[str] = None, check_interval: float = 0.25):
         super().__init__()

@@ -45,7 +45,7 @@ import types
 from typing import List
 
 from . import gunicorn as _gunicorn
-from .children import ProcessChild
+from .children import CommandChild, ProcessChild
 
 __all__ = ["crown_per_worker", "crown_in_master", "check_fork_safety", "forks_this_process", "running_crown"]
 
@@ -165,10 +165,18 @@ def _job_main(term_info, target, args, kwargs):
 
 class _MasterCrown(_gunicorn.MasterCrown):
     def _job(self):
-        job = super()._job()
-        if isinstance(job, ProcessChild) and job.start_method == "fork":
-            return ProcessChild(_job_main, args=(job.target, job.args, job.kwargs), grace=job.grace)
-        return job
+        child = self.child
+        if isinstance(child, CommandChild):
+            return child  # its own supervisor
+        if isinstance(child, ProcessChild):
+            target, args, kwargs, options = child.target, child.args, child.kwargs, {"grace": child.grace}
+        else:  # a callable or "module:function"
+            target, args, kwargs, options = child, (), {}, {}
+        # Always forked, as uWSGI forks everything: ProcessChild's spawn (its default on Python
+        # 3.12+) would run sys.executable, which in uWSGI is the uwsgi binary, not a Python.
+        # Gunicorn's job main then drops the inherited listening sockets and imports a string.
+        return ProcessChild(_job_main, args=(_gunicorn._job_main, (target, args, kwargs), {}),
+                            start_method="fork", **options)
 
 
 def crown_in_master(name: str, child, oracle=None, **options) -> _gunicorn.MasterCrown:

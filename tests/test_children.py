@@ -126,6 +126,16 @@ def touch(info, path):
     open(path, "w").close()
 
 
+def record_is_leader(info, path):
+    import crown_sync
+
+    with open(path + ".tmp", "w") as handle:
+        json.dump([crown_sync.is_leader(info.name), crown_sync.is_leader("another")], handle)
+    os.rename(path + ".tmp", path)
+    while True:
+        time.sleep(0.05)
+
+
 # ------------------------------------------------------------------------------------------
 # Construction and as_child
 
@@ -286,6 +296,21 @@ def test_process_child_exception_gives_exit_code_1():
     exits = Exits()
     running = ProcessChild(process_raises).start(make_term(60), exits)
     assert exits.wait()[0][1] == 1 and running.exitcode == 1
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+@pytest.mark.parametrize("leading", [True, False])
+def test_is_leader_in_a_process_child_answers_for_its_term(tmp_path, method, leading):
+    path, exits = str(tmp_path / "answers.json"), Exits()
+    term = Term("kids", "me@test", 7, clock.monotonic() + 60, leading=leading)
+    running = ProcessChild(record_is_leader, args=(path,), start_method=method).start(term, exits)
+    try:
+        assert wait_for(lambda: os.path.exists(path), 30)
+        with open(path) as handle:
+            assert json.load(handle) == [leading, False]
+    finally:
+        running.kill()
+        exits.wait()
 
 
 @pytest.mark.parametrize("method", ["fork", "spawn"])

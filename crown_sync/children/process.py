@@ -11,6 +11,7 @@ import threading
 import time
 from typing import Callable, Optional
 
+from crown_sync import registry
 from crown_sync._supervise import KillTimer, set_parent_death_signal
 from crown_sync.clock import monotonic
 from crown_sync.terms import keeping_fds_across_fork
@@ -94,7 +95,19 @@ def _rebuild_fds(dups) -> _InheritedFds:
     return _InheritedFds(dup.detach() for dup in dups)
 
 
-def _process_main(expected_parent, deadline_value, fds, target, info, args, kwargs):
+class _TermLeads:
+    """A leadership provider for a leader's ProcessChild: ``crown_sync.is_leader(name)`` there is
+    True until the term's deadline (a spawned child has no crown; a forked one's copy never leads)."""
+
+    def __init__(self, name: str, read_deadline: Callable[[], float]):
+        self.name = name
+        self.read_deadline = read_deadline
+
+    def __call__(self, name: str) -> bool:
+        return name == self.name and monotonic() < self.read_deadline()
+
+
+def _process_main(expected_parent, deadline_value, fds, target, info, leading, args, kwargs):
     """Runs first in a ProcessChild: parent-death signal, parent check, watchdog, target."""
     set_parent_death_signal(signal.SIGKILL)
     parent = os.getppid()
@@ -121,6 +134,8 @@ def _process_main(expected_parent, deadline_value, fds, target, info, args, kwar
         daemon=True,
     )
     watchdog.start()
+    if leading:
+        registry.add_provider(_TermLeads(info.name, read_deadline))
     target(info, *args, **kwargs)
 
 
@@ -171,6 +186,7 @@ class ProcessChild(Child):
                 _InheritedFds(term.fds),
                 self.target,
                 term.info(),
+                term.leading,
                 self.args,
                 self.kwargs,
             ),

@@ -1,13 +1,15 @@
 """What the web integrations (Flask, Django) share: the body of their status endpoint."""
 
 import os
-from typing import Any, Callable, Dict, Optional
+import time
+from typing import Any, Callable, Dict, Hashable, Optional
 
 from . import registry
+from .api import known_leaders
 from .gunicorn import leader_token, master_view
 from .oracle import Leader
 
-__all__ = ["leader_summary", "status_body", "local_crown"]
+__all__ = ["leader_summary", "status_body", "local_crown", "LeaderReads"]
 
 
 def leader_summary(leader: Optional[Leader]) -> Optional[Dict[str, Any]]:
@@ -24,6 +26,37 @@ def local_crown(name: str, own_crown=None):
         return own_crown
     crowns = registry.crowns(name)
     return next((crown for crown in crowns if crown.is_leader()), crowns[-1] if crowns else None)
+
+
+class LeaderReads:
+    """How a web integration answers "who leads ``name``": from a crown in this process, else
+    from the Gunicorn master that runs the crown (shared memory), else from the oracle, read at
+    most once per ``max_age`` seconds for the same ``key`` (the settings it was read with)."""
+
+    def __init__(self):
+        self._cached = (-float("inf"), None, None)  # (monotonic time, key, Leader or exception)
+
+    def leader(self, name: str, own_crown, find_leader: Callable[[], Optional[Leader]], max_age: float,
+               key: Hashable = None) -> Optional[Leader]:
+        local = own_crown.leader() if own_crown is not None else known_leaders().get(name)
+        if local is not None:
+            return local
+        master = master_view(name) if local_crown(name, own_crown) is None else None
+        if master is not None:
+            return master.leader
+        when, cached_key, cached = self._cached
+        if cached_key == key and time.monotonic() - when < max_age:
+            if isinstance(cached, Exception):
+                raise cached
+            return cached
+        try:
+            found = find_leader()
+        except Exception as exc:
+            # Cached too: an unreachable oracle must not make every request wait for it.
+            self._cached = (time.monotonic(), key, exc)
+            raise
+        self._cached = (time.monotonic(), key, found)
+        return found
 
 
 def status_body(name: str, own_crown, leading: bool, read_leader: Callable[[], Optional[Leader]]) -> Dict[str, Any]:

@@ -74,8 +74,7 @@ from flask.cli import AppGroup
 
 import crown_sync
 from .crown import check_name
-from .gunicorn import master_view
-from ._web import leader_summary, local_crown, status_body
+from ._web import LeaderReads, leader_summary, status_body
 from .urls import default_oracle, oracle_from_url
 
 __all__ = ["CrownSync", "leader_only", "elected", "deposed", "new_leader", "crown_cli"]
@@ -138,7 +137,7 @@ class _State:
         self._lock = threading.Lock()
         self._crown = None  # (pid, Crown) of the own crown
         self._oracle = None  # (pid, Oracle) for follower reads
-        self._cached = (0.0, None)  # (monotonic time, Leader)
+        self._reads = LeaderReads()
 
     # -- signals --------------------------------------------------------------------------
     def callbacks_for(self, name: str) -> Dict[str, Callable]:
@@ -212,26 +211,8 @@ class _State:
         """The current leader (Leader or None): from a crown in this process, else from the
         Gunicorn master that runs the crown (shared memory), else the oracle (read at most once
         per CROWN_SYNC_LEADER_CACHE seconds). Raises if the oracle can't be read."""
-        crown = self.crown()
-        local = crown.leader() if crown is not None else crown_sync.known_leaders().get(self.name)
-        if local is not None:
-            return local
-        master = master_view(self.name) if local_crown(self.name, crown) is None else None
-        if master is not None:
-            return master.leader
-        when, cached = self._cached
-        if time.monotonic() - when < self.config["CROWN_SYNC_LEADER_CACHE"]:
-            if isinstance(cached, Exception):
-                raise cached
-            return cached
-        try:
-            leader = self._reader().find_leader(self.name)
-        except Exception as exc:
-            # Cached too: an unreachable oracle must not make every request wait for it.
-            self._cached = (time.monotonic(), exc)
-            raise
-        self._cached = (time.monotonic(), leader)
-        return leader
+        return self._reads.leader(self.name, self.crown(), lambda: self._reader().find_leader(self.name),
+                                  self.config["CROWN_SYNC_LEADER_CACHE"])
 
     def leader_url(self) -> Optional[str]:
         try:

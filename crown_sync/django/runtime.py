@@ -13,13 +13,11 @@ import atexit
 import logging
 import os
 import threading
-import time
 from typing import Optional
 
 import crown_sync
 
-from .._web import local_crown
-from ..gunicorn import master_view
+from .._web import LeaderReads
 from . import signals
 from .conf import Config, config
 
@@ -31,7 +29,7 @@ _lock = threading.Lock()
 _own = None  # (pid, Crown)
 _failed_in = None  # the pid whose own crown could not be made (said once, not retried per request)
 _reader = None  # (pid, ORACLE setting, Oracle) for follower reads
-_cached = (-1e18, None, None)  # (monotonic time, Config it was read for, Leader or exception)
+_reads = LeaderReads()  # the oracle's answer, cached per Config
 
 
 def crown() -> Optional[crown_sync.Crown]:
@@ -125,29 +123,9 @@ def leader():
     crown in this process, else from the Gunicorn master that runs the crown (shared memory), else
     read from the oracle at most once per ``LEADER_CACHE`` seconds. Raises what the oracle raised
     (that is cached too)."""
-    global _cached
     settings = config()
-    own = crown()
-    local = own.leader() if own is not None else crown_sync.known_leaders().get(settings.name)
-    if local is not None:
-        return local
-    # A worker whose Gunicorn master runs the crown: what that crown knows, not the ORACLE setting's.
-    master = master_view(settings.name) if local_crown(settings.name, own) is None else None
-    if master is not None:
-        return master.leader
-    when, cached_for, cached = _cached
-    if cached_for == settings and time.monotonic() - when < settings.leader_cache:
-        if isinstance(cached, Exception):
-            raise cached
-        return cached
-    try:
-        found = _oracle_for_reads(settings).find_leader(settings.name)
-    except Exception as exc:
-        # Cached too: an unreachable oracle must not make every request wait for it.
-        _cached = (time.monotonic(), settings, exc)
-        raise
-    _cached = (time.monotonic(), settings, found)
-    return found
+    return _reads.leader(settings.name, crown(), lambda: _oracle_for_reads(settings).find_leader(settings.name),
+                         settings.leader_cache, key=settings)
 
 
 def leader_url() -> Optional[str]:

@@ -67,7 +67,7 @@ from pymemcache.exceptions import MemcacheClientError, MemcacheError, MemcacheUn
 
 from .. import _forksafe
 from ._tls import client_context
-from ..urls import parse_options, redact
+from ..urls import one_server, parse_options, redact
 from ._base import ListingUnsupported
 from ._lease import MIN_MARGIN_RATIO, URL_OPTIONS, LeaseContender, LeaseOracle, LeaseStore, default_margin
 
@@ -294,27 +294,11 @@ class MemcachedOracle(LeaseOracle):
         """``memcached://host[:port][?ttl=..&renew_interval=..&poll_interval=..&margin=..
         &key_prefix=..&connect_timeout=..&timeout=..&tls=true&tls_ca=..&tls_cert=..&tls_key=..]``;
         exactly one server."""
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme.lower() != "memcached":
-            raise ValueError(f"not a memcached:// URL: {redact(url)!r}")
-        netloc = parts.netloc
-        if "@" in netloc:
+        if "@" in urllib.parse.urlsplit(url).netloc:
             raise ValueError("memcached:// URLs take no user or password (memcached's text protocol has no auth)")
-        if "," in netloc:
-            count = len(netloc.split(","))
-            raise ValueError(
-                f"memcached:// takes exactly one server, got {count} in {redact(url)!r}: a lease "
-                f"cannot be sharded across a hash ring; give each election one server"
-            )
-        if parts.path not in ("", "/"):
-            raise ValueError(f"memcached:// URL takes no path, got {parts.path!r}")
-        try:
-            host, port = parts.hostname, parts.port
-        except ValueError as exc:
-            raise ValueError(f"bad memcached:// URL {redact(url)!r}: {exc}") from None
-        if not host:
-            raise ValueError(f"memcached:// URL needs a host, got {redact(url)!r}")
-        return cls((host, port or 11211), **parse_options(url, {**_OPTIONS, **_TLS_OPTIONS}))
+        host, port, _, _ = one_server(url, "memcached", 11211,
+                                      "a lease cannot be sharded across a hash ring; give each election one server")
+        return cls((host, port), **parse_options(url, {**_OPTIONS, **_TLS_OPTIONS}))
 
     def check_key(self, text: str, option: str) -> None:
         # memcached's text protocol: printable ASCII, no spaces, at most 250 bytes per key.

@@ -92,6 +92,17 @@ def lead(contender, timeout=10.0):
     return wait_until(attempt, timeout=timeout, interval=0.05, message="leadership")
 
 
+def leader_and_watcher(oracle, name, via=None):
+    """"a" leads; "b" (on ``via``, default the same oracle) follows and watches it.
+    Returns (a, a's winning claim, b, b's Signals)."""
+    a = oracle.contender(name, "a", {}, Signals())
+    first = lead(a)
+    signals = Signals()
+    b = (via or oracle).contender(name, "b", {}, signals)
+    assert not b.claim().won and b.watch(None)
+    return a, first, b, signals
+
+
 # --------------------------------------------------------------------------- processes, faults
 
 def successor_of(report, identity, token):
@@ -487,11 +498,7 @@ def test_a_watching_follower_answers_the_engines_periodic_claims_without_a_reque
 
 def test_graceful_release_is_seen_by_the_poller_and_taken_at_once(server, name):
     oracle = oracle_for(server)
-    a = oracle.contender(name, "a", {}, Signals())
-    first = lead(a)
-    signals = Signals()
-    b = oracle.contender(name, "b", {}, signals)
-    assert not b.claim().won and b.watch(None)
+    a, first, b, signals = leader_and_watcher(oracle, name)
     a.abdicate()
     signals.wait(10)
     claim = b.claim()
@@ -507,11 +514,7 @@ def test_graceful_release_is_seen_by_the_poller_and_taken_at_once(server, name):
 def test_dismiss_makes_the_leader_step_down_and_its_release_lets_the_next_in(server, name):
     oracle = oracle_for(server)
     assert oracle.dismiss(name) is False  # nobody leads
-    a = oracle.contender(name, "a", {}, Signals())
-    first = lead(a)
-    signals = Signals()
-    b = oracle.contender(name, "b", {}, signals)
-    assert not b.claim().won and b.watch(None)
+    a, first, b, signals = leader_and_watcher(oracle, name)
     assert oracle.dismiss(name) is True
     assert oracle.find_leader(name) is None
     signals.wait(10)  # the record changed hands (to "vacated")
@@ -532,13 +535,9 @@ def test_dismiss_makes_the_leader_step_down_and_its_release_lets_the_next_in(ser
 
 def test_a_poller_whose_takeover_was_cut_off_keeps_polling_and_takes_over(server, name):
     oracle = oracle_for(server)
-    a = oracle.contender(name, "a", {}, Signals())
-    first = lead(a)
     with FaultProxy(server.address) as proxy:
         via = oracle_for(proxy)
-        signals = Signals()
-        b = via.contender(name, "b", {}, signals)
-        assert not b.claim().won and b.watch(None)
+        a, first, b, signals = leader_and_watcher(oracle, name, via)
         # b's poller reads the release below, then its takeover CAS dies with the connection.
         proxy.cut_next(lambda chunk: chunk.startswith(b"cas "))
         a.abdicate()

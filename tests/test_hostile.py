@@ -181,3 +181,127 @@ def test_nats_a_co_tenant_denied_the_bucket_cannot_touch_a_crown(tmp_path):
         assert _nats_attacks(f"nats://other:{other}@{base}", name) == []
 
     assert_the_term_survives(server, fleet, attack)
+
+
+# PostgreSQL: the crowns' role and a co-tenant's, each with CONNECT on the crowns' database and
+# nothing else (docs/sharing.rst shows this SQL). A co-tenant may LISTEN and NOTIFY on any
+# channel and take any advisory lock: PostgreSQL has no privileges on either.
+def _pg_tenants(server, database="app"):
+    """(crowns' URL, co-tenant's URL) on ``server``, started, in a database of the crowns' own."""
+    server.start()
+    crown_url = server.create_role("crown", "crown-pw-1")
+    other_url = server.create_role("mallory", "mallory-pw-1")
+    server.use_database(database)
+    for statement in (f"REVOKE CONNECT, TEMPORARY ON DATABASE {database} FROM PUBLIC",
+                      f"GRANT CONNECT ON DATABASE {database} TO crown, mallory"):
+        server.sql(statement)
+    return (crown_url.replace("/postgres", f"/{database}") + "?lease=2&wait_timeout=1",
+            other_url.replace("/postgres", f"/{database}"))
+
+
+def _notifications(conn):
+    return [(n.payload, n.pid) for n in conn.notifies(timeout=0.2, stop_after=100)]
+
+
+def test_postgres_a_co_tenant_cannot_dismiss_or_forge_a_release(tmp_path):
+    """The co-tenant LISTENs from the start (so it learns every token), then NOTIFYs dismissals
+    with an empty and a wrong token (the leader's pid is public in pg_locks): the term runs on.
+    Then, twice, it forges a release just before an admin terminates the leader's session while
+    its child takes 1.2 s to stop: first ``released:<the leader's token>``, then a claim and a
+    release of its own. The woken follower must take neither for its predecessor's release, and
+    waits out the lease (2 s): the journal shows no overlap (leading at once would overlap the
+    stopping child)."""
+    import psycopg
+
+    from crown_sync.oracles.postgres import advisory_key
+    from crown_sync.oracles.postgres._common import _channel
+    from crown_sync.testing.postgres_server import PostgresServer
+
+    from .oracles.support import Fleet
+
+    name = "billing"
+    channel = _channel(advisory_key("crown_sync", name))
+    server = PostgresServer(fsync=False)
+    terms = []
+    try:
+        crown_url, other_url = _pg_tenants(server)
+        fleet = Fleet(crown_url, tmp_path, name, stop_delay=1.2)
+        with psycopg.connect(other_url, autocommit=True) as intruder:
+            intruder.execute(f"LISTEN {channel}")
+            heard = []
+
+            def holder_and_token():
+                heard.extend(_notifications(intruder))
+                token = max(int(p.split(":")[1]) for p, _ in heard if p.startswith("claimed:"))
+                (holder,) = intruder.execute(
+                    "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted").fetchone()
+                return holder, token
+
+            def notify(*payloads):
+                for payload in payloads:
+                    intruder.execute("SELECT pg_notify(%s, %s)", (channel, payload))
+
+            fleet.spawn_many(2, "c")
+            terms.append(fleet.wait_for_term(timeout=60))
+            holder, token = holder_and_token()
+            notify(f"dismiss:{holder}:", f"dismiss:{holder}:{token + 1}", f"dismiss:{holder}:x")
+            time.sleep(1.6)  # a heeded dismissal stops the child at once, and it is gone 1.2 s later
+            running = fleet.running_term()
+            assert (running.identity, running.token) == (terms[0].identity, terms[0].token)
+            for forged in (lambda token: [f"released:{token}"],
+                           lambda token: [f"claimed:{token + 1}", f"released:{token + 1}"]):
+                holder, token = holder_and_token()
+                notify(*forged(token))  # committed: they precede the termination
+                terminated = clock.monotonic()
+                assert server.terminate(holder)
+                terms.append(fleet.wait_for_term(other_than=[terms[-1].identity], after=terminated, timeout=60))
+    finally:
+        fleet.stop_all()
+        server.cleanup()
+    report = fleet.assert_safe(min_terms=3)
+    for before, after in zip(terms, terms[1:]):
+        old = [t for t in report.terms if t.token == before.token][0]
+        assert old.end < after.start, report.summary()
+
+
+def test_postgres_a_foreign_holder_of_the_key_is_reported_with_its_pid_and_role(tmp_path):
+    """The co-tenant takes the election's computable advisory key before any crown: the crown
+    does not look like an ordinary follower: its status names the holder's pid and role, its
+    telemetry says so, and so does ``crown-sync status``. Once it lets go the crown leads."""
+    import json
+    import subprocess
+    import sys
+
+    import psycopg
+
+    from crown_sync.oracles.postgres import advisory_key
+    from crown_sync.testing.fleet import ROOT, contender_environment
+    from crown_sync.testing.postgres_server import PostgresServer
+
+    name = "billing"
+    server = PostgresServer(fsync=False)
+    events = []
+    handle = telemetry.attach(lambda event, meta: events.append((event, meta.get("leader"))))
+    try:
+        crown_url, other_url = _pg_tenants(server)
+        with psycopg.connect(other_url, autocommit=True) as intruder:
+            intruder.execute("SELECT pg_advisory_lock(%s)", (advisory_key("crown_sync", name),))
+            pid = intruder.info.backend_pid
+            expected = f"(foreign holder: backend pid {pid}, role mallory"
+            with crown_sync.Crown(name, oracle=crown_url) as crown:
+                wait_until(lambda: crown.status().leader is not None, message="the holder named", timeout=60)
+                leader = crown.status().leader
+                assert leader.identity.startswith(expected) and leader.metadata["role"] == "mallory", leader
+                assert any(str(seen).startswith(expected) for _, seen in events), events
+                result = subprocess.run(
+                    [sys.executable, "-m", "crown_sync", "status", name, "--oracle", crown_url, "--json"],
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=60, cwd=ROOT,
+                    env=contender_environment())
+                shown = json.loads(result.stdout)["leader"]
+                assert shown["identity"].startswith(expected) and shown["metadata"]["backend_pid"] == pid, result
+                assert not crown.is_leader()
+                intruder.execute("SELECT pg_advisory_unlock_all()")
+                assert crown.wait_for_leadership(30)
+    finally:
+        telemetry.detach(handle)
+        server.cleanup()

@@ -1215,7 +1215,7 @@ def test_paused_leader_is_replaced_after_idle_session_timeout(pg, name, tmp_path
 
 def test_ordinary_role_with_a_password_leads_and_the_password_never_shows(pg, app_url, name, caplog):
     """scram-sha-256 over TCP, as a role without any privilege: it leads, its record is readable
-    by its own role, another ordinary role sees only "(unknown: backend pid N)" (docs), one with
+    by its own role, another ordinary role sees only a foreign holder: its pid and role (docs), one with
     pg_read_all_stats sees the record; the password is nowhere in status, errors, events, logs."""
     caplog.set_level(logging.DEBUG, logger="crown_sync")
     assert pg.sql("SELECT rolsuper FROM pg_roles WHERE rolname = %s", (APP_USER,)) == [(False,)]
@@ -1237,7 +1237,11 @@ def test_ordinary_role_with_a_password_leads_and_the_password_never_shows(pg, ap
             assert (found.identity, found.token, found.metadata) == (crown.identity, token, {"url": "http://a"})
             assert crown_sync.find_leader(name, oracle=stats_url).identity == crown.identity
             hidden = crown_sync.find_leader(name, oracle=other_url)
-            assert hidden.identity == f"(unknown: backend pid {holder_pid(pg, crown.oracle, name)})"
+            pid = holder_pid(pg, crown.oracle, name)
+            assert hidden.identity.startswith(f"(foreign holder: backend pid {pid}, role {APP_USER}, application ")
+            assert (hidden.token, hidden.metadata["backend_pid"], hidden.metadata["role"]) == (None, pid, APP_USER)
+            with pytest.raises(PostgresOracleError, match="leader record is not readable"):
+                crown_sync.dismiss(name, oracle=other_url)  # a dismissal needs the term's token
             assert pg.terminate(holder_pid(pg, crown.oracle, name))  # errors get logged too
             wait_until(lambda: crown.is_leader() and crown.status().token not in (None, token),
                        timeout=30, message="leading again")

@@ -221,7 +221,21 @@ dismiss
 token; every contender LISTENs on it, and the leader, woken by its socket watcher, refreshes and
 steps down (child stopped first, then unlock). A leader that can't hear it (paused, partitioned)
 keeps leading until its session ends; dismiss never kills a session, because that would free
-the lock while the old child may still run.
+the lock while the old child may still run. A dismissal naming another token (empty, stale) is
+ignored; so dismiss() needs the leader's record (the crowns' role, or ``pg_read_all_stats``).
+
+Sharing a server
+----------------
+Any session of the database may take any advisory lock, read ``pg_locks`` and every session's
+pid and role, and LISTEN or NOTIFY on any channel: PostgreSQL has no privileges on these. Only
+the sender's backend pid of a notification is the server's word. So a follower counts a
+``claimed``/``released``/``leading`` notification only from a session that held or awaited the
+lock at its wait's read (or the read before) and whose role has ours' privileges (``_sql._TRUSTED``);
+a last claim from anyone else leaves the predecessor unknown (it waits out the lease). A holder
+of another role without a leader record is reported as a foreign holder (``Leader`` identity and
+metadata, a warning). LISTEN reveals every token, so a listening co-tenant can still dismiss a
+leader; a database of the crowns' own with ``CONNECT`` revoked from ``PUBLIC`` is the boundary
+(docs/sharing.rst).
 
 Refused, with a clear error
 ---------------------------

@@ -59,10 +59,19 @@ class _Unanswered(ConnectionError):
     TCP timeout fires), and we cut the session under it (see :func:`bounded`)."""
 
 
-class _Baseline(collections.namedtuple("_Baseline", "holder killed led")):
+class _Baseline(collections.namedtuple("_Baseline", "holder killed led ours")):
     """Read by a follower's wait statement before it queued for the lock: the holder's backend
-    pid and pg_stat_database.sessions_killed (either None if unknown), and whether the holder's
-    last statement carried a leader record (it led, rather than waited out a predecessor)."""
+    pid and pg_stat_database.sessions_killed (either None if unknown), whether the holder is of
+    a trusted role and its last statement carried a leader record (it led, rather than waited
+    out a predecessor), and the pids of the trusted sessions that held or awaited the lock (a
+    frozenset, with those of this session's read before: Takeover.note): the only senders whose
+    claims and releases count (_sql._TRUSTED)."""
+
+
+class _Holder(collections.namedtuple("_Holder", "pid query role app trusted")):
+    """A session that holds an election's lock, as _sql._HOLDER_COLUMNS reads it: its backend
+    pid, last statement, role, application_name, and whether its role is trusted (None: its
+    pg_stat_activity row was gone)."""
 
 
 class PoolingDetected(PostgresOracleError):

@@ -13,8 +13,8 @@ import tenacity
 from ... import clock
 from ...oracle import Claim, Leader, OnChange
 from .._base import ContenderBase, Phase, record_of
-from ._common import (PostgresOracleError, StandbyRefused, _Baseline, _blind, _channel, _decode_record,
-                      _encode_record, _key_parts, _SessionGone, _shutdown, _Unanswered, bounded, logger)
+from ._common import (PostgresOracleError, StandbyRefused, _blind, _channel, _encode_record, _Holder,
+                      _key_parts, _SessionGone, _shutdown, _Unanswered, bounded, logger)
 from ._session import open_session, pooling
 from ._sql import _ANNOUNCING_CONFIRM_SQL, _CONFIRM_SQL, _TRY_SQL, _release_sql
 from ._takeover import Takeover
@@ -41,6 +41,14 @@ class _Term:
         self.announced = False
         self.dismissed = False
         self.lost = False
+
+    def dismiss(self, named: str, token: Optional[int], sender: int, name: str) -> None:
+        """A dismissal naming token ``named`` reached this term (of ``token``), from ``sender``."""
+        if named == str(token):
+            self.dismissed = True
+        else:  # an empty, stale or forged token: not a dismissal of this term
+            logger.warning("%s: ignored a dismissal from backend pid %s naming token %r, not our term's",
+                           name, sender, named[:32])
 
 
 class PostgresContender(ContenderBase):
@@ -130,7 +138,7 @@ class PostgresContender(ContenderBase):
         self._connected_at = clock.monotonic()
         with self._lock:
             self._events.clear()  # what happened while we were not listening is unknown
-            self._takeover.baseline = None
+            self._takeover.forget()
         logger.debug("%s: connected, backend pid %s, server lease bound %.3fs", self.name, session.pid, session.bound)
         return conn
 
@@ -218,11 +226,12 @@ class PostgresContender(ContenderBase):
                 return collected
         try:
             row = self._claim_retrying(self._try_lock)
-            locked, token, _, since, pid, marker, in_recovery, holder_pid, holder_query, age, killed = row
+            locked, token, _, since, pid, marker, in_recovery, holder_pid, holder_query, age, killed = row[:11]
             self._check_session(pid, marker, in_recovery)
             if not locked:
-                self._takeover.baseline = _Baseline(holder_pid, killed, _decode_record(holder_query) is not None)
-                self._leader = self.oracle.leader_from_row(self.name, holder_pid, holder_query)
+                holder = _Holder(holder_pid, holder_query, *row[11:14])
+                self._takeover.baseline = self._takeover.note(holder_pid, killed, holder_query, holder.trusted, row[14])
+                self._leader = self._waiting.follow(holder)
                 return Claim(won=False, leader=self._leader)
             until = self._takeover.claim_debt(self._conn, int(token), clock.monotonic(), age)
         except Exception as exc:
@@ -310,6 +319,7 @@ class PostgresContender(ContenderBase):
 
     def _lead(self, claim: Claim, watching: bool = False) -> Claim:
         self._move(Phase.LEADING)
+        self.oracle.note_holder(self.name, None)  # ours now: no foreign holder to tell of
         if not watching:
             self._watch.start(self._conn)
         logger.info("%s: %s leads with token %s", self.name, self.identity, self._token)
@@ -377,17 +387,17 @@ class PostgresContender(ContenderBase):
         return claim
 
     def _on_notify(self, notify) -> None:
-        """Every notification on our channel, in commit order (psycopg calls this while it reads
-        our connection; Takeover.read_events_until reads them itself)."""
+        """Every notification on our channel, in commit order (read by psycopg, or by Takeover.
+        read_events_until). Anyone may NOTIFY: a dismissal counts only with our term's token (no
+        secret from a co-tenant who LISTENs), claims and releases as Takeover._handed_over says."""
         if notify.channel != self._channel:
             return
         kind, _, rest = notify.payload.partition(":")
         if kind == "dismiss":
             pid, _, token = rest.partition(":")
             term = self._term
-            if (term is not None and self.phase is Phase.LEADING and pid == str(self._backend_pid)
-                    and (not token or token == str(self._token))):
-                term.dismissed = True
+            if term is not None and self.phase is Phase.LEADING and pid == str(self._backend_pid):
+                term.dismiss(token, self._token, notify.pid, self.name)
             return
         if kind in ("claimed", "released", "leading") and rest.isdigit():
             with self._lock:

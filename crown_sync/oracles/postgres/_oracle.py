@@ -2,6 +2,7 @@
 
 import sys
 import threading
+import time
 import urllib.parse
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -12,7 +13,7 @@ from ... import _forksafe, clock
 from ...oracle import Leader, OnChange
 from ...urls import parse_options, redact, redact_text
 from .._base import Election, OracleBase, leader_of, seconds_between
-from ._common import (OPTIONS, PostgresOracleError, StandbyRefused, _blind, _channel, _decode_record,
+from ._common import (OPTIONS, PostgresOracleError, StandbyRefused, _blind, _channel, _decode_record, _Holder,
                       _keepalives, _key_parts, _lease_ms, _Unanswered, advisory_key, bounded, logger)
 from ._contender import PostgresContender
 from ._sql import _HOLDER_SQL, _LIST_SQL
@@ -110,6 +111,7 @@ class PostgresOracle(OracleBase):
         self.description = redact(dsn) if "://" in dsn else redact_text(dsn)
         self._reader: Optional[psycopg.Connection] = None
         self._reader_lock = threading.Lock()
+        self._foreign: Dict[str, str] = {}  # election -> its foreign holder, as last seen (notices)
         self._forked = False
         self._closed = False
 
@@ -233,23 +235,45 @@ class PostgresOracle(OracleBase):
             raise PostgresOracleError("this oracle was inherited across fork(); create a new one")
         return PostgresContender(self, name, identity, metadata, on_change)
 
-    def _holder(self, name: str):
+    def _holder(self, name: str) -> Optional[_Holder]:
         hi, lo = _key_parts(self.key(name))
         rows = self._read(_HOLDER_SQL, {"hi": hi, "lo": lo})
-        return rows[0] if rows else None
+        return _Holder(*rows[0][:5]) if rows and rows[0][0] is not None else None
 
-    def leader_from_row(self, name: str, pid: Optional[int], query: Optional[str]) -> Optional[Leader]:
-        """The Leader that holds the lock, from its pid and last statement text."""
+    def leader_from_row(self, name: str, pid: Optional[int], query: Optional[str], role: Optional[str] = None,
+                        app: Optional[str] = None, trusted: Optional[bool] = None) -> Optional[Leader]:
+        """The Leader that holds the lock, from its pid and last statement text (and its role:
+        a holder of a role without ours' privileges and without a record is a foreign holder)."""
         if pid is None:
             return None
         record = _decode_record(query)
         if record and record.get("ns") == self.namespace and record.get("name") == name:
             return leader_of(record)
+        if trusted is False:
+            # Not a crown of ours as far as we can tell: say who it is, not "a leader".
+            return Leader(identity=f"(foreign holder: backend pid {pid}, role {role}, application {app!r})",
+                          metadata={"foreign": True, "backend_pid": pid, "role": role, "application_name": app})
         return Leader(identity=f"(unknown: backend pid {pid})", metadata={}, token=None, since=None)
 
+    def note_holder(self, name: str, leader: Optional[Leader]) -> None:
+        """Remember whether election ``name``'s lock has a foreign holder (for notices())."""
+        if leader is not None and leader.metadata.get("foreign"):
+            self._foreign[name] = (f"the election's advisory lock is held by {leader.identity[1:-1]}, not a"
+                                   f" crown of this role: no crown can lead until it lets go")
+        else:
+            self._foreign.pop(name, None)
+
+    def notices(self, name: str) -> List[str]:
+        """What election ``name`` cannot be protected against now, as last seen (no I/O): a foreign
+        holder of its key."""
+        text = self._foreign.get(name)
+        return [text] if text else []
+
     def find_leader(self, name: str) -> Optional[Leader]:
-        row = self._holder(name)
-        return self.leader_from_row(name, row[0], row[1]) if row else None
+        holder = self._holder(name)
+        leader = self.leader_from_row(name, *holder) if holder else None
+        self.note_holder(name, leader)
+        return leader
 
     def elections(self) -> List[Election]:
         """The elections of our namespace whose lock a session holds, in one query: the name is
@@ -274,13 +298,24 @@ class PostgresOracle(OracleBase):
 
     def dismiss(self, name: str) -> bool:
         """Ask the leader of ``name`` to step down (NOTIFY; see the module docstring)."""
-        row = self._holder(name)
-        if not row or row[0] is None:
+        holder = self._holder(name)
+        give_up = clock.monotonic() + self.confirm_interval
+        # A new leader publishes its record with its first confirmation, right after its claim.
+        while (holder is not None and holder.trusted and _decode_record(holder.query) is None
+               and clock.monotonic() < give_up):
+            time.sleep(0.02)
+            holder = self._holder(name)
+        if holder is None:
             return False
-        record = _decode_record(row[1]) or {}
-        payload = f"dismiss:{row[0]}:{record.get('token', '')}"
+        token = (_decode_record(holder.query) or {}).get("token")
+        if token is None:  # a leader heeds a dismissal only with its term's token (_on_notify)
+            raise PostgresOracleError(
+                f"cannot dismiss the leader of {name!r} (backend pid {holder.pid}, role {holder.role}): its"
+                f" leader record is not readable (another role's session: connect as the crowns' role,"
+                f" or one with pg_read_all_stats), and a leader steps down only for its own term's token")
+        payload = f"dismiss:{holder.pid}:{token}"
         self._read("SELECT pg_notify(%(channel)s, %(payload)s)", {"channel": _channel(self.key(name)), "payload": payload})
-        logger.info("dismissed the leader of %s (backend pid %s)", name, row[0])
+        logger.info("dismissed the leader of %s (backend pid %s)", name, holder.pid)
         return True
 
     def close(self) -> None:

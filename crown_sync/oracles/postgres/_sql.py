@@ -13,6 +13,21 @@ _KEY_LOCK = (
 )
 _HOLDER = _KEY_LOCK + " AND l.granted"
 
+# Does the session of pg_stat_activity row ``a`` have our role's privileges (it is of our role, a
+# member of it, or a superuser)? Only such a session could be a crown of ours (crowns of one
+# election share a role) and its notifications count (see *Sharing a server* in the package
+# docstring): the sender's pid of a NOTIFY is the server's word, its payload is anyone's.
+_TRUSTED = "pg_has_role(a.usesysid, session_user, 'USAGE')"
+# Who holds the key: pid, last statement (a leader's carries its record), role, application and
+# whether its role is trusted (the columns every holder read returns, in this order).
+_HOLDER_COLUMNS = "l.pid, a.query, a.usename::text AS role, a.application_name AS app, " + _TRUSTED + " AS trusted"
+# The sessions of a trusted role that hold or await the key (besides ours): the only ones whose
+# claims and releases a follower believes (Takeover._handed_over).
+_OURS_ON_KEY = (
+    "(SELECT array_agg(l.pid) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid WHERE "
+    + _KEY_LOCK + " AND l.pid <> pg_backend_pid() AND " + _TRUSTED + ")"
+)
+
 # The server's current timeline (the first 8 hex digits of the current WAL file's name): 1 on a
 # server never promoted, one more after every promotion. pg_control_checkpoint() lags behind it
 # until the first checkpoint after a promotion.
@@ -55,11 +70,12 @@ _TRY_SQL = (
     " || pg_notify(%(channel)s, 'claimed:' || " + _TOKEN + "::text)::text END,"
     " extract(epoch FROM clock_timestamp())::float8, pg_backend_pid(),"
     " current_setting('" + _MARKER + "', true), pg_is_in_recovery(), h.pid, h.query,"
-    " CASE WHEN s.locked AND %(young)s THEN " + _INCARNATION_AGE + " END, s.killed"
+    " CASE WHEN s.locked AND %(young)s THEN " + _INCARNATION_AGE + " END, s.killed,"
+    " h.role, h.app, h.trusted, CASE WHEN NOT s.locked THEN " + _OURS_ON_KEY + " END"
     " FROM (SELECT k.killed, pg_try_advisory_lock(%(key)s::bigint + 0 * coalesce(k.killed, 0))"
     " AS locked FROM (SELECT pg_stat_get_db_sessions_killed(" + _DATABASE_OID + ") AS killed"
     " OFFSET 0) k OFFSET 0) s"
-    " LEFT JOIN LATERAL (SELECT l.pid, a.query FROM pg_locks l"
+    " LEFT JOIN LATERAL (SELECT " + _HOLDER_COLUMNS + " FROM pg_locks l"
     " LEFT JOIN pg_stat_activity a ON a.pid = l.pid"
     " WHERE NOT s.locked AND l.pid <> pg_backend_pid() AND " + _HOLDER + " LIMIT 1) h ON true"
 )
@@ -68,7 +84,8 @@ _TRY_SQL = (
 # release "released:<token>", before unlocking): listeners see these in commit order.
 
 # Before queueing for the lock, the same statement reads who holds it, that holder's last
-# statement (a leader's carries its record) and how many sessions of this database were ever
+# statement (a leader's carries its record), its role, which sessions of a trusted role hold or
+# await it, and how many sessions of this database were ever
 # terminated (pg_terminate_backend): the baseline the takeover proof compares with. The lock's argument
 # depends on that read (``+ 0 * ...``), so it cannot be taken first. The target list, evaluated
 # after the grant, reads the incarnation's age (see _INCARNATION_AGE).
@@ -78,9 +95,10 @@ _WAIT_SQL = (
     " || pg_notify(%(channel)s, 'claimed:' || " + _TOKEN + "::text)::text,"
     " extract(epoch FROM clock_timestamp())::float8, pg_backend_pid(),"
     " current_setting('" + _MARKER + "', true), pg_is_in_recovery(), b.holder, b.killed, b.query,"
-    " CASE WHEN %(young)s THEN " + _INCARNATION_AGE + " END"
-    " FROM (SELECT h.pid AS holder, h.query, pg_stat_get_db_sessions_killed(" + _DATABASE_OID + ")"
-    " AS killed FROM (SELECT 1) one LEFT JOIN LATERAL (SELECT l.pid, a.query FROM pg_locks l"
+    " CASE WHEN %(young)s THEN " + _INCARNATION_AGE + " END, b.role, b.app, b.trusted, b.ours"
+    " FROM (SELECT h.pid AS holder, h.query, h.role, h.app, h.trusted, " + _OURS_ON_KEY + " AS ours,"
+    " pg_stat_get_db_sessions_killed(" + _DATABASE_OID + ")"
+    " AS killed FROM (SELECT 1) one LEFT JOIN LATERAL (SELECT " + _HOLDER_COLUMNS + " FROM pg_locks l"
     " LEFT JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.pid <> pg_backend_pid() AND " + _HOLDER + ""
     " LIMIT 1) h ON true OFFSET 0) b,"
     " LATERAL (SELECT pg_advisory_lock(%(key)s::bigint + 0 * coalesce(b.killed, 0)) OFFSET 0) s"
@@ -112,7 +130,7 @@ _QUIET_SQL = (
 )
 
 _HOLDER_SQL = (
-    "SELECT l.pid, a.query, pg_backend_pid(), current_setting('" + _MARKER + "', true),"
+    "SELECT " + _HOLDER_COLUMNS + ", pg_backend_pid(), current_setting('" + _MARKER + "', true),"
     " pg_is_in_recovery()"
     " FROM (SELECT 1) one LEFT JOIN (pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid)"
     " ON l.pid <> pg_backend_pid() AND " + _HOLDER + " LIMIT 1"

@@ -3,13 +3,13 @@ wait out its predecessor's lease? (See *Takeover* and *Restarts, crashes and fai
 package docstring; every step there is here.)"""
 
 import math
-from typing import TYPE_CHECKING, Any, Callable, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, FrozenSet, Iterable, List, Optional, Tuple
 
 import psycopg
 
 from ... import clock
 from .._base import Phase
-from ._common import _PROOF_WAIT, PostgresOracleError, _Baseline, _readable, logger
+from ._common import _PROOF_WAIT, PostgresOracleError, _Baseline, _decode_record, _readable, logger
 from ._sql import _CONFIRM_SQL, _PREDECESSOR_SQL, _QUIET_SQL
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -29,6 +29,26 @@ class Takeover:
         # What the last failed claim on this session saw (its holder, the termination count):
         # the baseline of a later claim's proof (claim_debt).
         self.baseline: Optional[_Baseline] = None
+        # The trusted sessions on the lock at this session's previous read (note()).
+        self._last_ours: FrozenSet[int] = frozenset()
+
+    def note(self, holder: Optional[int], killed: Optional[int], query: Optional[str], trusted: Optional[bool],
+             ours: Optional[Iterable[int]]) -> _Baseline:
+        """The baseline a claim or wait statement read (see _Baseline). Its trusted senders
+        include those of the read before on this session (forget() at connect): a wait that
+        began just after the holder released finds the lock free, and its predecessor is the
+        holder the failed claim or the previous wait saw. Not longer: a pid is reused, in time,
+        by another session (perhaps of another role)."""
+        current = frozenset(ours or ())
+        with self.contender._lock:
+            seen, self._last_ours = self._last_ours, current
+        led = bool(trusted) and _decode_record(query) is not None
+        return _Baseline(holder, killed, led, current | seen)
+
+    def forget(self) -> None:
+        """A new session: what the old one read proves nothing (the caller holds the lock)."""
+        self.baseline = None
+        self._last_ours = frozenset()
 
     # -- the channel ------------------------------------------------------------------------------
 
@@ -83,8 +103,15 @@ class Takeover:
         lead (announce ``leading:``) rather than hold the lock while waiting out its own
         predecessor. Reads the channel's notifications until our own "claimed" arrives, or
         ``until``. The predecessor is the last claim seen before ours, or, if we saw none, the
-        baseline's holder: the session that held the lock when our wait began."""
+        baseline's holder: the session that held the lock when our wait began.
+
+        Any session of the database may NOTIFY anything; the sender's pid is the server's word.
+        So a claim, release or announcement counts only from a sender that held or awaited the
+        lock when our wait began and is of a trusted role (``baseline.ours``), or from us. A
+        last claim from anyone else (a co-tenant's forgery, or a session that took the lock
+        between our read and our queueing) leaves the predecessor unknown: no proof, we wait."""
         contender = self.contender
+        ours = baseline.ours | {contender._backend_pid}
 
         def decide(events):
             for index, (kind, event_token, pid) in enumerate(events):
@@ -92,11 +119,19 @@ class Takeover:
                     before = events[:index]
                     claims = [i for i, e in enumerate(before) if e[0] == "claimed"]
                     if not claims:  # earlier terms had ended when we started listening
-                        released = any(e[0] == "released" for e in before)
+                        # Its release, if a trusted session held the lock at our read; if the lock
+                        # was free then, the release of the holder a read before saw.
+                        senders = ours if baseline.holder is None else ours & {baseline.holder}
+                        released = any(e[0] == "released" and e[2] in senders for e in before)
                         return released, baseline.holder, baseline.led
                     _, last, predecessor = before[claims[-1]]
+                    if predecessor not in ours:
+                        logger.warning("%s: the last claim before ours came from backend pid %s, not a"
+                                       " session of a trusted role seen on the lock: predecessor unknown",
+                                       contender.name, predecessor)
+                        return False, None, False
                     after = before[claims[-1] + 1:]
-                    released = any(e[0] == "released" and e[1] == last for e in after)
+                    released = any(e == ("released", last, predecessor) for e in after)
                     led = any(e == ("leading", last, predecessor) for e in after)
                     return released, predecessor, led
             return None

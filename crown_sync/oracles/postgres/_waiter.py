@@ -9,9 +9,9 @@ import psycopg
 import psycopg.errors
 
 from ... import clock
-from ...oracle import Claim
+from ...oracle import Claim, Leader
 from .._base import Phase
-from ._common import _Baseline, _decode_record, _readable, _shutdown, logger
+from ._common import _Baseline, _Holder, _readable, _shutdown, logger
 from ._sql import _HOLDER_SQL, _WAIT_SQL
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -33,6 +33,7 @@ class Waiter:
         self.prepared: Optional[Claim] = None
         self.error: Optional[BaseException] = None
         self.in_wait = False  # inside the wait statement: only then may stop() cancel it
+        self.foreign_seen: Optional[int] = None  # the foreign holder's pid we warned of (follow)
 
     def ready(self) -> None:
         """Clear a previous stop (the caller holds the contender's lock)."""
@@ -89,7 +90,7 @@ class Waiter:
                     finally:
                         self.in_wait = False
                         contender._statements += 1
-                token, _, since, pid, marker, in_recovery, holder, killed, query, age = row
+                token, _, since, pid, marker, in_recovery, holder, killed, query, age, _, _, trusted, ours = row
                 contender._check_session(pid, marker, in_recovery)
             except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled):
                 if self.stopping:
@@ -102,7 +103,7 @@ class Waiter:
                 logger.debug("%s: lock wait failed: %s", contender.name, contender.oracle.safe_error(exc))
                 self.failed(exc)
                 return
-            baseline = _Baseline(holder, killed, _decode_record(query) is not None)
+            baseline = contender._takeover.note(holder, killed, query, trusted, ours)
             self._take_over(conn, int(token), since, started, baseline, age)
             return
 
@@ -177,6 +178,20 @@ class Waiter:
         if generation is not None:
             watch.watch(conn, generation)
 
+    def follow(self, holder: Optional[_Holder]) -> Optional[Leader]:
+        """The Leader that ``holder`` (of the lock we do not have) is; a foreign holder (a session
+        of another role, with no leader record we can read) is said once per session, as a
+        warning: no crown of this election can lead until it lets go."""
+        contender = self.contender
+        leader = None if holder is None else contender.oracle.leader_from_row(contender.name, *holder)
+        contender.oracle.note_holder(contender.name, leader)
+        if leader is not None and leader.metadata.get("foreign") and self.foreign_seen != holder.pid:
+            self.foreign_seen = holder.pid
+            logger.warning("%s: the election's advisory lock is held by backend pid %s of role %s"
+                           " (application %r), not a crown of this role: no crown can lead until it lets go",
+                           contender.name, holder.pid, holder.role, holder.app)
+        return leader
+
     def _refresh_leader(self, conn: psycopg.Connection, params: Dict[str, Any]) -> None:
         """Between waits: read who holds the lock; tell the engine if it changed."""
         contender = self.contender
@@ -186,13 +201,13 @@ class Waiter:
                     return
                 try:
                     with contender._in_flight(conn):
-                        pid, query, mypid, marker, in_recovery = conn.execute(_HOLDER_SQL, params).fetchone()
+                        row = conn.execute(_HOLDER_SQL, params).fetchone()
                 finally:
                     contender._statements += 1
-            contender._check_session(mypid, marker, in_recovery)
+            contender._check_session(*row[5:])
         except Exception:
             return  # the next wait will fail the same way and report it
-        leader = contender.oracle.leader_from_row(contender.name, pid, query)
+        leader = self.follow(_Holder(*row[:5]))
         old = contender._leader
         if leader is not None and (old is None or (old.identity, old.token) != (leader.identity, leader.token)):
             contender._leader = leader

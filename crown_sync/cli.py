@@ -576,8 +576,12 @@ def status(name, oracle_url, as_json, verbose):
     finally:
         _close_quietly(oracle)
     label = _oracle_label(oracle)
+    notices = getattr(oracle, "notices", None)  # what the oracle cannot protect NAME against
+    notices = [_scrub(text, oracle_url) for text in notices(name)] if callable(notices) else []
+    for text in notices if not as_json else ():
+        click.echo(f"note: {text}", err=True)
     if as_json:
-        document = {"name": name, "oracle": label, "leader": leader_as_dict(leader)}
+        document = {"name": name, "oracle": label, "leader": leader_as_dict(leader), "notices": notices}
         click.echo(json.dumps(document, indent=2, sort_keys=True, default=str))
     elif leader is None:
         click.echo(f"no leader for {name}")

@@ -43,7 +43,7 @@ import os
 import sys
 import threading
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import tenacity
 
@@ -85,6 +85,8 @@ class Status:
     child_alive: bool
     oracle: str
     last_error: Optional[str]
+    #: What the oracle says it cannot protect this election against (an open ACL, planted nodes).
+    notices: Tuple[str, ...] = ()
 
 
 class Crown:
@@ -237,7 +239,7 @@ class Crown:
                 token=term.token if leading else None,
                 child_alive=any(run is not None and run.alive() for run in runs),
                 oracle=self._seat.description,
-                last_error=self._seat.last_error,
+                last_error=self._seat.last_error, notices=self._seat.notices,
             )
 
     def wait_for_leadership(self, timeout: Optional[float] = None) -> bool:
@@ -693,6 +695,7 @@ class _OracleSeat:
         self.description = redact_text(getattr(self.oracle, "description", "") or repr(self.oracle))
         self.contender = None
         self.last_error: Optional[str] = None
+        self.notices: Tuple[str, ...] = ()
 
     def retry(self, operation: str, interrupted, call, max_wait: Optional[float] = None):
         """Call the oracle, retrying errors with backoff until it works or ``interrupted()``.
@@ -715,12 +718,26 @@ class _OracleSeat:
         if interrupted():
             return None
         try:
-            return retrying(call)
+            result = retrying(call)
         except tenacity.RetryError as exc:
             error = exc.last_attempt.exception()
             if error is not None:
                 self.record_error(operation, error)
             return None
+        self.say_notices()
+        return result
+
+    def say_notices(self) -> None:
+        """Keep the oracle's notices about this election (``oracle.notices(name)``, if it has
+        them) for status(), and emit each new one once."""
+        crown, notices = self.crown, getattr(self.oracle, "notices", None)
+        said = tuple(redact_text(text) for text in notices(crown.name)) if callable(notices) else ()
+        if said == self.notices:
+            return
+        with crown._cond:
+            new, self.notices = [text for text in said if text not in self.notices], said
+        for text in new:
+            _emit(crown, "crown.oracle.notice", notice=text)
 
     def record_error(self, operation: str, exc: BaseException) -> None:
         crown = self.crown

@@ -35,6 +35,7 @@ EVENTS: Tuple[str, ...] = (
     "crown.child.stopped",  # we stopped it; +kind, +exitcode
     "crown.child.exited",  # it ended by itself; +kind, +exitcode
     "crown.oracle.error",  # an oracle call failed; +operation, +error
+    "crown.oracle.notice",  # the oracle cannot protect against something (said once); +notice
 )
 
 _EVENT_SET = frozenset(EVENTS)
@@ -81,7 +82,7 @@ def emit(event: str, metadata: dict) -> None:
             logger.exception("telemetry handler %r failed on %s", handler, event)
 
 
-_LOG_KEYS = ("token", "reason", "exitcode", "kind", "pid", "operation", "error", "deadline_in")
+_LOG_KEYS = ("token", "reason", "exitcode", "kind", "pid", "operation", "error", "deadline_in", "notice")
 
 
 def attach_default_logger(level: int = logging.INFO, prefixes: Optional[Iterable[str]] = None) -> int:

@@ -305,3 +305,103 @@ def test_postgres_a_foreign_holder_of_the_key_is_reported_with_its_pid_and_role(
     finally:
         telemetry.detach(handle)
         server.cleanup()
+
+
+# ZooKeeper: the crowns with digest credentials of their own; a co-tenant with other credentials
+# (one JVM for the block).
+@pytest.fixture(scope="module")
+def zookeeper():
+    from crown_sync.testing.zookeeper_server import ZooKeeperServer
+
+    server = ZooKeeperServer()
+    server.start()
+    yield server
+    server.cleanup()
+
+
+def _zk_tenant(server, user="mallory"):
+    from kazoo.client import KazooClient
+
+    client = KazooClient(hosts=server.hosts, auth_data=[("digest", f"{user}:{user}-pw-1")])
+    client.start(timeout=30)
+    return client
+
+
+def _zk_fleet(server, tmp_path, name, prefix):
+    from .oracles.support import Fleet
+
+    url = f"zookeeper://crown:crown-pw-1@{server.hosts}?session_timeout=3&path_prefix={prefix}"
+    return Fleet(url, tmp_path, name, grace=1.0, monitor_delay=0.5)
+
+
+def _notices(fleet):
+    return [event["notice"] for event in fleet.events_of() if event.get("event") == "crown.oracle.notice"]
+
+
+def test_zookeeper_a_co_tenant_with_other_credentials_cannot_touch_a_crowns_election(zookeeper, tmp_path):
+    import types
+
+    from kazoo.exceptions import NoAuthError
+    from kazoo.security import OPEN_ACL_UNSAFE
+
+    name, prefix = "billing", "/hostile_a"
+    fleet = _zk_fleet(zookeeper, tmp_path, name, prefix)
+    election = f"{prefix}/{name}"
+
+    def attack():
+        intruder = _zk_tenant(zookeeper)
+        try:
+            leader = sorted(intruder.get_children(election))[0]
+            for step in (
+                lambda: intruder.create(f"{election}/{'0' * 32}-", b"{}", acl=OPEN_ACL_UNSAFE, sequence=True),
+                lambda: intruder.create(f"{prefix}/other", b"", acl=OPEN_ACL_UNSAFE),
+                lambda: intruder.delete(f"{election}/{leader}"),
+                lambda: intruder.set(f"{election}/{leader}", b'{"identity": "mallory"}'),
+                lambda: intruder.set_acls(election, OPEN_ACL_UNSAFE),
+            ):
+                with pytest.raises(NoAuthError):
+                    step()
+        finally:
+            intruder.stop()
+
+    # The server runs for the whole block: nothing to start or clean up here.
+    assert_the_term_survives(types.SimpleNamespace(start=lambda: None, cleanup=lambda: None), fleet, attack)
+    assert _notices(fleet) == []  # nothing to report: credentials, parents of the crowns' own
+
+
+def test_zookeeper_nodes_planted_in_an_open_election_are_ignored_and_reported(zookeeper, tmp_path):
+    import signal
+
+    from kazoo.security import OPEN_ACL_UNSAFE
+
+    from crown_sync.oracles.zookeeper import ZooKeeperOracle
+
+    name, prefix = "billing", "/hostile_b"
+    election = f"{prefix}/{name}"
+    intruder = _zk_tenant(zookeeper)
+    # Before any crown: the election's node made open, a persistent node that sorts first and
+    # looks like a leader, and a persistent "orphan guard" that claims an hour of lease.
+    intruder.ensure_path(election, acl=OPEN_ACL_UNSAFE)
+    planted = intruder.create(f"{election}/{'a' * 32}-", b'{"identity": "mallory", "metadata": {}}',
+                              acl=OPEN_ACL_UNSAFE, sequence=True).rsplit("/", 1)[1]
+    intruder.create(f"{election}/{'b' * 32}-guard", b'{"identity": "mallory", "session_timeout": 3600}',
+                    acl=OPEN_ACL_UNSAFE)
+    fleet = _zk_fleet(zookeeper, tmp_path, name, prefix)
+    reader = ZooKeeperOracle.from_url(fleet.url)
+    try:
+        fleet.spawn_many(2, "c")
+        first = fleet.wait_for_term(timeout=60)  # never, when the planted node counts
+        assert reader.find_leader(name).identity == first.identity
+        fleet.signal(first.identity, signal.SIGTERM)  # a handover past the planted nodes
+        second = fleet.wait_for_term(other_than={first.identity}, timeout=60)
+        wait_until(lambda: len(set(_notices(fleet))) >= 2, message="the crowns' notices", timeout=30)
+    finally:
+        reader.close()
+        fleet.stop_all()
+        intruder.stop()
+    fleet.assert_safe(min_terms=2)
+    assert second.token > first.token
+    said = set(_notices(fleet))
+    assert any(planted in text and "persistent" in text for text in said), said
+    assert any(election in text and "world:anyone" in text for text in said), said
+    assert any(planted in text for text in reader.notices(name))

@@ -39,7 +39,7 @@ def main(argv=None) -> int:
 
         def record(event, metadata):
             line = {"event": event, "t": clock.monotonic(), "pid": os.getpid()}
-            line.update({k: v for k, v in metadata.items() if k in ("identity", "phase", "token", "reason")})
+            line.update({k: v for k, v in metadata.items() if k in ("identity", "phase", "token", "reason", "notice")})
             os.write(fd, (json.dumps(line, default=str) + "\n").encode())
 
         telemetry.attach(record)

@@ -13,11 +13,10 @@ talk to it over a short-lived connection of their own.
 import os
 import socket
 import ssl
-import subprocess
 import time
 from typing import Dict, Iterable, Optional, Sequence
 
-from .servers import Server, ServerMissing, find_binary
+from .servers import Server, ServerMissing, find_binary, self_signed
 
 __all__ = ["MemcachedServer", "ServerMissing"]
 
@@ -48,13 +47,7 @@ class MemcachedServer(Server):
         self.client_key = os.path.join(self.tmpdir, "client.key") if client_certificates else None
 
     def _self_signed(self, role: str) -> str:
-        certificate = os.path.join(self.tmpdir, f"{role}.crt")
-        subprocess.run([
-            find_binary(["openssl"], "openssl"), "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-            "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-            "-keyout", os.path.join(self.tmpdir, f"{role}.key"), "-out", certificate,
-        ], check=True, capture_output=True)
-        return certificate
+        return self_signed(self.tmpdir, role)
 
     @property
     def url(self) -> str:

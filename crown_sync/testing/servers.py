@@ -14,7 +14,7 @@ import tempfile
 import time
 from typing import IO, Callable, List, Optional, Union
 
-__all__ = ["ServerMissing", "free_port", "wait_for_port", "find_binary", "Server"]
+__all__ = ["ServerMissing", "free_port", "wait_for_port", "find_binary", "self_signed", "Server"]
 
 
 class ServerMissing(RuntimeError):
@@ -49,6 +49,18 @@ def find_binary(candidates: List[str], package: str) -> str:
         f"none of {candidates} found: install the Debian package {package!r} "
         f"(as root: scripts/install-servers)"
     )
+
+
+def self_signed(directory: str, role: str) -> str:
+    """A self-signed certificate for 127.0.0.1 made with ``openssl`` in ``directory``:
+    ``<role>.crt`` (returned) and its key ``<role>.key``."""
+    certificate = os.path.join(directory, f"{role}.crt")
+    subprocess.run([
+        find_binary(["openssl"], "openssl"), "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+        "-keyout", os.path.join(directory, f"{role}.key"), "-out", certificate,
+    ], check=True, capture_output=True)
+    return certificate
 
 
 class Server:

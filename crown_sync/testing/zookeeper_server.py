@@ -24,7 +24,7 @@ import subprocess
 import time
 from typing import Dict, List, Optional
 
-from .servers import Server, ServerMissing, find_binary, free_port
+from .servers import Server, ServerMissing, find_binary, free_port, self_signed
 
 __all__ = ["ZooKeeperServer", "ZooKeeperEnsemble", "four_letter_word", "zookeeper_classpath"]
 
@@ -54,7 +54,10 @@ def zookeeper_classpath() -> str:
             "install the Debian package 'zookeeper' (as root: scripts/install-servers)"
         )
     parts = [jar]
-    for extra in ("slf4j-simple.jar",):
+    # Netty's codec, resolver and native glue are missing from the manifest: the TLS port
+    # (NettyServerCnxnFactory) needs them.
+    extras = ("slf4j-simple.jar", "netty-codec.jar", "netty-resolver.jar", "netty-transport-native-unix-common.jar")
+    for extra in extras:
         path = os.path.join(os.path.dirname(jar), extra)
         if os.path.exists(path):
             parts.append(path)
@@ -95,7 +98,9 @@ class ZooKeeperServer(Server):
     ``min_session_timeout`` to ``max_session_timeout`` milliseconds. ``session_timeout`` (seconds)
     is the shortest session timeout the clients will use: ``syncLimit`` is the largest number of
     ticks within a quarter of it (``sync_limit`` overrides), and it must be at least 4 ticks.
-    Digest ACLs work on any ZooKeeper: no auth provider is configured.
+    Digest ACLs work on any ZooKeeper: no auth provider is configured. ``tls=True`` adds a TLS
+    client port, :attr:`tls_port` (Netty, a self-signed PEM certificate for 127.0.0.1:
+    :attr:`certificate`), beside the plain one; :attr:`tls_url` names it with ``tls_ca``.
     """
 
     def __init__(
@@ -111,6 +116,7 @@ class ZooKeeperServer(Server):
         start_timeout: float = 60.0,
         session_timeout: float = 3.0,
         sync_limit: Optional[int] = None,
+        tls: bool = False,
     ):
         self.tick_time = int(tick_time)
         if self.tick_time <= 0:
@@ -140,6 +146,8 @@ class ZooKeeperServer(Server):
         self.log_path = os.path.join(self.tmpdir, "zookeeper.log")
         self._java = None
         self._classpath = None
+        self.tls_port = free_port() if tls else None
+        self.certificate = self_signed(self.tmpdir, "server") if tls else None
 
     # -- addresses -------------------------------------------------------------------------
 
@@ -150,6 +158,28 @@ class ZooKeeperServer(Server):
     @property
     def url(self) -> str:
         return f"zookeeper://{self.hosts}"
+
+    @property
+    def tls_url(self) -> str:
+        """The TLS port's URL, the server's certificate as ``tls_ca`` (add ``&...`` options)."""
+        return f"zookeeper://127.0.0.1:{self.tls_port}?tls=true&tls_ca={self.certificate}"
+
+    def _tls_config(self) -> List[str]:
+        keystore = os.path.join(self.tmpdir, "server.pem")  # ZooKeeper's PEM key store: key, then certificate
+        with open(keystore, "w") as out:
+            for part in ("server.key", "server.crt"):
+                with open(os.path.join(self.tmpdir, part)) as handle:
+                    out.write(handle.read())
+        return [
+            f"secureClientPort={self.tls_port}",
+            "secureClientPortAddress=127.0.0.1",
+            "serverCnxnFactory=org.apache.zookeeper.server.NettyServerCnxnFactory",
+            f"ssl.keyStore.location={keystore}",
+            "ssl.keyStore.type=PEM",
+            f"ssl.trustStore.location={self.certificate}",
+            "ssl.trustStore.type=PEM",
+            "ssl.clientAuth=none",
+        ]
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -180,6 +210,8 @@ class ZooKeeperServer(Server):
                 lines.append(f"server.{myid}=127.0.0.1:{quorum}:{election}:participant")
             with open(os.path.join(self.data_dir, "myid"), "w") as handle:
                 handle.write(f"{self.myid}\n")
+        if self.tls_port is not None:
+            lines.extend(self._tls_config())
         for key, value in self.extra_config.items():
             lines.append(f"{key}={value}")
         with open(self.config_path, "w") as handle:

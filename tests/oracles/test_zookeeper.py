@@ -124,6 +124,10 @@ def test_from_url_parses_hosts_chroot_auth_and_options():
         ("zookeeper://h:2181,,k", "hosts"),
         ("zookeeper://", "host"),
         ("zookeeper://alice@h:2181", "user:password"),
+        ("zookeeper://h:2181?tls_ca=/etc/hostname", "tls_ca"),  # without tls=true
+        ("zookeeper://h:2181?tls=true&tls_ca=/nonexistent/ca.pem", "tls_ca"),
+        ("zookeeper://h:2181?tls=true&tls_key=/etc/hostname", "tls_key"),
+        ("zookeeper://h:2181?tls=maybe", "tls"),
     ],
 )
 def test_bad_url_raises_value_error_naming_the_option(url, option):
@@ -987,3 +991,78 @@ def test_a_successor_holds_back_while_a_revoked_leaders_guard_remains(zk, name, 
     finally:
         client.stop()
         close_all(oracles, seats)
+
+
+# --------------------------------------------------------------------------- sharing the ensemble
+
+
+def test_an_open_acl_is_said_once_in_status_telemetry_and_the_cli(zk, name, caplog):
+    from click.testing import CliRunner
+
+    from crown_sync import telemetry
+    from crown_sync.cli import main
+
+    said = []
+    handle = telemetry.attach(lambda event, meta: said.append(meta["notice"]), prefixes=["crown.oracle.notice"])
+    open_crown = crown_sync.Crown(name, oracle=f"{zk.url}?session_timeout={SESSION}",
+                                  child=lambda term: term.stop_event.wait())
+    closed_crown = crown_sync.Crown(name + "-auth", oracle=f"zookeeper://app:pw-1@{zk.hosts}?session_timeout={SESSION}"
+                                    "&path_prefix=/notices_test",
+                                    child=lambda term: term.stop_event.wait())
+    try:
+        with caplog.at_level(logging.WARNING, logger="crown_sync.oracles.zookeeper"):
+            open_crown.start()
+            closed_crown.start()
+            assert open_crown.wait_for_leadership(30) and closed_crown.wait_for_leadership(30)
+            time.sleep(SESSION)  # a few refreshes: nothing said again
+        notices = open_crown.status().notices
+        assert len(notices) == 1 and "open ACL" in notices[0], notices
+        assert closed_crown.status().notices == ()
+        assert said == list(notices)
+        assert sum("open ACL" in r.getMessage() for r in caplog.records) == 1
+        result = CliRunner().invoke(main, ["status", name, "--oracle", zk.url])
+        assert result.exit_code == 0 and "note: open ACL" in result.output, result.output
+    finally:
+        telemetry.detach(handle)
+        open_crown.stop()
+        closed_crown.stop()
+
+
+@pytest.fixture(scope="module")
+def zk_tls():
+    server = ZooKeeperServer(tls=True)
+    server.start()
+    yield server
+    server.cleanup()
+
+
+def test_over_tls_a_crown_leads_with_a_clean_journal(zk_tls, name, tmp_path):
+    fleet = Fleet(f"{zk_tls.tls_url}&session_timeout={SESSION}", tmp_path, name)
+    try:
+        fleet.spawn_many(2, "c")
+        first = fleet.wait_for_term(timeout=60)
+        fleet.signal(first.identity, signal.SIGTERM)
+        fleet.wait_for_term(other_than={first.identity}, timeout=60)
+    finally:
+        fleet.stop_all()
+    fleet.assert_safe(min_terms=2)
+
+
+@pytest.mark.parametrize("case", ["plain client", "wrong CA"])
+def test_a_tls_port_turns_away_a_plain_client_and_an_untrusted_certificate_clearly(zk_tls, name, case):
+    from crown_sync.testing.servers import self_signed
+
+    query = f"session_timeout={SESSION}&connect_timeout=1"
+    if case == "plain client":
+        url, expected = f"zookeeper://127.0.0.1:{zk_tls.tls_port}?{query}", "is this its TLS port? then use tls=true"
+    else:
+        other = self_signed(str(zk_tls.tmpdir), "other-" + name)
+        url, expected = (f"zookeeper://127.0.0.1:{zk_tls.tls_port}?tls=true&tls_ca={other}&{query}",
+                         "TLS handshake failed: SSLCertVerificationError")
+    crown = crown_sync.Crown(name, oracle=url, child=lambda term: term.stop_event.wait())
+    try:
+        crown.start()
+        wait_until(lambda: expected in (crown.status().last_error or ""), message=expected, timeout=60)
+        assert not crown.is_leader()
+    finally:
+        crown.stop()

@@ -18,6 +18,10 @@ _OPTIONS = {
     "connect_timeout": float,
     "path_prefix": str,
     "acl": str,
+    "tls": bool,
+    "tls_ca": str,
+    "tls_cert": str,
+    "tls_key": str,
 }
 
 #: Fraction of the negotiated session timeout a term may last after its last confirmation, and a
@@ -159,6 +163,16 @@ def _parse_conf(text: str) -> Optional[Dict[str, str]]:
     return conf if "tickTime" in conf else None
 
 
+def _foreign_why(stat, record: Optional[Dict[str, Any]] = None) -> Optional[str]:
+    """Why a node named like a queue node is not a contender's (None if it may be one): a
+    contender's node is ephemeral and holds a leader record; ``record``: its data, when read."""
+    if stat.ephemeralOwner == 0:
+        return "persistent (a contender's node is ephemeral: it goes with its session)"
+    if record is not None and not isinstance(record.get("identity"), str):
+        return "its data is not a contender's record"
+    return None
+
+
 def _parse_record(data: Optional[bytes]) -> Dict[str, Any]:
     try:
         record = json.loads(data.decode("utf-8")) if data else {}
@@ -222,11 +236,12 @@ def _is_dismissed(record: Dict[str, Any], stat) -> bool:
     return isinstance(target, int) and not isinstance(target, bool) and target == stat.czxid
 
 
-def _read_conf(client: KazooClient) -> Optional[Dict[str, str]]:
-    """The ``conf`` of the member our session is connected to; None if it cannot be read."""
+def _read_conf(client: KazooClient, tls: Dict[str, Any]) -> Optional[Dict[str, str]]:
+    """The ``conf`` of the member our session is connected to (over TLS, with ``tls``: kazoo's
+    TLS arguments, on a TLS port); None if it cannot be read."""
     try:
         peer = client._connection._socket.getpeername()[:2]
-        sock = client.handler.create_connection(peer, timeout=CONF_TIMEOUT)
+        sock = client.handler.create_connection(peer, timeout=CONF_TIMEOUT, hostname=peer[0], **tls)
     except Exception:  # not connected any more, or a kazoo without this internal
         return None
     chunks = []

@@ -154,6 +154,9 @@ class _HoldBack:
                 data, stat = request.get(timeout)
             except NoNodeError:
                 continue  # gone since: released after its child stopped, or its session expired
+            if stat.ephemeralOwner == 0:  # planted: a contender's guard goes with its session
+                c.oracle._foreign(c.name, guard, "a persistent guard (a contender's is ephemeral)")
+                continue
             record = _parse_record(data)
             # Its terms last lease_for(T') = 0.75 T' - 50 ms after a confirmation that started before
             # the deletion; we wait 0.75 T', those 50 ms being for its child's kill to land.

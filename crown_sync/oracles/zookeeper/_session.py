@@ -2,11 +2,13 @@
 timeout, the latest answered request (for the round-trip-free takeover), the ensemble check, and
 stopping the client within a bound. One per :class:`~crown_sync.oracles.zookeeper.ZooKeeperOracle`."""
 
+import ssl
 import threading
 import weakref
-from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 from kazoo.client import KazooClient
+from kazoo.exceptions import ConnectionDropped
 from kazoo.handlers.threading import SequentialThreadingHandler
 from kazoo.protocol.states import KazooState
 from kazoo.retry import KazooRetry
@@ -35,7 +37,7 @@ class _SharedSession:
     """The oracle's one kazoo client and what it knows of its connection."""
 
     def __init__(self, hosts: str, session_timeout: float, connect_timeout: float, auth: Optional[str],
-                 acl: Sequence[ACL], description: str, probe_path: str):
+                 acl: Sequence[ACL], description: str, probe_path: str, tls: Optional[Dict[str, Any]] = None):
         self.hosts = hosts  # with the chroot, as kazoo takes it
         self.session_timeout = session_timeout
         self.connect_timeout = connect_timeout
@@ -43,6 +45,8 @@ class _SharedSession:
         self._acl = list(acl)
         self.description = description
         self._probe_path = probe_path  # what the heartbeat reads
+        self.tls = dict(tls or {})  # kazoo's TLS arguments (use_ssl, ca, certfile, ...), or none
+        self._connect_error: Optional[str] = None  # why the last connection attempt failed
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
         self.client: Optional[KazooClient] = None
@@ -79,6 +83,7 @@ class _SharedSession:
             connection_retry=retry,
             auth_data=[("digest", self._auth)] if self._auth else None,
             default_acl=self._acl,
+            **self.tls,
         )
         self._read_negotiated_timeout(client)
         client.add_listener(lambda state, _client=client: self._on_state(_client, state))
@@ -101,7 +106,12 @@ class _SharedSession:
         # it derived from it (2/3 of it, in ms). A lower negotiated timeout than requested
         # would make our deadlines unsafe, so we need it.
         def _connect(host, hostip, port, _original=original):
-            result = _original(host, hostip, port)
+            try:
+                result = _original(host, hostip, port)
+            except Exception as exc:
+                self._connect_error = _connect_failure(exc, bool(self.tls))
+                raise
+            self._connect_error = None
             try:
                 self._negotiated = float(result[0]) * 1.5 / 1000.0
             except (TypeError, ValueError, IndexError):
@@ -184,9 +194,10 @@ class _SharedSession:
                     return client, self._epoch, client_id[0]
                 remaining = deadline - _monotonic()
                 if remaining <= 0:
+                    why = f"; last attempt: {self._connect_error}" if self._connect_error else ""
                     raise ZooKeeperUnavailable(
                         f"not connected to ZooKeeper at {self.description} after "
-                        f"{wait:g}s (state: {self._state})"
+                        f"{wait:g}s (state: {self._state}{why})"
                     )
                 self._cond.wait(min(remaining, 0.5))
 
@@ -201,7 +212,7 @@ class _SharedSession:
         with self._lock:
             checked = self._ensemble_check
         if checked is None or checked[0] != epoch:
-            conf = _read_conf(client)
+            conf = _read_conf(client, self.tls)
             problem = None
             if conf is None:
                 if not self._conf_unreadable_logged:
@@ -271,6 +282,18 @@ class _SharedSession:
         self._ensemble_check = None
         self._state = "not started"
         self._heartbeat_stop = None  # its thread stayed in the parent
+
+
+def _connect_failure(exc: BaseException, tls: bool) -> str:
+    """What a failed connection attempt tells a person: a TLS handshake refused (certificate not
+    trusted, not TLS at all), or a plain client whose first request the server dropped."""
+    cause = exc if isinstance(exc, ssl.SSLError) else (exc.__cause__ or exc.__context__)
+    if isinstance(cause, ssl.SSLError):  # kazoo wraps it in ConnectionDropped
+        return f"TLS handshake failed: {type(cause).__name__}: {cause}"
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    if not tls and isinstance(exc, ConnectionDropped):
+        text += " (the server closed the connection at once: is this its TLS port? then use tls=true)"
+    return text
 
 
 def _stop_client(client: KazooClient, timeout: float = CLOSE_TIMEOUT) -> None:

@@ -157,7 +157,9 @@ class _Successor:
         except Exception:
             return
         c._session.confirm(sent, epoch)
-        queue = sorted((n for n in children if _NODE.match(n) and not n.startswith(c._prefix)), key=_sequence)
+        ignored = c._ignored.under(None)  # planted nodes never lead
+        queue = sorted((n for n in children if _NODE.match(n) and not n.startswith(c._prefix) and n not in ignored),
+                       key=_sequence)
         with c._lock:
             leads = gen == self.gen and bool(queue) and queue[0] == predecessor
             if leads:

@@ -7,7 +7,7 @@ import uuid
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from kazoo.client import KazooClient
-from kazoo.exceptions import KazooException, NoNodeError
+from kazoo.exceptions import KazooException, NoAuthError, NoNodeError
 from kazoo.protocol.states import KazooState
 
 from ...clock import monotonic as _monotonic
@@ -27,6 +27,7 @@ from ._common import (
     oracle_timeout,
 )
 from ._guard import _HoldBack, _OwnGuard
+from ._notices import _Ignored
 from ._release import _Release
 from ._watches import _OwnNodeWatch, _Successor
 
@@ -63,6 +64,7 @@ class ZooKeeperContender(ContenderBase):
         self._term_epoch = -1
         self._deadline: Optional[float] = None  # the deadline we last gave the current term
         self._leader: Optional[Leader] = None
+        self._ignored = _Ignored(self)  # nodes in the election that are not contenders'
         self._guard = _OwnGuard(self, self._prefix + "guard")
         self._holdback = _HoldBack(self)
         self._own_watch = _OwnNodeWatch(self)
@@ -119,6 +121,9 @@ class ZooKeeperContender(ContenderBase):
             self._holdback.epoch = None
         try:
             return self._fast_win(epoch, session) or self._claim(client, epoch, session)
+        except NoAuthError:
+            raise PermissionError(f"not allowed to create a node in {self._election} (or its parents) with "
+                                  "these credentials: another application's; use a path_prefix of your own") from None
         except KazooException as exc:
             raise _unavailable("claiming", exc) from exc
         except oracle_timeout(client) as exc:
@@ -170,10 +175,11 @@ class ZooKeeperContender(ContenderBase):
             if node is None and not self._pending_create:
                 node = self._create(client, session, epoch, timeout)
                 prefetch = None  # asked before our node existed
-            children, t0 = self._list(client, prefetch if node is not None else None, epoch, timeout)
+            children, t0, parent = self._list(client, prefetch if node is not None else None, epoch, timeout)
             listed_at = _monotonic()  # after the server applied anything this listing shows
             self._session.confirm(t0, epoch)
-            queue = sorted((c for c in children if _NODE.match(c)), key=_sequence)
+            ignored = self._ignored.under(parent)
+            queue = sorted((c for c in children if _NODE.match(c) and c not in ignored), key=_sequence)
             mine = [c for c in queue if c.startswith(self._prefix)]
             if node is None:  # a create whose reply we missed: adopt its node if it is ours
                 node = self._adopt(client, mine, session, epoch, timeout)
@@ -198,7 +204,13 @@ class ZooKeeperContender(ContenderBase):
     def _first_or_queued(self, client: KazooClient, children: List[str], queue: List[str], node: str,
                          listed_at: float, t0: float, epoch: int, session: int, timeout: float) -> Optional[Claim]:
         """What the claim's listing means for our ``node``: a win, a hold-back or a place in the
-        queue behind a leader; None to look again."""
+        queue behind a leader; None to look again. A head that is not a contender's is skipped."""
+        leader = None
+        while queue.index(node) > 0:
+            leader = self._ignored.head(client, queue[0])
+            if leader is not None or not self._ignored.has(queue[0]):
+                break  # a contender's node leads, or the head left meanwhile
+            queue = queue[1:]
         position = queue.index(node)
         if position == 0:
             held_back = self._holdback.check(client, children, listed_at, epoch, timeout)
@@ -212,7 +224,6 @@ class ZooKeeperContender(ContenderBase):
             self._successor.predecessor_epoch = epoch
             if position == 1:
                 self._successor.next_in_line = (epoch, queue[0])
-        leader = self.oracle._read_leader(client, self._election, queue[0])
         return Claim(won=False, leader=leader)
 
     def _verify(self, client: KazooClient, node: str, session: int, epoch: int, timeout: float) -> Optional[str]:
@@ -233,17 +244,19 @@ class ZooKeeperContender(ContenderBase):
                 self._dismissed = node
         return node
 
-    def _list(self, client: KazooClient, prefetch, epoch: int, timeout: float) -> Tuple[List[str], float]:
-        """The election's children and the start of the request that read them: a fresh
-        prefetched answer (asked by a watch when woken) if there is one, else asked now."""
+    def _list(self, client: KazooClient, prefetch, epoch: int, timeout: float) -> Tuple[List[str], float, int]:
+        """The election's children, the start of the request that read them and the election
+        node's czxid: a fresh prefetched answer (asked by a watch when woken) if there is one,
+        else asked now."""
         if prefetch is not None and prefetch[0] == epoch and _monotonic() - prefetch[1] < 1.0:
             try:
-                children, _parent = prefetch[2].get(timeout)
-                return children, prefetch[1]
+                children, parent = prefetch[2].get(timeout)
+                return children, prefetch[1], parent.czxid
             except Exception:
                 pass  # ask afresh
         t0 = _monotonic()
-        return client.get_children_async(self._election).get(timeout), t0
+        children, parent = client.get_children_async(self._election, include_data=True).get(timeout)
+        return children, t0, parent.czxid
 
     def _create(self, client: KazooClient, session: int, epoch: int, timeout: float) -> str:
         with self._lock:
@@ -265,6 +278,7 @@ class ZooKeeperContender(ContenderBase):
             self._guard.create_with_node(client, session)
         # Watch our own node from now on; pipelined with the listing that follows.
         client.get_async(path, watch=self._own_watch.watcher_for(node, epoch))
+        self.oracle._check_parents(client, self.name)
         with self._lock:
             self._verified_epoch = epoch
         return node
@@ -425,6 +439,8 @@ class ZooKeeperContender(ContenderBase):
         except oracle_timeout(client) as exc:
             raise ZooKeeperUnavailable(f"no reply from ZooKeeper at {self.oracle.description} while watching") from exc
         self._session.confirm(sent, epoch)
+        if stat is not None and self._ignored.planted(predecessor, stat):
+            return False  # it never leaves: the claim looks past it
         return stat is not None
 
     def abdicate(self) -> None:

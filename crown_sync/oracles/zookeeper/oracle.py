@@ -8,11 +8,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from kazoo.client import KazooClient
 from kazoo.exceptions import BadVersionError, KazooException, NoAuthError, NoNodeError
-from kazoo.security import ACL, CREATOR_ALL_ACL, OPEN_ACL_UNSAFE, READ_ACL_UNSAFE
+from kazoo.security import ACL, CREATOR_ALL_ACL, OPEN_ACL_UNSAFE, READ_ACL_UNSAFE, make_digest_acl_credential
 
 from ...oracle import Leader, OnChange
 from ...urls import parse_options
 from .._base import Election, OracleBase, seconds_between
+from .._tls import client_context
 from ._common import (
     _ELECTION,
     _NODE,
@@ -23,6 +24,7 @@ from ._common import (
     REFRESHES_PER_TIMEOUT,
     ZooKeeperUnavailable,
     _check_path,
+    _foreign_why,
     _is_dismissed,
     _parse_hosts,
     _parse_record,
@@ -31,6 +33,7 @@ from ._common import (
     _unavailable,
     logger,
 )
+from ._notices import CHILD_RIGHTS, _Notices, foreign_writers, open_acl_text
 from ._session import _SharedSession
 from .contender import ZooKeeperContender
 
@@ -46,6 +49,10 @@ class ZooKeeperOracle(OracleBase):
     list of ``kazoo.security.ACL``. ``path_prefix``: the parent of every election node.
     ``connect_timeout``: how long ``find_leader``/``dismiss`` wait for a connection before
     failing (``claim`` waits at most ``CLAIM_CONNECT_WAIT``: the engine retries it with backoff).
+    ``tls``: connect to the servers' TLS port (``secureClientPort``), the server's certificate
+    verified against ``tls_ca`` (a PEM file) or the system's store, its name or IP checked;
+    ``tls_cert``/``tls_key``: a client certificate. Digest credentials cross the network in clear
+    without it.
     """
 
     def __init__(
@@ -57,6 +64,10 @@ class ZooKeeperOracle(OracleBase):
         acl: Union[None, str, Sequence[ACL]] = None,
         path_prefix: str = "/crown_sync",
         connect_timeout: float = 5.0,
+        tls: bool = False,
+        tls_ca: Optional[str] = None,
+        tls_cert: Optional[str] = None,
+        tls_key: Optional[str] = None,
     ):
         self.hosts, hosts_chroot = _parse_hosts(hosts)
         if hosts_chroot is not None and chroot is not None:
@@ -78,6 +89,11 @@ class ZooKeeperOracle(OracleBase):
             self._user = user
             self._auth = auth
         self.acl = self._build_acl(acl)
+        # Built to check the options (a ValueError naming the one whose file is unusable); kazoo
+        # builds its own context from the same files.
+        client_context(tls, tls_ca, tls_cert, tls_key, "tls=true (zookeeper://host?tls=true)")
+        tls_options = dict(use_ssl=True, ca=tls_ca, certfile=tls_cert, keyfile=tls_key, verify_certs=True,
+                           check_hostname=True) if tls else {}
         # Timings must leave the leader time to confirm before its deadline (client-go style).
         if self.lease_for(self.session_timeout) <= self.session_timeout / REFRESHES_PER_TIMEOUT:
             raise ValueError("session_timeout too short for the refresh interval")
@@ -86,14 +102,56 @@ class ZooKeeperOracle(OracleBase):
         query = {"session_timeout": f"{self.session_timeout:g}"}
         if self.path_prefix != "/crown_sync":
             query["path_prefix"] = self.path_prefix
+        if tls:
+            query["tls"] = "true"
         self.description = (
             f"zookeeper://{userinfo}{self.hosts}{self.chroot or ''}?" + urllib.parse.urlencode(query, safe="/")
         )
         self._session = _SharedSession(
             self.hosts + (self.chroot or ""), self.session_timeout, self.connect_timeout, self._auth, self.acl,
-            self.description, self.path_prefix,
+            self.description, self.path_prefix, tls_options,
         )
+        self._notices = _Notices(self.description)
+        said = open_acl_text(self.acl)
+        if said:
+            self._notices.add(None, said)
         super().__init__()  # after the session: from here a fork's handler may forget it
+
+    def notices(self, name: str) -> Tuple[str, ...]:
+        """What this oracle cannot protect ``name`` against, each said once: an open ACL, nodes
+        planted in the election (ignored), parents others may write to."""
+        return self._notices.of(name)
+
+    def _check_parents(self, client: KazooClient, name: str) -> None:
+        """Once per election, without waiting: with credentials, say so if the election's node or
+        ``path_prefix`` lets other ids create or delete children (created by us they carry our
+        ACL; one made earlier by someone else may be open)."""
+        if open_acl_text(self.acl) or not self._notices.first_parent_check(name):
+            return
+        mine = {(entry.id.scheme, entry.id.id) for entry in self.acl if entry.perms & CHILD_RIGHTS}
+        if self._auth:
+            mine.add(("digest", make_digest_acl_credential(*self._auth.split(":", 1))))
+
+        def checked(path: str, result) -> None:
+            try:
+                acl, _stat = result.get_nowait()
+            except Exception:
+                return  # gone or unreachable: checked again by no one (best effort, said once)
+            others = foreign_writers(acl, mine)
+            if others:
+                self._notices.add(name, (
+                    f"{path} lets {', '.join(others)} create or delete its children: they can plant "
+                    f"or delete nodes of the election; set its ACL to the crowns' credentials (setAcl)"
+                ))
+
+        for path in (self.path_prefix, self.election_path(name)):
+            client.get_acls_async(path).rawlink(lambda result, path=path: checked(path, result))
+
+    def _foreign(self, name: str, node: str, why: str) -> None:
+        self._notices.add(name, (
+            f"ignored node {self.election_path(name)}/{node}: {why}; not a contender's, some client "
+            f"with create rights there planted it (docs: Sharing a server)"
+        ))
 
     def _build_acl(self, acl) -> List[ACL]:
         if acl is None:
@@ -192,9 +250,17 @@ class ZooKeeperOracle(OracleBase):
         return contender
 
     def _read_leader(self, client: KazooClient, election: str, node: str) -> Optional[Leader]:
+        """The leader record of ``node``; None if it is gone, or not a contender's (then noted)."""
         try:
             data, stat = client.get_async(f"{election}/{node}").get(self._op_timeout())
         except NoNodeError:
+            return None
+        return self._leader_if_contender(election, node, data, stat)
+
+    def _leader_if_contender(self, election: str, node: str, data: bytes, stat) -> Optional[Leader]:
+        why = _foreign_why(stat, _parse_record(data))
+        if why is not None:
+            self._foreign(election.rsplit("/", 1)[1], node, why)
             return None
         return self._leader_from(data, stat)
 
@@ -250,13 +316,27 @@ class ZooKeeperOracle(OracleBase):
             found = []
             for name, queue in sorted(queues.items()):
                 try:
-                    leader = self._leader_from(*heads[name].get(timeout)) if queue else None
+                    election = self.election_path(name)
+                    leader = self._leader_if_contender(election, queue[0], *heads[name].get(timeout)) if queue else None
                 except NoNodeError:  # the leader left meanwhile: ask as find_leader does
+                    leader = None
+                if queue and leader is None:  # left, or not a contender's node: the next one leads
                     leader = self.find_leader(name)
                 found.append(Election(name, leader, len(queue)))
             return found
         except KazooException as exc:
             raise _unavailable("listing the elections", exc) from exc
+
+    def _first_contender(self, client: KazooClient, election: str, queue: List[str]) -> Optional[str]:
+        """The first node of ``queue`` that is a contender's (or that left meanwhile), or None."""
+        for node in queue:
+            try:
+                data, stat = client.get_async(f"{election}/{node}").get(self._op_timeout())
+            except NoNodeError:
+                return node  # it left: the caller finds out
+            if self._leader_if_contender(election, node, data, stat) is not None:
+                return node
+        return None
 
     def dismiss(self, name: str) -> bool:
         """Ask the leader to step down: write a dismissal request into its node.
@@ -276,15 +356,15 @@ class ZooKeeperOracle(OracleBase):
         client, _epoch, _session = self._connection()
         election = self.election_path(name)
         try:
-            queue = self._queue(client, election)
-            if not queue:
+            target = self._first_contender(client, election, self._queue(client, election))
+            if target is None:
                 return False
-            path = f"{election}/{queue[0]}"
+            path = f"{election}/{target}"
             for _attempt in range(10):
                 try:
                     data, stat = client.get_async(path).get(self._op_timeout())
                 except NoNodeError:
-                    logger.info("the leader of %s (node %s) left before the dismissal", name, queue[0])
+                    logger.info("the leader of %s (node %s) left before the dismissal", name, target)
                     return True
                 record = _parse_record(data)
                 if _is_dismissed(record, stat):
@@ -297,9 +377,9 @@ class ZooKeeperOracle(OracleBase):
                 except BadVersionError:
                     continue  # its owner wrote meanwhile (its first refresh publishes since): again
                 except NoNodeError:
-                    logger.info("the leader of %s (node %s) left before the dismissal", name, queue[0])
+                    logger.info("the leader of %s (node %s) left before the dismissal", name, target)
                     return True
-                logger.info("asked the leader of %s (node %s, token %s) to step down", name, queue[0], stat.czxid)
+                logger.info("asked the leader of %s (node %s, token %s) to step down", name, target, stat.czxid)
                 return True
         except NoAuthError:
             raise PermissionError(

@@ -423,6 +423,7 @@ class _RunWatcher:
         self.led = self.gave_up = self.exited = False
         self.campaigns = 0
         self.oracle_failing = False
+        self.noted: set = set()  # the crown's notices said so far
         self.shown_leader: Optional[str] = None
         self.terminal = sys.stderr.isatty()
         self.lock = threading.Lock()
@@ -491,8 +492,15 @@ class _RunWatcher:
             self.say(f"waiting: {self.name} is led by {leader.identity}")
 
     def check_oracle(self) -> None:
-        """Say when the oracle starts failing and when it answers again (its crown's status)."""
-        error = self.crown.status().last_error
+        """Say when the oracle starts failing and when it answers again (its crown's status), and
+        each of its notices once."""
+        status = self.crown.status()
+        with self.lock:
+            notes = [text for text in status.notices if text not in self.noted]
+            self.noted.update(notes)
+        for text in notes:
+            self.say(f"note: {_scrub(text, self.url)}")
+        error = status.last_error
         with self.lock:
             if (error is not None) == self.oracle_failing:
                 return

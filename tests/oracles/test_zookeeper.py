@@ -1022,6 +1022,10 @@ def test_an_open_acl_is_said_once_in_status_telemetry_and_the_cli(zk, name, capl
         assert sum("open ACL" in r.getMessage() for r in caplog.records) == 1
         result = CliRunner().invoke(main, ["status", name, "--oracle", zk.url])
         assert result.exit_code == 0 and "note: open ACL" in result.output, result.output
+        # run: said once on stderr, here before it gives up (the election is led)
+        result = CliRunner().invoke(main, ["run", name, "--oracle", f"{zk.url}?session_timeout={SESSION}",
+                                           "--no-wait", "--", "true"])
+        assert result.output.count("note: open ACL") == 1, result.output
     finally:
         telemetry.detach(handle)
         open_crown.stop()

@@ -34,11 +34,11 @@ class Takeover:
 
     def note(self, holder: Optional[int], killed: Optional[int], query: Optional[str], trusted: Optional[bool],
              ours: Optional[Iterable[int]]) -> _Baseline:
-        """The baseline a claim or wait statement read (see _Baseline). Its trusted senders
+        """The baseline a claim, wait or holder read found (see _Baseline). Its trusted senders
         include those of the read before on this session (forget() at connect): a wait that
         began just after the holder released finds the lock free, and its predecessor is the
-        holder the failed claim or the previous wait saw. Not longer: a pid is reused, in time,
-        by another session (perhaps of another role)."""
+        holder the failed claim or the read between two waits saw. Not longer: a pid is reused,
+        in time, by another session (perhaps of another role)."""
         current = frozenset(ours or ())
         with self.contender._lock:
             seen, self._last_ours = self._last_ours, current

@@ -207,7 +207,11 @@ class Waiter:
             contender._check_session(*row[5:])
         except Exception:
             return  # the next wait will fail the same way and report it
-        leader = self.follow(_Holder(*row[:5]))
+        holder = _Holder(*row[:5])
+        if holder.pid is not None:  # a read like the wait's: its trusted holder's release counts next
+            ours = [holder.pid] if holder.trusted else []
+            contender._takeover.note(holder.pid, None, holder.query, holder.trusted, ours)
+        leader = self.follow(holder)
         old = contender._leader
         if leader is not None and (old is None or (old.identity, old.token) != (leader.identity, leader.token)):
             contender._leader = leader

@@ -1070,3 +1070,23 @@ def test_a_tls_port_turns_away_a_plain_client_and_an_untrusted_certificate_clear
         assert not crown.is_leader()
     finally:
         crown.stop()
+
+
+def test_a_planted_node_neither_leads_nor_takes_a_dismissal(zk, name):
+    # A co-tenant's persistent node that sorts first and carries a leader record: the claim
+    # looks past it, find_leader names the contender, dismiss reaches the contender.
+    client = plain_client(zk.hosts)
+    client.ensure_path(f"/crown_sync/{name}")
+    planted = client.create(f"/crown_sync/{name}/{'f' * 32}-", b'{"identity": "mallory", "metadata": {}}',
+                            sequence=True).rsplit("/", 1)[1]
+    oracles, recorders, seats = contenders(zk, name, 1)
+    try:
+        assert seats[0].claim().won
+        assert oracles[0].find_leader(name).identity == "c0"
+        assert oracles[0].dismiss(name) is True
+        wait_until(recorders[0].lost, timeout=10, message="the contender dismissed")
+        assert b"dismissed" not in client.get(f"/crown_sync/{name}/{planted}")[0]
+        assert any(planted in text and "persistent" in text for text in oracles[0].notices(name))
+    finally:
+        client.stop()
+        close_all(oracles, seats)

@@ -103,17 +103,13 @@ def _seconds_option(option: str, value: Any, positive: bool) -> float:
     return float(value)
 
 
-class JournalTail:
-    """Follows the journal as it grows; knows every term and which one leads now.
-
-    This is only the runner's view for choosing targets; the verdict comes from
-    ``crown_sync.testing.journal.check`` reading the whole file afterwards.
-    """
+class _LineTail:
+    """Follows a file of JSON lines as it grows: ``poll()`` hands each new complete line to
+    ``_line`` (a line still being written waits for the next poll)."""
 
     def __init__(self, path: str):
         self.path = path
         self.offset = 0
-        self.terms: Dict[tuple, Dict[str, Any]] = {}
 
     def poll(self) -> None:
         try:
@@ -127,20 +123,37 @@ class JournalTail:
             return
         self.offset += end + 1
         for line in data[: end + 1].splitlines():
-            if not line.strip():
-                continue
-            event = json.loads(line)
-            key = (event["id"], event["token"], event["pid"])
-            term = self.terms.get(key)
-            if term is None:
-                term = self.terms[key] = {"identity": event["id"], "token": event["token"],
-                                          "pid": event["pid"], "start": event["t"], "last": event["t"],
-                                          "stopped": False, "lines": 0}
-            term["lines"] += 1
-            term["start"] = min(term["start"], event["t"])
-            term["last"] = max(term["last"], event["t"])
-            if event["ev"] == "stop":
-                term["stopped"] = True
+            if line.strip():
+                self._line(line)
+
+    def _line(self, line: bytes) -> None:
+        raise NotImplementedError
+
+
+class JournalTail(_LineTail):
+    """Follows the journal as it grows; knows every term and which one leads now.
+
+    This is only the runner's view for choosing targets; the verdict comes from
+    ``crown_sync.testing.journal.check`` reading the whole file afterwards.
+    """
+
+    def __init__(self, path: str):
+        super().__init__(path)
+        self.terms: Dict[tuple, Dict[str, Any]] = {}
+
+    def _line(self, line: bytes) -> None:
+        event = json.loads(line)
+        key = (event["id"], event["token"], event["pid"])
+        term = self.terms.get(key)
+        if term is None:
+            term = self.terms[key] = {"identity": event["id"], "token": event["token"],
+                                      "pid": event["pid"], "start": event["t"], "last": event["t"],
+                                      "stopped": False, "lines": 0}
+        term["lines"] += 1
+        term["start"] = min(term["start"], event["t"])
+        term["last"] = max(term["last"], event["t"])
+        if event["ev"] == "stop":
+            term["stopped"] = True
 
     def leader(self, now: Optional[float] = None) -> Optional[Dict[str, Any]]:
         now = _now() if now is None else now
@@ -152,34 +165,22 @@ class JournalTail:
                       key=lambda t: t["start"])
 
 
-class EventTail:
+class EventTail(_LineTail):
     """Follows the contenders' telemetry events file: who has reached the following phase."""
 
     READY = ("crown.leadership.rejected", "crown.monitor.started", "crown.leadership.claimed")
 
     def __init__(self, path: str):
-        self.path = path
-        self.offset = 0
+        super().__init__(path)
         self.ready = set()
 
-    def poll(self) -> None:
+    def _line(self, line: bytes) -> None:
         try:
-            with open(self.path, "rb") as handle:
-                handle.seek(self.offset)
-                data = handle.read()
-        except FileNotFoundError:
+            event = json.loads(line)
+        except ValueError:
             return
-        end = data.rfind(b"\n")
-        if end < 0:
-            return
-        self.offset += end + 1
-        for line in data[: end + 1].splitlines():
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if event.get("event") in self.READY and event.get("identity"):
-                self.ready.add(event["identity"])
+        if event.get("event") in self.READY and event.get("identity"):
+            self.ready.add(event["identity"])
 
 
 class Contender:

@@ -13,7 +13,6 @@ talk to it over a short-lived connection of their own.
 import os
 import socket
 import ssl
-import time
 from typing import Dict, Iterable, Optional, Sequence
 
 from .servers import Server, ServerMissing, find_binary, self_signed
@@ -104,27 +103,12 @@ class MemcachedServer(Server):
     def restart(self, down_for: float = 0.0) -> "MemcachedServer":
         """Stop (SIGTERM), stay down ``down_for`` seconds, start again on the same port: empty."""
         self.stop()
-        if down_for:
-            time.sleep(down_for)
-        return self._start_on_same_port()
+        return self.start_again(down_for)
 
     def crash_restart(self, down_for: float = 0.0) -> "MemcachedServer":
         """SIGKILL, then start again on the same port."""
         self.kill()
-        if down_for:
-            time.sleep(down_for)
-        return self._start_on_same_port()
-
-    def _start_on_same_port(self) -> "MemcachedServer":
-        # The port was ours; a few retries cover a TIME_WAIT or a slow exit.
-        last = None
-        for _ in range(50):
-            try:
-                return self.start()
-            except RuntimeError as exc:
-                last = exc
-                time.sleep(0.1)
-        raise last
+        return self.start_again(down_for)
 
     def cleanup(self) -> None:
         super().cleanup()

@@ -127,16 +127,7 @@ class NatsServer(Server):
         """Stop (SIGTERM, or SIGKILL with ``crash``), stay down ``down_for`` seconds, start again
         on the same port with the same store: buckets and revisions survive."""
         self.kill() if crash else self.stop()
-        if down_for:
-            time.sleep(down_for)
-        last = None
-        for _ in range(50):  # the port was ours; a few retries cover a slow exit
-            try:
-                return self.start()
-            except RuntimeError as exc:
-                last = exc
-                time.sleep(0.1)
-        raise last
+        return self.start_again(down_for)
 
     def stop(self, timeout: float = 10.0, signum: int = signal.SIGTERM) -> None:
         self.resume()  # a paused server cannot act on SIGTERM

@@ -139,7 +139,6 @@ class RedisServer(Server):
     # As memcached's: SIGKILL (kill() resumes a paused server first), stay down, start on the same
     # port, retrying a while; here the data dir stays, so an ``aof`` server keeps every write.
     crash_restart = MemcachedServer.crash_restart
-    _start_on_same_port = MemcachedServer._start_on_same_port
 
     def pause(self) -> None:
         """Freeze the server (SIGSTOP): connections stay open, nothing is answered."""

@@ -120,6 +120,19 @@ class Server:
     def start(self) -> None:
         raise NotImplementedError
 
+    def start_again(self, down_for: float = 0.0):
+        """After a stop or kill: stay down ``down_for`` seconds, then start on the same port."""
+        if down_for:
+            time.sleep(down_for)
+        last = None
+        for _ in range(50):  # the port was ours; a few retries cover a TIME_WAIT or a slow exit
+            try:
+                return self.start()
+            except RuntimeError as exc:
+                last = exc
+                time.sleep(0.1)
+        raise last
+
     def spawn(self, argv: List[str], what: str, see: str, timeout: float,
               ready: Optional[Callable[[float], None]] = None,
               output: Union[int, IO[bytes]] = subprocess.DEVNULL) -> None:

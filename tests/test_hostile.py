@@ -281,7 +281,7 @@ def test_postgres_a_foreign_holder_of_the_key_is_reported_with_its_pid_and_role(
     name = "billing"
     server = PostgresServer(fsync=False)
     events = []
-    handle = telemetry.attach(lambda event, meta: events.append((event, meta.get("leader"))))
+    handle = telemetry.attach(lambda event, meta: events.append((event, meta.get("leader"), meta.get("notice"))))
     try:
         crown_url, other_url = _pg_tenants(server)
         with psycopg.connect(other_url, autocommit=True) as intruder:
@@ -292,16 +292,23 @@ def test_postgres_a_foreign_holder_of_the_key_is_reported_with_its_pid_and_role(
                 wait_until(lambda: crown.status().leader is not None, message="the holder named", timeout=60)
                 leader = crown.status().leader
                 assert leader.identity.startswith(expected) and leader.metadata["role"] == "mallory", leader
-                assert any(str(seen).startswith(expected) for _, seen in events), events
+                assert any(str(seen).startswith(expected) for _, seen, _ in events), events
+                notice = f"the election's advisory lock is held by foreign holder: backend pid {pid}, role mallory"
+                wait_until(lambda: crown.status().notices, message="the notice", timeout=30)
+                assert [n[:len(notice)] for n in crown.status().notices] == [notice], crown.status()
+                assert any(e == "crown.oracle.notice" and said.startswith(notice) for e, _, said in events), events
                 result = subprocess.run(
                     [sys.executable, "-m", "crown_sync", "status", name, "--oracle", crown_url, "--json"],
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=60, cwd=ROOT,
                     env=contender_environment())
-                shown = json.loads(result.stdout)["leader"]
-                assert shown["identity"].startswith(expected) and shown["metadata"]["backend_pid"] == pid, result
+                shown = json.loads(result.stdout)
+                assert shown["leader"]["identity"].startswith(expected), result
+                assert shown["leader"]["metadata"]["backend_pid"] == pid, result
+                assert [n[:len(notice)] for n in shown["notices"]] == [notice], result
                 assert not crown.is_leader()
                 intruder.execute("SELECT pg_advisory_unlock_all()")
                 assert crown.wait_for_leadership(30)
+                wait_until(lambda: crown.status().notices == (), message="the notice withdrawn", timeout=30)
     finally:
         telemetry.detach(handle)
         server.cleanup()
@@ -405,3 +412,21 @@ def test_zookeeper_nodes_planted_in_an_open_election_are_ignored_and_reported(zo
     assert any(planted in text and "persistent" in text for text in said), said
     assert any(election in text and "world:anyone" in text for text in said), said
     assert any(planted in text for text in reader.notices(name))
+
+
+def test_zookeeper_a_path_prefix_taken_by_a_co_tenant_is_reported_clearly(zookeeper):
+    from kazoo.security import CREATOR_ALL_ACL, READ_ACL_UNSAFE
+
+    intruder = _zk_tenant(zookeeper)
+    intruder.create("/hostile_c", b"", acl=CREATOR_ALL_ACL + READ_ACL_UNSAFE)  # before the crowns
+    crown = crown_sync.Crown("billing", oracle=f"zookeeper://crown:crown-pw-1@{zookeeper.hosts}"
+                             "?session_timeout=3&connect_timeout=1&path_prefix=/hostile_c",
+                             child=lambda term: term.stop_event.wait(), monitor_delay=0.2)
+    try:
+        crown.start()
+        wait_until(lambda: "PermissionError: not allowed to create a node in /hostile_c/billing"
+                   in (crown.status().last_error or ""), message="a clear last_error", timeout=30)
+        assert not crown.is_leader() and "crown-pw-1" not in crown.status().last_error
+    finally:
+        crown.stop()
+        intruder.stop()

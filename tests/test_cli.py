@@ -99,6 +99,16 @@ def start_run(runs, tmp_path, name, url, command, identity, *options):
     return run
 
 
+def leading_and_following(runs, tmp_path, url, path):
+    """Run "A" (its command journals to ``path``) until its command runs, then "B" until it
+    finds A leading; returns both runs."""
+    first = start_run(runs, tmp_path, "job", url, journal_command(path), "A")
+    wait_until(lambda: started(path, "A"), "A's command to start")
+    second = start_run(runs, tmp_path, "job", url, journal_command(path), "B")
+    wait_until(lambda: "crown.leadership.rejected" in second.stderr(), "B to find A leading")
+    return first, second
+
+
 def wait_until(predicate, what, timeout=WAIT):
     deadline = time.monotonic() + timeout
     while True:
@@ -159,10 +169,7 @@ def test_command_not_found_is_127(url):
 
 def test_two_runs_take_turns_and_sigterm_stops_the_command(tmp_path, url, runs):
     path = tmp_path / "journal.jsonl"
-    first = start_run(runs, tmp_path, "job", url, journal_command(path), "A")
-    wait_until(lambda: started(path, "A"), "A's command to start")
-    second = start_run(runs, tmp_path, "job", url, journal_command(path), "B")
-    wait_until(lambda: "crown.leadership.rejected" in second.stderr(), "B to find A leading")
+    first, second = leading_and_following(runs, tmp_path, url, path)
 
     status = json.loads(cli("status", "job", "--oracle", url, "--json").stdout)
     assert status["leader"]["identity"] == "A"
@@ -184,10 +191,7 @@ def test_two_runs_take_turns_and_sigterm_stops_the_command(tmp_path, url, runs):
 
 def test_sigkill_of_the_leading_run_kills_its_command_and_the_follower_takes_over(tmp_path, url, runs):
     path = tmp_path / "journal.jsonl"
-    first = start_run(runs, tmp_path, "job", url, journal_command(path), "A")
-    wait_until(lambda: started(path, "A"), "A's command to start")
-    second = start_run(runs, tmp_path, "job", url, journal_command(path), "B")
-    wait_until(lambda: "crown.leadership.rejected" in second.stderr(), "B to find A leading")
+    first, second = leading_and_following(runs, tmp_path, url, path)
     first.signal(signal.SIGKILL)
     assert first.wait() == -signal.SIGKILL
     wait_until(lambda: started(path, "B"), "B to take over")
@@ -409,10 +413,7 @@ def test_dismiss_makes_the_leader_step_down(tmp_path, url, runs):
     assert cli("dismiss", "job", "--oracle", url).returncode == 1  # nobody to dismiss
 
     path = tmp_path / "journal.jsonl"
-    first = start_run(runs, tmp_path, "job", url, journal_command(path), "A")
-    wait_until(lambda: started(path, "A"), "A's command to start")
-    second = start_run(runs, tmp_path, "job", url, journal_command(path), "B")
-    wait_until(lambda: "crown.leadership.rejected" in second.stderr(), "B to find A leading")
+    first, second = leading_and_following(runs, tmp_path, url, path)
 
     result = cli("dismiss", "job", "--oracle", url)
     assert result.returncode == 0, result.stderr

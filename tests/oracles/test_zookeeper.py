@@ -1050,6 +1050,15 @@ def test_over_tls_a_crown_leads_with_a_clean_journal(zk_tls, name, tmp_path):
     finally:
         fleet.stop_all()
     fleet.assert_safe(min_terms=2)
+    # The ensemble check reads the member's conf over TLS too (a plain read would be refused).
+    oracle = ZooKeeperOracle.from_url(f"{zk_tls.tls_url}&session_timeout={SESSION}")
+    seat = oracle.contender(name, "me", {}, Recorder())
+    try:
+        seat.claim()
+        assert oracle._session._ensemble_check[1] is None and not oracle._session._conf_unreadable_logged
+    finally:
+        seat.close()
+        oracle.close()
 
 
 @pytest.mark.parametrize("case", ["plain client", "wrong CA"])

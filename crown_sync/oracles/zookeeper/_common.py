@@ -236,12 +236,13 @@ def _is_dismissed(record: Dict[str, Any], stat) -> bool:
     return isinstance(target, int) and not isinstance(target, bool) and target == stat.czxid
 
 
-def _read_conf(client: KazooClient, tls: Dict[str, Any]) -> Optional[Dict[str, str]]:
+def _read_conf(client: KazooClient, tls: Dict[str, Any], member: Optional[str]) -> Optional[Dict[str, str]]:
     """The ``conf`` of the member our session is connected to (over TLS, with ``tls``: kazoo's
-    TLS arguments, on a TLS port); None if it cannot be read."""
+    TLS arguments, on a TLS port, the certificate checked against ``member``, its name as given
+    in the hosts); None if it cannot be read."""
     try:
         peer = client._connection._socket.getpeername()[:2]
-        sock = client.handler.create_connection(peer, timeout=CONF_TIMEOUT, hostname=peer[0], **tls)
+        sock = client.handler.create_connection(peer, timeout=CONF_TIMEOUT, hostname=member or peer[0], **tls)
     except Exception:  # not connected any more, or a kazoo without this internal
         return None
     chunks = []

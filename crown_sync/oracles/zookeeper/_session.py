@@ -47,6 +47,7 @@ class _SharedSession:
         self._probe_path = probe_path  # what the heartbeat reads
         self.tls = dict(tls or {})  # kazoo's TLS arguments (use_ssl, ca, certfile, ...), or none
         self._connect_error: Optional[str] = None  # why the last connection attempt failed
+        self._member: Optional[str] = None  # the name of the member we connected to, as given
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
         self.client: Optional[KazooClient] = None
@@ -111,7 +112,7 @@ class _SharedSession:
             except Exception as exc:
                 self._connect_error = _connect_failure(exc, bool(self.tls))
                 raise
-            self._connect_error = None
+            self._connect_error, self._member = None, host
             try:
                 self._negotiated = float(result[0]) * 1.5 / 1000.0
             except (TypeError, ValueError, IndexError):
@@ -212,7 +213,7 @@ class _SharedSession:
         with self._lock:
             checked = self._ensemble_check
         if checked is None or checked[0] != epoch:
-            conf = _read_conf(client, self.tls)
+            conf = _read_conf(client, self.tls, self._member)
             problem = None
             if conf is None:
                 if not self._conf_unreadable_logged:

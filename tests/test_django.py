@@ -340,7 +340,8 @@ def test_manage_py_crown_sync_exit_code_and_output_from_the_command_line(tmp_pat
     result = subprocess.run([sys.executable, "-m", "django", "crown_sync", "status", "--json"], cwd=ROOT,
                             env=django_env(tmp_path), capture_output=True, text=True, timeout=60)
     assert result.returncode == 1, result.stderr
-    assert json.loads(result.stdout) == {"name": NAME, "oracle": f"file://{tmp_path / 'oracle'}", "leader": None}
+    assert json.loads(result.stdout) == {"name": NAME, "oracle": f"file://{tmp_path / 'oracle'}", "leader": None,
+                                         "notices": []}
 
 
 # ------------------------------------------------------------------------- runserver

@@ -88,7 +88,7 @@ from ..oracle import Claim, Leader, OnChange
 from ._base import (ContenderBase, Election, ListingUnsupported, OracleBase, Phase, bounded, leader_of,
                     record_of, seconds)
 
-__all__ = ["LeaseStore", "LeaseOracle", "LeaseContender", "default_margin", "MIN_MARGIN_RATIO", "URL_OPTIONS"]
+__all__ = ["LeaseStore", "LeaseOracle", "LeaseContender", "default_margin", "record_token", "MIN_MARGIN_RATIO", "URL_OPTIONS"]
 
 logger = logging.getLogger("crown_sync.oracles.lease")
 
@@ -144,6 +144,13 @@ class LeaseStore(abc.ABC):
         """Write ``value`` only if the key still has ``version``: True if done, False if the key
         changed meanwhile, None if it is absent."""
 
+    def written_version(self, value: bytes) -> Any:
+        """The version the server gave ``value`` when this store last wrote it (a create or
+        replace that succeeded), or None if unknown. Known, it lets a holder renew and release by
+        one compare-and-set over its own last write, without reading first (a lost CAS then
+        reads to learn why). Default: unknown (memcached's ``cas`` returns no new CAS id)."""
+        return None
+
     def entries(self, prefix: str) -> Dict[str, Optional[bytes]]:
         """{key: value} of every key that starts with ``prefix``, in one round trip or a few (the
         fleet view); a value may be None (gone meanwhile, or not a plain value)."""
@@ -184,7 +191,7 @@ def decode(value: Optional[bytes]) -> Optional[Dict[str, Any]]:
     return record
 
 
-def _record_token(record: Optional[Dict[str, Any]]) -> int:
+def record_token(record: Optional[Dict[str, Any]]) -> int:
     token = record.get("token") if record else None
     return token if isinstance(token, int) and not isinstance(token, bool) else 0
 
@@ -299,6 +306,21 @@ class LeaseOracle(OracleBase):
         """The lowest token a new term may take: the wall clock in microseconds."""
         return int(self.clock() * 1_000_000)
 
+    def term_token(self, store: LeaseStore, record: Optional[Dict[str, Any]]) -> int:
+        """The token of a term that starts by replacing ``record`` (None: not a lease record):
+        above the record's and at least the floor. A server whose floor adds nothing while a
+        record exists may override this to save the floor's round trip on a handoff."""
+        return max(record_token(record) + 1, self.token_floor(store))
+
+    def start_term(self, store: LeaseStore, key: str, record: Optional[Dict[str, Any]], version: Any,
+                   build: Callable[[int], bytes]) -> Optional[Tuple[int, bytes]]:
+        """Replace ``record`` (at ``version``) with the held record ``build(token)`` of a new term:
+        (token, bytes written), or None if the CAS lost. A server that can take the token and
+        write in one step (a script) overrides this: one round trip less on every handoff."""
+        token = self.term_token(store, record)
+        value = build(token)
+        return (token, value) if store.replace(key, value, version, self.record_expire) else None
+
     def watching(self, contender: "LeaseContender", store: LeaseStore) -> None:
         """A contender started following: a server that can push changes arranges (on the
         contender's own ``store``, if it likes) to call ``contender.nudge()`` when the election's
@@ -400,7 +422,137 @@ class _Pending:
         self.renewed_at = renewed_at
 
 
-class LeaseContender(ContenderBase):
+class _Follower:
+    """A following contender's side of :class:`LeaseContender`: ``watch`` and the poller thread,
+    which reads the key every ``poll_interval`` (or at once when the server pushes a change) and
+    takes a released or stale lease over for the engine's next ``claim()``. Its state is
+    LeaseContender's (set up in its __init__)."""
+
+    def nudge(self, pushed: Optional[Tuple[Optional[bytes], Any]] = None) -> None:
+        """The key may have changed (a push from the server): a watching poller reads now.
+        ``pushed``: the key's new (value, version) if the push carried them; a ``released``
+        record is then taken over by CAS over that version, without reading it first."""
+        if self._watching:
+            if pushed is not None:
+                self._pushed = pushed
+            self._wake.set()
+
+    def watch(self, leader: Optional[Leader]) -> bool:
+        with self._lock:
+            self._check_open()
+            if not self._may_watch():
+                return False
+            if self._thread is None:
+                self.oracle.watching(self, self._store)  # before we count as watching: it may raise
+            was_watching, self._watching = self._watching, True
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._poll_loop, name=f"crown-sync-lease:{self.name}", daemon=True
+                )
+                self._thread.start()
+        if not was_watching:
+            self._wake.set()  # else the poller's schedule stands (no extra request)
+        return True
+
+    def _may_watch(self) -> bool:
+        """False if the engine should claim at once instead of watching."""
+        if self._prewon is not None:
+            return False  # the poller already took the lease: claim now
+        if self._pending is not None:
+            return _monotonic() < self._pending.ready_at
+        seen = self._seen
+        if seen is None:
+            return False  # no record seen: claim again
+        record = decode(seen[0])
+        if record is not None and record.get("state") == RELEASED:
+            return False
+        if _monotonic() >= seen[1] + self.oracle.ttl:
+            return False
+        self._watch_holder = _holder(record, seen[0])
+        return True
+
+    def _poll_loop(self) -> None:
+        delay: Optional[float] = None
+        while True:
+            self._wake.wait(delay)
+            self._wake.clear()
+            if not self.usable:
+                return
+            try:
+                signal, delay = self._poll_once()
+            except Exception as exc:  # an unreachable server: keep trying at the poll interval
+                logger.debug("%s: poll of %s failed: %s", self.identity, self.name, exc)
+                signal, delay = False, self.oracle.poll_interval
+            if signal:
+                self._notify()
+
+    def _poll_once(self) -> Tuple[bool, Optional[float]]:
+        """One round of the poller. Returns (call on_change?, seconds until the next round)."""
+        with self._lock:
+            if not self._watching or not self.usable:
+                return False, None
+            if self._pending is not None:
+                return self._poll_pending()
+            pushed, self._pushed = self._pushed, None
+            won = self._take_pushed(pushed) if pushed is not None else None
+            if won is not None:
+                self._watching = False
+                self._prewon = won
+                return True, None
+            value, version = self._call("read", self._key)
+            read_end = _monotonic()
+            first_seen = self._observe(value, read_end)
+            record = decode(value)
+            if value is not None and (
+                (record is not None and record.get("state") == RELEASED)
+                or read_end >= first_seen + self.oracle.ttl  # unchanged for a whole ttl: stale
+            ):
+                # Take it over right here, then tell the engine: claim() hands the won lease over.
+                # A takeover that raised leaves us watching: the next round reads again.
+                won = self._take_over(record, version)
+                self._watching = False
+                self._prewon = won
+                return True, None
+            if value is None or _holder(record, value) != self._watch_holder:
+                self._watching = False
+                return True, None  # a new holder, a dismissal, or no record: the engine claims
+            self._last_quiet_poll = _monotonic()
+            # Poll again after poll_interval, or exactly when the record will have been unchanged
+            # for a ttl if that comes sooner (crash failover is then ttl + at most one poll).
+            stale_in = first_seen + self.oracle.ttl - _monotonic()
+            return False, max(0.0, min(self.oracle.poll_interval, stale_in))
+
+    def _take_pushed(self, pushed: Tuple[Optional[bytes], Any]) -> Optional[Claim]:
+        """A ``released`` record the server pushed: take it over by CAS over the pushed version,
+        as after a read (the CAS fails if anything was written since). None: not a release, or
+        the CAS lost; the poller then reads as usual."""
+        value, version = pushed
+        record = decode(value)
+        if record is None or record.get("state") != RELEASED or version is None:
+            return None
+        return self._take_over(record, version)
+
+    def _poll_pending(self) -> Tuple[bool, Optional[float]]:
+        oracle = self.oracle
+        pending = self._pending
+        now = _monotonic()
+        if now >= pending.ready_at:
+            # Quarantine over: convert the pending record now, then tell the engine. Stop
+            # watching only once that call has answered: if it raises, the poller's next
+            # round tries again (the engine hears nothing until then).
+            result = self._claim_once()
+            self._watching = False
+            if result is not None and result.won:
+                self._prewon = result
+            return True, None
+        if now - pending.renewed_at >= oracle.renew_interval and not self._renew_pending():
+            self._watching = False
+            return True, None  # lost our pending record: claim afresh
+        wake_at = min(pending.ready_at, pending.renewed_at + oracle.renew_interval)
+        return False, max(0.0, wake_at - _monotonic())
+
+
+class LeaseContender(_Follower, ContenderBase):
     """One crown's seat: its own store (connection), its lease, and a poller thread while following.
 
     The engine's calls and the poller share the store under ``_lock``; ``on_change`` is always
@@ -420,6 +572,10 @@ class LeaseContender(ContenderBase):
         self._ended_nonce: Optional[str] = None  # our last term's nonce, for abdicate
         self._pending: Optional[_Pending] = None
         self._prewon: Optional[Claim] = None  # a lease the poller took, for the next claim()
+        # Our held record as we last wrote it, and its version (see LeaseStore.written_version).
+        self._mine: Optional[Tuple[bytes, Any]] = None
+        # The key's new (value, version) as the server pushed it, for the poller's next round.
+        self._pushed: Optional[Tuple[Optional[bytes], Any]] = None
         # What we last saw in the key: (bytes, monotonic end of the first read that showed them).
         self._seen: Optional[Tuple[bytes, float]] = None
         # Poller state.
@@ -429,11 +585,6 @@ class LeaseContender(ContenderBase):
         self._wake = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self.requests = 0  # calls made to the server (for benchmarks and tests)
-
-    def nudge(self) -> None:
-        """The key may have changed (a push from the server): a watching poller reads now."""
-        if self._watching:
-            self._wake.set()
 
     # -- helpers (lock held) ------------------------------------------------------------------
 
@@ -451,8 +602,10 @@ class LeaseContender(ContenderBase):
             self._seen = (value, read_end)
         return self._seen[1]
 
-    def _next_token(self, record: Optional[Dict[str, Any]]) -> int:
-        return max(_record_token(record) + 1, self.oracle.token_floor(self._store))
+    def _remember(self, value: bytes) -> None:
+        """``value`` (our held record) was just written: keep it and its version, if known."""
+        version = self._store.written_version(value)
+        self._mine = None if version is None else (value, version)
 
     def _record(self, state: str, nonce: str, token: int, since: Optional[float]) -> Dict[str, Any]:
         return dict(record_of(self.identity, self.metadata, token, since), state=state, nonce=nonce)
@@ -460,7 +613,7 @@ class LeaseContender(ContenderBase):
     def _won(self, nonce: str, token: int, since: float, started: float) -> Claim:
         self._nonce, self._token, self._since = nonce, token, since
         self._ended_nonce = None
-        self._pending = None
+        self._pending = self._pushed = None
         self._seen = None
         self._watching = False
         self._enter(Phase.LEADING)
@@ -479,11 +632,15 @@ class LeaseContender(ContenderBase):
 
     def _hold(self, record: Optional[Dict[str, Any]], version: Any, nonce: str, started: float) -> Optional[Claim]:
         """CAS our ``held`` record over ``version`` of ``record``. None if we lost the race."""
-        token = self._next_token(record)
         since = self.oracle.clock()
-        done = self._call("replace", self._key, encode(self._record(HELD, nonce, token, since)), version,
-                          self.oracle.record_expire)
-        return self._won(nonce, token, since, started) if done else None
+        self._check_open()
+        self.requests += 1
+        written = self.oracle.start_term(self._store, self._key, record, version,
+                                         lambda token: encode(self._record(HELD, nonce, token, since)))
+        if written is None:
+            return None
+        self._remember(written[1])
+        return self._won(nonce, written[0], since, started)
 
     def _take_over(self, record: Optional[Dict[str, Any]], version: Any) -> Optional[Claim]:
         return self._hold(record, version, _nonce(), _monotonic())
@@ -622,6 +779,8 @@ class LeaseContender(ContenderBase):
         if nonce is None:
             return Claim(won=False)
         started = _monotonic()
+        if self._renew_mine(nonce):
+            return self._lease(started)
         value, version = self._call("read", self._key)
         record = decode(value)
         if record is not None and record.get("state") == VACATED and record.get("prev") == nonce:
@@ -633,114 +792,31 @@ class LeaseContender(ContenderBase):
         if record is None or record.get("state") != HELD or record.get("nonce") != nonce:
             self._lose("its lease record is gone" if value is None else "its lease record was replaced")
             return Claim(won=False, leader=held_leader(record))
-        if not self._call("replace", self._key, encode(record), version, self.oracle.record_expire):
+        value = encode(record)
+        if not self._call("replace", self._key, value, version, self.oracle.record_expire):
             self._lose("a renewal lost its CAS")
             return Claim(won=False)
+        self._remember(value)
         return self._lease(started)
+
+    def _renew_mine(self, nonce: str) -> bool:
+        """Renew by one CAS over our own last write, if its version is known. False: unknown, or
+        the record changed since (dismissed, replaced, gone): the caller reads to learn which."""
+        mine, self._mine = self._mine, None
+        record = decode(mine[0]) if mine is not None else None
+        if record is None or record.get("nonce") != nonce:
+            return False
+        value = encode(record)
+        if not self._call("replace", self._key, value, mine[1], self.oracle.record_expire):
+            return False
+        self._remember(value)
+        return True
 
     def _lose(self, why: str) -> None:
         logger.info("%s lost %s (token %s): %s", self.identity, self.name, self._token, why)
         self._ended_nonce, self._nonce = self._nonce, None
         self._token = self._since = None
         self._enter(Phase.FOLLOWING)
-
-    def watch(self, leader: Optional[Leader]) -> bool:
-        with self._lock:
-            self._check_open()
-            if not self._may_watch():
-                return False
-            if self._thread is None:
-                self.oracle.watching(self, self._store)  # before we count as watching: it may raise
-            was_watching, self._watching = self._watching, True
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._poll_loop, name=f"crown-sync-lease:{self.name}", daemon=True
-                )
-                self._thread.start()
-        if not was_watching:
-            self._wake.set()  # else the poller's schedule stands (no extra request)
-        return True
-
-    def _may_watch(self) -> bool:
-        """False if the engine should claim at once instead of watching."""
-        if self._prewon is not None:
-            return False  # the poller already took the lease: claim now
-        if self._pending is not None:
-            return _monotonic() < self._pending.ready_at
-        seen = self._seen
-        if seen is None:
-            return False  # no record seen: claim again
-        record = decode(seen[0])
-        if record is not None and record.get("state") == RELEASED:
-            return False
-        if _monotonic() >= seen[1] + self.oracle.ttl:
-            return False
-        self._watch_holder = _holder(record, seen[0])
-        return True
-
-    def _poll_loop(self) -> None:
-        delay: Optional[float] = None
-        while True:
-            self._wake.wait(delay)
-            self._wake.clear()
-            if not self.usable:
-                return
-            try:
-                signal, delay = self._poll_once()
-            except Exception as exc:  # an unreachable server: keep trying at the poll interval
-                logger.debug("%s: poll of %s failed: %s", self.identity, self.name, exc)
-                signal, delay = False, self.oracle.poll_interval
-            if signal:
-                self._notify()
-
-    def _poll_once(self) -> Tuple[bool, Optional[float]]:
-        """One round of the poller. Returns (call on_change?, seconds until the next round)."""
-        with self._lock:
-            if not self._watching or not self.usable:
-                return False, None
-            if self._pending is not None:
-                return self._poll_pending()
-            value, version = self._call("read", self._key)
-            read_end = _monotonic()
-            first_seen = self._observe(value, read_end)
-            record = decode(value)
-            if value is not None and (
-                (record is not None and record.get("state") == RELEASED)
-                or read_end >= first_seen + self.oracle.ttl  # unchanged for a whole ttl: stale
-            ):
-                # Take it over right here, then tell the engine: claim() hands the won lease over.
-                # A takeover that raised leaves us watching: the next round reads again.
-                won = self._take_over(record, version)
-                self._watching = False
-                self._prewon = won
-                return True, None
-            if value is None or _holder(record, value) != self._watch_holder:
-                self._watching = False
-                return True, None  # a new holder, a dismissal, or no record: the engine claims
-            self._last_quiet_poll = _monotonic()
-            # Poll again after poll_interval, or exactly when the record will have been unchanged
-            # for a ttl if that comes sooner (crash failover is then ttl + at most one poll).
-            stale_in = first_seen + self.oracle.ttl - _monotonic()
-            return False, max(0.0, min(self.oracle.poll_interval, stale_in))
-
-    def _poll_pending(self) -> Tuple[bool, Optional[float]]:
-        oracle = self.oracle
-        pending = self._pending
-        now = _monotonic()
-        if now >= pending.ready_at:
-            # Quarantine over: convert the pending record now, then tell the engine. Stop
-            # watching only once that call has answered: if it raises, the poller's next
-            # round tries again (the engine hears nothing until then).
-            result = self._claim_once()
-            self._watching = False
-            if result is not None and result.won:
-                self._prewon = result
-            return True, None
-        if now - pending.renewed_at >= oracle.renew_interval and not self._renew_pending():
-            self._watching = False
-            return True, None  # lost our pending record: claim afresh
-        wake_at = min(pending.ready_at, pending.renewed_at + oracle.renew_interval)
-        return False, max(0.0, wake_at - _monotonic())
 
     def abdicate(self) -> None:
         with self._lock:
@@ -755,8 +831,15 @@ class LeaseContender(ContenderBase):
         self._ended_nonce = nonce  # kept: a later claim may find our record still there
         if self.phase is Phase.LEADING:
             self._enter(Phase.FOLLOWING)
+        mine, self._mine = self._mine, None
         if nonce is None:
             return
+        if mine is not None:
+            # Our last write's version is known: one CAS over it, no read (a successor waits on
+            # this write). If it fails, the record changed since (a dismissal): read, as below.
+            record = decode(mine[0])
+            if record is not None and record.get("nonce") == nonce and self._release_over(record, mine[1], nonce):
+                return
         value, version = self._call("read", self._key)
         record = decode(value)
         if record is None:
@@ -764,14 +847,18 @@ class LeaseContender(ContenderBase):
         ours = (record.get("state") == HELD and record.get("nonce") == nonce) or (
             record.get("state") == VACATED and record.get("prev") == nonce and record.get("prev_state") == HELD
         )
-        if not ours:
-            return  # someone else's now: never touch it
+        if ours:  # else someone else's now: never touch it
+            self._release_over(record, version, nonce)
+
+    def _release_over(self, record: Dict[str, Any], version: Any, nonce: str) -> bool:
         released = _farewell(RELEASED, dict(record, nonce=nonce), HELD, self.identity)
         # CAS, never a blind delete: if anything changed since our read, it is not ours to free.
-        if self._call("replace", self._key, encode(released), version, _RELEASED_EXPIRE):
-            self._ended_nonce = None
-            logger.info("%s released %s (token %s)", self.identity, self.name, record.get("token"))
-            self.oracle.released(self._store, self.name)
+        if not self._call("replace", self._key, encode(released), version, _RELEASED_EXPIRE):
+            return False
+        self._ended_nonce = None
+        logger.info("%s released %s (token %s)", self.identity, self.name, record.get("token"))
+        self.oracle.released(self._store, self.name)
+        return True
 
     def _vacate(self, nonce: str, state: str) -> None:
         """Give up a record we hold without vouching that our child has stopped: successors wait
@@ -820,7 +907,7 @@ class LeaseContender(ContenderBase):
     def _closed_now(self) -> None:
         self._enter(Phase.CLOSED)
         self._watching = False
-        self._nonce = self._pending = self._prewon = None
+        self._nonce = self._pending = self._prewon = self._mine = self._pushed = None
 
     def _forget_after_fork(self) -> None:
         self._watching = False

@@ -51,7 +51,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 from .. import _forksafe
 from ..urls import one_server, parse_options, redact_text
 from ._base import seconds
-from ._lease import URL_OPTIONS, LeaseContender, LeaseOracle, LeaseStore
+from ._lease import URL_OPTIONS, LeaseContender, LeaseOracle, LeaseStore, record_token
 from ._tls import client_context
 
 import nats  # the nats extra: crown_sync.urls reports it missing with the pip command
@@ -118,7 +118,8 @@ class _Store(LeaseStore):
         self._kv = None
         self._loop: Optional[_Loop] = None
         self._inflight: Optional[concurrent.futures.Future] = None
-        self._watch: Optional[Tuple[str, Callable[[], None]]] = None
+        self._watch: Optional[Tuple[str, Callable[..., None]]] = None
+        self._written: Optional[Tuple[bytes, int]] = None  # our last successful write, its revision
         self.last_error: Optional[str] = None  # the last error nats-py reported, for messages
         self.closed = False
 
@@ -143,9 +144,14 @@ class _Store(LeaseStore):
         """The bucket's creation time in microseconds plus its last revision plus one."""
         return self._call("stream info", self._token_floor())
 
-    def watch(self, key: str, on_push: Callable[[], None]) -> None:
-        """From now on, call ``on_push()`` (on the loop) at every write, delete or purge of ``key``;
-        the consumer is (re)made with each connection."""
+    def written_version(self, value: bytes) -> Any:
+        written = self._written
+        return written[1] if written is not None and written[0] == value else None
+
+    def watch(self, key: str, on_push: Callable[..., None]) -> None:
+        """From now on, call ``on_push((value, revision))`` (on the loop) at every write of
+        ``key``, ``on_push(None)`` at a delete or purge; the consumer is (re)made with each
+        connection."""
         self._watch = (key, on_push)
         if self._nc is not None:
             self._call("watch", self._subscribe())
@@ -259,14 +265,14 @@ class _Store(LeaseStore):
 
     async def _create(self, key: str, value: bytes) -> bool:
         try:
-            await self._kv.create(key, value)
+            self._written = (value, await self._kv.create(key, value))
         except nats.js.errors.KeyWrongLastSequenceError:
             return False
         return True
 
     async def _update(self, key: str, value: bytes, version: int) -> Optional[bool]:
         try:
-            await self._kv.update(key, value, last=version)
+            self._written = (value, await self._kv.update(key, value, last=version))
         except nats.js.errors.KeyWrongLastSequenceError:
             # Changed since our read, or emptied (a delete or purge leaves a marker revision).
             value, _ = await self._read(key)
@@ -282,12 +288,15 @@ class _Store(LeaseStore):
         key, on_push = self._watch
 
         async def pushed(msg) -> None:
-            on_push()
+            # The record and its revision came with the message: a follower takes a release over
+            # by CAS on that revision without reading it first (a delete or purge: no record).
+            operation = (msg.headers or {}).get("KV-Operation")
+            on_push(None if operation in ("DEL", "PURGE") else (msg.data, msg.metadata.sequence.stream))
 
-        # Ordered push consumer: nats-py remakes it on a gap or missed heartbeats.
+        # Ordered push consumer: nats-py remakes it on a gap or missed heartbeats. Whole messages
+        # (a record is a few hundred bytes), so that a follower need not read what it was sent.
         await self._nc.jetstream(timeout=self._oracle.timeout).subscribe(
-            self._oracle.subject(key), cb=pushed, ordered_consumer=True,
-            deliver_policy=DeliverPolicy.NEW, headers_only=True,
+            self._oracle.subject(key), cb=pushed, ordered_consumer=True, deliver_policy=DeliverPolicy.NEW,
         )
 
 
@@ -407,6 +416,15 @@ class NatsOracle(LeaseOracle):
 
     def token_floor(self, store: LeaseStore) -> int:
         return store.token_floor()
+
+    def term_token(self, store: LeaseStore, record: Optional[Dict[str, Any]]) -> int:
+        # A record in the bucket was written in this bucket's lifetime (a recreated bucket starts
+        # empty, and an empty key is claimed through a pending record that takes the floor), and
+        # its token is at most the bucket's creation time plus its revision. So its token plus one
+        # is above every earlier term's and at most the creation time plus the revision of the
+        # write that replaces it: the floor would add nothing but a round trip to the handoff.
+        token = record_token(record)
+        return token + 1 if token > 0 else super().term_token(store, record)
 
     def watching(self, contender: LeaseContender, store: LeaseStore) -> None:
         # The contender's own store (its connection) carries the push consumer of its key.

@@ -55,6 +55,7 @@ child; redis-py itself never shuts down a socket from a process other than its c
 import json
 import logging
 import re
+import secrets
 import threading
 import time
 import urllib.parse
@@ -66,7 +67,7 @@ import tenacity
 from .. import _forksafe
 from ..urls import one_server, parse_options, redact_text
 from ._base import Phase
-from ._lease import RELEASED, URL_OPTIONS, VACATED, LeaseContender, LeaseOracle, LeaseStore, decode
+from ._lease import RELEASED, URL_OPTIONS, VACATED, LeaseContender, LeaseOracle, LeaseStore, decode, record_token
 
 try:  # the client library is an extra: a missing one is reported by crown_sync.urls
     import redis
@@ -97,36 +98,64 @@ return {redis.call('GET', KEYS[1]), redis.call('HGET', KEYS[2], KEYS[1]) == run 
 """
 
 # KEYS[1]: the lease key, KEYS[2]: the server hash. ARGV: the version (value) we read, the new
-# value, seconds to live, and what to publish on the channel named as the key (nothing if empty):
-# in the same step as the write, so a follower woken by it always reads the new record.
-# 1: replaced; 0: the key holds something else now; -1: it is absent.
+# value, seconds to live, what to publish on the channel named as the key (nothing if empty; the
+# news, a newline and the new value), and '1' if the version must have been written by this
+# incarnation of the server (a pushed release: see _Pushed). The publish is in the same step as
+# the write, so a follower woken by it always finds the new record.
+# 1: replaced; 0: the key holds something else now (or an older incarnation wrote it); -1: absent.
 _REPLACE = _RUN + """
 local current = redis.call('GET', KEYS[1])
 if not current then return -1 end
 if current ~= ARGV[1] then return 0 end
+if ARGV[5] == '1' and redis.call('HGET', KEYS[2], KEYS[1]) ~= run then return 0 end
 redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
 redis.call('HSET', KEYS[2], KEYS[1], run)
-if ARGV[4] ~= '' then redis.call('PUBLISH', KEYS[1], ARGV[4]) end
+if ARGV[4] ~= '' then redis.call('PUBLISH', KEYS[1], ARGV[4] .. '\\n' .. ARGV[2]) end
 return 1
 """
 
-# KEYS[1]: the token counter, KEYS[2]: the server hash. On a server incarnation not seen before
-# (a restart, with or without its data, or from an older snapshot; a promoted replica), the
+# The local counter: the token counter; KEYS[2]: the server hash. On a server incarnation not seen
+# before (a restart, with or without its data, or from an older snapshot; a promoted replica), the
 # counter first rises to the server's clock in microseconds: above every token taken before, as
 # long as that clock did not step back, even when the counter came back older or not at all.
-_NEXT_TOKEN = _RUN + """
+_LIFT = """
 if redis.call('HGET', KEYS[2], 'token_run') ~= run then
   local now = redis.call('TIME')
   local clock = now[1] .. string.format('%06d', tonumber(now[2]))
-  if tonumber(redis.call('GET', KEYS[1]) or '0') < tonumber(clock) then
-    redis.call('SET', KEYS[1], clock)
+  if tonumber(redis.call('GET', counter) or '0') < tonumber(clock) then
+    redis.call('SET', counter, clock)
   end
   redis.call('HSET', KEYS[2], 'token_run', run)
 end
-return redis.call('INCR', KEYS[1])
 """
 
-_SCRIPTS: Dict[str, str] = {"read": _READ, "replace": _REPLACE, "next_token": _NEXT_TOKEN}
+# KEYS[1]: the token counter, KEYS[2]: the server hash.
+_NEXT_TOKEN = _RUN + "local counter = KEYS[1]\n" + _LIFT + "return redis.call('INCR', counter)\n"
+
+# A term's start in one step (RedisOracle.start_term). KEYS[1]: the lease key, KEYS[2]: the server
+# hash, KEYS[3]: the token counter. ARGV: the version (value) read, the new record's bytes before
+# and after its token, the least token (the replaced record's plus one), seconds to live, and '1'
+# if the version must have been written by this incarnation (see _Pushed). The token is the
+# larger of that and the counter's INCR, as RedisOracle.token_floor would give in a round trip
+# of its own. Returns the token; 0: the key holds something else; -1: it is absent.
+_START_TERM = _RUN + """
+local current = redis.call('GET', KEYS[1])
+if not current then return -1 end
+if current ~= ARGV[1] then return 0 end
+if ARGV[6] == '1' and redis.call('HGET', KEYS[2], KEYS[1]) ~= run then return 0 end
+local counter = KEYS[3]
+""" + _LIFT + """
+local token = math.max(redis.call('INCR', counter), tonumber(ARGV[4]))
+redis.call('SET', KEYS[1], ARGV[2] .. string.format('%d', token) .. ARGV[3], 'EX', ARGV[5])
+redis.call('HSET', KEYS[2], KEYS[1], run)
+return token
+"""
+
+_SCRIPTS: Dict[str, str] = {"read": _READ, "replace": _REPLACE, "next_token": _NEXT_TOKEN, "start_term": _START_TERM}
+
+# Stands for the token in a record built before the script knows it: random, so that no leader
+# metadata can hold it too.
+_TOKEN_MARK = "crown-sync-token-" + secrets.token_hex(16)
 
 
 class RedisOracleError(ConnectionError):
@@ -137,6 +166,13 @@ class RedisOracleError(ConnectionError):
 class RedisRefused(RedisOracleError):
     """The server is not a single Redis primary (a Cluster node, a replica, a Sentinel), or it
     refused our credentials."""
+
+
+class _Pushed(bytes):
+    """A version (the value itself) that came in a pub/sub message, not from a read: a compare-
+    and-set over it also requires that the running server wrote it. A read shows a release from an
+    older incarnation (a snapshot brought it back) as vacated; a message published before such a
+    restart and handled after it must not count as a release either."""
 
 
 class _Refused(redis.exceptions.ConnectionError):
@@ -250,12 +286,32 @@ class RedisStore(LeaseStore):
         # A release, a dismissal or a vacating close is pushed to the followers (and a dismissal to
         # its leader); a renewal or a takeover is not: nobody waits for those.
         news = record.get("by") or record["state"] if record and record["state"] in (RELEASED, VACATED) else ""
+        fresh = "1" if isinstance(version, _Pushed) else ""
         done = self._run(
             "compare-and-set script",
             lambda client: self._scripts["replace"](
-                keys=[key, self._oracle.server_key], args=[version, value, int(expire), news], client=client),
+                keys=[key, self._oracle.server_key], args=[version, value, int(expire), news, fresh], client=client),
         )
         return None if done == -1 else bool(done)
+
+    def written_version(self, value: bytes) -> Any:
+        return value  # the compare-and-set compares the bytes themselves
+
+    def start_term(self, key: str, version: Any, build: Callable[[Any], bytes], least: int,
+                   expire: int) -> Optional[Tuple[int, bytes]]:
+        """The token and the compare-and-set of a new term's record in one script (_START_TERM)."""
+        mark = json.dumps(_TOKEN_MARK).encode()
+        before, found, after = build(_TOKEN_MARK).partition(mark)
+        if not found or mark in after:
+            raise ValueError("a term's record must hold its token exactly once")  # never: the mark is ours
+        fresh = "1" if isinstance(version, _Pushed) else ""
+        keys = [key, self._oracle.server_key, self._oracle.key_prefix + ":token"]
+        token = self._run(
+            "term start script",
+            lambda client: self._scripts["start_term"](
+                keys=keys, args=[version, before, after, least, int(expire), fresh], client=client),
+        )
+        return (token, before + str(token).encode() + after) if token > 0 else None
 
     def entries(self, prefix: str) -> Dict[str, Optional[bytes]]:
         # SCAN's MATCH is a glob: the prefix's own * ? [ ] and backslash must match only themselves.
@@ -355,15 +411,18 @@ class _Push:
             return
         channel = message.get("channel")
         channel = channel.decode() if isinstance(channel, bytes) else str(channel)
-        dismissed = message.get("data") in (b"dismiss", "dismiss")
+        data = message.get("data") if kind == "message" else None
+        news, _, value = data.partition(b"\n") if isinstance(data, bytes) else (b"", b"", b"")
+        # The new record came with the news: a follower takes a release over without reading it.
+        pushed = (value, _Pushed(value)) if value else None
         with self._lock:
             members = list(self._members.get(channel, ()))
         for contender in members:
             if contender.phase is Phase.LEADING:
-                if dismissed:
+                if news == b"dismiss":
                     contender._notify()  # a refresh is due now: it finds the vacated record
             else:
-                contender.nudge()
+                contender.nudge(pushed)
 
     def close(self) -> None:
         self._closed = True
@@ -490,6 +549,12 @@ class RedisOracle(LeaseOracle):
     def token_floor(self, store: LeaseStore) -> int:
         """``INCR`` of the counter, seeded from the server's clock when absent (see above)."""
         return store.next_token()  # type: ignore[attr-defined]
+
+    def start_term(self, store: LeaseStore, key: str, record: Optional[Dict[str, Any]], version: Any,
+                   build: Callable[[Any], bytes]) -> Optional[Tuple[int, bytes]]:
+        # The same token as term_token's, taken inside the compare-and-set: a handoff costs one
+        # round trip (and one fsync of the append-only file) less.
+        return store.start_term(key, version, build, record_token(record) + 1, self.record_expire)  # type: ignore[attr-defined]
 
     def contender(self, name: str, identity: str, metadata: Dict[str, Any], on_change) -> LeaseContender:
         contender = super().contender(name, identity, metadata, on_change)

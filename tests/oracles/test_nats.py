@@ -154,13 +154,22 @@ def test_a_release_is_pushed_to_the_follower_long_before_its_next_poll(server, n
         claim = follower.claim()
         assert not claim.won and claim.leader.identity == "leader"
         assert follower.watch(claim.leader)
-        time.sleep(0.5)  # the poller's first read is done; its next is 4 s away
+        # The leader renews by one update over its own last revision (no read first).
+        renewing = leader.requests
+        assert leader.refresh().won and leader.requests - renewing == 1
+        time.sleep(0.5)  # the poller's reads (its first, the renewal's push) are done; its next is 4 s away
         assert not signals.event.is_set()
+        before = (leader.requests, follower.requests)
         released_at = clock.monotonic()
         leader.abdicate()
         assert signals.event.wait(2.0), "the release was not pushed (the follower waited for its poll)"
         won = follower.claim()
-        assert won.won and won.token > claim.leader.token
+        # One request on each side: the release is one update over the leader's last revision;
+        # the message carried the record and its revision, so the follower took over by one
+        # update (no read, no stream info: the record's token plus one is the new term's).
+        # Before: 2 to release, 3 to take over.
+        assert won.won and won.token == claim.leader.token + 1
+        assert (leader.requests - before[0], follower.requests - before[1]) == (1, 1)
         print(f"release pushed and taken over in {clock.monotonic() - released_at:.4f} s")
     finally:
         follower.close()

@@ -65,9 +65,12 @@ deadline, then stops the child). Followers' poll errors, failed takeovers includ
 retried at the poll interval.
 
 Requests at rest: a follower makes one read per ``poll_interval`` (the engine's periodic
-re-claims are answered from the poller's fresh read without a request); a leader one read and one
-CAS per ``renew_interval``. The poller takes a released or stale lease over itself, by CAS with
-the version its read just returned, and hands the won lease to the engine's next ``claim()``
+re-claims are answered from the poller's fresh read without a request); a leader one CAS per
+``renew_interval``, over the version of its own last write where the store knows it
+(:meth:`LeaseStore.written_version`; else a read first), and it releases the same way. The poller
+takes a released or stale lease over itself, by CAS with the version its read just returned, or
+the version a push carried with a ``released`` record (no read), and hands the won lease to the
+engine's next ``claim()``
 (renewed first if less than ``renew_interval + margin`` of it is left, so that the term outlasts
 the engine's first refresh). Crash failover: a follower takes over ``ttl`` after it first saw the
 leader's last renewal, i.e. at most ``ttl + poll_interval`` after the crash.

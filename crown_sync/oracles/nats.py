@@ -17,10 +17,13 @@ written by CAS, never a delete, and an empty key means "unknown": the claimant h
 contenders' own clocks, never by the server's expiry.
 
 Push: each following contender's connection holds an ordered push consumer on its election's
-subject (headers only, new messages only); every write, delete or purge of the key makes its
-poller read at once, so a graceful release is taken over within a round trip, not a poll.
+subject (whole messages, new ones only); every write, delete or purge of the key wakes its poller,
+which takes a pushed release over by one ``update`` over the pushed revision (no read) and reads
+the key after anything else. The holder renews and releases by ``update`` over the revision of its
+own last write, without reading first: a graceful handoff is one request on each side.
 
-Fencing tokens: ``max(previous token + 1, created + last_seq + 1)``, where ``created`` is the
+Fencing tokens: ``record token + 1`` when a term replaces a record (see NatsOracle.term_token), and
+on an empty key ``created + last_seq + 1``, where ``created`` is the
 bucket stream's creation time in microseconds (the server's clock) and ``last_seq`` the stream's
 last revision, read when a term is about to start: the token is at most the revision of the write
 that starts the term, offset by the bucket's creation time. Revisions rise across terms and across

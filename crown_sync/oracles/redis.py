@@ -24,7 +24,8 @@ the key with the server's ``run_id`` (new at each start of redis-server) in the 
 back from an RDB snapshot or an append-only file older than what the contenders saw: a successor
 may have taken it over since) reads as ``vacated``, so it is taken over only once stale.
 
-Fencing tokens: ``max(previous token + 1, INCR <key_prefix>:token)``. The counter is one key per
+Fencing tokens: ``max(previous token + 1, INCR <key_prefix>:token)``, in the script that writes
+the term's record. The counter is one key per
 ``key_prefix`` (shared by the elections under it: tokens need only rise per election). On a
 server ``run_id`` it has not been checked on (first use, any restart, a promoted replica), the
 same script first lifts it to the server's ``TIME`` in microseconds if lower. So tokens rise by
@@ -35,12 +36,14 @@ this against refusing a server without persistence.
 
 Push: every contender is registered with its oracle's one pub/sub connection (a daemon thread,
 its own socket), subscribed to the channel ``<key_prefix><name>``. A holder that releases or
-vacates its record, and ``dismiss``, ``PUBLISH`` to it in the script of that write: a watching follower
-reads at once (a graceful handoff is a few round trips, not a poll), and a dismissed leader
-refreshes at once. Pub/sub is not durable (a message sent while the subscriber reconnects is
-lost), so followers still poll every ``poll_interval`` (default 1 s: the requests at rest are one
-read per second per follower, and a read and a compare-and-set per ``renew_interval`` for the
-leader), and a (re)subscription makes every follower of the channel read at once.
+vacates its record, and ``dismiss``, ``PUBLISH`` to it in the script of that write, with the new
+record: a watching follower takes a release over at once by one script (the compare-and-set over
+the pushed bytes, the token taken inside it), and a dismissed leader refreshes at once. The holder
+renews and releases by a compare-and-set over its own last write, without reading first, so a
+graceful handoff is one write on each side. Pub/sub is not durable (a message sent while the
+subscriber reconnects is lost), so followers still poll every ``poll_interval`` (default 1 s: the
+requests at rest are one read per second per follower, and one compare-and-set per
+``renew_interval`` for the leader), and a (re)subscription makes every follower read at once.
 
 Refused at connection time, with an error naming the problem (shown in ``status().last_error``):
 a Redis Cluster node (``cluster_enabled:1``), a replica (``ROLE`` is ``slave``: writes would fail,

@@ -518,10 +518,11 @@ class FileOracle(OracleBase):
 
     # -- a lock file deleted or replaced ---------------------------------------------------
 
-    def lock_file_now(self, name: str) -> Optional[LockId]:
-        """(device, inode) of the file at ``NAME.lock`` now, None if there is none."""
+    def lock_file_now(self, name: str, directory: Optional[int] = None) -> Optional[LockId]:
+        """(device, inode) of the file at ``NAME.lock`` now, None if there is none; ``directory``:
+        a descriptor of the directory walked afresh by the caller (else walked here)."""
         try:
-            with self._at() as directory:
+            with self._at(directory) as directory:
                 info = os.stat(f"{name}.lock", dir_fd=directory, follow_symlinks=False)
         except FileNotFoundError:
             return None
@@ -703,18 +704,22 @@ class _DismissalWatch:
                     self._cond.wait()
                 self._cond.wait(self.interval)
                 watched = {name: list(leaders) for name, leaders in self._leaders.items()}
-            try:
-                with self.oracle._at() as directory:
+            # One walk from / per round for every leader of the directory (each walk checks every
+            # component: a walk per leader cost 1,000 crowns 4x the CPU at rest).
+            with contextlib.ExitStack() as cycle:
+                try:
+                    directory: Optional[int] = cycle.enter_context(self.oracle._at())
                     entries = os.listdir(directory)
-            except OSError:
-                entries = []  # gone or refused: the leaders' locks still hold (each says so below)
-            requested = {entry[: -len(".dismiss")] for entry in entries if entry.endswith(".dismiss")}
-            for name in requested.intersection(watched):
-                for contender in watched[name]:
-                    contender._notify()  # the engine refreshes; refresh() reads the request
-            for contenders in watched.values():
-                for contender in contenders:
-                    contender.report_if_moved()
+                except OSError:
+                    # Gone or refused: the leaders' locks still hold (each says so below).
+                    directory, entries = None, []
+                requested = {entry[: -len(".dismiss")] for entry in entries if entry.endswith(".dismiss")}
+                for name in requested.intersection(watched):
+                    for contender in watched[name]:
+                        contender._notify()  # the engine refreshes; refresh() reads the request
+                for contenders in watched.values():
+                    for contender in contenders:
+                        contender.report_if_moved(directory)
 
 
 _watches: Dict[str, _DismissalWatch] = {}
@@ -850,14 +855,15 @@ class FileContender(ContenderBase):
             self._drop()
         raise OSError(f"{self._path} was replaced {_REOPENS} times while this process locked it")
 
-    def report_if_moved(self) -> None:
+    def report_if_moved(self, directory: Optional[int] = None) -> None:
         """From the dismissal watch: say so, once a term, if our lock file left the path. The term
-        goes on (its lock still holds); claimants wait until it ends (_check_predecessor)."""
+        goes on (its lock still holds); claimants wait until it ends (_check_predecessor).
+        ``directory``: the watch's descriptor of the directory for this round, if it has one."""
         lock, leader = self._term_lock, self._leader
         if lock is None or leader is None or self._moved_reported:
             return
         try:
-            now = self.oracle.lock_file_now(self.name)
+            now = self.oracle.lock_file_now(self.name, directory)
         except OSError as exc:  # the way to the directory is refused now (a symlink swapped in)
             self._moved_reported = True
             logger.warning(

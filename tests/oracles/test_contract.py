@@ -126,6 +126,9 @@ def test_a_dismissed_leader_steps_down_and_a_follower_leads_with_a_higher_token(
         first = wait_until(lambda: next((c for c in crowns if c.is_leader()), None), message="a leader")
         other = next(c for c in crowns if c is not first)
         wait_until(lambda: other.phase == "following", message="the other following")
+        # The first term must have journaled its work before it is dismissed (on a fast oracle a
+        # dismissal can end it before its child's first beat, and the journal has one term less).
+        wait_until(lambda: working(path, name, first.identity), message="the first term working")
         token = first.status().token
         assert crown_sync.dismiss(name, oracle=url) is True
         wait_until(lambda: other.is_leader(), message="the follower leading after the dismissal")

@@ -44,8 +44,9 @@ would otherwise let a newcomer create and lock a new file of the same name: two 
    term: a claimant in a pid namespace takes over from a term on a replaced file only if that
    term ran in its own namespace; otherwise it refuses (an error naming the way out) and a
    claimant of that namespace, or of the host's (which sees every lock), must take over.
-5. A claim verifies that /proc/locks lists the lock it holds itself, so the proof is never
-   blind (no /proc, a file system whose inode numbers /proc/locks does not show): it refuses.
+5. An oracle's first claim, and every claim after a replaced file, verifies that /proc/locks
+   lists the lock it holds itself, so the proof is never blind (no /proc, a file system whose
+   inode numbers /proc/locks does not show): it refuses.
    Matching is by inode number only (btrfs shows other devices in stat() than in /proc/locks):
    another locked file that reuses the inode number of a deleted one makes a claimant wait
    longer, never lead early.
@@ -424,6 +425,7 @@ class FileOracle(OracleBase):
         self.description = "file://" + self.directory
         self._checked = False
         self._walked = self.directory  # the path walked from /: see resolve_trusted_symlinks
+        self._proc_locks_seen = False  # /proc/locks has listed a lock we hold (see _check_predecessor)
 
     @classmethod
     def from_url(cls, url: str) -> "FileOracle":
@@ -566,13 +568,18 @@ class FileOracle(OracleBase):
         on the unlinked file: over only once the kernel lists no lock on it (/proc/locks), and,
         from inside a pid namespace, only if that term ran in ours (we can't see the others).
         """
-        held = _locked_inodes()
-        if ours[1] not in held:  # the proof below would be blind here: refuse rather than guess
-            raise OSError(
-                f"/proc/locks does not list the lock this process holds on {self._path(name, 'lock')}:"
-                f" a deleted or replaced lock file could not be detected in {self.directory}"
-            )
-        if previous_lock is None or previous_lock == ours:
+        replaced = previous_lock is not None and previous_lock != ours
+        # Reading /proc/locks can take 10 ms (the first read after a pause, on some kernels): once
+        # per oracle to prove it sees our locks, else only when a lock file was replaced.
+        if replaced or not self._proc_locks_seen:
+            held = _locked_inodes()
+            if ours[1] not in held:  # the proof below would be blind here: refuse rather than guess
+                raise OSError(
+                    f"/proc/locks does not list the lock this process holds on {self._path(name, 'lock')}:"
+                    f" a deleted or replaced lock file could not be detected in {self.directory}"
+                )
+            self._proc_locks_seen = True
+        if not replaced:
             return
         term = previous.token if previous else "?"
         if _lock_is_still_held(previous_lock, held):

@@ -101,6 +101,7 @@ class ZooKeeperServer(Server):
     Digest ACLs work on any ZooKeeper: no auth provider is configured. ``tls=True`` adds a TLS
     client port, :attr:`tls_port` (Netty, a self-signed PEM certificate for 127.0.0.1:
     :attr:`certificate`), beside the plain one; :attr:`tls_url` names it with ``tls_ca``.
+    ``client_certificate=True`` makes that port require a client certificate (:attr:`client_pem`).
     """
 
     def __init__(
@@ -117,6 +118,7 @@ class ZooKeeperServer(Server):
         session_timeout: float = 3.0,
         sync_limit: Optional[int] = None,
         tls: bool = False,
+        client_certificate: bool = False,
     ):
         self.tick_time = int(tick_time)
         if self.tick_time <= 0:
@@ -148,6 +150,12 @@ class ZooKeeperServer(Server):
         self._classpath = None
         self.tls_port = free_port() if tls else None
         self.certificate = self_signed(self.tmpdir, "server") if tls else None
+        #: With ``client_certificate``: the TLS port requires one, and this PEM (certificate, then
+        #: key, in one file) is the one it trusts; :attr:`tls_url` gives it as ``tls_cert``.
+        self.client_pem = None
+        if tls and client_certificate:
+            self.client_pem = os.path.join(self.tmpdir, "client.pem")
+            self._concatenate(self.client_pem, [self_signed(self.tmpdir, "client"), "client.key"])
 
     # -- addresses -------------------------------------------------------------------------
 
@@ -162,23 +170,31 @@ class ZooKeeperServer(Server):
     @property
     def tls_url(self) -> str:
         """The TLS port's URL, the server's certificate as ``tls_ca`` (add ``&...`` options)."""
-        return f"zookeeper://127.0.0.1:{self.tls_port}?tls=true&tls_ca={self.certificate}"
+        url = f"zookeeper://127.0.0.1:{self.tls_port}?tls=true&tls_ca={self.certificate}"
+        return url + (f"&tls_cert={self.client_pem}" if self.client_pem else "")
+
+    def _concatenate(self, target: str, parts: List[str]) -> None:
+        with open(target, "w") as out:
+            for part in parts:
+                with open(os.path.join(self.tmpdir, part)) as handle:
+                    out.write(handle.read())
 
     def _tls_config(self) -> List[str]:
         keystore = os.path.join(self.tmpdir, "server.pem")  # ZooKeeper's PEM key store: key, then certificate
-        with open(keystore, "w") as out:
-            for part in ("server.key", "server.crt"):
-                with open(os.path.join(self.tmpdir, part)) as handle:
-                    out.write(handle.read())
+        self._concatenate(keystore, ["server.key", "server.crt"])
+        trusted = self.certificate
+        if self.client_pem is not None:
+            trusted = os.path.join(self.tmpdir, "trusted.pem")
+            self._concatenate(trusted, ["server.crt", "client.crt"])
         return [
             f"secureClientPort={self.tls_port}",
             "secureClientPortAddress=127.0.0.1",
             "serverCnxnFactory=org.apache.zookeeper.server.NettyServerCnxnFactory",
             f"ssl.keyStore.location={keystore}",
             "ssl.keyStore.type=PEM",
-            f"ssl.trustStore.location={self.certificate}",
+            f"ssl.trustStore.location={trusted}",
             "ssl.trustStore.type=PEM",
-            "ssl.clientAuth=none",
+            f"ssl.clientAuth={'need' if self.client_pem else 'none'}",
         ]
 
     # -- lifecycle -------------------------------------------------------------------------

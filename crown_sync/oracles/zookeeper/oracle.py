@@ -92,8 +92,9 @@ class ZooKeeperOracle(OracleBase):
         # Built to check the options (a ValueError naming the one whose file is unusable); kazoo
         # builds its own context from the same files.
         client_context(tls, tls_ca, tls_cert, tls_key, "tls=true (zookeeper://host?tls=true)")
-        tls_options = dict(use_ssl=True, ca=tls_ca, certfile=tls_cert, keyfile=tls_key, verify_certs=True,
-                           check_hostname=True) if tls else {}
+        # kazoo loads a client certificate only with a keyfile: one PEM holding both is its own key.
+        tls_options = dict(use_ssl=True, ca=tls_ca, certfile=tls_cert, keyfile=tls_key or tls_cert,
+                           verify_certs=True, check_hostname=True) if tls else {}
         # Timings must leave the leader time to confirm before its deadline (client-go style).
         if self.lease_for(self.session_timeout) <= self.session_timeout / REFRESHES_PER_TIMEOUT:
             raise ValueError("session_timeout too short for the refresh interval")

@@ -731,7 +731,11 @@ class _OracleSeat:
         """Keep the oracle's notices about this election (``oracle.notices(name)``, if it has
         them) for status(), and emit each new one once."""
         crown, notices = self.crown, getattr(self.oracle, "notices", None)
-        said = tuple(redact_text(text) for text in notices(crown.name)) if callable(notices) else ()
+        try:
+            said = tuple(redact_text(str(text)) for text in notices(crown.name)) if callable(notices) else ()
+        except Exception:  # an oracle's notices must never end a term: keep the last ones
+            logger.exception("%r: the oracle's notices() failed", crown.name)
+            return
         if said == self.notices:
             return
         with crown._cond:

@@ -710,3 +710,45 @@ def test_backoff_leaves_the_leaders_refresh_retries_alone():
         oracle.fail_with = None
         wait_until(lambda: c.status().last_error is None)
         assert c.is_leader() and c.status().token == token
+
+
+# ------------------------------------------------------------------------------- notices
+
+
+class NoticingOracle(MemoryOracle):
+    """A memory oracle that says ``said`` about every election, or raises ``fail``."""
+
+    said = ("planted node http://app:s3cret@host/x",)
+    fail = None
+
+    def notices(self, name):
+        if self.fail is not None:
+            raise self.fail
+        return self.said
+
+
+def test_an_oracles_notices_are_in_status_and_said_once(recorder):
+    oracle = NoticingOracle(lease=30, refresh_in=0.05)
+    c = crown(oracle=oracle).start()
+    try:
+        assert c.wait_for_leadership(10)
+        wait_until(lambda: c.status().notices)
+        time.sleep(0.3)  # several refreshes: the notice is not said again
+        assert c.status().notices == ("planted node http://app:***@host/x",)  # redacted
+        said = [meta["notice"] for event, meta in recorder.events if event == "crown.oracle.notice"]
+        assert said == ["planted node http://app:***@host/x"]
+    finally:
+        c.stop()
+
+
+def test_an_oracles_notices_that_raise_never_end_the_term(caplog):
+    oracle = NoticingOracle(lease=30, refresh_in=0.05)
+    oracle.fail = RuntimeError("notices broke")
+    c = crown(oracle=oracle).start()
+    try:
+        assert c.wait_for_leadership(10)
+        time.sleep(0.3)  # several refreshes, each asking for notices
+        assert c.is_leader() and c.phase == "leading"
+        assert "notices() failed" in caplog.text
+    finally:
+        c.stop()

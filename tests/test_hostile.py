@@ -414,6 +414,48 @@ def test_zookeeper_nodes_planted_in_an_open_election_are_ignored_and_reported(zo
     assert any(planted in text for text in reader.notices(name))
 
 
+def test_zookeeper_a_planted_ephemeral_node_before_a_follower_does_not_delay_its_takeover(zookeeper, tmp_path):
+    # A co-tenant's ephemeral node with data that is no leader record, created (open election)
+    # between the leader and the follower: the follower's watch must see it is not a contender's
+    # and watch the leader instead, so that the leader's exit wakes it (it used to wake only at
+    # monitor_timeout: 60 s here).
+    from crown_sync.oracles.zookeeper import ZooKeeperOracle
+    from crown_sync.testing import journal
+    from crown_sync.testing.fleet import assert_safe, terms
+
+    name, prefix = "billing", "/hostile_d"
+    path = str(tmp_path / "journal.jsonl")
+    url = f"zookeeper://{zookeeper.hosts}?session_timeout=3&path_prefix={prefix}"
+    oracles = [ZooKeeperOracle.from_url(url) for _ in range(2)]  # a session each
+    crowns = [crown_sync.Crown(name, oracle=oracle, identity=identity, monitor_timeout=60,
+                               child=crown_sync.ThreadChild(journal.journaled_work, args=(path,)))
+              for oracle, identity in zip(oracles, ("L", "F"))]
+    watching = []
+    handle = telemetry.attach(lambda event, meta: watching.append(meta["identity"]), "crown.monitor.started")
+    intruder = _zk_tenant(zookeeper)
+    try:
+        crowns[0].start()
+        assert crowns[0].wait_for_leadership(30)
+        planted = intruder.create(f"{prefix}/{name}/{'b' * 32}-", b"not a record", ephemeral=True,
+                                  sequence=True).rsplit("/", 1)[1]
+        crowns[1].start()
+        wait_until(lambda: "F" in watching, message="F watching", timeout=30)
+        crowns[0].stop()
+        assert crowns[1].wait_for_leadership(15), "F waited for its monitor_timeout"
+        wait_until(lambda: len(terms(path, name)) >= 2 and terms(path, name)[-1].beats > 3, timeout=10)
+        notices = crowns[1].status().notices
+        assert any(planted in text and "not a contender's record" in text for text in notices), notices
+    finally:
+        telemetry.detach(handle)
+        for crown in crowns:
+            crown.stop()
+        for oracle in oracles:
+            oracle.close()
+        intruder.stop()
+    report = assert_safe(path, name, min_terms=2)
+    assert [t.identity for t in report.terms] == ["L", "F"], report.summary()
+
+
 def test_zookeeper_a_path_prefix_taken_by_a_co_tenant_is_reported_clearly(zookeeper):
     from kazoo.security import CREATOR_ALL_ACL, READ_ACL_UNSAFE
 

@@ -4,7 +4,7 @@ a warning, and kept: a crown shows its election's in ``status().notices`` and em
 ``crown.oracle.notice``; ``crown-sync status`` prints them."""
 
 import threading
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Set, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Set, Tuple
 
 from kazoo.client import KazooClient
 from kazoo.exceptions import NoNodeError
@@ -112,10 +112,10 @@ class _Ignored:
             self._add(node)
         return leader
 
-    def planted(self, predecessor: str, stat) -> bool:
-        """Is the predecessor whose ``stat`` the follower's watch just read not a contender's?
-        Then it is noted and ignored from now on."""
-        why = _foreign_why(stat)
+    def planted(self, predecessor: str, stat, record: Dict[str, Any]) -> bool:
+        """Is the predecessor whose ``stat`` and ``record`` (its parsed data) the follower's watch
+        just read not a contender's? Then it is noted and ignored from now on."""
+        why = _foreign_why(stat, record)
         if why is None:
             return False
         self._c.oracle._foreign(self._c.name, predecessor, why)

@@ -431,7 +431,11 @@ class ZooKeeperContender(ContenderBase):
             successor.watch_guard(predecessor, epoch)
         sent = _monotonic()
         try:
-            stat = client.exists_async(self._path(predecessor), watch=watcher).get(self._session.op_timeout())
+            # A get, not an exists: one request still, and the data tells a planted ephemeral
+            # node (not a leader record) from a contender's, as the claim does for the head.
+            data, stat = client.get_async(self._path(predecessor), watch=watcher).get(self._session.op_timeout())
+        except NoNodeError:
+            data = stat = None  # gone already (no watch is left on a missing node): claim again
         except KazooException as exc:
             if self._session.connected_now()[2] != epoch:
                 return True  # the connection dropped meanwhile: same as above
@@ -439,8 +443,8 @@ class ZooKeeperContender(ContenderBase):
         except oracle_timeout(client) as exc:
             raise ZooKeeperUnavailable(f"no reply from ZooKeeper at {self.oracle.description} while watching") from exc
         self._session.confirm(sent, epoch)
-        if stat is not None and self._ignored.planted(predecessor, stat):
-            return False  # it never leaves: the claim looks past it
+        if stat is not None and self._ignored.planted(predecessor, stat, _parse_record(data)):
+            return False  # it may never leave: the claim looks past it to the real predecessor
         return stat is not None
 
     def abdicate(self) -> None:

@@ -205,7 +205,8 @@ def _notifications(conn):
 
 def test_postgres_a_co_tenant_cannot_dismiss_or_forge_a_release(tmp_path):
     """The co-tenant LISTENs from the start (so it learns every token), then NOTIFYs dismissals
-    with an empty and a wrong token (the leader's pid is public in pg_locks): the term runs on.
+    with an empty and a wrong token (the leader's pid is public in pg_locks): the term runs on (a
+    dismissal naming no token counts only from a live session of the crowns' role's privileges).
     Then, twice, it forges a release just before an admin terminates the leader's session while
     its child takes 1.2 s to stop: first ``released:<the leader's token>``, then a claim and a
     release of its own. The woken follower must take neither for its predecessor's release, and

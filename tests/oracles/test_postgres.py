@@ -1299,19 +1299,22 @@ def test_quiet_follower_whose_session_the_server_ended_claims_without_error(pg, 
     assert not errors, errors
 
 
+def run_cli(*args):
+    """``python -m crown_sync ARGS`` in a subprocess (this checkout, no oracle from the environment)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("CROWN_SYNC_ORACLE", None)
+    return subprocess.run([sys.executable, "-m", "crown_sync", *args], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, timeout=60, cwd=ROOT, env=env)
+
+
 def test_cli_status_of_a_live_leader(pg, app_url, name):
     """``python -m crown_sync status NAME --oracle URL --json`` in a subprocess, against a leader
     that connects with a password."""
     url = f"{app_url}?{FAST}"
 
     def status():
-        env = dict(os.environ)
-        env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-        env.pop("CROWN_SYNC_ORACLE", None)
-        return subprocess.run(
-            [sys.executable, "-m", "crown_sync", "status", name, "--oracle", url, "--json"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=60, cwd=ROOT, env=env,
-        )
+        return run_cli("status", name, "--oracle", url, "--json")
 
     with crown_sync.Crown(name, oracle=url, identity="cli-leader", metadata={"role": "api"}) as crown:
         assert crown.wait_for_leadership(30)
@@ -1327,3 +1330,50 @@ def test_cli_status_of_a_live_leader(pg, app_url, name):
     assert result.returncode == 1, result.stderr
     assert json.loads(result.stdout)["leader"] is None
     assert APP_PASSWORD not in result.stdout + result.stderr
+
+
+def test_cli_dismiss_as_the_crowns_role_works_with_track_activities_off(pg, app_url, name, own_database, caplog):
+    """``track_activities = off`` hides every leader record (its token), even from the crowns'
+    own role. ``crown-sync dismiss`` run as that role still dismisses the leader (exit 0): the
+    leader heeds a dismissal naming no token once the server says its sender is a live session
+    of a trusted role (a co-tenant's is ignored: tests/test_hostile.py)."""
+    caplog.set_level(logging.INFO, logger="crown_sync")
+    pg.sql(f'ALTER DATABASE "{own_database}" SET track_activities = off')  # the sessions to come
+    url = f"{app_url}?{FAST}"
+    with crown_sync.Crown(name, oracle=url, identity="A") as crown:
+        assert crown.wait_for_leadership(30), crown.status().last_error
+        token = crown.status().token
+        pid = holder_pid(pg, crown.oracle, name)
+        assert pg.sql("SELECT state, query FROM pg_stat_activity WHERE pid = %s", (pid,)) == [("disabled", "")]
+        result = run_cli("dismiss", name, "--oracle", url)
+        assert result.returncode == 0, result.stdout + result.stderr
+        wait_until(lambda: "naming no token from backend pid" in caplog.text, timeout=30, message="the dismissal heeded")
+        wait_until(lambda: crown.status().token not in (None, token), timeout=30, message="a new term")
+    assert APP_PASSWORD not in result.stdout + result.stderr
+
+
+def test_dismiss_of_a_holder_still_waiting_out_a_lease_finds_no_leader(pg, app_url, name, caplog):
+    """An admin terminates the leader's session: the follower of the crowns' role gets the lock
+    but waits out the lease before it leads (it has no leader record yet). A dismissal meanwhile
+    finds no leader (False: ``crown-sync dismiss`` exits 1) and says why; it does not fail as if
+    the holder were another role's session."""
+    url = f"{app_url}?lease=4&wait_timeout=1"
+    first = crown_sync.Crown(name, oracle=url, identity="first")
+    second = crown_sync.Crown(name, oracle=url, identity="second")
+    try:
+        first.start()
+        assert first.wait_for_leadership(30), first.status().last_error
+        second.start()
+        on_key = ("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 1 AND database ="
+                  " (SELECT oid FROM pg_database WHERE datname = current_database())")  # the test's only key
+        wait_until(lambda: pg.sql(on_key) == [(2,)], timeout=30, message="the follower queued")
+        old = holder_pid(pg, first.oracle, name)
+        assert pg.terminate(old)
+        wait_until(lambda: holder_pid(pg, first.oracle, name) not in (None, old), timeout=30, message="a new holder")
+        assert crown_sync.dismiss(name, oracle=url) is False
+        assert "has not started leading yet" in caplog.text
+        assert not first.is_leader() and not second.is_leader()  # so the answer was right: it waits still
+        wait_until(lambda: first.is_leader() or second.is_leader(), timeout=30, message="a leader, undismissed")
+    finally:
+        second.stop()
+        first.stop()

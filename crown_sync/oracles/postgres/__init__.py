@@ -221,8 +221,13 @@ dismiss
 token; every contender LISTENs on it, and the leader, woken by its socket watcher, refreshes and
 steps down (child stopped first, then unlock). A leader that can't hear it (paused, partitioned)
 keeps leading until its session ends; dismiss never kills a session, because that would free
-the lock while the old child may still run. A dismissal naming another token (empty, stale) is
-ignored; so dismiss() needs the leader's record (the crowns' role, or ``pg_read_all_stats``).
+the lock while the old child may still run. A dismissal naming another token (stale, forged) is
+ignored; so dismiss() needs the leader's record (the crowns' role, or ``pg_read_all_stats``). A
+holder of the crowns' role without a record (a successor waiting out a lease) is no leader yet:
+dismiss() returns False. With ``track_activities`` off no record can be read: dismiss() sends a
+dismissal naming no token and stays connected until the holder lets go (at most twice
+``confirm_interval``); the leader asks, in its next confirm statement (``_sql._sender_trusted``),
+whether the sender is a live session of a trusted role, and heeds it only then.
 
 Sharing a server
 ----------------

@@ -16,7 +16,7 @@ from .._base import ContenderBase, Phase, record_of
 from ._common import (PostgresOracleError, StandbyRefused, _blind, _channel, _encode_record, _Holder,
                       _key_parts, _SessionGone, _shutdown, _Unanswered, bounded, logger)
 from ._session import open_session, pooling
-from ._sql import _ANNOUNCING_CONFIRM_SQL, _CONFIRM_SQL, _TRY_SQL, _release_sql
+from ._sql import _ANNOUNCING_CONFIRM_SQL, _CONFIRM_SQL, _TRY_SQL, _release_sql, _sender_trusted
 from ._takeover import Takeover
 from ._waiter import Waiter
 from ._watcher import SocketWatcher
@@ -32,23 +32,49 @@ _HANDOFF_LINGER = 0.05
 class _Term:
     """A term of ours: the leader record its confirmations carry, and what happened to it since
     it began: its first confirmation announced it (``leading:<token>``), a dismissal named it,
-    or the socket watcher heard the server's goodbye (FATAL, EOF) before the engine asked."""
+    or the socket watcher heard the server's goodbye (FATAL, EOF) before the engine asked;
+    ``asked_by``: the sender of a dismissal naming no token, to be judged at the next
+    confirmation (``track_activities = off`` hides our record, so the crowns' own role cannot
+    read the token; the sender's role is the server's word, its payload anyone's)."""
 
-    __slots__ = ("record", "announced", "dismissed", "lost")
+    __slots__ = ("record", "announced", "dismissed", "lost", "asked_by")
 
     def __init__(self, record: str):
         self.record = record
         self.announced = False
         self.dismissed = False
         self.lost = False
+        self.asked_by: Optional[int] = None
 
-    def dismiss(self, named: str, token: Optional[int], sender: int, name: str) -> None:
-        """A dismissal naming token ``named`` reached this term (of ``token``), from ``sender``."""
+    def dismiss(self, payload: str, backend_pid: Optional[int], token: Optional[int], sender: int, name: str) -> None:
+        """A dismissal ``<pid>:<token>`` reached this term (of ``token``, on ``backend_pid``), from ``sender``."""
+        pid, _, named = payload.partition(":")
+        if pid != str(backend_pid):  # aimed at another session (a past holder's)
+            return
         if named == str(token):
             self.dismissed = True
-        else:  # an empty, stale or forged token: not a dismissal of this term
+        elif not named:  # heeded if ``sender`` is of a trusted role (judge(), at the next confirmation)
+            self.asked_by = sender
+        else:  # a stale or forged token: not a dismissal of this term
             logger.warning("%s: ignored a dismissal from backend pid %s naming token %r, not our term's",
                            name, sender, named[:32])
+
+    def take_ask(self) -> Optional[int]:
+        """The sender of a dismissal naming no token since the last confirmation, if any."""
+        sender, self.asked_by = self.asked_by, None
+        return sender
+
+    def judge(self, sender: Optional[int], trusted: bool, name: str) -> None:
+        """The confirmation's answer on ``sender`` (_sql._sender_trusted) decides its dismissal."""
+        if sender is None:
+            return
+        if trusted:
+            logger.info("%s: dismissal naming no token from backend pid %s, a session of a trusted role",
+                        name, sender)
+            self.dismissed = True
+        else:  # a co-tenant's (or a session gone before we could ask): ignored, as with a wrong token
+            logger.warning("%s: ignored a dismissal from backend pid %s naming no token: not a live"
+                           " session of a trusted role", name, sender)
 
 
 class PostgresContender(ContenderBase):
@@ -335,15 +361,16 @@ class PostgresContender(ContenderBase):
         started = clock.monotonic()
         term = self._term
         announce, term.announced = not term.announced, True  # once, even if it fails
+        sender = term.take_ask()  # this statement also asks whether its sender is trusted
         params = {"hi": self._hi, "lo": self._lo}
         if announce:
             params.update(channel=self._channel, leading=f"leading:{self._token}")
         try:
-            row = self._execute(
-                term.record + (_ANNOUNCING_CONFIRM_SQL if announce else _CONFIRM_SQL), params, conn, until
-            )
+            sql = term.record + (_ANNOUNCING_CONFIRM_SQL if announce else _CONFIRM_SQL) + _sender_trusted(sender)
+            row = self._execute(sql, params, conn, until)
             pid, marker, held, in_recovery = row[:4]
             self._check_session(pid, marker, in_recovery)
+            term.judge(sender, row[-1], self.name)
         except (psycopg.OperationalError, _Unanswered) as exc:
             conn = self._conn
             if isinstance(exc, _Unanswered) or conn is None or conn.closed:  # gone, and our lock with it
@@ -388,16 +415,15 @@ class PostgresContender(ContenderBase):
 
     def _on_notify(self, notify) -> None:
         """Every notification on our channel, in commit order (read by psycopg, or by Takeover.
-        read_events_until). Anyone may NOTIFY: a dismissal counts only with our term's token (no
-        secret from a co-tenant who LISTENs), claims and releases as Takeover._handed_over says."""
+        read_events_until). Anyone may NOTIFY: a dismissal counts with our term's token, or naming
+        none from a trusted role (_Term), claims and releases as Takeover._handed_over says."""
         if notify.channel != self._channel:
             return
         kind, _, rest = notify.payload.partition(":")
         if kind == "dismiss":
-            pid, _, token = rest.partition(":")
             term = self._term
-            if term is not None and self.phase is Phase.LEADING and pid == str(self._backend_pid):
-                term.dismiss(token, self._token, notify.pid, self.name)
+            if term is not None and self.phase is Phase.LEADING:
+                term.dismiss(rest, self._backend_pid, self._token, notify.pid, self.name)
             return
         if kind in ("claimed", "released", "leading") and rest.isdigit():
             with self._lock:

@@ -297,25 +297,56 @@ class PostgresOracle(OracleBase):
         return found
 
     def dismiss(self, name: str) -> bool:
-        """Ask the leader of ``name`` to step down (NOTIFY; see the module docstring)."""
+        """Ask the leader of ``name`` to step down (NOTIFY; see the module docstring). False if
+        there is none: no holder, or a holder of the crowns' role that has not started leading."""
         holder = self._holder(name)
         give_up = clock.monotonic() + self.confirm_interval
         # A new leader publishes its record with its first confirmation, right after its claim.
-        while (holder is not None and holder.trusted and _decode_record(holder.query) is None
+        # An empty query: the holder's track_activities is off, no record will ever show.
+        while (holder is not None and holder.trusted and holder.query and _decode_record(holder.query) is None
                and clock.monotonic() < give_up):
             time.sleep(0.02)
             holder = self._holder(name)
         if holder is None:
             return False
         token = (_decode_record(holder.query) or {}).get("token")
-        if token is None:  # a leader heeds a dismissal only with its term's token (_on_notify)
+        if token is None and holder.trusted and holder.query == "":
+            return self._dismiss_unnamed(name, holder)
+        if token is None and holder.trusted is not False:  # ours (or its session just ended)
+            logger.warning("%s: the lock's holder (backend pid %s) has published no leader record: it has not"
+                           " started leading yet (it waits out its predecessor's lease), or is no crown;"
+                           " no leader to dismiss", name, holder.pid)
+            return False
+        if token is None:  # a leader heeds a dismissal only with its term's token, or from its own role
+            why = ("track_activities is off on its session, so its leader record is not readable and only a"
+                   " session of its role can dismiss it" if holder.query == "" else
+                   "its leader record is not readable (another role's session: connect as the crowns' role,"
+                   " or one with pg_read_all_stats), and a leader steps down only for its own term's token")
             raise PostgresOracleError(
-                f"cannot dismiss the leader of {name!r} (backend pid {holder.pid}, role {holder.role}): its"
-                f" leader record is not readable (another role's session: connect as the crowns' role,"
-                f" or one with pg_read_all_stats), and a leader steps down only for its own term's token")
+                f"cannot dismiss the leader of {name!r} (backend pid {holder.pid}, role {holder.role}): {why}")
+        self._send_dismissal(name, holder, str(token))
+        return True
+
+    def _send_dismissal(self, name: str, holder: _Holder, token: str) -> None:
         payload = f"dismiss:{holder.pid}:{token}"
         self._read("SELECT pg_notify(%(channel)s, %(payload)s)", {"channel": _channel(self.key(name)), "payload": payload})
         logger.info("dismissed the leader of %s (backend pid %s)", name, holder.pid)
+
+    def _dismiss_unnamed(self, name: str, holder: _Holder) -> bool:
+        """track_activities is off: the leader's record (its token) cannot be read, so send a
+        dismissal naming no token. The leader heeds it if our session is of a trusted role, which
+        it asks the server at its next confirmation (woken at once by its socket watcher): so
+        stay connected until the holder lets go, or for two confirm intervals (its scheduled
+        confirmation comes within one). A holder still waiting out a lease ignores it."""
+        logger.info("%s: track_activities is off on the holder's session (backend pid %s): its leader record"
+                    " cannot be read; dismissing it by our session's role, without its token", name, holder.pid)
+        self._send_dismissal(name, holder, "")
+        until = clock.monotonic() + 2 * self.confirm_interval
+        while clock.monotonic() < until:
+            time.sleep(0.05)
+            now = self._holder(name)
+            if now is None or now.pid != holder.pid:
+                break
         return True
 
     def close(self) -> None:

@@ -3,6 +3,7 @@
 Every statement reports pg_backend_pid() and our session marker: the pooling check."""
 
 import re
+from typing import Optional
 
 from ._common import _MARKER
 
@@ -143,6 +144,18 @@ _LIST_SQL = (
     " LEFT JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory'"
     " AND l.database = " + _DATABASE_OID + " AND l.objsubid = 1 AND l.pid <> pg_backend_pid()"
 )
+
+
+
+def _sender_trusted(pid: Optional[int]) -> str:
+    """A confirm statement's last column when a dismissal naming no token came from backend
+    ``pid``: is that session alive and of a trusted role? (Its sender stays connected until we
+    have asked: PostgresOracle.dismiss.) Nothing when there was none. A literal: ``pid`` is the
+    server's int."""
+    if pid is None:
+        return ""
+    return f", EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = {int(pid)} AND {_TRUSTED})"
+
 
 # Preceded by the leader record comment when leading.
 _CONFIRM_SQL = (

@@ -106,7 +106,7 @@ class SocketWatcher:
                     except Exception:
                         lost = True
                 term = contender._term
-                dismissed = term is not None and term.dismissed
+                dismissed = term is not None and (term.dismissed or term.asked_by is not None)
                 if lost and term is not None:
                     term.lost = True  # read by claim(), for a term not yet begun
                 if lost or dismissed:

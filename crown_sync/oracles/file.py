@@ -44,9 +44,10 @@ would otherwise let a newcomer create and lock a new file of the same name: two 
    term: a claimant in a pid namespace takes over from a term on a replaced file only if that
    term ran in its own namespace; otherwise it refuses (an error naming the way out) and a
    claimant of that namespace, or of the host's (which sees every lock), must take over.
-5. An oracle's first claim, and every claim after a replaced file, verifies that /proc/locks
-   lists the lock it holds itself, so the proof is never blind (no /proc, a file system whose
-   inode numbers /proc/locks does not show): it refuses.
+5. /proc/locks must be seen to list a lock of ours (once per oracle: when a follower starts
+   watching, else at its first claim; and at every claim after a replaced file), so the proof is
+   never blind (no /proc, a file system whose inode numbers /proc/locks does not show): a claim
+   refuses otherwise.
    Matching is by inode number only (btrfs shows other devices in stat() than in /proc/locks):
    another locked file that reuses the inode number of a deleted one makes a claimant wait
    longer, never lead early.
@@ -474,6 +475,25 @@ class FileOracle(OracleBase):
             )
         self._checked = True
 
+    def prove_proc_locks(self, fd: int) -> None:
+        """Once, ahead of need (a follower starting to watch, off any handoff's path): check that
+        /proc/locks lists a lock of ours on this file system, so that a claim need not read it
+        (see _check_predecessor). The lock is a POSIX read lock on the lock file ``fd``: Linux
+        keeps POSIX locks and the election's flock() locks apart, so it blocks nobody."""
+        if self._proc_locks_seen:
+            return
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return  # the next claim proves it itself
+        try:
+            if os.fstat(fd).st_ino in _locked_inodes():
+                self._proc_locks_seen = True
+        except OSError:
+            pass
+        finally:
+            fcntl.lockf(fd, fcntl.LOCK_UN)
+
     def open_lock(self, name: str) -> int:
         with self._at() as directory:
             return _open_file(directory, self._path(name, "lock"), os.O_RDWR | os.O_CREAT, private=True)
@@ -570,7 +590,8 @@ class FileOracle(OracleBase):
         """
         replaced = previous_lock is not None and previous_lock != ours
         # Reading /proc/locks can take 10 ms (the first read after a pause, on some kernels): once
-        # per oracle to prove it sees our locks, else only when a lock file was replaced.
+        # per oracle to prove it sees our locks (a follower does it ahead: prove_proc_locks), else
+        # only when a lock file was replaced.
         if replaced or not self._proc_locks_seen:
             held = _locked_inodes()
             if ours[1] not in held:  # the proof below would be blind here: refuse rather than guess
@@ -899,7 +920,8 @@ class FileContender(ContenderBase):
         return Claim(True, leader, leader.token, None, None, (self._fd,))
 
     def watch(self, leader: Optional[Leader]) -> bool:
-        self._descriptor()  # creates the directory and lock file if needed; swaps in a grant
+        fd = self._descriptor()  # creates the directory and lock file if needed; swaps in a grant
+        self.oracle.prove_proc_locks(fd)
         with self._lock:
             if self._held:
                 return False  # the waiter already got it: claim now

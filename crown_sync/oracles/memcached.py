@@ -294,7 +294,9 @@ class MemcachedOracle(LeaseOracle):
         """``memcached://host[:port][?ttl=..&renew_interval=..&poll_interval=..&margin=..
         &key_prefix=..&connect_timeout=..&timeout=..&tls=true&tls_ca=..&tls_cert=..&tls_key=..]``;
         exactly one server."""
-        if "@" in urllib.parse.urlsplit(url).netloc:
+        parts = urllib.parse.urlsplit(url)
+        # Before one_server: a password with a "/" would otherwise read as a path.
+        if parts.scheme.lower() == "memcached" and "@" in parts.netloc:
             raise ValueError("memcached:// URLs take no user or password (memcached's text protocol has no auth)")
         host, port, _, _ = one_server(url, "memcached", 11211,
                                       "a lease cannot be sharded across a hash ring; give each election one server")

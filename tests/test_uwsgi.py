@@ -271,8 +271,9 @@ def test_crown_per_worker_recycling_kill_and_reload(tmp_path, lazy):
 
 def test_crown_per_worker_master_sigkill(tmp_path):
     """Two instances, a crown per worker: the leading worker's master is SIGKILLed. The kernel
-    sends its workers SIGTERM (die_with_master), the leading one stops its job and abdicates in
-    uWSGI's atexit, and a worker of the other instance takes over."""
+    sends its workers SIGTERM (die_with_master), the leading one's job ends with it, and a worker
+    of the other instance takes over, without overlap. Whether the job is stopped gracefully
+    depends on uWSGI running its atexit then, which it does not always do (docs/uwsgi.rst)."""
     oracle = FileOracle(str(tmp_path / "oracle"))
     hosts = [UWSGI(_env(tmp_path, f"file://{tmp_path / 'oracle'}", "worker")) for _ in range(2)]
     path = str(tmp_path / "journal")
@@ -287,8 +288,8 @@ def test_crown_per_worker_master_sigkill(tmp_path):
         wait_until(lambda: all(process_gone(pid) for pid in orphans), 30, message="the orphaned workers exited")
         second = _new_leader(oracle, {first.token})
         assert _pid_of(second.identity) in other.workers()
-        terms = _assert_journal(path, 2)
-        assert terms[0].stopped, "the orphaned leading worker did not stop its job"
+        wait_until(lambda: len(journal.check(path, NAME).terms) >= 2, 30, message="the new term's work")
+        _assert_journal(path, 2)
     finally:
         for host in hosts:
             host.cleanup()

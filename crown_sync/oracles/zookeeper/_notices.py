@@ -112,6 +112,17 @@ class _Ignored:
             self._add(node)
         return leader
 
+    def first_contender(self, client: KazooClient, queue: List[str], node: str) -> Tuple[List[str], Optional[Leader]]:
+        """``queue`` from its first contender's node on (heads that are not contenders' dropped),
+        and that node's leader record; None if ``node`` heads it or the head left meanwhile."""
+        leader = None
+        while queue.index(node) > 0:
+            leader = self.head(client, queue[0])
+            if leader is not None or not self.has(queue[0]):
+                break  # a contender's node leads, or the head left meanwhile
+            queue = queue[1:]
+        return queue, leader
+
     def planted(self, predecessor: str, stat, record: Dict[str, Any]) -> bool:
         """Is the predecessor whose ``stat`` and ``record`` (its parsed data) the follower's watch
         just read not a contender's? Then it is noted and ignored from now on."""

@@ -205,12 +205,7 @@ class ZooKeeperContender(ContenderBase):
                          listed_at: float, t0: float, epoch: int, session: int, timeout: float) -> Optional[Claim]:
         """What the claim's listing means for our ``node``: a win, a hold-back or a place in the
         queue behind a leader; None to look again. A head that is not a contender's is skipped."""
-        leader = None
-        while queue.index(node) > 0:
-            leader = self._ignored.head(client, queue[0])
-            if leader is not None or not self._ignored.has(queue[0]):
-                break  # a contender's node leads, or the head left meanwhile
-            queue = queue[1:]
+        queue, leader = self._ignored.first_contender(client, queue, node)
         position = queue.index(node)
         if position == 0:
             held_back = self._holdback.check(client, children, listed_at, epoch, timeout)

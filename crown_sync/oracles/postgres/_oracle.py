@@ -2,11 +2,11 @@
 
 import sys
 import threading
-import time
 import urllib.parse
 from typing import Any, Dict, List, Optional, Tuple
 
 import psycopg
+import tenacity
 from psycopg import conninfo as _conninfo
 
 from ... import _forksafe, clock
@@ -299,14 +299,14 @@ class PostgresOracle(OracleBase):
     def dismiss(self, name: str) -> bool:
         """Ask the leader of ``name`` to step down (NOTIFY; see the module docstring). False if
         there is none: no holder, or a holder of the crowns' role that has not started leading."""
-        holder = self._holder(name)
-        give_up = clock.monotonic() + self.confirm_interval
         # A new leader publishes its record with its first confirmation, right after its claim.
         # An empty query: the holder's track_activities is off, no record will ever show.
-        while (holder is not None and holder.trusted and holder.query and _decode_record(holder.query) is None
-               and clock.monotonic() < give_up):
-            time.sleep(0.02)
-            holder = self._holder(name)
+        holder = tenacity.Retrying(
+            retry=tenacity.retry_if_result(lambda h: h is not None and bool(h.trusted) and bool(h.query)
+                                           and _decode_record(h.query) is None),
+            wait=tenacity.wait_fixed(0.02), stop=tenacity.stop_after_delay(self.confirm_interval),
+            retry_error_callback=lambda state: state.outcome.result(),
+        )(self._holder, name)
         if holder is None:
             return False
         token = (_decode_record(holder.query) or {}).get("token")
@@ -341,12 +341,11 @@ class PostgresOracle(OracleBase):
         logger.info("%s: track_activities is off on the holder's session (backend pid %s): its leader record"
                     " cannot be read; dismissing it by our session's role, without its token", name, holder.pid)
         self._send_dismissal(name, holder, "")
-        until = clock.monotonic() + 2 * self.confirm_interval
-        while clock.monotonic() < until:
-            time.sleep(0.05)
-            now = self._holder(name)
-            if now is None or now.pid != holder.pid:
-                break
+        tenacity.Retrying(  # until the holder lets go, or two confirm intervals
+            retry=tenacity.retry_if_result(lambda now: now is not None and now.pid == holder.pid),
+            wait=tenacity.wait_fixed(0.05), stop=tenacity.stop_after_delay(2 * self.confirm_interval),
+            retry_error_callback=lambda state: None,
+        )(self._holder, name)
         return True
 
     def close(self) -> None:

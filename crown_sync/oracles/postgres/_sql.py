@@ -146,7 +146,6 @@ _LIST_SQL = (
 )
 
 
-
 def _sender_trusted(pid: Optional[int]) -> str:
     """A confirm statement's last column when a dismissal naming no token came from backend
     ``pid``: is that session alive and of a trusted role? (Its sender stays connected until we

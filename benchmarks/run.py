@@ -11,7 +11,10 @@ binaries, and a directory for the file oracle), then:
 2. **crown_sync on every oracle with 3 and with 50 contender processes** (``python -m
    crown_sync.testing.contender``, a journaling thread child): graceful handoff (SIGTERM to the
    leader's process: stop the child, abdicate, exit) and crash failover (SIGKILL), measured from the
-   signal to the first journal line of the next term; the journal is checked for overlaps.
+   signal to the first journal line of the next term; the journal is checked for overlaps. With
+   each handoff the server's own request counter (below) is read at the signal and again 0.5 s
+   after the next term was seen; less what the fleet sends at rest in as long, that is what one
+   handoff costs the server (``--sizes 3,200``: whether it grows with the number of followers).
 3. **Requests per second per contender at rest**, counted by the server during a quiet window
    with 3 contenders: PostgreSQL statements (``log_statement = all``: the server log's
    ``statement:`` and ``execute`` lines), ZooKeeper packets received (``srvr``; pings included), memcached commands (``stats``).
@@ -210,7 +213,9 @@ class Servers:
             from crown_sync.testing.postgres_server import PostgresServer
 
             # log_statement = all: the server itself counts the statements at rest.
-            self.postgres = PostgresServer(settings={"log_statement": "all"}, fsync=True)
+            # 600 connections: 200 contender processes with a session each, and room for more.
+            self.postgres = PostgresServer(settings={"log_statement": "all", "max_connections": "600"},
+                                           fsync=True)
             self.postgres.start()
         if "zookeeper" in self.oracles:
             from crown_sync.testing.zookeeper_server import ZooKeeperServer
@@ -367,23 +372,30 @@ def fleet_benchmark(servers: Servers, oracle: str, size: int, graceful: int, cra
         fleet.wait_ready(fleet.spawn(size))
         fleet.leader()
         result["startup_s"] = round(clock.monotonic() - started, 2)
-        if rest and size == 3:
+        rest_rate = None
+        if rest:
             time.sleep(2.0)
+            window = rest if size == 3 else min(rest, 5.0)
             before = servers.requests(oracle)
             if before is not None:
-                time.sleep(rest)
-                after = servers.requests(oracle)
-                result["requests_per_s_per_contender"] = round((after - before) / rest / size, 3)
-                result["requests_window_s"] = rest
+                time.sleep(window)
+                rest_rate = (servers.requests(oracle) - before) / window
+                if size == 3:
+                    result["requests_per_s_per_contender"] = round(rest_rate / size, 3)
+                    result["requests_window_s"] = rest
         handoffs, gaps, crashes = [], [], []
+        extra: Dict[str, List[float]] = {"graceful": [], "crash": []}
         for scenario, samples in (("graceful", graceful), ("crash", crash)):
             for _ in range(samples):
                 term = fleet.leader()
                 time.sleep(0.3)  # followers at rest
                 process = fleet.procs[term["identity"]]
+                counted = servers.requests(oracle)
                 t0 = clock.monotonic()
                 process.send_signal(signal.SIGTERM if scenario == "graceful" else signal.SIGKILL)
                 new = fleet.leader(timeout=120, after=t0, exclude=term["identity"])
+                if counted is not None and rest_rate is not None:
+                    extra[scenario].append(handoff_requests(servers, oracle, counted, t0, rest_rate))
                 process.wait(60)
                 fleet.tail.poll()
                 old = fleet.tail.terms.get((term["identity"], term["token"], term["pid"]), term)
@@ -396,10 +408,28 @@ def fleet_benchmark(servers: Servers, oracle: str, size: int, graceful: int, cra
         result["graceful_signal"] = summarise(handoffs)
         result["graceful_gap"] = summarise(gaps)
         result["crash"] = summarise(crashes)
+        if rest_rate is not None:
+            result["requests_per_s_at_rest"] = round(rest_rate, 1)
+            for scenario, counts in extra.items():
+                if counts:
+                    result[f"requests_per_{scenario}"] = round(statistics.median(counts), 1)
     finally:
         fleet.stop()
     result["journal"] = fleet.check()
     return result
+
+
+HANDOFF_SETTLE = 0.5  #: seconds after the new term's start during which a handoff's requests count
+
+
+def handoff_requests(servers: Servers, oracle: str, counted: int, t0: float, rest_rate: float) -> float:
+    """Requests the server received from ``t0`` (the signal) until HANDOFF_SETTLE after the new
+    term was seen, minus what the contenders send at rest in as long: what one handoff costs the
+    server, whatever the number of followers it woke (the leader's release, the followers'
+    reactions, the new leader's claim and first renewal)."""
+    time.sleep(HANDOFF_SETTLE)
+    elapsed = clock.monotonic() - t0
+    return max(0.0, servers.requests(oracle) - counted - rest_rate * elapsed)
 
 
 # ------------------------------------------------------------------------------ peers at rest (ZooKeeper)
@@ -743,17 +773,20 @@ def tables(summary: Dict[str, Any]) -> Dict[str, List[List[str]]]:
     out: Dict[str, List[List[str]]] = {}
     header = ["oracle", "system", "contenders", "graceful handoff p50 / p95 (signal → new term)",
               "leaderless gap at handoff p50 / p95", "crash failover p50 / p95",
-              "requests/s per contender at rest", "overlapping terms in its journal", "source"]
+              "requests/s per contender at rest", "server requests per handoff / per failover",
+              "overlapping terms in its journal", "source"]
     rows = [header]
     for row in summary["failover"]:
         rest = row.get("requests_per_s_per_contender")
+        per = [row.get("requests_per_graceful"), row.get("requests_per_crash")]
+        per_text = "–" if per == [None, None] else " / ".join("–" if v is None else f"{v:g}" for v in per)
         if row.get("journal") and "overlaps_text" not in row:
             overlaps = str(row["journal"]["overlaps"])
         else:
             overlaps = row.get("overlaps_text", "–")
         rows.append([row["oracle"], row["system"], str(row.get("contenders", "")),
                      _cell(row.get("graceful_signal")), _cell(row.get("graceful_gap")), _cell(row.get("crash")),
-                     "–" if rest is None else f"{rest:g}", overlaps, row.get("source", "")])
+                     "–" if rest is None else f"{rest:g}", per_text, overlaps, row.get("source", "")])
     out["failover"] = rows
     rows = [["oracle", "is_leader() ns/call", "crown_sync.is_leader(name) ns/call", "status() ns/call"]]
     for row in summary["is_leader"]:
@@ -1017,12 +1050,14 @@ def main(argv=None) -> int:
                 log(f"== crown_sync on {oracle}, {size} contenders")
                 try:
                     row = fleet_benchmark(servers, oracle, size, args.graceful, args.crash,
-                                          args.rest if size == 3 and oracle != "file" else 0.0, workdir)
+                                          args.rest if oracle != "file" else 0.0, workdir)
                     row["source"] = "run.py"
                     summary["failover"].append(row)
                     save()
                     log(f"   graceful {_cell(row['graceful_signal'])}, crash {_cell(row['crash'])}, "
                         f"requests/s/contender {row.get('requests_per_s_per_contender', '–')}, "
+                        f"requests per handoff/failover {row.get('requests_per_graceful', '–')}"
+                        f"/{row.get('requests_per_crash', '–')}, "
                         f"journal {row['journal']}")
                 except Exception as exc:
                     summary["errors"].append(f"crown_sync on {oracle} with {size}: {exc}")

@@ -51,6 +51,7 @@ from . import _forksafe, _shared, clock, registry, telemetry, warden
 from ._options import CrownOptions, check_name
 from .callbacks import Callbacks
 from .children import as_child
+from ._ranking import Ranking
 from .oracle import Claim, Leader, Oracle
 from .terms import Term
 from .urls import redact_text
@@ -122,6 +123,7 @@ class Crown:
         on_new_leader: Optional[Callable[[Optional[Leader]], None]] = None,
         on_campaign: Optional[Callable[["Status"], None]] = None,
         backoff: Optional[Callable[..., float]] = None,
+        priority: int = 0, strategy: Any = "first", preempt_interval: float = 2.0,
     ):
         check_name(name)
         self._callbacks = Callbacks(name, on_elected=on_elected, on_deposed=on_deposed,
@@ -139,7 +141,7 @@ class Crown:
         self.child_backoff = options.child_backoff
         self._backoff = options.backoff
         self._children = _Children(self, child, follower_child)
-        self._seat = _OracleSeat(self, oracle)
+        self._seat = _OracleSeat(self, oracle, Ranking.check(priority, strategy, preempt_interval))
         try:  # what the oracle would refuse (a record too big to publish) fails here, not in the loop
             self._seat.oracle.check_contender(name, self.identity, self.metadata)
         except BaseException:
@@ -286,8 +288,7 @@ class Crown:
     def _run(self) -> None:
         try:
             _emit(self, "crown.process.initialized")
-            self._seat.contender = self._seat.retry("contender", self._stopping_now, lambda: self._seat.oracle.contender(
-                self.name, self.identity, dict(self.metadata), self._on_change))
+            self._seat.contender = self._seat.retry("contender", self._stopping_now, self._seat.new_contender)
             if self._seat.contender is not None:
                 self._children.start_follower()
                 if self.claim_delay:
@@ -363,7 +364,7 @@ class Crown:
             if refreshed is None:
                 continue  # interrupted; the checks above decide
             if not refreshed.won:
-                reason, lost, backoff = "refresh", True, refreshed.yield_for
+                reason, lost, backoff = refreshed.reason or "refresh", refreshed.reason is None, refreshed.yield_for
                 break
             if not term.extend(refreshed.deadline):
                 continue  # the deadline passed while the refresh was under way: the term is over
@@ -683,8 +684,9 @@ class _OracleSeat:
     one, released with the crown, see :mod:`._shared`), the contender, the last error, and the
     retries of failed calls."""
 
-    def __init__(self, crown: "Crown", oracle):
+    def __init__(self, crown: "Crown", oracle, ranking: Ranking):
         self.crown = crown
+        self.ranking = ranking  # priority and strategy (see _ranking)
         self.shared_key = None  # set while this crown holds a reference to a shared oracle
         if oracle is None or isinstance(oracle, str):
             self.shared_key, self.oracle = _shared.acquire(oracle)
@@ -692,10 +694,21 @@ class _OracleSeat:
             self.oracle = oracle  # the user's: never closed by the crown
         else:
             raise TypeError(f"oracle must be an Oracle, an oracle URL or None, got {type(oracle).__name__}")
+        try:  # a strategy this oracle cannot serve fails at construction, naming the option
+            ranking.check_oracle(self.oracle)
+        except BaseException:
+            self.close_oracle()
+            raise
         self.description = redact_text(getattr(self.oracle, "description", "") or repr(self.oracle))
         self.contender = None
         self.last_error: Optional[str] = None
         self.notices: Tuple[str, ...] = ()
+
+    def new_contender(self):
+        """The crown's contender (no I/O), ranked when its strategy is not "first"."""
+        crown = self.crown
+        contender = self.oracle.contender(crown.name, crown.identity, dict(crown.metadata), crown._on_change)
+        return self.ranking.wrap(self.oracle, contender, crown.name, crown.identity, crown._on_change)
 
     def retry(self, operation: str, interrupted, call, max_wait: Optional[float] = None):
         """Call the oracle, retrying errors with backoff until it works or ``interrupted()``.

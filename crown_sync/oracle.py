@@ -28,9 +28,9 @@ This module imports nothing from the engine, and the engine imports no oracle mo
 
 import abc
 import dataclasses
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
-__all__ = ["Leader", "Claim", "Oracle", "Contender", "OnChange"]
+__all__ = ["Leader", "Claim", "Oracle", "Contender", "OnChange", "Candidate", "Candidacy"]
 
 OnChange = Callable[..., None]
 
@@ -74,6 +74,8 @@ class Claim:
         the election closed until every one of them has exited (the file oracle's lock).
     yield_for: with ``won=False`` from refresh(): seconds to stay out of the contest before
         claiming again, so that another contender takes over (a dismissed leader yields).
+    reason: with ``won=False`` from refresh(): why the term ends, when it is given up on purpose
+        (``"preempted"``); None: the lease was lost or refused (reason ``"refresh"``).
     """
 
     won: bool
@@ -83,6 +85,7 @@ class Claim:
     refresh_in: Optional[float] = None
     fds: Tuple[int, ...] = ()
     yield_for: float = 0.0
+    reason: Optional[str] = None
 
 
 class Contender(abc.ABC):
@@ -131,6 +134,47 @@ class Contender(abc.ABC):
     def close(self) -> None:
         """Release everything (leadership included). Idempotent, callable from any thread,
         bounded in time even when the server is unreachable."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """A contender as it stands for election (see :doc:`ranking`): ``priority`` (larger is
+    preferred), ``joined`` (wall-clock epoch seconds when it joined: for people and ``"oldest"``)
+    and ``key``, random per candidacy, which tells apart two contenders of one identity."""
+
+    identity: str
+    priority: int = 0
+    joined: float = 0.0
+    key: str = ""
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Optional["Candidate"]:
+        """The candidate ``data`` describes, or None if it is not one (a foreign or torn record)."""
+        try:
+            priority, joined = data["priority"], float(data["joined"])
+            if isinstance(priority, bool) or not isinstance(priority, int):
+                return None
+            return cls(str(data["identity"]), priority, joined, str(data["key"]))
+        except (KeyError, TypeError, ValueError):
+            return None
+
+
+class Candidacy(abc.ABC):
+    """A contender's published candidacy: an optional capability of an oracle, which offers it as
+    ``oracle.candidacy(name, candidate) -> Candidacy`` (no I/O there). Called from the crown's
+    loop thread, except close()."""
+
+    @abc.abstractmethod
+    def candidates(self) -> List[Candidate]:
+        """Publish ours if it is not (yet, or any more) published, and return every live candidate
+        of the election, ours included. Raises on oracle errors."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Withdraw the candidacy. Idempotent, callable from any thread, bounded in time."""
 
 
 class Oracle(abc.ABC):

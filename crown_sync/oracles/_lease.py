@@ -338,6 +338,11 @@ class LeaseOracle(OracleBase):
     def key(self, name: str) -> str:
         return self.key_prefix + name
 
+    def candidacy(self, name: str, candidate):
+        """This contender's published candidacy, for ranking strategies (see docs/ranking.rst)."""
+        from ._candidacy import LeaseCandidacy
+        return LeaseCandidacy(self, name, candidate)
+
     def check_contender(self, name: str, identity: str, metadata: Dict[str, Any]) -> None:
         super().check_contender(name, identity, metadata)
         self.check_key(self.key(name), "name")

@@ -443,6 +443,11 @@ class FileOracle(OracleBase):
     def _path(self, name: str, suffix: str) -> str:
         return os.path.join(self.directory, f"{name}.{suffix}")
 
+    def candidacy(self, name: str, candidate):
+        """This contender's published candidacy, for ranking strategies (see docs/ranking.rst)."""
+        from ._candidacy import FileCandidacy
+        return FileCandidacy(self.directory, name, candidate)
+
     @contextlib.contextmanager
     def _at(self, directory: Optional[int] = None) -> Iterator[int]:
         """A descriptor of the directory: ``directory`` if given, else one walked from / afresh

@@ -28,6 +28,10 @@ def main(argv=None) -> int:
     parser.add_argument("--grace", type=float, default=2.0)
     parser.add_argument("--stop-delay", type=float, default=0.0,
                         help="the child keeps working this long after being told to stop")
+    parser.add_argument("--priority", type=int, default=None)
+    parser.add_argument("--strategy", default=None,
+                        help="first, oldest, priority, or module:function (a callable strategy)")
+    parser.add_argument("--preempt-interval", type=float, default=None)
     args = parser.parse_args(argv)
 
     import crown_sync
@@ -64,6 +68,11 @@ def main(argv=None) -> int:
     options = {}
     if args.monitor_delay is not None:
         options["monitor_delay"] = args.monitor_delay
+    for option in ("priority", "preempt_interval"):
+        if getattr(args, option) is not None:
+            options[option] = getattr(args, option)
+    if args.strategy is not None:
+        options["strategy"] = _strategy(args.strategy)
     done = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: done.set())
@@ -75,6 +84,20 @@ def main(argv=None) -> int:
         pass
     crown.stop()
     return 0
+
+
+def _strategy(text: str):
+    """A strategy's name, or the callable ``module:function`` names."""
+    if ":" not in text:
+        return text
+    import importlib
+    module, function = text.split(":", 1)
+    return getattr(importlib.import_module(module), function)
+
+
+def last_identity(candidates):
+    """A callable strategy for tests: the candidate whose identity sorts last wins."""
+    return sorted(candidates, key=lambda c: c.identity, reverse=True)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import crown_sync
 from crown_sync import clock, telemetry
 from crown_sync.testing import journal
 
-from .support import FORK_SCRIPT, assert_safe, terms, wait_until
+from .support import FORK_SCRIPT, Fleet, assert_safe, terms, wait_until
 
 
 @pytest.fixture
@@ -243,3 +243,42 @@ def test_bad_options_are_refused_naming_the_option(served):
             crown_sync.oracle_from_url(url)
         with pytest.raises((ValueError, TypeError), match=option):
             crown_sync.Crown("fine", oracle=url)
+
+
+# ------------------------------------------------------------------ ranking (docs/ranking.rst)
+
+
+class _RankedFleet(Fleet):
+    """Contenders with strategy "priority", each with its own priority."""
+
+    def __init__(self, served, directory, name: str, priorities: dict):
+        super().__init__(served.url(), directory, name, **served.kind.fleet_options)
+        self.priorities = priorities
+
+    def command(self, identity: str) -> list:
+        return super().command(identity) + ["--strategy", "priority", "--preempt-interval", "0.3",
+                                            "--priority", str(self.priorities[identity])]
+
+
+def test_a_preferred_contender_takes_over_gracefully_and_the_next_one_after_its_death(served, name, tmp_path):
+    """low leads; high joins and gets the crown by a graceful handoff (low's child stopped
+    first, reason "preempted"); mid joins and follows; SIGKILL of high hands the crown to mid,
+    never to low (which claims first as often as not, and must yield)."""
+    fleet = _RankedFleet(served, tmp_path, name, {"low": 1, "mid": 3, "high": 5})
+    try:
+        fleet.spawn("low")
+        low = fleet.wait_for_term()
+        fleet.spawn("high")
+        high = fleet.wait_for_term(other_than={"low"})
+        fleet.spawn("mid")
+        wait_until(lambda: any(e["event"] == "crown.leadership.rejected" for e in fleet.events_of("mid")))
+        fleet.signal("high", signal.SIGKILL)
+        mid = fleet.wait_for_term(other_than={"low", "high"}, timeout=40)
+    finally:
+        fleet.stop_all(strict=True)
+    report = fleet.assert_safe(min_terms=3)
+    assert [t.identity for t in report.terms if t.start <= mid.start] == ["low", "high", "mid"], report.summary()
+    assert report.terms[0].stopped and report.terms[0].end < high.start, report.summary()
+    assert low.token < high.token < mid.token
+    ends = [e.get("reason") for e in fleet.events_of("low") if e["event"] == "crown.leadership.abdicated"]
+    assert ends[:1] == ["preempted"], ends

@@ -229,6 +229,11 @@ class PostgresOracle(OracleBase):
     def key(self, name: str) -> int:
         return advisory_key(self.namespace, name)
 
+    def candidacy(self, name: str, candidate):
+        """This contender's published candidacy, for ranking strategies (see docs/ranking.rst)."""
+        from ._candidacy import PostgresCandidacy
+        return PostgresCandidacy(self, name, candidate)
+
     def contender(self, name: str, identity: str, metadata: Dict[str, Any], on_change: OnChange) -> PostgresContender:
         self._check_process()
         if self._forked:

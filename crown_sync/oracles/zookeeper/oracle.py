@@ -203,6 +203,11 @@ class ZooKeeperOracle(OracleBase):
     def election_path(self, name: str) -> str:
         return f"{self.path_prefix}/{name}"
 
+    def candidacy(self, name: str, candidate):
+        """This contender's published candidacy, for ranking strategies (see docs/ranking.rst)."""
+        from ._candidacy import ZooKeeperCandidacy
+        return ZooKeeperCandidacy(self, name, candidate)
+
     @property
     def _client(self) -> Optional[KazooClient]:
         return self._session.client

@@ -1,0 +1,188 @@
+"""Preferred leaders and strategies (docs/ranking.rst): the options, the engine's ranking on a
+scripted contender, and the "oldest" and callable strategies judged from outside (contender
+processes on the file oracle, their journal). Every oracle's own candidacy is judged in
+tests/oracles/test_contract.py."""
+
+import logging
+import signal
+import time
+import uuid
+
+import pytest
+
+import crown_sync
+from crown_sync._ranking import Ranking, RankedContender
+from crown_sync.oracle import Candidacy, Candidate, Claim, Contender
+from crown_sync.testing.fleet import Fleet, wait_until
+from crown_sync.testing.memory import MemoryOracle
+
+# ------------------------------------------------------------------ options
+
+
+@pytest.mark.parametrize("options, option", [
+    ({"priority": "3", "strategy": "priority"}, "priority"),
+    ({"priority": True, "strategy": "priority"}, "priority"),
+    ({"priority": 2.5, "strategy": "priority"}, "priority"),
+    ({"priority": 3}, "priority"),  # with strategy "first" it would rank nobody
+    ({"strategy": "best"}, "strategy"),
+    ({"strategy": 7}, "strategy"),
+    ({"strategy": "oldest", "preempt_interval": 0}, "preempt_interval"),
+    ({"strategy": "oldest", "preempt_interval": "1"}, "preempt_interval"),
+    ({"strategy": "oldest", "preempt_interval": float("nan")}, "preempt_interval"),
+])
+def test_bad_ranking_options_are_refused_at_construction_naming_the_option(tmp_path, options, option):
+    with pytest.raises((TypeError, ValueError), match=option):
+        crown_sync.Crown("job", oracle=f"file://{tmp_path}", **options)
+
+
+def test_a_strategy_on_an_oracle_without_candidacies_is_refused_at_construction():
+    with pytest.raises(ValueError, match="strategy='priority' needs an oracle that publishes its candidates"):
+        crown_sync.Crown("job", oracle=MemoryOracle(), strategy="priority", priority=1)
+    crown_sync.Crown("job", oracle=MemoryOracle())  # "first" needs nothing
+
+
+# ------------------------------------------------------------------ the engine's ranking
+
+
+class _Scripted(Contender):
+    """Always wins; records what the ranking asks of it."""
+
+    def __init__(self):
+        self.calls = []
+
+    def claim(self):
+        self.calls.append("claim")
+        return Claim(won=True, token=1, refresh_in=None)
+
+    def refresh(self):
+        self.calls.append("refresh")
+        return Claim(won=True, token=1, refresh_in=None)
+
+    def watch(self, leader):
+        self.calls.append("watch")
+        return True
+
+    def abdicate(self):
+        self.calls.append("abdicate")
+
+    def close(self):
+        self.calls.append("close")
+
+
+class _Listed(Candidacy):
+    def __init__(self, candidates):
+        self.listed = candidates
+
+    def candidates(self):
+        if isinstance(self.listed, Exception):
+            raise self.listed
+        return list(self.listed)
+
+    def close(self):
+        pass
+
+
+def _ranked(strategy, me, others, preempt_interval=0.5):
+    ranking = Ranking.check(me.priority, strategy, preempt_interval)
+    return RankedContender(ranking, _Scripted(), _Listed([me, *others]), me, lambda **_: None)
+
+
+ME = Candidate("me", 1, 100.0, "k-me")
+
+
+@pytest.mark.parametrize("strategy, other, yields", [
+    ("priority", Candidate("other", 2, 200.0, "k-o"), True),
+    ("priority", Candidate("other", 1, 50.0, "k-o"), False),  # a tie keeps the one that won
+    ("oldest", Candidate("other", 9, 50.0, "k-o"), True),
+    ("oldest", Candidate("other", 9, 200.0, "k-o"), False),
+])
+def test_a_won_claim_is_given_up_before_any_child_only_for_a_strictly_better_candidate(strategy, other, yields):
+    ranked = _ranked(strategy, ME, [other])
+    claim = ranked.claim()
+    assert claim.won is not yields
+    assert ranked.inner.calls == (["claim", "abdicate"] if yields else ["claim"])
+
+
+def test_a_preempted_leader_ends_its_term_saying_so_and_yields():
+    ranked = _ranked("priority", ME, [], preempt_interval=0.01)
+    assert ranked.claim().refresh_in <= 0.01  # the check brings the oracle's refresh forward
+    ranked.candidacy.listed.append(Candidate("better", 5, 1.0, "k-b"))
+    ended = wait_until(lambda: (lambda claim: None if claim.won else claim)(ranked.refresh()), timeout=5)
+    assert ended.reason == "preempted" and ended.yield_for > 0
+    assert "abdicate" not in ranked.inner.calls  # the engine abdicates, once the child stopped
+
+
+def test_a_callable_strategy_that_fails_is_logged_and_ranks_nobody(caplog):
+    def broken(candidates):
+        raise RuntimeError("no opinion")
+
+    ranked = _ranked(broken, ME, [Candidate("other", 5, 1.0, "k-o")])
+    with caplog.at_level(logging.ERROR, logger="crown_sync.crown"):
+        assert ranked.claim().won
+    assert "no opinion" in caplog.text
+    ranked = _ranked(lambda candidates: ["not a candidate"], ME, [Candidate("other", 5, 1.0, "k-o")])
+    assert ranked.claim().won
+
+
+def test_a_candidate_that_does_not_take_over_during_the_yield_is_ignored_for_a_while():
+    """Liveness: a live candidate that never claims (stuck) does not keep the election leaderless."""
+    stuck = Candidate("stuck", 9, 1.0, "k-s")
+    ranked = _ranked("priority", ME, [stuck])
+    assert not ranked.claim().won  # yields to it
+    assert ranked.claim().won  # it did not take over: ours now, and it is ignored
+    assert ranked.claim().won
+
+
+def test_candidates_that_cannot_be_read_never_end_a_term():
+    ranked = _ranked("priority", ME, [], preempt_interval=0.01)
+    assert ranked.claim().won  # publishing (before a claim: nothing held) may raise; reading may not
+    ranked.candidacy.listed = ConnectionError("server gone")
+    assert ranked.claim().won
+    time.sleep(0.02)  # past the next check
+    assert ranked.refresh().won
+
+
+# ------------------------------------------------------------------ strategies, from outside
+
+
+class _StrategyFleet(Fleet):
+    def __init__(self, directory, strategy: str):
+        super().__init__(f"file://{directory}", directory, "rank-" + uuid.uuid4().hex[:8])
+        self.strategy = strategy
+
+    def command(self, identity: str) -> list:
+        return super().command(identity) + ["--strategy", self.strategy, "--preempt-interval", "0.2"]
+
+    def follows(self, identity: str) -> bool:
+        return any(e["event"] == "crown.leadership.rejected" for e in self.events_of(identity))
+
+
+def test_oldest_no_newcomer_takes_over_and_the_oldest_live_one_follows_a_dead_leader(tmp_path):
+    fleet = _StrategyFleet(tmp_path, "oldest")
+    try:
+        fleet.spawn("a")
+        first = fleet.wait_for_term()
+        for identity in ("c", "b"):  # c joins before b: older, though its name sorts after
+            fleet.spawn(identity)
+            wait_until(lambda: fleet.follows(identity))
+        wait_until(lambda: fleet.running_term() and fleet.running_term().beats > first.beats + 100)
+        fleet.signal("a", signal.SIGKILL)
+        after = fleet.wait_for_term(other_than={"a"})
+    finally:
+        fleet.stop_all(strict=True)
+    report = fleet.assert_safe(min_terms=2)
+    assert [t.identity for t in report.terms if t.start <= after.start] == ["a", "c"], report.summary()
+
+
+def test_a_callable_strategy_hands_the_crown_to_its_choice(tmp_path):
+    fleet = _StrategyFleet(tmp_path, "crown_sync.testing.contender:last_identity")
+    try:
+        fleet.spawn("a")
+        fleet.wait_for_term()
+        fleet.spawn("z")
+        chosen = fleet.wait_for_term(other_than={"a"})
+    finally:
+        fleet.stop_all(strict=True)
+    report = fleet.assert_safe(min_terms=2)
+    assert [t.identity for t in report.terms] == ["a", "z"], report.summary()
+    assert report.terms[0].stopped and report.terms[0].end < chosen.start

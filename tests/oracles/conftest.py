@@ -7,7 +7,10 @@ those capabilities. Kinds that start a server carry the ``server_oracle`` mark.
 
 import pytest
 
+from .postgres_support import shared_kind
 from .support import KINDS, Served
+
+ALL_KINDS = KINDS + [shared_kind()]  # PostgreSQL again, in sessions=shared mode
 
 
 def pytest_configure(config):
@@ -19,7 +22,7 @@ def pytest_generate_tests(metafunc):
     if "served" not in metafunc.fixturenames:
         return
     needs = [need for marker in metafunc.definition.iter_markers("needs") for need in marker.args]
-    kinds = [kind for kind in KINDS if all(kind.has(need) for need in needs)]
+    kinds = [kind for kind in ALL_KINDS if all(kind.has(need) for need in needs)]
     params = [pytest.param(kind, id=kind.name, marks=_marks(kind, metafunc.function.__name__)) for kind in kinds]
     # Session scope: one server per kind for the whole run, however many tests use it.
     metafunc.parametrize("served", params, indirect=True, scope="session")

@@ -205,3 +205,24 @@ class TransactionPooler:
                 server.close()
             except OSError:
                 pass
+
+
+# ------------------------------------------------------------------ the contract suite, sessions=shared
+
+
+def shared_kind():
+    """The contract suite's PostgreSQL kind in sessions=shared mode (tests/oracles/conftest.py)."""
+    from .support import PostgresKind
+
+    class PostgresSharedKind(PostgresKind):
+        name = "postgres-shared"
+        fast = dict(PostgresKind.fast, sessions="shared", poll_interval=0.05)
+        bad_options = {"lease": 0, "sessions": "both", "poll_interval": 0}
+
+        def unreachable_url(self, server, secret: str) -> str:
+            return super().unreachable_url(server, secret) + "&sessions=shared"
+
+        def wrong_credentials_url(self, server, secret: str) -> Optional[str]:
+            return super().wrong_credentials_url(server, secret) + "&sessions=shared"
+
+    return PostgresSharedKind()

@@ -216,8 +216,12 @@ def test_bad_arguments_name_the_argument():
     with pytest.raises(ValueError) as info:
         PostgresOracle(f"postgresql://app:{SECRET}@db/app?lease=3")
     assert SECRET not in str(info.value) and "lease" in str(info.value)
+    with pytest.raises(ValueError, match="sessions"):
+        PostgresOracle.from_url("postgresql://db/app?sessions=pooled")
+    with pytest.raises(ValueError, match="poll_interval"):
+        PostgresOracle("postgresql://db/app", sessions="shared", poll_interval=0)
     assert set(OPTIONS) == {"namespace", "lease", "confirm_interval", "margin", "connect_timeout",
-                            "wait_timeout", "takeover_delay"}
+                            "wait_timeout", "takeover_delay", "sessions", "poll_interval"}
 
 
 def test_takeover_delay_must_leave_the_woken_followers_idle_session_alive():

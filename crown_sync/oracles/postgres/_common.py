@@ -31,6 +31,8 @@ OPTIONS = {
     "connect_timeout": float,
     "wait_timeout": float,
     "takeover_delay": float,
+    "sessions": str,
+    "poll_interval": float,
 }
 
 _RECORD = re.compile(r"/\* crown_sync:v1:([A-Za-z0-9_-]+) \*/")
@@ -136,6 +138,24 @@ def _decode_record(query: Optional[str]) -> Optional[Dict[str, Any]]:
     except (ValueError, TypeError):
         return None
     return record if isinstance(record, dict) else None
+
+
+def _find_record(query: Optional[str], namespace: str, name: str) -> Optional[Dict[str, Any]]:
+    """The leader record of election ``name`` in a session's last statement: a dedicated
+    session's carries one, a shared holder session's (sessions=shared) one per term it leads."""
+    for match in _RECORD.finditer(query or ""):
+        record = _decode_record(match.group(0))
+        if record and record.get("ns") == namespace and record.get("name") == name:
+            return record
+    return None
+
+
+def _all_records(query: Optional[str]) -> Iterator[Dict[str, Any]]:
+    """Every leader record in a session's last statement (see _find_record)."""
+    for match in _RECORD.finditer(query or ""):
+        record = _decode_record(match.group(0))
+        if record:
+            yield record
 
 
 # ------------------------------------------------------------------------------ fork safety

@@ -3,7 +3,7 @@
 import sys
 import threading
 import urllib.parse
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import psycopg
 import tenacity
@@ -13,10 +13,12 @@ from ... import _forksafe, clock
 from ...oracle import Leader, OnChange
 from ...urls import parse_options, redact, redact_text
 from .._base import Election, OracleBase, leader_of, seconds_between
-from ._common import (OPTIONS, PostgresOracleError, StandbyRefused, _blind, _channel, _decode_record, _Holder,
-                      _keepalives, _key_parts, _lease_ms, _Unanswered, advisory_key, bounded, logger)
+from ._common import (OPTIONS, PostgresOracleError, StandbyRefused, _all_records, _blind, _channel, _find_record,
+                      _Holder, _keepalives, _key_parts, _lease_ms, _Unanswered, advisory_key, bounded, logger)
 from ._contender import PostgresContender
-from ._sql import _HOLDER_SQL, _LIST_SQL
+from ._shared import SharedSessions
+from ._shared_contender import SharedContender
+from ._sql import _HOLDER_SQL, _LIST_SQL, SHARED_MARK
 
 
 class PostgresOracle(OracleBase):
@@ -42,6 +44,13 @@ class PostgresOracle(OracleBase):
         OPTS OUT of that guarantee: the successor waits only that long (0: not at all, and
         without looking for proof), an assumption about how fast a told leader stops its child.
         0 to 60 and at most ``(lease - margin) / 2`` (the session is idle meanwhile).
+    sessions: ``"per_crown"`` (the default): every crown has a dedicated session, and a follower
+        blocks in ``pg_advisory_lock`` on it (crash failover by the server's wake-up).
+        ``"shared"``: all the crowns of this oracle object share two sessions whatever their
+        number (one holds the locks the process leads and LISTENs, the other reads and polls);
+        a crashed leader's successor is found by a poll every ``poll_interval`` (see _shared).
+    poll_interval: sessions=shared only: seconds between the polls that find the followed
+        elections whose leader's session ended (one statement for all). 0.01 to 60.
     """
 
     #: Metadata that does not fit ``track_activity_query_size`` is left out of the published
@@ -58,6 +67,8 @@ class PostgresOracle(OracleBase):
         connect_timeout: float = 5.0,
         wait_timeout: float = 5.0,
         takeover_delay: Optional[float] = None,
+        sessions: str = "per_crown",
+        poll_interval: float = 0.1,
     ):
         super().__init__()
         if not isinstance(dsn, str):
@@ -97,6 +108,12 @@ class PostgresOracle(OracleBase):
                     f" {self.margin:g}); leave it unset to wait out the predecessor's lease safely"
                 )
         self.namespace = namespace
+        if sessions not in ("per_crown", "shared"):
+            raise ValueError(f"sessions must be 'per_crown' or 'shared', got {sessions!r}")
+        self.sessions = sessions
+        self.poll_interval = seconds_between("poll_interval", poll_interval, 0.01, 60.0)
+        self._shared: Optional[SharedSessions] = None
+        self._shared_lock = threading.Lock()
         try:
             params = _conninfo.conninfo_to_dict(dsn)
         except psycopg.Error as exc:
@@ -234,10 +251,16 @@ class PostgresOracle(OracleBase):
         from ._candidacy import PostgresCandidacy
         return PostgresCandidacy(self, name, candidate)
 
-    def contender(self, name: str, identity: str, metadata: Dict[str, Any], on_change: OnChange) -> PostgresContender:
+    def contender(self, name: str, identity: str, metadata: Dict[str, Any], on_change: OnChange
+                  ) -> Union[PostgresContender, SharedContender]:
         self._check_process()
         if self._forked:
             raise PostgresOracleError("this oracle was inherited across fork(); create a new one")
+        if self.sessions == "shared":
+            with self._shared_lock:
+                if self._shared is None:
+                    self._shared = SharedSessions(self)
+            return SharedContender(self, self._shared, name, identity, metadata, on_change)
         return PostgresContender(self, name, identity, metadata, on_change)
 
     def _holder(self, name: str) -> Optional[_Holder]:
@@ -251,8 +274,8 @@ class PostgresOracle(OracleBase):
         a holder of a role without ours' privileges and without a record is a foreign holder)."""
         if pid is None:
             return None
-        record = _decode_record(query)
-        if record and record.get("ns") == self.namespace and record.get("name") == name:
+        record = _find_record(query, self.namespace, name)
+        if record:
             return leader_of(record)
         if trusted is False:
             # Not a crown of ours as far as we can tell: say who it is, not "a leader".
@@ -292,13 +315,16 @@ class PostgresOracle(OracleBase):
                 entry[1] = (pid, query)
         found = []
         for parts, (count, holder) in locks.items():
-            record = _decode_record(holder[1]) if holder else None
-            name = record.get("name") if record else None
+            # A shared holder session (sessions=shared) carries one record per term it leads.
+            names = [r.get("name") for r in _all_records(holder[1] if holder else None)
+                     if r.get("ns") == self.namespace and isinstance(r.get("name"), str)]
             # Another application's advisory lock, or another namespace's: not ours to list.
-            if (not isinstance(name, str) or record.get("ns") != self.namespace
-                    or _key_parts(self.key(name)) != parts):
+            name = next((n for n in names if _key_parts(self.key(n)) == parts), None)
+            if name is None:
                 continue
-            found.append(Election(name, self.leader_from_row(name, *holder), count))
+            # A shared holder's followers (sessions=shared) do not queue on the lock: unknown.
+            shared = SHARED_MARK.strip() in (holder[1] or "")
+            found.append(Election(name, self.leader_from_row(name, *holder), None if shared else count))
         return found
 
     def dismiss(self, name: str) -> bool:
@@ -308,13 +334,13 @@ class PostgresOracle(OracleBase):
         # An empty query: the holder's track_activities is off, no record will ever show.
         holder = tenacity.Retrying(
             retry=tenacity.retry_if_result(lambda h: h is not None and bool(h.trusted) and bool(h.query)
-                                           and _decode_record(h.query) is None),
+                                           and _find_record(h.query, self.namespace, name) is None),
             wait=tenacity.wait_fixed(0.02), stop=tenacity.stop_after_delay(self.confirm_interval),
             retry_error_callback=lambda state: state.outcome.result(),
         )(self._holder, name)
         if holder is None:
             return False
-        token = (_decode_record(holder.query) or {}).get("token")
+        token = (_find_record(holder.query, self.namespace, name) or {}).get("token")
         if token is None and holder.trusted and holder.query == "":
             return self._dismiss_unnamed(name, holder)
         if token is None and holder.trusted is not False:  # ours (or its session just ended)
@@ -366,6 +392,9 @@ class PostgresOracle(OracleBase):
 
     def _forget_after_fork(self) -> None:
         self._forked = True
+        if self._shared is not None:
+            self._shared.forget_after_fork()
+        self._shared_lock = threading.Lock()
         _blind(self._reader)
         self._reader = None
         self._reader_lock = threading.Lock()

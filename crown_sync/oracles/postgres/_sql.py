@@ -7,6 +7,9 @@ from typing import Optional
 
 from ._common import _MARKER
 
+# Leads every statement of a shared holder session (sessions=shared): see _QUIET_SQL.
+SHARED_MARK = "/* crown_sync_shared */ "
+
 _KEY_LOCK = (
     "l.locktype = 'advisory' AND l.database = (SELECT oid FROM pg_database"
     " WHERE datname = current_database()) AND l.classid::bigint = %(hi)s"
@@ -124,6 +127,10 @@ _PREDECESSOR_SQL = (
 _QUIET_SQL = (
     "SELECT CASE WHEN EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid <> pg_backend_pid()"
     " AND a.datid = " + _DATABASE_OID + " AND (strpos(a.query, %(tag)s) > 0"
+    # A shared holder session (sessions=shared) leads each statement with this mark; the tags
+    # of its terms may be cut off by track_activity_query_size, the mark never is.
+    # (spelled in two pieces, so that this statement's own text does not carry it).
+    " OR strpos(a.query, '" + SHARED_MARK.strip()[:13] + "' || '" + SHARED_MARK.strip()[13:] + "') > 0"
     " OR a.query = '<insufficient privilege>' OR a.state = 'disabled')) THEN 0::float8"
     " WHEN pg_stat_get_db_sessions_killed(" + _DATABASE_OID + ") = 0 THEN coalesce(extract(epoch"
     " FROM clock_timestamp() - pg_stat_get_db_stat_reset_time(" + _DATABASE_OID + "))::float8,"
@@ -181,3 +188,33 @@ def _release_sql(channel: str, token: int, hi: int, lo: int) -> str:
             f" SELECT EXISTS (SELECT 1 FROM pg_locks l WHERE {others})"
             f" FROM (SELECT pg_advisory_unlock_all() OFFSET 0) unlocked")
 
+
+
+# sessions=shared: the holder session's confirmation of every lock it holds, in one statement: the
+# keys of its granted advisory locks ("classid:objid"), and the announcements (``leading:<token>``)
+# of the terms it confirms for the first time, sent on commit.
+_HELD_SQL = (
+    "SELECT pg_backend_pid(), current_setting('" + _MARKER + "', true), pg_is_in_recovery(),"
+    " ARRAY(SELECT l.classid::text || ':' || l.objid::text FROM pg_locks l WHERE l.pid = pg_backend_pid()"
+    " AND l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 AND l.database = " + _DATABASE_OID + "),"
+    " (SELECT count(pg_notify(n.c, n.p)) FROM unnest(%(channels)s::text[], %(payloads)s::text[]) AS n(c, p))"
+)
+
+# sessions=shared: which of the followed keys ("classid:objid") no session holds now. One statement
+# per poll for every election the process follows (its crash failover: see _shared).
+_FREE_SQL = (
+    "SELECT k FROM unnest(%(keys)s::text[]) AS k WHERE NOT EXISTS (SELECT 1 FROM pg_locks l"
+    " WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 AND l.database = " + _DATABASE_OID +
+    " AND l.classid::text || ':' || l.objid::text = k)"
+)
+
+
+def _shared_release_sql(channel: str, token: Optional[int], key: int) -> str:
+    """sessions=shared: a graceful release of ONE key (the session holds others): the NOTIFY
+    commits before the unlock, as in _release_sql. Literals, checked as there."""
+    assert re.fullmatch(r"crown_sync_[0-9a-f]{16}", channel)
+    assert isinstance(key, int) and (token is None or isinstance(token, int)) and not isinstance(token, bool)
+    unlock = f"SELECT pg_advisory_unlock({key}::bigint)"
+    if token is None:
+        return unlock
+    return f"BEGIN; SELECT pg_notify('{channel}', 'released:{token}'); COMMIT; {unlock}"

@@ -9,7 +9,7 @@ import psycopg
 
 from ... import clock
 from .._base import Phase
-from ._common import _PROOF_WAIT, PostgresOracleError, _Baseline, _decode_record, _readable, logger
+from ._common import _PROOF_WAIT, PostgresOracleError, _Baseline, _find_record, _readable, logger
 from ._sql import _CONFIRM_SQL, _PREDECESSOR_SQL, _QUIET_SQL
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -39,10 +39,13 @@ class Takeover:
         began just after the holder released finds the lock free, and its predecessor is the
         holder the failed claim or the read between two waits saw. Not longer: a pid is reused,
         in time, by another session (perhaps of another role)."""
+        contender = self.contender
         current = frozenset(ours or ())
-        with self.contender._lock:
+        with contender._lock:
             seen, self._last_ours = self._last_ours, current
-        led = bool(trusted) and _decode_record(query) is not None
+        # This election's record: a shared holder session's statement carries those of the
+        # other terms it leads too, while it may only wait out a debt on this one.
+        led = bool(trusted) and _find_record(query, contender.oracle.namespace, contender.name) is not None
         return _Baseline(holder, killed, led, current | seen)
 
     def forget(self) -> None:

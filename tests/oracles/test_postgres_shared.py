@@ -1,0 +1,138 @@
+"""PostgreSQL sessions=shared: many crowns of a few processes on several elections, judged by the
+journal their children write (never the oracle's word), and the server's own count of connections.
+
+The contract suite runs on this mode too (the ``postgres-shared`` kind, tests/oracles/conftest.py);
+this file adds what only a shared session can get wrong: several elections led through one
+session, two crowns of one process on one election (advisory locks are re-entrant per session),
+a SIGKILLed process that led several elections at once, and ``pg_terminate_backend`` of the one
+session that holds every lock its process leads.
+"""
+
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from crown_sync.testing import journal
+from crown_sync.testing.fleet import contender_environment, wait_until
+
+pytestmark = pytest.mark.server_oracle
+
+ELECTIONS = [f"shared-{n}" for n in range(4)]
+PER_ELECTION = 5  # crowns of each process on each election: 20 crowns per process
+
+# One process: PER_ELECTION crowns on each election, all from one URL (one oracle, shared
+# sessions); a thread child journals its work and takes 0.5 s to stop once told (so a successor
+# that does not wait for it overlaps it). SIGTERM stops every crown gracefully.
+PROCESS_SCRIPT = textwrap.dedent("""
+    import signal, sys, threading
+    import crown_sync
+    from crown_sync.testing import journal
+
+    url, path, tag, names, per = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4].split(","), int(sys.argv[5])
+    crowns = [crown_sync.Crown(name, oracle=url, identity=f"{tag}-{name}-{i}", monitor_delay=0.5,
+                               child=crown_sync.ThreadChild(journal.journaled_work, args=(path,),
+                                                            kwargs={"stop_delay": 0.5}))
+              for name in names for i in range(per)]
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    for crown in crowns:
+        crown.start()
+    print("ready", flush=True)
+    done.wait()
+    for crown in crowns:
+        crown.stop()
+    print("stopped", flush=True)
+""")
+
+
+def spawn(server, path, tag):
+    # application_name tells the server which process a session belongs to
+    url = server.url_for(lease=2, wait_timeout=1, sessions="shared", poll_interval=0.05, application_name=tag)
+    proc = subprocess.Popen([sys.executable, "-c", PROCESS_SCRIPT, url, path, tag, ",".join(ELECTIONS),
+                             str(PER_ELECTION)], stdout=subprocess.PIPE, text=True, env=contender_environment())
+    assert proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def connections(server):
+    """Client sessions per application_name, as the server counts them."""
+    return dict(server.sql("SELECT application_name, count(*) FROM pg_stat_activity"
+                           " WHERE backend_type = 'client backend' AND left(application_name, 4) = 'proc'"
+                           " GROUP BY 1"))
+
+
+def leaders(path):
+    """Per election: the process tag of its newest term that has worked (a few beats), if any."""
+    found = {}
+    for name in ELECTIONS:
+        terms = journal.check(path, name).terms
+        if terms and terms[-1].beats > 3:
+            found[name] = terms[-1].identity.split("-")[0]
+    return found
+
+
+def holder_pid(server, tag):
+    rows = server.sql("SELECT DISTINCT l.pid FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+                      " WHERE l.locktype = 'advisory' AND l.granted AND a.application_name = %s", (tag,))
+    return rows[0][0] if rows else None
+
+
+@pytest.fixture
+def server():
+    from crown_sync.testing.postgres_server import PostgresServer
+
+    server = PostgresServer(fsync=False)
+    server.start()
+    server.settle(3.0)  # a claim on a server younger than a lease waits it out
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+def test_many_crowns_of_three_processes_share_two_sessions_each_through_kill_terminate_and_stop(server, tmp_path):
+    path = str(tmp_path / "journal.jsonl")
+    procs = {tag: spawn(server, path, tag) for tag in ("proc0", "proc1", "proc2")}
+    try:
+        wait_until(lambda: len(leaders(path)) == len(ELECTIONS), timeout=60, message="every election led")
+        counts = connections(server)
+        assert set(counts) == set(procs) and max(counts.values()) <= 2, counts  # 20 crowns each
+
+        # SIGKILL the process that leads the most elections: each has a successor elsewhere.
+        before = leaders(path)
+        victim = max(procs, key=lambda tag: list(before.values()).count(tag))
+        procs[victim].kill()
+        procs[victim].wait(30)
+        wait_until(lambda: all(tag != victim for tag in leaders(path).values())
+                   and len(leaders(path)) == len(ELECTIONS), timeout=60, message="successors of the killed process")
+
+        # Terminate the holder session of a process that leads: all its terms end at once, and
+        # their successors (no proof of how those terms ended) wait out the lease.
+        led = leaders(path)
+        target = next(tag for tag in procs if tag != victim and tag in led.values())
+        pid = wait_until(lambda: holder_pid(server, target), message="the holder session")
+        assert server.terminate(pid)
+        survivor = next(tag for tag in procs if tag not in (victim, target))
+        wait_until(lambda: len(leaders(path)) == len(ELECTIONS) and all(
+            journal.check(path, name).terms[-1].token > 0 for name in ELECTIONS)
+            and leaders(path) != led, timeout=60, message="terms after the termination")
+        wait_until(lambda: set(leaders(path).values()) <= {target, survivor}, timeout=60, message="leaders")
+        time.sleep(1.0)  # the terminated process reconnects: still at most 2 sessions each
+        counts = connections(server)
+        assert max(counts.values()) <= 2, counts
+    finally:
+        for tag, proc in procs.items():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for tag, proc in procs.items():
+            if tag != victim:
+                assert proc.wait(60) == 0, tag  # a graceful stop of 20 crowns
+    for name in ELECTIONS:
+        report = journal.check(path, name)
+        assert report.ok, report.summary()
+        assert len(report.terms) >= 2, report.summary()
+    assert not connections(server)  # every session ended with its process

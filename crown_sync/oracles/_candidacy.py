@@ -18,18 +18,34 @@ import logging
 import math
 import os
 import threading
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import tenacity
 
 from ..oracle import Candidacy, Candidate
 
-__all__ = ["LeaseCandidacy", "FileCandidacy", "SUFFIX"]
+__all__ = ["CandidacyBase", "LeaseCandidacy", "FileCandidacy", "SUFFIX"]
 
 logger = logging.getLogger("crown_sync.oracles")
 
 #: Appended to an election's key (lease oracles) for its candidates record.
 SUFFIX = "=candidates"
+
+
+class CandidacyBase(Candidacy):
+    """A lock for the candidacy's state, and a closed flag (close() may come from any thread)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @contextlib.contextmanager
+    def _open(self) -> Iterator[None]:
+        """Hold the lock; RuntimeError once closed."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("candidacy closed")
+            yield
 
 
 class _Conflict(Exception):
@@ -112,21 +128,18 @@ def _entries(value: Optional[bytes]) -> Dict[str, Dict[str, Any]]:
     return {key: entry for key, entry in record.items() if isinstance(entry, dict)}
 
 
-class FileCandidacy(Candidacy):
+class FileCandidacy(CandidacyBase):
     """A candidacy as a ``flock()``-held file in the election's candidates directory."""
 
     def __init__(self, directory: str, name: str, candidate: Candidate):
+        super().__init__()
         self._me = candidate
         self._directory = os.path.join(directory, f"{name}.candidates")
         self._path = os.path.join(self._directory, f"c-{candidate.key}.json")
         self._fd: Optional[int] = None
-        self._lock = threading.Lock()
-        self._closed = False
 
     def candidates(self) -> List[Candidate]:
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("candidacy closed")
+        with self._open():
             if self._fd is None:
                 self._fd = self._publish()
         found = []

@@ -15,13 +15,13 @@ Reading others' statements needs what reading leader records needs: the crowns' 
 
 import json
 import re
-import threading
 from typing import Any, List, Optional
 
 import psycopg
 
-from ...oracle import Candidacy, Candidate
+from ...oracle import Candidate
 from .._base import bounded
+from .._candidacy import CandidacyBase
 from ._common import _key_parts, advisory_key
 from ._sql import _KEY_LOCK
 
@@ -32,8 +32,9 @@ _COMMENT = re.compile(r"/\*" + re.escape(_MARK) + r"(\{.*\})\*/\s*$", re.S)
 _READ = "SELECT a.query FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid WHERE " + _KEY_LOCK + " AND l.granted"
 
 
-class PostgresCandidacy(Candidacy):
+class PostgresCandidacy(CandidacyBase):
     def __init__(self, oracle: Any, name: str, candidate: Candidate):
+        super().__init__()
         self._oracle = oracle
         key = advisory_key(oracle.namespace, "candidates:" + name)
         hi, lo = _key_parts(key)
@@ -41,13 +42,9 @@ class PostgresCandidacy(Candidacy):
         # JSON may say "*/" only as "*\/": the comment must end where ours does
         self._comment = " /*" + _MARK + json.dumps(candidate.to_dict()).replace("*/", "*\\/") + "*/"
         self._conn: Optional[psycopg.Connection] = None
-        self._lock = threading.Lock()
-        self._closed = False
 
     def candidates(self) -> List[Candidate]:
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("candidacy closed")
+        with self._open():
             try:
                 rows = self._session().execute(_READ + self._comment, self._params).fetchall()
             except psycopg.Error as exc:

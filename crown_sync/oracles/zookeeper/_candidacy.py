@@ -6,12 +6,12 @@ election's queue ignores it.
 """
 
 import json
-import threading
 from typing import Any, List, Optional, Tuple
 
 from kazoo.exceptions import KazooException, NoNodeError
 
-from ...oracle import Candidacy, Candidate
+from ...oracle import Candidate
+from .._candidacy import CandidacyBase
 from ._common import _unavailable
 
 __all__ = ["ZooKeeperCandidacy"]
@@ -19,21 +19,18 @@ __all__ = ["ZooKeeperCandidacy"]
 PREFIX = "candidate-"
 
 
-class ZooKeeperCandidacy(Candidacy):
+class ZooKeeperCandidacy(CandidacyBase):
     def __init__(self, oracle: Any, name: str, candidate: Candidate):
+        super().__init__()
         self._oracle, self._me = oracle, candidate
         self._election = oracle.election_path(name)
         self._node: Optional[Tuple[int, str]] = None  # (session id, path) of our node
-        self._lock = threading.Lock()
-        self._closed = False
 
     def candidates(self) -> List[Candidate]:
         client, _epoch, session = self._oracle._connection()
         timeout = self._oracle._op_timeout()
         try:
-            with self._lock:
-                if self._closed:
-                    raise RuntimeError("candidacy closed")
+            with self._open():
                 children = self._publish(client, session, timeout)
             reads = [client.get_async(f"{self._election}/{child}") for child in children if child.startswith(PREFIX)]
             found = []

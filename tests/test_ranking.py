@@ -11,6 +11,7 @@ import uuid
 import pytest
 
 import crown_sync
+from crown_sync import clock
 from crown_sync._ranking import Ranking, RankedContender
 from crown_sync.oracle import Candidacy, Candidate, Claim, Contender
 from crown_sync.testing.fleet import Fleet, wait_until
@@ -161,11 +162,13 @@ def test_oldest_no_newcomer_takes_over_and_the_oldest_live_one_follows_a_dead_le
     fleet = _StrategyFleet(tmp_path, "oldest")
     try:
         fleet.spawn("a")
-        first = fleet.wait_for_term()
+        fleet.wait_for_term()
         for identity in ("c", "b"):  # c joins before b: older, though its name sorts after
             fleet.spawn(identity)
             wait_until(lambda: fleet.follows(identity))
-        wait_until(lambda: fleet.running_term() and fleet.running_term().beats > first.beats + 100)
+        beats = sum(t.beats for t in fleet.terms())
+        # 0.5 s of beats after both joined (two preempt intervals and more): nobody took over
+        wait_until(lambda: sum(t.beats for t in fleet.terms()) > beats + 100)
         fleet.signal("a", signal.SIGKILL)
         after = fleet.wait_for_term(other_than={"a"})
     finally:
@@ -186,3 +189,21 @@ def test_a_callable_strategy_hands_the_crown_to_its_choice(tmp_path):
     report = fleet.assert_safe(min_terms=2)
     assert [t.identity for t in report.terms] == ["a", "z"], report.summary()
     assert report.terms[0].stopped and report.terms[0].end < chosen.start
+
+
+def test_equal_priorities_keep_the_incumbent(tmp_path):
+    """No flapping: a newcomer of the leader's priority never takes over, over many checks."""
+    fleet = _StrategyFleet(tmp_path, "priority")
+    try:
+        fleet.spawn("a")
+        fleet.wait_for_term()
+        fleet.spawn("b")
+        wait_until(lambda: fleet.follows("b"))
+        beats = sum(t.beats for t in fleet.terms())
+        # 0.5 s of beats after b joined (two preempt intervals and more)
+        wait_until(lambda: sum(t.beats for t in fleet.terms()) > beats + 100)
+        until = clock.monotonic()
+    finally:
+        fleet.stop_all(strict=True)  # a's stop hands the crown to b: not a flap
+    report = fleet.assert_safe(min_terms=1)
+    assert [t.identity for t in report.terms if t.start < until] == ["a"], report.summary()

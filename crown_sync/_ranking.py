@@ -90,7 +90,7 @@ class Ranking:
         if not self.active:
             return contender
         candidate = Candidate(identity, self.priority, time.time(), secrets.token_hex(8))
-        return RankedContender(self, contender, oracle.candidacy(name, candidate), candidate, on_change)
+        return RankedContender(self, contender, lambda: oracle.candidacy(name, candidate), candidate, on_change)
 
     def best(self, candidates: List[Candidate], me: Candidate) -> Optional[Candidate]:
         """The candidate that strictly outranks ``me`` (best first), or None. A callable that
@@ -115,12 +115,13 @@ class RankedContender(Contender):
     """An oracle's contender plus the ranking (see the module docstring). Driven from the crown's
     loop thread, as every contender; its only thread is a timer that ends a yield."""
 
-    def __init__(self, ranking: Ranking, inner: Contender, candidacy: Candidacy, me: Candidate,
+    def __init__(self, ranking: Ranking, inner: Contender, candidacy: Callable[[], Candidacy], me: Candidate,
                  on_change: OnChange):
-        self.inner, self.candidacy, self.me = inner, candidacy, me
+        self.inner, self.me = inner, me
+        self.candidacy: Optional[Candidacy] = None  # standing while contending, not between terms
+        self._new_candidacy = candidacy
         self._ranking = ranking
         self._on_change = on_change
-        self._published = False
         self._next_check = 0.0
         self._yield_until = 0.0
         self._yielded_to: Optional[str] = None  # the key of the candidate we last yielded to
@@ -133,9 +134,14 @@ class RankedContender(Contender):
     # ---------------------------------------------------------------------------- Contender
 
     def claim(self) -> Claim:
-        if not self._published:  # before our first claim, so that a leader's check sees us
-            self.candidacy.candidates()
-            self._published = True
+        if self.candidacy is None:  # before claiming, so that a leader's check sees us
+            candidacy = self._new_candidacy()
+            try:
+                candidacy.candidates()
+            except BaseException:
+                candidacy.close()
+                raise
+            self.candidacy = candidacy
         claim = self.inner.claim()
         if not claim.won:
             if claim.leader is not None:  # someone leads: whoever we yielded to did its part
@@ -176,12 +182,17 @@ class RankedContender(Contender):
         return True
 
     def abdicate(self) -> None:
-        self.inner.abdicate()
+        """The term is over: withdraw first (a stopping leader must not be yielded to by the
+        successor that claims next), then abdicate; the next claim stands again, as old as ever."""
+        try:
+            self._withdraw()
+        finally:
+            self.inner.abdicate()
 
     def close(self) -> None:
         self._cancel_timer()
         try:
-            self.candidacy.close()
+            self._withdraw()
         finally:
             self.inner.close()
 
@@ -211,6 +222,14 @@ class RankedContender(Contender):
         due = max(0.0, self._next_check - clock.monotonic())
         refresh_in = due if claim.refresh_in is None else min(claim.refresh_in, due)
         return dataclasses.replace(claim, refresh_in=refresh_in)
+
+    def _withdraw(self) -> None:
+        candidacy, self.candidacy = self.candidacy, None
+        if candidacy is not None:
+            try:
+                candidacy.close()
+            except Exception as exc:  # it lapses with the session or its expiry anyway
+                logger.warning("%s: withdrawing the candidacy failed: %s", self.me.identity, type(exc).__name__)
 
     def _cancel_timer(self) -> None:
         timer, self._timer = self._timer, None

@@ -85,7 +85,10 @@ class _Listed(Candidacy):
 
 def _ranked(strategy, me, others, preempt_interval=0.5):
     ranking = Ranking.check(me.priority, strategy, preempt_interval)
-    return RankedContender(ranking, _Scripted(), _Listed([me, *others]), me, lambda **_: None)
+    listed = _Listed([me, *others])
+    ranked = RankedContender(ranking, _Scripted(), lambda: listed, me, lambda **_: None)
+    ranked.listed = listed  # what the oracle would list, for the test to change
+    return ranked
 
 
 ME = Candidate("me", 1, 100.0, "k-me")
@@ -107,7 +110,7 @@ def test_a_won_claim_is_given_up_before_any_child_only_for_a_strictly_better_can
 def test_a_preempted_leader_ends_its_term_saying_so_and_yields():
     ranked = _ranked("priority", ME, [], preempt_interval=0.01)
     assert ranked.claim().refresh_in <= 0.01  # the check brings the oracle's refresh forward
-    ranked.candidacy.listed.append(Candidate("better", 5, 1.0, "k-b"))
+    ranked.listed.listed.append(Candidate("better", 5, 1.0, "k-b"))
     ended = wait_until(lambda: (lambda claim: None if claim.won else claim)(ranked.refresh()), timeout=5)
     assert ended.reason == "preempted" and ended.yield_for > 0
     assert "abdicate" not in ranked.inner.calls  # the engine abdicates, once the child stopped
@@ -137,7 +140,7 @@ def test_a_candidate_that_does_not_take_over_during_the_yield_is_ignored_for_a_w
 def test_candidates_that_cannot_be_read_never_end_a_term():
     ranked = _ranked("priority", ME, [], preempt_interval=0.01)
     assert ranked.claim().won  # publishing (before a claim: nothing held) may raise; reading may not
-    ranked.candidacy.listed = ConnectionError("server gone")
+    ranked.listed.listed = ConnectionError("server gone")
     assert ranked.claim().won
     time.sleep(0.02)  # past the next check
     assert ranked.refresh().won
@@ -207,3 +210,14 @@ def test_equal_priorities_keep_the_incumbent(tmp_path):
         fleet.stop_all(strict=True)  # a's stop hands the crown to b: not a flap
     report = fleet.assert_safe(min_terms=1)
     assert [t.identity for t in report.terms if t.start < until] == ["a"], report.summary()
+
+
+def test_a_term_that_ends_withdraws_the_candidacy_before_abdicating_and_the_next_claim_stands_again():
+    """A stopping leader must not be yielded to by the successor that claims right after it."""
+    ranked = _ranked("priority", ME, [])
+    withdrawn = []
+    ranked.listed.close = lambda: withdrawn.append(list(ranked.inner.calls))
+    assert ranked.claim().won
+    ranked.abdicate()
+    assert withdrawn == [["claim"]] and ranked.inner.calls == ["claim", "abdicate"]
+    assert ranked.claim().won and ranked.candidacy is ranked.listed

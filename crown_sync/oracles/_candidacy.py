@@ -23,6 +23,7 @@ from typing import Any, Dict, Iterator, List, Optional
 import tenacity
 
 from ..oracle import Candidacy, Candidate
+from ._base import bounded
 
 __all__ = ["CandidacyBase", "LeaseCandidacy", "FileCandidacy", "SUFFIX"]
 
@@ -74,11 +75,16 @@ class LeaseCandidacy(Candidacy):
         return [c for c in map(Candidate.from_dict, entries.values()) if c is not None]
 
     def close(self) -> None:
+        """Withdraw our entry (so the next claimant does not yield to us), unless a renewal is
+        stuck on the server: then the entry expires within ttl. Bounded by the store's timeout."""
         if self._closed.is_set():
             return
         self._closed.set()
-        try:  # a courtesy: an entry left behind expires within ttl anyway
-            self._update(stand=False, renew=False)
+        bounded(self._lock, 0.5, self._withdraw, lambda: None)
+
+    def _withdraw(self) -> None:
+        try:
+            self._retrying()(self._update_once, False, False)
         except Exception as exc:
             logger.debug("withdrawing candidacy %s failed: %s", self._key, type(exc).__name__)
 
@@ -92,10 +98,13 @@ class LeaseCandidacy(Candidacy):
     def _update(self, stand: bool, renew: bool) -> Dict[str, Dict[str, Any]]:
         """The live entries after making sure ours is there (``stand``) or not: one read, plus a
         compare-and-set when something must change; a lost race reads and tries again."""
-        retrying = tenacity.Retrying(stop=tenacity.stop_after_attempt(10), wait=tenacity.wait_random(0, 0.02),
-                                     retry=tenacity.retry_if_exception_type(_Conflict), reraise=True)
         with self._lock:
-            return retrying(self._update_once, stand, renew)
+            return self._retrying()(self._update_once, stand, renew)
+
+    @staticmethod
+    def _retrying() -> tenacity.Retrying:
+        return tenacity.Retrying(stop=tenacity.stop_after_attempt(10), wait=tenacity.wait_random(0, 0.02),
+                                 retry=tenacity.retry_if_exception_type(_Conflict), reraise=True)
 
     def _update_once(self, stand: bool, renew: bool) -> Dict[str, Dict[str, Any]]:
         value, version = self._oracle._shared("read", self._key)

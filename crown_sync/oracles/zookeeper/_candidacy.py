@@ -11,6 +11,7 @@ from typing import Any, List, Optional, Tuple
 from kazoo.exceptions import KazooException, NoNodeError
 
 from ...oracle import Candidate
+from .._base import bounded
 from .._candidacy import CandidacyBase
 from ._common import _unavailable
 
@@ -32,6 +33,9 @@ class ZooKeeperCandidacy(CandidacyBase):
         try:
             with self._open():
                 children = self._publish(client, session, timeout)
+                if self._closed:  # closed meanwhile (close() could not wait): no node may outlive it
+                    self._delete()
+                    raise RuntimeError("candidacy closed")
             reads = [client.get_async(f"{self._election}/{child}") for child in children if child.startswith(PREFIX)]
             found = []
             for read in reads:
@@ -64,9 +68,12 @@ class ZooKeeperCandidacy(CandidacyBase):
         return children
 
     def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            node, self._node = self._node, None
+        self._closed = True
+        # a publish under way holds the lock for at most one request's timeout
+        bounded(self._lock, self._oracle._op_timeout(), self._delete, lambda: None)
+
+    def _delete(self) -> None:
+        node, self._node = self._node, None
         client, connected, _epoch = self._oracle._connected_now()
         if node is None or client is None or not connected:
             return  # the node goes with the session

@@ -24,6 +24,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 from . import clock
+from ._options import number
 from .oracle import Candidacy, Candidate, Claim, Contender, Leader, OnChange, Oracle
 
 __all__ = ["Ranking", "RankedContender", "STRATEGIES"]
@@ -70,7 +71,6 @@ class Ranking:
         if strategy == "first" and priority != 0:  # it would be silently ignored
             raise ValueError(f"priority ({priority}) needs strategy='priority' (or a callable), on every "
                              f"contender of the election; strategy='first' ranks nobody")
-        from ._options import number  # the crown's own checks of a number of seconds
         interval = number("preempt_interval", preempt_interval, positive=True)
         return cls(priority, strategy, interval)
 
@@ -122,6 +122,8 @@ class RankedContender(Contender):
         self._new_candidacy = candidacy
         self._ranking = ranking
         self._on_change = on_change
+        self._guard = threading.Lock()  # close() (any thread) against the loop standing anew
+        self._closed = False
         self._next_check = 0.0
         self._yield_until = 0.0
         self._yielded_to: Optional[str] = None  # the key of the candidate we last yielded to
@@ -135,13 +137,7 @@ class RankedContender(Contender):
 
     def claim(self) -> Claim:
         if self.candidacy is None:  # before claiming, so that a leader's check sees us
-            candidacy = self._new_candidacy()
-            try:
-                candidacy.candidates()
-            except BaseException:
-                candidacy.close()
-                raise
-            self.candidacy = candidacy
+            self._stand()
         claim = self.inner.claim()
         if not claim.won:
             if claim.leader is not None:  # someone leads: whoever we yielded to did its part
@@ -192,7 +188,7 @@ class RankedContender(Contender):
     def close(self) -> None:
         self._cancel_timer()
         try:
-            self._withdraw()
+            self._withdraw(closing=True)
         finally:
             self.inner.close()
 
@@ -223,8 +219,23 @@ class RankedContender(Contender):
         refresh_in = due if claim.refresh_in is None else min(claim.refresh_in, due)
         return dataclasses.replace(claim, refresh_in=refresh_in)
 
-    def _withdraw(self) -> None:
-        candidacy, self.candidacy = self.candidacy, None
+    def _stand(self) -> None:
+        candidacy = self._new_candidacy()
+        try:
+            candidacy.candidates()  # publishes it
+            with self._guard:
+                if not self._closed:
+                    self.candidacy = candidacy
+                    return
+            raise RuntimeError("contender closed")
+        except BaseException:
+            candidacy.close()  # none may outlive the contender: a renewal thread, a node, a session
+            raise
+
+    def _withdraw(self, closing: bool = False) -> None:
+        with self._guard:
+            self._closed = self._closed or closing
+            candidacy, self.candidacy = self.candidacy, None
         if candidacy is not None:
             try:
                 candidacy.close()

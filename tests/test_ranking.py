@@ -221,3 +221,15 @@ def test_a_term_that_ends_withdraws_the_candidacy_before_abdicating_and_the_next
     ranked.abdicate()
     assert withdrawn == [["claim"]] and ranked.inner.calls == ["claim", "abdicate"]
     assert ranked.claim().won and ranked.candidacy is ranked.listed
+
+
+def test_a_candidacy_published_while_the_contender_closes_is_withdrawn():
+    """stop() (another thread) closes the contender while the loop stands: nothing may outlive it."""
+    ranked = _ranked("priority", ME, [])
+    closed = []
+    ranked.listed.close = lambda: closed.append(True)
+    publish = ranked.listed.candidates
+    ranked.listed.candidates = lambda: (ranked.close(), publish())[1]
+    with pytest.raises(RuntimeError, match="closed"):
+        ranked.claim()
+    assert closed and ranked.candidacy is None

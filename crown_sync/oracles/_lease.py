@@ -64,6 +64,24 @@ Connection loss: every call has ``timeout``; a failed call raises (the engine re
 deadline, then stops the child). Followers' poll errors, failed takeovers included, are logged and
 retried at the poll interval.
 
+One connection, one poller: an oracle object has ONE store (connection) for all its contenders
+and its own calls (each contender holds a :class:`_Handle` on it; the last handle to close closes
+it), and ONE poller thread for all its following contenders (:class:`_Poller`), which reads the
+keys of every contender due in one request where the server can (one ``gets_many``, one pipelined
+round trip, concurrent NATS reads). So 1,000 crowns of one process on one URL use one connection
+and the crowns' own loop threads plus a fixed few, not a connection and a poller thread each.
+
+Herds: with many followers of one election, a handoff must not make each of them hit the server.
+A follower whose poller sees a new term (a ``held`` record of another holder) tells the engine,
+whose next ``claim()`` is answered from that read (no request), and keeps watching; a pushed
+record counts as such a read. Within a process, once one contender tried to take a key over in a
+round, the others of that key read again in the next round (once for all) instead of trying too.
+Across processes, a pushed release is taken over at the follower's *turn* (``nudge``'s ``turn``):
+a server that can pick one heir (NATS: a queue group) gives it turn 0 and the others a fallback
+wait; a server that can count the listeners (Redis) gives each a random one of that many turns.
+A follower whose turn comes after the takeover was pushed drops its attempt. The cost: with
+several followers, the first attempt may wait a turn or two (see each server's docs).
+
 Requests at rest: a follower makes one read per ``poll_interval`` (the engine's periodic
 re-claims are answered from the poller's fresh read without a request); a leader one CAS per
 ``renew_interval``, over the version of its own last write where the store knows it
@@ -77,6 +95,8 @@ leader's last renewal, i.e. at most ``ttl + poll_interval`` after the crash.
 """
 
 import abc
+import heapq
+import itertools
 import json
 import logging
 import math
@@ -126,7 +146,9 @@ def default_margin(ttl: float) -> float:
 
 
 class LeaseStore(abc.ABC):
-    """One connection to the server, used by one owner at a time (the owner serializes calls).
+    """The oracle's connection to the server, shared by all its contenders: every method may be
+    called from several threads at once (a store serializes its calls on its one connection, or
+    uses a small fixed pool). A contender uses it through a :class:`_Handle`.
 
     ``version`` is whatever the server's compare-and-set compares (a memcached CAS id, a NATS
     revision, the bytes themselves for a server whose script compares values). ``expire`` is in
@@ -147,9 +169,14 @@ class LeaseStore(abc.ABC):
         """Write ``value`` only if the key still has ``version``: True if done, False if the key
         changed meanwhile, None if it is absent."""
 
+    def read_many(self, keys: List[str]) -> Dict[str, Tuple[Optional[bytes], Any]]:
+        """{key: (value, version)} of every key, as :meth:`read` gives it; a server that can
+        read many keys in one round trip overrides this (the shared poller's reads)."""
+        return {key: self.read(key) for key in keys}
+
     def written_version(self, value: bytes) -> Any:
-        """The version the server gave ``value`` when this store last wrote it (a create or
-        replace that succeeded), or None if unknown. Known, it lets a holder renew and release by
+        """The version the server gave ``value`` when the calling thread last wrote it through
+        this store (a create or replace that succeeded), or None if unknown. Known, it lets a holder renew and release by
         one compare-and-set over its own last write, without reading first (a lost CAS then
         reads to learn why). Default: unknown (memcached's ``cas`` returns no new CAS id)."""
         return None
@@ -280,7 +307,11 @@ class LeaseOracle(OracleBase):
         #: seconds a dismissed leader stays out of the contest after its release (see dismiss()).
         self.dismissed_yield = 2 * self.poll_interval + 1.0
         self._lock = threading.Lock()
+        # One store (connection) for the oracle and all its contenders, made on demand and
+        # closed with the last contender's handle (or by close()).
         self._store: Optional[LeaseStore] = None
+        self._handles = 0
+        self._poller: Optional[_Poller] = None  # one thread polls for every following contender
 
     def _check_margin(self) -> None:
         if self.margin > self.ttl / 2:
@@ -299,7 +330,7 @@ class LeaseOracle(OracleBase):
 
     @abc.abstractmethod
     def new_store(self) -> LeaseStore:
-        """A new, lazily connecting store (no I/O here)."""
+        """A new, lazily connecting store, safe to call from several threads (no I/O here)."""
 
     @abc.abstractmethod
     def check_key(self, text: str, option: str) -> None:
@@ -326,8 +357,11 @@ class LeaseOracle(OracleBase):
 
     def watching(self, contender: "LeaseContender", store: LeaseStore) -> None:
         """A contender started following: a server that can push changes arranges (on the
-        contender's own ``store``, if it likes) to call ``contender.nudge()`` when the election's
-        key changes. Called once per contender."""
+        shared ``store``) to call ``contender.nudge()`` when the election's key changes. Called
+        once per contender."""
+
+    def unwatching(self, contender: "LeaseContender") -> None:
+        """A contender that was watched closed: stop pushing to it (called once, never raises)."""
 
     def released(self, store: LeaseStore, name: str) -> None:
         """A record of ``name`` became ``released`` or ``vacated`` (by ``store``'s owner): a
@@ -347,12 +381,51 @@ class LeaseOracle(OracleBase):
         super().check_contender(name, identity, metadata)
         self.check_key(self.key(name), "name")
 
-    def _shared(self, method: str, *args: Any) -> Any:
+    def shared_store(self) -> LeaseStore:
+        """The one store of this oracle (made on demand): its contenders' and its own calls."""
         self._check_process()
         with self._lock:
             if self._store is None:
                 self._store = self.new_store()
-            return getattr(self._store, method)(*args)
+            return self._store
+
+    def _shared(self, method: str, *args: Any) -> Any:
+        return getattr(self.shared_store(), method)(*args)
+
+    def _handle_opened(self) -> None:
+        self._check_process()
+        with self._lock:
+            self._handles += 1
+
+    def _handle_closed(self, interrupt: bool) -> None:
+        """A contender's handle closed: the last one closes the store (``interrupt``: a call may
+        be stuck in it, cut it short) and stops the poller; a later call makes them anew."""
+        with self._lock:
+            self._handles -= 1
+            if self._handles > 0:
+                return
+            store, self._store = self._store, None
+            poller, self._poller = self._poller, None
+        if poller is not None:
+            poller.close()
+        if store is not None:
+            if interrupt:
+                store.interrupt()
+            store.close()
+
+    def _unpoll(self, contender: "LeaseContender") -> None:
+        with self._lock:
+            poller = self._poller
+        if poller is not None:
+            poller.remove(contender)
+
+    @property
+    def poller(self) -> "_Poller":
+        self._check_process()
+        with self._lock:
+            if self._poller is None:
+                self._poller = _Poller(self)
+            return self._poller
 
     def contender(self, name: str, identity: str, metadata: Dict[str, Any], on_change: OnChange) -> "LeaseContender":
         self.check_contender(name, identity, metadata)
@@ -405,12 +478,17 @@ class LeaseOracle(OracleBase):
     def close(self) -> None:
         with self._lock:
             store, self._store = self._store, None
+            poller, self._poller = self._poller, None
+        if poller is not None:
+            poller.close()
         if store is not None:
             store.close()
 
     def _forget_after_fork(self) -> None:
         self._lock = threading.Lock()  # the parent's lock may have been held by a thread that is gone
         self._store = None  # the parent's: its socket is blinded; a fresh one is made on demand
+        self._handles = 0  # the inherited contenders are unusable here and never close theirs
+        self._poller = None  # its thread did not cross the fork
 
 
 def _farewell(state: str, record: Dict[str, Any], prev_state: str, identity: Any, by: str = "") -> Dict[str, Any]:
@@ -430,36 +508,207 @@ class _Pending:
         self.renewed_at = renewed_at
 
 
-class _Follower:
-    """A following contender's side of :class:`LeaseContender`: ``watch`` and the poller thread,
-    which reads the key every ``poll_interval`` (or at once when the server pushes a change) and
-    takes a released or stale lease over for the engine's next ``claim()``. Its state is
-    LeaseContender's (set up in its __init__)."""
+class _Handle(LeaseStore):
+    """A contender's use of its oracle's one store: closing it never closes the connection that
+    other contenders share (the oracle's last handle does). Other store methods (a server's token
+    or term-start calls) pass through."""
 
-    def nudge(self, pushed: Optional[Tuple[Optional[bytes], Any]] = None) -> None:
-        """The key may have changed (a push from the server): a watching poller reads now.
-        ``pushed``: the key's new (value, version) if the push carried them; a ``released``
-        record is then taken over by CAS over that version, without reading it first."""
-        if self._watching:
-            if pushed is not None:
-                self._pushed = pushed
-            self._wake.set()
+    def __init__(self, oracle: "LeaseOracle"):
+        self._oracle = oracle
+        self.closed = False
+        oracle._handle_opened()
+
+    def _shared(self) -> LeaseStore:
+        if self.closed:
+            raise RuntimeError("the contender's store is closed")
+        return self._oracle.shared_store()
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._shared(), name)
+
+    def read(self, key: str) -> Tuple[Optional[bytes], Any]:
+        return self._shared().read(key)
+
+    def create(self, key: str, value: bytes, expire: int) -> bool:
+        return self._shared().create(key, value, expire)
+
+    def replace(self, key: str, value: bytes, version: Any, expire: int) -> Optional[bool]:
+        return self._shared().replace(key, value, version, expire)
+
+    def written_version(self, value: bytes) -> Any:
+        return self._shared().written_version(value)
+
+    def interrupt(self) -> None:
+        self._close(interrupt=True)
+
+    def close(self) -> None:
+        self._close(interrupt=False)
+
+    def _close(self, interrupt: bool) -> None:
+        if not self.closed:
+            self.closed = True
+            self._oracle._handle_closed(interrupt)
+
+
+class _Poller:
+    """The oracle's one poller thread, for all its following contenders (not a thread each).
+
+    Each contender has a due time. A round takes every contender due, reads their keys in one
+    request where the store can (:meth:`LeaseStore.read_many`; a key followed by several
+    contenders of this process is read once), and runs each contender's round on that read
+    (:meth:`_Follower._poll_round`), which may take a released or stale lease over. After one
+    contender tried to take a key over, the others of that key wait for the next round's read
+    instead of trying too: a handoff costs one attempt per process, not per follower.
+    """
+
+    def __init__(self, oracle: "LeaseOracle"):
+        self._oracle = oracle
+        self._cond = threading.Condition()
+        self._due: Dict["LeaseContender", float] = {}  # contender -> monotonic time of its next round
+        self._heap: List[Tuple[float, int, "LeaseContender"]] = []  # (due, seq, contender); stale ones skipped
+        self._seq = itertools.count()
+        self._thread: Optional[threading.Thread] = None
+        self._closed = False
+
+    def at(self, contender: "LeaseContender", delay: float) -> None:
+        """Run ``contender``'s round in ``delay`` seconds, or sooner if already due sooner."""
+        when = _monotonic() + delay
+        with self._cond:
+            if self._closed:
+                return
+            if self._due.get(contender, math.inf) <= when:
+                return
+            self._due[contender] = when
+            heapq.heappush(self._heap, (when, next(self._seq), contender))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="crown-sync-lease", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def remove(self, contender: "LeaseContender") -> None:
+        with self._cond:
+            self._due.pop(contender, None)
+
+    def _take_due(self) -> Tuple[List["LeaseContender"], Optional[float]]:
+        """(contenders due now, removed from the schedule; seconds until the next one)."""
+        now, due = _monotonic(), []
+        while self._heap:
+            when, _, contender = self._heap[0]
+            if self._due.get(contender) != when:
+                heapq.heappop(self._heap)  # rescheduled or removed since
+            elif when <= now:
+                heapq.heappop(self._heap)
+                del self._due[contender]
+                due.append(contender)
+            else:
+                return due, when - now
+        return due, None
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                batch, wait = self._take_due()
+                while not batch and not self._closed:
+                    self._cond.wait(wait)
+                    batch, wait = self._take_due()
+                if self._closed:
+                    return
+            try:
+                self._round(batch)
+            except Exception:  # never let the one poller die: each contender is retried
+                logger.exception("lease poller round on %s failed", self._oracle.description)
+                for contender in batch:
+                    self.at(contender, self._oracle.poll_interval)
+
+    def _round(self, batch: List["LeaseContender"]) -> None:
+        # Prefetch the keys of the contenders that will read (a hint read without their locks:
+        # each checks under its lock that the read is still for its current watch).
+        epochs = {contender: contender._read_epoch() for contender in batch}
+        keys = sorted({contender._key for contender, epoch in epochs.items() if epoch is not None})
+        reads: Dict[str, Tuple[Optional[bytes], Any]] = {}
+        failed: Optional[BaseException] = None
+        if keys:
+            try:
+                reads = self._oracle.shared_store().read_many(keys)
+            except Exception as exc:  # an unreachable server: every reader retries at the poll interval
+                failed = exc
+        read_end = _monotonic()
+        tried: set = set()
+        for contender in batch:
+            if contender._key in tried:
+                contender._pushed = None  # that push is being acted on: read again, once for all
+                self.at(contender, 0.0)
+                continue
+            epoch = epochs[contender]
+            if epoch is not None and failed is not None:
+                logger.debug("%s: poll of %s failed: %s", contender.identity, contender.name, failed)
+                self.at(contender, self._oracle.poll_interval)
+                continue
+            read = (*reads[contender._key], read_end, epoch) if epoch is not None else None
+            self._one(contender, read, tried)
+
+    def _one(self, contender: "LeaseContender", read: Optional[tuple], tried: set) -> None:
+        try:
+            signal, delay, attempted = contender._poll_round(read)
+        except Exception as exc:  # a failed read or takeover: keep trying at the poll interval
+            logger.debug("%s: poll of %s failed: %s", contender.identity, contender.name, exc)
+            signal, delay, attempted = False, self._oracle.poll_interval, True
+        if attempted:
+            tried.add(contender._key)
+        if delay is not None:
+            self.at(contender, delay)
+        if signal:
+            contender._notify()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._due.clear()
+            self._heap.clear()
+            self._cond.notify_all()
+
+
+class _Follower:
+    """A following contender's side of :class:`LeaseContender`: ``watch`` and its rounds of the
+    oracle's one poller (:class:`_Poller`), every ``poll_interval`` or at once when the server
+    pushes a change; a round takes a released or stale lease over for the engine's next
+    ``claim()``. Its state is LeaseContender's (set up in its __init__)."""
+
+    def nudge(self, pushed: Optional[Tuple[Optional[bytes], Any]] = None, turn: float = 0.0) -> bool:
+        """The key may have changed (a push from the server): a watching contender looks now.
+        ``pushed``: the key's new (value, version) if the push carried them: a ``released``
+        record is then taken over by CAS over that version, without reading it first, ``turn``
+        seconds from now (see "Herds" in the docs: a push of the takeover meanwhile cancels the
+        attempt); any other record counts as read when the push arrived (no request).
+        Returns whether this contender is watching (False: the nudge was ignored)."""
+        if not self._watching:
+            return False
+        now, due = _monotonic(), 0.0
+        if pushed is not None:
+            earlier = self._pushed
+            due = now + turn
+            if earlier is not None and earlier[0] == pushed[0]:
+                now, due = earlier[2], min(due, earlier[3])  # the same news twice: the earlier turn
+            self._pushed = (pushed[0], pushed[1], now, due)
+        waits = pushed is not None and _released(pushed[0])
+        self.oracle.poller.at(self, max(0.0, due - _monotonic()) if waits else 0.0)
+        return True
 
     def watch(self, leader: Optional[Leader]) -> bool:
         with self._lock:
             self._check_open()
             if not self._may_watch():
                 return False
-            if self._thread is None:
+            if not self._hooked:
                 self.oracle.watching(self, self._store)  # before we count as watching: it may raise
+                self._hooked = True
             was_watching, self._watching = self._watching, True
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._poll_loop, name=f"crown-sync-lease:{self.name}", daemon=True
-                )
-                self._thread.start()
+            if not was_watching:
+                self._epoch += 1  # a read the poller started before this watch is not for it
         if not was_watching:
-            self._wake.set()  # else the poller's schedule stands (no extra request)
+            self.oracle.poller.at(self, 0.0)  # else the poller's schedule stands (no extra request)
         return True
 
     def _may_watch(self) -> bool:
@@ -479,62 +728,77 @@ class _Follower:
         self._watch_holder = _holder(record, seen[0])
         return True
 
-    def _poll_loop(self) -> None:
-        delay: Optional[float] = None
-        while True:
-            self._wake.wait(delay)
-            self._wake.clear()
-            if not self.usable:
-                return
-            try:
-                signal, delay = self._poll_once()
-            except Exception as exc:  # an unreachable server: keep trying at the poll interval
-                logger.debug("%s: poll of %s failed: %s", self.identity, self.name, exc)
-                signal, delay = False, self.oracle.poll_interval
-            if signal:
-                self._notify()
+    def _read_epoch(self) -> Optional[int]:
+        """The watch's epoch if its next round reads the key (no lock: a hint for the poller)."""
+        if self._watching and self._pending is None and self._pushed is None:
+            return self._epoch
+        return None
 
-    def _poll_once(self) -> Tuple[bool, Optional[float]]:
-        """One round of the poller. Returns (call on_change?, seconds until the next round)."""
+    def _poll_round(self, read: Optional[tuple]) -> Tuple[bool, Optional[float], bool]:
+        """One round, on the poller's ``read`` (value, version, end of the read, epoch) if it
+        has one. Returns (call on_change?, seconds until the next round or None, tried to take
+        the lease over?)."""
         with self._lock:
             if not self._watching or not self.usable:
-                return False, None
+                return False, None, False
             if self._pending is not None:
-                return self._poll_pending()
+                return (*self._poll_pending(), False)
             pushed, self._pushed = self._pushed, None
-            won = self._take_pushed(pushed) if pushed is not None else None
-            if won is not None:
-                self._watching = False
-                self._prewon = won
-                return True, None
-            value, version = self._call("read", self._key)
-            read_end = _monotonic()
-            first_seen = self._observe(value, read_end)
-            record = decode(value)
-            if value is not None and (
-                (record is not None and record.get("state") == RELEASED)
-                or read_end >= first_seen + self.oracle.ttl  # unchanged for a whole ttl: stale
-            ):
-                # Take it over right here, then tell the engine: claim() hands the won lease over.
-                # A takeover that raised leaves us watching: the next round reads again.
-                won = self._take_over(record, version)
-                self._watching = False
-                self._prewon = won
-                return True, None
-            if value is None or _holder(record, value) != self._watch_holder:
-                self._watching = False
-                return True, None  # a new holder, a dismissal, or no record: the engine claims
-            self._last_quiet_poll = _monotonic()
-            # Poll again after poll_interval, or exactly when the record will have been unchanged
-            # for a ttl if that comes sooner (crash failover is then ttl + at most one poll).
-            stale_in = first_seen + self.oracle.ttl - _monotonic()
-            return False, max(0.0, min(self.oracle.poll_interval, stale_in))
+            if pushed is not None:
+                value, version, arrived, due = pushed
+                if value is not None and _monotonic() < due and _released(value):
+                    self._pushed = pushed  # not our turn yet: a push of the takeover may come first
+                    return False, due - _monotonic(), False
+                won = self._take_pushed(value, version)
+                if won is not None:
+                    self._watching = False
+                    self._prewon = won
+                    return True, None, True
+                read = (value, version, arrived, self._epoch) if value is not None and not _released(value) else None
+            if read is None or read[3] != self._epoch:
+                value, version = self._call("read", self._key)
+                read_end = _monotonic()
+            else:
+                self.requests += 1  # the poller's read, shared with other contenders of the key
+                value, version, read_end = read[:3]
+            return self._after_read(value, version, read_end)
 
-    def _take_pushed(self, pushed: Tuple[Optional[bytes], Any]) -> Optional[Claim]:
+    def _after_read(self, value: Optional[bytes], version: Any, read_end: float) -> Tuple[bool, Optional[float], bool]:
+        first_seen = self._observe(value, read_end)
+        record = decode(value)
+        if value is not None and (
+            (record is not None and record.get("state") == RELEASED)
+            or read_end >= first_seen + self.oracle.ttl  # unchanged for a whole ttl: stale
+        ):
+            # Take it over right here, then tell the engine: claim() hands the won lease over.
+            # A takeover that raised leaves us watching: the next round reads again.
+            won = self._take_over(record, version)
+            self._watching = False
+            self._prewon = won
+            return True, None, True
+        if value is not None and _holder(record, value) != self._watch_holder and held_leader(record) is not None:
+            # A new term runs: tell the engine, whose claim() is answered from this read (no
+            # request), and keep watching the new holder.
+            self._watch_holder = _holder(record, value)
+        elif value is None or _holder(record, value) != self._watch_holder:
+            self._watching = False
+            return True, None, False  # a dismissal, a vacated record or none: the engine claims
+        else:
+            self._last_quiet_poll = _monotonic()
+            return False, self._next_poll(first_seen), False
+        self._last_quiet_poll = _monotonic()
+        return True, self._next_poll(first_seen), False
+
+    def _next_poll(self, first_seen: float) -> float:
+        # Poll again after poll_interval, or exactly when the record will have been unchanged
+        # for a ttl if that comes sooner (crash failover is then ttl + at most one poll).
+        stale_in = first_seen + self.oracle.ttl - _monotonic()
+        return max(0.0, min(self.oracle.poll_interval, stale_in))
+
+    def _take_pushed(self, value: Optional[bytes], version: Any) -> Optional[Claim]:
         """A ``released`` record the server pushed: take it over by CAS over the pushed version,
         as after a read (the CAS fails if anything was written since). None: not a release, or
-        the CAS lost; the poller then reads as usual."""
-        value, version = pushed
+        the CAS lost; the round then reads as usual."""
         record = decode(value)
         if record is None or record.get("state") != RELEASED or version is None:
             return None
@@ -560,11 +824,17 @@ class _Follower:
         return False, max(0.0, wake_at - _monotonic())
 
 
-class LeaseContender(_Follower, ContenderBase):
-    """One crown's seat: its own store (connection), its lease, and a poller thread while following.
+def _released(value: bytes) -> bool:
+    record = decode(value)
+    return record is not None and record.get("state") == RELEASED
 
-    The engine's calls and the poller share the store under ``_lock``; ``on_change`` is always
-    called with no lock held.
+
+class LeaseContender(_Follower, ContenderBase):
+    """One crown's seat: a handle on its oracle's one store (connection), its lease, and rounds
+    of the oracle's one poller while following.
+
+    The engine's calls and the poller's rounds share the state under ``_lock``; ``on_change`` is
+    always called with no lock held.
     """
 
     oracle: LeaseOracle
@@ -572,7 +842,7 @@ class LeaseContender(_Follower, ContenderBase):
     def __init__(self, oracle: LeaseOracle, name: str, identity: str, metadata: Dict[str, Any], on_change: OnChange):
         super().__init__(oracle, name, identity, metadata, on_change)
         self._key = oracle.key(name)
-        self._store = oracle.new_store()
+        self._store = _Handle(oracle)
         # Leading: the nonce and token of our term (None when not leading).
         self._nonce: Optional[str] = None
         self._token: Optional[int] = None
@@ -582,16 +852,17 @@ class LeaseContender(_Follower, ContenderBase):
         self._prewon: Optional[Claim] = None  # a lease the poller took, for the next claim()
         # Our held record as we last wrote it, and its version (see LeaseStore.written_version).
         self._mine: Optional[Tuple[bytes, Any]] = None
-        # The key's new (value, version) as the server pushed it, for the poller's next round.
-        self._pushed: Optional[Tuple[Optional[bytes], Any]] = None
+        # The key's new (value, version) as the server pushed it, when it arrived and (for a
+        # release) when this contender's turn to take it over comes (monotonic seconds).
+        self._pushed: Optional[Tuple[Optional[bytes], Any, float, float]] = None
         # What we last saw in the key: (bytes, monotonic end of the first read that showed them).
         self._seen: Optional[Tuple[bytes, float]] = None
         # Poller state.
         self._watching = False
+        self._epoch = 0  # counts watches: a read started for an earlier one is not used
+        self._hooked = False  # the oracle's watching() hook ran
         self._watch_holder: Optional[Tuple[Any, Any]] = None
         self._last_quiet_poll: Optional[float] = None  # when the poller last saw nothing new
-        self._wake = threading.Event()
-        self._thread: Optional[threading.Thread] = None
         self.requests = 0  # calls made to the server (for benchmarks and tests)
 
     # -- helpers (lock held) ------------------------------------------------------------------
@@ -882,13 +1153,11 @@ class LeaseContender(_Follower, ContenderBase):
     def close(self) -> None:
         if not self.usable:
             return
-        self._wake.set()
         wait = self.oracle.timeout * 2 + self.oracle.connect_timeout + 0.5
         bounded(self._lock, wait, self._farewell_and_close, self._interrupt)
-        self._wake.set()
-        thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(wait)
+        self.oracle._unpoll(self)
+        if self._hooked:
+            self.oracle.unwatching(self)
 
     def _farewell_and_close(self) -> None:
         if self.phase is not Phase.CLOSED:
@@ -919,5 +1188,4 @@ class LeaseContender(_Follower, ContenderBase):
 
     def _forget_after_fork(self) -> None:
         self._watching = False
-        self._thread = None
 

@@ -51,15 +51,19 @@ takes over ``ttl`` after it first saw the leader's last renewal, i.e. at most ``
 poll_interval`` after the crash (and as little as ``ttl - renew_interval`` when the leader died
 just before renewing).
 
+Connections: one per oracle object (its contenders' calls take turns on it) and one poller thread
+for all its followers (see :mod:`crown_sync.oracles._lease`).
+
 Fork safety: in a forked child, inherited sockets get /dev/null dup2'ed over them (so nothing the
 child does can write into the parent's connection) and inherited contenders become unusable.
 """
 
 import logging
 import socket
+import threading
 import time
 import urllib.parse
-from typing import Any, Callable, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import tenacity
 from pymemcache.client.base import Client
@@ -90,7 +94,7 @@ class MemcachedError(ConnectionError):
     """memcached could not be reached or answered an error (the message names the server)."""
 
 
-_READS = ("get", "gets")
+_READS = ("get", "gets", "gets_many")
 _STALE = (MemcacheUnexpectedCloseError, ConnectionResetError, BrokenPipeError)
 
 
@@ -150,15 +154,22 @@ _fork_safe_sockets = _ForkSafeSocketModule()
 
 
 class _Connection(LeaseStore):
-    """One pymemcache client used by one owner at a time (callers hold the owner's lock)."""
+    """The oracle's one pymemcache client (one socket), shared by its contenders: calls take
+    turns on it (memcached answers in order on a connection; one call is a fraction of a
+    millisecond), each waiting at most ``timeout`` for its turn."""
 
     def __init__(self, oracle: "MemcachedOracle"):
         self._oracle = oracle
         self._client: Optional[Client] = None
+        self._turn = threading.Lock()
         self.closed = False
 
     def read(self, key: str) -> Tuple[Optional[bytes], Any]:
         return self.call("gets", key)
+
+    def read_many(self, keys: List[str]) -> Dict[str, Tuple[Optional[bytes], Any]]:
+        found = self.call("gets_many", keys)  # one round trip; absent keys are left out
+        return {key: found.get(key, (None, None)) for key in keys}
 
     def create(self, key: str, value: bytes, expire: int) -> bool:
         return bool(self.call("add", key, value, expire=expire, noreply=False))
@@ -216,15 +227,20 @@ class _Connection(LeaseStore):
             ) from exc
 
     def _invoke(self, method: str, *args, **kwargs):
-        if self.closed:
-            raise RuntimeError("memcached connection is closed")
-        if self._client is None:
-            self._client = self._oracle._new_client()
+        if not self._turn.acquire(timeout=self._oracle.timeout):
+            raise socket.timeout(f"the shared connection stayed busy for {self._oracle.timeout:g} s")
         try:
-            return getattr(self._client, method)(*args, **kwargs)
-        except Exception:
-            self._client.close()
-            raise
+            if self.closed:
+                raise RuntimeError("memcached connection is closed")
+            if self._client is None:
+                self._client = self._oracle._new_client()
+            try:
+                return getattr(self._client, method)(*args, **kwargs)
+            except Exception:
+                self._client.close()
+                raise
+        finally:
+            self._turn.release()
 
     def socket(self) -> Optional[socket.socket]:
         client = self._client

@@ -16,10 +16,13 @@ written by CAS, never a delete, and an empty key means "unknown": the claimant h
 ``max_age`` (default a day) only collects abandoned records; the lease is timed on the
 contenders' own clocks, never by the server's expiry.
 
-Push: each following contender's connection holds an ordered push consumer on its election's
-subject (whole messages, new ones only); every write, delete or purge of the key wakes its poller,
-which takes a pushed release over by one ``update`` over the pushed revision (no read) and reads
-the key after anything else. The holder renews and releases by ``update`` over the revision of its
+Push: the oracle's one connection (shared by all its contenders) holds an ordered push consumer
+on the subject of each election it follows (whole messages, new ones only); every write, delete or
+purge of the key wakes its followers' poller rounds, which take a pushed release over by one
+``update`` over the pushed revision (no read), count any other pushed record as read, and read the
+key after a delete or purge. Herds: a release is also published to a queue group of the following
+processes, whose one member NATS picks (the heir) tries at once; the others wait ``HEIR_WAIT``
+and are pushed the heir's takeover first. The holder renews and releases by ``update`` over the revision of its
 own last write, without reading first: a graceful handoff is one request on each side.
 
 Fencing tokens: ``record token + 1`` when a term replaces a record (see NatsOracle.term_token), and
@@ -45,11 +48,12 @@ import concurrent.futures
 import datetime
 import logging
 import os
+import random
 import re
 import threading
 import time
 import weakref
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .. import _forksafe
 from ..urls import one_server, parse_options, redact_text
@@ -72,6 +76,11 @@ _OPTIONS = dict(URL_OPTIONS, bucket=str, bucket_max_age=float, tls_ca=str, tls_c
 _KEY_CHARS = re.compile(r"^[-/_=.a-zA-Z0-9]*$")
 _BUCKET = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+_REVISION, _HOPS = "Crown-Sync-Revision", "Crown-Sync-Hops"
+
+#: Seconds a follower that was not chosen as the heir of a release waits (times 1 to 2, at random)
+#: before it tries to take the release over itself: the heir's takeover is pushed well before.
+HEIR_WAIT = 0.05
 _MICROSECOND = datetime.timedelta(microseconds=1)
 
 
@@ -112,17 +121,20 @@ class _Loop:
 
 
 class _Store(LeaseStore):
-    """One NATS connection (made on demand on the oracle's loop) used by one owner at a time, and
-    optionally a push consumer on one key that calls ``on_push`` for every change."""
+    """The oracle's one NATS connection (made on demand on the oracle's loop), shared by its
+    contenders (nats-py multiplexes concurrent requests on it), and a push consumer per watched
+    key that calls every ``on_push`` registered for that key at each change."""
 
     def __init__(self, oracle: "NatsOracle"):
         self._oracle = oracle
         self._nc = None  # a nats.aio.client.Client, touched only on the loop
         self._kv = None
         self._loop: Optional[_Loop] = None
-        self._inflight: Optional[concurrent.futures.Future] = None
-        self._watch: Optional[Tuple[str, Callable[..., None]]] = None
-        self._written: Optional[Tuple[bytes, int]] = None  # our last successful write, its revision
+        self._connecting = threading.RLock()  # one thread (re)connects; the others wait for it
+        self._inflight: "weakref.WeakSet[concurrent.futures.Future]" = weakref.WeakSet()
+        self._watches: Dict[str, List[Callable[..., None]]] = {}  # key -> on_push of each watcher
+        self._subscriptions: Dict[str, Any] = {}  # key -> its push consumer (on the loop)
+        self._written = threading.local()  # each thread's last successful write and its revision
         self.last_error: Optional[str] = None  # the last error nats-py reported, for messages
         self.closed = False
 
@@ -133,12 +145,19 @@ class _Store(LeaseStore):
 
     def create(self, key: str, value: bytes, expire: int) -> bool:
         # expire: the bucket's max_age applies to every key alike (per-key TTLs need 2.11).
-        return self._call("create", self._create(key, value))
+        return self._wrote(value, self._call("create", self._create(key, value)))
 
     def replace(self, key: str, value: bytes, version: Any, expire: int) -> Optional[bool]:
         if not version:
             return None  # update(last=0) would CREATE the key: never
-        return self._call("update", self._update(key, value, version))
+        return self._wrote(value, self._call("update", self._update(key, value, version)))
+
+    def _wrote(self, value: bytes, outcome: Tuple[Any, Optional[int]]) -> Any:
+        """Remember, for the calling thread, the revision a successful write got."""
+        done, revision = outcome
+        if revision is not None:
+            self._written.last = (value, revision)
+        return done
 
     def entries(self, prefix: str) -> Dict[str, Optional[bytes]]:
         return self._call("list", self._entries(prefix))
@@ -147,23 +166,43 @@ class _Store(LeaseStore):
         """The bucket's creation time in microseconds plus its last revision plus one."""
         return self._call("stream info", self._token_floor())
 
+    def read_many(self, keys: List[str]) -> Dict[str, Tuple[Optional[bytes], Any]]:
+        return self._call("read", self._read_many(keys))
+
     def written_version(self, value: bytes) -> Any:
-        written = self._written
+        written = getattr(self._written, "last", None)
         return written[1] if written is not None and written[0] == value else None
 
     def watch(self, key: str, on_push: Callable[..., None]) -> None:
         """From now on, call ``on_push((value, revision))`` (on the loop) at every write of
-        ``key``, ``on_push(None)`` at a delete or purge; the consumer is (re)made with each
+        ``key``, ``on_push(None)`` at a delete or purge; the key's consumer is (re)made with each
         connection."""
-        self._watch = (key, on_push)
-        if self._nc is not None:
-            self._call("watch", self._subscribe())
+        with self._connecting:
+            self._watches.setdefault(key, []).append(on_push)
+            connected = self._nc is not None
+        if connected:
+            self._call("watch", self._subscribe(key))
+
+    def unwatch(self, key: str, on_push: Callable[..., None]) -> None:
+        """Stop calling ``on_push``; the key's consumer goes with its last watcher (never raises)."""
+        with self._connecting:
+            watchers = self._watches.get(key, [])
+            if on_push in watchers:
+                watchers.remove(on_push)
+            if watchers:
+                return
+            self._watches.pop(key, None)
+            loop = self._loop
+        if loop is not None and loop.pid == os.getpid() and not self.closed:
+            try:
+                loop.submit(self._unsubscribe(key))
+            except RuntimeError:  # the loop stopped meanwhile: the consumer went with it
+                pass
 
     def interrupt(self) -> None:
         self.closed = True
-        inflight = self._inflight
-        if inflight is not None:
-            inflight.cancel()  # the waiting thread gets CancelledError at once
+        for inflight in list(self._inflight):
+            inflight.cancel()  # the waiting threads get CancelledError at once
         self._drop()
 
     def close(self) -> None:
@@ -173,7 +212,8 @@ class _Store(LeaseStore):
 
     def after_fork_in_child(self) -> None:
         # The parent's connection and loop: never touch them (the sockets are blinded).
-        self._nc = self._kv = self._loop = self._inflight = None
+        self._nc = self._kv = self._loop = None
+        self._connecting = threading.RLock()
         self.closed = True
 
     # -- plumbing -----------------------------------------------------------------------------
@@ -184,29 +224,32 @@ class _Store(LeaseStore):
             raise RuntimeError("NATS store is closed")
         oracle = self._oracle
         submitted = False
+        nc = None
         self.last_error = None  # a permissions violation arrives during the call it fails
         try:
-            if self._nc is None or self._nc.is_closed or self._loop is not oracle._current_loop():
-                what, op = "connect", what
-                self._connect()
-                what = op
-            self._inflight = future = self._loop.submit(coro)
+            with self._connecting:
+                if self._nc is None or self._nc.is_closed or self._loop is not oracle._current_loop():
+                    what, op = "connect", what
+                    self._connect()
+                    what = op
+                nc, loop = self._nc, self._loop
+            future = loop.submit(coro)
+            self._inflight.add(future)
             submitted = True
             try:
                 return future.result(oracle.timeout + 0.5)  # nats-py times out first, at timeout
             except concurrent.futures.TimeoutError:
                 future.cancel()
-                self._drop()  # a server that does not answer: the next call connects afresh
+                self._drop(only=nc)  # a server that does not answer: the next call connects afresh
                 raise asyncio.TimeoutError() from None
         except NatsError:
             raise
         except Exception as exc:
             # Whatever failed (a closed connection, a bucket deleted under us: no stream answers),
             # the next call starts afresh: a new connection finds or recreates the bucket.
-            self._drop()
+            self._drop(only=nc)
             raise oracle._error(what, exc, self.last_error) from None
         finally:
-            self._inflight = None
             if not submitted:
                 coro.close()  # never awaited (the connection failed): no warning for it
 
@@ -226,13 +269,21 @@ class _Store(LeaseStore):
             sock = _socket_of(self._nc)
             if sock is not None:
                 keep(sock)
-        if self._watch is not None:
-            self._loop.submit(self._subscribe()).result(oracle.timeout + 0.5)
-            self._watch[1]()  # changes while we were not connected went unheard: look now
+        self._subscriptions = {}  # the last connection's went with it
+        for key in list(self._watches):
+            self._loop.submit(self._subscribe(key)).result(oracle.timeout + 0.5)
+        for watchers in list(self._watches.values()):
+            for on_push in list(watchers):
+                on_push()  # changes while we were not connected went unheard: look now
 
-    def _drop(self, wait: float = 0.0) -> None:
-        nc, loop = self._nc, self._loop
-        self._nc = self._kv = None
+    def _drop(self, wait: float = 0.0, only: Any = None) -> None:
+        """Drop the connection (``only``: if it is still that one; another thread may have
+        connected anew since)."""
+        with self._connecting:
+            nc, loop = self._nc, self._loop
+            if only is not None and nc is not only:
+                return
+            self._nc = self._kv = None
         if nc is not None and loop is not None and loop.pid == os.getpid() and not loop.loop.is_closed():
             try:
                 closing = loop.submit(_close_quietly(nc))  # a frozen server must not hold us long
@@ -252,6 +303,10 @@ class _Store(LeaseStore):
             return None, None
         return entry.value, entry.revision
 
+    async def _read_many(self, keys: List[str]) -> Dict[str, Tuple[Optional[bytes], Any]]:
+        reads = await asyncio.gather(*(self._read(key) for key in keys))  # concurrent requests
+        return dict(zip(keys, reads))
+
     async def _entries(self, prefix: str) -> Dict[str, Optional[bytes]]:
         # One ordered consumer delivers the last value of every key, then None: the bucket at once.
         watcher = await self._kv.watchall(ignore_deletes=True)
@@ -266,41 +321,79 @@ class _Store(LeaseStore):
             await watcher.stop()
         return found
 
-    async def _create(self, key: str, value: bytes) -> bool:
+    async def _create(self, key: str, value: bytes) -> Tuple[bool, Optional[int]]:
         try:
-            self._written = (value, await self._kv.create(key, value))
+            return True, await self._kv.create(key, value)
         except nats.js.errors.KeyWrongLastSequenceError:
-            return False
-        return True
+            return False, None
 
-    async def _update(self, key: str, value: bytes, version: int) -> Optional[bool]:
+    async def _update(self, key: str, value: bytes, version: int) -> Tuple[Optional[bool], Optional[int]]:
         try:
-            self._written = (value, await self._kv.update(key, value, last=version))
+            return True, await self._kv.update(key, value, last=version)
         except nats.js.errors.KeyWrongLastSequenceError:
             # Changed since our read, or emptied (a delete or purge leaves a marker revision).
             value, _ = await self._read(key)
-            return None if value is None else False
-        return True
+            return (None if value is None else False), None
 
     async def _token_floor(self) -> int:
         info = await self._nc.jetstream(timeout=self._oracle.timeout).stream_info(self._oracle.stream)
         created = info.created or _EPOCH
         return (created - _EPOCH) // _MICROSECOND + (info.state.last_seq or 0) + 1
 
-    async def _subscribe(self) -> None:
-        key, on_push = self._watch
+    async def _subscribe(self, key: str) -> None:
+        if key in self._subscriptions:
+            return  # one consumer per key and connection, whatever the number of watchers
 
         async def pushed(msg) -> None:
             # The record and its revision came with the message: a follower takes a release over
-            # by CAS on that revision without reading it first (a delete or purge: no record).
+            # by CAS on that revision without reading it first (a delete or purge: no record),
+            # unless the heir's takeover is pushed before HEIR_WAIT (see _heir).
             operation = (msg.headers or {}).get("KV-Operation")
-            on_push(None if operation in ("DEL", "PURGE") else (msg.data, msg.metadata.sequence.stream))
+            news = None if operation in ("DEL", "PURGE") else (msg.data, msg.metadata.sequence.stream)
+            wait = HEIR_WAIT * (1 + random.random())  # if the heir failed, not all at once either
+            for on_push in list(self._watches.get(key, ())):
+                on_push(news, wait)
+
+        # The heir: a release is also published to a queue group of the key's watching processes,
+        # and NATS gives it to ONE of them, which tries at once (a handoff costs one attempt).
+        await self._nc.subscribe(self._oracle.heir_subject(key), queue="crown_sync", cb=self._heir)
 
         # Ordered push consumer: nats-py remakes it on a gap or missed heartbeats. Whole messages
         # (a record is a few hundred bytes), so that a follower need not read what it was sent.
-        await self._nc.jetstream(timeout=self._oracle.timeout).subscribe(
+        self._subscriptions[key] = await self._nc.jetstream(timeout=self._oracle.timeout).subscribe(
             self._oracle.subject(key), cb=pushed, ordered_consumer=True, deliver_policy=DeliverPolicy.NEW,
         )
+
+    async def _heir(self, msg) -> None:
+        headers = msg.headers or {}
+        key = msg.subject[len(self._oracle.heir_subject("")):]
+        news = (msg.data, int(headers.get(_REVISION, "0")))
+        taken = [on_push(news, 0.0) for on_push in list(self._watches.get(key, ()))]
+        hops = int(headers.get(_HOPS, "0"))
+        if not any(taken) and hops < 3:
+            # Nobody here follows the key now (the releasing process itself, or its new leader's):
+            # pass it on to another member of the group; past three hops the others' turns come.
+            await self._nc.publish(msg.subject, msg.data, headers={_REVISION: headers.get(_REVISION, "0"),
+                                                                   _HOPS: str(hops + 1)})
+
+    def publish_heir(self, key: str) -> None:
+        """Offer the release this thread just wrote to the key's heir (never raises, no wait)."""
+        written, loop, nc = getattr(self._written, "last", None), self._loop, self._nc
+        if written is None or loop is None or nc is None:
+            return
+        subject = self._oracle.heir_subject(key)
+        try:
+            loop.submit(nc.publish(subject, written[0], headers={_REVISION: str(written[1]), _HOPS: "0"}))
+        except RuntimeError:  # the loop stopped meanwhile: the followers' turns come anyway
+            pass
+
+    async def _unsubscribe(self, key: str) -> None:
+        subscription = self._subscriptions.pop(key, None)
+        if subscription is not None and key not in self._watches:
+            try:
+                await subscription.unsubscribe()
+            except Exception:  # the connection is gone: so is the consumer
+                pass
 
 
 async def _close_quietly(nc) -> None:
@@ -410,6 +503,9 @@ class NatsOracle(LeaseOracle):
     def subject(self, key: str) -> str:
         return f"$KV.{self.bucket}.{key}"
 
+    def heir_subject(self, key: str) -> str:
+        return f"crown_sync.heir.{self.bucket}.{key}"
+
     # -- the lease machinery's hooks ----------------------------------------------------------
 
     def new_store(self) -> _Store:
@@ -430,8 +526,17 @@ class NatsOracle(LeaseOracle):
         return token + 1 if token > 0 else super().term_token(store, record)
 
     def watching(self, contender: LeaseContender, store: LeaseStore) -> None:
-        # The contender's own store (its connection) carries the push consumer of its key.
+        # The shared connection carries one push consumer per key, for all its watchers.
         store.watch(self.key(contender.name), contender.nudge)
+
+    def released(self, store: LeaseStore, name: str) -> None:
+        store.publish_heir(self.key(name))  # type: ignore[attr-defined]
+
+    def unwatching(self, contender: LeaseContender) -> None:
+        with self._lock:
+            store = self._store
+        if store is not None:
+            store.unwatch(self.key(contender.name), contender.nudge)
 
     # -- the loop and connections --------------------------------------------------------------
 

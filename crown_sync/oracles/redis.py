@@ -51,19 +51,25 @@ and a lease on it would mean nothing) and a Sentinel (``ROLE`` is ``sentinel``).
 URLs are refused at construction: Sentinel failover is not tested here (see the docs for what an
 asynchronous replica's promotion does to a lease).
 
+Connections: one per oracle object for every contender's commands (a pool of one connection, the
+calls take turns) and its pub/sub connection. Herds: a release's message says how many processes
+listen, and each draws its turn to try the takeover among that many (see ``_turn``); the takeover
+script publishes the new record, and a process whose turn comes after it does not try.
+
 Fork safety: sockets are opened under :func:`crown_sync._forksafe.opening` and blinded in a forked
 child; redis-py itself never shuts down a socket from a process other than its creator.
 """
 
 import json
 import logging
+import random
 import re
 import secrets
 import threading
 import time
 import urllib.parse
 import weakref
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import tenacity
 
@@ -104,7 +110,9 @@ return {redis.call('GET', KEYS[1]), redis.call('HGET', KEYS[2], KEYS[1]) == run 
 # value, seconds to live, what to publish on the channel named as the key (nothing if empty; the
 # news, a newline and the new value), and '1' if the version must have been written by this
 # incarnation of the server (a pushed release: see _Pushed). The publish is in the same step as
-# the write, so a follower woken by it always finds the new record.
+# the write, so a follower woken by it always finds the new record. A release's news also says
+# how many connections listen on the channel (the followers' processes, and ours): each draws
+# its turn among that many (see _Push._deliver).
 # 1: replaced; 0: the key holds something else now (or an older incarnation wrote it); -1: absent.
 _REPLACE = _RUN + """
 local current = redis.call('GET', KEYS[1])
@@ -113,7 +121,13 @@ if current ~= ARGV[1] then return 0 end
 if ARGV[5] == '1' and redis.call('HGET', KEYS[2], KEYS[1]) ~= run then return 0 end
 redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
 redis.call('HSET', KEYS[2], KEYS[1], run)
-if ARGV[4] ~= '' then redis.call('PUBLISH', KEYS[1], ARGV[4] .. '\\n' .. ARGV[2]) end
+local news = ARGV[4]
+if news == 'released' then
+  -- pcall: a user the ACL denies PUBSUB still releases (its followers then try at once, as before)
+  local listening = redis.pcall('PUBSUB', 'NUMSUB', KEYS[1])
+  if type(listening) == 'table' and listening[2] then news = news .. ' ' .. listening[2] end
+end
+if news ~= '' then redis.call('PUBLISH', KEYS[1], news .. '\\n' .. ARGV[2]) end
 return 1
 """
 
@@ -149,8 +163,10 @@ if ARGV[6] == '1' and redis.call('HGET', KEYS[2], KEYS[1]) ~= run then return 0 
 local counter = KEYS[3]
 """ + _LIFT + """
 local token = math.max(redis.call('INCR', counter), tonumber(ARGV[4]))
-redis.call('SET', KEYS[1], ARGV[2] .. string.format('%d', token) .. ARGV[3], 'EX', ARGV[5])
+local value = ARGV[2] .. string.format('%d', token) .. ARGV[3]
+redis.call('SET', KEYS[1], value, 'EX', ARGV[5])
 redis.call('HSET', KEYS[2], KEYS[1], run)
+redis.call('PUBLISH', KEYS[1], 'held\\n' .. value)
 return token
 """
 
@@ -231,19 +247,37 @@ def _explain(exc: BaseException, has_password: bool) -> str:
     return redact_text(f"{type(exc).__name__}: {exc}")
 
 
+def _shown(value: Optional[bytes], current: Any) -> Tuple[Optional[bytes], Any]:
+    """(value, version) of a read script's answer: the value and whether this incarnation of the
+    server wrote it."""
+    if value is not None and not current:
+        record = decode(value)
+        if record is not None and record.get("state") == RELEASED:
+            # Written before the server (re)started: a restart from an older snapshot (RDB, or
+            # an append-only file not yet fsynced) can bring back a release whose taker still
+            # leads. Shown as vacated: taken over only once unchanged for a ttl (stale).
+            record.update(state=VACATED, prev_state=RELEASED, by="restart")
+            return json.dumps(record, sort_keys=True).encode(), value
+    return value, value
+
+
 class RedisStore(LeaseStore):
-    """One contender's connection (one redis-py client on a pool of its own)."""
+    """The oracle's one connection for its contenders' calls (a redis-py client, thread-safe, on
+    a pool of ONE connection: calls take turns, each waiting at most ``timeout`` for it)."""
 
     def __init__(self, oracle: "RedisOracle"):
         self._oracle = oracle
         self._client: Optional["redis.Redis"] = None
         self._scripts: Dict[str, Any] = {}
+        self._making = threading.Lock()
 
     def _redis(self) -> "redis.Redis":
-        if self._client is None:
-            self._client = self._oracle.new_client()
-            self._scripts = {name: self._client.register_script(source) for name, source in _SCRIPTS.items()}
-        return self._client
+        with self._making:
+            if self._client is None:
+                client = self._oracle.new_client(shared=True)
+                self._scripts = {name: client.register_script(source) for name, source in _SCRIPTS.items()}
+                self._client = client
+            return self._client
 
     def _run(self, what: str, call: Callable[["redis.Redis"], Any], retry_read: bool = False) -> Any:
         try:
@@ -271,15 +305,28 @@ class RedisStore(LeaseStore):
             lambda client: self._scripts["read"](keys=[key, self._oracle.server_key], client=client),
             retry_read=True,
         )
-        if value is not None and not current:
-            record = decode(value)
-            if record is not None and record.get("state") == RELEASED:
-                # Written before the server (re)started: a restart from an older snapshot (RDB, or
-                # an append-only file not yet fsynced) can bring back a release whose taker still
-                # leads. Shown as vacated: taken over only once unchanged for a ttl (stale).
-                record.update(state=VACATED, prev_state=RELEASED, by="restart")
-                return json.dumps(record, sort_keys=True).encode(), value
-        return value, value
+        return _shown(value, current)
+
+    def read_many(self, keys: List[str]) -> Dict[str, Tuple[Optional[bytes], Any]]:
+        if len(keys) == 1:
+            return {keys[0]: self.read(keys[0])}
+
+        def reads(client: "redis.Redis") -> List[Any]:
+            script = self._scripts["read"]
+            # One round trip for every key. EVALSHA itself: redis-py's pipelined scripts would
+            # send a SCRIPT EXISTS first, every time; a server that lost the script says so and
+            # the script is loaded for the retry.
+            pipe = client.pipeline(transaction=False)
+            for key in keys:
+                pipe.evalsha(script.sha, 2, key, self._oracle.server_key)
+            try:
+                return pipe.execute()
+            except redis.exceptions.NoScriptError:
+                client.script_load(script.script)
+                raise redis.exceptions.ConnectionError("the read script was not loaded: read again")
+
+        answers = self._run("read scripts", reads, retry_read=True)
+        return {key: _shown(value, current) for key, (value, current) in zip(keys, answers)}
 
     def create(self, key: str, value: bytes, expire: int) -> bool:
         return bool(self._run("SET NX", lambda client: client.set(key, value, nx=True, ex=int(expire))))
@@ -287,7 +334,8 @@ class RedisStore(LeaseStore):
     def replace(self, key: str, value: bytes, version: Any, expire: int) -> Optional[bool]:
         record = decode(value)
         # A release, a dismissal or a vacating close is pushed to the followers (and a dismissal to
-        # its leader); a renewal or a takeover is not: nobody waits for those.
+        # its leader); a renewal is not: nobody waits for those. (A takeover is, by _START_TERM:
+        # followers waiting their turn for the release it took drop their attempts.)
         news = record.get("by") or record["state"] if record and record["state"] in (RELEASED, VACATED) else ""
         fresh = "1" if isinstance(version, _Pushed) else ""
         done = self._run(
@@ -340,6 +388,23 @@ class RedisStore(LeaseStore):
         client, self._client = self._client, None
         if client is not None:
             client.connection_pool.disconnect(inuse_connections=True)
+
+
+#: Seconds between two turns at a pushed release: more than a takeover's script and its push
+#: take on a quiet network, so that a process whose turn comes later has usually heard of it.
+TURN_STEP = 0.003
+
+
+def _turn(listeners: bytes) -> float:
+    """When this process tries to take a pushed release over: one of as many turns as there are
+    other listeners (followers' processes), drawn at random, so that a handoff costs about one
+    attempt (the first turn taken; later ones see its takeover first), not one per follower,
+    while with one or two followers the first try is usually at once."""
+    try:
+        others = max(1, int(listeners) - 1)  # the releasing leader's process listens too
+    except ValueError:
+        return 0.0  # no count (an older crown_sync released): at once, as before
+    return random.randrange(others) * TURN_STEP
 
 
 class _Push:
@@ -416,16 +481,18 @@ class _Push:
         channel = channel.decode() if isinstance(channel, bytes) else str(channel)
         data = message.get("data") if kind == "message" else None
         news, _, value = data.partition(b"\n") if isinstance(data, bytes) else (b"", b"", b"")
+        news, _, listeners = news.partition(b" ")
         # The new record came with the news: a follower takes a release over without reading it.
         pushed = (value, _Pushed(value)) if value else None
         with self._lock:
             members = list(self._members.get(channel, ()))
+        turn = _turn(listeners)
         for contender in members:
             if contender.phase is Phase.LEADING:
                 if news == b"dismiss":
                     contender._notify()  # a refresh is due now: it finds the vacated record
             else:
-                contender.nudge(pushed)
+                contender.nudge(pushed, turn)
 
     def close(self) -> None:
         self._closed = True
@@ -531,8 +598,9 @@ class RedisOracle(LeaseOracle):
         if len(text) > 1000 or not all(33 <= ord(c) < 127 for c in text):
             raise ValueError(f"{option} must be at most 1000 printable ASCII characters without spaces, got {text!r}")
 
-    def new_client(self) -> "redis.Redis":
-        """A redis-py client on a pool of its own (no I/O until its first command)."""
+    def new_client(self, shared: bool = False) -> "redis.Redis":
+        """A redis-py client on a pool of its own (no I/O until its first command); ``shared``:
+        a pool of one connection that threads wait for (at most ``timeout``)."""
         kwargs: Dict[str, Any] = dict(
             host=self.host, port=self.port, db=self.db,
             socket_timeout=self.timeout, socket_connect_timeout=self.connect_timeout,
@@ -544,6 +612,8 @@ class RedisOracle(LeaseOracle):
         )
         if self.tls:
             kwargs.update(self._tls_options)
+        if shared:
+            return redis.Redis(connection_pool=redis.BlockingConnectionPool(max_connections=1, timeout=self.timeout, **kwargs))
         return redis.Redis(connection_pool=redis.ConnectionPool(**kwargs))
 
     def new_store(self) -> RedisStore:

@@ -178,8 +178,8 @@ def test_a_release_is_pushed_to_the_follower_long_before_its_next_poll(server, n
 
 
 def test_the_push_consumer_is_remade_after_a_server_restart(fresh_server, name):
-    # A follower's connection dies with the server; its poller reconnects at a later poll and
-    # must remake its consumer there, or it hears the next release only at the poll after (3 s).
+    # The oracle's connection dies with the server; it reconnects at the next call and must
+    # remake the key's consumer there, or the follower hears the next release only at a poll (3 s).
     oracle = oracle_for(fresh_server, ttl=6, margin=1, poll_interval=3)
     leader = oracle.contender(name, "leader", {}, Signals())
     signals = Signals()
@@ -191,7 +191,7 @@ def test_the_push_consumer_is_remade_after_a_server_restart(fresh_server, name):
         assert follower.watch(claim.leader)
         fresh_server.restart()
         assert wait_until(lambda: leader.refresh().won, timeout=10)  # the leader reconnects
-        store = follower._store  # white box: when the follower's poller has reconnected
+        store = oracle.shared_store()  # white box: when the oracle's one connection has reconnected
         wait_until(lambda: store._nc is not None and store._nc.is_connected, timeout=20,
                    message="the follower reconnected")
         time.sleep(0.5)  # its read right after reconnecting is done; its next poll is ~2.5 s away

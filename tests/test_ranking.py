@@ -160,6 +160,11 @@ class _StrategyFleet(Fleet):
     def follows(self, identity: str) -> bool:
         return any(e["event"] == "crown.leadership.rejected" for e in self.events_of(identity))
 
+    def lead_then_join(self, leader: str, newcomer: str) -> None:
+        self.spawn(leader)
+        self.wait_for_term()
+        self.spawn(newcomer)
+
 
 def test_oldest_no_newcomer_takes_over_and_the_oldest_live_one_follows_a_dead_leader(tmp_path):
     fleet = _StrategyFleet(tmp_path, "oldest")
@@ -183,9 +188,7 @@ def test_oldest_no_newcomer_takes_over_and_the_oldest_live_one_follows_a_dead_le
 def test_a_callable_strategy_hands_the_crown_to_its_choice(tmp_path):
     fleet = _StrategyFleet(tmp_path, "crown_sync.testing.contender:last_identity")
     try:
-        fleet.spawn("a")
-        fleet.wait_for_term()
-        fleet.spawn("z")
+        fleet.lead_then_join("a", "z")
         chosen = fleet.wait_for_term(other_than={"a"})
     finally:
         fleet.stop_all(strict=True)
@@ -198,9 +201,7 @@ def test_equal_priorities_keep_the_incumbent(tmp_path):
     """No flapping: a newcomer of the leader's priority never takes over, over many checks."""
     fleet = _StrategyFleet(tmp_path, "priority")
     try:
-        fleet.spawn("a")
-        fleet.wait_for_term()
-        fleet.spawn("b")
+        fleet.lead_then_join("a", "b")
         wait_until(lambda: fleet.follows("b"))
         beats = sum(t.beats for t in fleet.terms())
         # 0.5 s of beats after b joined (two preempt intervals and more)

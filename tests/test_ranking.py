@@ -234,3 +234,32 @@ def test_a_candidacy_published_while_the_contender_closes_is_withdrawn():
     with pytest.raises(RuntimeError, match="closed"):
         ranked.claim()
     assert closed and ranked.candidacy is None
+
+
+def test_a_preemption_is_seen_by_callbacks_and_metrics_as_the_journal_saw_it(tmp_path):
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    import crown_sync.prometheus as metrics
+    from crown_sync.testing import journal
+
+    registry = CollectorRegistry()
+    exported = metrics.enable(registry)
+    path, oracle = str(tmp_path / "journal"), f"file://{tmp_path / 'oracle'}"
+    ends = []
+    crowns = [crown_sync.Crown("ranked", oracle=oracle, child=crown_sync.ThreadChild(journal.journaled_work, args=(path,)),
+                               identity=f"p{priority}", strategy="priority", priority=priority, preempt_interval=0.2,
+                               on_deposed=lambda term, reason: ends.append((term.identity, reason)))
+              for priority in (1, 5)]
+    try:
+        crowns[0].start()
+        assert crowns[0].wait_for_leadership(30)
+        crowns[1].start()
+        assert crowns[1].wait_for_leadership(30)
+    finally:
+        for crown in reversed(crowns):
+            crown.stop(30)
+        exported.detach()
+    report = journal.check(path, "ranked")
+    assert report.ok and [t.identity for t in report.terms][:2] == ["p1", "p5"], report.summary()
+    assert ends[0] == ("p1", "preempted")
+    assert 'crown_sync_terms_lost_total{election="ranked",reason="preempted"} 1.0' in generate_latest(registry).decode()

@@ -986,6 +986,8 @@ def main(argv=None) -> int:
     parser.add_argument("--reuse-peers", action="store_true",
                         help="read the per-oracle scripts' last results instead of running them")
     parser.add_argument("--output", default=os.path.join(RESULTS, "summary.json"))
+    parser.add_argument("--setting", action="append", default=[], metavar="ORACLE.OPTION=VALUE",
+                        help="an oracle URL option added to SETTINGS, e.g. postgres.sessions=shared")
     parser.add_argument("--crowns-probe", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--probe-mode", default="distinct", help=argparse.SUPPRESS)
     parser.add_argument("--probe-dir", help=argparse.SUPPRESS)
@@ -1002,6 +1004,10 @@ def main(argv=None) -> int:
         os._exit(0)  # crowns that did not stop in time must not hold the exit up
     if args.quick:
         args.graceful, args.crash, args.rest = min(args.graceful, 3), min(args.crash, 2), min(args.rest, 5.0)
+    for setting in args.setting:  # e.g. postgres.sessions=shared: measure an oracle's other mode
+        target, _, value = setting.partition("=")
+        oracle_name, _, option = target.partition(".")
+        SETTINGS[oracle_name][option] = value
 
     oracles = [o for o in args.oracles.split(",") if o]
     unknown = set(oracles) - set(ORACLES)

@@ -68,7 +68,7 @@ class PostgresOracle(OracleBase):
         wait_timeout: float = 5.0,
         takeover_delay: Optional[float] = None,
         sessions: str = "per_crown",
-        poll_interval: float = 0.1,
+        poll_interval: float = 0.5,
     ):
         super().__init__()
         if not isinstance(dsn, str):

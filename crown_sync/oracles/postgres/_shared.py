@@ -188,8 +188,8 @@ class SharedSessions:
         the last result set). Cut if unanswered at ``until`` (default: a lease from now), but
         never before every term on the session has passed its lease end: ending the session
         before a term's deadline would let a successor take its end for our process's death."""
-        self._listen()
         conn = self.ensure_connected()
+        self._listen(conn)  # before our statement: a claim must hear the releases that follow it
         text = self._comment() + sql
         with self.io_lock:
             bound = clock.monotonic() + self.session.bound if until is None else until
@@ -198,6 +198,7 @@ class SharedSessions:
                     cursor = conn.execute(text, params)
                     while cursor.nextset():  # several statements (a release): the last one's row
                         pass
+                    self._drain(conn.pgconn)
                     return cursor
             except (psycopg.OperationalError, _Unanswered) as exc:
                 if isinstance(exc, _Unanswered) or conn.broken or conn.closed:
@@ -206,13 +207,12 @@ class SharedSessions:
             finally:
                 self._last_statement = clock.monotonic()
 
-    def _listen(self) -> None:
+    def _listen(self, conn: psycopg.Connection) -> None:
         """LISTEN on the channels of contenders that joined since (one statement)."""
-        conn = self.conn
         with self._lock:
             missing = sorted(set(self._members) - self._listening)
             self._listening |= set(missing)
-        if conn is None or not missing:
+        if not missing:
             return
         with self.io_lock:
             try:
@@ -304,14 +304,19 @@ class SharedSessions:
         for contender in members:
             contender.on_notify(notify)
 
-    def read_notifications(self, pgconn) -> None:
-        """Read what the server sent to the holder; callers hold io_lock. Raises if broken."""
-        pgconn.consume_input()
+    def _drain(self, pgconn) -> None:
+        """Notifications libpq read behind a statement's result but has not parsed: the socket
+        shows nothing more, so the pump would not wake for them."""
         while True:
             raw = pgconn.notifies()
             if raw is None:
                 return
             self._dispatch(psycopg.Notify(raw.relname.decode(), raw.extra.decode(), raw.be_pid))
+
+    def read_notifications(self, pgconn) -> None:
+        """Read what the server sent to the holder; callers hold io_lock. Raises if broken."""
+        pgconn.consume_input()
+        self._drain(pgconn)
 
     def _run(self, stop: threading.Event) -> None:
         oracle = self.oracle

@@ -78,6 +78,7 @@ class SharedContender(ContenderBase):
         self._generation = -1  # the holder session generation our key was granted on
         self._pending: Optional[tuple] = None  # (token, since, until) while waiting out a debt
         self._leader: Optional[Leader] = None
+        self._woken = False  # wake() since the last claim began
         shared.join(self)
 
     # -- what Takeover uses -------------------------------------------------------------------
@@ -127,6 +128,9 @@ class SharedContender(ContenderBase):
             self._notify(lost=True)
 
     def wake(self) -> None:
+        """Claim now: the key may be free (a release, the poll, a debt paid). Remembered until
+        the next claim starts, so that a wake-up during a claim is not lost (see watch())."""
+        self._woken = True
         self._notify()
 
     def on_notify(self, notify: psycopg.Notify) -> None:
@@ -142,8 +146,17 @@ class SharedContender(ContenderBase):
         if kind in ("claimed", "released", "leading") and rest.isdigit():
             with self._lock:
                 self._events.append((kind, int(rest), notify.pid))
-            if kind == "released" and self.phase is Phase.FOLLOWING:
-                self._notify()  # a graceful handoff: claim now
+            if self.phase is not Phase.FOLLOWING:
+                return
+            if kind == "released":
+                self.wake()  # a graceful handoff: claim now
+            elif kind == "claimed" and notify.pid != self.shared.pid:
+                # A new holder our last failed claim did not see (we do not queue on the lock,
+                # so _OURS_ON_KEY never lists us as its successor's rival): claim again, to read
+                # it as our baseline, or its crash would find us without a proof.
+                baseline = self._takeover.baseline
+                if baseline is None or baseline.holder != notify.pid:
+                    self.wake()
 
     # -- claim / refresh ----------------------------------------------------------------------
 
@@ -165,6 +178,7 @@ class SharedContender(ContenderBase):
 
     def claim(self) -> Claim:
         self._check_open()
+        self._woken = False
         if self._pending is not None:
             return self._pay_debt()
         owner = self.shared.take(self)
@@ -299,7 +313,7 @@ class SharedContender(ContenderBase):
     def watch(self, leader: Optional[Leader]) -> bool:
         self._check_open()
         self.shared.follow(self, True)
-        return True
+        return not self._woken  # woken during the claim that failed: claim again at once
 
     def _release(self) -> None:
         """Let go of our key, if this contender holds it: ``released:<token>`` first when a term

@@ -12,8 +12,9 @@ The names come from the systems crown_sync was founded on: Kubernetes client-go'
     The term ended, after its child stopped and the crown abdicated. ``reason`` is ``"stop"``
     (``Crown.stop()``), ``"refresh"`` (the oracle said the lease is gone, a dismissal included),
     ``"oracle"`` (the oracle reported the loss: a broken session, a deleted node), ``"deadline"``
-    (the term's deadline passed before a renewal) or ``"child_exited"`` (the child ended by itself
-    and ``max_child_restarts`` was used up).
+    (the term's deadline passed before a renewal), ``"child_exited"`` (the child ended by itself
+    and ``max_child_restarts`` was used up) or ``"preempted"`` (a contender that outranks this one
+    joined: see :doc:`/ranking`).
 ``on_new_leader(leader)``
     The leader this crown knows of changed (another :class:`~crown_sync.Leader`, ourselves, or
     None when none is known, e.g. between a term's end and the next claim).

@@ -305,9 +305,23 @@ def exit_status(exitcode: Optional[int]) -> int:
     help=f"Give up (exit {EXIT_NOT_LEADING}) as soon as the first claim is refused, e.g. "
     "another process leads (like flock -n).",
 )
+@click.option(
+    "--priority",
+    type=int,
+    default=None,
+    metavar="N",
+    help="Prefer this contender over lower ones: an outranked leader hands over gracefully "
+    "(implies --strategy priority).",
+)
+@click.option(
+    "--strategy",
+    type=click.Choice(["first", "oldest", "priority"]),
+    default=None,
+    help="Who leads among the live contenders (default: first; priority with --priority).",
+)
 @verbose_option
 def run(name, command, oracle_url, grace, restart, restart_delay, identity, metadata_items,
-        wait_timeout, no_wait, verbose):
+        wait_timeout, no_wait, priority, strategy, verbose):
     """Contend for NAME and run COMMAND while leading it.
 
     \b
@@ -325,7 +339,10 @@ def run(name, command, oracle_url, grace, restart, restart_delay, identity, meta
     argv = _resolve_command(list(command))
     _setup_logging(verbose)
     child = _RecordedCommand(argv, grace=grace)
-    crown = _run_crown(name, oracle_url, child, restart, restart_delay, identity, metadata)
+    ranking = {"strategy": strategy or ("priority" if priority is not None else "first")}
+    if priority is not None:
+        ranking["priority"] = priority
+    crown = _run_crown(name, oracle_url, child, restart, restart_delay, identity, metadata, ranking)
     watcher = _RunWatcher(crown, child, name, oracle_url, restart, no_wait)
     previous = {signum: signal.signal(signum, watcher.on_signal) for signum in STOP_SIGNALS}
     give_up_at = None if wait_timeout is None else time.monotonic() + wait_timeout
@@ -350,7 +367,7 @@ def run(name, command, oracle_url, grace, restart, restart_delay, identity, meta
     sys.exit(exit_status(watcher.exitcode))
 
 
-def _run_crown(name, oracle_url, child, restart, restart_delay, identity, metadata):
+def _run_crown(name, oracle_url, child, restart, restart_delay, identity, metadata, ranking):
     """The Crown that ``run`` drives; bad options are usage errors, a missing library is 125."""
     import crown_sync
 
@@ -359,7 +376,7 @@ def _run_crown(name, oracle_url, child, restart, restart_delay, identity, metada
     except OracleError as exc:
         exc.exit_code = EXIT_RUN_FAILED  # 3 could be the command's own code: use env(1)'s 125
         raise
-    options: Dict[str, Any] = {}
+    options: Dict[str, Any] = dict(ranking)
     if restart:
         # Restart in place, without limit, within the same term (same fencing token).
         options.update(max_child_restarts=None, child_backoff=restart_delay)

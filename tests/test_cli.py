@@ -216,6 +216,23 @@ def test_sigint_and_sighup_stop_the_command_and_abdicate(tmp_path, url, runs, si
     assert cli("status", "job", "--oracle", url).returncode == 1  # abdicated
 
 
+def test_a_run_with_a_higher_priority_takes_over_gracefully(tmp_path, url, runs):
+    path = tmp_path / "journal.jsonl"
+    low = start_run(runs, tmp_path, "job", url, journal_command(path), "low", "--priority", "1")
+    wait_until(lambda: started(path, "low"), "low's command to start")
+    high = start_run(runs, tmp_path, "job", url, journal_command(path), "high", "--priority", "5",
+                     "--strategy", "priority")
+    # The higher priority joins while low leads: low's command is stopped, then high's starts.
+    wait_until(lambda: started(path, "high"), "high to take over")
+    time.sleep(0.3)
+    for run in (high, low):
+        run.signal(signal.SIGTERM)
+        assert run.wait() == -signal.SIGTERM
+    report = journal.check(str(path))
+    assert report.ok, report.summary()
+    assert [(t.identity, t.stopped) for t in report.terms][:2] == [("low", True), ("high", True)], report.summary()
+
+
 def test_restart_keeps_leading_and_restarts_the_command(tmp_path, url, runs):
     lines = tmp_path / "lines"
     command = [PY, "-c", f"import os; open({str(lines)!r}, 'a').write(os.environ['CROWN_SYNC_TOKEN'] + '\\n')"]
@@ -489,6 +506,9 @@ def test_bad_input_exit_code_2(tmp_path, url):
         ["run", "job", "--oracle", url],  # no command
         ["run", "job", "--oracle", url, "--grace", "-1", "--", "true"],
         ["run", "job", "--oracle", url, "--metadata", "novalue", "--", "true"],
+        ["run", "job", "--oracle", url, "--priority", "high", "--", "true"],
+        ["run", "job", "--oracle", url, "--strategy", "loudest", "--", "true"],
+        ["run", "job", "--oracle", url, "--priority", "3", "--strategy", "first", "--", "true"],
         ["status", "job", "--oracle", url + "?no_such_option=1"],
         ["dismiss", "job", "--oracle", "memcache://localhost"],
         ["demo", "--contenders", "1"],

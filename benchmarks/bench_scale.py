@@ -14,9 +14,10 @@ leads. Measured:
   packets received, memcached commands, Redis commands seen by MONITOR, NATS messages in); and
   the connections left once the probe exited.
 
-PostgreSQL is left out: it holds one session per crown (an advisory lock lives in a session), so
-1,000 crowns need 1,000 connections, ten times a default ``max_connections``; sharing sessions
-is a later step of issue #18.
+PostgreSQL runs in its ``sessions=shared`` mode (all the crowns of the oracle object on two
+server sessions; connections: the server's ``pg_stat_activity``, requests: statements in its
+log): with the default one session per crown, 1,000 crowns need 1,000 connections, ten times a
+default ``max_connections``.
 
 Results go to ``benchmarks/results/scale.json`` and ``scale.rst`` (included by docs/benchmarks.rst).
 """
@@ -40,11 +41,14 @@ import run as bench  # noqa: E402  (benchmarks/run.py: the servers, their counte
 
 from crown_sync import clock  # noqa: E402
 
-ORACLES = ("zookeeper", "memcached", "redis", "nats")
+ORACLES = ("postgres", "zookeeper", "memcached", "redis", "nats")
 
 
 def connections(servers: "bench.Servers", oracle: str) -> int:
     """Client connections (ZooKeeper: sessions) the server reports now."""
+    if oracle == "postgres":
+        return servers.postgres.sql("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'"
+                                    " AND pid <> pg_backend_pid()")[0][0]
     if oracle == "zookeeper":
         return len(servers.zookeeper.sessions())
     if oracle == "memcached":
@@ -105,6 +109,8 @@ def probe(url: str, count: int) -> None:
 
 def measure(servers: "bench.Servers", oracle: str, count: int, rest: float) -> Dict[str, Any]:
     url = servers.url(oracle)
+    if oracle == "postgres":  # one session per crown would need 1,000 connections
+        url += ("&" if "?" in url else "?") + "sessions=shared"
     servers.requests(oracle)  # start the counter first (Redis: its MONITOR is a connection too)
     base = connections(servers, oracle)
     argv = [sys.executable, os.path.abspath(__file__), "--probe", url, "--crowns", str(count)]

@@ -65,6 +65,9 @@ class SharedSessions:
         self._followed: Dict["SharedContender", str] = {}  # follower -> "classid:objid" of its key
         self._wakeups: List[Tuple[float, int, "SharedContender"]] = []  # heap: debts due
         self._order = itertools.count()
+        self._unannounced: Set["SharedContender"] = set()  # new terms: the next confirmation announces them
+        self._gate = threading.Condition()  # confirmations before claims (_acquire_io)
+        self._urgent = 0
         self._leaked: Set[int] = set()  # keys whose unlock failed on a live session: retried
         self._last_confirm: Optional[Tuple[float, frozenset, int]] = None  # (start, held keys, generation)
         self._last_statement = -float("inf")
@@ -183,7 +186,22 @@ class SharedSessions:
             # Every term not yet released: one that lost its lead may still be stopping its child.
             return max([c.lease_end for c in self._owners.values()], default=-1.0)
 
-    def execute(self, sql: str, params: Optional[Dict[str, Any]] = None, until: Optional[float] = None):
+    def _acquire_io(self, urgent: bool) -> None:
+        """Take io_lock; a confirmation (``urgent``) goes before the claims waiting for it: with
+        a thousand crowns claiming at once, the terms already won must not pass their deadlines."""
+        with self._gate:
+            if urgent:
+                self._urgent += 1
+            else:
+                self._gate.wait_for(lambda: self._urgent == 0, timeout=self.oracle.confirm_interval)
+        self.io_lock.acquire()
+        if urgent:
+            with self._gate:
+                self._urgent -= 1
+                self._gate.notify_all()
+
+    def execute(self, sql: str, params: Optional[Dict[str, Any]] = None, until: Optional[float] = None,
+                urgent: bool = False):
         """Run ``sql`` on the holder session (connecting if needed) and return its cursor (after
         the last result set). Cut if unanswered at ``until`` (default: a lease from now), but
         never before every term on the session has passed its lease end: ending the session
@@ -191,7 +209,8 @@ class SharedSessions:
         conn = self.ensure_connected()
         self._listen(conn)  # before our statement: a claim must hear the releases that follow it
         text = self._comment() + sql
-        with self.io_lock:
+        self._acquire_io(urgent)
+        try:
             bound = clock.monotonic() + self.session.bound if until is None else until
             try:
                 with bounded(conn, max(bound, self.latest_lease_end()), self._on_cut, self.oracle.description):
@@ -206,6 +225,8 @@ class SharedSessions:
                 raise
             finally:
                 self._last_statement = clock.monotonic()
+        finally:
+            self.io_lock.release()
 
     def _listen(self, conn: psycopg.Connection) -> None:
         """LISTEN on the channels of contenders that joined since (one statement)."""
@@ -270,7 +291,9 @@ class SharedSessions:
         with self._confirm_lock:
             last = self._last_confirm
             now = clock.monotonic()
-            fresh = [c for c in self._owned() if c.term is not None and not c.term.announced]
+            with self._lock:
+                fresh = [c for c in self._unannounced if c.term is not None and not c.term.announced]
+                self._unannounced.clear()
             if (last is not None and not fresh and last[2] == self.generation and last[0] >= since
                     and now - last[0] <= self.oracle.confirm_interval / 2):
                 return last
@@ -283,7 +306,7 @@ class SharedSessions:
                 self.execute("; ".join(f"SELECT pg_advisory_unlock({int(key)}::bigint)" for key in leaked), None, until)
             params = {"channels": [c.channel for c in fresh], "payloads": [f"leading:{c.token}" for c in fresh]}
             started = clock.monotonic()
-            row = self.execute(_HELD_SQL, params, until).fetchone()
+            row = self.execute(_HELD_SQL, params, until, urgent=True).fetchone()
             generation = self.generation
             self.check(row[0], row[1])
             if row[2]:
@@ -292,9 +315,10 @@ class SharedSessions:
             self._last_confirm = result
             return result
 
-    def _owned(self) -> List["SharedContender"]:
+    def announce(self, contender: "SharedContender") -> None:
+        """``contender``'s new term is to be announced by the next confirmation."""
         with self._lock:
-            return list(self._owners.values())
+            self._unannounced.add(contender)
 
     # -- notifications and the pump -----------------------------------------------------------
 

@@ -254,6 +254,7 @@ class SharedContender(ContenderBase):
         self.term = _Term(self.record_comment)
         self.term_started = clock.monotonic()
         self._move(Phase.LEADING)  # its record goes with the first confirmation, which announces it
+        self.shared.announce(self)
         self.shared.follow(self, False)
         try:
             claim = self._confirm()

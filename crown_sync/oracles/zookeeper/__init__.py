@@ -39,15 +39,32 @@ Safety argument:
   someone else deletes it (see "revocation" below). A new node always sorts after every existing one, so while our node exists and is lowest
   nobody else can be lowest: at most one contender sees itself first.
 * A term's deadline is ``t0 + 0.75 T - 50 ms`` where ``t0`` is the start of a request on our
-  session that the server answered (the claim's ``get_children``, a refresh's ``exists``, or, for
-  the round-trip-free takeover, the latest answered request of the session: while a contender is
-  next in line the oracle makes sure there is one every T/4, and the takeover falls back to asking
-  when the latest is more than T/3 old). The
-  server had the session after ``t0``, so it cannot expire it, delete our node and let a successor
-  in before ``t0 + T``; the engine stops our child by the deadline even if this process is paused
-  (SIGSTOP, swap) and this module never runs again. ``T`` is the timeout the server actually
-  negotiated (lower than requested when the server's ``maxSessionTimeout`` is lower): we read it
-  from kazoo's connection handshake, falling back to the requested value.
+  session that the server answered (the claim's ``get_children``; for a refresh, the session's
+  *proof* or an ``exists`` of our node, below; for the round-trip-free takeover, the latest
+  answered request of the session: while a contender is next in line the oracle makes sure there
+  is one every T/4, and the takeover falls back to asking when the latest is more than T/3 old).
+  The server had the session after ``t0``, so it cannot expire it, delete our node and let a
+  successor in before ``t0 + T``; the engine stops our child by the deadline even if this process
+  is paused (SIGSTOP, swap) and this module never runs again. ``T`` is the timeout the server
+  actually negotiated (lower than requested when the server's ``maxSessionTimeout`` is lower): we
+  read it from kazoo's connection handshake, falling back to the requested value.
+* One confirmation per session, not per leader (:mod:`._refresh`): while leaders of the session
+  refresh, the session sends one ``exists`` (of the path prefix) every T/6, and publishes its
+  start as the session's proof only once every watch event kazoo read before its answer has been
+  handled (kazoo's one callback thread runs them in the server's order; the publication is
+  queued behind them). A leader's refresh takes the latest proof, if at most T/3 old (else it
+  asks for a new one and waits, never past its deadline), only if the data watch on its node was
+  set by a read sent, in the same connection, before the proof's request, that found the node
+  its session's, and has not fired since. The server answers a connection's requests in order
+  and sends a watch's event before the answer to any later request: had the node been deleted
+  (or changed: a dismissal) before the server answered the proof, the refresh would see the
+  event's effect (term ended, or the watch unarmed). So the proof shows what an ``exists`` of
+  the node would have shown, from the same start. While its watch is being re-armed (after a
+  change of the node: the term's first refresh, which writes ``since``; a dismissal), a leader
+  sends an ``exists`` of its own, as every refresh did before.
+  A session runs at most ``CLAIMS_IN_FLIGHT`` claims at a time (the server answers a session's
+  reads after the writes sent before them: a burst of claims would hold every refresh back past
+  its deadline).
 * kazoo reports SUSPENDED when it stops hearing the server (after 2/3 T) and LOST only once it
   reconnects to learn that the session expired, which during a partition never happens before the
   server has handed the crown on. So SUSPENDED ends the term at once (``on_change(lost=True)``),
@@ -75,7 +92,8 @@ Safety argument:
   kill to land) has passed since the END of the first listing that showed the orphan, ``T'``
   being the session timeout in the guard's record (the owner's requested one: its leases use
   the negotiated one when lower, never more).
-  Every confirmation of the revoked term was answered while its node existed, so it started
+  Every confirmation of the revoked term was answered while its node existed (its own
+  ``exists``, or a proof that its watch would have beaten had the node gone first), so it started
   before the deletion, which the listing's end follows: by then the term's deadline has passed.
   Costs: a release and a crash failover are as fast as before (a session's expiry deletes node
   and guard in one transaction; if the node's event comes first the takeover costs one listing);
@@ -103,7 +121,8 @@ What is NOT guaranteed:
   member at that member's next ping: both make an expiry later, not earlier. But a member cut off
   from the quorum keeps answering our reads for up to ``syncLimit x tickTime`` before it notices
   and drops our connection; a refresh it answers never reaches the ZooKeeper leader, whose expiry
-  counts from the last request it heard of (we send one at least every ``T / 3``, and the member
+  counts from the last request it heard of (the session sends one at least every ``T / 3``: the
+  proof every ``T / 6`` while it has leaders, kazoo's pings besides; and the member
   passes it on within ``tickTime / 2``), so it may expire the session ``2/3 T - tickTime / 2``
   after the cut, at least about ``0.54 T`` with the condition. With the condition, the dropped
   connection (SUSPENDED) ends a running leader's term by ``T / 4`` after the cut, so its child has
@@ -133,7 +152,8 @@ oracle gets its sockets replaced by ``/dev/null`` (``dup2``), so nothing it does
 goodbye on the parent's session; its inherited contenders become unusable and the oracle builds a
 fresh client if the child uses it.
 
-Code: :mod:`._session` (the kazoo session an oracle's contenders share), :mod:`.oracle`
+Code: :mod:`._session` (the kazoo session an oracle's contenders share, and its proof),
+:mod:`._refresh` (a leader's refresh), :mod:`.oracle`
 (:class:`ZooKeeperOracle`), :mod:`.contender` (:class:`ZooKeeperContender` and its phases),
 :mod:`._guard` (guard nodes and the wait for an orphan's lease), :mod:`._watches` (the watches on
 our own node and on our predecessor), :mod:`._release` (deleting spent nodes), :mod:`._common`.

@@ -28,8 +28,13 @@ _OPTIONS = {
 #: fixed margin below that (see the module docstring).
 LEASE_FRACTION = 0.75
 LEASE_MARGIN = 0.05
-#: A leader confirms its node every T / REFRESHES_PER_TIMEOUT seconds.
+#: A leader refreshes its term every T / REFRESHES_PER_TIMEOUT seconds, from a proof of its
+#: session at most that old.
 REFRESHES_PER_TIMEOUT = 3.0
+#: While leaders refresh, the session's one probe (its proof) goes out every T / PROOFS_PER_TIMEOUT.
+PROOFS_PER_TIMEOUT = 6.0
+#: Claims one session runs at a time (the others wait for a slot: _SharedSession.claim_slot).
+CLAIMS_IN_FLIGHT = 16
 #: How long claim() waits for a connection before failing (the engine retries with backoff).
 CLAIM_CONNECT_WAIT = 1.0
 #: A new term's first refresh comes this soon (seconds): it publishes ``since`` in the record.

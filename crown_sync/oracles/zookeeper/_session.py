@@ -1,7 +1,9 @@
 """The kazoo session an oracle's contenders share: connecting, connection epochs, the negotiated
-timeout, the latest answered request (for the round-trip-free takeover), the ensemble check, and
-stopping the client within a bound. One per :class:`~crown_sync.oracles.zookeeper.ZooKeeperOracle`."""
+timeout, the latest answered request (for the round-trip-free takeover), the session's one
+confirmation for all its leaders' terms (the *proof*), the ensemble check, and stopping the client
+within a bound. One per :class:`~crown_sync.oracles.zookeeper.ZooKeeperOracle`."""
 
+import contextlib
 import ssl
 import threading
 import weakref
@@ -10,14 +12,16 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 from kazoo.client import KazooClient
 from kazoo.exceptions import ConnectionDropped
 from kazoo.handlers.threading import SequentialThreadingHandler
-from kazoo.protocol.states import KazooState
+from kazoo.protocol.states import Callback, KazooState
 from kazoo.retry import KazooRetry
 from kazoo.security import ACL
 
 from ... import _forksafe
 from ...clock import monotonic as _monotonic
 from ._common import (
+    CLAIMS_IN_FLIGHT,
     CLOSE_TIMEOUT,
+    PROOFS_PER_TIMEOUT,
     ZooKeeperMisconfigured,
     ZooKeeperUnavailable,
     _ensemble_problem,
@@ -50,6 +54,8 @@ class _SharedSession:
         self._member: Optional[str] = None  # the name of the member we connected to, as given
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
+        self._slots = threading.Condition(self._lock)  # claim_slot's waiters
+        self._claiming = 0  # claims in flight (claim_slot)
         self.client: Optional[KazooClient] = None
         self._connected = False
         self._epoch = 0  # bumped whenever the client leaves CONNECTED
@@ -58,7 +64,13 @@ class _SharedSession:
         self._closed = False
         self._state = "not started"
         self._confirmed: Tuple[int, float] = (-1, 0.0)  # (epoch, start of last answered request)
+        # (epoch, start) of the last probe answered after every watch event sent before its reply
+        # had been handled: what the leaders' refreshes read (see _heartbeat)
+        self._proof: Tuple[int, float] = (-1, 0.0)
+        self._wanted = 0.0  # a refresh waits for a proof started no earlier than this
+        self._demand_until = 0.0  # leaders refreshed lately: keep a proof at most T/6 old until then
         self._heartbeat_stop: Optional[threading.Event] = None
+        self._heartbeat_kick: Optional[threading.Event] = None
         self._ensemble_check: Optional[Tuple[int, Optional[str]]] = None  # (epoch, problem)
         self._conf_unreadable_logged = False
 
@@ -91,8 +103,9 @@ class _SharedSession:
         client.start_async()
         self._state = "connecting"
         stop = self._heartbeat_stop = threading.Event()
+        kick = self._heartbeat_kick = threading.Event()
         threading.Thread(
-            target=self._heartbeat, args=(client, stop), name="crown-sync-zookeeper-heartbeat", daemon=True
+            target=self._heartbeat, args=(client, stop, kick), name="crown-sync-zookeeper-heartbeat", daemon=True
         ).start()
         return client
 
@@ -121,27 +134,90 @@ class _SharedSession:
 
         connection._connect = _connect
 
-    def _heartbeat(self, client: KazooClient, stop: threading.Event) -> None:
-        """While a contender of ours is next in line, make sure the session had a request answered
-        within the last T/4 (one cheap read when nothing else did), so that it can take over
-        without a round trip (see ZooKeeperContender._fast_win). Nothing more: every extra
-        request postpones the expiry of a crashed leader's session, hence its failover."""
-        while not stop.wait(self.effective_timeout() / 8):
-            interval = self.effective_timeout() / 4
-            with self._lock:
-                if client is not self.client or not self._connected:
-                    continue
-                epoch = self._epoch
-                fresh = self._confirmed[0] == epoch and _monotonic() - self._confirmed[1] < interval
-                needed = any(c._successor.next_in_line is not None for c in self._contenders)
-            if fresh or not needed:
+    def _heartbeat(self, client: KazooClient, stop: threading.Event, kick: threading.Event) -> None:
+        """The session's one probe (an ``exists`` on the path prefix), sent when due (_probe_due):
+        every T/6 while leaders refresh their terms (they read its proof instead of asking the
+        server each), at once when a refresh waits for a newer one, and, while a contender of
+        ours is next in line, whenever no request had an answer within the last T/4 (so that it
+        can take over without a round trip: ZooKeeperContender._fast_win). Nothing more: every
+        extra request postpones the expiry of a crashed leader's session, hence its failover."""
+        while not stop.is_set():
+            kick.clear()  # before looking: a kick that comes while we look is not lost
+            due, epoch = self._probe_due(client)
+            if due > 0:
+                kick.wait(due)
                 continue
             sent = _monotonic()
             try:
                 client.exists_async(self._probe_path).get(self.op_timeout())
             except Exception:
-                continue  # connection trouble: kazoo's states tell the contenders
+                kick.wait(self.effective_timeout() / 8)  # connection trouble: kazoo's states tell the contenders
+                continue
             self.confirm(sent, epoch)
+            self._prove_after_watches(client, sent, epoch)
+
+    def _probe_due(self, client: KazooClient) -> Tuple[float, int]:
+        """(seconds until the next probe is due, 0 for now; the connection epoch)."""
+        timeout = self.effective_timeout()
+        with self._lock:
+            if client is not self.client or not self._connected:
+                return timeout / 8, -1
+            now, epoch = _monotonic(), self._epoch
+            proof = self._proof[1] if self._proof[0] == epoch else float("-inf")
+            if proof < self._wanted:
+                return 0.0, epoch
+            due = timeout / 8  # look again then: a contender may be next in line by that time
+            if now < self._demand_until:
+                due = min(due, proof + timeout / PROOFS_PER_TIMEOUT - now)
+            if due > 0 and any(c._successor.next_in_line is not None for c in self._contenders):
+                confirmed = self._confirmed[1] if self._confirmed[0] == epoch else float("-inf")
+                due = min(due, confirmed + timeout / 4 - now)
+        return due, epoch
+
+    def _prove_after_watches(self, client: KazooClient, sent: float, epoch: int) -> None:
+        """The probe sent at ``sent`` was answered: publish it as the session's proof once every
+        watch event kazoo read before that answer has been handled. kazoo reads the socket in
+        the server's order and queues watch events to its one callback thread in that order; the
+        answer itself went the other way (its completion queue), so we queue our publication
+        behind those events. A contender whose own-node watch was armed before ``sent`` has thus
+        learnt of its node's deletion or change (_OwnNodeWatch) before it can read this proof."""
+        done = threading.Event()
+
+        def publish() -> None:
+            with self._cond:
+                if epoch == self._epoch and self._connected and (self._proof[0] != epoch or sent > self._proof[1]):
+                    self._proof = (epoch, sent)
+                    self._cond.notify_all()
+            done.set()
+
+        try:
+            client.handler.dispatch_callback(Callback("crown-sync-proof", publish, ()))
+        except Exception:  # a stopped client
+            return
+        done.wait(self.op_timeout())  # one probe in flight at a time, its proof published first
+
+    def term_proof(self, epoch: int, not_before: float, wait: float) -> float:
+        """The start of the session's latest proof (see _prove_after_watches) in connection
+        ``epoch``, if it started at ``not_before`` or later; else asks the heartbeat for a new one
+        and waits for it up to ``wait`` seconds. Raises ZooKeeperUnavailable when the connection
+        dropped or no proof came in time."""
+        give_up = _monotonic() + wait
+        with self._cond:
+            # Leaders refresh at least every T/3: while they do, the heartbeat keeps a proof fresh.
+            self._demand_until = max(self._demand_until, _monotonic() + self.effective_timeout())
+            while True:
+                if self._epoch != epoch or not self._connected:
+                    raise ZooKeeperUnavailable("the ZooKeeper connection dropped while refreshing")
+                if self._proof[0] == epoch and self._proof[1] >= not_before:
+                    return self._proof[1]
+                if self._wanted < not_before:
+                    self._wanted = not_before
+                    if self._heartbeat_kick is not None:
+                        self._heartbeat_kick.set()
+                remaining = give_up - _monotonic()
+                if remaining <= 0:
+                    raise ZooKeeperUnavailable(f"no reply from ZooKeeper at {self.description} while refreshing")
+                self._cond.wait(remaining)
 
     def confirm(self, sent: float, epoch: int) -> None:
         """A request sent at ``sent`` (monotonic) in connection ``epoch`` was answered: the server
@@ -233,6 +309,36 @@ class _SharedSession:
         if checked[1]:
             raise ZooKeeperMisconfigured(f"refusing to lead through ZooKeeper at {self.description}: {checked[1]}")
 
+    @contextlib.contextmanager
+    def claim_slot(self, cancelled):
+        """Run a claim as one of at most CLAIMS_IN_FLIGHT of this session at a time. The server
+        answers a session's requests in order, a read after the writes sent before it: a burst of
+        claims (1,000 crowns starting at once, each a few writes) would queue every leader's
+        refresh behind seconds of writes, and their terms would lapse and claim again. Waits
+        while the slots are taken, up to T (then ZooKeeperUnavailable: the engine retries, and
+        its stop() waits no longer for this call) or until ``cancelled()`` (the contender closed)."""
+        wait = self.effective_timeout()
+        give_up = _monotonic() + wait
+        with self._slots:
+            while self._claiming >= CLAIMS_IN_FLIGHT:
+                if cancelled():
+                    raise RuntimeError("the ZooKeeper contender is closed")
+                if self._closed:
+                    raise RuntimeError("the ZooKeeper oracle is closed")
+                remaining = give_up - _monotonic()
+                if remaining <= 0:
+                    raise ZooKeeperUnavailable(
+                        f"{CLAIMS_IN_FLIGHT} claims through ZooKeeper at {self.description} were already "
+                        f"under way for {wait:g}s (the session runs no more at a time): the server is slow")
+                self._slots.wait(remaining)  # a claim's end, or unregister() when a contender closes
+            self._claiming += 1
+        try:
+            yield
+        finally:
+            with self._slots:
+                self._claiming -= 1
+                self._slots.notify()
+
     def register(self, contender: "ZooKeeperContender") -> None:
         with self._lock:
             if self._closed:
@@ -243,6 +349,7 @@ class _SharedSession:
         with self._lock:
             self._contenders.discard(contender)
             self._cond.notify_all()  # wake a claim of this contender waiting for a connection
+            self._slots.notify_all()  # or for a claim slot
             stop = self._closed and not self._contenders
             client = self.client if stop else None
             if stop:
@@ -267,12 +374,17 @@ class _SharedSession:
         if self._heartbeat_stop is not None:
             self._heartbeat_stop.set()
             self._heartbeat_stop = None
+        if self._heartbeat_kick is not None:
+            self._heartbeat_kick.set()  # wakes it to see the stop
+            self._heartbeat_kick = None
 
     def forget_after_fork(self) -> None:
         """In a forked child: drop (never use or close) the parent's client; its sockets were
         blinded by crown_sync._forksafe, its contenders marked themselves forked."""
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
+        self._slots = threading.Condition(self._lock)
+        self._claiming = 0  # the parent's claims stayed in the parent
         client, self.client = self.client, None
         if client is not None:
             _ABANDONED.append(client)
@@ -282,7 +394,7 @@ class _SharedSession:
         self._negotiated = None
         self._ensemble_check = None
         self._state = "not started"
-        self._heartbeat_stop = None  # its thread stayed in the parent
+        self._heartbeat_stop = self._heartbeat_kick = None  # its thread stayed in the parent
 
 
 def _connect_failure(exc: BaseException, tls: bool) -> str:

@@ -15,11 +15,39 @@ if TYPE_CHECKING:  # pragma: no cover
 
 class _OwnNodeWatch:
     """The data watch on our own node: its deletion (a session end, a hand) ends our term, and so
-    does a dismissal request written into it."""
+    does a dismissal request written into it.
+
+    ``armed`` (under the contender's lock): (node, epoch, sent) when a read that set this watch,
+    sent at ``sent`` in connection ``epoch``, found the node ours, and the watch has not fired
+    since. The server answers a connection's requests in order and sends a watch's event before
+    the answer to any later request, so any request of ours sent after ``sent`` and answered in
+    the same epoch proves the node was still ours when the server handled it, unless that event
+    came first (then ``armed`` is None, or newer): what lets a leader's refresh use the session's
+    one proof instead of an ``exists`` of its own (_refresh)."""
 
     def __init__(self, contender: "ZooKeeperContender"):
         self._c = contender
         self._watcher = None  # (node, epoch, function)
+        self.armed: Optional[Tuple[str, int, float]] = None
+        self.fired = 0  # events seen: an answer to a read sent before the last one arms nothing
+
+    def arm(self, node: str, epoch: int, sent: float, stat, fired: int) -> None:
+        """A read of ``node`` with this watch, sent at ``sent`` in ``epoch`` when ``fired``
+        events had come, found ``stat``."""
+        c = self._c
+        with c._lock:
+            if (node == c._node and stat.ephemeralOwner == c._node_session and not c._node_gone
+                    and fired == self.fired):
+                self.armed = (node, epoch, sent)
+
+    def read(self, client, node: str, epoch: int):
+        """Read our node and (re)arm this watch; ``armed`` follows the answer."""
+        with self._c._lock:
+            fired = self.fired
+        sent = _monotonic()
+        result = client.get_async(self._c._path(node), watch=self.watcher_for(node, epoch))
+        result.rawlink(lambda answer: self._read(node, answer, epoch, sent, fired))
+        return result
 
     def watcher_for(self, node: str, epoch: int):
         """One function per node and connection epoch: kazoo keeps watchers in a set, so
@@ -34,18 +62,24 @@ class _OwnNodeWatch:
         def watcher(event) -> None:
             if event.type == EventType.NONE:
                 return  # connection state: the listener deals with it
+            with c._lock:
+                self.armed = None  # fired: no proof counts for our node until it is read again
+                self.fired += 1
+                fired = self.fired
             if event.type == EventType.DELETED:
                 self._deleted(node)
                 return
-            client, connected, _epoch = c._session.connected_now()
+            client, connected, now_epoch = c._session.connected_now()
             if client is not None and connected:  # read what changed, and watch on
-                client.get_async(path, watch=watcher).rawlink(lambda result: self._read(node, result))
+                sent = _monotonic()
+                client.get_async(path, watch=watcher).rawlink(
+                    lambda result: self._read(node, result, now_epoch, sent, fired))
 
         with c._lock:
             self._watcher = (node, epoch, watcher)
         return watcher
 
-    def _read(self, node: str, result) -> None:
+    def _read(self, node: str, result, epoch: int, sent: float, fired: int) -> None:
         try:
             data, stat = result.get_nowait()
         except NoNodeError:
@@ -54,6 +88,7 @@ class _OwnNodeWatch:
         except Exception:
             return  # connection trouble: the state listener deals with it
         self._changed(node, data, stat)
+        self.arm(node, epoch, sent, stat, fired)  # after _changed: a dismissal is marked first
 
     def _deleted(self, node: str) -> None:
         c = self._c

@@ -28,6 +28,7 @@ from ._common import (
 )
 from ._guard import _HoldBack, _OwnGuard
 from ._notices import _Ignored
+from ._refresh import _TermRefresh
 from ._release import _Release
 from ._watches import _OwnNodeWatch, _Successor
 
@@ -70,6 +71,7 @@ class ZooKeeperContender(ContenderBase):
         self._own_watch = _OwnNodeWatch(self)
         self._successor = _Successor(self)
         self._release = _Release(self)
+        self._refresher = _TermRefresh(self)
 
     def __repr__(self) -> str:
         return f"<ZooKeeperContender {self.name} {self.identity} node={self._node}>"
@@ -120,7 +122,11 @@ class ZooKeeperContender(ContenderBase):
                 self._enter(Phase.FOLLOWING)
             self._holdback.epoch = None
         try:
-            return self._fast_win(epoch, session) or self._claim(client, epoch, session)
+            won = self._fast_win(epoch, session)  # no request: needs no slot
+            if won is not None:
+                return won
+            with self._session.claim_slot(lambda: self.phase is Phase.CLOSED):
+                return self._claim(client, epoch, session)
         except NoAuthError:
             raise PermissionError(f"not allowed to create a node in {self._election} (or its parents) with "
                                   "these credentials: another application's; use a path_prefix of your own") from None
@@ -224,6 +230,9 @@ class ZooKeeperContender(ContenderBase):
     def _verify(self, client: KazooClient, node: str, session: int, epoch: int, timeout: float) -> Optional[str]:
         """After a reconnect: is our node still there, still our session's, not dismissed (then
         marked so)? Returns it, or None if it is gone."""
+        with self._lock:
+            fired = self._own_watch.fired
+        sent = _monotonic()
         try:
             data, stat = client.get_async(self._path(node), watch=self._own_watch.watcher_for(node, epoch)).get(timeout)
         except NoNodeError:
@@ -237,6 +246,7 @@ class ZooKeeperContender(ContenderBase):
         if _is_dismissed(_parse_record(data), stat):
             with self._lock:
                 self._dismissed = node
+        self._own_watch.arm(node, epoch, sent, stat, fired)
         return node
 
     def _list(self, client: KazooClient, prefetch, epoch: int, timeout: float) -> Tuple[List[str], float, int]:
@@ -272,7 +282,7 @@ class ZooKeeperContender(ContenderBase):
         with self._lock:
             self._guard.create_with_node(client, session)
         # Watch our own node from now on; pipelined with the listing that follows.
-        client.get_async(path, watch=self._own_watch.watcher_for(node, epoch))
+        self._own_watch.read(client, node, epoch)
         self.oracle._check_parents(client, self.name)
         with self._lock:
             self._verified_epoch = epoch
@@ -291,6 +301,9 @@ class ZooKeeperContender(ContenderBase):
 
     def _adopt(self, client: KazooClient, mine: List[str], session: int, epoch: int, timeout: float) -> Optional[str]:
         for candidate in mine:
+            with self._lock:
+                fired = self._own_watch.fired
+            sent = _monotonic()
             try:
                 watch = self._own_watch.watcher_for(candidate, epoch)
                 _data, stat = client.get_async(self._path(candidate), watch=watch).get(timeout)
@@ -298,6 +311,7 @@ class ZooKeeperContender(ContenderBase):
                 continue
             if stat.ephemeralOwner == session:
                 self._take(candidate, stat, epoch)
+                self._own_watch.arm(candidate, epoch, sent, stat, fired)
                 return candidate
         with self._lock:
             self._pending_create = False  # nothing of ours there: create afresh next time round
@@ -359,51 +373,7 @@ class ZooKeeperContender(ContenderBase):
 
     def refresh(self) -> Claim:
         self._check_open()
-        oracle = self.oracle
-        client, connected, epoch = self._session.connected_now()
-        with self._lock:
-            node = self._node
-            ok = (self.phase is Phase.LEADING and node is not None and not self._node_gone
-                  and self._dismissed != node and self._term_epoch == epoch)
-            session = self._node_session
-            leader = self._leader
-            deadline = self._deadline
-            if not ok or not connected or client is None:
-                self._stop_leading()
-            publish, self._publish = self._publish, None
-        if not ok or not connected or client is None:
-            return Claim(won=False)
-        if publish is not None and publish[0] == node:
-            self._publish_record(client, *publish)  # pipelined with the confirmation below
-        t0 = _monotonic()
-        # A reply after the term's deadline is of no use (the term is over by then), so wait no
-        # longer: against a frozen server this bounds how long a stop() waits for this call.
-        op_timeout = self._session.op_timeout()
-        wait = op_timeout if deadline is None else min(op_timeout, max(0.01, deadline - t0))
-        try:
-            stat = client.exists_async(self._path(node)).get(wait)
-        except KazooException as exc:
-            raise _unavailable("refreshing", exc) from exc
-        except oracle_timeout(client) as exc:
-            raise ZooKeeperUnavailable(f"no reply from ZooKeeper at {oracle.description} while refreshing") from exc
-        with self._lock:
-            if self._session.connected_now()[2] != self._term_epoch or self.phase is not Phase.LEADING:
-                self._stop_leading()
-                return Claim(won=False)
-            if stat is None or stat.ephemeralOwner != session:
-                self._stop_leading()
-                self._node_gone = True
-                return Claim(won=False)
-            timeout_now = oracle.effective_timeout()
-            self._deadline = t0 + oracle.lease_for(timeout_now)
-        self._session.confirm(t0, epoch)
-        return Claim(
-            won=True,
-            leader=leader,
-            token=leader.token,
-            deadline=t0 + oracle.lease_for(timeout_now),
-            refresh_in=timeout_now / REFRESHES_PER_TIMEOUT,
-        )
+        return self._refresher.refresh()
 
     def watch(self, leader: Optional[Leader]) -> bool:
         self._check_open()

@@ -122,6 +122,7 @@ class SharedContender(ContenderBase):
     def session_lost(self) -> None:
         """The holder session (and our lock, if we held it) is gone."""
         self._pending = None
+        self._generation = -1  # nothing of ours to release on the next session (see _release)
         if self.phase is Phase.PENDING:
             self._move(Phase.FOLLOWING)
         if self.phase is Phase.LEADING:

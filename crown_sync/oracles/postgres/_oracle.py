@@ -108,12 +108,7 @@ class PostgresOracle(OracleBase):
                     f" {self.margin:g}); leave it unset to wait out the predecessor's lease safely"
                 )
         self.namespace = namespace
-        if sessions not in ("per_crown", "shared"):
-            raise ValueError(f"sessions must be 'per_crown' or 'shared', got {sessions!r}")
-        self.sessions = sessions
-        self.poll_interval = seconds_between("poll_interval", poll_interval, 0.01, 60.0)
-        self._shared: Optional[SharedSessions] = None
-        self._shared_lock = threading.Lock()
+        self._set_sessions(sessions, poll_interval)
         try:
             params = _conninfo.conninfo_to_dict(dsn)
         except psycopg.Error as exc:
@@ -131,6 +126,14 @@ class PostgresOracle(OracleBase):
         self._foreign: Dict[str, str] = {}  # election -> its foreign holder, as last seen (notices)
         self._forked = False
         self._closed = False
+
+    def _set_sessions(self, sessions: str, poll_interval: float) -> None:
+        if sessions not in ("per_crown", "shared"):
+            raise ValueError(f"sessions must be 'per_crown' or 'shared', got {sessions!r}")
+        self.sessions = sessions
+        self.poll_interval = seconds_between("poll_interval", poll_interval, 0.01, 60.0)
+        self._shared: Optional[SharedSessions] = None  # built for the first shared-mode contender
+        self._shared_lock = threading.Lock()
 
     @classmethod
     def from_url(cls, url: str) -> "PostgresOracle":

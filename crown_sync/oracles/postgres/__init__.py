@@ -5,7 +5,9 @@
 How it works
 ------------
 Every contender owns ONE dedicated autocommit connection (never a pool: advisory locks are
-re-entrant per session, so two contenders sharing a session would both "win"). The election
+re-entrant per session, so two contenders sharing a session would both "win"). With
+``sessions=shared`` the contenders of one oracle object share one holder session instead, one
+local contender per key at a time (see _shared). The election
 ``name`` maps to a 64-bit advisory lock key (:func:`advisory_key`); the leader is whoever's
 session holds ``pg_advisory_lock(key)``.
 

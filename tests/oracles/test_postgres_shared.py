@@ -135,4 +135,5 @@ def test_many_crowns_of_three_processes_share_two_sessions_each_through_kill_ter
         report = journal.check(path, name)
         assert report.ok, report.summary()
         assert len(report.terms) >= 2, report.summary()
-    assert not connections(server)  # every session ended with its process
+    # every session ends with its process (its backend exits a moment after the client goes)
+    wait_until(lambda: not connections(server), timeout=30, message="no session left")

@@ -207,7 +207,7 @@ class SharedSessions:
         never before every term on the session has passed its lease end: ending the session
         before a term's deadline would let a successor take its end for our process's death."""
         conn = self.ensure_connected()
-        self._listen(conn)  # before our statement: a claim must hear the releases that follow it
+        self._listen()  # before our statement: a claim must hear the releases that follow it
         text = self._comment() + sql
         self._acquire_io(urgent)
         try:
@@ -228,21 +228,19 @@ class SharedSessions:
         finally:
             self.io_lock.release()
 
-    def _listen(self, conn: psycopg.Connection) -> None:
+    def _listen(self) -> None:
         """LISTEN on the channels of contenders that joined since (one statement)."""
         with self._lock:
             missing = sorted(set(self._members) - self._listening)
             self._listening |= set(missing)
         if not missing:
             return
-        with self.io_lock:
-            try:
-                conn.execute("; ".join(f"LISTEN {channel}" for channel in missing))
-            except psycopg.Error as exc:
-                with self._lock:
-                    self._listening -= set(missing)
-                if conn.broken or conn.closed:
-                    self._lost(conn, exc)
+        try:  # through execute(): bounded, and with the mark and records (_QUIET_SQL)
+            self.execute("; ".join(f"LISTEN {channel}" for channel in missing))
+        except Exception:
+            with self._lock:
+                self._listening -= set(missing)
+            raise
 
     def check(self, pid: int, marker: Optional[str]) -> None:
         session = self.session

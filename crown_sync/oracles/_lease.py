@@ -176,9 +176,10 @@ class LeaseStore(abc.ABC):
 
     def written_version(self, value: bytes) -> Any:
         """The version the server gave ``value`` when the calling thread last wrote it through
-        this store (a create or replace that succeeded), or None if unknown. Known, it lets a holder renew and release by
-        one compare-and-set over its own last write, without reading first (a lost CAS then
-        reads to learn why). Default: unknown (memcached's ``cas`` returns no new CAS id)."""
+        this store (a create or replace that succeeded), or None if unknown. Known, it lets a
+        holder renew and release by one compare-and-set over its own last write, without reading
+        first (a lost CAS then reads to learn why). Default: unknown (a classic memcached ``cas``
+        returns no new CAS id)."""
         return None
 
     def entries(self, prefix: str) -> Dict[str, Optional[bytes]]:
@@ -516,6 +517,7 @@ class _Handle(LeaseStore):
     def __init__(self, oracle: "LeaseOracle"):
         self._oracle = oracle
         self.closed = False
+        self._closing = threading.Lock()  # close() and interrupt() may race: count it once
         oracle._handle_opened()
 
     def _shared(self) -> LeaseStore:
@@ -547,9 +549,11 @@ class _Handle(LeaseStore):
         self._close(interrupt=False)
 
     def _close(self, interrupt: bool) -> None:
-        if not self.closed:
+        with self._closing:
+            if self.closed:
+                return
             self.closed = True
-            self._oracle._handle_closed(interrupt)
+        self._oracle._handle_closed(interrupt)
 
 
 class _Poller:

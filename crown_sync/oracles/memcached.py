@@ -43,7 +43,8 @@ Connection loss: every call has ``timeout``; a failed call raises (the engine re
 deadline, then stops the child). pymemcache reconnects on the next call.
 
 Requests at rest: a follower makes one ``gets`` (as cheap as a ``get``) per ``poll_interval``
-(default 0.2 s: at most 5/s); a leader one ``gets`` and one ``cas`` per ``renew_interval`` (0.67/s
+(default 0.2 s: at most 5/s); a leader one meta-protocol ``ms`` (a CAS that returns the new CAS
+id, memcached 1.6+; before: a ``gets`` and a ``cas``) per ``renew_interval`` (0.33/s
 with the default ttl). memcached cannot push a change, so a graceful handoff waits for the
 quickest follower's next poll: half a poll interval on average with one follower, a third with
 two; lower ``poll_interval`` for faster handoffs at more requests. Crash failover: a follower
@@ -67,7 +68,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import tenacity
 from pymemcache.client.base import Client
-from pymemcache.exceptions import MemcacheClientError, MemcacheError, MemcacheUnexpectedCloseError
+from pymemcache.exceptions import (MemcacheClientError, MemcacheError, MemcacheUnexpectedCloseError,
+                                   MemcacheUnknownCommandError)
 
 from .. import _forksafe
 from ._tls import client_context
@@ -162,6 +164,8 @@ class _Connection(LeaseStore):
         self._oracle = oracle
         self._client: Optional[Client] = None
         self._turn = threading.Lock()
+        self._meta = True  # the server speaks the meta protocol (until it says otherwise)
+        self._written = threading.local()  # each thread's last meta-set write and its CAS id
         self.closed = False
 
     def read(self, key: str) -> Tuple[Optional[bytes], Any]:
@@ -175,7 +179,29 @@ class _Connection(LeaseStore):
         return bool(self.call("add", key, value, expire=expire, noreply=False))
 
     def replace(self, key: str, value: bytes, version: Any, expire: int) -> Optional[bool]:
+        if self._meta:
+            # The meta protocol's set (memcached 1.6+) compares the CAS id as ``cas`` does and
+            # returns the new one (flag c): a holder then renews by one request, no read first.
+            command = b"ms %s %d C%d c T%d\r\n%s" % (key.encode("ascii"), len(value), int(version), int(expire), value)
+            try:
+                return self._stored(value, self.call("raw_command", command))
+            except MemcachedError as exc:
+                if not isinstance(exc.__cause__, MemcacheUnknownCommandError):
+                    raise
+                self._meta = False  # a server before 1.6 (pymemcache dropped that connection)
         return self.call("cas", key, value, version, expire=expire, noreply=False)
+
+    def _stored(self, value: bytes, line: bytes) -> Optional[bool]:
+        status, _, flags = line.partition(b" ")
+        if status == b"HD":
+            if flags.startswith(b"c") and flags[1:].isdigit():
+                self._written.last = (value, flags[1:])
+            return True
+        return None if status == b"NF" else False  # EX: changed since; NS: not stored
+
+    def written_version(self, value: bytes) -> Any:
+        written = getattr(self._written, "last", None)
+        return written[1] if written is not None and written[0] == value else None
 
     def entries(self, prefix: str) -> Dict[str, Optional[bytes]]:
         # memcached cannot list keys except by its LRU crawler's metadump (on unless started

@@ -240,14 +240,17 @@ class _Store(LeaseStore):
                 return future.result(oracle.timeout + 0.5)  # nats-py times out first, at timeout
             except concurrent.futures.TimeoutError:
                 future.cancel()
-                self._drop(only=nc)  # a server that does not answer: the next call connects afresh
                 raise asyncio.TimeoutError() from None
         except NatsError:
             raise
         except Exception as exc:
-            # Whatever failed (a closed connection, a bucket deleted under us: no stream answers),
-            # the next call starts afresh: a new connection finds or recreates the bucket.
-            self._drop(only=nc)
+            # A call that timed out leaves the connection to the others that share it (under load
+            # one slow answer must not cut them all off): nats-py's pings close a connection whose
+            # server stopped answering, and the next call connects afresh. Anything else (a closed
+            # connection, a bucket deleted under us: no stream answers) starts afresh now: a new
+            # connection finds or recreates the bucket.
+            if not isinstance(exc, (asyncio.TimeoutError, nats.errors.TimeoutError)):
+                self._drop(only=nc)
             raise oracle._error(what, exc, self.last_error) from None
         finally:
             if not submitted:

@@ -262,14 +262,15 @@ def _shown(value: Optional[bytes], current: Any) -> Tuple[Optional[bytes], Any]:
 
 
 class RedisStore(LeaseStore):
-    """The oracle's one connection for its contenders' calls (a redis-py client, thread-safe, on
-    a pool of ONE connection: calls take turns, each waiting at most ``timeout`` for it)."""
+    """The oracle's one connection for its contenders' calls (a redis-py client on a pool of ONE
+    connection: calls take turns, each waiting at most ``timeout`` for it)."""
 
     def __init__(self, oracle: "RedisOracle"):
         self._oracle = oracle
         self._client: Optional["redis.Redis"] = None
         self._scripts: Dict[str, Any] = {}
         self._making = threading.Lock()
+        self._turn = threading.Lock()
 
     def _redis(self) -> "redis.Redis":
         with self._making:
@@ -281,23 +282,33 @@ class RedisStore(LeaseStore):
 
     def _run(self, what: str, call: Callable[["redis.Redis"], Any], retry_read: bool = False) -> Any:
         try:
-            if retry_read:
-                # A read on a connection the server closed meanwhile (it restarted) is retried
-                # once on a fresh one: harmless for a read, unlike a write whose fate is unknown.
-                retrying = tenacity.Retrying(
-                    stop=tenacity.stop_after_attempt(2),
-                    retry=tenacity.retry_if_exception_type(redis.exceptions.ConnectionError)
-                    & tenacity.retry_if_not_exception_type(_Refused),
-                    reraise=True,
-                )
-                return retrying(call, self._redis())
-            return call(self._redis())
+            # The calls take turns on the one connection (a plain lock: redis-py's blocking pool
+            # costs several times more per call with hundreds of threads waiting).
+            if not self._turn.acquire(timeout=self._oracle.timeout):
+                raise redis.exceptions.TimeoutError(f"the connection stayed busy for {self._oracle.timeout:g} s")
+            try:
+                return self._call(call, retry_read)
+            finally:
+                self._turn.release()
         except _Refused as exc:
             raise RedisRefused(f"redis at {self._oracle.description}: {exc}") from None
         except (redis.exceptions.RedisError, OSError) as exc:
             error = RedisRefused if isinstance(exc, redis.exceptions.AuthenticationError) else RedisOracleError
             why = _explain(exc, self._oracle.has_password)
             raise error(f"redis at {self._oracle.description}: {what} failed: {why}") from None
+
+    def _call(self, call: Callable[["redis.Redis"], Any], retry_read: bool) -> Any:
+        if retry_read:
+            # A read on a connection the server closed meanwhile (it restarted) is retried
+            # once on a fresh one: harmless for a read, unlike a write whose fate is unknown.
+            retrying = tenacity.Retrying(
+                stop=tenacity.stop_after_attempt(2),
+                retry=tenacity.retry_if_exception_type(redis.exceptions.ConnectionError)
+                & tenacity.retry_if_not_exception_type(_Refused),
+                reraise=True,
+            )
+            return retrying(call, self._redis())
+        return call(self._redis())
 
     def read(self, key: str) -> Tuple[Optional[bytes], Any]:
         value, current = self._run(
@@ -392,7 +403,7 @@ class RedisStore(LeaseStore):
 
 #: Seconds between two turns at a pushed release: more than a takeover's script and its push
 #: take on a quiet network, so that a process whose turn comes later has usually heard of it.
-TURN_STEP = 0.003
+TURN_STEP = 0.005
 
 
 def _turn(listeners: bytes) -> float:
@@ -600,7 +611,7 @@ class RedisOracle(LeaseOracle):
 
     def new_client(self, shared: bool = False) -> "redis.Redis":
         """A redis-py client on a pool of its own (no I/O until its first command); ``shared``:
-        a pool of one connection that threads wait for (at most ``timeout``)."""
+        a pool of one connection (its users take turns)."""
         kwargs: Dict[str, Any] = dict(
             host=self.host, port=self.port, db=self.db,
             socket_timeout=self.timeout, socket_connect_timeout=self.connect_timeout,
@@ -612,9 +623,7 @@ class RedisOracle(LeaseOracle):
         )
         if self.tls:
             kwargs.update(self._tls_options)
-        if shared:
-            return redis.Redis(connection_pool=redis.BlockingConnectionPool(max_connections=1, timeout=self.timeout, **kwargs))
-        return redis.Redis(connection_pool=redis.ConnectionPool(**kwargs))
+        return redis.Redis(connection_pool=redis.ConnectionPool(max_connections=1 if shared else None, **kwargs))
 
     def new_store(self) -> RedisStore:
         return RedisStore(self)

@@ -37,7 +37,7 @@ this against refusing a server without persistence.
 Push: every contender is registered with its oracle's one pub/sub connection (a daemon thread,
 its own socket), subscribed to the channel ``<key_prefix><name>``. A holder that releases or
 vacates its record, and ``dismiss``, ``PUBLISH`` to it in the script of that write, with the new
-record: a watching follower takes a release over at once by one script (the compare-and-set over
+record: a watching follower takes a release over at its turn (see Herds) by one script (the compare-and-set over
 the pushed bytes, the token taken inside it), and a dismissed leader refreshes at once. The holder
 renews and releases by a compare-and-set over its own last write, without reading first, so a
 graceful handoff is one write on each side. Pub/sub is not durable (a message sent while the
@@ -409,13 +409,13 @@ TURN_STEP = 0.005
 def _turn(listeners: bytes) -> float:
     """When this process tries to take a pushed release over: one of as many turns as there are
     other listeners (followers' processes), drawn at random, so that a handoff costs about one
-    attempt (the first turn taken; later ones see its takeover first), not one per follower,
-    while with one or two followers the first try is usually at once."""
+    attempt (the first turn taken; later ones see its takeover first), not one per follower.
+    One or two followers both try at once, as before: two attempts at most, and no wait."""
     try:
-        others = max(1, int(listeners) - 1)  # the releasing leader's process listens too
+        others = int(listeners) - 1  # the releasing leader's process listens too
     except ValueError:
         return 0.0  # no count (an older crown_sync released): at once, as before
-    return random.randrange(others) * TURN_STEP
+    return random.randrange(others) * TURN_STEP if others > 2 else 0.0
 
 
 class _Push:

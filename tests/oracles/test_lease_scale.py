@@ -124,10 +124,10 @@ def test_a_handoff_costs_a_bounded_number_of_requests_whatever_the_followers(kin
     try:
         # As a cleanly stopped election leaves its key: the first leader waits no quarantine.
         stopped = {"state": "released", "token": 1, "prev": "setup", "identity": "setup"}
-        store, key = oracles[0].shared_store(), oracles[0].key(name)
-        assert store.create(key, encode(stopped), 3600)
+        oracle, key = oracles[0], oracles[0].key(name)
+        assert oracle._shared("create", key, encode(stopped), 3600)
         # Rewritten by compare-and-set, as a release is (Redis stamps its server's run_id then).
-        assert store.replace(key, encode(stopped), store.read(key)[1], 3600)
+        assert oracle._shared("replace", key, encode(stopped), oracle._shared("read", key)[1], 3600)
         crowns[0].start()
         wait_until(crowns[0].is_leader, timeout=60, message="the first leader")
         for crown in crowns[1:]:

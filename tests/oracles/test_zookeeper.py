@@ -224,7 +224,7 @@ def test_queue_wakes_only_the_successor_and_tokens_rise(zk, name):
         for recorder in recorders:
             recorder.reset()
         seats[0].abdicate()
-        wait_until(recorders[1].event.is_set, timeout=10, message="successor woken")
+        wait_until(recorders[1].event.is_set, timeout=30, message="successor woken")
         time.sleep(0.2)
         assert not recorders[2].calls, "the third contender watches the second, not the leader"
         assert not recorders[0].calls, "abdicating is not a dismissal"
@@ -253,7 +253,7 @@ def test_next_in_line_takes_over_without_a_round_trip(zk, name):
         for recorder in recorders:
             recorder.reset()
         seats[0].abdicate()
-        wait_until(recorders[1].event.is_set, timeout=10, message="successor woken")
+        wait_until(recorders[1].event.is_set, timeout=30, message="successor woken")
         assert seats[1]._successor.fast is not None
         before = clock.monotonic()
         claim = seats[1].claim()
@@ -356,7 +356,7 @@ def test_a_dismissal_never_moves_on_to_the_next_in_line(zk, name):
         assert dismisser.dismiss(name) is True  # its target stepped down already
         data, _stat = client.get(innocent)
         assert "dismissed" not in json.loads(data), "the dismissal spilled over to the next in line"
-        wait_until(recorders[1].event.is_set, timeout=10, message="successor woken")
+        wait_until(recorders[1].event.is_set, timeout=30, message="successor woken")
         took_over = seats[1].claim()
         assert took_over.won and took_over.token > first.token
     finally:
@@ -453,7 +453,7 @@ def test_a_suspension_just_before_the_win_fails_the_claim(name):
             assert not seats[1].claim().won and seats[1].watch(None)
             recorders[1].reset()
             seats[0].abdicate()
-            wait_until(recorders[1].event.is_set, timeout=10, message="successor woken")
+            wait_until(recorders[1].event.is_set, timeout=30, message="successor woken")
             assert seats[1]._successor.fast is not None, "the fast path is armed"
             _suspend_before_the_win(seats[1], oracles[1], server)
             with pytest.raises(ZooKeeperUnavailable, match="dropped"):
@@ -492,7 +492,7 @@ def test_a_spent_node_goes_as_soon_as_the_same_session_reconnects(name):
             # connection once more): read it once the session is back.
             resumed = wait_until(lambda: oracles[0]._client.client_id, timeout=15, message="session back")
             assert resumed[0] == session, "deleted, not expired"
-            wait_until(recorders[1].event.is_set, timeout=10, message="successor woken")
+            wait_until(recorders[1].event.is_set, timeout=30, message="successor woken")
             successor = wait_until(lambda: _try_claim(seats[1]), timeout=20, message="successor claims")
             assert successor.won and successor.token > first.token
             again = seats[0].claim()
@@ -966,7 +966,7 @@ def test_a_successor_holds_back_while_a_revoked_leaders_guard_remains(zk, name, 
         recorders[1].reset()
         deleted_at = clock.monotonic()
         client.delete(f"/crown_sync/{name}/{seats[0]._node}")
-        wait_until(recorders[1].event.is_set, timeout=10, message="successor woken")
+        wait_until(recorders[1].event.is_set, timeout=30, message="successor woken")
         wait_until(recorders[0].lost, timeout=10, message="old leader told it lost")
         held = seats[1].claim()
         assert not held.won and held.leader.identity == "c0"

@@ -258,6 +258,11 @@ class _Store(LeaseStore):
 
     def _connect(self) -> None:
         oracle = self._oracle
+        for stale in list(self._inflight):
+            # Calls still waiting on the connection being replaced (a request sent just before the
+            # server went away gets no answer until its timeout): fail them now, so that the
+            # poller's read does not leave every follower deaf for a whole timeout.
+            stale.cancel()
         self._drop()
         loop = oracle._current_loop(make=True)
         # A fork waits until the socket is made and recorded (crown_sync._forksafe).
@@ -273,8 +278,15 @@ class _Store(LeaseStore):
             if sock is not None:
                 keep(sock)
         self._subscriptions = {}  # the last connection's went with it
-        for key in list(self._watches):
-            self._loop.submit(self._subscribe(key)).result(oracle.timeout + 0.5)
+        try:
+            for key in list(self._watches):
+                self._loop.submit(self._subscribe(key)).result(oracle.timeout + 0.5)
+        except BaseException:
+            # A connection without its consumers would leave the followers deaf to pushes for as
+            # long as it lives (a restarted server's JetStream may not answer yet): connect anew
+            # at the next call instead.
+            self._drop()
+            raise
         for watchers in list(self._watches.values()):
             for on_push in list(watchers):
                 on_push()  # changes while we were not connected went unheard: look now

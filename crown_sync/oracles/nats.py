@@ -21,7 +21,8 @@ on the subject of each election it follows (whole messages, new ones only); ever
 purge of the key wakes its followers' poller rounds, which take a pushed release over by one
 ``update`` over the pushed revision (no read), count any other pushed record as read, and read the
 key after a delete or purge. Herds: a release is also published to a queue group of the following
-processes, whose one member NATS picks (the heir) tries at once; the others wait ``HEIR_WAIT``
+processes, whose one member NATS picks (the heir) tries at once (the record from its stream, not
+from the offer); the others wait ``HEIR_WAIT``
 and are pushed the heir's takeover first. The holder renews and releases by ``update`` over the revision of its
 own last write, without reading first: a graceful handoff is one request on each side.
 
@@ -134,6 +135,10 @@ class _Store(LeaseStore):
         self._inflight: "weakref.WeakSet[concurrent.futures.Future]" = weakref.WeakSet()
         self._watches: Dict[str, List[Callable[..., None]]] = {}  # key -> on_push of each watcher
         self._subscriptions: Dict[str, Any] = {}  # key -> its push consumer (on the loop)
+        # On the loop: each key's last record pushed by its stream, and the revision an heir
+        # offer named before that record's push came (see _heir).
+        self._stream_pushed: Dict[str, Tuple[bytes, int]] = {}
+        self._offers: Dict[str, int] = {}
         self._written = threading.local()  # each thread's last successful write and its revision
         self.last_error: Optional[str] = None  # the last error nats-py reported, for messages
         self.closed = False
@@ -278,6 +283,7 @@ class _Store(LeaseStore):
             if sock is not None:
                 keep(sock)
         self._subscriptions = {}  # the last connection's went with it
+        self._stream_pushed, self._offers = {}, {}
         try:
             for key in list(self._watches):
                 self._loop.submit(self._subscribe(key)).result(oracle.timeout + 0.5)
@@ -366,6 +372,10 @@ class _Store(LeaseStore):
             operation = (msg.headers or {}).get("KV-Operation")
             news = None if operation in ("DEL", "PURGE") else (msg.data, msg.metadata.sequence.stream)
             wait = HEIR_WAIT * (1 + random.random())  # if the heir failed, not all at once either
+            if news is not None:
+                self._stream_pushed[key] = news
+                if self._offers.pop(key, None) == news[1]:
+                    wait = 0.0  # this process was offered this release as its heir: try now
             for on_push in list(self._watches.get(key, ())):
                 on_push(news, wait)
 
@@ -382,8 +392,18 @@ class _Store(LeaseStore):
     async def _heir(self, msg) -> None:
         headers = msg.headers or {}
         key = msg.subject[len(self._oracle.heir_subject("")):]
-        news = (msg.data, int(headers.get(_REVISION, "0")))
-        taken = [on_push(news, 0.0) for on_push in list(self._watches.get(key, ()))]
+        revision = int(headers.get(_REVISION, "0"))
+        watchers = list(self._watches.get(key, ()))
+        # The offer only says "your turn now" for a revision: the record itself is taken from the
+        # key's stream, never from this plain message, which any client allowed to publish on the
+        # subject could forge (a forged "released" over a held lease's revision would win a CAS).
+        pushed = self._stream_pushed.get(key)
+        if pushed is not None and pushed[1] == revision:
+            taken = [on_push(pushed, 0.0) for on_push in watchers]
+        else:
+            if watchers:
+                self._offers[key] = revision  # the stream's push of it comes next: no turn then
+            taken = [bool(watchers)]
         hops = int(headers.get(_HOPS, "0"))
         if not any(taken) and hops < 3:
             # Nobody here follows the key now (the releasing process itself, or its new leader's):
@@ -404,6 +424,8 @@ class _Store(LeaseStore):
 
     async def _unsubscribe(self, key: str) -> None:
         subscription = self._subscriptions.pop(key, None)
+        self._stream_pushed.pop(key, None)
+        self._offers.pop(key, None)
         if subscription is not None and key not in self._watches:
             try:
                 await subscription.unsubscribe()

@@ -16,7 +16,7 @@ import pytest
 
 import crown_sync
 from crown_sync import clock
-from crown_sync.oracles._lease import encode
+from crown_sync.oracles._lease import decode, encode
 from crown_sync.oracles.nats import NatsError, NatsOracle
 from crown_sync.testing.nats_server import NatsServer
 from crown_sync.testing.servers import free_port
@@ -205,6 +205,40 @@ def test_the_push_consumer_is_remade_after_a_server_restart(fresh_server, name):
 
 
 # --------------------------------------------------------------------- processes and faults
+
+def test_a_forged_heir_offer_never_takes_a_held_lease(server, name):
+    # Anyone allowed to publish on the heir subject can send a "released" record with the held
+    # lease's current revision: a follower that took that message's record for the key's would win
+    # the CAS over the revision while the leader still holds (two leaders; the token from the
+    # forged record). The offer may only hurry the stream's own push of that revision.
+    leader_oracle = oracle_for(server, ttl=6, margin=1, poll_interval=3)
+    follower_oracle = oracle_for(server, ttl=6, margin=1, poll_interval=3)
+    leader = leader_oracle.contender(name, "leader", {}, Signals())
+    signals = Signals()
+    follower = follower_oracle.contender(name, "follower", {}, signals)
+    try:
+        released(leader_oracle, name)
+        lead(leader, timeout=5)
+        claim = follower.claim()
+        assert not claim.won and follower.watch(claim.leader)
+        time.sleep(0.5)  # the follower's first read and the renewal's push are done
+        store = leader_oracle.shared_store()
+        key = leader_oracle.key(name)
+        value, revision = store.read(key)
+        forged = dict(decode(value), state="released")
+        publish = store._nc.publish(leader_oracle.heir_subject(key), encode(forged),
+                                    headers={"Crown-Sync-Revision": str(revision), "Crown-Sync-Hops": "0"})
+        store._loop.submit(publish).result(5)
+        time.sleep(1.0)  # far more than a takeover takes (milliseconds)
+        assert not signals.event.is_set(), "the follower acted on a forged offer"
+        assert not follower.claim().won
+        assert leader.refresh().won  # the leader's lease was never taken
+    finally:
+        follower.close()
+        leader.close()
+        follower_oracle.close()
+        leader_oracle.close()
+
 
 def fleet_for(srv, tmp_path, name, **options):
     """A Fleet on a key left as a clean stop leaves it: the first leader waits no quarantine."""

@@ -186,9 +186,11 @@ class _Connection(LeaseStore):
             try:
                 return self._stored(value, self.call("raw_command", command))
             except MemcachedError as exc:
-                if not isinstance(exc.__cause__, MemcacheUnknownCommandError):
+                # Before 1.6 "ms" is unknown; 1.6.0 to 1.6.9 spoke another meta-set (the size as
+                # the S flag): CLIENT_ERROR. Either way pymemcache dropped that connection.
+                if not isinstance(exc.__cause__, (MemcacheUnknownCommandError, MemcacheClientError)):
                     raise
-                self._meta = False  # a server before 1.6 (pymemcache dropped that connection)
+                self._meta = False
         return self.call("cas", key, value, version, expire=expire, noreply=False)
 
     def _stored(self, value: bytes, line: bytes) -> Optional[bool]:

@@ -134,7 +134,8 @@ class _Store(LeaseStore):
         self._connecting = threading.RLock()  # one thread (re)connects; the others wait for it
         self._inflight: "weakref.WeakSet[concurrent.futures.Future]" = weakref.WeakSet()
         self._watches: Dict[str, List[Callable[..., None]]] = {}  # key -> on_push of each watcher
-        self._subscriptions: Dict[str, Any] = {}  # key -> its push consumer (on the loop)
+        # key -> (heir subscription, push consumer), or a marker while they are made (on the loop)
+        self._subscriptions: Dict[str, Any] = {}
         # On the loop: each key's last record pushed by its stream, and the revision an heir
         # offer named before that record's push came (see _heir).
         self._stream_pushed: Dict[str, Tuple[bytes, int]] = {}
@@ -186,7 +187,11 @@ class _Store(LeaseStore):
             self._watches.setdefault(key, []).append(on_push)
             connected = self._nc is not None
         if connected:
-            self._call("watch", self._subscribe(key))
+            try:
+                self._call("watch", self._subscribe(key))
+            except BaseException:
+                self.unwatch(key, on_push)  # the caller watches again (and adds it again) on retry
+                raise
 
     def unwatch(self, key: str, on_push: Callable[..., None]) -> None:
         """Stop calling ``on_push``; the key's consumer goes with its last watcher (never raises)."""
@@ -364,6 +369,7 @@ class _Store(LeaseStore):
     async def _subscribe(self, key: str) -> None:
         if key in self._subscriptions:
             return  # one consumer per key and connection, whatever the number of watchers
+        making = self._subscriptions[key] = object()  # a watch of the key meanwhile makes no second
 
         async def pushed(msg) -> None:
             # The record and its revision came with the message: a follower takes a release over
@@ -379,15 +385,26 @@ class _Store(LeaseStore):
             for on_push in list(self._watches.get(key, ())):
                 on_push(news, wait)
 
-        # The heir: a release is also published to a queue group of the key's watching processes,
-        # and NATS gives it to ONE of them, which tries at once (a handoff costs one attempt).
-        await self._nc.subscribe(self._oracle.heir_subject(key), queue="crown_sync", cb=self._heir)
-
-        # Ordered push consumer: nats-py remakes it on a gap or missed heartbeats. Whole messages
-        # (a record is a few hundred bytes), so that a follower need not read what it was sent.
-        self._subscriptions[key] = await self._nc.jetstream(timeout=self._oracle.timeout).subscribe(
-            self._oracle.subject(key), cb=pushed, ordered_consumer=True, deliver_policy=DeliverPolicy.NEW,
-        )
+        made: List[Any] = []
+        try:
+            # The heir: a release is also published to a queue group of the key's watching
+            # processes, and NATS gives it to ONE of them, which tries at once (one attempt).
+            made.append(await self._nc.subscribe(self._oracle.heir_subject(key), queue="crown_sync",
+                                                 cb=self._heir))
+            # Ordered push consumer: nats-py remakes it on a gap or missed heartbeats. Whole
+            # messages (a record is a few hundred bytes): a follower need not read what it was sent.
+            made.append(await self._nc.jetstream(timeout=self._oracle.timeout).subscribe(
+                self._oracle.subject(key), cb=pushed, ordered_consumer=True, deliver_policy=DeliverPolicy.NEW,
+            ))
+        finally:
+            if self._subscriptions.get(key) is making and len(made) == 2:
+                self._subscriptions[key] = tuple(made)
+            else:  # failed, or reconnected meanwhile (another connection's): none of it stays
+                if self._subscriptions.get(key) is making:
+                    del self._subscriptions[key]
+                await _unsubscribe_quietly(made)
+        if key not in self._watches:
+            await self._unsubscribe(key)  # its last watcher left while it was being made
 
     async def _heir(self, msg) -> None:
         headers = msg.headers or {}
@@ -423,14 +440,20 @@ class _Store(LeaseStore):
             pass
 
     async def _unsubscribe(self, key: str) -> None:
-        subscription = self._subscriptions.pop(key, None)
+        if key in self._watches or not isinstance(self._subscriptions.get(key, ()), tuple):
+            return  # watched again meanwhile, or still being made (_subscribe then checks)
+        made = self._subscriptions.pop(key, ())
         self._stream_pushed.pop(key, None)
         self._offers.pop(key, None)
-        if subscription is not None and key not in self._watches:
-            try:
-                await subscription.unsubscribe()
-            except Exception:  # the connection is gone: so is the consumer
-                pass
+        await _unsubscribe_quietly(made)
+
+
+async def _unsubscribe_quietly(subscriptions) -> None:
+    for subscription in subscriptions:
+        try:
+            await subscription.unsubscribe()
+        except Exception:  # the connection is gone: so is the subscription
+            pass
 
 
 async def _close_quietly(nc) -> None:

@@ -240,6 +240,27 @@ def test_a_forged_heir_offer_never_takes_a_held_lease(server, name):
         leader_oracle.close()
 
 
+def test_watching_a_key_again_and_again_leaves_no_subscriptions_behind(server, name):
+    # Each watch of a key makes its heir subscription and push consumer (once per key, whatever
+    # the watchers); the last unwatch takes both away: counted by the server.
+    oracle = oracle_for(server, ttl=6, margin=1, poll_interval=3)
+    store = oracle.shared_store()
+    key = oracle.key(name)
+    try:
+        store.read(key)  # connected
+        baseline = server._monitor("subsz")["num_subscriptions"]
+        for _ in range(5):
+            watchers = [lambda *news: True for _ in range(3)]
+            for on_push in watchers:
+                store.watch(key, on_push)
+            for on_push in watchers:
+                store.unwatch(key, on_push)
+        wait_until(lambda: server._monitor("subsz")["num_subscriptions"] <= baseline, timeout=10,
+                   message="subscriptions back to the baseline")
+    finally:
+        oracle.close()
+
+
 def fleet_for(srv, tmp_path, name, **options):
     """A Fleet on a key left as a clean stop leaves it: the first leader waits no quarantine."""
     oracle = oracle_for(srv)

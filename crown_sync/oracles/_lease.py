@@ -469,8 +469,15 @@ class LeaseOracle(OracleBase):
     def elections(self) -> List[Election]:
         """Every record under ``key_prefix`` (see :meth:`OracleBase.elections`); a key that holds
         something other than a lease record (a Redis token counter) is not an election."""
+        # A connection of its own: a SCAN or a metadump of a large keyspace must not hold the
+        # shared connection's turn, through which every crown of the process renews its lease.
+        store = self.new_store()
+        try:
+            entries = store.entries(self.key_prefix)
+        finally:
+            store.close()
         found = []
-        for key, value in sorted(self._shared("entries", self.key_prefix).items()):
+        for key, value in sorted(entries.items()):
             record = decode(value)
             if record is not None:
                 found.append(Election(key[len(self.key_prefix):], held_leader(record)))

@@ -8,6 +8,7 @@ a SIGKILLed process that led several elections at once, and ``pg_terminate_backe
 session that holds every lock its process leads.
 """
 
+import contextlib
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import time
 
 import pytest
 
+from crown_sync import clock
 from crown_sync.testing import journal
 from crown_sync.testing.fleet import contender_environment, wait_until
 
@@ -137,3 +139,105 @@ def test_many_crowns_of_three_processes_share_two_sessions_each_through_kill_ter
         assert len(report.terms) >= 2, report.summary()
     # every session ends with its process (its backend exits a moment after the client goes)
     wait_until(lambda: not connections(server), timeout=30, message="no session left")
+
+
+def shared_oracle(server, poll_interval=0.05):
+    from crown_sync.urls import oracle_from_url
+
+    return oracle_from_url(server.url_for(lease=2, wait_timeout=1, sessions="shared", poll_interval=poll_interval))
+
+
+@contextlib.contextmanager
+def one_leader(server, name, poll_interval=0.05):
+    """A sessions=shared oracle and its crown that leads ``name`` (both closed after)."""
+    oracle = shared_oracle(server, poll_interval)
+    try:
+        crown = oracle.contender(name, "first", {}, lambda **_: None)
+        assert crown.claim().won
+        yield oracle, crown
+        crown.close()
+    finally:
+        oracle.close()
+
+
+def test_a_crown_that_joins_right_after_the_last_one_left_is_woken_when_the_key_is_freed(server):
+    # A leave() that stops the pump, then a join() while the stopping pump still runs: the new
+    # crown needs a pump of its own, or nothing ever polls for its crashed leader's key.
+    import threading
+
+    import psycopg
+
+    oracle = shared_oracle(server)
+    holder = psycopg.connect(server.superuser_dsn, autocommit=True)  # another process's leader
+    try:
+        for attempt in range(3):
+            name = f"rejoin-{attempt}"
+            holder.execute("SELECT pg_advisory_lock(%s)", (oracle.key(name),))
+            first = oracle.contender(name, "first", {}, lambda **_: None)
+            assert not first.claim().won
+            first.watch(None)
+            first.close()  # the last crown leaves: the pump is told to stop
+            woken = threading.Event()
+            second = oracle.contender(name, "second", {}, lambda **_: woken.set())
+            assert not second.claim().won
+            woken.clear()
+            second.watch(None)
+            time.sleep(0.5)  # several polls while the key is held: no wake-up
+            assert not woken.is_set()
+            holder.execute("SELECT pg_advisory_unlock(%s)", (oracle.key(name),))  # its crash
+            assert woken.wait(30), "the follower was not woken: no pump polls for it"
+            second.close()
+    finally:
+        holder.close()
+        oracle.close()
+
+
+def test_a_key_leaked_on_a_lost_session_is_not_unlocked_on_the_next_one(server):
+    # An unlock that failed on a live session is retried by the next confirmation, but only on
+    # that session: after a reconnect the key may be another local crown's lock.
+    with one_leader(server, "leaked") as (oracle, first):
+        shared = first.shared
+        shared._leaked.add((first.key, shared.generation))  # as release() after a failed unlock
+        assert server.terminate(shared.pid)
+        wait_until(lambda: shared.conn is None, timeout=30, message="the holder session lost")
+        first.close()
+        second = oracle.contender("leaked", "second", {}, lambda **_: None)
+        second.claim()  # granted on the new session (it may wait out the lease: no proof)
+        assert shared._owners.get(second.key) is second
+        shared.confirm(clock.monotonic())  # what the pump runs every confirm_interval
+        # the new session still holds the key: no other session can take it
+        assert server.sql("SELECT pg_try_advisory_lock(%s)", (second.key,)) == [(False,)]
+        second.close()
+
+
+def test_a_statement_that_fails_inside_a_transaction_does_not_spoil_the_holder_session(server):
+    # A release's NOTIFY failing between BEGIN and COMMIT left the session in an aborted
+    # transaction: every later claim and confirmation failed, and nothing reconnected.
+    import psycopg
+
+    with one_leader(server, "aborted") as (oracle, crown):
+        shared = crown.shared
+        pid = shared.pid
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            shared.execute("BEGIN; SELECT 1/0; COMMIT")
+        _, held, _ = shared.confirm(clock.monotonic())  # a statement now (not a recent one's answer)
+        assert f"{crown.hi}:{crown.lo}" in held  # the same session, still holding the key
+        assert shared.pid == pid
+
+
+def test_a_local_follower_is_woken_once_its_local_leader_gave_up_the_key(server):
+    # The leader's own released: reaches the follower before the leader gives up its local
+    # ownership, when a claim is refused (take()): without another wake-up the follower would
+    # wait for the next poll (30 s here) to claim.
+    with one_leader(server, "handoff", poll_interval=30) as (oracle, leader):
+        owners_at_wake = []
+        follower = oracle.contender("handoff", "follower", {}, lambda **_: owners_at_wake.append(
+            leader.shared._owners.get(leader.key)))
+        assert not follower.claim().won
+        follower.watch(None)
+        owners_at_wake.clear()
+        leader.abdicate()
+        assert owners_at_wake and owners_at_wake[0] is leader  # woken by released:, while it owned the key
+        assert owners_at_wake[-1] is None  # and again once a claim would not be refused
+        assert follower.claim().won
+        follower.close()

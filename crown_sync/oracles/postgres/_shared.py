@@ -45,6 +45,11 @@ if TYPE_CHECKING:  # pragma: no cover
 _IDLE_CHANNEL = "crown_sync_shared"
 
 
+class SessionChanged(ConnectionError):
+    """A statement meant for one holder session (an unlock) refused on a newer one: the lock it
+    would free is gone with the old session, and the key may be another local crown's now."""
+
+
 class SharedSessions:
     """The holder session of one oracle, its contenders and its pump thread (see the module
     docstring). Created by the oracle for its first shared-mode contender."""
@@ -68,7 +73,7 @@ class SharedSessions:
         self._unannounced: Set["SharedContender"] = set()  # new terms: the next confirmation announces them
         self._gate = threading.Condition()  # confirmations before claims (_acquire_io)
         self._urgent = 0
-        self._leaked: Set[int] = set()  # keys whose unlock failed on a live session: retried
+        self._leaked: Set[Tuple[int, int]] = set()  # (key, generation): unlock failed on a live session
         self._last_confirm: Optional[Tuple[float, frozenset, int]] = None  # (start, held keys, generation)
         self._last_statement = -float("inf")
         self._stop = threading.Event()
@@ -90,7 +95,8 @@ class SharedSessions:
     def join(self, contender: "SharedContender") -> None:
         with self._lock:
             self._members.setdefault(contender.channel, set()).add(contender)
-            if self._thread is None or not self._thread.is_alive():
+            # A pump told to stop (the last crown just left) may still be finishing a wait: start anew.
+            if self._thread is None or not self._thread.is_alive() or self._stop.is_set():
                 self._stop = threading.Event()
                 self._thread = threading.Thread(target=self._run, args=(self._stop,), daemon=True,
                                                 name=f"crown_sync postgres shared {self.oracle.description}")
@@ -129,10 +135,18 @@ class SharedSessions:
             owner = self._owners.setdefault(contender.key, contender)
             return None if owner is contender else owner
 
-    def give_up(self, contender: "SharedContender") -> None:
+    def give_up(self, contender: "SharedContender", released: bool = False) -> None:
+        """``contender`` no longer claims or holds its key; ``released``: it unlocked it, so wake
+        the local followers of its election (one woken by its ``released:`` before this moment
+        was refused by take() and would wait for the next poll)."""
         with self._lock:
-            if self._owners.get(contender.key) is contender:
-                del self._owners[contender.key]
+            if self._owners.get(contender.key) is not contender:
+                return
+            del self._owners[contender.key]
+            followers = [c for c in self._members.get(contender.channel, ())
+                         if c is not contender and c.phase is Phase.FOLLOWING] if released else []
+        for follower in followers:
+            follower.wake()
 
     def follow(self, contender: "SharedContender", following: bool) -> None:
         with self._lock:
@@ -146,6 +160,11 @@ class SharedSessions:
             heapq.heappush(self._wakeups, (when, next(self._order), contender))
 
     # -- the holder session -------------------------------------------------------------------
+
+    def connected_generation(self) -> int:
+        """The generation of the holder session, connecting first if needed."""
+        self.ensure_connected()
+        return self.generation
 
     def ensure_connected(self) -> psycopg.Connection:
         with self._connect_lock:
@@ -201,22 +220,36 @@ class SharedSessions:
                 self._gate.notify_all()
 
     def execute(self, sql: str, params: Optional[Dict[str, Any]] = None, until: Optional[float] = None,
-                urgent: bool = False):
+                urgent: bool = False, generation: Optional[int] = None):
         """Run ``sql`` on the holder session (connecting if needed) and return its cursor (after
         the last result set). Cut if unanswered at ``until`` (default: a lease from now), but
         never before every term on the session has passed its lease end: ending the session
-        before a term's deadline would let a successor take its end for our process's death."""
+        before a term's deadline would let a successor take its end for our process's death.
+        ``generation``: run only on that holder session, else raise SessionChanged."""
+        if generation is not None and generation != self.generation:
+            raise SessionChanged(f"{self.oracle.description}: the holder session changed")  # no reconnect for it
         conn = self.ensure_connected()
         self._listen()  # before our statement: a claim must hear the releases that follow it
         text = self._comment() + sql
         self._acquire_io(urgent)
         try:
+            with self._lock:  # checked under io_lock: the statement runs on conn, of this generation
+                if generation is not None and (self.conn is not conn or self.generation != generation):
+                    raise SessionChanged(f"{self.oracle.description}: the holder session changed")
             bound = clock.monotonic() + self.session.bound if until is None else until
             try:
                 with bounded(conn, max(bound, self.latest_lease_end()), self._on_cut, self.oracle.description):
-                    cursor = conn.execute(text, params)
-                    while cursor.nextset():  # several statements (a release): the last one's row
-                        pass
+                    try:
+                        cursor = conn.execute(text, params)
+                        while cursor.nextset():  # several statements (a release): the last one's row
+                            pass
+                    except psycopg.Error as exc:
+                        if (not isinstance(exc, psycopg.OperationalError)
+                                and conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR):
+                            # A release's NOTIFY failed inside BEGIN...COMMIT: every later statement
+                            # would fail (InFailedSqlTransaction) until this ends the transaction.
+                            conn.execute("ROLLBACK")
+                        raise
                     self._drain(conn.pgconn)
                     return cursor
             except (psycopg.OperationalError, _Unanswered) as exc:
@@ -268,19 +301,24 @@ class SharedSessions:
         for contender in owners:
             contender.session_lost()
 
-    def release(self, contender: "SharedContender", token: Optional[int]) -> None:
-        """Unlock ``contender``'s key (announcing ``released:<token>`` first if it led)."""
+    def release(self, contender: "SharedContender", token: Optional[int], generation: int) -> None:
+        """Unlock ``contender``'s key (announcing ``released:<token>`` first if it led), if the
+        holder session is still the one of ``generation`` (the one its lock was granted on)."""
+        unlocked = False
         try:
-            self.execute(_shared_release_sql(contender.channel, token, contender.key))
+            self.execute(_shared_release_sql(contender.channel, token, contender.key), generation=generation)
+            unlocked = True
+        except SessionChanged:
+            pass  # the lock went with its session
         except Exception as exc:
             conn = self.conn
             if conn is not None and not conn.broken:  # the session lives on: unlock it later
                 logger.warning("%s: unlock failed (%s); retrying with the next confirmation", contender.name,
                                self.oracle.safe_error(exc))
                 with self._lock:
-                    self._leaked.add(contender.key)
+                    self._leaked.add((contender.key, generation))
         finally:
-            self.give_up(contender)
+            self.give_up(contender, released=unlocked)
 
     def confirm(self, since: float, until: Optional[float] = None) -> Tuple[float, frozenset, int]:
         """(start, keys held, generation) of a confirmation of the holder session that started
@@ -296,12 +334,20 @@ class SharedSessions:
                     and now - last[0] <= self.oracle.confirm_interval / 2):
                 return last
             with self._lock:
-                leaked = sorted(self._leaked)
+                generation = self.generation
+                # Leaked on an older session: gone with it (and the key may be another crown's now).
+                leaked = sorted(key for key, of in self._leaked if of == generation)
                 self._leaked.clear()
             for term_of in fresh:
                 term_of.term.announced = True  # once, even if it fails
             if leaked:
-                self.execute("; ".join(f"SELECT pg_advisory_unlock({int(key)}::bigint)" for key in leaked), None, until)
+                try:
+                    self.execute("; ".join(f"SELECT pg_advisory_unlock({int(key)}::bigint)" for key in leaked), None,
+                                 until, generation=generation)
+                except Exception:
+                    with self._lock:  # still locked, with no owner: the next confirmation retries
+                        self._leaked.update((key, generation) for key in leaked)
+                    raise
             params = {"channels": [c.channel for c in fresh], "payloads": [f"leading:{c.token}" for c in fresh]}
             started = clock.monotonic()
             row = self.execute(_HELD_SQL, params, until, urgent=True).fetchone()
@@ -346,7 +392,7 @@ class SharedSessions:
         while not stop.is_set():
             now = clock.monotonic()
             wait = min(oracle.poll_interval, max(0.0, next_poll - now), self._next_wakeup() - now)
-            self._wait_for_news(max(0.0, wait))
+            self._wait_for_news(max(0.0, wait), stop)
             if stop.is_set():
                 return
             self._wake_due()
@@ -362,10 +408,10 @@ class SharedSessions:
                     logger.debug("%s: shared session confirmation failed: %s", oracle.description,
                                  oracle.safe_error(exc))
 
-    def _wait_for_news(self, timeout: float) -> None:
+    def _wait_for_news(self, timeout: float, stop: threading.Event) -> None:
         conn = self.conn
         if conn is None:
-            self._stop.wait(timeout)
+            stop.wait(timeout)  # this pump's own: a pump started after it has another
             return
         try:
             if not _readable(conn.pgconn.socket, timeout):

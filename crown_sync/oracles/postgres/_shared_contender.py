@@ -116,8 +116,11 @@ class SharedContender(ContenderBase):
     def session_changed(self) -> None:
         """A new holder session: what the old one heard or read proves nothing."""
         with self._lock:
+            had_baseline = self._takeover.baseline is not None
             self._events.clear()
             self._takeover.forget()
+        if had_baseline and self.phase is Phase.FOLLOWING:
+            self.wake()  # claim again to read the holder anew: else its crash finds us without a proof
 
     def session_lost(self) -> None:
         """The holder session (and our lock, if we held it) is gone."""
@@ -185,11 +188,13 @@ class SharedContender(ContenderBase):
         owner = self.shared.take(self)
         if owner is not None:  # another crown of this process holds or claims the key
             return Claim(won=False, leader=owner._leader if owner.phase is Phase.LEADING else None)
+        generation = None
         try:
-            row = self._execute(_TRY_SQL, {"key": self.key, "hi": self.hi, "lo": self.lo, "msg": self.name,
-                                           "channel": self.channel, "young": self._takeover.young()})
+            generation = self.shared.connected_generation()  # the session our lock would be granted on
+            row = self.shared.execute(_TRY_SQL, {"key": self.key, "hi": self.hi, "lo": self.lo, "msg": self.name,
+                                                 "channel": self.channel, "young": self._takeover.young()},
+                                      generation=generation).fetchone()
             locked, token, _, since, pid, marker, in_recovery, holder_pid, holder_query, age, killed = row[:11]
-            generation = self.shared.generation
             if not locked:
                 self.shared.give_up(self)
                 self._check_session(pid, marker, in_recovery)
@@ -201,18 +206,18 @@ class SharedContender(ContenderBase):
             self._check_session(pid, marker, in_recovery)
             until = self._takeover.claim_debt(self.shared.conn, int(token), clock.monotonic(), age)
         except Exception as exc:
-            self._claim_failed()
+            self._claim_failed(generation)
             raise self._error(exc) from None
         if until > clock.monotonic():
             self._owe(int(token), since, until)
             return Claim(won=False, leader=None)
         return self._won(int(token), since)
 
-    def _claim_failed(self) -> None:
+    def _claim_failed(self, generation: Optional[int]) -> None:
         """The claim may have failed after the lock was granted (session locks survive errors):
         unlock our key (a no-op if it was not granted), unless the session is gone anyway."""
-        if self.shared.take(self) is None and self.shared.conn is not None:
-            self.shared.release(self, None)
+        if generation is not None and self.shared.take(self) is None and self.shared.conn is not None:
+            self.shared.release(self, None, generation)
         self.shared.give_up(self)
 
     def _error(self, exc: BaseException) -> Exception:
@@ -329,7 +334,7 @@ class SharedContender(ContenderBase):
             if self.phase in (Phase.LEADING, Phase.PENDING):
                 self._enter(Phase.FOLLOWING)
         if self.shared.take(self) is None and self._generation == self.shared.generation:
-            self.shared.release(self, token)
+            self.shared.release(self, token, self._generation)  # refused if the session changed since
         self.shared.give_up(self)
 
     def abdicate(self) -> None:

@@ -83,8 +83,7 @@ def holder_pid(server, tag):
     return rows[0][0] if rows else None
 
 
-@pytest.fixture
-def server():
+def started_server():
     from crown_sync.testing.postgres_server import PostgresServer
 
     server = PostgresServer(fsync=False)
@@ -94,6 +93,11 @@ def server():
         yield server
     finally:
         server.cleanup()
+
+
+server = pytest.fixture(started_server, name="server")
+# The small tests below (one election each, their own names) share one server: one start for all.
+small_server = pytest.fixture(started_server, scope="module", name="small_server")
 
 
 def test_many_crowns_of_three_processes_share_two_sessions_each_through_kill_terminate_and_stop(server, tmp_path):
@@ -153,14 +157,16 @@ def one_leader(server, name, poll_interval=0.05):
     oracle = shared_oracle(server, poll_interval)
     try:
         crown = oracle.contender(name, "first", {}, lambda **_: None)
-        assert crown.claim().won
+        # After another test's pg_terminate_backend a first claim may owe a lease (no proof).
+        wait_until(lambda: crown.claim().won, timeout=30, interval=0.1, message="the first crown leads")
         yield oracle, crown
         crown.close()
     finally:
         oracle.close()
 
 
-def test_a_crown_that_joins_right_after_the_last_one_left_is_woken_when_the_key_is_freed(server):
+def test_a_crown_that_joins_right_after_the_last_one_left_is_woken_when_the_key_is_freed(small_server):
+    server = small_server
     # A leave() that stops the pump, then a join() while the stopping pump still runs: the new
     # crown needs a pump of its own, or nothing ever polls for its crashed leader's key.
     import threading
@@ -192,7 +198,8 @@ def test_a_crown_that_joins_right_after_the_last_one_left_is_woken_when_the_key_
         oracle.close()
 
 
-def test_a_key_leaked_on_a_lost_session_is_not_unlocked_on_the_next_one(server):
+def test_a_key_leaked_on_a_lost_session_is_not_unlocked_on_the_next_one(small_server):
+    server = small_server
     # An unlock that failed on a live session is retried by the next confirmation, but only on
     # that session: after a reconnect the key may be another local crown's lock.
     with one_leader(server, "leaked") as (oracle, first):
@@ -210,7 +217,8 @@ def test_a_key_leaked_on_a_lost_session_is_not_unlocked_on_the_next_one(server):
         second.close()
 
 
-def test_a_statement_that_fails_inside_a_transaction_does_not_spoil_the_holder_session(server):
+def test_a_statement_that_fails_inside_a_transaction_does_not_spoil_the_holder_session(small_server):
+    server = small_server
     # A release's NOTIFY failing between BEGIN and COMMIT left the session in an aborted
     # transaction: every later claim and confirmation failed, and nothing reconnected.
     import psycopg
@@ -225,11 +233,12 @@ def test_a_statement_that_fails_inside_a_transaction_does_not_spoil_the_holder_s
         assert shared.pid == pid
 
 
-def test_a_local_follower_is_woken_once_its_local_leader_gave_up_the_key(server):
+def test_a_local_follower_is_woken_once_its_local_leader_gave_up_the_key(small_server):
+    server = small_server
     # The leader's own released: reaches the follower before the leader gives up its local
     # ownership, when a claim is refused (take()): without another wake-up the follower would
-    # wait for the next poll (30 s here) to claim.
-    with one_leader(server, "handoff", poll_interval=30) as (oracle, leader):
+    # wait for the next poll (1 s here) to claim.
+    with one_leader(server, "handoff", poll_interval=1.0) as (oracle, leader):
         owners_at_wake = []
         follower = oracle.contender("handoff", "follower", {}, lambda **_: owners_at_wake.append(
             leader.shared._owners.get(leader.key)))
@@ -239,5 +248,34 @@ def test_a_local_follower_is_woken_once_its_local_leader_gave_up_the_key(server)
         leader.abdicate()
         assert owners_at_wake and owners_at_wake[0] is leader  # woken by released:, while it owned the key
         assert owners_at_wake[-1] is None  # and again once a claim would not be refused
-        assert follower.claim().won
         follower.close()
+
+
+def test_followers_are_woken_to_read_their_leader_again_on_a_new_holder_session(small_server):
+    server = small_server
+    # What a follower read of its leader (its takeover proof's baseline) on a lost session
+    # proves nothing: woken on the new one, it claims and reads it again; else its leader's
+    # crash would find it without a proof (a full lease's wait).
+    import threading
+
+    import psycopg
+
+    with one_leader(server, "reconnect-a") as (oracle, crown):
+        holder = psycopg.connect(server.superuser_dsn, autocommit=True)  # another process's leader
+        try:
+            holder.execute("SELECT pg_advisory_lock(%s)", (oracle.key("reconnect-b"),))
+            woken = threading.Event()
+            follower = oracle.contender("reconnect-b", "follower", {}, lambda **_: woken.set())
+            assert not follower.claim().won  # reads its leader: the baseline
+            follower.watch(None)
+            woken.clear()
+            shared = crown.shared
+            assert server.terminate(shared.pid)
+            wait_until(lambda: shared.conn is None, timeout=30, message="the holder session lost")
+            crown.abdicate()
+            crown.claim()  # the lost leader claims again: on a new holder session
+            assert shared.conn is not None
+            assert woken.wait(30), "the follower was not woken on the new session"
+            follower.close()
+        finally:
+            holder.close()

@@ -1,0 +1,48 @@
+"""Render the many-contenders runs of ``benchmarks/run.py`` side by side:
+``python benchmarks/herd_table.py`` reads ``benchmarks/results/herd_{before,after,postgres_shared}.json``
+(each written by ``run.py --skip-peers --sizes 3,200 --output ...``) and writes ``herd.rst``
+(included by docs/benchmarks.rst). Nothing is typed in: every cell comes from those files."""
+
+import json
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import run as bench  # noqa: E402  (run.py's cell formats)
+
+RUNS = (("before", "herd_before.json"), ("after", "herd_after.json"),
+        ("after, sessions=shared", "herd_postgres_shared.json"))
+COLUMNS = ("run", "oracle", "contenders", "graceful handoff p50 / p95", "crash failover p50 / p95",
+           "server requests per handoff / per failover", "overlaps")
+
+
+def rows(results: str):
+    for label, filename in RUNS:
+        path = os.path.join(results, filename)
+        if not os.path.exists(path):
+            continue
+        with open(path) as handle:
+            summary = json.load(handle)
+        for row in summary["failover"]:
+            per = [row.get("requests_per_graceful"), row.get("requests_per_crash")]
+            yield [f"{label} ({summary['machine'].get('commit', '?')})", row["oracle"], str(row["contenders"]),
+                   bench._cell(row.get("graceful_signal")), bench._cell(row.get("crash")),
+                   " / ".join("–" if v is None else f"{v:g}" for v in per), str(row["journal"]["overlaps"])]
+
+
+def main() -> int:
+    results = os.path.join(HERE, "results")
+    lines = [".. list-table:: 3 and 200 contender processes on one election", "   :header-rows: 1", ""]
+    for cells in [list(COLUMNS), *rows(results)]:
+        lines.append("   * - " + cells[0])
+        lines.extend("     - " + cell for cell in cells[1:])
+    with open(os.path.join(results, "herd.rst"), "w") as handle:
+        handle.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,6 +6,7 @@ administrator's delete or purge of the key and a server restart while the leader
 group is stopped, a bucket deleted and recreated.
 """
 
+import contextlib
 import logging
 import os
 import signal
@@ -83,6 +84,25 @@ def lead(contender, timeout=15.0):
     return wait_until(attempt, timeout=timeout, interval=0.05, message="leadership")
 
 
+@contextlib.contextmanager
+def leader_and_follower(leader_oracle, follower_oracle, name):
+    """A leader holding ``name`` (seeded released: no quarantine) and a follower watching it:
+    (leader, follower, the follower's Signals, its refused claim); both closed at the end."""
+    leader = leader_oracle.contender(name, "leader", {}, Signals())
+    signals = Signals()
+    follower = follower_oracle.contender(name, "follower", {}, signals)
+    try:
+        released(leader_oracle, name)
+        lead(leader, timeout=5)
+        claim = follower.claim()
+        assert not claim.won and claim.leader.identity == "leader"
+        assert follower.watch(claim.leader)
+        yield leader, follower, signals, claim
+    finally:
+        follower.close()
+        leader.close()
+
+
 def term_of(report, term):
     return [t for t in report.terms if (t.identity, t.token) == (term.identity, term.token)][0]
 
@@ -145,35 +165,26 @@ def test_a_release_is_pushed_to_the_follower_long_before_its_next_poll(server, n
     # Followers poll every 4 s here: a follower that learns of the release within 2 s heard it
     # from the push consumer (its poller read once when it began to watch, then sleeps 4 s).
     oracle = oracle_for(server, ttl=10, margin=1, poll_interval=4)
-    leader = oracle.contender(name, "leader", {}, Signals())
-    signals = Signals()
-    follower = oracle.contender(name, "follower", {}, signals)
     try:
-        released(oracle, name)
-        lead(leader, timeout=5)
-        claim = follower.claim()
-        assert not claim.won and claim.leader.identity == "leader"
-        assert follower.watch(claim.leader)
-        # The leader renews by one update over its own last revision (no read first).
-        renewing = leader.requests
-        assert leader.refresh().won and leader.requests - renewing == 1
-        time.sleep(0.5)  # the poller's reads (its first, the renewal's push) are done; its next is 4 s away
-        assert not signals.event.is_set()
-        before = (leader.requests, follower.requests)
-        released_at = clock.monotonic()
-        leader.abdicate()
-        assert signals.event.wait(2.0), "the release was not pushed (the follower waited for its poll)"
-        won = follower.claim()
-        # One request on each side: the release is one update over the leader's last revision;
-        # the message carried the record and its revision, so the follower took over by one
-        # update (no read, no stream info: the record's token plus one is the new term's).
-        # Before: 2 to release, 3 to take over.
-        assert won.won and won.token == claim.leader.token + 1
-        assert (leader.requests - before[0], follower.requests - before[1]) == (1, 1)
-        print(f"release pushed and taken over in {clock.monotonic() - released_at:.4f} s")
+        with leader_and_follower(oracle, oracle, name) as (leader, follower, signals, claim):
+            # The leader renews by one update over its own last revision (no read first).
+            renewing = leader.requests
+            assert leader.refresh().won and leader.requests - renewing == 1
+            time.sleep(0.5)  # the poller's reads (its first, the renewal's push) are done; its next is 4 s away
+            assert not signals.event.is_set()
+            before = (leader.requests, follower.requests)
+            released_at = clock.monotonic()
+            leader.abdicate()
+            assert signals.event.wait(2.0), "the release was not pushed (the follower waited for its poll)"
+            won = follower.claim()
+            # One request on each side: the release is one update over the leader's last
+            # revision; the message carried the record and its revision, so the follower took
+            # over by one update (no read, no stream info: the record's token plus one is the new
+            # term's). Before: 2 to release, 3 to take over.
+            assert won.won and won.token == claim.leader.token + 1
+            assert (leader.requests - before[0], follower.requests - before[1]) == (1, 1)
+            print(f"release pushed and taken over in {clock.monotonic() - released_at:.4f} s")
     finally:
-        follower.close()
-        leader.close()
         oracle.close()
 
 
@@ -181,30 +192,20 @@ def test_the_push_consumer_is_remade_after_a_server_restart(fresh_server, name):
     # The oracle's connection dies with the server; it reconnects at the next call and must
     # remake the key's consumer there, or the follower hears the next release only at a poll (3 s).
     oracle = oracle_for(fresh_server, ttl=6, margin=1, poll_interval=3)
-    leader = oracle.contender(name, "leader", {}, Signals())
-    signals = Signals()
-    follower = oracle.contender(name, "follower", {}, signals)
     try:
-        released(oracle, name)
-        lead(leader, timeout=5)
-        claim = follower.claim()
-        assert follower.watch(claim.leader)
-        fresh_server.restart()
-        assert wait_until(lambda: leader.refresh().won, timeout=10)  # the leader reconnects
-        store = oracle.shared_store()  # white box: when the oracle's one connection has reconnected
-        wait_until(lambda: store._nc is not None and store._nc.is_connected, timeout=20,
-                   message="the follower reconnected")
-        time.sleep(0.5)  # its read right after reconnecting is done; its next poll is ~2.5 s away
-        signals.event.clear()
-        leader.abdicate()
-        assert signals.event.wait(1.0), "the release was not pushed after the restart"
+        with leader_and_follower(oracle, oracle, name) as (leader, follower, signals, claim):
+            fresh_server.restart()
+            assert wait_until(lambda: leader.refresh().won, timeout=10)  # the leader reconnects
+            store = oracle.shared_store()  # white box: when the oracle's one connection has reconnected
+            wait_until(lambda: store._nc is not None and store._nc.is_connected, timeout=20,
+                       message="the follower reconnected")
+            time.sleep(0.5)  # its read right after reconnecting is done; its next poll is ~2.5 s away
+            signals.event.clear()
+            leader.abdicate()
+            assert signals.event.wait(1.0), "the release was not pushed after the restart"
     finally:
-        follower.close()
-        leader.close()
         oracle.close()
 
-
-# --------------------------------------------------------------------- processes and faults
 
 def test_a_forged_heir_offer_never_takes_a_held_lease(server, name):
     # Anyone allowed to publish on the heir subject can send a "released" record with the held
@@ -213,29 +214,21 @@ def test_a_forged_heir_offer_never_takes_a_held_lease(server, name):
     # forged record). The offer may only hurry the stream's own push of that revision.
     leader_oracle = oracle_for(server, ttl=6, margin=1, poll_interval=3)
     follower_oracle = oracle_for(server, ttl=6, margin=1, poll_interval=3)
-    leader = leader_oracle.contender(name, "leader", {}, Signals())
-    signals = Signals()
-    follower = follower_oracle.contender(name, "follower", {}, signals)
     try:
-        released(leader_oracle, name)
-        lead(leader, timeout=5)
-        claim = follower.claim()
-        assert not claim.won and follower.watch(claim.leader)
-        time.sleep(0.5)  # the follower's first read and the renewal's push are done
-        store = leader_oracle.shared_store()
-        key = leader_oracle.key(name)
-        value, revision = store.read(key)
-        forged = dict(decode(value), state="released")
-        publish = store._nc.publish(leader_oracle.heir_subject(key), encode(forged),
-                                    headers={"Crown-Sync-Revision": str(revision), "Crown-Sync-Hops": "0"})
-        store._loop.submit(publish).result(5)
-        time.sleep(1.0)  # far more than a takeover takes (milliseconds)
-        assert not signals.event.is_set(), "the follower acted on a forged offer"
-        assert not follower.claim().won
-        assert leader.refresh().won  # the leader's lease was never taken
+        with leader_and_follower(leader_oracle, follower_oracle, name) as (leader, follower, signals, _):
+            time.sleep(0.5)  # the follower's first read and the renewal's push are done
+            store = leader_oracle.shared_store()
+            key = leader_oracle.key(name)
+            value, revision = store.read(key)
+            forged = dict(decode(value), state="released")
+            publish = store._nc.publish(leader_oracle.heir_subject(key), encode(forged),
+                                        headers={"Crown-Sync-Revision": str(revision), "Crown-Sync-Hops": "0"})
+            store._loop.submit(publish).result(5)
+            time.sleep(1.0)  # far more than a takeover takes (milliseconds)
+            assert not signals.event.is_set(), "the follower acted on a forged offer"
+            assert not follower.claim().won
+            assert leader.refresh().won  # the leader's lease was never taken
     finally:
-        follower.close()
-        leader.close()
         follower_oracle.close()
         leader_oracle.close()
 
@@ -260,6 +253,8 @@ def test_watching_a_key_again_and_again_leaves_no_subscriptions_behind(server, n
     finally:
         oracle.close()
 
+
+# --------------------------------------------------------------------- processes and faults
 
 def fleet_for(srv, tmp_path, name, **options):
     """A Fleet on a key left as a clean stop leaves it: the first leader waits no quarantine."""

@@ -4,6 +4,7 @@ processes on the file oracle, their journal). Every oracle's own candidacy is ju
 tests/oracles/test_contract.py."""
 
 import logging
+import os
 import signal
 import time
 import uuid
@@ -263,3 +264,23 @@ def test_a_preemption_is_seen_by_callbacks_and_metrics_as_the_journal_saw_it(tmp
     assert report.ok and [t.identity for t in report.terms][:2] == ["p1", "p5"], report.summary()
     assert ends[0] == ("p1", "preempted")
     assert 'crown_sync_terms_lost_total{election="ranked",reason="preempted"} 1.0' in generate_latest(registry).decode()
+
+
+def test_the_file_oracles_candidates_directory_is_never_reached_through_a_symlink(tmp_path):
+    # The candidates directory is walked as the file oracle walks its own: a symlink planted in
+    # its place is refused, and nothing is written where it points.
+    from crown_sync.oracles.file import FileOracle
+
+    oracle = FileOracle(str(tmp_path / "oracle"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    oracle.ensure_directory()
+    os.symlink(elsewhere, tmp_path / "oracle" / "job.candidates")
+    candidacy = oracle.candidacy("job", Candidate("me", 1, time.time(), uuid.uuid4().hex))
+    try:
+        with pytest.raises(PermissionError, match="symlink"):
+            candidacy.candidates()
+        assert list(elsewhere.iterdir()) == []
+    finally:
+        candidacy.close()
+        oracle.close()

@@ -24,6 +24,7 @@ import tenacity
 
 from ..oracle import Candidacy, Candidate
 from ._base import bounded
+from .file import _check_file, open_directory
 
 __all__ = ["CandidacyBase", "LeaseCandidacy", "FileCandidacy", "SUFFIX"]
 
@@ -138,37 +139,45 @@ def _entries(value: Optional[bytes]) -> Dict[str, Dict[str, Any]]:
 
 
 class FileCandidacy(CandidacyBase):
-    """A candidacy as a ``flock()``-held file in the election's candidates directory."""
+    """A candidacy as a ``flock()``-held file in the election's candidates directory, reached as
+    the file oracle reaches its own files: walked from ``/`` afresh, never through a symlink, each
+    component and file checked (see :func:`.file.open_directory`)."""
 
-    def __init__(self, directory: str, name: str, candidate: Candidate):
+    def __init__(self, oracle: Any, name: str, candidate: Candidate):
         super().__init__()
-        self._me = candidate
-        self._directory = os.path.join(directory, f"{name}.candidates")
-        self._path = os.path.join(self._directory, f"c-{candidate.key}.json")
+        self._oracle, self._me = oracle, candidate
+        self._subdirectory = f"{name}.candidates"
+        self._file = f"c-{candidate.key}.json"
         self._fd: Optional[int] = None
+
+    @contextlib.contextmanager
+    def _directory(self) -> Iterator[int]:
+        self._oracle.ensure_directory()
+        fd = open_directory(os.path.join(self._oracle.walked_directory, self._subdirectory), create=True)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
 
     def candidates(self) -> List[Candidate]:
         with self._open():
             if self._fd is None:
-                self._fd = self._publish()
-        found = []
-        for entry in sorted(os.listdir(self._directory)):
-            if entry.startswith("c-") and entry.endswith(".json"):
-                candidate = _read_live(os.path.join(self._directory, entry))
-                if candidate is not None:
-                    found.append(candidate)
-        return found
+                with self._directory() as directory:
+                    self._fd = self._publish(directory)
+        with self._directory() as directory:
+            names = sorted(e for e in os.listdir(directory) if e.startswith("c-") and e.endswith(".json"))
+            return [c for c in (_read_live(directory, name) for name in names) if c is not None]
 
-    def _publish(self) -> int:
+    def _publish(self, directory: int) -> int:
         """Our file, written and locked under a temporary name, then renamed into place: a
         reader never sees it unlocked (it would take it for a dead candidate's)."""
-        os.makedirs(self._directory, exist_ok=True)
-        temporary = os.path.join(self._directory, f"t-{self._me.key}")
-        fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        temporary = f"t-{self._me.key}"
+        fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644,
+                     dir_fd=directory)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.write(fd, json.dumps(self._me.to_dict()).encode())
-            os.rename(temporary, self._path)
+            os.rename(temporary, self._file, src_dir_fd=directory, dst_dir_fd=directory)
         except BaseException:
             os.close(fd)
             raise
@@ -180,17 +189,24 @@ class FileCandidacy(CandidacyBase):
             fd, self._fd = self._fd, None
         if fd is not None:
             with contextlib.suppress(OSError):
-                os.unlink(self._path)  # before unlocking: no reader takes it for a dead one's
+                with self._directory() as directory:
+                    # Before unlocking: no reader takes it for a dead candidate's.
+                    os.unlink(self._file, dir_fd=directory)
             os.close(fd)
 
 
-def _read_live(path: str) -> Optional[Candidate]:
-    """The candidate of ``path`` if its file is still locked by it; a file nobody holds is removed."""
+def _read_live(directory: int, name: str) -> Optional[Candidate]:
+    """The candidate of the file ``name`` if it is still locked by it; a file nobody holds is
+    removed; a symlink or a file someone else planted is no candidate (and left alone)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None  # withdrawn meanwhile
+        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=directory)
+    except OSError:
+        return None  # withdrawn meanwhile, or a symlink (never followed)
     try:
+        try:
+            _check_file(fd, name, directory, private=False)
+        except PermissionError:
+            return None
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:  # held: a live candidate
@@ -200,7 +216,7 @@ def _read_live(path: str) -> Optional[Candidate]:
                 except (ValueError, UnicodeDecodeError):
                     return None
         with contextlib.suppress(OSError):
-            os.unlink(path)  # we got the lock: its candidate is gone
+            os.unlink(name, dir_fd=directory)  # we got the lock: its candidate is gone
         return None
     finally:
         os.close(fd)

@@ -446,7 +446,7 @@ class FileOracle(OracleBase):
     def candidacy(self, name: str, candidate):
         """This contender's published candidacy, for ranking strategies (see docs/ranking.rst)."""
         from ._candidacy import FileCandidacy
-        return FileCandidacy(self.directory, name, candidate)
+        return FileCandidacy(self, name, candidate)
 
     @contextlib.contextmanager
     def _at(self, directory: Optional[int] = None) -> Iterator[int]:
@@ -461,6 +461,12 @@ class FileOracle(OracleBase):
             yield fd
         finally:
             os.close(fd)
+
+    @property
+    def walked_directory(self) -> str:
+        """The directory as it is walked from / (root's symlinks on the way resolved), once
+        :meth:`ensure_directory` ran."""
+        return self._walked
 
     def ensure_directory(self) -> None:
         """Create the directory (0700) if needed and refuse one that others could tamper with, or

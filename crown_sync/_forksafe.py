@@ -115,7 +115,9 @@ def _record(sock: Union[int, object]) -> None:
 
 @contextlib.contextmanager
 def opening() -> Iterator[Callable[[Union[int, object]], None]]:
-    """Open sockets in this block and pass each (or its fd) to the function it yields."""
+    """Open sockets in this block and pass each (or its fd) to the function it yields. Also for
+    descriptors no forked copy may keep, unrecorded: a pipe whose end-of-file means something
+    (no fork of another thread lands inside the block)."""
     global _opening
     with _cond:
         while _forking:

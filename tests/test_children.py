@@ -565,6 +565,40 @@ def test_command_child_kill_is_immediate():
     assert len(exits.wait()) == 1
 
 
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_command_child_starts_while_another_thread_forks():
+    """A Gunicorn master forks its workers while its crown starts the job: a fork landing inside
+    start() must not leave the worker holding our pipes' write ends (start() would wait for
+    that worker to exit). The forked copies here live 20 s; every start must return long before."""
+    stop = threading.Event()
+    copies = []
+
+    def fork_copies():
+        while not stop.is_set():
+            pid = os.fork()
+            if pid == 0:
+                time.sleep(20)
+                os._exit(0)
+            copies.append(pid)
+            time.sleep(0.002)
+
+    forker = threading.Thread(target=fork_copies, daemon=True)
+    forker.start()
+    try:
+        for _ in range(15):
+            exits = Exits()
+            begun = time.monotonic()
+            running = CommandChild(["true"]).start(make_term(60), exits)
+            assert time.monotonic() - begun < 10  # hang bound: the copies live 20 s
+            assert running.wait(10) and len(exits.wait()) == 1
+    finally:
+        stop.set()
+        forker.join()
+        for pid in copies:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+
+
 def test_command_child_inherits_term_fds(tmp_path):
     lock_path = tmp_path / "lock"
     lock_path.write_text("")

@@ -10,6 +10,7 @@ import threading
 from collections.abc import Mapping
 from typing import Optional
 
+from .. import _forksafe
 from ._kernel import _PidHandle, _SharedDeadline
 from .base import KILL_WAIT, Child, RunningChild, logger
 
@@ -85,40 +86,45 @@ class CommandChild(Child):
 
         if not sys.executable:
             raise RuntimeError("CommandChild needs sys.executable to run its supervisor")
-        deadline = _SharedDeadline(term.deadline)
-        status_r, status_w = os.pipe()
-        try:
-            if os.path.isfile(_SUPERVISOR):
-                # -I: the supervisor uses only the standard library; ignore PYTHON* variables
-                # meant for the command and do not depend on how crown_sync was found.
-                launcher = [sys.executable, "-I", _SUPERVISOR]
-            else:  # pragma: no cover - e.g. installed as a zip
-                launcher = [sys.executable, "-m", "crown_sync._supervise"]
-            fds = tuple(term.fds)
-            command = launcher + [
-                "--parent", str(os.getpid()),
-                "--deadline-fd", str(deadline.fd),
-                "--status-fd", str(status_w),
-                "--grace", repr(self.grace),
-                "--keep-fds", ",".join(str(fd) for fd in fds),
-                "--",
-            ] + self.argv
-            supervisor = subprocess.Popen(
-                command,
-                env=self.environment(term),
-                pass_fds=(deadline.fd, status_w) + fds,
-                close_fds=True,
-                # Out of the crown's process group: a stop of the whole group (Ctrl-Z, kill -STOP
-                # -PGID) must leave the supervisor enforcing the deadline.
-                start_new_session=True,
-            )
-        except BaseException:
-            os.close(status_r)
-            deadline.close()
-            raise
-        finally:
-            os.close(status_w)
-            deadline.close_fd()
+        if os.path.isfile(_SUPERVISOR):
+            # -I: the supervisor uses only the standard library; ignore PYTHON* variables
+            # meant for the command and do not depend on how crown_sync was found.
+            launcher = [sys.executable, "-I", _SUPERVISOR]
+        else:  # pragma: no cover - e.g. installed as a zip
+            launcher = [sys.executable, "-m", "crown_sync._supervise"]
+        # No fork() by another thread while our pipes' write ends are open here (a Gunicorn master
+        # forking workers as its crown starts the job): a worker would keep a copy of Popen's
+        # exec-status pipe, and Popen would wait for that worker's exit (seen: a crown stuck in
+        # start() for minutes). Popen's own fork runs no at-fork handlers (no preexec_fn).
+        with _forksafe.opening():
+            deadline = _SharedDeadline(term.deadline)
+            status_r, status_w = os.pipe()
+            try:
+                fds = tuple(term.fds)
+                command = launcher + [
+                    "--parent", str(os.getpid()),
+                    "--deadline-fd", str(deadline.fd),
+                    "--status-fd", str(status_w),
+                    "--grace", repr(self.grace),
+                    "--keep-fds", ",".join(str(fd) for fd in fds),
+                    "--",
+                ] + self.argv
+                supervisor = subprocess.Popen(
+                    command,
+                    env=self.environment(term),
+                    pass_fds=(deadline.fd, status_w) + fds,
+                    close_fds=True,
+                    # Out of the crown's process group: a stop of the whole group (Ctrl-Z, kill
+                    # -STOP -PGID) must leave the supervisor enforcing the deadline.
+                    start_new_session=True,
+                )
+            except BaseException:
+                os.close(status_r)
+                deadline.close()
+                raise
+            finally:
+                os.close(status_w)
+                deadline.close_fd()
         running = _RunningCommand(self, term, on_exit, supervisor, deadline, status_r)
         running._reaper.start()
         return running

@@ -282,3 +282,14 @@ def test_followers_are_woken_to_read_their_leader_again_on_a_new_holder_session(
             follower.close()
         finally:
             holder.close()
+
+
+def test_the_pump_confirms_the_holder_session_in_time_whatever_the_poll_interval(small_server):
+    server = small_server
+    # The pump slept a whole poll_interval between confirmations: with polls rarer than the lease,
+    # the server's idle_session_timeout (= lease) ended the holder session and every lock on it.
+    with one_leader(server, "rare-polls", poll_interval=30.0) as (oracle, crown):
+        pid = crown.shared.pid
+        time.sleep(3 * oracle.lease)  # nothing but the pump uses the session meanwhile
+        assert crown.shared.pid == pid
+        assert server.sql("SELECT pg_try_advisory_lock(%s)", (crown.key,)) == [(False,)]

@@ -391,7 +391,10 @@ class SharedSessions:
         next_poll = clock.monotonic()
         while not stop.is_set():
             now = clock.monotonic()
-            wait = min(oracle.poll_interval, max(0.0, next_poll - now), self._next_wakeup() - now)
+            # Woken for the next poll, a contender's wake-up or the next confirmation, whichever
+            # is first: polls rarer than the lease must not let idle_session_timeout end the session.
+            confirm_due = self._last_statement + oracle.confirm_interval if self.conn is not None else float("inf")
+            wait = min(oracle.poll_interval, next_poll - now, self._next_wakeup() - now, confirm_due - now)
             self._wait_for_news(max(0.0, wait), stop)
             if stop.is_set():
                 return
@@ -411,7 +414,9 @@ class SharedSessions:
     def _wait_for_news(self, timeout: float, stop: threading.Event) -> None:
         conn = self.conn
         if conn is None:
-            stop.wait(timeout)  # this pump's own: a pump started after it has another
+            # stop: this pump's own (a pump started after it has another). No longer than a
+            # confirmation: a session opened meanwhile (by a claim) is confirmed in time.
+            stop.wait(min(timeout, self.oracle.confirm_interval))
             return
         try:
             if not _readable(conn.pgconn.socket, timeout):

@@ -22,8 +22,8 @@ purge of the key wakes its followers' poller rounds, which take a pushed release
 ``update`` over the pushed revision (no read), count any other pushed record as read, and read the
 key after a delete or purge. Herds: a release is also published to a queue group of the following
 processes, whose one member NATS picks (the heir) tries at once (the record from its stream, not
-from the offer); the others wait ``HEIR_WAIT``
-and are pushed the heir's takeover first. The holder renews and releases by ``update`` over the revision of its
+from the offer); the others wait about a poll interval (``HEIR_WAIT``) and are pushed the heir's
+takeover first. The holder renews and releases by ``update`` over the revision of its
 own last write, without reading first: a graceful handoff is one request on each side.
 
 Fencing tokens: ``record token + 1`` when a term replaces a record (see NatsOracle.term_token), and
@@ -79,8 +79,9 @@ _BUCKET = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
 _REVISION, _HOPS = "Crown-Sync-Revision", "Crown-Sync-Hops"
 
-#: Seconds a follower that was not chosen as the heir of a release waits (times 1 to 2, at random)
-#: before it tries to take the release over itself: the heir's takeover is pushed well before.
+#: Seconds a follower that was not chosen as the heir of a release waits at least (times 1 to 2,
+#: at random, and never less than half a poll_interval) before it tries to take the release over
+#: itself: the heir's takeover is pushed well before, also to hundreds of followers' processes.
 HEIR_WAIT = 0.05
 _MICROSECOND = datetime.timedelta(microseconds=1)
 
@@ -377,7 +378,10 @@ class _Store(LeaseStore):
             # unless the heir's takeover is pushed before HEIR_WAIT (see _heir).
             operation = (msg.headers or {}).get("KV-Operation")
             news = None if operation in ("DEL", "PURGE") else (msg.data, msg.metadata.sequence.stream)
-            wait = HEIR_WAIT * (1 + random.random())  # if the heir failed, not all at once either
+            # Not the heir: try only if no takeover was pushed by about the next poll (the heir
+            # failed), at random so not all at once either. 50-100 ms let 200 followers' processes
+            # try before the heir's takeover reached them (292 requests for one handoff).
+            wait = max(HEIR_WAIT, self._oracle.poll_interval / 2) * (1 + random.random())
             if news is not None:
                 self._stream_pushed[key] = news
                 if self._offers.pop(key, None) == news[1]:

@@ -364,9 +364,9 @@ class LeaseOracle(OracleBase):
     def unwatching(self, contender: "LeaseContender") -> None:
         """A contender that was watched closed: stop pushing to it (called once, never raises)."""
 
-    def released(self, store: LeaseStore, name: str) -> None:
-        """A record of ``name`` became ``released`` or ``vacated`` (by ``store``'s owner): a
-        server that can push tells the followers now."""
+    def released(self, store: LeaseStore, contender: "LeaseContender") -> None:
+        """A record of ``contender``'s election became ``released`` or ``vacated`` (by
+        ``contender``, on ``store``): a server that can push tells the followers now."""
 
     # -- shared reads and writes ------------------------------------------------------------
 
@@ -1147,7 +1147,7 @@ class LeaseContender(_Follower, ContenderBase):
             return False
         self._ended_nonce = None
         logger.info("%s released %s (token %s)", self.identity, self.name, record.get("token"))
-        self.oracle.released(self._store, self.name)
+        self.oracle.released(self._store, self)
         return True
 
     def _vacate(self, nonce: str, state: str) -> None:
@@ -1159,7 +1159,7 @@ class LeaseContender(_Follower, ContenderBase):
             return
         vacated = _farewell(VACATED, record, state, self.identity, by="close")
         if self._call("replace", self._key, encode(vacated), version, self.oracle.record_expire):
-            self.oracle.released(self._store, self.name)
+            self.oracle.released(self._store, self)
 
     def close(self) -> None:
         if not self.usable:

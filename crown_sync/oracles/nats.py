@@ -135,12 +135,14 @@ class _Store(LeaseStore):
         self._connecting = threading.RLock()  # one thread (re)connects; the others wait for it
         self._inflight: "weakref.WeakSet[concurrent.futures.Future]" = weakref.WeakSet()
         self._watches: Dict[str, List[Callable[..., None]]] = {}  # key -> on_push of each watcher
-        # key -> (heir subscription, push consumer), or a marker while they are made (on the loop)
+        # key -> (heir subscription or None while out of the group, push consumer), or a marker
+        # while they are made (on the loop)
         self._subscriptions: Dict[str, Any] = {}
         # On the loop: each key's last record pushed by its stream, and the revision an heir
         # offer named before that record's push came (see _heir).
         self._stream_pushed: Dict[str, Tuple[bytes, int]] = {}
         self._offers: Dict[str, int] = {}
+        self._offering: "weakref.WeakSet[concurrent.futures.Future]" = weakref.WeakSet()  # heir offers in flight
         self._written = threading.local()  # each thread's last successful write and its revision
         self.last_error: Optional[str] = None  # the last error nats-py reported, for messages
         self.closed = False
@@ -218,6 +220,7 @@ class _Store(LeaseStore):
 
     def close(self) -> None:
         self.closed = True
+        concurrent.futures.wait(list(self._offering), timeout=0.5)  # a last release's heir offer
         self._drop(wait=0.5)  # a clean goodbye if the server answers soon; never longer
         self._oracle._store_closed(self)
 
@@ -386,8 +389,9 @@ class _Store(LeaseStore):
                 self._stream_pushed[key] = news
                 if self._offers.pop(key, None) == news[1]:
                     wait = 0.0  # this process was offered this release as its heir: try now
-            for on_push in list(self._watches.get(key, ())):
-                on_push(news, wait)
+            watching = [on_push(news, wait) for on_push in list(self._watches.get(key, ()))]
+            if any(watching):
+                await self._rejoin_heirs(key)
 
         made: List[Any] = []
         try:
@@ -432,16 +436,51 @@ class _Store(LeaseStore):
             await self._nc.publish(msg.subject, msg.data, headers={_REVISION: headers.get(_REVISION, "0"),
                                                                    _HOPS: str(hops + 1)})
 
-    def publish_heir(self, key: str) -> None:
-        """Offer the release this thread just wrote to the key's heir (never raises, no wait)."""
+    def publish_heir(self, key: str, releaser: Callable[..., None]) -> None:
+        """Offer the release this thread just wrote to the key's heir (never raises, no wait);
+        ``releaser``: the releasing contender's ``on_push``."""
         written, loop, nc = getattr(self._written, "last", None), self._loop, self._nc
         if written is None or loop is None or nc is None:
             return
-        subject = self._oracle.heir_subject(key)
         try:
-            loop.submit(nc.publish(subject, written[0], headers={_REVISION: str(written[1]), _HOPS: "0"}))
+            offering = loop.submit(self._offer(nc, key, written, releaser))
         except RuntimeError:  # the loop stopped meanwhile: the followers' turns come anyway
-            pass
+            return
+        self._offering.add(offering)  # close() lets it reach the server first
+
+    async def _offer(self, nc, key: str, written: Tuple[bytes, int], releaser: Callable[..., None]) -> None:
+        made = self._subscriptions.get(key)
+        if nc is self._nc and isinstance(made, tuple) and made[0] is not None and list(self._watches.get(key, ())) == [releaser]:
+            # No other crown here follows the key: leave the group before offering (the server
+            # reads our UNSUB first), or NATS may pick this process, which often exits right
+            # after its release (a SIGTERMed job) before passing the offer on: a lost handoff.
+            self._subscriptions[key] = (None, made[1])
+            await _unsubscribe_quietly(made[:1])
+        try:
+            await nc.publish(self._oracle.heir_subject(key), written[0],
+                             headers={_REVISION: str(written[1]), _HOPS: "0"})
+            # nats-py's close() drops what its flusher has not written yet: have it written.
+            await nc.flush(timeout=self._oracle.timeout)
+        except Exception as exc:  # the followers' turns come anyway
+            logger.debug("%s: heir offer of %s failed: %s", self._oracle.description, key, exc)
+
+    async def _rejoin_heirs(self, key: str) -> None:
+        """Back in the key's heir group once a crown here follows it again (after _offer left)."""
+        made = self._subscriptions.get(key)
+        if not isinstance(made, tuple) or made[0] is not None:
+            return
+        self._subscriptions[key] = making = object()  # no second rejoin meanwhile
+        heir = None
+        try:
+            heir = await self._nc.subscribe(self._oracle.heir_subject(key), queue="crown_sync", cb=self._heir)
+        except Exception as exc:  # the connection is going: the next one subscribes anew
+            logger.debug("%s: could not rejoin the heirs of %s: %s", self._oracle.description, key, exc)
+        if self._subscriptions.get(key) is making:
+            self._subscriptions[key] = (heir, made[1])
+            if key not in self._watches:
+                await self._unsubscribe(key)  # its last watcher left meanwhile
+        else:  # reconnected meanwhile: that connection made its own
+            await _unsubscribe_quietly((heir,))
 
     async def _unsubscribe(self, key: str) -> None:
         if key in self._watches or not isinstance(self._subscriptions.get(key, ()), tuple):
@@ -454,6 +493,8 @@ class _Store(LeaseStore):
 
 async def _unsubscribe_quietly(subscriptions) -> None:
     for subscription in subscriptions:
+        if subscription is None:
+            continue
         try:
             await subscription.unsubscribe()
         except Exception:  # the connection is gone: so is the subscription
@@ -593,8 +634,8 @@ class NatsOracle(LeaseOracle):
         # The shared connection carries one push consumer per key, for all its watchers.
         store.watch(self.key(contender.name), contender.nudge)
 
-    def released(self, store: LeaseStore, name: str) -> None:
-        store.publish_heir(self.key(name))  # type: ignore[attr-defined]
+    def released(self, store: LeaseStore, contender: LeaseContender) -> None:
+        store.publish_heir(self.key(contender.name), contender.nudge)  # type: ignore[attr-defined]
 
     def unwatching(self, contender: LeaseContender) -> None:
         with self._lock:

@@ -291,6 +291,35 @@ def test_contention_and_graceful_handoffs_between_processes(server, tmp_path, na
         assert new.start - at < TTL - RENEW - 0.1, (identity, new.start - at, report.summary())
 
 
+def test_a_leader_that_exits_right_after_its_release_still_hands_over_at_once(server, tmp_path, name):
+    """Polls every 30 s: only the heir offer hands over in time. The releasing process stayed in
+    the key's heir group; when NATS picked it and it exited right after its release (SIGTERM),
+    the offer was lost and its follower waited 15 to 30 s (3 of 10 handoffs in the benchmark)."""
+    oracle = oracle_for(server)
+    try:
+        released(oracle, name)
+    finally:
+        oracle.close()
+    fleet = Fleet(server.url_for(**dict(FAST, ttl=60, poll_interval=30)), tmp_path, name)
+    fleet.spawn("h0")
+    signalled = {}
+    try:
+        for round_number in range(5):
+            term = fleet.wait_for_term()
+            fleet.spawn(f"h{round_number + 1}")
+            time.sleep(3.0)  # the new follower is watching (else it claims as it starts: no offer)
+            signalled[(term.identity, term.token)] = clock.monotonic()
+            fleet.signal(term.identity, signal.SIGTERM)
+            fleet.wait_exit(term.identity)
+        fleet.wait_for_term()
+    finally:
+        fleet.stop_all()
+    report = fleet.assert_safe(min_terms=6)
+    for (identity, token), at in signalled.items():
+        index = [i for i, t in enumerate(report.terms) if (t.identity, t.token) == (identity, token)][0]
+        assert report.terms[index + 1].start - at < 5.0, (identity, report.summary())
+
+
 def test_sigkill_of_the_leader_fails_over_after_its_lease(server, tmp_path, name):
     fleet = fleet_for(server, tmp_path, name, child="process", grace=1.0)
     for i in range(3):

@@ -1,5 +1,5 @@
 """Render the many-contenders runs of ``benchmarks/run.py`` side by side:
-``python benchmarks/herd_table.py`` reads ``benchmarks/results/herd_{before,after,postgres_shared}.json``
+``python benchmarks/herd_table.py`` reads ``benchmarks/results/herd_{before,after,postgres_shared,nats}.json``
 (each written by ``run.py --skip-peers --sizes 3,200 --output ...``) and writes ``herd.rst``
 (included by docs/benchmarks.rst). Nothing is typed in: every cell comes from those files."""
 
@@ -13,7 +13,7 @@ sys.path.insert(0, HERE)
 import run as bench  # noqa: E402  (run.py's cell formats)
 
 RUNS = (("before", "herd_before.json"), ("after", "herd_after.json"),
-        ("after, sessions=shared", "herd_postgres_shared.json"))
+        ("after, sessions=shared", "herd_postgres_shared.json"), ("after, NATS heir fixes", "herd_nats.json"))
 COLUMNS = ("run", "oracle", "contenders", "graceful handoff p50 / p95", "crash failover p50 / p95",
            "server requests per handoff / per failover", "overlaps")
 

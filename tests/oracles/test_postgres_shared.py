@@ -9,6 +9,7 @@ session that holds every lock its process leads.
 """
 
 import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -293,3 +294,32 @@ def test_the_pump_confirms_the_holder_session_in_time_whatever_the_poll_interval
         time.sleep(3 * oracle.lease)  # nothing but the pump uses the session meanwhile
         assert crown.shared.pid == pid
         assert server.sql("SELECT pg_try_advisory_lock(%s)", (crown.key,)) == [(False,)]
+
+
+def test_a_hung_poll_does_not_hold_up_the_holder_session(small_server):
+    server = small_server
+    # The pump ran the followers' poll itself: a reader statement that hung (here its backend
+    # stopped, up to the lease before it is cut) held up the holder's confirmations, and the
+    # server's idle_session_timeout (= lease) ended the holder session and every lock on it.
+    import psycopg
+
+    with one_leader(server, "hung-poll-leader") as (oracle, crown):
+        other = psycopg.connect(server.superuser_dsn, autocommit=True)  # another process's leader
+        follower = oracle.contender("hung-poll-followed", "follower", {}, lambda **_: None)
+        try:
+            other.execute("SELECT pg_advisory_lock(%s)", (oracle.key("hung-poll-followed"),))
+            assert not follower.claim().won
+            follower.watch(None)  # followed: the polls run
+            reader = wait_until(lambda: oracle._reader is not None and oracle._reader.info.backend_pid,
+                                timeout=30, message="the reader session")
+            pid = crown.shared.pid
+            os.kill(reader, signal.SIGSTOP)
+            try:
+                time.sleep(3 * oracle.lease)
+                assert crown.shared.pid == pid
+                assert server.sql("SELECT pg_try_advisory_lock(%s)", (crown.key,)) == [(False,)]
+            finally:
+                os.kill(reader, signal.SIGCONT)
+        finally:
+            follower.close()
+            other.close()

@@ -9,9 +9,10 @@
   tells which of the keys the process follows no session holds any more (a crashed leader's).
 
 One thread per oracle (the pump) reads the holder's notifications between statements, wakes the
-followers it concerns (a ``released:`` of their election, a free key from the poll, a debt paid),
-and confirms the holder session every ``confirm_interval`` when nothing else ran, so the server's
-``idle_session_timeout`` (the lease) never ends it under a term that waits out a debt.
+followers it concerns (a ``released:`` of their election, a debt paid), and confirms the holder
+session every ``confirm_interval`` when nothing else ran, so the server's ``idle_session_timeout``
+(the lease) never ends it under a term that waits out a debt. Another runs the polls on the
+reader (and wakes the followers of a free key), so a slow poll never holds the pump up.
 
 Every statement on the holder starts with :data:`_sql.SHARED_MARK` and the leader record of every
 term it leads (as far as ``track_activity_query_size`` shows): what a dedicated session's
@@ -101,6 +102,10 @@ class SharedSessions:
                 self._thread = threading.Thread(target=self._run, args=(self._stop,), daemon=True,
                                                 name=f"crown_sync postgres shared {self.oracle.description}")
                 self._thread.start()
+                # Polls in a thread of their own: a reader statement that hangs (up to a lease)
+                # must not hold up the holder's notifications and confirmations.
+                threading.Thread(target=self._run_polls, args=(self._stop,), daemon=True,
+                                 name=f"crown_sync postgres shared poll {self.oracle.description}").start()
 
     def leave(self, contender: "SharedContender") -> None:
         """``contender`` is closing (its term, if any, has ended): drop it; the last one out ends
@@ -388,21 +393,17 @@ class SharedSessions:
 
     def _run(self, stop: threading.Event) -> None:
         oracle = self.oracle
-        next_poll = clock.monotonic()
         while not stop.is_set():
             now = clock.monotonic()
-            # Woken for the next poll, a contender's wake-up or the next confirmation, whichever
-            # is first: polls rarer than the lease must not let idle_session_timeout end the session.
+            # Woken for a contender's wake-up or the next confirmation, whichever is first: polls
+            # rarer than the lease must not let idle_session_timeout end the session.
             confirm_due = self._last_statement + oracle.confirm_interval if self.conn is not None else float("inf")
-            wait = min(oracle.poll_interval, next_poll - now, self._next_wakeup() - now, confirm_due - now)
+            wait = min(oracle.poll_interval, self._next_wakeup() - now, confirm_due - now)
             self._wait_for_news(max(0.0, wait), stop)
             if stop.is_set():
                 return
             self._wake_due()
             now = clock.monotonic()
-            if now >= next_poll:
-                next_poll = now + oracle.poll_interval
-                self._poll()
             conn = self.conn
             if conn is not None and now - self._last_statement >= oracle.confirm_interval:
                 try:  # keeps the session (and any lock waiting out a debt) alive
@@ -440,6 +441,11 @@ class SharedSessions:
                 due.append(heapq.heappop(self._wakeups)[2])
         for contender in due:
             contender.wake()
+
+    def _run_polls(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            self._poll()
+            stop.wait(self.oracle.poll_interval)
 
     def _poll(self) -> None:
         """The followers' crash failover: one statement on the reader for every followed key."""

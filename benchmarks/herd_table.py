@@ -32,12 +32,40 @@ def rows(results: str):
                    " / ".join("–" if v is None else f"{v:g}" for v in per), str(row["journal"]["overlaps"])]
 
 
-def main() -> int:
-    results = os.path.join(HERE, "results")
-    lines = [".. list-table:: 3 and 200 contender processes on one election", "   :header-rows: 1", ""]
-    for cells in [list(COLUMNS), *rows(results)]:
+#: The ZooKeeper peers with 3 and 200 contender processes: ``bench_zookeeper.py --sizes 3,200
+#: --output benchmarks/results/herd_peers_zookeeper.json`` (kazoo's Election with one client per
+#: process, tooz, and crown_sync again, on one server in one run).
+PEERS = "herd_peers_zookeeper.json"
+PEER_COLUMNS = ("system", "contenders", "graceful handoff p50 / p95", "crash failover p50 / p95")
+
+
+def peer_rows(results: str):
+    path = os.path.join(results, PEERS)
+    if not os.path.exists(path):
+        return
+    with open(path) as handle:
+        summary = json.load(handle)
+    found = {(r["system"], r["contenders"], r["scenario"]): r for r in summary["results"] if "p50_ms" in r}
+    for system, contenders in sorted({(s, c) for s, c, _ in found}, key=lambda k: (k[1], k[0])):
+        yield [system, str(contenders), bench._cell(found.get((system, contenders, "graceful"))),
+               bench._cell(found.get((system, contenders, "crash")))]
+
+
+def table(title: str, columns, body) -> list:
+    lines = [f".. list-table:: {title}", "   :header-rows: 1", ""]
+    for cells in [list(columns), *body]:
         lines.append("   * - " + cells[0])
         lines.extend("     - " + cell for cell in cells[1:])
+    return lines
+
+
+def main() -> int:
+    results = os.path.join(HERE, "results")
+    lines = table("3 and 200 contender processes on one election", COLUMNS, rows(results))
+    peers = list(peer_rows(results))
+    if peers:
+        lines += [""] + table("The ZooKeeper peers, 3 and 200 contender processes (one run, one server)",
+                              PEER_COLUMNS, peers)
     with open(os.path.join(results, "herd.rst"), "w") as handle:
         handle.write("\n".join(lines) + "\n")
     print("\n".join(lines))

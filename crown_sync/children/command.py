@@ -98,7 +98,11 @@ class CommandChild(Child):
         # start() for minutes). Popen's own fork runs no at-fork handlers (no preexec_fn).
         with _forksafe.opening():
             deadline = _SharedDeadline(term.deadline)
-            status_r, status_w = os.pipe()
+            try:
+                status_r, status_w = os.pipe()
+            except BaseException:
+                deadline.close()
+                raise
             try:
                 fds = tuple(term.fds)
                 command = launcher + [

@@ -361,6 +361,10 @@ class LeaseOracle(OracleBase):
         shared ``store``) to call ``contender.nudge()`` when the election's key changes. Called
         once per contender."""
 
+    def watching_again(self, contender: "LeaseContender", store: LeaseStore) -> None:
+        """A contender already hooked by :meth:`watching` follows again after a term or a claim
+        (never raises, no wait)."""
+
     def unwatching(self, contender: "LeaseContender") -> None:
         """A contender that was watched closed: stop pushing to it (called once, never raises)."""
 
@@ -687,6 +691,11 @@ class _Follower:
     pushes a change; a round takes a released or stale lease over for the engine's next
     ``claim()``. Its state is LeaseContender's (set up in its __init__)."""
 
+    @property
+    def watching(self) -> bool:
+        """Whether this contender follows the leader now (a push would make it look)."""
+        return self._watching
+
     def nudge(self, pushed: Optional[Tuple[Optional[bytes], Any]] = None, turn: float = 0.0) -> bool:
         """The key may have changed (a push from the server): a watching contender looks now.
         ``pushed``: the key's new (value, version) if the push carried them: a ``released``
@@ -712,13 +721,16 @@ class _Follower:
             self._check_open()
             if not self._may_watch():
                 return False
-            if not self._hooked:
+            hooked = self._hooked
+            if not hooked:
                 self.oracle.watching(self, self._store)  # before we count as watching: it may raise
                 self._hooked = True
             was_watching, self._watching = self._watching, True
             if not was_watching:
                 self._epoch += 1  # a read the poller started before this watch is not for it
         if not was_watching:
+            if hooked:
+                self.oracle.watching_again(self, self._store)
             self.oracle.poller.at(self, 0.0)  # else the poller's schedule stands (no extra request)
         return True
 

@@ -205,12 +205,18 @@ class _Store(LeaseStore):
             if watchers:
                 return
             self._watches.pop(key, None)
-            loop = self._loop
+        self._submit_quietly(self._unsubscribe(key))  # (no loop: the consumer went with it)
+
+    def _submit_quietly(self, coro) -> None:
+        """Run ``coro`` on this process's loop, without waiting; dropped if there is none."""
+        loop = self._loop
         if loop is not None and loop.pid == os.getpid() and not self.closed:
             try:
-                loop.submit(self._unsubscribe(key))
-            except RuntimeError:  # the loop stopped meanwhile: the consumer went with it
+                loop.submit(coro)
+                return
+            except RuntimeError:  # the loop stopped meanwhile
                 pass
+        coro.close()  # never awaited: no warning for it
 
     def interrupt(self) -> None:
         self.closed = True
@@ -372,6 +378,7 @@ class _Store(LeaseStore):
 
     async def _subscribe(self, key: str) -> None:
         if key in self._subscriptions:
+            await self._rejoin_heirs(key)  # if a release here left the heir group
             return  # one consumer per key and connection, whatever the number of watchers
         making = self._subscriptions[key] = object()  # a watch of the key meanwhile makes no second
 
@@ -426,9 +433,11 @@ class _Store(LeaseStore):
         if pushed is not None and pushed[1] == revision:
             taken = [on_push(pushed, 0.0) for on_push in watchers]
         else:
-            if watchers:
+            # Only a contender that watches now takes it (not one claiming, or staying out).
+            watching = any(getattr(getattr(on_push, "__self__", None), "watching", True) for on_push in watchers)
+            if watching:
                 self._offers[key] = revision  # the stream's push of it comes next: no turn then
-            taken = [bool(watchers)]
+            taken = [watching]
         hops = int(headers.get(_HOPS, "0"))
         if not any(taken) and hops < 3:
             # Nobody here follows the key now (the releasing process itself, or its new leader's):
@@ -466,21 +475,27 @@ class _Store(LeaseStore):
 
     async def _rejoin_heirs(self, key: str) -> None:
         """Back in the key's heir group once a crown here follows it again (after _offer left)."""
-        made = self._subscriptions.get(key)
-        if not isinstance(made, tuple) or made[0] is not None:
+        subscriptions, nc = self._subscriptions, self._nc
+        made = subscriptions.get(key)
+        if nc is None or not isinstance(made, tuple) or made[0] is not None:
             return
-        self._subscriptions[key] = making = object()  # no second rejoin meanwhile
+        subscriptions[key] = making = object()  # no second rejoin meanwhile
         heir = None
         try:
-            heir = await self._nc.subscribe(self._oracle.heir_subject(key), queue="crown_sync", cb=self._heir)
+            heir = await nc.subscribe(self._oracle.heir_subject(key), queue="crown_sync", cb=self._heir)
         except Exception as exc:  # the connection is going: the next one subscribes anew
             logger.debug("%s: could not rejoin the heirs of %s: %s", self._oracle.description, key, exc)
-        if self._subscriptions.get(key) is making:
-            self._subscriptions[key] = (heir, made[1])
+        if self._subscriptions is subscriptions and self._nc is nc and subscriptions.get(key) is making:
+            subscriptions[key] = (heir, made[1])
             if key not in self._watches:
                 await self._unsubscribe(key)  # its last watcher left meanwhile
         else:  # reconnected meanwhile: that connection made its own
             await _unsubscribe_quietly((heir,))
+
+    def rejoin_heirs(self, key: str) -> None:
+        """A contender here follows ``key`` again: back in its heir group if _offer left it (no
+        wait, never raises)."""
+        self._submit_quietly(self._rejoin_heirs(key))  # (no loop: the next connection subscribes)
 
     async def _unsubscribe(self, key: str) -> None:
         if key in self._watches or not isinstance(self._subscriptions.get(key, ()), tuple):
@@ -633,6 +648,9 @@ class NatsOracle(LeaseOracle):
     def watching(self, contender: LeaseContender, store: LeaseStore) -> None:
         # The shared connection carries one push consumer per key, for all its watchers.
         store.watch(self.key(contender.name), contender.nudge)
+
+    def watching_again(self, contender: LeaseContender, store: LeaseStore) -> None:
+        store.rejoin_heirs(self.key(contender.name))  # type: ignore[attr-defined]
 
     def released(self, store: LeaseStore, contender: LeaseContender) -> None:
         store.publish_heir(self.key(contender.name), contender.nudge)  # type: ignore[attr-defined]

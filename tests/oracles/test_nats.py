@@ -188,6 +188,33 @@ def test_a_release_is_pushed_to_the_follower_long_before_its_next_poll(server, n
         oracle.close()
 
 
+def test_two_processes_taking_turns_hand_over_by_offer_every_time(server, name):
+    """Polls every 30 s: only the heir offer hands over in time. A process that releases leaves
+    the key's heir group (so NATS does not offer the release back to it); it must be back in it
+    once it follows again, or the other's next release has nobody to offer to (a 15 to 30 s wait)."""
+    oracles = [oracle_for(server, ttl=60, poll_interval=30) for _ in range(2)]
+    signals = [Signals(), Signals()]
+    contenders = [oracle.contender(name, f"p{i}", {}, signals[i]) for i, oracle in enumerate(oracles)]
+    try:
+        released(oracles[0], name)
+        lead(contenders[0], timeout=5)
+        for turn in range(5):
+            holder, waiter = contenders[turn % 2], contenders[(turn + 1) % 2]
+            claim = waiter.claim()
+            assert not claim.won and waiter.watch(claim.leader)
+            time.sleep(0.5)  # settled: the waiter watching, back in the group
+            signals[(turn + 1) % 2].event.clear()
+            holder.abdicate()
+            assert signals[(turn + 1) % 2].event.wait(5.0), f"release {turn} was not offered to the follower"
+            assert waiter.claim().won
+            time.sleep(0.5)  # the takeover's pushes reach the other process before it follows again
+    finally:
+        for contender in contenders:
+            contender.close()
+        for oracle in oracles:
+            oracle.close()
+
+
 def test_the_push_consumer_is_remade_after_a_server_restart(fresh_server, name):
     # The oracle's connection dies with the server; it reconnects at the next call and must
     # remake the key's consumer there, or the follower hears the next release only at a poll (3 s).

@@ -392,6 +392,12 @@ class SharedSessions:
         self._drain(pgconn)
 
     def _run(self, stop: threading.Event) -> None:
+        try:
+            self._pump(stop)
+        finally:
+            stop.set()  # the polls end with the pump: the next join() starts both anew
+
+    def _pump(self, stop: threading.Event) -> None:
         oracle = self.oracle
         while not stop.is_set():
             now = clock.monotonic()
@@ -444,7 +450,10 @@ class SharedSessions:
 
     def _run_polls(self, stop: threading.Event) -> None:
         while not stop.is_set():
-            self._poll()
+            try:
+                self._poll()
+            except Exception:  # pragma: no cover - a bug: keep polling, or crash failover stops
+                logger.exception("%s: poll failed", self.oracle.description)
             stop.wait(self.oracle.poll_interval)
 
     def _poll(self) -> None:

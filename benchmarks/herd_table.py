@@ -32,23 +32,25 @@ def rows(results: str):
                    " / ".join("–" if v is None else f"{v:g}" for v in per), str(row["journal"]["overlaps"])]
 
 
-#: The ZooKeeper peers with 3 and 200 contender processes: ``bench_zookeeper.py --sizes 3,200
-#: --output benchmarks/results/herd_peers_zookeeper.json`` (kazoo's Election with one client per
-#: process, tooz, and crown_sync again, on one server in one run).
-PEERS = "herd_peers_zookeeper.json"
-PEER_COLUMNS = ("system", "contenders", "graceful handoff p50 / p95", "crash failover p50 / p95")
+#: The peers with many contender processes, each next to crown_sync on one server in one run:
+#: ``bench_zookeeper.py --sizes 3,200`` (kazoo's Election with one client per process, tooz),
+#: ``bench_redis.py --contenders 200`` (redis-py's Lock, tooz), ``bench_nats.py --contenders 200``
+#: (the hand-written KV loop), each with ``--output benchmarks/results/herd_peers_<oracle>.json``.
+PEERS = ("zookeeper", "redis", "nats")
+PEER_COLUMNS = ("oracle", "system", "contenders", "graceful handoff p50 / p95", "crash failover p50 / p95")
 
 
 def peer_rows(results: str):
-    path = os.path.join(results, PEERS)
-    if not os.path.exists(path):
-        return
-    with open(path) as handle:
-        summary = json.load(handle)
-    found = {(r["system"], r["contenders"], r["scenario"]): r for r in summary["results"] if "p50_ms" in r}
-    for system, contenders in sorted({(s, c) for s, c, _ in found}, key=lambda k: (k[1], k[0])):
-        yield [system, str(contenders), bench._cell(found.get((system, contenders, "graceful"))),
-               bench._cell(found.get((system, contenders, "crash")))]
+    for oracle in PEERS:
+        path = os.path.join(results, f"herd_peers_{oracle}.json")
+        if not os.path.exists(path):
+            continue
+        with open(path) as handle:
+            summary = json.load(handle)
+        found = {(r["system"], r["contenders"], r["scenario"]): r for r in summary["results"] if "p50_ms" in r}
+        for system, contenders in sorted({(s, c) for s, c, _ in found}, key=lambda k: (k[1], k[0])):
+            yield [oracle, system, str(contenders), bench._cell(found.get((system, contenders, "graceful"))),
+                   bench._cell(found.get((system, contenders, "crash")))]
 
 
 def table(title: str, columns, body) -> list:
@@ -64,7 +66,7 @@ def main() -> int:
     lines = table("3 and 200 contender processes on one election", COLUMNS, rows(results))
     peers = list(peer_rows(results))
     if peers:
-        lines += [""] + table("The ZooKeeper peers, 3 and 200 contender processes (one run, one server)",
+        lines += [""] + table("The peers with many contender processes (each oracle: one run, one server)",
                               PEER_COLUMNS, peers)
     with open(os.path.join(results, "herd.rst"), "w") as handle:
         handle.write("\n".join(lines) + "\n")

@@ -599,6 +599,32 @@ def test_command_child_starts_while_another_thread_forks():
             os.waitpid(pid, 0)
 
 
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_command_child_starts_under_a_popen_that_forks_with_os_fork(monkeypatch):
+    """gevent's Popen forks with os.fork(), which runs the at-fork handlers: under the fork-safety
+    hold start() took, that fork waited for the hold itself (MAX_FORK_WAIT, 30 s)."""
+    import subprocess
+
+    real = subprocess.Popen
+
+    class ForkingPopen(real):
+        __module__ = "gevent.subprocess"
+
+        def __init__(self, *args, **kwargs):
+            pid = os.fork()  # as gevent's does, through Python's at-fork handlers
+            if pid == 0:
+                os._exit(0)
+            os.waitpid(pid, 0)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(subprocess, "Popen", ForkingPopen)
+    exits = Exits()
+    begun = time.monotonic()
+    running = CommandChild(["true"]).start(make_term(60), exits)
+    assert time.monotonic() - begun < 10  # hang bound: the fork's wait for the hold is 30 s
+    assert running.wait(10) and len(exits.wait()) == 1
+
+
 def test_command_child_inherits_term_fds(tmp_path):
     lock_path = tmp_path / "lock"
     lock_path.write_text("")

@@ -1,6 +1,7 @@
 """Command children: a program run under the single-threaded supervisor of
 :mod:`crown_sync._supervise`, which signals the command's whole process group."""
 
+import contextlib
 import math
 import os
 import select
@@ -95,8 +96,10 @@ class CommandChild(Child):
         # No fork() by another thread while our pipes' write ends are open here (a Gunicorn master
         # forking workers as its crown starts the job): a worker would keep a copy of Popen's
         # exec-status pipe, and Popen would wait for that worker's exit (seen: a crown stuck in
-        # start() for minutes). Popen's own fork runs no at-fork handlers (no preexec_fn).
-        with _forksafe.opening():
+        # start() for minutes). Popen's own fork runs no at-fork handlers (no preexec_fn); gevent's
+        # forks with os.fork(), which would wait for our own hold: none then (no threads there).
+        gevent = subprocess.Popen.__module__.startswith("gevent")
+        with contextlib.nullcontext() if gevent else _forksafe.opening():
             deadline = _SharedDeadline(term.deadline)
             try:
                 status_r, status_w = os.pipe()

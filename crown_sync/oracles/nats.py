@@ -125,7 +125,7 @@ class _Loop:
 class _Store(LeaseStore):
     """The oracle's one NATS connection (made on demand on the oracle's loop), shared by its
     contenders (nats-py multiplexes concurrent requests on it), and a push consumer per watched
-    key that calls every ``on_push`` registered for that key at each change."""
+    key that nudges every watcher registered for that key at each change."""
 
     def __init__(self, oracle: "NatsOracle"):
         self._oracle = oracle
@@ -134,7 +134,7 @@ class _Store(LeaseStore):
         self._loop: Optional[_Loop] = None
         self._connecting = threading.RLock()  # one thread (re)connects; the others wait for it
         self._inflight: "weakref.WeakSet[concurrent.futures.Future]" = weakref.WeakSet()
-        self._watches: Dict[str, List[Callable[..., None]]] = {}  # key -> on_push of each watcher
+        self._watches: Dict[str, List[Any]] = {}  # key -> its watchers (LeaseContenders)
         # key -> (heir subscription or None while out of the group, push consumer), or a marker
         # while they are made (on the loop)
         self._subscriptions: Dict[str, Any] = {}
@@ -182,26 +182,27 @@ class _Store(LeaseStore):
         written = getattr(self._written, "last", None)
         return written[1] if written is not None and written[0] == value else None
 
-    def watch(self, key: str, on_push: Callable[..., None]) -> None:
-        """From now on, call ``on_push((value, revision))`` (on the loop) at every write of
-        ``key``, ``on_push(None)`` at a delete or purge; the key's consumer is (re)made with each
-        connection."""
+    def watch(self, key: str, watcher: Any) -> None:
+        """From now on, call ``watcher.nudge((value, revision), turn)`` (on the loop) at every
+        write of ``key``, ``watcher.nudge(None, turn)`` at a delete or purge (see
+        LeaseContender.nudge; ``watcher.watching`` tells whether it follows now); the key's
+        consumer is (re)made with each connection."""
         with self._connecting:
-            self._watches.setdefault(key, []).append(on_push)
+            self._watches.setdefault(key, []).append(watcher)
             connected = self._nc is not None
         if connected:
             try:
                 self._call("watch", self._subscribe(key))
             except BaseException:
-                self.unwatch(key, on_push)  # the caller watches again (and adds it again) on retry
+                self.unwatch(key, watcher)  # the caller watches again (and adds it again) on retry
                 raise
 
-    def unwatch(self, key: str, on_push: Callable[..., None]) -> None:
-        """Stop calling ``on_push``; the key's consumer goes with its last watcher (never raises)."""
+    def unwatch(self, key: str, watcher: Any) -> None:
+        """Stop nudging ``watcher``; the key's consumer goes with its last watcher (never raises)."""
         with self._connecting:
             watchers = self._watches.get(key, [])
-            if on_push in watchers:
-                watchers.remove(on_push)
+            if watcher in watchers:
+                watchers.remove(watcher)
             if watchers:
                 return
             self._watches.pop(key, None)
@@ -309,8 +310,8 @@ class _Store(LeaseStore):
             self._drop()
             raise
         for watchers in list(self._watches.values()):
-            for on_push in list(watchers):
-                on_push()  # changes while we were not connected went unheard: look now
+            for watcher in list(watchers):
+                watcher.nudge()  # changes while we were not connected went unheard: look now
 
     def _drop(self, wait: float = 0.0, only: Any = None) -> None:
         """Drop the connection (``only``: if it is still that one; another thread may have
@@ -396,7 +397,7 @@ class _Store(LeaseStore):
                 self._stream_pushed[key] = news
                 if self._offers.pop(key, None) == news[1]:
                     wait = 0.0  # this process was offered this release as its heir: try now
-            watching = [on_push(news, wait) for on_push in list(self._watches.get(key, ()))]
+            watching = [watcher.nudge(news, wait) for watcher in list(self._watches.get(key, ()))]
             if any(watching):
                 await self._rejoin_heirs(key)
 
@@ -431,10 +432,10 @@ class _Store(LeaseStore):
         # subject could forge (a forged "released" over a held lease's revision would win a CAS).
         pushed = self._stream_pushed.get(key)
         if pushed is not None and pushed[1] == revision:
-            taken = [on_push(pushed, 0.0) for on_push in watchers]
+            taken = [watcher.nudge(pushed, 0.0) for watcher in watchers]
         else:
             # Only a contender that watches now takes it (not one claiming, or staying out).
-            watching = any(getattr(getattr(on_push, "__self__", None), "watching", True) for on_push in watchers)
+            watching = any(watcher.watching for watcher in watchers)
             if watching:
                 self._offers[key] = revision  # the stream's push of it comes next: no turn then
             taken = [watching]
@@ -445,9 +446,9 @@ class _Store(LeaseStore):
             await self._nc.publish(msg.subject, msg.data, headers={_REVISION: headers.get(_REVISION, "0"),
                                                                    _HOPS: str(hops + 1)})
 
-    def publish_heir(self, key: str, releaser: Callable[..., None]) -> None:
+    def publish_heir(self, key: str, releaser: Any) -> None:
         """Offer the release this thread just wrote to the key's heir (never raises, no wait);
-        ``releaser``: the releasing contender's ``on_push``."""
+        ``releaser``: the releasing contender."""
         written, loop, nc = getattr(self._written, "last", None), self._loop, self._nc
         if written is None or loop is None or nc is None:
             return
@@ -457,7 +458,7 @@ class _Store(LeaseStore):
             return
         self._offering.add(offering)  # close() lets it reach the server first
 
-    async def _offer(self, nc, key: str, written: Tuple[bytes, int], releaser: Callable[..., None]) -> None:
+    async def _offer(self, nc, key: str, written: Tuple[bytes, int], releaser: Any) -> None:
         made = self._subscriptions.get(key)
         if nc is self._nc and isinstance(made, tuple) and made[0] is not None and list(self._watches.get(key, ())) == [releaser]:
             # No other crown here follows the key: leave the group before offering (the server
@@ -647,19 +648,19 @@ class NatsOracle(LeaseOracle):
 
     def watching(self, contender: LeaseContender, store: LeaseStore) -> None:
         # The shared connection carries one push consumer per key, for all its watchers.
-        store.watch(self.key(contender.name), contender.nudge)
+        store.watch(self.key(contender.name), contender)
 
     def watching_again(self, contender: LeaseContender, store: LeaseStore) -> None:
         store.rejoin_heirs(self.key(contender.name))  # type: ignore[attr-defined]
 
     def released(self, store: LeaseStore, contender: LeaseContender) -> None:
-        store.publish_heir(self.key(contender.name), contender.nudge)  # type: ignore[attr-defined]
+        store.publish_heir(self.key(contender.name), contender)  # type: ignore[attr-defined]
 
     def unwatching(self, contender: LeaseContender) -> None:
         with self._lock:
             store = self._store
         if store is not None:
-            store.unwatch(self.key(contender.name), contender.nudge)
+            store.unwatch(self.key(contender.name), contender)
 
     # -- the loop and connections --------------------------------------------------------------
 

@@ -260,6 +260,15 @@ def test_a_forged_heir_offer_never_takes_a_held_lease(server, name):
         leader_oracle.close()
 
 
+class Watcher:
+    """What the store pushes to (a LeaseContender's part of it): following, and ignoring pushes."""
+
+    watching = True
+
+    def nudge(self, pushed=None, turn=0.0):
+        return True
+
+
 def test_watching_a_key_again_and_again_leaves_no_subscriptions_behind(server, name):
     # Each watch of a key makes its heir subscription and push consumer (once per key, whatever
     # the watchers); the last unwatch takes both away: counted by the server.
@@ -270,11 +279,11 @@ def test_watching_a_key_again_and_again_leaves_no_subscriptions_behind(server, n
         store.read(key)  # connected
         baseline = server._monitor("subsz")["num_subscriptions"]
         for _ in range(5):
-            watchers = [lambda *news: True for _ in range(3)]
-            for on_push in watchers:
-                store.watch(key, on_push)
-            for on_push in watchers:
-                store.unwatch(key, on_push)
+            watchers = [Watcher() for _ in range(3)]
+            for watcher in watchers:
+                store.watch(key, watcher)
+            for watcher in watchers:
+                store.unwatch(key, watcher)
         wait_until(lambda: server._monitor("subsz")["num_subscriptions"] <= baseline, timeout=10,
                    message="subscriptions back to the baseline")
     finally:

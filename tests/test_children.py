@@ -798,7 +798,10 @@ def end_parent(parent, pids):
                 os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    os.killpg(parent.pid, signal.SIGCONT)
+    try:
+        os.killpg(parent.pid, signal.SIGCONT)  # members a test stopped
+    except ProcessLookupError:
+        pass  # every member of the group is gone and reaped already
     parent.wait()
 
 

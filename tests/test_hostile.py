@@ -63,7 +63,7 @@ def test_a_memcached_url_with_a_password_is_refused_without_showing_it(password)
 # to its own keys and channels.
 CROWN_ACL = ("user crown on >{pw} resetkeys ~crown_sync:* resetchannels &crown_sync:* -@all +evalsha"
              " +script|load +set +subscribe +unsubscribe +ping +role +info +hello +auth"
-             " +get +incr +hget +hset +publish +time")
+             " +get +incr +hget +hset +publish +time +sadd +srem +srandmember +expire +pubsub|numsub")
 OTHER_ACL = "user other on >{pw} ~other:* &other:* +@all"
 
 

@@ -37,8 +37,9 @@ this against refusing a server without persistence.
 Push: every contender is registered with its oracle's one pub/sub connection (a daemon thread,
 its own socket), subscribed to the channel ``<key_prefix><name>``. A holder that releases or
 vacates its record, and ``dismiss``, ``PUBLISH`` to it in the script of that write, with the new
-record: a watching follower takes a release over at its turn (see Herds) by one script (the compare-and-set over
-the pushed bytes, the token taken inside it), and a dismissed leader refreshes at once. The holder
+record (a release goes to one heir process only, see Herds): a watching follower takes a release
+over by one script (the compare-and-set over the pushed bytes, the token taken inside it), and a
+dismissed leader refreshes at once. The holder
 renews and releases by a compare-and-set over its own last write, without reading first, so a
 graceful handoff is one write on each side. Pub/sub is not durable (a message sent while the
 subscriber reconnects is lost), so followers still poll every ``poll_interval`` (default 1 s: the
@@ -52,9 +53,10 @@ URLs are refused at construction: Sentinel failover is not tested here (see the 
 asynchronous replica's promotion does to a lease).
 
 Connections: one per oracle object for every contender's commands (a pool of one connection, the
-calls take turns) and its pub/sub connection. Herds: a release's message says how many processes
-listen, and each draws its turn to try the takeover among that many (see ``_turn``); the takeover
-script publishes the new record, and a process whose turn comes after it does not try.
+calls take turns) and its pub/sub connection. Herds: a release is offered to one following
+process, the heir (see ``_Push``), which alone wakes. Without one, it is broadcast, saying how many
+processes listen; each draws its turn to try the takeover among that many (see ``_turn``); the
+takeover script publishes the new record, and a process whose turn comes after it does not try.
 
 Fork safety: sockets are opened under :func:`crown_sync._forksafe.opening` and blinded in a forked
 child; redis-py itself never shuts down a socket from a process other than its creator.
@@ -106,29 +108,72 @@ _READ = _RUN + """
 return {redis.call('GET', KEYS[1]), redis.call('HGET', KEYS[2], KEYS[1]) == run and 1 or 0}
 """
 
-# KEYS[1]: the lease key, KEYS[2]: the server hash. ARGV: the version (value) we read, the new
-# value, seconds to live, what to publish on the channel named as the key (nothing if empty; the
-# news, a newline and the new value), and '1' if the version must have been written by this
-# incarnation of the server (a pushed release: see _Pushed). The publish is in the same step as
-# the write, so a follower woken by it always finds the new record. A release's news also says
-# how many connections listen on the channel (the followers' processes, and ours): each draws
-# its turn among that many (see _Push._deliver).
+# Lua shared by the scripts that publish a release. broadcast: to the election's channel, that
+# is to every process with a crown of it; a release's news also says how many connections listen
+# there (the followers' processes, and ours): each draws its turn among that many (_Push._deliver).
+# offer: to ONE process following the election, its heir, on that process's own channel; the
+# heirs are the set KEYS[3] (each process adds its channel when it subscribes: see _Push), and a
+# member nobody listens on any more (its process is gone) is dropped on the way. False: nobody
+# to offer it to (or an ACL without SRANDMEMBER or PUBSUB): broadcast it instead. pcall: an ACL
+# that denies a command costs the herd saving, never the release.
+_PUBLISH = """
+local function broadcast(channel, news, value)
+  if news == 'released' then
+    local listening = redis.pcall('PUBSUB', 'NUMSUB', channel)
+    if type(listening) == 'table' and listening[2] then news = news .. ' ' .. listening[2] end
+  end
+  redis.call('PUBLISH', channel, news .. '\\n' .. value)
+end
+local function offer(heirs, releaser, value)
+  local candidates = redis.pcall('SRANDMEMBER', heirs, 8)
+  if type(candidates) ~= 'table' then return false end
+  for _, heir in ipairs(candidates) do
+    if heir ~= releaser then
+      local listening = redis.pcall('PUBSUB', 'NUMSUB', heir)
+      if type(listening) ~= 'table' then return false end
+      if tonumber(listening[2]) > 0 then
+        redis.call('PUBLISH', heir, 'released\\n' .. value)
+        return true
+      end
+      redis.pcall('SREM', heirs, heir)
+    end
+  end
+  return false
+end
+"""
+
+# KEYS[1]: the lease key, KEYS[2]: the server hash, KEYS[3]: the election's heirs. ARGV: the
+# version (value) we read, the new value, seconds to live, what to publish (nothing if empty),
+# '1' if the version must have been written by this incarnation of the server (a pushed release:
+# see _Pushed), and the releasing process's own heir channel (not offered the release back). The
+# publish is in the same step as the write, so a follower woken by it always finds the new
+# record. A release is offered to one heir if there is one (see _PUBLISH), else broadcast.
 # 1: replaced; 0: the key holds something else now (or an older incarnation wrote it); -1: absent.
-_REPLACE = _RUN + """
+_REPLACE = _RUN + _PUBLISH + """
 local current = redis.call('GET', KEYS[1])
 if not current then return -1 end
 if current ~= ARGV[1] then return 0 end
 if ARGV[5] == '1' and redis.call('HGET', KEYS[2], KEYS[1]) ~= run then return 0 end
 redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
 redis.call('HSET', KEYS[2], KEYS[1], run)
-local news = ARGV[4]
-if news == 'released' then
-  -- pcall: a user the ACL denies PUBSUB still releases (its followers then try at once, as before)
-  local listening = redis.pcall('PUBSUB', 'NUMSUB', KEYS[1])
-  if type(listening) == 'table' and listening[2] then news = news .. ' ' .. listening[2] end
-end
-if news ~= '' then redis.call('PUBLISH', KEYS[1], news .. '\\n' .. ARGV[2]) end
+if ARGV[4] == 'released' and offer(KEYS[3], ARGV[6], ARGV[2]) then return 1 end
+if ARGV[4] ~= '' then broadcast(KEYS[1], ARGV[4], ARGV[2]) end
 return 1
+"""
+
+# An heir that no crown of its process follows any more passes the release on to every follower
+# (as if no heir had been found), if it is still the key's record. KEYS[1]: the lease key; ARGV[1]:
+# the release's bytes.
+_BROADCAST = _PUBLISH + """
+if redis.call('GET', KEYS[1]) == ARGV[1] then broadcast(KEYS[1], 'released', ARGV[1]) return 1 end
+return 0
+"""
+
+# A process follows the election: its heir channel joins the heirs (KEYS[1]), which a day without
+# any registration collects (a process registers again every HEIR_REFRESH seconds).
+_REGISTER = """
+redis.call('SADD', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
 """
 
 # The local counter: the token counter; KEYS[2]: the server hash. On a server incarnation not seen
@@ -151,8 +196,10 @@ _NEXT_TOKEN = _RUN + "local counter = KEYS[1]\n" + _LIFT + "return redis.call('I
 
 # A term's start in one step (RedisOracle.start_term). KEYS[1]: the lease key, KEYS[2]: the server
 # hash, KEYS[3]: the token counter. ARGV: the version (value) read, the new record's bytes before
-# and after its token, the least token (the replaced record's plus one), seconds to live, and '1'
-# if the version must have been written by this incarnation (see _Pushed). The token is the
+# and after its token, the least token (the replaced record's plus one), seconds to live, '1'
+# if the version must have been written by this incarnation (see _Pushed), and '1' if the release
+# was offered to this process alone (see _Offered: the others did not hear of it, so the new term
+# is not pushed to them; their next poll reads it). The token is the
 # larger of that and the counter's INCR, as RedisOracle.token_floor would give in a round trip
 # of its own. Returns the token; 0: the key holds something else; -1: it is absent.
 _START_TERM = _RUN + """
@@ -166,11 +213,16 @@ local token = math.max(redis.call('INCR', counter), tonumber(ARGV[4]))
 local value = ARGV[2] .. string.format('%d', token) .. ARGV[3]
 redis.call('SET', KEYS[1], value, 'EX', ARGV[5])
 redis.call('HSET', KEYS[2], KEYS[1], run)
-redis.call('PUBLISH', KEYS[1], 'held\\n' .. value)
+if ARGV[7] ~= '1' then redis.call('PUBLISH', KEYS[1], 'held\\n' .. value) end
 return token
 """
 
-_SCRIPTS: Dict[str, str] = {"read": _READ, "replace": _REPLACE, "next_token": _NEXT_TOKEN, "start_term": _START_TERM}
+_SCRIPTS: Dict[str, str] = {"read": _READ, "replace": _REPLACE, "next_token": _NEXT_TOKEN, "start_term": _START_TERM,
+                             "broadcast": _BROADCAST, "register": _REGISTER}
+
+#: Seconds a set of heirs lives after its last registration, and between a process's registrations.
+HEIRS_EXPIRE = 86400
+HEIR_REFRESH = 3600
 
 # Stands for the token in a record built before the script knows it: random, so that no leader
 # metadata can hold it too.
@@ -192,6 +244,11 @@ class _Pushed(bytes):
     and-set over it also requires that the running server wrote it. A read shows a release from an
     older incarnation (a snapshot brought it back) as vacated; a message published before such a
     restart and handled after it must not count as a release either."""
+
+
+class _Offered(_Pushed):
+    """A release offered to this process alone, as the election's heir: its takeover is not
+    pushed to the other followers, who never heard of the release."""
 
 
 class _Refused(redis.exceptions.ConnectionError):
@@ -349,12 +406,24 @@ class RedisStore(LeaseStore):
         # followers waiting their turn for the release it took drop their attempts.)
         news = record.get("by") or record["state"] if record and record["state"] in (RELEASED, VACATED) else ""
         fresh = "1" if isinstance(version, _Pushed) else ""
+        keys = [key, self._oracle.server_key, self._oracle.heirs_key(key)]
+        releaser = self._oracle.releasing_heir(key) if news == RELEASED else ""
         done = self._run(
             "compare-and-set script",
             lambda client: self._scripts["replace"](
-                keys=[key, self._oracle.server_key], args=[version, value, int(expire), news, fresh], client=client),
+                keys=keys, args=[version, value, int(expire), news, fresh, releaser], client=client),
         )
         return None if done == -1 else bool(done)
+
+    def register_heir(self, key: str, channel: str) -> None:
+        """``channel`` (this process's) joins the heirs of ``key``'s releases."""
+        self._run("heir registration script", lambda client: self._scripts["register"](
+            keys=[self._oracle.heirs_key(key)], args=[channel, HEIRS_EXPIRE], client=client))
+
+    def broadcast_release(self, key: str, value: bytes) -> None:
+        """Push the release ``value`` of ``key`` to every follower, if it is still the record."""
+        self._run("release broadcast script", lambda client: self._scripts["broadcast"](
+            keys=[key], args=[value], client=client))
 
     def written_version(self, value: bytes) -> Any:
         return value  # the compare-and-set compares the bytes themselves
@@ -367,11 +436,12 @@ class RedisStore(LeaseStore):
         if not found or mark in after:
             raise ValueError("a term's record must hold its token exactly once")  # never: the mark is ours
         fresh = "1" if isinstance(version, _Pushed) else ""
+        offered = "1" if isinstance(version, _Offered) else ""
         keys = [key, self._oracle.server_key, self._oracle.key_prefix + ":token"]
         token = self._run(
             "term start script",
             lambda client: self._scripts["start_term"](
-                keys=keys, args=[version, before, after, least, int(expire), fresh], client=client),
+                keys=keys, args=[version, before, after, least, int(expire), fresh, offered], client=client),
         )
         return (token, before + str(token).encode() + after) if token > 0 else None
 
@@ -425,6 +495,12 @@ class _Push:
     a ``_TICK`` and drops channels whose contenders are all closed. A message, or a confirmation
     of a (re)subscription, makes each follower of the channel read at once (``nudge``) and, for a
     dismissal, makes its leader refresh at once.
+
+    Heirs: for each election it follows, the process also listens on a channel of its own,
+    ``<key> <process nonce>`` (a space: no election name holds one), and adds it to the election's
+    heirs once subscribed. A release is offered on one heir's channel (see _PUBLISH): its process
+    alone wakes, and one of its watching crowns takes it over at once. An heir whose crowns all
+    stopped watching broadcasts the release, as if it had no heir.
     """
 
     _TICK = 0.2  # seconds between looks at the registrations (no request: a socket wait)
@@ -435,6 +511,18 @@ class _Push:
         self._members: Dict[str, "weakref.WeakSet[LeaseContender]"] = {}
         self._thread: Optional[threading.Thread] = None
         self._closed = False
+        self._nonce = secrets.token_hex(8)  # a new _Push (and nonce) in a forked child
+        self._registered: Dict[str, float] = {}  # key -> when its heir channel was last registered
+
+    def heir_channel(self, key: str) -> str:
+        return f"{key} {self._nonce}"
+
+    def releasing_heir(self, key: str) -> str:
+        """This process's heir channel of ``key`` if no crown here watches it ('' if one does): a
+        release written here is offered to another process."""
+        with self._lock:
+            members = list(self._members.get(key, ()))
+        return "" if any(contender.watching for contender in members) else self.heir_channel(key)
 
     def add(self, channel: str, contender: LeaseContender) -> None:
         with self._lock:
@@ -466,14 +554,17 @@ class _Push:
     def _listen(self) -> None:
         """One pub/sub session: returns when closed, raises on a connection error."""
         subscribed: set = set()
+        self._registered.clear()  # registered again once subscribed again
         pubsub = self._oracle.new_client().pubsub()
         try:
             while not self._closed:
                 wanted = self._wanted()
                 if wanted - subscribed:
-                    pubsub.subscribe(*(wanted - subscribed))
+                    pubsub.subscribe(*(c for key in wanted - subscribed for c in (key, self.heir_channel(key))))
                 if subscribed - wanted:
-                    pubsub.unsubscribe(*(subscribed - wanted))
+                    pubsub.unsubscribe(*(c for key in subscribed - wanted for c in (key, self.heir_channel(key))))
+                    for key in subscribed - wanted:
+                        self._registered.pop(key, None)
                 subscribed = wanted
                 if not subscribed:
                     time.sleep(self._TICK)
@@ -481,8 +572,21 @@ class _Push:
                 message = pubsub.get_message(timeout=self._TICK)
                 if message is not None:
                     self._deliver(message)
+                self._refresh(subscribed)
         finally:
             pubsub.close()
+
+    def _refresh(self, subscribed: set) -> None:
+        stale = time.monotonic() - HEIR_REFRESH
+        for key in [key for key, when in self._registered.items() if when < stale and key in subscribed]:
+            self._register(key)
+
+    def _register(self, key: str) -> None:
+        self._registered[key] = time.monotonic()
+        try:
+            self._oracle._shared("register_heir", key, self.heir_channel(key))
+        except Exception as exc:  # the release is broadcast instead: slower with many followers, as safe
+            logger.debug("%s: could not register as an heir of %s: %s", self._oracle.description, key, exc)
 
     def _deliver(self, message: Dict[str, Any]) -> None:
         kind = message.get("type")
@@ -492,6 +596,13 @@ class _Push:
         channel = channel.decode() if isinstance(channel, bytes) else str(channel)
         data = message.get("data") if kind == "message" else None
         news, _, value = data.partition(b"\n") if isinstance(data, bytes) else (b"", b"", b"")
+        key, _, nonce = channel.partition(" ")
+        if nonce:
+            if kind == "subscribe":
+                self._register(key)
+            elif value:
+                self._inherit(key, value)
+            return
         news, _, listeners = news.partition(b" ")
         # The new record came with the news: a follower takes a release over without reading it.
         pushed = (value, _Pushed(value)) if value else None
@@ -504,6 +615,17 @@ class _Push:
                     contender._notify()  # a refresh is due now: it finds the vacated record
             else:
                 contender.nudge(pushed, turn)
+
+    def _inherit(self, key: str, value: bytes) -> None:
+        """This process is the heir of a release: one of its watching crowns takes it over now."""
+        with self._lock:
+            members = list(self._members.get(key, ()))
+        random.shuffle(members)
+        if not any(contender.nudge((value, _Offered(value))) for contender in members):
+            try:
+                self._oracle._shared("broadcast_release", key, value)
+            except Exception as exc:  # the followers' polls find it
+                logger.debug("%s: could not pass the release of %s on: %s", self._oracle.description, key, exc)
 
     def close(self) -> None:
         self._closed = True
@@ -575,6 +697,13 @@ class RedisOracle(LeaseOracle):
         #: The hash of server incarnations (see the scripts); ":" cannot start an election name.
         self.server_key = self.key_prefix + ":server"
         self._push = _Push(self)
+
+    def heirs_key(self, key: str) -> str:
+        """The set of the heir channels of ``key``'s election (``<key_prefix>:heirs:<name>``)."""
+        return f"{self.key_prefix}:heirs:{key[len(self.key_prefix):]}"
+
+    def releasing_heir(self, key: str) -> str:
+        return self._push.releasing_heir(key)
 
     @classmethod
     def from_url(cls, url: str) -> "RedisOracle":

@@ -223,6 +223,106 @@ def test_a_handoff_costs_one_request_on_each_side(server):
         oracle.close()
 
 
+def _messages(pubsub, seconds):
+    """What ``pubsub`` received within ``seconds`` (its subscription confirmations left out)."""
+    found, end = [], time.monotonic() + seconds
+    while time.monotonic() < end:
+        message = pubsub.get_message(timeout=0.1)
+        if message is not None and message["type"] == "message":
+            found.append(message["data"])
+    return found
+
+
+def _contenders(url, name, count):
+    """``count`` watching followers of ``name``, each on an oracle of its own (as if in a process
+    of its own), and a leader on another; returns (oracles, leader, [(follower, signals)])."""
+    oracles = [oracle_from_url(url) for _ in range(count + 1)]
+    leader = oracles[0].contender(name, "leader", {}, _Signals())
+    assert wait_until(lambda: leader.claim().won, timeout=10, message="leading")
+    followers = [_watching_follower(oracle, name, "leader")[:2] for oracle in oracles[1:]]
+    return oracles, leader, followers
+
+
+def test_a_release_is_offered_to_one_heir_process_alone(server):
+    # Six followers' processes, polls every 30 s: the release reaches one of them (on its own
+    # channel), which takes it over at once; the election's channel, on which every follower's
+    # process listens, carries neither the release nor the takeover (before: both, waking all).
+    name = "one-heir"
+    _released(server, name)
+    oracles, leader, followers = _contenders(server.url(ttl=60, poll_interval=30), name, 6)
+    try:
+        with server.client() as client:
+            wait_until(lambda: client.scard(f"crown_sync::heirs:{name}") == 7, timeout=10, message="every heir registered")
+            everyone = client.pubsub()
+            everyone.subscribe(f"crown_sync:{name}")
+            assert everyone.get_message(timeout=5)["type"] == "subscribe"
+            leader.abdicate()
+            wait_until(lambda: sum(signals.event.is_set() for _, signals in followers) >= 1, timeout=5,
+                       message="an heir woken")
+            heirs = [follower for follower, signals in followers if signals.event.is_set()]
+            assert len(heirs) == 1
+            assert heirs[0].claim().won
+            assert _messages(everyone, 1.0) == []
+            everyone.close()
+    finally:
+        leader.close()
+        for follower, _ in followers:
+            follower.close()
+        for oracle in oracles:
+            oracle.close()
+
+
+def test_an_heir_whose_crowns_do_not_follow_passes_the_release_on(server):
+    # The only registered heir is a process whose one contender does not watch (it never started
+    # to): it broadcasts the release, and the follower elsewhere takes it over at once, not at its
+    # poll 30 s later.
+    name = "heir-passes"
+    _released(server, name)
+    url = server.url(ttl=60, poll_interval=30)
+    oracles, leader, followers = _contenders(url, name, 1)
+    idle_oracle = oracle_from_url(url)
+    idle = idle_oracle.contender(name, "idle", {}, _Signals())
+    try:
+        follower, signals = followers[0]
+        heirs = f"crown_sync::heirs:{name}"
+        channel = idle_oracle._push.heir_channel(idle_oracle.key(name))
+        with server.client() as client:
+            wait_until(lambda: client.sismember(heirs, channel), timeout=10, message="the idle process registered")
+            client.delete(heirs)
+            client.sadd(heirs, channel)
+        leader.abdicate()
+        assert signals.event.wait(5.0), "the release was not passed on"
+        assert follower.claim().won
+    finally:
+        for contender in (leader, follower, idle):
+            contender.close()
+        for oracle in oracles + [idle_oracle]:
+            oracle.close()
+
+
+def test_a_user_the_acl_denies_the_heir_commands_still_hands_over_at_once(server):
+    # The ACL line of the docs before heirs (no SADD, SRANDMEMBER, PUBSUB): every release is
+    # broadcast, as before, and taken over at once.
+    name = "old-acl"
+    _released(server, name)
+    line = ("on >old-secret resetkeys ~crown_sync:* resetchannels &crown_sync:* -@all +evalsha +script|load +set"
+            " +subscribe +unsubscribe +ping +role +info +hello +auth +get +incr +hget +hset +publish +time")
+    with server.client() as client:
+        client.execute_command("ACL", "SETUSER", "old", *line.split())
+    url = f"redis://old:old-secret@{server.host}:{server.port}/0?ttl=60&poll_interval=30"
+    oracles, leader, followers = _contenders(url, name, 1)
+    try:
+        follower, signals = followers[0]
+        leader.abdicate()
+        assert signals.event.wait(5.0), "the release was not pushed"
+        assert follower.claim().won
+    finally:
+        leader.close()
+        followers[0][0].close()
+        for oracle in oracles:
+            oracle.close()
+
+
 def test_a_release_pushed_before_a_restart_is_not_taken_over_after_it(tmp_path):
     """A message is handled after the server restarted from a snapshot holding that release (its
     taker's record lost): the follower must treat it as a read would, as a stale candidate only,

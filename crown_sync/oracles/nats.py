@@ -16,15 +16,16 @@ written by CAS, never a delete, and an empty key means "unknown": the claimant h
 ``max_age`` (default a day) only collects abandoned records; the lease is timed on the
 contenders' own clocks, never by the server's expiry.
 
-Push: the oracle's one connection (shared by all its contenders) holds an ordered push consumer
-on the subject of each election it follows (whole messages, new ones only); every write, delete or
-purge of the key wakes its followers' poller rounds, which take a pushed release over by one
-``update`` over the pushed revision (no read), count any other pushed record as read, and read the
-key after a delete or purge. Herds: a release is also published to a queue group of the following
-processes, whose one member NATS picks (the heir) tries at once (the record from its stream, not
-from the offer); the others wait about a poll interval (``HEIR_WAIT``) and are pushed the heir's
-takeover first. The holder renews and releases by ``update`` over the revision of its
-own last write, without reading first: a graceful handoff is one request on each side.
+Heirs: the oracle's one connection (shared by all its contenders) joins, for each election it
+follows, a queue group on the election's heir subject. A release is published there, and NATS gives
+it to ONE member: that process alone wakes, and its following crowns read the key at once and take
+the release over (the offer says only "look now": a forged one costs a read). No other follower
+hears of the release or of the takeover: they read the key every ``poll_interval``, which is also
+how a crash (a record unchanged for a ``ttl``), a delete or a purge is found. So a handoff wakes
+one process whatever the number of followers, and a crash is found by followers at their own
+poll times, not all at once. The holder renews and releases by ``update`` over the revision of its
+own last write, without reading first: a graceful handoff is one request on the leader's side and
+two (a read, an update) on the heir's.
 
 Fencing tokens: ``record token + 1`` when a term replaces a record (see NatsOracle.term_token), and
 on an empty key ``created + last_seq + 1``, where ``created`` is the
@@ -49,7 +50,6 @@ import concurrent.futures
 import datetime
 import logging
 import os
-import random
 import re
 import threading
 import time
@@ -65,7 +65,7 @@ from ._tls import client_context
 import nats  # the nats extra: crown_sync.urls reports it missing with the pip command
 import nats.errors
 import nats.js.errors
-from nats.js.api import DeliverPolicy, KeyValueConfig, StorageType
+from nats.js.api import KeyValueConfig, StorageType
 
 __all__ = ["NatsOracle", "NatsError"]
 
@@ -78,11 +78,6 @@ _KEY_CHARS = re.compile(r"^[-/_=.a-zA-Z0-9]*$")
 _BUCKET = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
 _REVISION, _HOPS = "Crown-Sync-Revision", "Crown-Sync-Hops"
-
-#: Seconds a follower that was not chosen as the heir of a release waits at least (times 1 to 2,
-#: at random, and never less than half a poll_interval) before it tries to take the release over
-#: itself: the heir's takeover is pushed well before, also to hundreds of followers' processes.
-HEIR_WAIT = 0.05
 _MICROSECOND = datetime.timedelta(microseconds=1)
 
 
@@ -124,8 +119,8 @@ class _Loop:
 
 class _Store(LeaseStore):
     """The oracle's one NATS connection (made on demand on the oracle's loop), shared by its
-    contenders (nats-py multiplexes concurrent requests on it), and a push consumer per watched
-    key that nudges every watcher registered for that key at each change."""
+    contenders (nats-py multiplexes concurrent requests on it), and a membership of each watched
+    key's heir group that nudges the key's watchers when this process is offered a release."""
 
     def __init__(self, oracle: "NatsOracle"):
         self._oracle = oracle
@@ -135,13 +130,9 @@ class _Store(LeaseStore):
         self._connecting = threading.RLock()  # one thread (re)connects; the others wait for it
         self._inflight: "weakref.WeakSet[concurrent.futures.Future]" = weakref.WeakSet()
         self._watches: Dict[str, List[Any]] = {}  # key -> its watchers (LeaseContenders)
-        # key -> (heir subscription or None while out of the group, push consumer), or a marker
-        # while they are made (on the loop)
+        # key -> (its heir subscription, or None while out of the group,), or a marker while it
+        # is made (on the loop)
         self._subscriptions: Dict[str, Any] = {}
-        # On the loop: each key's last record pushed by its stream, and the revision an heir
-        # offer named before that record's push came (see _heir).
-        self._stream_pushed: Dict[str, Tuple[bytes, int]] = {}
-        self._offers: Dict[str, int] = {}
         self._offering: "weakref.WeakSet[concurrent.futures.Future]" = weakref.WeakSet()  # heir offers in flight
         self._written = threading.local()  # each thread's last successful write and its revision
         self.last_error: Optional[str] = None  # the last error nats-py reported, for messages
@@ -183,10 +174,9 @@ class _Store(LeaseStore):
         return written[1] if written is not None and written[0] == value else None
 
     def watch(self, key: str, watcher: Any) -> None:
-        """From now on, call ``watcher.nudge((value, revision), turn)`` (on the loop) at every
-        write of ``key``, ``watcher.nudge(None, turn)`` at a delete or purge (see
-        LeaseContender.nudge; ``watcher.watching`` tells whether it follows now); the key's
-        consumer is (re)made with each connection."""
+        """From now on, call ``watcher.nudge()`` (on the loop) when this process is offered a
+        release of ``key`` (see LeaseContender.nudge; ``watcher.watching`` tells whether it
+        follows now); the key's heir subscription is (re)made with each connection."""
         with self._connecting:
             self._watches.setdefault(key, []).append(watcher)
             connected = self._nc is not None
@@ -198,7 +188,7 @@ class _Store(LeaseStore):
                 raise
 
     def unwatch(self, key: str, watcher: Any) -> None:
-        """Stop nudging ``watcher``; the key's consumer goes with its last watcher (never raises)."""
+        """Stop nudging ``watcher``; the key's subscription goes with its last watcher (never raises)."""
         with self._connecting:
             watchers = self._watches.get(key, [])
             if watcher in watchers:
@@ -299,12 +289,11 @@ class _Store(LeaseStore):
             if sock is not None:
                 keep(sock)
         self._subscriptions = {}  # the last connection's went with it
-        self._stream_pushed, self._offers = {}, {}
         try:
             for key in list(self._watches):
                 self._loop.submit(self._subscribe(key)).result(oracle.timeout + 0.5)
         except BaseException:
-            # A connection without its consumers would leave the followers deaf to pushes for as
+            # A connection without its subscriptions would leave the followers deaf to offers for as
             # long as it lives (a restarted server's JetStream may not answer yet): connect anew
             # at the next call instead.
             self._drop()
@@ -380,69 +369,34 @@ class _Store(LeaseStore):
     async def _subscribe(self, key: str) -> None:
         if key in self._subscriptions:
             await self._rejoin_heirs(key)  # if a release here left the heir group
-            return  # one consumer per key and connection, whatever the number of watchers
+            return  # one subscription per key and connection, whatever the number of watchers
         making = self._subscriptions[key] = object()  # a watch of the key meanwhile makes no second
-
-        async def pushed(msg) -> None:
-            # The record and its revision came with the message: a follower takes a release over
-            # by CAS on that revision without reading it first (a delete or purge: no record),
-            # unless the heir's takeover is pushed before HEIR_WAIT (see _heir).
-            operation = (msg.headers or {}).get("KV-Operation")
-            news = None if operation in ("DEL", "PURGE") else (msg.data, msg.metadata.sequence.stream)
-            # Not the heir: try only if no takeover was pushed by about the next poll (the heir
-            # failed), at random so not all at once either. 50-100 ms let 200 followers' processes
-            # try before the heir's takeover reached them (292 requests for one handoff).
-            wait = max(HEIR_WAIT, self._oracle.poll_interval / 2) * (1 + random.random())
-            if news is not None:
-                self._stream_pushed[key] = news
-                if self._offers.pop(key, None) == news[1]:
-                    wait = 0.0  # this process was offered this release as its heir: try now
-            watching = [watcher.nudge(news, wait) for watcher in list(self._watches.get(key, ()))]
-            if any(watching):
-                await self._rejoin_heirs(key)
-
-        made: List[Any] = []
+        heir = None
         try:
-            # The heir: a release is also published to a queue group of the key's watching
-            # processes, and NATS gives it to ONE of them, which tries at once (one attempt).
-            made.append(await self._nc.subscribe(self._oracle.heir_subject(key), queue="crown_sync",
-                                                 cb=self._heir))
-            # Ordered push consumer: nats-py remakes it on a gap or missed heartbeats. Whole
-            # messages (a record is a few hundred bytes): a follower need not read what it was sent.
-            made.append(await self._nc.jetstream(timeout=self._oracle.timeout).subscribe(
-                self._oracle.subject(key), cb=pushed, ordered_consumer=True, deliver_policy=DeliverPolicy.NEW,
-            ))
+            # A release is published to a queue group of the key's watching processes, and NATS
+            # gives it to ONE of them (the heir), which alone wakes, reads and takes it over.
+            heir = await self._nc.subscribe(self._oracle.heir_subject(key), queue="crown_sync", cb=self._heir)
         finally:
-            if self._subscriptions.get(key) is making and len(made) == 2:
-                self._subscriptions[key] = tuple(made)
+            if self._subscriptions.get(key) is making and heir is not None:
+                self._subscriptions[key] = (heir,)
             else:  # failed, or reconnected meanwhile (another connection's): none of it stays
                 if self._subscriptions.get(key) is making:
                     del self._subscriptions[key]
-                await _unsubscribe_quietly(made)
+                await _unsubscribe_quietly((heir,))
         if key not in self._watches:
             await self._unsubscribe(key)  # its last watcher left while it was being made
 
     async def _heir(self, msg) -> None:
         headers = msg.headers or {}
         key = msg.subject[len(self._oracle.heir_subject("")):]
-        revision = int(headers.get(_REVISION, "0"))
-        watchers = list(self._watches.get(key, ()))
-        # The offer only says "your turn now" for a revision: the record itself is taken from the
-        # key's stream, never from this plain message, which any client allowed to publish on the
-        # subject could forge (a forged "released" over a held lease's revision would win a CAS).
-        pushed = self._stream_pushed.get(key)
-        if pushed is not None and pushed[1] == revision:
-            taken = [watcher.nudge(pushed, 0.0) for watcher in watchers]
-        else:
-            # Only a contender that watches now takes it (not one claiming, or staying out).
-            watching = any(watcher.watching for watcher in watchers)
-            if watching:
-                self._offers[key] = revision  # the stream's push of it comes next: no turn then
-            taken = [watching]
+        # The offer only says "look now": the watchers read the key and take over a release they
+        # find there. Never the message's own record, which any client allowed to publish on the
+        # subject could forge (a "released" over a held lease's revision would win a CAS).
+        taken = [watcher.nudge() for watcher in list(self._watches.get(key, ()))]
         hops = int(headers.get(_HOPS, "0"))
         if not any(taken) and hops < 3:
             # Nobody here follows the key now (the releasing process itself, or its new leader's):
-            # pass it on to another member of the group; past three hops the others' turns come.
+            # pass it on to another member of the group; past three hops the others' polls find it.
             await self._nc.publish(msg.subject, msg.data, headers={_REVISION: headers.get(_REVISION, "0"),
                                                                    _HOPS: str(hops + 1)})
 
@@ -454,7 +408,7 @@ class _Store(LeaseStore):
             return
         try:
             offering = loop.submit(self._offer(nc, key, written, releaser))
-        except RuntimeError:  # the loop stopped meanwhile: the followers' turns come anyway
+        except RuntimeError:  # the loop stopped meanwhile: the followers' polls find the release
             return
         self._offering.add(offering)  # close() lets it reach the server first
 
@@ -464,14 +418,14 @@ class _Store(LeaseStore):
             # No other crown here follows the key: leave the group before offering (the server
             # reads our UNSUB first), or NATS may pick this process, which often exits right
             # after its release (a SIGTERMed job) before passing the offer on: a lost handoff.
-            self._subscriptions[key] = (None, made[1])
+            self._subscriptions[key] = (None,)
             await _unsubscribe_quietly(made[:1])
         try:
             await nc.publish(self._oracle.heir_subject(key), written[0],
                              headers={_REVISION: str(written[1]), _HOPS: "0"})
             # nats-py's close() drops what its flusher has not written yet: have it written.
             await nc.flush(timeout=self._oracle.timeout)
-        except Exception as exc:  # the followers' turns come anyway
+        except Exception as exc:  # the followers' polls find the release
             logger.debug("%s: heir offer of %s failed: %s", self._oracle.description, key, exc)
 
     async def _rejoin_heirs(self, key: str) -> None:
@@ -487,7 +441,7 @@ class _Store(LeaseStore):
         except Exception as exc:  # the connection is going: the next one subscribes anew
             logger.debug("%s: could not rejoin the heirs of %s: %s", self._oracle.description, key, exc)
         if self._subscriptions is subscriptions and self._nc is nc and subscriptions.get(key) is making:
-            subscriptions[key] = (heir, made[1])
+            subscriptions[key] = (heir,)
             if key not in self._watches:
                 await self._unsubscribe(key)  # its last watcher left meanwhile
         else:  # reconnected meanwhile: that connection made its own
@@ -501,10 +455,7 @@ class _Store(LeaseStore):
     async def _unsubscribe(self, key: str) -> None:
         if key in self._watches or not isinstance(self._subscriptions.get(key, ()), tuple):
             return  # watched again meanwhile, or still being made (_subscribe then checks)
-        made = self._subscriptions.pop(key, ())
-        self._stream_pushed.pop(key, None)
-        self._offers.pop(key, None)
-        await _unsubscribe_quietly(made)
+        await _unsubscribe_quietly(self._subscriptions.pop(key, ()))
 
 
 async def _unsubscribe_quietly(subscriptions) -> None:
@@ -547,8 +498,8 @@ class NatsOracle(LeaseOracle):
         record that ages out only costs its next claimant a quarantine of one ``ttl``.
     ttl, margin, renew_interval, connect_timeout, timeout, clock: see
         :class:`~crown_sync.oracles._lease.LeaseOracle` (ttl default 10 s).
-    poll_interval: how often a follower reads the key when nothing was pushed (default 1 s):
-        releases and takeovers are pushed, so this only bounds how late a lost push is noticed.
+    poll_interval: how often a follower reads the key (default 1 s): a release is offered to one
+        follower's process at once; the polls find crashed leaders, deletes and lost offers.
     key_prefix: prepended to the election name to make the key (default none: the bucket is ours).
     """
 
@@ -621,9 +572,6 @@ class NatsOracle(LeaseOracle):
                 f"dot at either end and no two dots in a row"
             )
 
-    def subject(self, key: str) -> str:
-        return f"$KV.{self.bucket}.{key}"
-
     def heir_subject(self, key: str) -> str:
         return f"crown_sync.heir.{self.bucket}.{key}"
 
@@ -647,7 +595,7 @@ class NatsOracle(LeaseOracle):
         return token + 1 if token > 0 else super().term_token(store, record)
 
     def watching(self, contender: LeaseContender, store: LeaseStore) -> None:
-        # The shared connection carries one push consumer per key, for all its watchers.
+        # The shared connection joins each key's heir group once, for all its watchers.
         store.watch(self.key(contender.name), contender)
 
     def watching_again(self, contender: LeaseContender, store: LeaseStore) -> None:

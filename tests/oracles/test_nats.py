@@ -25,7 +25,7 @@ from crown_sync.testing.servers import free_port
 from .support import Fleet, process_state, wait_until
 
 # Renewals every 0.5 s, failover ~2.5 s; a whole second of margin keeps a busy machine's
-# scheduling delays from turning into journal overlaps. Polls are rare: changes are pushed.
+# scheduling delays from turning into journal overlaps. Releases are offered to one heir at once.
 TTL, MARGIN = 2.5, 1.0
 RENEW = (TTL - MARGIN) / 3  # the default renew_interval
 FAST = {"ttl": TTL, "margin": MARGIN, "poll_interval": 1}
@@ -159,31 +159,30 @@ def test_tokens_rise_across_a_bucket_deleted_and_recreated(fresh_server, name):
     assert tokens == sorted(set(tokens)), tokens
 
 
-# ------------------------------------------------------------------------------ push, not poll
+# ---------------------------------------------------------------------------- offered, not polled
 
-def test_a_release_is_pushed_to_the_follower_long_before_its_next_poll(server, name):
+def test_a_release_is_offered_to_the_follower_long_before_its_next_poll(server, name):
     # Followers poll every 4 s here: a follower that learns of the release within 2 s heard it
-    # from the push consumer (its poller read once when it began to watch, then sleeps 4 s).
+    # from the heir offer (its poller read once when it began to watch, then sleeps 4 s).
     oracle = oracle_for(server, ttl=10, margin=1, poll_interval=4)
     try:
         with leader_and_follower(oracle, oracle, name) as (leader, follower, signals, claim):
             # The leader renews by one update over its own last revision (no read first).
             renewing = leader.requests
             assert leader.refresh().won and leader.requests - renewing == 1
-            time.sleep(0.5)  # the poller's reads (its first, the renewal's push) are done; its next is 4 s away
+            time.sleep(0.5)  # the poller's first read is done; its next is 4 s away
             assert not signals.event.is_set()
             before = (leader.requests, follower.requests)
             released_at = clock.monotonic()
             leader.abdicate()
-            assert signals.event.wait(2.0), "the release was not pushed (the follower waited for its poll)"
+            assert signals.event.wait(2.0), "the release was not offered (the follower waited for its poll)"
             won = follower.claim()
-            # One request on each side: the release is one update over the leader's last
-            # revision; the message carried the record and its revision, so the follower took
-            # over by one update (no read, no stream info: the record's token plus one is the new
-            # term's). Before: 2 to release, 3 to take over.
+            # The release is one update over the leader's last revision; the heir reads the key
+            # (the offer's own bytes are never trusted) and takes over by one update (no stream
+            # info: the record's token plus one is the new term's).
             assert won.won and won.token == claim.leader.token + 1
-            assert (leader.requests - before[0], follower.requests - before[1]) == (1, 1)
-            print(f"release pushed and taken over in {clock.monotonic() - released_at:.4f} s")
+            assert (leader.requests - before[0], follower.requests - before[1]) == (1, 2)
+            print(f"release offered and taken over in {clock.monotonic() - released_at:.4f} s")
     finally:
         oracle.close()
 
@@ -215,9 +214,9 @@ def test_two_processes_taking_turns_hand_over_by_offer_every_time(server, name):
             oracle.close()
 
 
-def test_the_push_consumer_is_remade_after_a_server_restart(fresh_server, name):
+def test_the_heir_subscription_is_remade_after_a_server_restart(fresh_server, name):
     # The oracle's connection dies with the server; it reconnects at the next call and must
-    # remake the key's consumer there, or the follower hears the next release only at a poll (3 s).
+    # join the key's heir group again, or the follower hears of the next release only at a poll (3 s).
     oracle = oracle_for(fresh_server, ttl=6, margin=1, poll_interval=3)
     try:
         with leader_and_follower(oracle, oracle, name) as (leader, follower, signals, claim):
@@ -229,7 +228,7 @@ def test_the_push_consumer_is_remade_after_a_server_restart(fresh_server, name):
             time.sleep(0.5)  # its read right after reconnecting is done; its next poll is ~2.5 s away
             signals.event.clear()
             leader.abdicate()
-            assert signals.event.wait(1.0), "the release was not pushed after the restart"
+            assert signals.event.wait(1.0), "the release was not offered after the restart"
     finally:
         oracle.close()
 
@@ -238,12 +237,12 @@ def test_a_forged_heir_offer_never_takes_a_held_lease(server, name):
     # Anyone allowed to publish on the heir subject can send a "released" record with the held
     # lease's current revision: a follower that took that message's record for the key's would win
     # the CAS over the revision while the leader still holds (two leaders; the token from the
-    # forged record). The offer may only hurry the stream's own push of that revision.
+    # forged record). The offer may only make the follower read the key at once.
     leader_oracle = oracle_for(server, ttl=6, margin=1, poll_interval=3)
     follower_oracle = oracle_for(server, ttl=6, margin=1, poll_interval=3)
     try:
         with leader_and_follower(leader_oracle, follower_oracle, name) as (leader, follower, signals, _):
-            time.sleep(0.5)  # the follower's first read and the renewal's push are done
+            time.sleep(0.5)  # the follower's first read is done
             store = leader_oracle.shared_store()
             key = leader_oracle.key(name)
             value, revision = store.read(key)
@@ -260,8 +259,41 @@ def test_a_forged_heir_offer_never_takes_a_held_lease(server, name):
         leader_oracle.close()
 
 
+def test_a_release_wakes_one_followers_process_alone(server, name):
+    # Six followers, each on an oracle of its own (as in a process of its own), polls every 30 s:
+    # one of them is offered the release and takes it over; the others hear of neither the release
+    # nor the takeover (before: every process's push consumer got both, and each told its engine
+    # of the new term).
+    oracles = [oracle_for(server, ttl=60, poll_interval=30) for _ in range(7)]
+    leader = oracles[0].contender(name, "leader", {}, Signals())
+    followers = []
+    try:
+        released(oracles[0], name)
+        lead(leader, timeout=5)
+        for index, oracle in enumerate(oracles[1:]):
+            signals = Signals()
+            follower = oracle.contender(name, f"f{index}", {}, signals)
+            followers.append((follower, signals))
+            claim = follower.claim()
+            assert not claim.won and follower.watch(claim.leader)
+        time.sleep(1.0)  # every follower's first read done, every process in the heir group
+        for _, signals in followers:
+            signals.event.clear()
+        leader.abdicate()
+        wait_until(lambda: any(signals.event.is_set() for _, signals in followers), timeout=5, message="an heir")
+        heirs = [follower for follower, signals in followers if signals.event.is_set()]
+        assert len(heirs) == 1 and heirs[0].claim().won
+        time.sleep(1.0)  # what a push of the takeover would have done by now
+        assert sum(signals.event.is_set() for _, signals in followers) == 1
+    finally:
+        for contender in [leader] + [follower for follower, _ in followers]:
+            contender.close()
+        for oracle in oracles:
+            oracle.close()
+
+
 class Watcher:
-    """What the store pushes to (a LeaseContender's part of it): following, and ignoring pushes."""
+    """What the store nudges (a LeaseContender's part of it): following, and ignoring nudges."""
 
     watching = True
 
@@ -270,8 +302,8 @@ class Watcher:
 
 
 def test_watching_a_key_again_and_again_leaves_no_subscriptions_behind(server, name):
-    # Each watch of a key makes its heir subscription and push consumer (once per key, whatever
-    # the watchers); the last unwatch takes both away: counted by the server.
+    # Each watch of a key makes its heir subscription (once per key, whatever the watchers); the
+    # last unwatch takes it away: counted by the server.
     oracle = oracle_for(server, ttl=6, margin=1, poll_interval=3)
     store = oracle.shared_store()
     key = oracle.key(name)
@@ -335,7 +367,7 @@ def test_contention_and_graceful_handoffs_between_processes(server, tmp_path, na
         fleet.stop_all()
     report = fleet.assert_safe(min_terms=3)
     for identity, delay in successor_delays(report, signalled).items():
-        # The successor took the released record, pushed to it: taking over a silent record
+        # The successor took the released record, offered to it: taking over a silent record
         # instead needs it unchanged for a ttl after the leader's last renewal, which came at
         # most renew_interval before the signal, so it could not come sooner than 2 s after it.
         assert delay < TTL - RENEW - 0.1, (identity, delay, report.summary())

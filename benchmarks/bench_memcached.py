@@ -29,7 +29,8 @@ Results are printed as a table and saved to ``benchmarks/results/memcached.json`
 host's load average: on a busy machine the tails grow).
 
 Usage: ``python benchmarks/bench_memcached.py [--ttl 5] [--graceful 20] [--crash 5] [--rest 10]
-[--systems crown_sync,tooz,crown_sync@0.1]``
+[--systems crown_sync,tooz,crown_sync@0.1] [--contenders 3]``; ``--contenders N``: the handoffs
+and failovers with N contender processes (the requests at rest are always with 3).
 """
 
 import argparse
@@ -262,12 +263,14 @@ def run_system(label, server, args, directory):
     }
     print(f"   at rest: {result['requests_per_s']}", flush=True)
 
-    # Graceful handoffs and crash failovers, 3 contenders throughout.
+    # Graceful handoffs and crash failovers, args.contenders throughout.
     fleet = Fleet(system, url, f"handoff-{tag}", directory, poll)
     gaps, latencies, failovers = [], [], []
     try:
-        for _ in range(3):
+        for _ in range(args.contenders):
             fleet.spawn()
+        if args.contenders > 3:
+            time.sleep(args.contenders * 0.15)  # every process started (200 on 2 CPUs: seconds)
         for scenario, rounds in (("graceful", args.graceful), ("crash", args.crash if full else 0)):
             for _ in range(rounds):
                 term = fleet.settle()
@@ -284,7 +287,7 @@ def run_system(label, server, args, directory):
                     latencies.append(new.start - signalled)
                 else:
                     failovers.append(new.start - signalled)
-                fleet.spawn()  # keep three contenders
+                fleet.spawn()  # keep args.contenders contenders
             print(f"   {scenario}: done", flush=True)
         time.sleep(0.5)
     finally:
@@ -332,6 +335,7 @@ def main(argv=None) -> int:
                         help="crown_sync poll_interval and tooz run_watchers() period (s)")
     parser.add_argument("--graceful", type=int, default=20)
     parser.add_argument("--crash", type=int, default=5)
+    parser.add_argument("--contenders", type=int, default=3, help="contender processes in the handoffs")
     parser.add_argument("--sigstop", type=int, default=1)
     parser.add_argument("--rest", type=float, default=10.0, help="quiet window for request counts (s)")
     parser.add_argument("--systems", default="crown_sync,tooz,crown_sync@0.1",
@@ -360,7 +364,7 @@ def main(argv=None) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "host": {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
                  "loadavg_at_start": os.getloadavg()},
-        "params": {"ttl_s": args.ttl, "poll_or_pump_s": args.pump, "contenders": 3,
+        "params": {"ttl_s": args.ttl, "poll_or_pump_s": args.pump, "contenders": args.contenders,
                    "graceful_rounds": args.graceful, "crash_rounds": args.crash},
         "versions": {"tooz": getattr(tooz, "__version__", None)},
         "systems": {},

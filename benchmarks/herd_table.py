@@ -1,5 +1,5 @@
 """Render the many-contenders runs of ``benchmarks/run.py`` side by side:
-``python benchmarks/herd_table.py`` reads ``benchmarks/results/herd_{before,after,postgres_shared,nats}.json``
+``python benchmarks/herd_table.py`` reads ``benchmarks/results/herd_{before,after,postgres_shared,nats,heirs}.json``
 (each written by ``run.py --skip-peers --sizes 3,200 --output ...``) and writes ``herd.rst``
 (included by docs/benchmarks.rst). Nothing is typed in: every cell comes from those files."""
 
@@ -13,7 +13,8 @@ sys.path.insert(0, HERE)
 import run as bench  # noqa: E402  (run.py's cell formats)
 
 RUNS = (("before", "herd_before.json"), ("after", "herd_after.json"),
-        ("after, sessions=shared", "herd_postgres_shared.json"), ("after, NATS heir fixes", "herd_nats.json"))
+        ("after, sessions=shared", "herd_postgres_shared.json"), ("after, NATS heir fixes", "herd_nats.json"),
+        ("heirs (Redis, NATS)", "herd_heirs.json"))
 COLUMNS = ("run", "oracle", "contenders", "graceful handoff p50 / p95", "crash failover p50 / p95",
            "server requests per handoff / per failover", "overlaps")
 
@@ -35,8 +36,9 @@ def rows(results: str):
 #: The peers with many contender processes, each next to crown_sync on one server in one run:
 #: ``bench_zookeeper.py --sizes 3,200`` (kazoo's Election with one client per process, tooz),
 #: ``bench_redis.py --contenders 200`` (redis-py's Lock, tooz), ``bench_nats.py --contenders 200``
-#: (the hand-written KV loop), each with ``--output benchmarks/results/herd_peers_<oracle>.json``.
-PEERS = ("zookeeper", "redis", "nats")
+#: (the hand-written KV loop), ``bench_memcached.py --contenders 200 --systems crown_sync,tooz``
+#: (tooz), each with ``--output benchmarks/results/herd_peers_<oracle>.json``.
+PEERS = ("zookeeper", "redis", "nats", "memcached")
 PEER_COLUMNS = ("oracle", "system", "contenders", "graceful handoff p50 / p95", "crash failover p50 / p95")
 
 
@@ -47,6 +49,12 @@ def peer_rows(results: str):
             continue
         with open(path) as handle:
             summary = json.load(handle)
+        if oracle == "memcached":  # bench_memcached.py's layout: one fleet size per run
+            contenders = summary["params"]["contenders"]
+            for system, r in summary["systems"].items():
+                yield [oracle, system, str(contenders), bench._cell(r.get("graceful_from_signal")),
+                       bench._cell(r.get("crash_failover") if r.get("crash_failover", {}).get("n") else None)]
+            continue
         found = {(r["system"], r["contenders"], r["scenario"]): r for r in summary["results"] if "p50_ms" in r}
         for system, contenders in sorted({(s, c) for s, c, _ in found}, key=lambda k: (k[1], k[0])):
             yield [oracle, system, str(contenders), bench._cell(found.get((system, contenders, "graceful"))),

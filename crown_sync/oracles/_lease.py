@@ -76,11 +76,13 @@ A follower whose poller sees a new term (a ``held`` record of another holder) te
 whose next ``claim()`` is answered from that read (no request), and keeps watching; a pushed
 record counts as such a read. Within a process, once one contender tried to take a key over in a
 round, the others of that key read again in the next round (once for all) instead of trying too.
-Across processes, a pushed release is taken over at the follower's *turn* (``nudge``'s ``turn``):
-a server that can pick one heir (NATS: a queue group) gives it turn 0 and the others a fallback
-wait; a server that can count the listeners (Redis) gives each a random one of that many turns.
-A follower whose turn comes after the takeover was pushed drops its attempt. The cost: with
-several followers, the first attempt may wait a turn or two (see each server's docs).
+Across processes, a server that can pick one heir wakes that process alone (NATS: a queue
+group; Redis: a random live member of the election's heirs), whose followers look at once; the
+other followers' processes do not wake at all, and read the new term at their next poll. A
+release pushed to every follower (Redis, when no heir is known) is taken over at the follower's
+*turn* (``nudge``'s ``turn``): each draws a random one of as many turns as there are listeners,
+and a follower whose turn comes after the takeover was pushed drops its attempt (see each
+server's docs).
 
 Requests at rest: a follower makes one read per ``poll_interval`` (the engine's periodic
 re-claims are answered from the poller's fresh read without a request); a leader one CAS per

@@ -126,12 +126,13 @@ local function broadcast(channel, news, value)
 end
 local function offer(heirs, releaser, value)
   local candidates = redis.pcall('SRANDMEMBER', heirs, 8)
-  if type(candidates) ~= 'table' then return false end
+  if type(candidates) ~= 'table' or candidates.err then return false end
   for _, heir in ipairs(candidates) do
     if heir ~= releaser then
       local listening = redis.pcall('PUBSUB', 'NUMSUB', heir)
-      if type(listening) ~= 'table' then return false end
-      if tonumber(listening[2]) > 0 then
+      local count = type(listening) == 'table' and tonumber(listening[2])
+      if not count then return false end
+      if count > 0 then
         redis.call('PUBLISH', heir, 'released\\n' .. value)
         return true
       end

@@ -300,15 +300,16 @@ def test_an_heir_whose_crowns_do_not_follow_passes_the_release_on(server):
             oracle.close()
 
 
-def test_a_user_the_acl_denies_the_heir_commands_still_hands_over_at_once(server):
-    # The ACL line of the docs before heirs (no SADD, SRANDMEMBER, PUBSUB): every release is
-    # broadcast, as before, and taken over at once.
-    name = "old-acl"
+@pytest.mark.parametrize("extra", ["", "+sadd +expire +srandmember"])
+def test_a_user_the_acl_denies_the_heir_commands_still_hands_over_at_once(server, extra):
+    # The ACL line of the docs before heirs (no SADD, SRANDMEMBER, PUBSUB), or with heirs but
+    # without PUBSUB: every release is broadcast, as before, and taken over at once.
+    name = f"old-acl-{len(extra)}"
     _released(server, name)
     line = ("on >old-secret resetkeys ~crown_sync:* resetchannels &crown_sync:* -@all +evalsha +script|load +set"
-            " +subscribe +unsubscribe +ping +role +info +hello +auth +get +incr +hget +hset +publish +time")
+            " +subscribe +unsubscribe +ping +role +info +hello +auth +get +incr +hget +hset +publish +time " + extra)
     with server.client() as client:
-        client.execute_command("ACL", "SETUSER", "old", *line.split())
+        client.execute_command("ACL", "SETUSER", "old", "reset", *line.split())
     url = f"redis://old:old-secret@{server.host}:{server.port}/0?ttl=60&poll_interval=30"
     oracles, leader, followers = _contenders(url, name, 1)
     try:

@@ -34,7 +34,7 @@ def rows(results: str):
 
 
 #: The peers with many contender processes, each next to crown_sync on one server in one run:
-#: ``bench_zookeeper.py --sizes 3,200`` (kazoo's Election with one client per process, tooz),
+#: ``bench_zookeeper.py --sizes 3,200`` (kazoo's Election, tooz; each system's contenders in one process),
 #: ``bench_redis.py --contenders 200`` (redis-py's Lock, tooz), ``bench_nats.py --contenders 200``
 #: (the hand-written KV loop), ``bench_memcached.py --contenders 200 --systems crown_sync,tooz``
 #: (tooz), each with ``--output benchmarks/results/herd_peers_<oracle>.json``.

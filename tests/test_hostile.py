@@ -2,6 +2,7 @@
 can do to a crown. The file oracle's and memcached's own attacks are in their test modules."""
 
 import logging
+import threading
 import time
 import urllib.parse
 
@@ -116,11 +117,13 @@ NATS_AUTHORIZATION = """
 authorization {
   users = [
     {user: "crown", password: "%(crown)s", permissions: {
-       publish: ["$KV.crown_sync.>", "$JS.API.>", "$JS.FC.>"], subscribe: ["_INBOX.>"]}}
+       publish: ["$KV.crown_sync.>", "$JS.API.>", "$JS.FC.>", "crown_sync.heir.crown_sync.>"],
+       subscribe: ["_INBOX.>", "crown_sync.heir.crown_sync.>"]}}
     {user: "other", password: "%(other)s", permissions: {
        publish: {deny: ["$KV.crown_sync.>", "$JS.API.*.*.KV_crown_sync", "$JS.API.*.*.KV_crown_sync.>",
-                        "$JS.API.*.*.*.KV_crown_sync", "$JS.API.*.*.*.KV_crown_sync.>"]},
-       subscribe: {deny: ["$KV.crown_sync.>"]}}}
+                        "$JS.API.*.*.*.KV_crown_sync", "$JS.API.*.*.*.KV_crown_sync.>",
+                        "crown_sync.heir.crown_sync.>"]},
+       subscribe: {deny: ["$KV.crown_sync.>", "crown_sync.heir.crown_sync.>"]}}}
   ]
 }
 """
@@ -159,12 +162,11 @@ async def _ignore(_error):
     pass
 
 
-def test_nats_a_co_tenant_denied_the_bucket_cannot_touch_a_crown(tmp_path):
+def _nats_tenants():
+    """A NatsServer (not started) with the users of NATS_AUTHORIZATION; (server, other's password)."""
     import secrets
 
     from crown_sync.testing.nats_server import NatsServer
-
-    from .oracles.support import Fleet
 
     server = NatsServer()
     other = "other-" + secrets.token_hex(6)
@@ -173,6 +175,46 @@ def test_nats_a_co_tenant_denied_the_bucket_cannot_touch_a_crown(tmp_path):
     head = config[: config.index("authorization {")]
     with open(server.config, "w") as handle:
         handle.write(head + NATS_AUTHORIZATION % {"crown": server.password, "other": other})
+    return server, other
+
+
+def test_nats_the_crowns_user_of_the_docs_hands_over_at_once(tmp_path):
+    # Its permissions include the heir subject: with polls every 30 s, only the offer hands over.
+    from crown_sync.oracles._lease import encode
+    from crown_sync.urls import oracle_from_url
+
+    server, _ = _nats_tenants()
+    try:
+        server.start()
+        url = f"nats://crown:{server.password}@127.0.0.1:{server.port}?ttl=60&poll_interval=30"
+        oracles = [oracle_from_url(url) for _ in range(2)]
+        changed = threading.Event()
+        leader = oracles[0].contender("offered", "leader", {}, lambda lost=False: None)
+        follower = oracles[1].contender("offered", "follower", {}, lambda lost=False: changed.set())
+        try:
+            # As a clean stop leaves the key: the first claim waits no quarantine (a ttl).
+            assert oracles[0].shared_store().create(oracles[0].key("offered"), encode({"state": "released", "token": 1}), 10)
+            assert wait_until(lambda: leader.claim().won, timeout=10, message="a first term")
+            claim = follower.claim()
+            assert not claim.won and follower.watch(claim.leader)
+            time.sleep(1.0)  # its first read done, its process in the heir group
+            changed.clear()
+            leader.abdicate()
+            assert changed.wait(5.0), "the release was not offered to the follower"
+            assert follower.claim().won
+        finally:
+            for contender in (leader, follower):
+                contender.close()
+            for oracle in oracles:
+                oracle.close()
+    finally:
+        server.cleanup()
+
+
+def test_nats_a_co_tenant_denied_the_bucket_cannot_touch_a_crown(tmp_path):
+    from .oracles.support import Fleet
+
+    server, other = _nats_tenants()
     name = "billing"
     base = f"127.0.0.1:{server.port}"
     fleet = Fleet(f"nats://crown:{server.password}@{base}?ttl=2.5&margin=1&poll_interval=0.05", tmp_path, name)

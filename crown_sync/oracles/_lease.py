@@ -359,9 +359,9 @@ class LeaseOracle(OracleBase):
         return (token, value) if store.replace(key, value, version, self.record_expire) else None
 
     def watching(self, contender: "LeaseContender", store: LeaseStore) -> None:
-        """A contender started following: a server that can push changes arranges (on the
-        shared ``store``) to call ``contender.nudge()`` when the election's key changes. Called
-        once per contender."""
+        """A contender started following: a server that can push arranges (on the shared
+        ``store``) to call ``contender.nudge()`` when the election's key changes, or when this
+        process is offered a release as its heir (NATS, Redis). Called once per contender."""
 
     def watching_again(self, contender: "LeaseContender", store: LeaseStore) -> None:
         """A contender already hooked by :meth:`watching` follows again after a term or a claim

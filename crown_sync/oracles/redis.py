@@ -112,10 +112,11 @@ return {redis.call('GET', KEYS[1]), redis.call('HGET', KEYS[2], KEYS[1]) == run 
 # is to every process with a crown of it; a release's news also says how many connections listen
 # there (the followers' processes, and ours): each draws its turn among that many (_Push._deliver).
 # offer: to ONE process following the election, its heir, on that process's own channel; the
-# heirs are the set KEYS[3] (each process adds its channel when it subscribes: see _Push), and a
-# member nobody listens on any more (its process is gone) is dropped on the way. False: nobody
+# heirs are the set KEYS[3] (each process adds its channel when it subscribes: see _Push), and the
+# sampled members nobody listens on any more (their process is gone) are dropped. False: nobody
 # to offer it to (or an ACL without SRANDMEMBER or PUBSUB): broadcast it instead. pcall: an ACL
-# that denies a command costs the herd saving, never the release.
+# that denies a command costs the herd saving, never the release (an error after the write
+# would fail the script with the write done).
 _PUBLISH = """
 local function broadcast(channel, news, value)
   if news == 'released' then
@@ -124,22 +125,26 @@ local function broadcast(channel, news, value)
   end
   redis.call('PUBLISH', channel, news .. '\\n' .. value)
 end
+local function listeners(channel)
+  local listening = redis.pcall('PUBSUB', 'NUMSUB', channel)
+  return type(listening) == 'table' and tonumber(listening[2])
+end
 local function offer(heirs, releaser, value)
   local candidates = redis.pcall('SRANDMEMBER', heirs, 8)
   if type(candidates) ~= 'table' or candidates.err then return false end
+  local offered = false
   for _, heir in ipairs(candidates) do
     if heir ~= releaser then
-      local listening = redis.pcall('PUBSUB', 'NUMSUB', heir)
-      local count = type(listening) == 'table' and tonumber(listening[2])
-      if not count then return false end
-      if count > 0 then
-        redis.call('PUBLISH', heir, 'released\\n' .. value)
-        return true
+      local count = listeners(heir)
+      if not count then return offered end
+      if count == 0 then
+        redis.pcall('SREM', heirs, heir)
+      elseif not offered then
+        offered = type(redis.pcall('PUBLISH', heir, 'released\\n' .. value)) == 'number'
       end
-      redis.pcall('SREM', heirs, heir)
     end
   end
-  return false
+  return offered
 end
 """
 
@@ -170,11 +175,27 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then broadcast(KEYS[1], 'released', ARG
 return 0
 """
 
-# A process follows the election: its heir channel joins the heirs (KEYS[1]), which a day without
-# any registration collects (a process registers again every HEIR_REFRESH seconds).
-_REGISTER = """
-redis.call('SADD', KEYS[1], ARGV[1])
-redis.call('EXPIRE', KEYS[1], ARGV[2])
+# A process follows elections: each heir channel ARGV[i + 1] joins its election's heirs KEYS[i],
+# which a day without any registration collects (a process registers again every HEIR_REFRESH
+# seconds); a sample of each set's members nobody listens on any more is dropped on the way (a
+# process that died leaves its channel behind: each registration clears about as many as
+# restarts leave). ARGV[1]: seconds the sets live.
+_REGISTER = _PUBLISH + """
+for i, heirs in ipairs(KEYS) do
+  redis.call('SADD', heirs, ARGV[i + 1])
+  redis.call('EXPIRE', heirs, ARGV[1])
+  local sample = redis.pcall('SRANDMEMBER', heirs, 8)
+  if type(sample) == 'table' and not sample.err then
+    for _, heir in ipairs(sample) do
+      if listeners(heir) == 0 then redis.pcall('SREM', heirs, heir) end
+    end
+  end
+end
+"""
+
+# A process no longer follows these elections: its heir channels ARGV[i] leave the heirs KEYS[i].
+_UNREGISTER = """
+for i, heirs in ipairs(KEYS) do redis.pcall('SREM', heirs, ARGV[i]) end
 """
 
 # The local counter: the token counter; KEYS[2]: the server hash. On a server incarnation not seen
@@ -219,7 +240,7 @@ return token
 """
 
 _SCRIPTS: Dict[str, str] = {"read": _READ, "replace": _REPLACE, "next_token": _NEXT_TOKEN, "start_term": _START_TERM,
-                             "broadcast": _BROADCAST, "register": _REGISTER}
+                             "broadcast": _BROADCAST, "register": _REGISTER, "unregister": _UNREGISTER}
 
 #: Seconds a set of heirs lives after its last registration, and between a process's registrations.
 HEIRS_EXPIRE = 86400
@@ -416,10 +437,13 @@ class RedisStore(LeaseStore):
         )
         return None if done == -1 else bool(done)
 
-    def register_heir(self, key: str, channel: str) -> None:
-        """``channel`` (this process's) joins the heirs of ``key``'s releases."""
-        self._run("heir registration script", lambda client: self._scripts["register"](
-            keys=[self._oracle.heirs_key(key)], args=[channel, HEIRS_EXPIRE], client=client))
+    def register_heirs(self, channels: Dict[str, str], joining: bool = True) -> None:
+        """Each ``channels[key]`` (this process's) joins (or leaves) the heirs of ``key``'s
+        releases, in one script."""
+        keys = [self._oracle.heirs_key(key) for key in channels]
+        args = ([HEIRS_EXPIRE] if joining else []) + list(channels.values())
+        name = "register" if joining else "unregister"  # the scripts are made with the client
+        self._run("heir registration script", lambda client: self._scripts[name](keys=keys, args=args, client=client))
 
     def broadcast_release(self, key: str, value: bytes) -> None:
         """Push the release ``value`` of ``key`` to every follower, if it is still the record."""
@@ -499,12 +523,15 @@ class _Push:
 
     Heirs: for each election it follows, the process also listens on a channel of its own,
     ``<key> <process nonce>`` (a space: no election name holds one), and adds it to the election's
-    heirs once subscribed. A release is offered on one heir's channel (see _PUBLISH): its process
-    alone wakes, and one of its watching crowns takes it over at once. An heir whose crowns all
-    stopped watching broadcasts the release, as if it had no heir.
+    heirs once subscribed (all the keys confirmed meanwhile in one script, at the next quiet
+    moment or tick). A release is offered on one heir's channel (see _PUBLISH): its process alone
+    wakes, and one of its watching crowns takes it over at once. An heir whose crowns all stopped
+    watching broadcasts the release, as if it had no heir. A server that refuses our heir
+    channels (an ACL naming channels exactly) gets none: every release is then broadcast.
     """
 
     _TICK = 0.2  # seconds between looks at the registrations (no request: a socket wait)
+    _RETRY = 5.0  # seconds before a failed (un)registration is tried again
 
     def __init__(self, oracle: "RedisOracle"):
         self._oracle = oracle
@@ -513,7 +540,13 @@ class _Push:
         self._thread: Optional[threading.Thread] = None
         self._closed = False
         self._nonce = secrets.token_hex(8)  # a new _Push (and nonce) in a forked child
-        self._registered: Dict[str, float] = {}  # key -> when its heir channel was last registered
+        self._heirs = True  # False once the server refused our heir channels
+        # The pub/sub thread's own: key -> when its heir channel was last registered, and the
+        # keys whose heir channel to register (confirmed) or unregister (left), and when next.
+        self._registered: Dict[str, float] = {}
+        self._confirmed: set = set()
+        self._left: set = set()
+        self._due = 0.0
 
     def heir_channel(self, key: str) -> str:
         return f"{key} {self._nonce}"
@@ -556,38 +589,67 @@ class _Push:
         """One pub/sub session: returns when closed, raises on a connection error."""
         subscribed: set = set()
         self._registered.clear()  # registered again once subscribed again
+        self._confirmed.clear()
         pubsub = self._oracle.new_client().pubsub()
+        look = 0.0
         try:
             while not self._closed:
-                wanted = self._wanted()
-                if wanted - subscribed:
-                    pubsub.subscribe(*(c for key in wanted - subscribed for c in (key, self.heir_channel(key))))
-                if subscribed - wanted:
-                    pubsub.unsubscribe(*(c for key in subscribed - wanted for c in (key, self.heir_channel(key))))
-                    for key in subscribed - wanted:
-                        self._registered.pop(key, None)
-                subscribed = wanted
+                if time.monotonic() >= look:  # once a tick, not per message: 1,000 keys cost
+                    subscribed = self._resubscribe(pubsub, subscribed)  # seconds a look
+                    look = time.monotonic() + self._TICK
+                    self._register(subscribed)
                 if not subscribed:
                     time.sleep(self._TICK)
                     continue
                 message = pubsub.get_message(timeout=self._TICK)
                 if message is not None:
                     self._deliver(message)
-                self._refresh(subscribed)
+                else:
+                    self._register(subscribed)  # a quiet moment: the confirmed keys at once
+        except redis.exceptions.NoPermissionError as exc:
+            if self._heirs:
+                self._heirs = False
+                logger.warning("%s: the user may not subscribe to the crowns' own channels (%s): every "
+                               "release is pushed to all followers (see Sharing a server)",
+                               self._oracle.description, exc)
+            raise  # the next session subscribes to the elections' channels only
         finally:
             pubsub.close()
 
-    def _refresh(self, subscribed: set) -> None:
-        stale = time.monotonic() - HEIR_REFRESH
-        for key in [key for key, when in self._registered.items() if when < stale and key in subscribed]:
-            self._register(key)
+    def _resubscribe(self, pubsub: Any, subscribed: set) -> set:
+        wanted = self._wanted()
+        new, gone = wanted - subscribed, subscribed - wanted
+        if new:
+            pubsub.subscribe(*new)
+            if self._heirs:  # a command of their own: a refusal leaves the elections' channels
+                pubsub.subscribe(*(self.heir_channel(key) for key in new))
+        if gone:
+            pubsub.unsubscribe(*gone, *((self.heir_channel(key) for key in gone) if self._heirs else ()))
+            self._confirmed -= gone
+            self._left |= {key for key in gone if self._registered.pop(key, None) is not None}
+        return wanted
 
-    def _register(self, key: str) -> None:
-        self._registered[key] = time.monotonic()
-        try:
-            self._oracle._shared("register_heir", key, self.heir_channel(key))
-        except Exception as exc:  # the release is broadcast instead: slower with many followers, as safe
-            logger.debug("%s: could not register as an heir of %s: %s", self._oracle.description, key, exc)
+    def _register(self, subscribed: set) -> None:
+        """(Un)register the heir channels due, each way in one script (failures: again later)."""
+        now = time.monotonic()
+        if now < self._due:
+            return
+        stale = now - HEIR_REFRESH
+        joining = (self._confirmed | {key for key, when in self._registered.items() if when < stale}) & subscribed
+        for keys, join in ((joining, True), (set(self._left), False)):
+            if not keys or self._closed:
+                continue
+            try:
+                self._oracle._shared("register_heirs", {key: self.heir_channel(key) for key in keys}, join)
+            except Exception as exc:  # releases are broadcast meanwhile: slower with many followers, as safe
+                logger.debug("%s: heir registration failed: %s", self._oracle.description, exc)
+                self._due = now + self._RETRY
+                return
+            if join:
+                self._confirmed -= keys
+                self._registered.update(dict.fromkeys(keys, now))
+            else:
+                self._left -= keys
 
     def _deliver(self, message: Dict[str, Any]) -> None:
         kind = message.get("type")
@@ -600,8 +662,8 @@ class _Push:
         key, _, nonce = channel.partition(" ")
         if nonce:
             if kind == "subscribe":
-                self._register(key)
-            elif value:
+                self._confirmed.add(key)
+            elif news == b"released" and value:
                 self._inherit(key, value)
             return
         news, _, listeners = news.partition(b" ")
@@ -622,11 +684,12 @@ class _Push:
         with self._lock:
             members = list(self._members.get(key, ()))
         random.shuffle(members)
-        if not any(contender.nudge((value, _Offered(value))) for contender in members):
-            try:
-                self._oracle._shared("broadcast_release", key, value)
-            except Exception as exc:  # the followers' polls find it
-                logger.debug("%s: could not pass the release of %s on: %s", self._oracle.description, key, exc)
+        if any(contender.nudge((value, _Offered(value))) for contender in members) or self._closed:
+            return
+        try:
+            self._oracle._shared("broadcast_release", key, value)
+        except Exception as exc:  # the followers' polls find it
+            logger.debug("%s: could not pass the release of %s on: %s", self._oracle.description, key, exc)
 
     def close(self) -> None:
         self._closed = True
@@ -645,7 +708,8 @@ class RedisOracle(LeaseOracle):
     ttl: lease length in seconds (>= 1, default 10). Crash failover takes about
         ``ttl + poll_interval``; after the key was lost, the first claimant waits one ``ttl``.
     poll_interval: how often a follower reads the key (default 1 s). Releases and dismissals
-        are pushed over pub/sub: this poll only finds crashed leaders and lost messages.
+        are pushed over pub/sub (a release to one heir process): this poll finds crashed leaders,
+        lost messages, and the new term for the followers that were not the heir.
     margin, renew_interval, connect_timeout, timeout, clock: as for every lease oracle
         (:class:`crown_sync.oracles._lease.LeaseOracle`).
     key_prefix: prepended to the election name to make the key and the channel (default

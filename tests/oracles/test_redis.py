@@ -282,6 +282,9 @@ def test_an_heir_whose_crowns_do_not_follow_passes_the_release_on(server):
     oracles, leader, followers = _contenders(url, name, 1)
     idle_oracle = oracle_from_url(url)
     idle = idle_oracle.contender(name, "idle", {}, _Signals())
+    inherited = []
+    inherit = idle_oracle._push._inherit
+    idle_oracle._push._inherit = lambda *args: (inherited.append(args), inherit(*args))
     try:
         follower, signals = followers[0]
         heirs = f"crown_sync::heirs:{name}"
@@ -293,11 +296,58 @@ def test_an_heir_whose_crowns_do_not_follow_passes_the_release_on(server):
         leader.abdicate()
         assert signals.event.wait(5.0), "the release was not passed on"
         assert follower.claim().won
+        assert len(inherited) == 1  # offered to the idle process, which passed it on
     finally:
         for contender in (leader, follower, idle):
             contender.close()
         for oracle in oracles + [idle_oracle]:
             oracle.close()
+
+
+def test_dead_heirs_are_dropped_when_a_process_registers(server):
+    # Processes that died leave their heir channels in the set: a registration drops those it
+    # samples (8), so they never outnumber the live ones for long.
+    name = "dead-heirs"
+    _released(server, name)
+    heirs = f"crown_sync::heirs:{name}"
+    with server.client() as client:
+        client.sadd(heirs, *(f"crown_sync:{name} dead{i}" for i in range(5)))
+    oracles, leader, followers = _contenders(server.url(ttl=60, poll_interval=30), name, 1)
+    try:
+        with server.client() as client:
+            expected = {oracle._push.heir_channel(oracle.key(name)).encode() for oracle in oracles}
+            wait_until(lambda: client.smembers(heirs) == expected, timeout=10, message="only the live heirs left")
+    finally:
+        leader.close()
+        followers[0][0].close()
+        for oracle in oracles:
+            oracle.close()
+
+
+def test_a_user_allowed_only_the_elections_own_channel_still_gets_its_pushes(server, caplog):
+    # An ACL naming the election's channel exactly (no pattern) refuses the heir channels: the
+    # process goes on without them, and releases are broadcast and taken over at once.
+    name = "exact-channel"
+    _released(server, name)
+    line = f"on >exact-secret resetkeys ~crown_sync:* resetchannels &crown_sync:{name} +@all"
+    with server.client() as client:
+        client.execute_command("ACL", "SETUSER", "exact", "reset", *line.split())
+    url = f"redis://exact:exact-secret@{server.host}:{server.port}/0?ttl=60&poll_interval=30"
+    with caplog.at_level(logging.WARNING, logger="crown_sync.oracles.redis"):
+        oracles, leader, followers = _contenders(url, name, 1)
+        try:
+            follower, signals = followers[0]
+            wait_until(lambda: not oracles[1]._push._heirs, timeout=10, message="heir channels refused")
+            time.sleep(1.0)  # subscribed again, to the election's channel alone
+            leader.abdicate()
+            assert signals.event.wait(5.0), "the release was not pushed"
+            assert follower.claim().won
+        finally:
+            leader.close()
+            followers[0][0].close()
+            for oracle in oracles:
+                oracle.close()
+    assert "may not subscribe to the crowns' own channels" in caplog.text
 
 
 @pytest.mark.parametrize("extra", ["", "+sadd +expire +srandmember"])
@@ -324,7 +374,8 @@ def test_a_user_the_acl_denies_the_heir_commands_still_hands_over_at_once(server
             oracle.close()
 
 
-def test_a_release_pushed_before_a_restart_is_not_taken_over_after_it(tmp_path):
+@pytest.mark.parametrize("offered", [False, True])
+def test_a_release_pushed_before_a_restart_is_not_taken_over_after_it(tmp_path, offered):
     """A message is handled after the server restarted from a snapshot holding that release (its
     taker's record lost): the follower must treat it as a read would, as a stale candidate only,
     not take it over at once."""
@@ -341,7 +392,10 @@ def test_a_release_pushed_before_a_restart_is_not_taken_over_after_it(tmp_path):
             with rdb.client() as client:
                 wait_until(lambda: client.pubsub_numsub(f"crown_sync:{name}")[0][1] == 1, timeout=10,
                            message="the follower's subscription")
-                client.publish(f"crown_sync:{name}", b"released\n" + value)  # as sent before the restart
+                # as sent before the restart, to every follower or to this one as the heir
+                channel = oracle._push.heir_channel(oracle.key(name)) if offered else f"crown_sync:{name}"
+                wait_until(lambda: client.pubsub_numsub(channel)[0][1] == 1, timeout=10, message="subscribed")
+                client.publish(channel, b"released\n" + value)
             time.sleep(1.0)
             assert not signals.event.is_set() and not follower.claim().won
         finally:

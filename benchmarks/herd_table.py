@@ -1,5 +1,5 @@
 """Render the many-contenders runs of ``benchmarks/run.py`` side by side:
-``python benchmarks/herd_table.py`` reads ``benchmarks/results/herd_{before,after,postgres_shared,nats,heirs}.json``
+``python benchmarks/herd_table.py`` reads ``benchmarks/results/herd_*.json``
 (each written by ``run.py --skip-peers --sizes 3,200 --output ...``) and writes ``herd.rst``
 (included by docs/benchmarks.rst). Nothing is typed in: every cell comes from those files."""
 
@@ -14,7 +14,7 @@ import run as bench  # noqa: E402  (run.py's cell formats)
 
 RUNS = (("before", "herd_before.json"), ("after", "herd_after.json"),
         ("after, sessions=shared", "herd_postgres_shared.json"), ("after, NATS heir fixes", "herd_nats.json"),
-        ("heirs (Redis, NATS)", "herd_heirs.json"))
+        ("heirs (Redis, NATS)", "herd_heirs.json"), ("heirs, final Redis", "herd_heirs_redis_final.json"))
 COLUMNS = ("run", "oracle", "contenders", "graceful handoff p50 / p95", "crash failover p50 / p95",
            "server requests per handoff / per failover", "overlaps")
 

@@ -3,6 +3,7 @@
 Safety is judged from the journal the contenders' children write themselves, never from Redis.
 """
 
+import contextlib
 import json
 import logging
 import os
@@ -233,14 +234,38 @@ def _messages(pubsub, seconds):
     return found
 
 
+@contextlib.contextmanager
 def _contenders(url, name, count):
     """``count`` watching followers of ``name``, each on an oracle of its own (as if in a process
-    of its own), and a leader on another; returns (oracles, leader, [(follower, signals)])."""
+    of its own), and a leader on another: (oracles, leader, [(follower, signals)]), all closed
+    at the end."""
     oracles = [oracle_from_url(url) for _ in range(count + 1)]
-    leader = oracles[0].contender(name, "leader", {}, _Signals())
-    assert wait_until(lambda: leader.claim().won, timeout=10, message="leading")
-    followers = [_watching_follower(oracle, name, "leader")[:2] for oracle in oracles[1:]]
-    return oracles, leader, followers
+    contenders = [oracles[0].contender(name, "leader", {}, _Signals())]
+    try:
+        assert wait_until(lambda: contenders[0].claim().won, timeout=10, message="leading")
+        followers = []
+        for oracle in oracles[1:]:
+            followers.append(_watching_follower(oracle, name, "leader")[:2])
+            contenders.append(followers[-1][0])
+        yield oracles, contenders[0], followers
+    finally:
+        for contender in contenders:
+            contender.close()
+        for oracle in oracles:
+            oracle.close()
+
+
+def _hands_over(leader, follower, signals):
+    leader.abdicate()
+    assert signals.event.wait(5.0), "the release was not pushed"
+    assert follower.claim().won
+
+
+def _acl_user(server, user, rules):
+    """An ACL user of ``rules`` on ``server``; its URL (polls every 30 s)."""
+    with server.client() as client:
+        client.execute_command("ACL", "SETUSER", user, "reset", "on", f">{user}-secret", *rules.split())
+    return f"redis://{user}:{user}-secret@{server.host}:{server.port}/0?ttl=60&poll_interval=30"
 
 
 def test_a_release_is_offered_to_one_heir_process_alone(server):
@@ -249,27 +274,20 @@ def test_a_release_is_offered_to_one_heir_process_alone(server):
     # process listens, carries neither the release nor the takeover (before: both, waking all).
     name = "one-heir"
     _released(server, name)
-    oracles, leader, followers = _contenders(server.url(ttl=60, poll_interval=30), name, 6)
-    try:
-        with server.client() as client:
-            wait_until(lambda: client.scard(f"crown_sync::heirs:{name}") == 7, timeout=10, message="every heir registered")
-            everyone = client.pubsub()
-            everyone.subscribe(f"crown_sync:{name}")
-            assert everyone.get_message(timeout=5)["type"] == "subscribe"
-            leader.abdicate()
-            wait_until(lambda: sum(signals.event.is_set() for _, signals in followers) >= 1, timeout=5,
-                       message="an heir woken")
-            heirs = [follower for follower, signals in followers if signals.event.is_set()]
-            assert len(heirs) == 1
-            assert heirs[0].claim().won
-            assert _messages(everyone, 1.0) == []
-            everyone.close()
-    finally:
-        leader.close()
-        for follower, _ in followers:
-            follower.close()
-        for oracle in oracles:
-            oracle.close()
+    with _contenders(server.url(ttl=60, poll_interval=30), name, 6) as (_, leader, followers), \
+            server.client() as client:
+        wait_until(lambda: client.scard(f"crown_sync::heirs:{name}") == 7, timeout=10, message="every heir registered")
+        everyone = client.pubsub()
+        everyone.subscribe(f"crown_sync:{name}")
+        assert everyone.get_message(timeout=5)["type"] == "subscribe"
+        leader.abdicate()
+        wait_until(lambda: sum(signals.event.is_set() for _, signals in followers) >= 1, timeout=5,
+                   message="an heir woken")
+        heirs = [follower for follower, signals in followers if signals.event.is_set()]
+        assert len(heirs) == 1
+        assert heirs[0].claim().won
+        assert _messages(everyone, 1.0) == []
+        everyone.close()
 
 
 def test_an_heir_whose_crowns_do_not_follow_passes_the_release_on(server):
@@ -279,29 +297,24 @@ def test_an_heir_whose_crowns_do_not_follow_passes_the_release_on(server):
     name = "heir-passes"
     _released(server, name)
     url = server.url(ttl=60, poll_interval=30)
-    oracles, leader, followers = _contenders(url, name, 1)
     idle_oracle = oracle_from_url(url)
     idle = idle_oracle.contender(name, "idle", {}, _Signals())
     inherited = []
     inherit = idle_oracle._push._inherit
     idle_oracle._push._inherit = lambda *args: (inherited.append(args), inherit(*args))
     try:
-        follower, signals = followers[0]
-        heirs = f"crown_sync::heirs:{name}"
-        channel = idle_oracle._push.heir_channel(idle_oracle.key(name))
-        with server.client() as client:
-            wait_until(lambda: client.sismember(heirs, channel), timeout=10, message="the idle process registered")
-            client.delete(heirs)
-            client.sadd(heirs, channel)
-        leader.abdicate()
-        assert signals.event.wait(5.0), "the release was not passed on"
-        assert follower.claim().won
-        assert len(inherited) == 1  # offered to the idle process, which passed it on
+        with _contenders(url, name, 1) as (_, leader, [(follower, signals)]):
+            heirs = f"crown_sync::heirs:{name}"
+            channel = idle_oracle._push.heir_channel(idle_oracle.key(name))
+            with server.client() as client:
+                wait_until(lambda: client.sismember(heirs, channel), timeout=10, message="the idle process registered")
+                client.delete(heirs)
+                client.sadd(heirs, channel)
+            _hands_over(leader, follower, signals)
+            assert len(inherited) == 1  # offered to the idle process, which passed it on
     finally:
-        for contender in (leader, follower, idle):
-            contender.close()
-        for oracle in oracles + [idle_oracle]:
-            oracle.close()
+        idle.close()
+        idle_oracle.close()
 
 
 def test_dead_heirs_are_dropped_when_a_process_registers(server):
@@ -312,16 +325,9 @@ def test_dead_heirs_are_dropped_when_a_process_registers(server):
     heirs = f"crown_sync::heirs:{name}"
     with server.client() as client:
         client.sadd(heirs, *(f"crown_sync:{name} dead{i}" for i in range(5)))
-    oracles, leader, followers = _contenders(server.url(ttl=60, poll_interval=30), name, 1)
-    try:
-        with server.client() as client:
+        with _contenders(server.url(ttl=60, poll_interval=30), name, 1) as (oracles, _, _):
             expected = {oracle._push.heir_channel(oracle.key(name)).encode() for oracle in oracles}
             wait_until(lambda: client.smembers(heirs) == expected, timeout=10, message="only the live heirs left")
-    finally:
-        leader.close()
-        followers[0][0].close()
-        for oracle in oracles:
-            oracle.close()
 
 
 def test_a_user_allowed_only_the_elections_own_channel_still_gets_its_pushes(server, caplog):
@@ -329,24 +335,12 @@ def test_a_user_allowed_only_the_elections_own_channel_still_gets_its_pushes(ser
     # process goes on without them, and releases are broadcast and taken over at once.
     name = "exact-channel"
     _released(server, name)
-    line = f"on >exact-secret resetkeys ~crown_sync:* resetchannels &crown_sync:{name} +@all"
-    with server.client() as client:
-        client.execute_command("ACL", "SETUSER", "exact", "reset", *line.split())
-    url = f"redis://exact:exact-secret@{server.host}:{server.port}/0?ttl=60&poll_interval=30"
-    with caplog.at_level(logging.WARNING, logger="crown_sync.oracles.redis"):
-        oracles, leader, followers = _contenders(url, name, 1)
-        try:
-            follower, signals = followers[0]
-            wait_until(lambda: not oracles[1]._push._heirs, timeout=10, message="heir channels refused")
-            time.sleep(1.0)  # subscribed again, to the election's channel alone
-            leader.abdicate()
-            assert signals.event.wait(5.0), "the release was not pushed"
-            assert follower.claim().won
-        finally:
-            leader.close()
-            followers[0][0].close()
-            for oracle in oracles:
-                oracle.close()
+    url = _acl_user(server, "exact", f"resetkeys ~crown_sync:* resetchannels &crown_sync:{name} +@all")
+    with caplog.at_level(logging.WARNING, logger="crown_sync.oracles.redis"), \
+            _contenders(url, name, 1) as (oracles, leader, [(follower, signals)]):
+        wait_until(lambda: not oracles[1]._push._heirs, timeout=10, message="heir channels refused")
+        time.sleep(1.0)  # subscribed again, to the election's channel alone
+        _hands_over(leader, follower, signals)
     assert "may not subscribe to the crowns' own channels" in caplog.text
 
 
@@ -356,22 +350,11 @@ def test_a_user_the_acl_denies_the_heir_commands_still_hands_over_at_once(server
     # without PUBSUB: every release is broadcast, as before, and taken over at once.
     name = f"old-acl-{len(extra)}"
     _released(server, name)
-    line = ("on >old-secret resetkeys ~crown_sync:* resetchannels &crown_sync:* -@all +evalsha +script|load +set"
-            " +subscribe +unsubscribe +ping +role +info +hello +auth +get +incr +hget +hset +publish +time " + extra)
-    with server.client() as client:
-        client.execute_command("ACL", "SETUSER", "old", "reset", *line.split())
-    url = f"redis://old:old-secret@{server.host}:{server.port}/0?ttl=60&poll_interval=30"
-    oracles, leader, followers = _contenders(url, name, 1)
-    try:
-        follower, signals = followers[0]
-        leader.abdicate()
-        assert signals.event.wait(5.0), "the release was not pushed"
-        assert follower.claim().won
-    finally:
-        leader.close()
-        followers[0][0].close()
-        for oracle in oracles:
-            oracle.close()
+    url = _acl_user(server, "old", "resetkeys ~crown_sync:* resetchannels &crown_sync:* -@all +evalsha +script|load"
+                    " +set +subscribe +unsubscribe +ping +role +info +hello +auth +get +incr +hget +hset +publish"
+                    " +time " + extra)
+    with _contenders(url, name, 1) as (_, leader, [(follower, signals)]):
+        _hands_over(leader, follower, signals)
 
 
 @pytest.mark.parametrize("offered", [False, True])

@@ -1,6 +1,6 @@
 """Render the many-contenders runs of ``benchmarks/run.py`` side by side:
-``python benchmarks/herd_table.py`` reads ``benchmarks/results/herd_*.json``
-(each written by ``run.py --skip-peers --sizes 3,200 --output ...``) and writes ``herd.rst``
+``python benchmarks/herd_table.py`` reads the ``benchmarks/results/herd_*.json`` of RUNS (each
+written by ``run.py --skip-peers --sizes 3,200 --output ...``) and of PEERS, and writes ``herd.rst``
 (included by docs/benchmarks.rst). Nothing is typed in: every cell comes from those files."""
 
 import json

@@ -108,6 +108,14 @@ _READ = _RUN + """
 return {redis.call('GET', KEYS[1]), redis.call('HGET', KEYS[2], KEYS[1]) == run and 1 or 0}
 """
 
+# listeners: how many connections listen on a channel (false if the ACL denies PUBSUB).
+_LISTENERS = """
+local function listeners(channel)
+  local listening = redis.pcall('PUBSUB', 'NUMSUB', channel)
+  return type(listening) == 'table' and tonumber(listening[2])
+end
+"""
+
 # Lua shared by the scripts that publish a release. broadcast: to the election's channel, that
 # is to every process with a crown of it; a release's news also says how many connections listen
 # there (the followers' processes, and ours): each draws its turn among that many (_Push._deliver).
@@ -117,17 +125,13 @@ return {redis.call('GET', KEYS[1]), redis.call('HGET', KEYS[2], KEYS[1]) == run 
 # to offer it to (or an ACL without SRANDMEMBER or PUBSUB): broadcast it instead. pcall: an ACL
 # that denies a command costs the herd saving, never the release (an error after the write
 # would fail the script with the write done).
-_PUBLISH = """
+_PUBLISH = _LISTENERS + """
 local function broadcast(channel, news, value)
   if news == 'released' then
-    local listening = redis.pcall('PUBSUB', 'NUMSUB', channel)
-    if type(listening) == 'table' and listening[2] then news = news .. ' ' .. listening[2] end
+    local count = listeners(channel)
+    if count then news = news .. ' ' .. count end
   end
   redis.call('PUBLISH', channel, news .. '\\n' .. value)
-end
-local function listeners(channel)
-  local listening = redis.pcall('PUBSUB', 'NUMSUB', channel)
-  return type(listening) == 'table' and tonumber(listening[2])
 end
 local function offer(heirs, releaser, value)
   local candidates = redis.pcall('SRANDMEMBER', heirs, 8)
@@ -180,7 +184,7 @@ return 0
 # seconds); a sample of each set's members nobody listens on any more is dropped on the way (a
 # process that died leaves its channel behind: each registration clears about as many as
 # restarts leave). ARGV[1]: seconds the sets live.
-_REGISTER = _PUBLISH + """
+_REGISTER = _LISTENERS + """
 for i, heirs in ipairs(KEYS) do
   redis.call('SADD', heirs, ARGV[i + 1])
   redis.call('EXPIRE', heirs, ARGV[1])

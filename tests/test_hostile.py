@@ -277,7 +277,7 @@ def test_postgres_a_co_tenant_cannot_dismiss_or_forge_a_release(tmp_path):
                 heard.extend(_notifications(intruder))
                 token = max(int(p.split(":")[1]) for p, _ in heard if p.startswith("claimed:"))
                 (holder,) = intruder.execute(
-                    "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted").fetchone()
+                    "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 1").fetchone()
                 return holder, token
 
             def notify(*payloads):

@@ -402,6 +402,123 @@ def test_follower_is_woken_by_the_server_and_takes_over_with_a_higher_token(pg, 
         oracle.close()
 
 
+def line_of(pg, oracle, name):
+    """The server's view of an election: (holders of the lock, its waiters, holders of the line,
+    its waiters), each a sorted list of backend pids."""
+    unsigned = oracle.key(name) & 0xFFFFFFFFFFFFFFFF
+    rows = pg.sql(
+        "SELECT objsubid, granted, pid FROM pg_locks WHERE locktype = 'advisory'"
+        " AND classid::bigint = %s AND objid::bigint = %s", (unsigned >> 32, unsigned & 0xFFFFFFFF)
+    )
+    return tuple(sorted(pid for sub, granted, pid in rows if (sub, granted) == kind)
+                 for kind in ((1, True), (1, False), (2, True), (2, False)))
+
+
+def test_only_the_first_follower_in_line_listens_and_waits_for_the_lock(pg, name):
+    """Followers queue in the election's line (the two-integer advisory lock of the key's
+    halves); only the first in line LISTENs and waits for the lock, so a handoff's
+    notifications signal two backends, not every follower's (PostgreSQL signals every listening
+    backend of the database). Each handoff passes the line on, as the server shows, and each
+    successor leads at once: it heard its predecessor's release."""
+    oracle = oracle_for(pg)
+    leader = oracle.contender(name, "leader", {}, Signals())
+    followers = {}
+    try:
+        first = leader.claim()
+        assert first.won
+        for i in range(5):
+            signals = Signals()
+            follower = oracle.contender(name, f"f{i}", {}, signals)
+            followers[follower] = signals
+            assert follower.claim().won is False and follower.watch(None)
+
+        def settled(holder, queued):
+            holders, waiting, in_line, behind = line_of(pg, oracle, name)
+            return (holders == [holder._backend_pid] and len(waiting) == 1 and in_line == waiting
+                    and sorted(behind + waiting) == sorted(f._backend_pid for f in queued))
+
+        token = first.token
+        for _ in range(4):
+            wait_until(lambda: settled(leader, followers), message="one follower on the lock, the rest in line")
+            (next_pid,) = line_of(pg, oracle, name)[1]
+            successor = next(f for f in followers if f._backend_pid == next_pid)
+            assert [f for f in followers if f._line.listening] == [successor]
+            leader.abdicate()
+            followers.pop(successor).wait()
+            claim = successor.claim()
+            assert claim.won and claim.token > token
+            assert claim.refresh_in == 0  # led on the wait's result: the release was heard
+            assert successor.refresh().won
+            leader.close()
+            leader, token = successor, claim.token
+        wait_until(lambda: settled(leader, followers), message="the last follower on the lock")
+    finally:
+        for contender in [leader, *followers]:
+            contender.close()
+        oracle.close()
+
+
+def test_a_line_held_by_another_session_delays_a_takeover_by_at_most_a_wait(pg, name):
+    """A session that holds the election's line but does not wait for the lock (a co-tenant;
+    a first-in-line follower whose process is paused past its wait's lock_timeout) must not
+    keep the followers from the lock: each re-arm of a line wait (every wait_timeout) finds
+    nobody on the lock and waits for it out of turn. Without proof of how the previous term
+    ended (it was released while the follower was not listening), it then waits out a lease."""
+    oracle = oracle_for(pg)  # lease 2 s, wait_timeout 1 s
+    leader = oracle.contender(name, "leader", {}, Signals())
+    signals = Signals()
+    follower = oracle.contender(name, "follower", {}, signals)
+    line = follower._line.params
+    try:
+        with psycopg.connect(pg.url, autocommit=True) as squatter:
+            squatter.execute("SELECT pg_advisory_lock(%(line_hi)s::int4, %(line_lo)s::int4)", line)
+            first = leader.claim()
+            assert first.won
+            assert follower.claim().won is False and follower.watch(None)
+            wait_until(lambda: line_of(pg, oracle, name)[3] == [follower._backend_pid], message="in line")
+            leader.close()
+            claims = []
+            wait_until(lambda: claims.append(follower.claim()) or claims[-1].won, timeout=30,
+                       message="the follower leads")  # never, if it waited for its turn in line
+            assert claims[-1].token > first.token
+            assert line_of(pg, oracle, name)[:2] == ([follower._backend_pid], [])
+    finally:
+        follower.close()
+        leader.close()
+        oracle.close()
+
+
+def test_a_follower_that_read_no_record_but_heard_its_holder_lead_takes_over_a_crash_at_once(pg, name):
+    """A follower whose wait began after the holder's claim but before its first confirmation
+    (the moment the first in line is granted the lock and hands the line on) reads no leader
+    record, and hears no claim: it counts the holder's ``leading:`` announcement instead, so
+    the holder's crash (its session ended, not terminated) is proof enough to lead at once."""
+    oracle = oracle_for(pg)
+    a = oracle.contender(name, "a", {}, Signals())
+    b_signals, c_signals = Signals(), Signals()
+    b = oracle.contender(name, "b", {}, b_signals)
+    c = oracle.contender(name, "c", {}, c_signals)
+    try:
+        assert a.claim().won
+        assert b.claim().won is False and b.watch(None)
+        wait_until(lambda: line_of(pg, oracle, name)[1] == [b._backend_pid], message="b queued")
+        a.abdicate()
+        b_signals.wait()  # b was granted the lock; its record is not published yet
+        assert c.claim().won is False and c.watch(None)
+        wait_until(lambda: line_of(pg, oracle, name)[1] == [c._backend_pid], message="c queued")
+        second = b.claim()
+        assert second.won and b.refresh().won  # announces "leading:<token>"
+        postgres_oracle._shutdown(b._conn)  # b's process dies: the server sees its socket close
+        c_signals.wait()
+        third = c.claim()
+        assert third.won and third.token > second.token
+        assert third.refresh_in == 0  # led at once, without waiting out b's lease
+    finally:
+        for contender in (c, b, a):
+            contender.close()
+        oracle.close()
+
+
 def session_alive(pg, pid):
     return bool(pg.sql("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)))
 
@@ -1150,7 +1267,7 @@ def test_terminating_every_session_one_after_another_never_overlaps(pg, name, tm
     for i in range(3):
         fleet.spawn(f"k{i}")
     sessions = ("SELECT pid FROM pg_stat_activity WHERE application_name = %s ORDER BY"
-                " (SELECT bool_or(granted) FROM pg_locks l WHERE l.pid = pg_stat_activity.pid) IS NOT TRUE")
+                " (SELECT bool_or(granted AND objsubid = 1) FROM pg_locks l WHERE l.pid = pg_stat_activity.pid) IS NOT TRUE")
     try:
         for _ in range(4):
             fleet.wait_for_term()

@@ -15,6 +15,7 @@ from ...oracle import Claim, Leader, OnChange
 from .._base import ContenderBase, Phase, record_of
 from ._common import (PostgresOracleError, StandbyRefused, _blind, _channel, _encode_record, _Holder,
                       _key_parts, _SessionGone, _shutdown, _Unanswered, bounded, logger)
+from ._line import Line
 from ._session import open_session, pooling
 from ._sql import _ANNOUNCING_CONFIRM_SQL, _CONFIRM_SQL, _TRY_SQL, _release_sql, _sender_trusted
 from ._takeover import Takeover
@@ -113,6 +114,7 @@ class PostgresContender(ContenderBase):
         self._handoff: Optional[Tuple[int, float]] = None  # (released token, linger until): close()
         self._leader: Optional[Leader] = None
         self._waiting = Waiter(self)
+        self._line = Line(self)  # the waiter's place in the election's line
         self._takeover = Takeover(self)
         self._watch = SocketWatcher(self)
         self._retrying = tenacity.Retrying(
@@ -165,6 +167,7 @@ class PostgresContender(ContenderBase):
         with self._lock:
             self._events.clear()  # what happened while we were not listening is unknown
             self._takeover.forget()
+            self._line.reset()
         logger.debug("%s: connected, backend pid %s, server lease bound %.3fs", self.name, session.pid, session.bound)
         return conn
 
@@ -251,6 +254,7 @@ class PostgresContender(ContenderBase):
             if collected is not None:
                 return collected
         try:
+            self._line.listen_if_deaf()
             row = self._claim_retrying(self._try_lock)
             locked, token, _, since, pid, marker, in_recovery, holder_pid, holder_query, age, killed = row[:11]
             self._check_session(pid, marker, in_recovery)

@@ -312,12 +312,13 @@ class PostgresOracle(OracleBase):
         not confirmed yet) is not listed. Contenders: the holder and the sessions waiting."""
         locks: Dict[Tuple[int, int], list] = {}
         for hi, lo, granted, pid, query in self._read(_LIST_SQL, {}):
-            entry = locks.setdefault((hi, lo), [0, None])
-            entry[0] += 1
+            entry = locks.setdefault((hi, lo), [set(), None])
+            entry[0].add(pid)  # the first follower in line is on the line and on the lock
             if granted:
                 entry[1] = (pid, query)
         found = []
-        for parts, (count, holder) in locks.items():
+        for parts, (pids, holder) in locks.items():
+            count = len(pids)
             # A shared holder session (sessions=shared) carries one record per term it leads.
             names = [r.get("name") for r in _all_records(holder[1] if holder else None)
                      if r.get("ns") == self.namespace and isinstance(r.get("name"), str)]

@@ -107,6 +107,20 @@ _WAIT_SQL = (
     " LIMIT 1) h ON true OFFSET 0) b,"
     " LATERAL (SELECT pg_advisory_lock(%(key)s::bigint + 0 * coalesce(b.killed, 0)) OFFSET 0) s"
 )
+# The wait of the follower first in the election's line (see _line) also lets go of its place
+# there once granted, in the same statement: the next follower in line queues behind us at once.
+_WAIT_IN_LINE_SQL = _WAIT_SQL.replace(
+    " FROM (SELECT h.pid AS holder,",
+    ", pg_advisory_unlock(%(line_hi)s::int4, %(line_lo)s::int4) FROM (SELECT h.pid AS holder,", 1)
+assert _WAIT_IN_LINE_SQL != _WAIT_SQL
+
+# A place in the election's line: the two-integer advisory lock of the key's two halves, a key
+# space of its own (pg_locks shows it with objsubid 2). Bounded by lock_timeout, as the wait.
+_LINE_SQL = (
+    "SELECT pg_advisory_lock(%(line_hi)s::int4, %(line_lo)s::int4), pg_backend_pid(),"
+    " current_setting('" + _MARKER + "', true), pg_is_in_recovery()"
+)
+_TRY_LINE_SQL = _LINE_SQL.replace("pg_advisory_lock(", "pg_try_advisory_lock(", 1)
 
 # After the grant: has the predecessor's session finished exiting (its pg_stat_activity entry
 # is removed after its disconnect was counted), and how many terminations are counted now?
@@ -137,19 +151,22 @@ _QUIET_SQL = (
     " 'Infinity'::float8) ELSE 0::float8 END"
 )
 
+# Who holds the key (as _HOLDER_COLUMNS), the pooling check, and whether any other session holds
+# or awaits the key (a follower in line that finds nobody on it waits for the lock itself: _line).
 _HOLDER_SQL = (
     "SELECT " + _HOLDER_COLUMNS + ", pg_backend_pid(), current_setting('" + _MARKER + "', true),"
-    " pg_is_in_recovery()"
+    " pg_is_in_recovery(), EXISTS (SELECT 1 FROM pg_locks l WHERE " + _KEY_LOCK + " AND l.pid <> pg_backend_pid())"
     " FROM (SELECT 1) one LEFT JOIN (pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid)"
     " ON l.pid <> pg_backend_pid() AND " + _HOLDER + " LIMIT 1"
 )
 
-# The fleet view: every session's 64-bit advisory lock in this database, held or awaited, with the
-# session's last statement (a leader's carries its record, which names the election).
+# The fleet view: every session's 64-bit advisory lock in this database and every place in an
+# election's line (objsubid 2), held or awaited, with the session's last statement (a leader's
+# carries its record, which names the election).
 _LIST_SQL = (
-    "SELECT l.classid::bigint, l.objid::bigint, l.granted, l.pid, a.query FROM pg_locks l"
+    "SELECT l.classid::bigint, l.objid::bigint, l.objsubid = 1 AND l.granted, l.pid, a.query FROM pg_locks l"
     " LEFT JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory'"
-    " AND l.database = " + _DATABASE_OID + " AND l.objsubid = 1 AND l.pid <> pg_backend_pid()"
+    " AND l.database = " + _DATABASE_OID + " AND l.objsubid IN (1, 2) AND l.pid <> pg_backend_pid()"
 )
 
 

@@ -126,7 +126,11 @@ class Takeover:
                         # was free then, the release of the holder a read before saw.
                         senders = ours if baseline.holder is None else ours & {baseline.holder}
                         released = any(e[0] == "released" and e[2] in senders for e in before)
-                        return released, baseline.holder, baseline.led
+                        # A follower that began listening between the holder's claim and its
+                        # first confirmation (see _line) read no record, but hears it lead.
+                        led = baseline.led or (baseline.holder in senders and any(
+                            e[0] == "leading" and e[2] == baseline.holder for e in before))
+                        return released, baseline.holder, led
                     _, last, predecessor = before[claims[-1]]
                     if predecessor not in ours:
                         logger.warning("%s: the last claim before ours came from backend pid %s, not a"

@@ -12,7 +12,7 @@ from ... import clock
 from ...oracle import Claim, Leader
 from .._base import Phase
 from ._common import _Baseline, _Holder, _readable, _shutdown, logger
-from ._sql import _HOLDER_SQL, _WAIT_SQL
+from ._sql import _HOLDER_SQL, _WAIT_IN_LINE_SQL, _WAIT_SQL
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._contender import PostgresContender
@@ -67,45 +67,62 @@ class Waiter:
         self.contender._notify()
 
     def loop(self) -> None:
-        """Blocking lock waits (each bounded by lock_timeout), until granted, stopped or broken."""
+        """Wait for our turn in the election's line (see _line), then for the lock: blocking
+        waits, each bounded by lock_timeout, until granted, stopped or broken."""
         contender = self.contender
-        holder_params = {"hi": contender._hi, "lo": contender._lo}
-        params = {"key": contender.key, "msg": contender.name, "channel": contender._channel, **holder_params}
+        line = contender._line
+        try:
+            if line.enter(self):
+                self._wait_for_lock(line)
+        except Exception as exc:
+            if not self.stopping:
+                logger.debug("%s: lock wait failed: %s", contender.name, contender.oracle.safe_error(exc))
+                self.failed(exc)
+        finally:
+            line.leave()  # nothing to do once granted: the wait statement let go of the line
+
+    def _wait_for_lock(self, line) -> None:
+        contender = self.contender
+        params = {"key": contender.key, "msg": contender.name, "channel": contender._channel,
+                  "hi": contender._hi, "lo": contender._lo, **line.params}
         while not self.stopping:
-            conn = contender._conn
+            query = contender._tag + (_WAIT_IN_LINE_SQL if line.holding else _WAIT_SQL)
             try:
-                if conn is None or conn.closed:
-                    raise ConnectionError("connection closed")
-                with contender._io_lock:
-                    if self.stopping:
-                        return
-                    self.in_wait = True
-                    started = clock.monotonic()
-                    # The server ends the wait after lock_timeout; beyond that and B it is frozen.
-                    until = started + contender.oracle.wait_timeout + contender._bound
-                    try:
-                        young = contender._takeover.young()
-                        with contender._in_flight(conn, until):
-                            row = conn.execute(contender._tag + _WAIT_SQL, dict(params, young=young)).fetchone()
-                    finally:
-                        self.in_wait = False
-                        contender._statements += 1
-                token, _, since, pid, marker, in_recovery, holder, killed, query, age, _, _, trusted, ours = row
-                contender._check_session(pid, marker, in_recovery)
+                started, row = self.blocking(query, dict(params, young=contender._takeover.young()))
             except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled):
                 if self.stopping:
                     return
-                self._refresh_leader(conn, holder_params)
+                self.refresh_leader(contender._conn)
                 continue
-            except Exception as exc:
-                if self.stopping:
-                    return
-                logger.debug("%s: lock wait failed: %s", contender.name, contender.oracle.safe_error(exc))
-                self.failed(exc)
+            if row is None:  # stopped
                 return
+            line.holding = False  # the statement let go of it (_WAIT_IN_LINE_SQL)
+            token, _, since, pid, marker, in_recovery, holder, killed, query, age, _, _, trusted, ours = row[:14]
+            contender._check_session(pid, marker, in_recovery)
             baseline = contender._takeover.note(holder, killed, query, trusted, ours)
-            self._take_over(conn, int(token), since, started, baseline, age)
+            self._take_over(contender._conn, int(token), since, started, baseline, age)
             return
+
+    def blocking(self, query: str, params: Dict[str, Any]) -> Tuple[float, Optional[tuple]]:
+        """One blocking lock wait on our session: (the monotonic time it started, its row), or
+        (that time, None) if stopped first. The server ends it after lock_timeout; beyond that
+        and B it is frozen, and the session is cut (see _in_flight)."""
+        contender = self.contender
+        conn = contender._conn
+        if conn is None or conn.closed:
+            raise ConnectionError("connection closed")
+        with contender._io_lock:
+            started = clock.monotonic()
+            if self.stopping:
+                return started, None
+            self.in_wait = True
+            until = started + contender.oracle.wait_timeout + contender._bound
+            try:
+                with contender._in_flight(conn, until):
+                    return started, conn.execute(query, params).fetchone()
+            finally:
+                self.in_wait = False
+                contender._statements += 1
 
     def _take_over(self, conn: psycopg.Connection, token: int, since: float, started: float,
                    baseline: _Baseline, age: Optional[float]) -> None:
@@ -192,21 +209,24 @@ class Waiter:
                            contender.name, holder.pid, holder.role, holder.app)
         return leader
 
-    def _refresh_leader(self, conn: psycopg.Connection, params: Dict[str, Any]) -> None:
-        """Between waits: read who holds the lock; tell the engine if it changed."""
+    def refresh_leader(self, conn: Optional[psycopg.Connection]) -> bool:
+        """Between waits: read who holds the lock; tell the engine if it changed. True if no
+        other session holds or awaits the lock (see _line)."""
         contender = self.contender
         try:
+            if conn is None or conn.closed:
+                return False
             with contender._io_lock:
                 if self.stopping:
-                    return
+                    return False
                 try:
                     with contender._in_flight(conn):
-                        row = conn.execute(_HOLDER_SQL, params).fetchone()
+                        row = conn.execute(_HOLDER_SQL, {"hi": contender._hi, "lo": contender._lo}).fetchone()
                 finally:
                     contender._statements += 1
-            contender._check_session(*row[5:])
+            contender._check_session(*row[5:8])
         except Exception:
-            return  # the next wait will fail the same way and report it
+            return False  # the next wait will fail the same way and report it
         holder = _Holder(*row[:5])
         if holder.pid is not None:  # a read like the wait's: its trusted holder's release counts next
             ours = [holder.pid] if holder.trusted else []
@@ -216,6 +236,7 @@ class Waiter:
         if leader is not None and (old is None or (old.identity, old.token) != (leader.identity, leader.token)):
             contender._leader = leader
             contender._notify()
+        return not row[8]
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the waiter thread, cancelling its blocking lock wait (bounded in time).

@@ -30,7 +30,9 @@ Figures:
 
 Results are printed as a table and saved to ``benchmarks/results/postgres.json``.
 
-Usage: ``python benchmarks/bench_postgres.py [--graceful 20] [--crash 20] [--rest 30]``
+Usage: ``python benchmarks/bench_postgres.py [--graceful 20] [--crash 20] [--rest 30]
+[--contenders 3] [--output PATH]`` (``--contenders 200 --terminate 0 --rest 0``: the many-contenders
+row of docs/benchmarks.rst).
 """
 
 import argparse
@@ -118,6 +120,7 @@ class Fleet:
         self.journal = os.path.join(directory, f"{label}.journal.jsonl")
         self.events = os.path.join(directory, f"{label}.events.jsonl")
         self.processes = {}
+        self.spawned_at = {}
         self.count = 0
         self._tail = JournalTail(self.journal)
 
@@ -133,7 +136,13 @@ class Fleet:
             argv = [sys.executable, os.path.abspath(__file__), "--poller", "--name", self.name,
                     "--url", self.url, "--journal", self.journal, "--identity", identity]
         self.processes[identity] = subprocess.Popen(argv, cwd=ROOT, env=env, start_new_session=True)
+        self.spawned_at[identity] = clock.monotonic()
         return identity
+
+    def populate(self, count: int) -> None:
+        """Start ``count`` contenders at once, then wait until each contends."""
+        for identity in [self.spawn() for _ in range(count)]:
+            self.ready(identity)
 
     def ready(self, identity: str, timeout: float = 60.0) -> None:
         """Wait until ``identity`` contends (crown_sync: it watches the leader; poller: it polled)."""
@@ -149,7 +158,7 @@ class Fleet:
                             ):
                                 return
             else:
-                time.sleep(1.5)  # it has polled at least once
+                time.sleep(max(0.0, self.spawned_at[identity] + 1.5 - clock.monotonic()))  # it has polled
                 return
             time.sleep(0.02)
         raise TimeoutError(f"{identity} did not start contending")
@@ -205,7 +214,7 @@ def trial(fleet: Fleet, kind: str) -> float:
         result = new.start - ended.end
     else:
         result = new.start - started
-    fleet.ready(fleet.spawn())  # back to three contenders, the newcomer contending
+    fleet.ready(fleet.spawn())  # back to as many contenders, the newcomer contending
     return result
 
 
@@ -293,8 +302,7 @@ def run_system(system: str, server, args, directory: str) -> dict:
     key = advisory_key("crown_sync", name)
     result = {}
     try:
-        for _ in range(3):
-            fleet.ready(fleet.spawn())
+        fleet.populate(args.contenders)
         for kind, count in (("graceful", args.graceful), ("crash", args.crash)):
             samples = []
             for i in range(count):
@@ -313,7 +321,7 @@ def run_system(system: str, server, args, directory: str) -> dict:
             result["terminate_old_end"] = summary(reactions)
             result["terminate_new_start"] = summary(takeovers)
             result["terminate_overlaps"] = sum(1 for r, t in zip(reactions, takeovers) if t <= r)
-        if system != "crown_sync/td0":
+        if system != "crown_sync/td0" and args.rest:
             server.sql("ALTER SYSTEM SET log_statement = 'all'")
             server.sql("SELECT pg_reload_conf()")
             # Fresh contenders, so every session runs with the reloaded setting from its start.
@@ -341,6 +349,9 @@ def main() -> int:
     parser.add_argument("--rest", type=float, default=30.0, help="seconds of the at-rest window")
     parser.add_argument("--terminate", type=int, default=10, help="pg_terminate_backend trials")
     parser.add_argument("--systems", default="crown_sync,crown_sync/td0,poller")
+    parser.add_argument("--contenders", type=int, default=3,
+                        help="contender processes per system (the at-rest window always has 3; 0 s skips it)")
+    parser.add_argument("--output", default=RESULTS, help="where to save the results")
     # the poller process
     parser.add_argument("--poller", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--name", help=argparse.SUPPRESS)
@@ -360,7 +371,7 @@ def main() -> int:
     from crown_sync.testing.postgres_server import PostgresServer
 
     directory = tempfile.mkdtemp(prefix="crown-sync-bench-pg-")
-    server = PostgresServer(fsync=True)
+    server = PostgresServer(fsync=True, settings={"max_connections": str(max(200, 2 * args.contenders + 20))})
     results = {
         "benchmark": "postgres",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -371,6 +382,7 @@ def main() -> int:
                      " wait_timeout 5 s); thread child journaling every 5 ms",
                      "crown_sync/td0": "the same with takeover_delay=0",
                      "poller": "pg_try_advisory_lock every 1 s", "server": "loopback, fsync on"},
+        "params": {"contenders": args.contenders, "graceful": args.graceful, "crash": args.crash},
         "systems": {},
     }
     try:
@@ -414,10 +426,10 @@ def main() -> int:
     ]
     for label, cell in rows:
         print(f"{label:32}" + "".join(f"{cell(r)!s:>16}" for r in systems.values()))
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS, "w") as handle:
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    with open(args.output, "w") as handle:
         json.dump(results, handle, indent=2)
-    print(f"\nsaved {os.path.relpath(RESULTS, ROOT)}")
+    print(f"\nsaved {os.path.relpath(args.output, ROOT)}")
     return 0
 
 

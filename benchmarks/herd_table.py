@@ -37,8 +37,10 @@ def rows(results: str):
 #: ``bench_zookeeper.py --sizes 3,200`` (kazoo's Election, tooz; each system's contenders in one process),
 #: ``bench_redis.py --contenders 200`` (redis-py's Lock, tooz), ``bench_nats.py --contenders 200``
 #: (the hand-written KV loop), ``bench_memcached.py --contenders 200 --systems crown_sync,tooz``
-#: (tooz), each with ``--output benchmarks/results/herd_peers_<oracle>.json``.
-PEERS = ("zookeeper", "redis", "nats", "memcached")
+#: (tooz), ``bench_postgres.py --contenders 200 --terminate 0 --rest 0 --systems crown_sync,poller``
+#: (the hand-written pg_try_advisory_lock poller), each with
+#: ``--output benchmarks/results/herd_peers_<oracle>.json``.
+PEERS = ("zookeeper", "redis", "nats", "memcached", "postgres")
 PEER_COLUMNS = ("oracle", "system", "contenders", "graceful handoff p50 / p95", "crash failover p50 / p95")
 
 
@@ -49,6 +51,11 @@ def peer_rows(results: str):
             continue
         with open(path) as handle:
             summary = json.load(handle)
+        if oracle == "postgres":  # bench_postgres.py's layout: graceful is the leaderless gap
+            contenders = summary["params"]["contenders"]
+            for system, r in summary["systems"].items():
+                yield [oracle, system, str(contenders), bench._cell(r.get("graceful")), bench._cell(r.get("crash"))]
+            continue
         if oracle == "memcached":  # bench_memcached.py's layout: one fleet size per run
             contenders = summary["params"]["contenders"]
             for system, r in summary["systems"].items():

@@ -327,11 +327,12 @@ class PostgresServer(Server):
         return bool(self.sql("SELECT pg_terminate_backend(%s)", (pid,))[0][0])
 
     def advisory_holders(self) -> List[tuple]:
-        """(pid, classid, objid, application_name) of every granted advisory lock."""
+        """(pid, classid, objid, application_name) of every granted 64-bit advisory lock (not the
+        places in an election's line, objsubid 2)."""
         return self.sql(
             "SELECT l.pid, l.classid::bigint, l.objid::bigint, a.application_name FROM pg_locks l"
             " LEFT JOIN pg_stat_activity a ON a.pid = l.pid"
-            " WHERE l.locktype = 'advisory' AND l.granted ORDER BY l.pid"
+            " WHERE l.locktype = 'advisory' AND l.objsubid = 1 AND l.granted ORDER BY l.pid"
         )
 
     def create_standby(self, port: Optional[int] = None, settings: Optional[Dict[str, Any]] = None,

@@ -21,14 +21,18 @@ session holds ``pg_advisory_lock(key)``.
   VACUUM for as long as a follower waits; after a timeout the waiter reads the current leader
   record (so ``crown.leader()`` stays fresh) and waits again: two cheap statements per
   ``wait_timeout`` at rest. While its waiter is queued, ``claim()`` answers "lost" with no I/O:
-  the server would have woken the waiter if the lock were free.
+  the server would have woken the waiter if the lock were free. Only the first follower in the
+  election's *line* waits for the lock and LISTENs; the others queue for the line, deaf (see
+  _line: PostgreSQL signals every listening backend at every NOTIFY).
 * **refresh** (every ``confirm_interval``) confirms, in one statement, that the backend pid and a
   per-session marker are unchanged and that ``pg_locks`` shows our pid holding the key.
 * **abdicate** sends, in one round trip, ``BEGIN; NOTIFY <channel>, 'released:<token>'; COMMIT;
   SELECT pg_advisory_unlock_all()`` (the session is ours alone, so this releases exactly our
   lock, however many times it was re-entered). Every claim sends ``'claimed:<token>'`` in its own
-  transaction. Every contender LISTENs on its election's channel, and notifications arrive in
-  commit order, so a follower can tell a release from a death (see *takeover*). The release also
+  transaction. A contender LISTENs on its election's channel while it claims, waits for the lock
+  or leads (not while it waits in line), and notifications arrive in commit order, so a follower
+  can tell a release from a death (see *takeover*); it counts only what it heard since it last
+  began listening. The release also
   reports whether another session waits for the key; if one does, ``close()`` waits (at most 50
   ms) for that successor's ``'leading:<token>'``, sent by its term's first confirmation after its
   child started, before it ends our session: a backend's exit costs the server milliseconds of
@@ -84,8 +88,9 @@ A claim that was not queued (``pg_try_advisory_lock`` wins: a crown that starts 
 one that polls with ``monitor_leader=False``, a follower between two waits; e.g. after a
 connection killer ended every session, followers' included) follows the same rule. A failed
 claim reads, before trying the lock, ``sessions_killed``, then the holder: if the last claim on
-this session failed, that is a baseline like a woken follower's, and the same proof applies.
-Without a baseline (a new session) or proof, the predecessor is unknown, and one more statement
+this session failed (and the session has listened since), that is a baseline like a woken
+follower's, and the same proof applies. Without a baseline (a new session, or one that stopped
+listening to wait in line) or proof, the predecessor is unknown, and one more statement
 after the grant (``_QUIET_SQL``) reads how long ago, by the server's clock, a termination we
 cannot see may have ended a term of this election:
 
@@ -220,7 +225,7 @@ When the record can't be read, ``find_leader`` still reports the holder, as
 dismiss
 -------
 ``dismiss(name)`` sends ``NOTIFY`` on the election's channel naming the holder's backend pid and
-token; every contender LISTENs on it, and the leader, woken by its socket watcher, refreshes and
+token; the leader LISTENs on it and, woken by its socket watcher, refreshes and
 steps down (child stopped first, then unlock). A leader that can't hear it (paused, partitioned)
 keeps leading until its session ends; dismiss never kills a session, because that would free
 the lock while the old child may still run. A dismissal naming another token (stale, forged) is

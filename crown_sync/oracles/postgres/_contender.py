@@ -399,13 +399,8 @@ class PostgresContender(ContenderBase):
         leader = self._me(self._token, self._since)
         self._leader = leader
         self._lease_end = started + self._bound
-        return Claim(
-            won=True,
-            leader=leader,
-            token=self._token,
-            deadline=started + self._bound - self.oracle.margin,
-            refresh_in=self.oracle.confirm_interval,
-        )
+        return Claim(won=True, leader=leader, token=self._token, deadline=started + self._bound - self.oracle.margin,
+                     refresh_in=self.oracle.confirm_interval)
 
     def refresh(self) -> Claim:
         self._check_open()

@@ -12,14 +12,16 @@ shows it with objsubid 2). Whoever holds it LISTENs and waits for the lock; the 
 granted the lock lets go of the line in the same statement, and the next follower takes its
 turn. A leader's channel thus has two listeners: the leader and the next in line.
 
-The line carries no safety: the takeover proof is the lock's, and a follower's notifications
-are the ones sent after it began listening (Takeover._handed_over counts nothing from before).
-Should nobody hold or await the lock while we wait in line (the first in line paused, cut off,
-or a co-tenant holding the line), the next re-arm of our line wait sees it and waits for the
-lock without its turn: a failover then costs up to ``wait_timeout``, never an overlap.
+The line carries no safety: the takeover proof is the lock's. It needs the notifications sent
+since the baseline it compares with, so the event list restarts whenever we listen again, and a
+failed claim's baseline is dropped when we stop listening (a LISTEN may also deliver a few
+notifications sent just before it: a contiguous stretch of the channel, which the proof allows).
+Should nobody await the lock while we wait in line (the first in line paused or cut off, a
+co-tenant or a leader holding the line), the next re-arm of our line wait sees it and waits for
+the lock out of turn, listening, until a first in line waits too.
 """
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import psycopg
 import psycopg.errors
@@ -42,7 +44,8 @@ class Line:
 
     def __init__(self, contender: "PostgresContender"):
         self.contender = contender
-        self.params = {"line_hi": _signed32(contender._hi), "line_lo": _signed32(contender._lo)}
+        self.params = {"line_hi": _signed32(contender._hi), "line_lo": _signed32(contender._lo),
+                       "hi": contender._hi, "lo": contender._lo}
         self.holding = False
         self.listening = True
 
@@ -53,41 +56,59 @@ class Line:
 
     def enter(self, waiter: "Waiter") -> bool:
         """Take our turn in line at once if nobody is ahead; else stop listening, wait for our
-        turn (blocking waits, each bounded by lock_timeout), then listen again, from now on only. True when the waiter may wait for
-        the lock: our turn came, or nobody holds or awaits the lock. False if stopped. A broken
-        session raises."""
+        turn (blocking waits, each bounded by lock_timeout), then listen again. True when the
+        waiter may wait for the lock: our turn came, or nobody awaits the lock. False if
+        stopped. A broken session raises."""
         contender = self.contender
         # Our turn at once (nobody else in line): keep listening, without a gap since the
         # claim or read our proof counts from.
-        (turn, *session) = contender._execute(_TRY_LINE_SQL, self.params)
-        contender._check_session(*session)
-        if turn:
-            self.holding = True
+        if self._take(_TRY_LINE_SQL):
             if not self.listening:
                 self._listen()
             return True
         if self.listening:
             self._command("UNLISTEN " + contender._channel)
-            self.listening = False
+            with contender._lock:
+                self.listening = False
+                # A claim heard from now until we listen again would name another predecessor
+                # than what the last failed claim read: that read proves nothing any more.
+                contender._takeover.forget()
         while not waiter.stopping:
             try:
-                _, row = waiter.blocking(_LINE_SQL, self.params)
+                if self._take(_LINE_SQL, waiter):
+                    break
+                return False  # stopped
             except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled):
                 if waiter.stopping:
                     return False
-                if waiter.refresh_leader(contender._conn):
-                    logger.debug("%s: nobody holds or awaits the lock: waiting for it out of turn", contender.name)
+                seen = waiter.refresh_leader(contender._conn)
+                if seen is not None and not seen.awaited:
+                    logger.debug("%s: nobody waits for the lock: waiting for it out of turn", contender.name)
                     break
-                continue
-            if row is None:  # stopped
-                return False
-            self.holding = True
-            contender._check_session(*row[1:])
-            break
         else:
             return False
         self._listen()
         return True
+
+    def _take(self, query: str, waiter: "Optional[Waiter]" = None) -> bool:
+        """Take our place in line (``waiter``: a blocking wait, else a try). Note the trusted
+        holder of the lock: it just handed the line on, and its release counts if we hear it."""
+        contender = self.contender
+        conn = contender._conn
+        if conn is None or conn.closed:
+            raise ConnectionError("connection closed")
+        if waiter is None:
+            row = contender._execute(query, self.params, conn)
+        else:
+            _, row = waiter.blocking(query, self.params)
+            if row is None:
+                return False
+        turn, pid, marker, in_recovery, holder, trusted = row
+        self.holding = self.holding or bool(turn)
+        contender._check_session(pid, marker, in_recovery)
+        if turn and holder is not None and trusted:
+            contender._takeover.trust(holder)
+        return bool(turn)
 
     def listen_if_deaf(self) -> None:
         """Before a claim: listen again if the last waiter left us deaf (its proof, should the

@@ -309,7 +309,8 @@ class PostgresOracle(OracleBase):
     def elections(self) -> List[Election]:
         """The elections of our namespace whose lock a session holds, in one query: the name is
         read from the holder's record, so a lock only waited on (or held by a successor that has
-        not confirmed yet) is not listed. Contenders: the holder and the sessions waiting."""
+        not confirmed yet) is not listed. Contenders: the holder and the sessions waiting for the
+        lock or in its line (see _line)."""
         locks: Dict[Tuple[int, int], list] = {}
         for hi, lo, granted, pid, query in self._read(_LIST_SQL, {}):
             entry = locks.setdefault((hi, lo), [set(), None])

@@ -115,12 +115,26 @@ _WAIT_IN_LINE_SQL = _WAIT_SQL.replace(
 assert _WAIT_IN_LINE_SQL != _WAIT_SQL
 
 # A place in the election's line: the two-integer advisory lock of the key's two halves, a key
-# space of its own (pg_locks shows it with objsubid 2). Bounded by lock_timeout, as the wait.
-_LINE_SQL = (
-    "SELECT pg_advisory_lock(%(line_hi)s::int4, %(line_lo)s::int4), pg_backend_pid(),"
-    " current_setting('" + _MARKER + "', true), pg_is_in_recovery()"
-)
-_TRY_LINE_SQL = _LINE_SQL.replace("pg_advisory_lock(", "pg_try_advisory_lock(", 1)
+# space of its own (pg_locks shows it with objsubid 2). Taken only if we do not hold it already
+# (a wait cancelled after its grant left it held: once is enough). Once we have it, which trusted
+# session holds the lock (the one that just handed the line on, unless it let go already): its
+# release counts if we hear it (Takeover.trust). Bounded by lock_timeout, as the wait.
+_LINE_LOCK = _KEY_LOCK.replace("l.objsubid = 1", "l.objsubid = 2")
+
+
+def _line_sql(take: str) -> str:
+    return (
+        "SELECT s.turn, pg_backend_pid(), current_setting('" + _MARKER + "', true), pg_is_in_recovery(),"
+        " h.pid, h.trusted FROM (SELECT CASE WHEN EXISTS (SELECT 1 FROM pg_locks l WHERE " + _LINE_LOCK +
+        " AND l.granted AND l.pid = pg_backend_pid()) THEN true ELSE " + take + " END AS turn OFFSET 0) s"
+        " LEFT JOIN LATERAL (SELECT l.pid, " + _TRUSTED + " AS trusted FROM pg_locks l"
+        " LEFT JOIN pg_stat_activity a ON a.pid = l.pid WHERE s.turn AND l.pid <> pg_backend_pid() AND "
+        + _HOLDER + " LIMIT 1) h ON true"
+    )
+
+
+_LINE_SQL = _line_sql("pg_advisory_lock(%(line_hi)s::int4, %(line_lo)s::int4) IS NOT NULL")
+_TRY_LINE_SQL = _line_sql("pg_try_advisory_lock(%(line_hi)s::int4, %(line_lo)s::int4)")
 
 # After the grant: has the predecessor's session finished exiting (its pg_stat_activity entry
 # is removed after its disconnect was counted), and how many terminations are counted now?
@@ -151,14 +165,22 @@ _QUIET_SQL = (
     " 'Infinity'::float8) ELSE 0::float8 END"
 )
 
-# Who holds the key (as _HOLDER_COLUMNS), the pooling check, and whether any other session holds
-# or awaits the key (a follower in line that finds nobody on it waits for the lock itself: _line).
 _HOLDER_SQL = (
     "SELECT " + _HOLDER_COLUMNS + ", pg_backend_pid(), current_setting('" + _MARKER + "', true),"
-    " pg_is_in_recovery(), EXISTS (SELECT 1 FROM pg_locks l WHERE " + _KEY_LOCK + " AND l.pid <> pg_backend_pid())"
+    " pg_is_in_recovery()"
     " FROM (SELECT 1) one LEFT JOIN (pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid)"
     " ON l.pid <> pg_backend_pid() AND " + _HOLDER + " LIMIT 1"
 )
+# A follower's read between two waits: the holder as above, then whether another session awaits
+# the lock, and whether one that awaits it holds the line (see _line: a follower that finds no
+# one waiting leaves the line to wait out of turn, and goes back once the first in line waits).
+_BETWEEN_WAITS_SQL = _HOLDER_SQL.replace(
+    " FROM (SELECT 1) one",
+    ", EXISTS (SELECT 1 FROM pg_locks w WHERE " + _KEY_LOCK.replace("l.", "w.") + " AND NOT w.granted"
+    " AND w.pid <> pg_backend_pid()), EXISTS (SELECT 1 FROM pg_locks w JOIN pg_locks l ON l.pid = w.pid"
+    " WHERE " + _KEY_LOCK.replace("l.", "w.") + " AND NOT w.granted AND w.pid <> pg_backend_pid() AND "
+    + _LINE_LOCK + " AND l.granted) FROM (SELECT 1) one", 1)
+assert _BETWEEN_WAITS_SQL != _HOLDER_SQL
 
 # The fleet view: every session's 64-bit advisory lock in this database and every place in an
 # election's line (objsubid 2), held or awaited, with the session's last statement (a leader's

@@ -49,9 +49,16 @@ class Takeover:
         return _Baseline(holder, killed, led, current | seen)
 
     def forget(self) -> None:
-        """A new session: what the old one read proves nothing (the caller holds the lock)."""
+        """A new session, or ours stops listening: what it read before proves nothing (the
+        caller holds the lock)."""
         self.baseline = None
         self._last_ours = frozenset()
+
+    def trust(self, pid: int) -> None:
+        """A trusted session seen holding the lock by a read between note()s (taking our turn
+        in line, see _line): its claims and releases count at our next wait, as note()'s do."""
+        with self.contender._lock:
+            self._last_ours = self._last_ours | {pid}
 
     # -- the channel ------------------------------------------------------------------------------
 

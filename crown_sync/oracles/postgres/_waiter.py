@@ -2,6 +2,7 @@
 the first waiter the instant the lock is free), the takeover once granted, and what it obtained
 for the next claim() (see *How it works* and *Takeover* in the package docstring)."""
 
+import collections
 import threading
 from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple
 
@@ -12,10 +13,14 @@ from ... import clock
 from ...oracle import Claim, Leader
 from .._base import Phase
 from ._common import _Baseline, _Holder, _readable, _shutdown, logger
-from ._sql import _HOLDER_SQL, _WAIT_IN_LINE_SQL, _WAIT_SQL
+from ._sql import _BETWEEN_WAITS_SQL, _WAIT_IN_LINE_SQL, _WAIT_SQL
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._contender import PostgresContender
+
+# What a read between two waits saw of the lock's waiters: does another session wait for it, and
+# does one that waits hold the election's line (see _line)?
+_Seen = collections.namedtuple("_Seen", "awaited first_waits")
 
 
 class Waiter:
@@ -68,40 +73,47 @@ class Waiter:
 
     def loop(self) -> None:
         """Wait for our turn in the election's line (see _line), then for the lock: blocking
-        waits, each bounded by lock_timeout, until granted, stopped or broken."""
+        waits, each bounded by lock_timeout, until granted, stopped or broken; then take over."""
         contender = self.contender
         line = contender._line
+        granted = None
         try:
-            if line.enter(self):
-                self._wait_for_lock(line)
+            while granted is None and not self.stopping and line.enter(self):
+                granted = self._wait_for_lock(line)
         except Exception as exc:
+            granted = None
             if not self.stopping:
                 logger.debug("%s: lock wait failed: %s", contender.name, contender.oracle.safe_error(exc))
                 self.failed(exc)
         finally:
             line.leave()  # nothing to do once granted: the wait statement let go of the line
+        if granted is not None:
+            self._take_over(*granted)
 
-    def _wait_for_lock(self, line) -> None:
+    def _wait_for_lock(self, line) -> Optional[tuple]:
+        """Our lock waits: the grant (what _take_over needs), or None if stopped, or if we wait
+        out of turn and the first in line now waits too (back to the line)."""
         contender = self.contender
-        params = {"key": contender.key, "msg": contender.name, "channel": contender._channel,
-                  "hi": contender._hi, "lo": contender._lo, **line.params}
+        params = {"key": contender.key, "msg": contender.name, "channel": contender._channel, **line.params}
         while not self.stopping:
-            query = contender._tag + (_WAIT_IN_LINE_SQL if line.holding else _WAIT_SQL)
+            sql = contender._tag + (_WAIT_IN_LINE_SQL if line.holding else _WAIT_SQL)
             try:
-                started, row = self.blocking(query, dict(params, young=contender._takeover.young()))
+                started, row = self.blocking(sql, dict(params, young=contender._takeover.young()))
             except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled):
                 if self.stopping:
-                    return
-                self.refresh_leader(contender._conn)
+                    return None
+                seen = self.refresh_leader(contender._conn)
+                if not line.holding and seen is not None and seen.first_waits:
+                    return None
                 continue
             if row is None:  # stopped
-                return
+                return None
             line.holding = False  # the statement let go of it (_WAIT_IN_LINE_SQL)
-            token, _, since, pid, marker, in_recovery, holder, killed, query, age, _, _, trusted, ours = row[:14]
+            token, _, since, pid, marker, in_recovery, holder, killed, last, age, _, _, trusted, ours = row[:14]
             contender._check_session(pid, marker, in_recovery)
-            baseline = contender._takeover.note(holder, killed, query, trusted, ours)
-            self._take_over(contender._conn, int(token), since, started, baseline, age)
-            return
+            baseline = contender._takeover.note(holder, killed, last, trusted, ours)
+            return contender._conn, int(token), since, started, baseline, age
+        return None
 
     def blocking(self, query: str, params: Dict[str, Any]) -> Tuple[float, Optional[tuple]]:
         """One blocking lock wait on our session: (the monotonic time it started, its row), or
@@ -209,24 +221,24 @@ class Waiter:
                            contender.name, holder.pid, holder.role, holder.app)
         return leader
 
-    def refresh_leader(self, conn: Optional[psycopg.Connection]) -> bool:
-        """Between waits: read who holds the lock; tell the engine if it changed. True if no
-        other session holds or awaits the lock (see _line)."""
+    def refresh_leader(self, conn: Optional[psycopg.Connection]) -> Optional[_Seen]:
+        """Between waits: read who holds the lock; tell the engine if it changed. What the read
+        saw of the lock's waiters (see _line), None if it failed."""
         contender = self.contender
         try:
             if conn is None or conn.closed:
-                return False
+                return None
             with contender._io_lock:
                 if self.stopping:
-                    return False
+                    return None
                 try:
                     with contender._in_flight(conn):
-                        row = conn.execute(_HOLDER_SQL, {"hi": contender._hi, "lo": contender._lo}).fetchone()
+                        row = conn.execute(_BETWEEN_WAITS_SQL, {"hi": contender._hi, "lo": contender._lo}).fetchone()
                 finally:
                     contender._statements += 1
             contender._check_session(*row[5:8])
         except Exception:
-            return False  # the next wait will fail the same way and report it
+            return None  # the next wait will fail the same way and report it
         holder = _Holder(*row[:5])
         if holder.pid is not None:  # a read like the wait's: its trusted holder's release counts next
             ours = [holder.pid] if holder.trusted else []
@@ -236,7 +248,7 @@ class Waiter:
         if leader is not None and (old is None or (old.identity, old.token) != (leader.identity, leader.token)):
             contender._leader = leader
             contender._notify()
-        return not row[8]
+        return _Seen(*row[8:10])
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the waiter thread, cancelling its blocking lock wait (bounded in time).

@@ -82,7 +82,7 @@ class Line:
                 if waiter.stopping:
                     return False
                 seen = waiter.refresh_leader(contender._conn)
-                if seen is not None and not seen.awaited:
+                if seen is not None and seen.unattended:
                     logger.debug("%s: nobody waits for the lock: waiting for it out of turn", contender.name)
                     break
         else:

@@ -171,13 +171,19 @@ _HOLDER_SQL = (
     " FROM (SELECT 1) one LEFT JOIN (pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid)"
     " ON l.pid <> pg_backend_pid() AND " + _HOLDER + " LIMIT 1"
 )
-# A follower's read between two waits: the holder as above, then whether another session awaits
-# the lock, and whether one that awaits it holds the line (see _line: a follower that finds no
-# one waiting leaves the line to wait out of turn, and goes back once the first in line waits).
+# A follower's read between two waits: the holder as above, then whether the lock is left
+# unattended (nobody waits for it, and the line's holder is not a follower about to: it has been
+# idle for a second, or its state is hidden from us), and whether one that waits for the lock
+# holds the line (see _line: a follower in line that finds the lock unattended waits for it out
+# of turn, and goes back once the first in line waits). The first in line is briefly between two
+# waits every wait_timeout: not unattended.
 _BETWEEN_WAITS_SQL = _HOLDER_SQL.replace(
     " FROM (SELECT 1) one",
-    ", EXISTS (SELECT 1 FROM pg_locks w WHERE " + _KEY_LOCK.replace("l.", "w.") + " AND NOT w.granted"
-    " AND w.pid <> pg_backend_pid()), EXISTS (SELECT 1 FROM pg_locks w JOIN pg_locks l ON l.pid = w.pid"
+    ", NOT EXISTS (SELECT 1 FROM pg_locks w WHERE " + _KEY_LOCK.replace("l.", "w.") + " AND NOT w.granted"
+    " AND w.pid <> pg_backend_pid()) AND NOT EXISTS (SELECT 1 FROM pg_locks l JOIN pg_stat_activity a"
+    " ON a.pid = l.pid WHERE " + _LINE_LOCK + " AND l.granted AND l.pid <> pg_backend_pid() AND (a.state = 'active'"
+    " OR a.state_change > clock_timestamp() - interval '1 second')),"
+    " EXISTS (SELECT 1 FROM pg_locks w JOIN pg_locks l ON l.pid = w.pid"
     " WHERE " + _KEY_LOCK.replace("l.", "w.") + " AND NOT w.granted AND w.pid <> pg_backend_pid() AND "
     + _LINE_LOCK + " AND l.granted) FROM (SELECT 1) one", 1)
 assert _BETWEEN_WAITS_SQL != _HOLDER_SQL

@@ -18,9 +18,9 @@ from ._sql import _BETWEEN_WAITS_SQL, _WAIT_IN_LINE_SQL, _WAIT_SQL
 if TYPE_CHECKING:  # pragma: no cover
     from ._contender import PostgresContender
 
-# What a read between two waits saw of the lock's waiters: does another session wait for it, and
-# does one that waits hold the election's line (see _line)?
-_Seen = collections.namedtuple("_Seen", "awaited first_waits")
+# What a read between two waits saw of the lock's waiters: is the lock unattended (nobody waits for
+# it, nor will soon), and does a session that waits for it hold the election's line (see _line)?
+_Seen = collections.namedtuple("_Seen", "unattended first_waits")
 
 
 class Waiter:

@@ -14,7 +14,8 @@ import run as bench  # noqa: E402  (run.py's cell formats)
 
 RUNS = (("before", "herd_before.json"), ("after", "herd_after.json"),
         ("after, sessions=shared", "herd_postgres_shared.json"), ("after, NATS heir fixes", "herd_nats.json"),
-        ("heirs (Redis, NATS)", "herd_heirs.json"), ("heirs, final Redis", "herd_heirs_redis_final.json"))
+        ("heirs (Redis, NATS)", "herd_heirs.json"), ("heirs, final Redis", "herd_heirs_redis_final.json"),
+        ("PostgreSQL line", "herd_postgres_line.json"))
 COLUMNS = ("run", "oracle", "contenders", "graceful handoff p50 / p95", "crash failover p50 / p95",
            "server requests per handoff / per failover", "overlaps")
 

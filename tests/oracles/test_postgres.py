@@ -519,6 +519,35 @@ def test_a_follower_that_read_no_record_but_heard_its_holder_lead_takes_over_a_c
         oracle.close()
 
 
+def test_a_claim_won_as_a_follower_queues_behind_it_leads_at_once(pg, name, monkeypatch):
+    """As when a fleet starts: the first claim wins the free lock with no baseline, and asks
+    whether a term of this election may still be ending (_QUIET_SQL). A follower whose wait
+    (its statement tagged with the election) queued behind it meanwhile is alive and holds
+    nothing: it does not count, so the first leader does not wait out a lease for it."""
+    oracle = oracle_for(pg)
+    a = oracle.contender(name, "a", {}, Signals())
+    b = oracle.contender(name, "b", {}, Signals())
+    asked = []
+    execute = a._execute
+
+    def follower_queues_first(query, params, conn=None, until=None):
+        if query == postgres_oracle._sql._QUIET_SQL:
+            assert b.claim().won is False and b.watch(None)
+            wait_until(lambda: line_of(pg, oracle, name)[1] == [b._backend_pid], message="b queued")
+            asked.append(query)
+        return execute(query, params, conn, until)
+
+    monkeypatch.setattr(a, "_execute", follower_queues_first)
+    try:
+        claim = a.claim()
+        assert asked  # the claim did ask, with the follower queued
+        assert claim.won and claim.token is not None
+    finally:
+        b.close()
+        a.close()
+        oracle.close()
+
+
 def session_alive(pg, pid):
     return bool(pg.sql("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)))
 

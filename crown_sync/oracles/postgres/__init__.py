@@ -97,9 +97,10 @@ cannot see may have ended a term of this election:
 * now, while another session of this database may still be exiting from such a term: its last
   statement carries the election's tag (a leader's confirmations and a follower's lock wait,
   the only statements after which a session leads, begin with ``/* crown_sync_<key> */``), or
-  cannot be read (another role's, without ``pg_read_all_stats``; ``track_activities`` off). A
-  backend counts its disconnect before it leaves pg_stat_activity, so once none is left, every
-  such end is counted, in the count read next;
+  cannot be read (another role's, without ``pg_read_all_stats``; ``track_activities`` off),
+  unless it is queued for the lock right now (alive, not holding it). A backend counts its
+  disconnect before it leaves pg_stat_activity, so once none is left, every such end is
+  counted, in the count read next;
 * then, if ``sessions_killed`` is 0: since the database's statistics were reset (never: no
   termination ever). A leader terminated before the reset had its deadline at most ``B -
   margin`` after its last confirmation, which preceded the termination, which preceded the

@@ -148,7 +148,8 @@ _PREDECESSOR_SQL = (
 # the server's clock, could a termination we cannot see have ended a term of this election? Now
 # (0) while any other session of this database may still be exiting from such a term: its last
 # statement carries the election's tag (a leader's confirmations, a follower's lock wait) or can't
-# be read (another role's session without pg_read_all_stats, track_activities off). Otherwise,
+# be read (another role's session without pg_read_all_stats, track_activities off), unless it is
+# queued for the lock right now. Otherwise,
 # every such session has left pg_stat_activity, so its disconnect is counted (read next, left to
 # right): with no termination counted since the database's statistics were reset, since that
 # reset (never reset: forever); with one, now.
@@ -159,7 +160,11 @@ _QUIET_SQL = (
     # of its terms may be cut off by track_activity_query_size, the mark never is.
     # (spelled in two pieces, so that this statement's own text does not carry it).
     " OR strpos(a.query, '" + SHARED_MARK.strip()[:13] + "' || '" + SHARED_MARK.strip()[13:] + "') > 0"
-    " OR a.query = '<insufficient privilege>' OR a.state = 'disabled')) THEN 0::float8"
+    " OR a.query = '<insufficient privilege>' OR a.state = 'disabled')"
+    # A session queued for this lock is alive and holds it not: no term of it is ending (a
+    # follower whose wait began between our claim and this statement).
+    " AND NOT EXISTS (SELECT 1 FROM pg_locks w WHERE w.pid = a.pid AND NOT w.granted AND "
+    + _KEY_LOCK.replace("l.", "w.") + ")) THEN 0::float8"
     " WHEN pg_stat_get_db_sessions_killed(" + _DATABASE_OID + ") = 0 THEN coalesce(extract(epoch"
     " FROM clock_timestamp() - pg_stat_get_db_stat_reset_time(" + _DATABASE_OID + "))::float8,"
     " 'Infinity'::float8) ELSE 0::float8 END"

@@ -264,7 +264,8 @@ class Takeover:
             return until
         quiet = 0.0  # track_counts off: sessions_killed stays 0 and proves nothing
         if contender._counts_terminations:
-            (quiet,) = contender._execute(_QUIET_SQL, {"tag": contender._tag.strip()}, conn)
+            (quiet,) = contender._execute(_QUIET_SQL, {"tag": contender._tag.strip(), "hi": contender._hi,
+                                                       "lo": contender._lo}, conn)
         wait = self._restart_debt(quiet)
         if delay is not None:
             wait = min(wait, delay)

@@ -43,6 +43,9 @@ def rows(results: str):
 #: ``--output benchmarks/results/herd_peers_<oracle>.json``.
 PEERS = ("zookeeper", "redis", "nats", "memcached", "postgres")
 PEER_COLUMNS = ("oracle", "system", "contenders", "graceful handoff p50 / p95", "crash failover p50 / p95")
+#: The scripts whose results are per system for one fleet size: their graceful and crash figures
+#: (bench_postgres.py's graceful figure is the leaderless gap; bench_memcached.py's, from the signal).
+_FLEET_LAYOUT = {"memcached": ("graceful_from_signal", "crash_failover"), "postgres": ("graceful", "crash")}
 
 
 def peer_rows(results: str):
@@ -52,16 +55,12 @@ def peer_rows(results: str):
             continue
         with open(path) as handle:
             summary = json.load(handle)
-        if oracle == "postgres":  # bench_postgres.py's layout: graceful is the leaderless gap
+        if oracle in _FLEET_LAYOUT:  # one fleet size per run, a result per system
+            graceful, crash = _FLEET_LAYOUT[oracle]
             contenders = summary["params"]["contenders"]
             for system, r in summary["systems"].items():
-                yield [oracle, system, str(contenders), bench._cell(r.get("graceful")), bench._cell(r.get("crash"))]
-            continue
-        if oracle == "memcached":  # bench_memcached.py's layout: one fleet size per run
-            contenders = summary["params"]["contenders"]
-            for system, r in summary["systems"].items():
-                yield [oracle, system, str(contenders), bench._cell(r.get("graceful_from_signal")),
-                       bench._cell(r.get("crash_failover") if r.get("crash_failover", {}).get("n") else None)]
+                yield [oracle, system, str(contenders), bench._cell(r.get(graceful)),
+                       bench._cell(r.get(crash) if r.get(crash, {}).get("n") else None)]
             continue
         found = {(r["system"], r["contenders"], r["scenario"]): r for r in summary["results"] if "p50_ms" in r}
         for system, contenders in sorted({(s, c) for s, c, _ in found}, key=lambda k: (k[1], k[0])):

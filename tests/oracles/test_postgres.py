@@ -122,13 +122,21 @@ def oracle_for(pg, **options):
     return PostgresOracle(pg.url_for(password=SECRET), **options)
 
 
-def holder_pid(pg, oracle, name):
-    hi, lo = (oracle.key(name) & 0xFFFFFFFFFFFFFFFF) >> 32, oracle.key(name) & 0xFFFFFFFF
+def line_of(pg, oracle, name):
+    """The server's view of an election: (holders of the lock, its waiters, holders of the line,
+    its waiters), each a sorted list of backend pids."""
+    unsigned = oracle.key(name) & 0xFFFFFFFFFFFFFFFF
     rows = pg.sql(
-        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 1"
-        " AND classid::bigint = %s AND objid::bigint = %s", (hi, lo)
+        "SELECT objsubid, granted, pid FROM pg_locks WHERE locktype = 'advisory'"
+        " AND classid::bigint = %s AND objid::bigint = %s", (unsigned >> 32, unsigned & 0xFFFFFFFF)
     )
-    return rows[0][0] if rows else None
+    return tuple(sorted(pid for sub, granted, pid in rows if (sub, granted) == kind)
+                 for kind in ((1, True), (1, False), (2, True), (2, False)))
+
+
+def holder_pid(pg, oracle, name):
+    holders = line_of(pg, oracle, name)[0]
+    return holders[0] if holders else None
 
 
 def journal_ok(path, name, min_terms):
@@ -400,18 +408,6 @@ def test_follower_is_woken_by_the_server_and_takes_over_with_a_higher_token(pg, 
         a.close()
         b.close()
         oracle.close()
-
-
-def line_of(pg, oracle, name):
-    """The server's view of an election: (holders of the lock, its waiters, holders of the line,
-    its waiters), each a sorted list of backend pids."""
-    unsigned = oracle.key(name) & 0xFFFFFFFFFFFFFFFF
-    rows = pg.sql(
-        "SELECT objsubid, granted, pid FROM pg_locks WHERE locktype = 'advisory'"
-        " AND classid::bigint = %s AND objid::bigint = %s", (unsigned >> 32, unsigned & 0xFFFFFFFF)
-    )
-    return tuple(sorted(pid for sub, granted, pid in rows if (sub, granted) == kind)
-                 for kind in ((1, True), (1, False), (2, True), (2, False)))
 
 
 def test_only_the_first_follower_in_line_listens_and_waits_for_the_lock(pg, name):

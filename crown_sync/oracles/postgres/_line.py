@@ -27,7 +27,7 @@ import psycopg
 import psycopg.errors
 
 from ._common import _shutdown, logger
-from ._sql import _LINE_SQL, _TRY_LINE_SQL
+from ._sql import _LEAVE_LINE_SQL, _LINE_SQL, _TRY_LINE_SQL
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._contender import PostgresContender
@@ -142,8 +142,7 @@ class Line:
         if conn is None or conn.closed:
             return
         try:
-            self.contender._execute("SELECT pg_advisory_unlock(%(line_hi)s::int4, %(line_lo)s::int4)",
-                                    self.params, conn)
+            self.contender._execute(_LEAVE_LINE_SQL, self.params, conn)
         except Exception as exc:
             logger.debug("%s: leaving the line failed (%s); closing the session", self.contender.name,
                          self.contender.oracle.safe_error(exc))

@@ -16,6 +16,8 @@ _KEY_LOCK = (
     " AND l.objid::bigint = %(lo)s AND l.objsubid = 1"
 )
 _HOLDER = _KEY_LOCK + " AND l.granted"
+# pg_locks row ``w``: a session waiting for the key (not granted).
+_WAITING_FOR_KEY = _KEY_LOCK.replace("l.", "w.") + " AND NOT w.granted"
 
 # Does the session of pg_stat_activity row ``a`` have our role's privileges (it is of our role, a
 # member of it, or a superuser)? Only such a session could be a crown of ours (crowns of one
@@ -109,9 +111,10 @@ _WAIT_SQL = (
 )
 # The wait of the follower first in the election's line (see _line) also lets go of its place
 # there once granted, in the same statement: the next follower in line queues behind us at once.
+_LINE_KEY = "%(line_hi)s::int4, %(line_lo)s::int4"  # the two-integer key of the election's line
+_LEAVE_LINE_SQL = "SELECT pg_advisory_unlock(" + _LINE_KEY + ")"
 _WAIT_IN_LINE_SQL = _WAIT_SQL.replace(
-    " FROM (SELECT h.pid AS holder,",
-    ", pg_advisory_unlock(%(line_hi)s::int4, %(line_lo)s::int4) FROM (SELECT h.pid AS holder,", 1)
+    " FROM (SELECT h.pid AS holder,", ", pg_advisory_unlock(" + _LINE_KEY + ") FROM (SELECT h.pid AS holder,", 1)
 assert _WAIT_IN_LINE_SQL != _WAIT_SQL
 
 # A place in the election's line: the two-integer advisory lock of the key's two halves, a key
@@ -133,8 +136,8 @@ def _line_sql(take: str) -> str:
     )
 
 
-_LINE_SQL = _line_sql("pg_advisory_lock(%(line_hi)s::int4, %(line_lo)s::int4) IS NOT NULL")
-_TRY_LINE_SQL = _line_sql("pg_try_advisory_lock(%(line_hi)s::int4, %(line_lo)s::int4)")
+_LINE_SQL = _line_sql("pg_advisory_lock(" + _LINE_KEY + ") IS NOT NULL")
+_TRY_LINE_SQL = _line_sql("pg_try_advisory_lock(" + _LINE_KEY + ")")
 
 # After the grant: has the predecessor's session finished exiting (its pg_stat_activity entry
 # is removed after its disconnect was counted), and how many terminations are counted now?
@@ -163,8 +166,8 @@ _QUIET_SQL = (
     " OR a.query = '<insufficient privilege>' OR a.state = 'disabled')"
     # A session queued for this lock is alive and holds it not: no term of it is ending (a
     # follower whose wait began between our claim and this statement).
-    " AND NOT EXISTS (SELECT 1 FROM pg_locks w WHERE w.pid = a.pid AND NOT w.granted AND "
-    + _KEY_LOCK.replace("l.", "w.") + ")) THEN 0::float8"
+    " AND NOT EXISTS (SELECT 1 FROM pg_locks w WHERE w.pid = a.pid AND " + _WAITING_FOR_KEY + "))"
+    " THEN 0::float8"
     " WHEN pg_stat_get_db_sessions_killed(" + _DATABASE_OID + ") = 0 THEN coalesce(extract(epoch"
     " FROM clock_timestamp() - pg_stat_get_db_stat_reset_time(" + _DATABASE_OID + "))::float8,"
     " 'Infinity'::float8) ELSE 0::float8 END"
@@ -184,12 +187,12 @@ _HOLDER_SQL = (
 # waits every wait_timeout: not unattended.
 _BETWEEN_WAITS_SQL = _HOLDER_SQL.replace(
     " FROM (SELECT 1) one",
-    ", NOT EXISTS (SELECT 1 FROM pg_locks w WHERE " + _KEY_LOCK.replace("l.", "w.") + " AND NOT w.granted"
+    ", NOT EXISTS (SELECT 1 FROM pg_locks w WHERE " + _WAITING_FOR_KEY +
     " AND w.pid <> pg_backend_pid()) AND NOT EXISTS (SELECT 1 FROM pg_locks l JOIN pg_stat_activity a"
     " ON a.pid = l.pid WHERE " + _LINE_LOCK + " AND l.granted AND l.pid <> pg_backend_pid() AND (a.state = 'active'"
     " OR a.state_change > clock_timestamp() - interval '1 second')),"
     " EXISTS (SELECT 1 FROM pg_locks w JOIN pg_locks l ON l.pid = w.pid"
-    " WHERE " + _KEY_LOCK.replace("l.", "w.") + " AND NOT w.granted AND w.pid <> pg_backend_pid() AND "
+    " WHERE " + _WAITING_FOR_KEY + " AND w.pid <> pg_backend_pid() AND "
     + _LINE_LOCK + " AND l.granted) FROM (SELECT 1) one", 1)
 assert _BETWEEN_WAITS_SQL != _HOLDER_SQL
 
